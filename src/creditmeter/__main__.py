@@ -1,0 +1,3 @@
+from creditmeter.transport.cli import main
+
+raise SystemExit(main())

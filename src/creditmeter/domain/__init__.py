@@ -1,0 +1,1 @@
+"""Domain rules: burn-down order, rates and rounding, validation, keys and roles."""

@@ -1,0 +1,51 @@
+"""Lots (grants) and the burn-down order.
+
+Every deduction burns lots in this order: priority ascending, then soonest expiry
+(never-expiring last), then promotional credit (bonus, promotion, trial) before the rest,
+then oldest first. The order is encoded in a fixed-width string, the burn key, so Redis
+keeps lots sorted lexicographically and a script walks them without decoding anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from creditmeter.constants import NEVER_EXPIRES_MS
+
+
+class LotSource(StrEnum):
+    PURCHASE = "purchase"
+    BONUS = "bonus"
+    PROMOTION = "promotion"
+    TRIAL = "trial"
+    MANUAL = "manual"
+    REFUND = "refund"
+
+
+PROMOTIONAL = frozenset({LotSource.BONUS, LotSource.PROMOTION, LotSource.TRIAL})
+
+
+def burn_key(
+    priority: int, expires_at_ms: int | None, source: LotSource, created_ms: int, lot_id: str
+) -> str:
+    """The lot's place in the burn-down order: `pppp|eeeeeeeeeeeee|r|ccccccccccccc|<lot id>`."""
+    expiry = NEVER_EXPIRES_MS if expires_at_ms is None else expires_at_ms
+    rank = 0 if source in PROMOTIONAL else 1
+    return f"{priority:04d}|{expiry:013d}|{rank}|{created_ms:013d}|{lot_id}"
+
+
+@dataclass(frozen=True)
+class Lot:
+    lot_id: str
+    amount: int
+    remaining: int
+    priority: int
+    expires_at_ms: int | None
+    source: LotSource
+    created_ms: int
+    reference: str
+
+    def live(self, now_ms: int) -> bool:
+        """Expired credit is never spendable, whether or not its expiry was swept yet."""
+        return self.expires_at_ms is None or self.expires_at_ms > now_ms

@@ -1,0 +1,391 @@
+"""The metering service: validates requests, applies the rules, and drives the store.
+
+Every mutating operation validates first (nothing reaches Redis on bad input), derives a
+fingerprint of its parameters for idempotency, and makes exactly one script call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from creditmeter.constants import DEFAULT_BILLING_INCREMENT_S, DEFAULT_PRIORITY, MAX_BILLING_INCREMENT_S, MAX_CREDITS, MAX_EXPIRY_MS, MAX_PRIORITY
+from creditmeter.domain.clock import Clock
+from creditmeter.domain.ids import fingerprint, new_id
+from creditmeter.domain.lots import Lot, LotSource, burn_key
+from creditmeter.domain.rates import Rate, RateBook, RateUnit, is_builtin
+from creditmeter.domain.validation import Violations
+from creditmeter.errors import AccountNotFound, Rejected, from_rejection
+from creditmeter.storage.config_store import ConfigStore, RateRow
+from creditmeter.storage.redis_store import AccountKeys, Call, LotRecord, NewLot, RedisStore
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GrantResult:
+    lot: Lot
+    balance: int
+
+
+@dataclass(frozen=True)
+class ConsumeResult:
+    transaction_id: str
+    amount: int
+    units: int
+    feature: str
+    charges: list[tuple[str, int]]
+    balance: int
+    time_ms: int
+
+
+@dataclass(frozen=True)
+class SetBalanceResult:
+    balance: int
+    removed: int
+    lot: Lot | None
+
+
+@dataclass(frozen=True)
+class BalanceView:
+    balance: int
+    lots: list[Lot]
+    unlimited: bool
+
+
+@dataclass(frozen=True)
+class FeatureUsage:
+    feature: str
+    credits: int
+    units: int
+
+
+@dataclass(frozen=True)
+class UsageView:
+    total: int
+    used: int
+    remaining: int
+    expired: int
+    removed: int
+    unlimited: bool
+    features: list[FeatureUsage]
+
+
+def _lot(record: LotRecord) -> Lot:
+    return Lot(
+        lot_id=record.lot_id,
+        amount=record.amount,
+        remaining=record.remaining,
+        priority=record.priority,
+        expires_at_ms=record.expires_at_ms,
+        source=LotSource(record.source),
+        created_ms=record.created_ms,
+        reference=record.reference,
+    )
+
+
+async def _applied(call: Awaitable[T]) -> T:
+    """Await a store call, turning a script's refusal into the domain error."""
+    try:
+        return await call
+    except Rejected as rejected:
+        raise from_rejection(rejected) from None
+
+
+class Metering:
+    """The Credits service's rules, independent of gRPC."""
+
+    def __init__(self, store: RedisStore, config: ConfigStore, rates: RateBook, clock: Clock):
+        self.store = store
+        self.config = config
+        self.rates = rates
+        self.clock = clock
+
+    def _call(self, prefix: str, request_id: str, operation: str, **params: object) -> Call:
+        now = self.clock.now_ms()
+        return Call(
+            now_ms=now,
+            txn=new_id(prefix, now),
+            request_id=request_id,
+            fingerprint=fingerprint(operation, params),
+        )
+
+    @staticmethod
+    def _new_lot(
+        now_ms: int,
+        amount: int,
+        priority: int,
+        expires_at_ms: int | None,
+        source: LotSource,
+        reference: str,
+    ) -> NewLot:
+        lot_id = new_id("lot", now_ms)
+        return NewLot(
+            lot_id=lot_id,
+            amount=amount,
+            priority=priority,
+            expires_at_ms=expires_at_ms,
+            source=str(source),
+            reference=reference,
+            burn_key=burn_key(priority, expires_at_ms, source, now_ms, lot_id),
+        )
+
+    # --- Grant -----------------------------------------------------------------------
+    async def grant(
+        self,
+        tenant: str,
+        account_id: str,
+        amount: int,
+        *,
+        request_id: str,
+        expires_at_ms: int | None = None,
+        valid_for_ms: int | None = None,
+        priority: int | None = None,
+        source: LotSource = LotSource.MANUAL,
+        reference: str = "",
+    ) -> GrantResult:
+        """Add a lot of credits to an account."""
+        v = Violations()
+        v.account_id(account_id)
+        v.credits(amount, "amount")
+        v.request_id(request_id)
+        v.reference(reference)
+        if priority is not None and not 0 <= priority <= MAX_PRIORITY:
+            v.add("priority", f"must be between 0 and {MAX_PRIORITY}")
+        now = self.clock.now_ms()
+        if expires_at_ms is not None:
+            if expires_at_ms <= now:
+                v.add("expires_at", "must be in the future")
+            elif expires_at_ms > MAX_EXPIRY_MS:
+                v.add("expires_at", "must be before the year 2286")
+        if valid_for_ms is not None:
+            if valid_for_ms <= 0:
+                v.add("valid_for", "must be positive")
+            elif now + valid_for_ms > MAX_EXPIRY_MS:
+                v.add("valid_for", "must end before the year 2286")
+        v.raise_if_any()
+
+        call = self._call(
+            "txn", request_id, "Grant", account_id=account_id, amount=amount,
+            expires_at_ms=expires_at_ms, valid_for_ms=valid_for_ms, priority=priority,
+            source=str(source), reference=reference,
+        )
+        if valid_for_ms is not None:
+            expires_at_ms = call.now_ms + valid_for_ms
+        lot = self._new_lot(
+            call.now_ms, amount, DEFAULT_PRIORITY if priority is None else priority,
+            expires_at_ms, source, reference,
+        )
+        record = await _applied(self.store.grant(AccountKeys(tenant, account_id), call, lot))
+        return GrantResult(lot=_lot(record.lot), balance=record.balance)
+
+    # --- Consume ---------------------------------------------------------------------
+    def price(
+        self, tenant: str, feature: str, quantity: int | None, amount: int | None, v: Violations
+    ) -> tuple[int, int]:
+        """The (credits, units) a consumption costs at the tenant's rate; adds violations."""
+        v.feature(feature)
+        units = 0
+        qty = 1 if quantity is None else quantity
+        if qty < 1:
+            v.add("quantity", "must be positive")
+        elif qty > MAX_CREDITS:
+            v.add("quantity", "must be at most 2^53-1")
+        if amount is not None:
+            v.credits(amount, "amount")
+        rate = self.rates.get(tenant, feature) if not v.items else None
+        if rate is None:
+            if not v.items:
+                v.add("feature", f"unknown feature {feature!r}: set a rate for it first")
+            return 0, 0
+        units = rate.units(qty)
+        credits = amount if amount is not None else units * rate.credits_per_unit
+        if credits > MAX_CREDITS:
+            v.add("quantity", "the charge would exceed 2^53-1 credits")
+        return credits, units
+
+    async def consume(
+        self,
+        tenant: str,
+        account_id: str,
+        feature: str,
+        *,
+        request_id: str,
+        quantity: int | None = None,
+        amount: int | None = None,
+    ) -> ConsumeResult:
+        """Charge an account, all or nothing."""
+        v = Violations()
+        v.account_id(account_id)
+        v.request_id(request_id)
+        credits, units = self.price(tenant, feature, quantity, amount, v)
+        v.raise_if_any()
+        call = self._call(
+            "txn", request_id, "Consume", account_id=account_id, feature=feature,
+            quantity=quantity, amount=amount,
+        )
+        record = await _applied(
+            self.store.consume(AccountKeys(tenant, account_id), call, credits, feature, units)
+        )
+        return ConsumeResult(
+            transaction_id=record.txn,
+            amount=record.amount,
+            units=record.units,
+            feature=record.feature,
+            charges=record.charges,
+            balance=record.balance,
+            time_ms=record.time_ms,
+        )
+
+    # --- SetBalance ------------------------------------------------------------------
+    async def set_balance(
+        self,
+        tenant: str,
+        account_id: str,
+        amount: int,
+        *,
+        reset: bool,
+        request_id: str,
+        reference: str = "",
+    ) -> SetBalanceResult:
+        """Add credits, or with reset remove all credit first and set the balance."""
+        v = Violations()
+        v.account_id(account_id)
+        v.credits(amount, "amount", allow_zero=reset)
+        v.request_id(request_id)
+        v.reference(reference)
+        v.raise_if_any()
+        call = self._call(
+            "txn", request_id, "SetBalance", account_id=account_id, amount=amount, reset=reset,
+            reference=reference,
+        )
+        lot = self._new_lot(call.now_ms, amount, DEFAULT_PRIORITY, None, LotSource.MANUAL, reference)
+        record = await _applied(
+            self.store.set_balance(AccountKeys(tenant, account_id), call, reset, lot)
+        )
+        return SetBalanceResult(
+            balance=record.balance,
+            removed=record.removed,
+            lot=_lot(record.lot) if record.lot else None,
+        )
+
+    # --- SetAccountOptions -----------------------------------------------------------
+    async def set_account_options(
+        self, tenant: str, account_id: str, *, request_id: str, unlimited: bool | None
+    ) -> bool:
+        """Change account options; returns the unlimited flag afterwards."""
+        v = Violations()
+        v.account_id(account_id)
+        v.request_id(request_id)
+        v.raise_if_any()
+        call = self._call(
+            "txn", request_id, "SetAccountOptions", account_id=account_id, unlimited=unlimited
+        )
+        return await _applied(
+            self.store.set_options(AccountKeys(tenant, account_id), call, unlimited)
+        )
+
+    # --- reads -------------------------------------------------------------------------
+    async def _read(self, tenant: str, account_id: str) -> tuple[bool, list[Lot], dict[str, str]]:
+        v = Violations()
+        v.account_id(account_id)
+        v.raise_if_any()
+        snap = await self.store.snapshot(AccountKeys(tenant, account_id))
+        if not snap.exists:
+            raise AccountNotFound(f"account {account_id!r} not found", {"account_id": account_id})
+        now = self.clock.now_ms()
+        lots = [lot for lot in map(_lot, snap.lots) if lot.live(now)]
+        return snap.fields.get("unlimited") == "1", lots, snap.fields
+
+    async def get_balance(self, tenant: str, account_id: str) -> BalanceView:
+        """The spendable balance and the live lots in burn-down order."""
+        unlimited, lots, _ = await self._read(tenant, account_id)
+        balance = -1 if unlimited else sum(lot.remaining for lot in lots)
+        return BalanceView(balance=balance, lots=lots, unlimited=unlimited)
+
+    async def get_usage(self, tenant: str, account_id: str) -> UsageView:
+        """Totals granted, used and remaining, overall and per feature."""
+        unlimited, lots, fields = await self._read(tenant, account_id)
+        features = sorted(
+            (
+                FeatureUsage(name[5:], int(value), int(fields.get(f"units:{name[5:]}", "0")))
+                for name, value in fields.items()
+                if name.startswith("used:")
+            ),
+            key=lambda usage: usage.feature,
+        )
+        return UsageView(
+            total=-1 if unlimited else int(fields.get("granted", "0")),
+            used=int(fields.get("used", "0")),
+            remaining=-1 if unlimited else sum(lot.remaining for lot in lots),
+            expired=int(fields.get("expired", "0")),
+            removed=int(fields.get("removed", "0")),
+            unlimited=unlimited,
+            features=features,
+        )
+
+    # --- rates -------------------------------------------------------------------------
+    async def set_rate(
+        self,
+        tenant: str,
+        feature: str,
+        credits_per_unit: int,
+        *,
+        request_id: str,
+        unit: RateUnit | None = None,
+        billing_increment_s: int | None = None,
+    ) -> Rate:
+        """Create or replace the price of a feature."""
+        v = Violations()
+        v.feature(feature, "rate.feature")
+        v.credits(credits_per_unit, "rate.credits_per_unit")
+        v.request_id(request_id)
+        current = self.rates.get(tenant, feature) if not v.items else None
+        if unit is None:
+            unit = current.unit if current else RateUnit.COUNT
+        elif current and current.builtin and unit is not current.unit:
+            v.add("rate.unit", f"built-in feature {feature!r} is counted by {current.unit}")
+        if unit is RateUnit.TIME:
+            if billing_increment_s is None:
+                billing_increment_s = (
+                    current.billing_increment_s
+                    if current and current.unit is RateUnit.TIME
+                    else DEFAULT_BILLING_INCREMENT_S
+                )
+            if not 1 <= billing_increment_s <= MAX_BILLING_INCREMENT_S:
+                v.add("rate.billing_increment", "must be whole seconds from 1 s to 24 h")
+        elif billing_increment_s is not None:
+            v.add("rate.billing_increment", "only time features have a billing increment")
+        v.raise_if_any()
+
+        now = self.clock.now_ms()
+        increment = billing_increment_s if unit is RateUnit.TIME else 0
+        assert increment is not None
+        rate = Rate(feature, credits_per_unit, unit, increment, is_builtin(feature), now)
+        fp = fingerprint(
+            "SetRate", {"feature": feature, "credits_per_unit": credits_per_unit,
+                        "unit": str(unit), "billing_increment_s": billing_increment_s},
+        )
+        row = RateRow(tenant, feature, credits_per_unit, str(unit), increment, now)
+        stored = await _applied(
+            asyncio.to_thread(self.config.set_rate, row, request_id, fp, str(now))
+        )
+        rate = Rate(feature, credits_per_unit, unit, increment, rate.builtin, int(stored))
+        if int(stored) == now:
+            self.rates.put(tenant, rate)
+        return rate
+
+    def list_rates(self, tenant: str) -> list[Rate]:
+        """The tenant's rate card, by feature name."""
+        return sorted(self.rates.card(tenant).values(), key=lambda r: r.feature)
+
+    # --- expiry sweeper --------------------------------------------------------------
+    async def sweep_due(self) -> int:
+        """Record the expiry of every lot whose time has come; returns lots expired."""
+        now = self.clock.now_ms()
+        expired = 0
+        for keys in await self.store.due_accounts(now):
+            expired += await self.store.sweep(keys, Call(now_ms=now, txn=new_id("exp", now)))
+        return expired

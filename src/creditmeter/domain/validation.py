@@ -1,0 +1,71 @@
+"""Request validation: collects every field violation, then raises them together."""
+
+from __future__ import annotations
+
+import re
+
+from creditmeter.constants import (
+    ACCOUNT_ID_PATTERN,
+    FEATURE_PATTERN,
+    MAX_CREDITS,
+    MAX_ID_LENGTH,
+    MAX_REFERENCE_LENGTH,
+    TENANT_ID_PATTERN,
+)
+from creditmeter.errors import InvalidRequest
+
+_ACCOUNT_ID = re.compile(ACCOUNT_ID_PATTERN)
+_FEATURE = re.compile(FEATURE_PATTERN)
+_TENANT_ID = re.compile(TENANT_ID_PATTERN)
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
+
+
+def valid_tenant_id(tenant: str) -> bool:
+    return _TENANT_ID.fullmatch(tenant) is not None
+
+
+class Violations:
+    """Field violations of one request, reported together as INVALID_ARGUMENT."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, why: str) -> None:
+        self.items.append((field, why))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidRequest(self.items)
+
+    def account_id(self, value: str, field: str = "account_id") -> None:
+        if not value:
+            self.add(field, "required")
+        elif len(value) > MAX_ID_LENGTH:
+            self.add(field, f"at most {MAX_ID_LENGTH} characters")
+        elif not _ACCOUNT_ID.fullmatch(value):
+            self.add(field, "only letters, digits and ._:@+=- are allowed")
+
+    def request_id(self, value: str, field: str = "request_id") -> None:
+        if not value:
+            self.add(field, "required on every mutating call (AIP-155)")
+        elif len(value) > MAX_ID_LENGTH:
+            self.add(field, f"at most {MAX_ID_LENGTH} characters")
+        elif not _PRINTABLE_ASCII.fullmatch(value):
+            self.add(field, "printable ASCII without spaces only")
+
+    def feature(self, value: str, field: str = "feature") -> None:
+        if not value:
+            self.add(field, "required")
+        elif not _FEATURE.fullmatch(value):
+            self.add(field, "lowercase letters, digits and _, starting with a letter, at most 32")
+
+    def credits(self, value: int, field: str, allow_zero: bool = False) -> None:
+        low = 0 if allow_zero else 1
+        if value < low:
+            self.add(field, "must not be negative" if allow_zero else "must be positive")
+        elif value > MAX_CREDITS:
+            self.add(field, "must be at most 2^53-1")
+
+    def reference(self, value: str, field: str = "reference") -> None:
+        if len(value) > MAX_REFERENCE_LENGTH:
+            self.add(field, f"at most {MAX_REFERENCE_LENGTH} characters")

@@ -1,0 +1,1 @@
+"""Storage: Redis hot state (changed only by Lua scripts), the config store, embedded Redis."""

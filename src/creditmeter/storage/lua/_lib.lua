@@ -1,0 +1,171 @@
+-- Shared prelude, prepended to every account script by creditmeter.storage.scripts.
+--
+-- Every account script takes the same KEYS, all in one hash slot (the account's bucket):
+--   KEYS[1] lots   HASH  lot_id -> lot metadata (cjson object of strings, immutable)
+--   KEYS[2] rem    HASH  lot_id -> remaining credits (integer)
+--   KEYS[3] order  ZSET  score 0, member = burn key (lexicographic burn-down order, see
+--                        creditmeter.domain.lots.burn_key; the lot id is its last field)
+--   KEYS[4] exp    ZSET  lot_id scored by expiry (ms since epoch); never-expiring lots absent
+--   KEYS[5] acct   HASH  balance, granted, used, expired, removed, unlimited,
+--                        used:<feature>, units:<feature>
+--   KEYS[6] idem   STRING  "<fingerprint>\n<cjson reply>" for this request id, with a TTL
+--   KEYS[7] outbox STREAM  the bucket's event outbox drained into the ledger
+--   KEYS[8] due    ZSET  the bucket's expiry index: "<tenant>:<account>" scored by next expiry
+-- and the same leading ARGV:
+--   ARGV[1] now (ms since epoch)   ARGV[2] request fingerprint ('' = not idempotent)
+--   ARGV[3] idempotency TTL (s)    ARGV[4] transaction id (events are "<txn>:<n>")
+--   ARGV[5] tenant   ARGV[6] account   ARGV[7] request id
+-- Replies are arrays of strings: {'OK', ...} or {'ERR', reason, key, value, ...}.
+--
+-- Numbers: Lua numbers are doubles, exact for integers up to 2^53-1 (callers keep every
+-- amount and balance below that). Never concatenate a number with `..` or cjson-encode it:
+-- both format with %.14g and lose digits. Format with fmt().
+
+local NOW = tonumber(ARGV[1])
+local FINGERPRINT = ARGV[2]
+local TXN = ARGV[4]
+local TENANT = ARGV[5]
+local ACCOUNT = ARGV[6]
+local REQUEST_ID = ARGV[7]
+local MAX_CREDITS = 9007199254740991
+local BURN_KEY_LOT_OFFSET = 36 -- burn key: 4+1+13+1+1+1+13+1 characters, then the lot id
+
+local event_seq = 0
+local due_changed = false
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function acct_int(field)
+  return tonumber(redis.call('HGET', KEYS[5], field) or '0')
+end
+
+-- Append one event to the outbox. `fields` is a flat list of name, value (strings).
+local function emit(kind, fields)
+  event_seq = event_seq + 1
+  local args = {
+    'event_id', TXN .. ':' .. fmt(event_seq), 'txn', TXN, 'kind', kind,
+    'tenant', TENANT, 'account', ACCOUNT, 'request_id', REQUEST_ID, 'ts', ARGV[1],
+  }
+  for i = 1, #fields do
+    args[#args + 1] = fields[i]
+  end
+  redis.call('XADD', KEYS[7], '*', unpack(args))
+end
+
+-- The stored reply of an earlier call with this request id, an error reply if the id
+-- was used with other parameters, or nil.
+local function idem_lookup()
+  if FINGERPRINT == '' then
+    return nil
+  end
+  local stored = redis.call('GET', KEYS[6])
+  if not stored then
+    return nil
+  end
+  local sep = string.find(stored, '\n', 1, true)
+  if string.sub(stored, 1, sep - 1) ~= FINGERPRINT then
+    return {'ERR', 'IDEMPOTENCY_KEY_REUSED', 'request_id', REQUEST_ID}
+  end
+  return cjson.decode(string.sub(stored, sep + 1))
+end
+
+local function idem_store(reply)
+  if FINGERPRINT ~= '' then
+    redis.call('SET', KEYS[6], FINGERPRINT .. '\n' .. cjson.encode(reply), 'EX', ARGV[3])
+  end
+end
+
+-- Remove a lot entirely (its remaining credit must already be accounted for).
+local function drop_lot(lot, burn_key)
+  redis.call('ZREM', KEYS[3], burn_key)
+  redis.call('HDEL', KEYS[2], lot)
+  redis.call('HDEL', KEYS[1], lot)
+  if redis.call('ZREM', KEYS[4], lot) == 1 then
+    due_changed = true
+  end
+end
+
+-- Take a whole lot out of the balance, recording `kind` (expire or reset) and the total
+-- field it adds to. Returns the credits removed.
+local function remove_lot(lot, kind, total_field)
+  local meta = cjson.decode(redis.call('HGET', KEYS[1], lot))
+  local rem = tonumber(redis.call('HGET', KEYS[2], lot))
+  drop_lot(lot, meta.burn_key)
+  if rem > 0 then
+    local balance = redis.call('HINCRBY', KEYS[5], 'balance', -rem)
+    redis.call('HINCRBY', KEYS[5], total_field, rem)
+    emit(kind, {'lot', lot, 'amount', fmt(rem), 'balance', fmt(balance)})
+  end
+  return rem
+end
+
+-- Expire every lot whose expiry is at or before now. Expired credit is never spendable,
+-- so every script that reads or changes a balance calls this first.
+local function sweep()
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', NOW)
+  for _, lot in ipairs(expired) do
+    remove_lot(lot, 'expire', 'expired')
+  end
+  return #expired
+end
+
+-- Keep the bucket's expiry index pointing at this account's next expiry.
+local function update_due()
+  if not due_changed then
+    return
+  end
+  local member = TENANT .. ':' .. ACCOUNT
+  local nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if #nxt == 0 then
+    redis.call('ZREM', KEYS[8], member)
+  else
+    redis.call('ZADD', KEYS[8], nxt[2], member)
+  end
+end
+
+-- Add a lot. `lot` holds strings: id, amount, priority, expires_at ('0' = never),
+-- source, reference, burn_key. Returns the balance afterwards.
+local function add_lot(lot)
+  local amount = tonumber(lot.amount)
+  redis.call('HSET', KEYS[1], lot.id, cjson.encode({
+    amount = lot.amount, priority = lot.priority, expires_at = lot.expires_at,
+    source = lot.source, reference = lot.reference, created = ARGV[1], burn_key = lot.burn_key,
+  }))
+  redis.call('HSET', KEYS[2], lot.id, lot.amount)
+  redis.call('ZADD', KEYS[3], 0, lot.burn_key)
+  if lot.expires_at ~= '0' then
+    redis.call('ZADD', KEYS[4], lot.expires_at, lot.id)
+    due_changed = true
+  end
+  redis.call('HINCRBY', KEYS[5], 'granted', amount)
+  local balance = redis.call('HINCRBY', KEYS[5], 'balance', amount)
+  emit('grant', {
+    'lot', lot.id, 'amount', lot.amount, 'balance', fmt(balance), 'priority', lot.priority,
+    'expires_at', lot.expires_at, 'source', lot.source, 'reference', lot.reference,
+  })
+  return balance
+end
+
+-- The error reply when adding `amount` would take the balance or the granted total past
+-- 2^53-1, or nil.
+local function check_room(amount)
+  local balance = acct_int('balance')
+  if balance + amount > MAX_CREDITS or acct_int('granted') + amount > MAX_CREDITS then
+    return {'ERR', 'BALANCE_LIMIT_EXCEEDED', 'balance', fmt(balance), 'amount', fmt(amount)}
+  end
+  return nil
+end
+
+local function lot_reply(lot)
+  return {lot.id, lot.amount, lot.priority, lot.expires_at, lot.source, lot.reference, ARGV[1]}
+end
+
+local function lot_from_argv(first)
+  return {
+    id = ARGV[first], amount = ARGV[first + 1], priority = ARGV[first + 2],
+    expires_at = ARGV[first + 3], source = ARGV[first + 4], reference = ARGV[first + 5],
+    burn_key = ARGV[first + 6],
+  }
+end

@@ -1,0 +1,48 @@
+-- SetBalance: add credits, or with reset remove every lot first (one `reset` event per
+-- lot with credit left) and then add the new amount.
+-- KEYS and ARGV[1..7]: see _lib.lua.
+-- ARGV[8] reset ('1' or '0')   ARGV[9..15] the new lot as in grant.lua ARGV[8..14];
+-- an amount of '0' (allowed only with reset) adds no lot.
+-- returns {'OK', balance, removed, [lot id, amount, priority, expires_at, source, reference, created]}
+--      or {'ERR', 'IDEMPOTENCY_KEY_REUSED' | 'BALANCE_LIMIT_EXCEEDED', ...}
+local replay = idem_lookup()
+if replay then
+  return replay
+end
+sweep()
+local reset = ARGV[8] == '1'
+local lot = lot_from_argv(9)
+local amount = tonumber(lot.amount)
+if not reset then
+  local refused = check_room(amount)
+  if refused then
+    update_due()
+    return refused
+  end
+elseif acct_int('granted') + amount > MAX_CREDITS then
+  update_due()
+  return {'ERR', 'BALANCE_LIMIT_EXCEEDED', 'balance', fmt(acct_int('balance')), 'amount', lot.amount}
+end
+
+local removed = 0
+if reset then
+  for _, lot_id in ipairs(redis.call('HKEYS', KEYS[1])) do
+    removed = removed + remove_lot(lot_id, 'reset', 'removed')
+  end
+end
+local balance = acct_int('balance')
+local lot_fields = {}
+if amount > 0 then
+  balance = add_lot(lot)
+  lot_fields = lot_reply(lot)
+elseif redis.call('EXISTS', KEYS[5]) == 0 then
+  -- A reset to zero of an unknown account still brings the account into being.
+  redis.call('HSET', KEYS[5], 'balance', 0)
+end
+update_due()
+local reply = {'OK', fmt(balance), fmt(removed)}
+for _, v in ipairs(lot_fields) do
+  reply[#reply + 1] = v
+end
+idem_store(reply)
+return reply

@@ -1,0 +1,301 @@
+"""The hot state of every account in Redis, changed only through the Lua scripts.
+
+Key layout (all keys of an account and its bucket share one hash slot, `{bNN}`):
+
+    cm:{bNN}:<tenant>:<account>:lots          HASH   lot id -> lot metadata (JSON)
+    cm:{bNN}:<tenant>:<account>:rem           HASH   lot id -> remaining credits
+    cm:{bNN}:<tenant>:<account>:order         ZSET   burn keys, lexicographic burn-down order
+    cm:{bNN}:<tenant>:<account>:exp           ZSET   lot id by expiry (ms)
+    cm:{bNN}:<tenant>:<account>:acct          HASH   balance, totals, per-feature usage, options
+    cm:{bNN}:<tenant>:<account>:idem:<req id> STRING idempotency record (TTL)
+    cm:{bNN}:outbox                           STREAM the bucket's event outbox
+    cm:{bNN}:due                              ZSET   "<tenant>:<account>" by next lot expiry
+
+Bucketing rather than one hash tag per account is what lets a script append to an outbox
+atomically with the balance change, and lets a batch of operations on one bucket run as
+one script later, while still spreading over a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from creditmeter.constants import BUCKETS, EXPIRY_SWEEP_BATCH, IDEMPOTENCY_TTL_S, KEY_PREFIX
+from creditmeter.errors import BackendUnavailable, Rejected
+from creditmeter.storage import scripts
+
+
+def bucket_of(tenant: str, account: str) -> int:
+    """The bucket an account's keys live in."""
+    return zlib.crc32(f"{tenant}\x00{account}".encode()) % BUCKETS
+
+
+def bucket_tag(bucket: int) -> str:
+    return f"{KEY_PREFIX}:{{b{bucket:02d}}}"
+
+
+def outbox_key(bucket: int) -> str:
+    return f"{bucket_tag(bucket)}:outbox"
+
+
+def due_key(bucket: int) -> str:
+    return f"{bucket_tag(bucket)}:due"
+
+
+@dataclass(frozen=True)
+class AccountKeys:
+    """The Redis keys of one account, in the order every account script takes them."""
+
+    tenant: str
+    account: str
+
+    @property
+    def base(self) -> str:
+        return f"{bucket_tag(bucket_of(self.tenant, self.account))}:{self.tenant}:{self.account}"
+
+    def script_keys(self, request_id: str = "") -> list[str]:
+        bucket = bucket_of(self.tenant, self.account)
+        base = self.base
+        return [
+            f"{base}:lots",
+            f"{base}:rem",
+            f"{base}:order",
+            f"{base}:exp",
+            f"{base}:acct",
+            f"{base}:idem:{request_id}",
+            outbox_key(bucket),
+            due_key(bucket),
+        ]
+
+
+@dataclass(frozen=True)
+class Call:
+    """What every mutating script needs besides its own arguments."""
+
+    now_ms: int
+    txn: str
+    request_id: str = ""
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class NewLot:
+    lot_id: str
+    amount: int
+    priority: int
+    expires_at_ms: int | None
+    source: str
+    reference: str
+    burn_key: str
+
+
+@dataclass(frozen=True)
+class LotRecord:
+    lot_id: str
+    amount: int
+    remaining: int
+    priority: int
+    expires_at_ms: int | None
+    source: str
+    reference: str
+    created_ms: int
+    burn_key: str = ""
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    lot: LotRecord
+    balance: int
+
+
+@dataclass(frozen=True)
+class ConsumeRecord:
+    txn: str
+    amount: int
+    units: int
+    feature: str
+    balance: int
+    time_ms: int
+    charges: list[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class SetBalanceRecord:
+    balance: int
+    removed: int
+    lot: LotRecord | None
+
+
+@dataclass(frozen=True)
+class AccountSnapshot:
+    """A consistent read of an account (one MULTI): its fields and lots in burn order."""
+
+    exists: bool
+    fields: dict[str, str]
+    lots: list[LotRecord] = field(default_factory=list)
+
+    def int_field(self, name: str) -> int:
+        return int(self.fields.get(name, "0"))
+
+
+def _expiry_arg(expires_at_ms: int | None) -> str:
+    return "0" if expires_at_ms is None else str(expires_at_ms)
+
+
+def _lot_args(lot: NewLot) -> list[str]:
+    return [
+        lot.lot_id,
+        str(lot.amount),
+        str(lot.priority),
+        _expiry_arg(lot.expires_at_ms),
+        lot.source,
+        lot.reference,
+        lot.burn_key,
+    ]
+
+
+def _lot_from_reply(values: Sequence[str]) -> LotRecord:
+    lot_id, amount, priority, expires_at, source, reference, created = values[:7]
+    return LotRecord(
+        lot_id=lot_id,
+        amount=int(amount),
+        remaining=int(amount),
+        priority=int(priority),
+        expires_at_ms=None if expires_at == "0" else int(expires_at),
+        source=source,
+        reference=reference,
+        created_ms=int(created),
+    )
+
+
+def _checked(reply: list[str]) -> list[str]:
+    if reply[0] == "ERR":
+        pairs = reply[2:]
+        raise Rejected(reply[1], dict(zip(pairs[::2], pairs[1::2], strict=True)))
+    return reply[1:]
+
+
+@asynccontextmanager
+async def _reachable() -> AsyncIterator[None]:
+    """Report a lost Redis as UNAVAILABLE: the caller retries with the same request id,
+    which is safe whether or not the script ran."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise BackendUnavailable(f"redis unavailable: {exc}", {"backend": "redis"}) from exc
+
+
+class RedisStore:
+    """Account state in Redis. Every change goes through one Lua script call."""
+
+    def __init__(self, client: aioredis.Redis, idempotency_ttl_s: int = IDEMPOTENCY_TTL_S):
+        self.client = client
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(scripts.source(name)) for name in scripts.SCRIPT_NAMES
+        }
+
+    async def _run(
+        self, name: str, keys: AccountKeys, call: Call, extra: Sequence[str]
+    ) -> list[str]:
+        args: list[Any] = [
+            str(call.now_ms),
+            call.fingerprint,
+            str(self.idempotency_ttl_s),
+            call.txn,
+            keys.tenant,
+            keys.account,
+            call.request_id,
+            *extra,
+        ]
+        async with _reachable():
+            reply = await self._scripts[name](keys.script_keys(call.request_id), args)
+        return _checked(reply)
+
+    async def grant(self, keys: AccountKeys, call: Call, lot: NewLot) -> GrantRecord:
+        values = await self._run("grant", keys, call, _lot_args(lot))
+        return GrantRecord(lot=_lot_from_reply(values), balance=int(values[7]))
+
+    async def consume(
+        self, keys: AccountKeys, call: Call, amount: int, feature: str, units: int
+    ) -> ConsumeRecord:
+        values = await self._run("consume", keys, call, [str(amount), feature, str(units)])
+        txn, charged, units_s, feature_s, balance, time_ms, *parts = values
+        charges = [(lot, int(amt)) for lot, amt in zip(parts[::2], parts[1::2], strict=True)]
+        return ConsumeRecord(
+            txn=txn,
+            amount=int(charged),
+            units=int(units_s),
+            feature=feature_s,
+            balance=int(balance),
+            time_ms=int(time_ms),
+            charges=charges,
+        )
+
+    async def set_balance(
+        self, keys: AccountKeys, call: Call, reset: bool, lot: NewLot
+    ) -> SetBalanceRecord:
+        values = await self._run("set_balance", keys, call, ["1" if reset else "0", *_lot_args(lot)])
+        new_lot = _lot_from_reply(values[2:]) if len(values) > 2 else None
+        return SetBalanceRecord(balance=int(values[0]), removed=int(values[1]), lot=new_lot)
+
+    async def set_options(self, keys: AccountKeys, call: Call, unlimited: bool | None) -> bool:
+        flag = "" if unlimited is None else ("1" if unlimited else "0")
+        values = await self._run("set_options", keys, call, [flag])
+        return values[0] == "1"
+
+    async def sweep(self, keys: AccountKeys, call: Call) -> int:
+        """Record the expiry of the account's lots whose time has come; returns how many."""
+        values = await self._run("sweep", keys, call, [])
+        return int(values[0])
+
+    async def due_accounts(self, now_ms: int, limit: int = EXPIRY_SWEEP_BATCH) -> list[AccountKeys]:
+        """Accounts with a lot expiring at or before `now_ms`, from every bucket's index."""
+        async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+            for bucket in range(BUCKETS):
+                pipe.zrangebyscore(due_key(bucket), "-inf", now_ms, start=0, num=limit)
+            results: list[list[str]] = await pipe.execute()
+        due: list[AccountKeys] = []
+        for members in results:
+            for member in members:
+                tenant, _, account = member.partition(":")
+                due.append(AccountKeys(tenant, account))
+        return due
+
+    async def snapshot(self, keys: AccountKeys) -> AccountSnapshot:
+        """Read an account's fields and lots atomically (MULTI/EXEC, no writes)."""
+        lots_key, rem_key, order_key, _exp, acct_key, *_ = keys.script_keys()
+        async with _reachable(), self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(acct_key)
+            pipe.zrange(order_key, 0, -1)
+            pipe.hgetall(lots_key)
+            pipe.hgetall(rem_key)
+            fields, order, metas, remaining = await pipe.execute()
+        lots = []
+        for burn_key in order:
+            lot_id = burn_key.split("|", 4)[4]
+            meta = json.loads(metas[lot_id])
+            lots.append(
+                LotRecord(
+                    lot_id=lot_id,
+                    amount=int(meta["amount"]),
+                    remaining=int(remaining[lot_id]),
+                    priority=int(meta["priority"]),
+                    expires_at_ms=None if meta["expires_at"] == "0" else int(meta["expires_at"]),
+                    source=meta["source"],
+                    reference=meta["reference"],
+                    created_ms=int(meta["created"]),
+                    burn_key=burn_key,
+                )
+            )
+        return AccountSnapshot(exists=bool(fields), fields=fields, lots=lots)

@@ -1,0 +1,81 @@
+"""Protobuf <-> domain conversions shared by the servicers and the CLI."""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from creditmeter.api.credits.v1 import credits_pb2 as pb
+from creditmeter.domain.lots import Lot, LotSource
+from creditmeter.domain.rates import Rate, RateUnit
+from creditmeter.errors import InvalidRequest
+
+_MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the Timestamp spec's limit
+_MAX_DURATION_S = 315_576_000_000  # 10,000 years, the Duration spec's limit
+
+
+def timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def timestamp_ms(ts: timestamp_pb2.Timestamp, field: str) -> int:
+    if not 0 <= ts.seconds <= _MAX_TIMESTAMP_S or not 0 <= ts.nanos <= 999_999_999:
+        raise InvalidRequest([(field, "not a valid timestamp (1970 to 9999, nanos 0-999999999)")])
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def duration_ms(d: duration_pb2.Duration, field: str) -> int:
+    same_sign = d.seconds == 0 or d.nanos == 0 or (d.seconds > 0) == (d.nanos > 0)
+    if abs(d.seconds) > _MAX_DURATION_S or abs(d.nanos) > 999_999_999 or not same_sign:
+        raise InvalidRequest([(field, "not a valid duration")])
+    return d.seconds * 1000 + int(d.nanos / 1_000_000)
+
+
+def lot_source(value: int, field: str = "source") -> LotSource:
+    if value == pb.LOT_SOURCE_UNSPECIFIED:
+        return LotSource.MANUAL
+    try:
+        return LotSource(pb.LotSource.Name(value).removeprefix("LOT_SOURCE_").lower())
+    except ValueError:
+        raise InvalidRequest([(field, f"unknown lot source {value}")]) from None
+
+
+def lot_source_pb(source: LotSource) -> pb.LotSource.ValueType:
+    return pb.LotSource.Value(f"LOT_SOURCE_{source.upper()}")
+
+
+def rate_unit(value: int, field: str = "rate.unit") -> RateUnit | None:
+    if value == pb.RATE_UNIT_UNSPECIFIED:
+        return None
+    try:
+        return RateUnit(pb.RateUnit.Name(value).removeprefix("RATE_UNIT_").lower())
+    except ValueError:
+        raise InvalidRequest([(field, f"unknown rate unit {value}")]) from None
+
+
+def lot_pb(lot: Lot) -> pb.Lot:
+    msg = pb.Lot(
+        lot_id=lot.lot_id,
+        amount=lot.amount,
+        remaining=lot.remaining,
+        priority=lot.priority,
+        source=lot_source_pb(lot.source),
+        create_time=timestamp(lot.created_ms),
+        reference=lot.reference,
+    )
+    if lot.expires_at_ms is not None:
+        msg.expires_at.CopyFrom(timestamp(lot.expires_at_ms))
+    return msg
+
+
+def rate_pb(rate: Rate) -> pb.Rate:
+    msg = pb.Rate(
+        feature=rate.feature,
+        credits_per_unit=rate.credits_per_unit,
+        unit=pb.RateUnit.Value(f"RATE_UNIT_{rate.unit.upper()}"),
+        builtin=rate.builtin,
+    )
+    if rate.unit is RateUnit.TIME:
+        msg.billing_increment.FromSeconds(rate.billing_increment_s)
+    if rate.updated_ms is not None:
+        msg.update_time.CopyFrom(timestamp(rate.updated_ms))
+    return msg

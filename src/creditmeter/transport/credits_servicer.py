@@ -1,0 +1,139 @@
+"""The credits.v1.Credits servicer: translates protobuf to domain calls and back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from creditmeter.api.credits.v1 import credits_pb2 as pb
+from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
+from creditmeter.domain.metering import Metering
+from creditmeter.errors import InvalidRequest
+from creditmeter.transport import convert
+from creditmeter.transport.interceptors import principal
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CreditsServicer(pb_grpc.CreditsServicer):
+    def __init__(self, metering: Metering) -> None:
+        self.metering = metering
+
+    async def Grant(self, request: pb.GrantRequest, context: Context) -> pb.GrantResponse:
+        expiry = request.WhichOneof("expiry")
+        result = await self.metering.grant(
+            principal().tenant,
+            request.account_id,
+            request.amount,
+            request_id=request.request_id,
+            expires_at_ms=(
+                convert.timestamp_ms(request.expires_at, "expires_at")
+                if expiry == "expires_at"
+                else None
+            ),
+            valid_for_ms=(
+                convert.duration_ms(request.valid_for, "valid_for") if expiry == "valid_for" else None
+            ),
+            priority=request.priority if request.HasField("priority") else None,
+            source=convert.lot_source(request.source),
+            reference=request.reference,
+        )
+        return pb.GrantResponse(lot=convert.lot_pb(result.lot), balance=result.balance)
+
+    async def Consume(self, request: pb.ConsumeRequest, context: Context) -> pb.ConsumeResponse:
+        result = await self.metering.consume(
+            principal().tenant,
+            request.account_id,
+            request.feature,
+            request_id=request.request_id,
+            quantity=request.quantity if request.HasField("quantity") else None,
+            amount=request.amount if request.HasField("amount") else None,
+        )
+        return pb.ConsumeResponse(
+            transaction_id=result.transaction_id,
+            amount=result.amount,
+            units=result.units,
+            feature=result.feature,
+            charges=[pb.LotCharge(lot_id=lot, amount=amount) for lot, amount in result.charges],
+            balance=result.balance,
+            consume_time=convert.timestamp(result.time_ms),
+        )
+
+    async def GetBalance(
+        self, request: pb.GetBalanceRequest, context: Context
+    ) -> pb.GetBalanceResponse:
+        view = await self.metering.get_balance(principal().tenant, request.account_id)
+        return pb.GetBalanceResponse(
+            balance=view.balance,
+            lots=[convert.lot_pb(lot) for lot in view.lots],
+            unlimited=view.unlimited,
+        )
+
+    async def SetBalance(
+        self, request: pb.SetBalanceRequest, context: Context
+    ) -> pb.SetBalanceResponse:
+        result = await self.metering.set_balance(
+            principal().tenant,
+            request.account_id,
+            request.amount,
+            reset=request.reset,
+            request_id=request.request_id,
+            reference=request.reference,
+        )
+        response = pb.SetBalanceResponse(balance=result.balance, removed=result.removed)
+        if result.lot is not None:
+            response.lot.CopyFrom(convert.lot_pb(result.lot))
+        return response
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+        view = await self.metering.get_usage(principal().tenant, request.account_id)
+        return pb.GetUsageResponse(
+            total=view.total,
+            used=view.used,
+            remaining=view.remaining,
+            expired=view.expired,
+            removed=view.removed,
+            unlimited=view.unlimited,
+            features=[
+                pb.FeatureUsage(feature=f.feature, credits=f.credits, units=f.units)
+                for f in view.features
+            ],
+        )
+
+    async def SetRate(self, request: pb.SetRateRequest, context: Context) -> pb.SetRateResponse:
+        if not request.HasField("rate"):
+            raise InvalidRequest([("rate", "required")])
+        rate = request.rate
+        increment = None
+        if rate.HasField("billing_increment"):
+            ms = convert.duration_ms(rate.billing_increment, "rate.billing_increment")
+            if ms % 1000:
+                raise InvalidRequest([("rate.billing_increment", "must be whole seconds")])
+            increment = ms // 1000
+        stored = await self.metering.set_rate(
+            principal().tenant,
+            rate.feature,
+            rate.credits_per_unit,
+            request_id=request.request_id,
+            unit=convert.rate_unit(rate.unit),
+            billing_increment_s=increment,
+        )
+        return pb.SetRateResponse(rate=convert.rate_pb(stored))
+
+    async def ListRates(
+        self, request: pb.ListRatesRequest, context: Context
+    ) -> pb.ListRatesResponse:
+        rates = self.metering.list_rates(principal().tenant)
+        return pb.ListRatesResponse(rates=[convert.rate_pb(r) for r in rates])
+
+    async def SetAccountOptions(
+        self, request: pb.SetAccountOptionsRequest, context: Context
+    ) -> pb.SetAccountOptionsResponse:
+        unlimited = await self.metering.set_account_options(
+            principal().tenant,
+            request.account_id,
+            request_id=request.request_id,
+            unlimited=request.unlimited if request.HasField("unlimited") else None,
+        )
+        return pb.SetAccountOptionsResponse(options=pb.AccountOptions(unlimited=unlimited))

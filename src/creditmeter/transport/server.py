@@ -1,0 +1,141 @@
+"""Assembles and runs the server: config store, Redis (embedded or external), the domain
+services, gRPC with health checking and reflection, and the background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from creditmeter.api.credits.v1 import credits_pb2, credits_pb2_grpc
+from creditmeter.constants import (
+    CONFIG_DB_NAME,
+    DEFAULT_DATA_DIR,
+    DEFAULT_LISTEN,
+    EXPIRY_SWEEP_INTERVAL_S,
+    IDEMPOTENCY_TTL_S,
+    SHUTDOWN_GRACE_S,
+)
+from creditmeter.domain.clock import Clock, SystemClock
+from creditmeter.domain.configuration import LiveConfig
+from creditmeter.domain.metering import Metering
+from creditmeter.storage.config_store import ConfigStore
+from creditmeter.storage.embedded_redis import EmbeddedRedis
+from creditmeter.storage.redis_store import RedisStore
+from creditmeter.transport.credits_servicer import CreditsServicer
+from creditmeter.transport.interceptors import Gatekeeper
+
+log = logging.getLogger(__name__)
+
+CREDITS_SERVICE = credits_pb2.DESCRIPTOR.services_by_name["Credits"].full_name
+
+
+@dataclass
+class Settings:
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    #: An existing Redis; None starts the embedded one under data_dir.
+    redis_url: str | None = None
+    #: The embedded Redis's fsync policy: always (no acknowledged change lost), everysec, no.
+    appendfsync: str = "always"
+    idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
+    sweep_interval_s: float = EXPIRY_SWEEP_INTERVAL_S
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    clock: Clock = field(default_factory=SystemClock)
+
+
+class App:
+    """One server process. `start()` returns the bound port; `stop()` drains and closes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedRedis | None = None
+        self.redis: aioredis.Redis | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.port = 0
+        self.live: LiveConfig | None = None
+        self.metering: Metering | None = None
+
+    async def start(self) -> int:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        config = ConfigStore(s.data_dir / CONFIG_DB_NAME)
+        url = s.redis_url
+        if url is None:
+            self.embedded = EmbeddedRedis(s.data_dir, s.appendfsync)
+            url = await self.embedded.start()
+        self.redis = aioredis.from_url(url, decode_responses=True)
+        await self.redis.ping()
+
+        self.live = live = LiveConfig(config)
+        await live.refresh()
+        self.metering = metering = Metering(
+            RedisStore(self.redis, s.idempotency_ttl_s), config, live.rates, s.clock
+        )
+
+        self.server = grpc.aio.server(interceptors=[Gatekeeper(lambda: live.keys)])
+        credits_pb2_grpc.add_CreditsServicer_to_server(CreditsServicer(metering), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (CREDITS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(s.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.listen}")
+        await self.server.start()
+        self.tasks = [
+            asyncio.create_task(live.run(), name="config-reload"),
+            asyncio.create_task(self._sweep_loop(metering), name="expiry-sweeper"),
+        ]
+        for service in ("", CREDITS_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("creditmeter listening on %s (redis %s)", s.listen.rsplit(":", 1)[0] + f":{self.port}", url)
+        return self.port
+
+    async def _sweep_loop(self, metering: Metering) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                await metering.sweep_due()
+            except Exception:  # Redis briefly away: the index still holds the work
+                log.exception("expiry sweep failed")
+
+    async def stop(self) -> None:
+        """Stop taking calls, let in-flight calls finish (up to the grace), then close."""
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_s)
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight calls and exit cleanly."""
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        await stop.wait()
+        log.info("shutting down: draining in-flight calls")
+    finally:
+        await app.stop()

@@ -1,0 +1,160 @@
+"""Fixtures: a real redis-server on a free port, the gRPC server in-process on port 0, and a
+fresh tenant per test (with one key of each role) so tests never see each other's data."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis
+
+from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
+from creditmeter.constants import CONFIG_DB_NAME
+from creditmeter.domain import keys as api_keys
+from creditmeter.domain.clock import ManualClock
+from creditmeter.storage.config_store import ConfigStore, KeyRow
+from creditmeter.transport.server import App, Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for the whole session, on a free loopback port."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed: run ./scripts/test, which installs it"
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.02)
+    client.close()
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """The server's clock; tests move it with advance()."""
+    return ManualClock()
+
+
+@pytest.fixture
+async def app(redis_url: str, tmp_path: Path, clock: ManualClock) -> AsyncIterator[App]:
+    app = App(
+        Settings(
+            listen="127.0.0.1:0", data_dir=tmp_path / "data", redis_url=redis_url, clock=clock,
+            shutdown_grace_s=1.0,
+        )
+    )
+    await app.start()
+    yield app
+    await app.stop()
+
+
+class Caller:
+    """A Credits stub that sends one API key with every call."""
+
+    def __init__(self, stub: pb_grpc.CreditsStub, key: str) -> None:
+        self._stub = stub
+        self.key = key
+        self.metadata = (("authorization", f"Bearer {key}"),)
+
+    def __getattr__(self, method: str) -> Any:
+        rpc = getattr(self._stub, method)
+
+        def call(request: Any, **kwargs: Any) -> Any:
+            return rpc(request, metadata=self.metadata, **kwargs)
+
+        return call
+
+
+@dataclass
+class Tenant:
+    name: str
+    admin: Caller
+    meter: Caller
+    read: Caller
+    stub: pb_grpc.CreditsStub
+    channel: grpc.aio.Channel
+
+
+def add_key(data_dir: Path, tenant: str, role: api_keys.Role) -> str:
+    """Create an API key in the config store (as `creditmeter keys create` does)."""
+    plaintext, rec = api_keys.generate(tenant, role, "test", int(time.time() * 1000))
+    ConfigStore(data_dir / CONFIG_DB_NAME).add_key(
+        KeyRow(rec.key_id, rec.tenant, str(rec.role), rec.secret_hash, rec.label, rec.created_ms,
+               None)
+    )
+    return plaintext
+
+
+async def make_tenant(app: App) -> Tenant:
+    name = f"t{uuid.uuid4().hex[:12]}"
+    keys = {role: add_key(app.settings.data_dir, name, role) for role in api_keys.Role}
+    assert app.live is not None
+    await app.live.refresh()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    stub = pb_grpc.CreditsStub(channel)
+    return Tenant(
+        name=name,
+        admin=Caller(stub, keys[api_keys.Role.ADMIN]),
+        meter=Caller(stub, keys[api_keys.Role.METER]),
+        read=Caller(stub, keys[api_keys.Role.READ]),
+        stub=stub,
+        channel=channel,
+    )
+
+
+@pytest.fixture
+async def tenant(app: App) -> AsyncIterator[Tenant]:
+    t = await make_tenant(app)
+    yield t
+    await t.channel.close()
+
+
+@pytest.fixture
+async def other_tenant(app: App) -> AsyncIterator[Tenant]:
+    t = await make_tenant(app)
+    yield t
+    await t.channel.close()
+
+
+def rid() -> str:
+    """A fresh request id."""
+    return uuid.uuid4().hex
