@@ -1,0 +1,61 @@
+"""The outbox: every balance change appends an event complete enough to rebuild balances."""
+
+from __future__ import annotations
+
+import redis
+from google.protobuf import duration_pb2
+
+from creditmeter.api.credits.v1 import credits_pb2 as pb
+from creditmeter.domain.clock import ManualClock
+from creditmeter.storage.redis_store import bucket_of, outbox_key
+from tests.conftest import Tenant, rid
+
+
+def rebuild(events: list[dict[str, str]]) -> dict[str, int]:
+    """Remaining credit per lot, from the events alone."""
+    lots: dict[str, int] = {}
+    for e in events:
+        if e["kind"] == "grant":
+            lots[e["lot"]] = int(e["amount"])
+        elif e["kind"] in ("consume", "expire", "reset") and e["lot"]:
+            lots[e["lot"]] -= int(e["amount"])
+    return {lot: rem for lot, rem in lots.items() if rem}
+
+
+async def test_events_rebuild_every_balance(
+    tenant: Tenant, clock: ManualClock, redis_client: redis.Redis
+) -> None:
+    accounts = ["a", "b", "c"]
+    for i, account in enumerate(accounts):
+        await tenant.admin.Grant(pb.GrantRequest(account_id=account, amount=50 + i, request_id=rid()))
+        await tenant.admin.Grant(pb.GrantRequest(
+            account_id=account, amount=20, valid_for=duration_pb2.Duration(seconds=30),
+            source=pb.LOT_SOURCE_PROMOTION, request_id=rid()))
+        await tenant.admin.Grant(pb.GrantRequest(
+            account_id=account, amount=9, priority=1, request_id=rid()))
+    for account in accounts:
+        await tenant.meter.Consume(pb.ConsumeRequest(
+            account_id=account, feature="text", quantity=15, request_id=rid()))
+    clock.advance(30_000)
+    await tenant.meter.Consume(pb.ConsumeRequest(
+        account_id="a", feature="voice", quantity=600, request_id=rid()))
+    await tenant.admin.SetBalance(pb.SetBalanceRequest(
+        account_id="b", amount=11, reset=True, request_id=rid()))
+
+    for account in accounts:
+        stream = outbox_key(bucket_of(tenant.name, account))
+        events = [f for _, f in redis_client.xrange(stream)
+                  if f["tenant"] == tenant.name and f["account"] == account]
+        assert len({e["event_id"] for e in events}) == len(events)
+        for e in events:
+            assert e["request_id"] and e["txn"] and int(e["ts"]) > 0
+        balance = await tenant.read.GetBalance(pb.GetBalanceRequest(account_id=account))
+        live = {lot.lot_id: lot.remaining for lot in balance.lots}
+        rebuilt = rebuild(events)
+        # "c" was never touched after its promotion expired: its expiry is not swept yet,
+        # so the events still hold it while the read already leaves it out.
+        if account == "c":
+            promo = [e["lot"] for e in events if e.get("source") == "promotion"]
+            assert rebuilt.pop(promo[0]) == 20 - 6  # 9 came from the priority-1 lot first
+        assert rebuilt == live
+        assert int(events[-1]["balance"]) == balance.balance or account == "c"
