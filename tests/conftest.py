@@ -39,8 +39,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -78,7 +89,10 @@ def clock() -> ManualClock:
 async def app(redis_url: str, tmp_path: Path, clock: ManualClock) -> AsyncIterator[App]:
     app = App(
         Settings(
-            listen="127.0.0.1:0", data_dir=tmp_path / "data", redis_url=redis_url, clock=clock,
+            listen="127.0.0.1:0",
+            data_dir=tmp_path / "data",
+            redis_url=redis_url,
+            clock=clock,
             shutdown_grace_s=1.0,
         )
     )
@@ -118,8 +132,9 @@ def add_key(data_dir: Path, tenant: str, role: api_keys.Role) -> str:
     """Create an API key in the config store (as `creditmeter keys create` does)."""
     plaintext, rec = api_keys.generate(tenant, role, "test", int(time.time() * 1000))
     ConfigStore(data_dir / CONFIG_DB_NAME).add_key(
-        KeyRow(rec.key_id, rec.tenant, str(rec.role), rec.secret_hash, rec.label, rec.created_ms,
-               None)
+        KeyRow(
+            rec.key_id, rec.tenant, str(rec.role), rec.secret_hash, rec.label, rec.created_ms, None
+        )
     )
     return plaintext
 

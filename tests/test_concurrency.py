@@ -22,7 +22,8 @@ START_BALANCE = 10_000
 async def test_overdraft_race(app: App, tenant: Tenant, redis_client: redis.Redis) -> None:
     """64 clients x 500 Consume(1) against 10,000 credits: exactly 10,000 succeed."""
     await tenant.admin.Grant(
-        pb.GrantRequest(account_id="race", amount=START_BALANCE, request_id=rid()))
+        pb.GrantRequest(account_id="race", amount=START_BALANCE, request_id=rid())
+    )
     acct_key = AccountKeys(tenant.name, "race").script_keys()[4]
     lowest = START_BALANCE
     done = asyncio.Event()
@@ -30,7 +31,9 @@ async def test_overdraft_race(app: App, tenant: Tenant, redis_client: redis.Redi
     async def watch_balance() -> None:
         nonlocal lowest
         while not done.is_set():
-            lowest = min(lowest, int(await asyncio.to_thread(redis_client.hget, acct_key, "balance")))
+            lowest = min(
+                lowest, int(await asyncio.to_thread(redis_client.hget, acct_key, "balance"))
+            )
             await asyncio.sleep(0.005)
 
     async def client() -> tuple[int, int]:
@@ -39,13 +42,16 @@ async def test_overdraft_race(app: App, tenant: Tenant, redis_client: redis.Redi
             caller = Caller(pb_grpc.CreditsStub(channel), tenant.meter.key)
             for _ in range(CALLS_PER_CLIENT):
                 try:
-                    await caller.Consume(pb.ConsumeRequest(
-                        account_id="race", feature="text", request_id=rid()))
+                    await caller.Consume(
+                        pb.ConsumeRequest(account_id="race", feature="text", request_id=rid())
+                    )
                     ok += 1
                 except grpc.aio.AioRpcError as error:
                     f = failure(error)
                     assert (f.code, f.reason) == (
-                        grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_CREDITS")
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        "INSUFFICIENT_CREDITS",
+                    )
                     refused += 1
         return ok, refused
 
@@ -80,8 +86,11 @@ async def test_idempotency_storm(tenant: Tenant, redis_client: redis.Redis) -> N
     assert replies[0].amount == 7 and replies[0].balance == 93
     balance = await tenant.read.GetBalance(pb.GetBalanceRequest(account_id="storm"))
     assert balance.balance == 93
-    consumes = [f for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "storm")))
-                if f["tenant"] == tenant.name and f["kind"] == "consume"]
+    consumes = [
+        f
+        for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "storm")))
+        if f["tenant"] == tenant.name and f["kind"] == "consume"
+    ]
     assert len(consumes) == 1
 
     grant = pb.GrantRequest(account_id="storm", amount=5, request_id=rid())
@@ -98,7 +107,8 @@ async def test_script_flush_mid_run(tenant: Tenant, redis_client: redis.Redis) -
         ok = 0
         for _ in range(40):
             await tenant.meter.Consume(
-                pb.ConsumeRequest(account_id="flush", feature="text", request_id=rid()))
+                pb.ConsumeRequest(account_id="flush", feature="text", request_id=rid())
+            )
             ok += 1
         return ok
 
@@ -111,5 +121,6 @@ async def test_script_flush_mid_run(tenant: Tenant, redis_client: redis.Redis) -
     assert sum(counts) == 320
     redis_client.script_flush()
     await tenant.admin.SetBalance(
-        pb.SetBalanceRequest(account_id="flush", amount=1, request_id=rid()))
+        pb.SetBalanceRequest(account_id="flush", amount=1, request_id=rid())
+    )
     assert (await tenant.read.GetBalance(pb.GetBalanceRequest(account_id="flush"))).balance == 681

@@ -27,25 +27,40 @@ async def test_events_rebuild_every_balance(
 ) -> None:
     accounts = ["a", "b", "c"]
     for i, account in enumerate(accounts):
-        await tenant.admin.Grant(pb.GrantRequest(account_id=account, amount=50 + i, request_id=rid()))
-        await tenant.admin.Grant(pb.GrantRequest(
-            account_id=account, amount=20, valid_for=duration_pb2.Duration(seconds=30),
-            source=pb.LOT_SOURCE_PROMOTION, request_id=rid()))
-        await tenant.admin.Grant(pb.GrantRequest(
-            account_id=account, amount=9, priority=1, request_id=rid()))
+        await tenant.admin.Grant(
+            pb.GrantRequest(account_id=account, amount=50 + i, request_id=rid())
+        )
+        await tenant.admin.Grant(
+            pb.GrantRequest(
+                account_id=account,
+                amount=20,
+                valid_for=duration_pb2.Duration(seconds=30),
+                source=pb.LOT_SOURCE_PROMOTION,
+                request_id=rid(),
+            )
+        )
+        await tenant.admin.Grant(
+            pb.GrantRequest(account_id=account, amount=9, priority=1, request_id=rid())
+        )
     for account in accounts:
-        await tenant.meter.Consume(pb.ConsumeRequest(
-            account_id=account, feature="text", quantity=15, request_id=rid()))
+        await tenant.meter.Consume(
+            pb.ConsumeRequest(account_id=account, feature="text", quantity=15, request_id=rid())
+        )
     clock.advance(30_000)
-    await tenant.meter.Consume(pb.ConsumeRequest(
-        account_id="a", feature="voice", quantity=600, request_id=rid()))
-    await tenant.admin.SetBalance(pb.SetBalanceRequest(
-        account_id="b", amount=11, reset=True, request_id=rid()))
+    await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id="a", feature="voice", quantity=600, request_id=rid())
+    )
+    await tenant.admin.SetBalance(
+        pb.SetBalanceRequest(account_id="b", amount=11, reset=True, request_id=rid())
+    )
 
     for account in accounts:
         stream = outbox_key(bucket_of(tenant.name, account))
-        events = [f for _, f in redis_client.xrange(stream)
-                  if f["tenant"] == tenant.name and f["account"] == account]
+        events = [
+            f
+            for _, f in redis_client.xrange(stream)
+            if f["tenant"] == tenant.name and f["account"] == account
+        ]
         assert len({e["event_id"] for e in events}) == len(events)
         for e in events:
             assert e["request_id"] and e["txn"] and int(e["ts"]) > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import redis
 from google.protobuf import duration_pb2
@@ -17,13 +19,15 @@ from tests.helpers import fails
 HOUR_MS = 3_600_000
 
 
-async def grant(t: Tenant, account: str, amount: int, **kw: object) -> pb.GrantResponse:
-    return await t.admin.Grant(pb.GrantRequest(account_id=account, amount=amount, request_id=rid(), **kw))  # type: ignore[no-any-return]
+async def grant(t: Tenant, account: str, amount: int, **kw: Any) -> pb.GrantResponse:
+    return await t.admin.Grant(
+        pb.GrantRequest(account_id=account, amount=amount, request_id=rid(), **kw)
+    )
 
 
-async def consume(t: Tenant, account: str, **kw: object) -> pb.ConsumeResponse:
+async def consume(t: Tenant, account: str, **kw: Any) -> pb.ConsumeResponse:
     kw.setdefault("feature", "text")
-    return await t.meter.Consume(pb.ConsumeRequest(account_id=account, request_id=rid(), **kw))  # type: ignore[no-any-return]
+    return await t.meter.Consume(pb.ConsumeRequest(account_id=account, request_id=rid(), **kw))
 
 
 def events(r: redis.Redis, tenant: str, account: str) -> list[dict[str, str]]:
@@ -59,7 +63,9 @@ async def test_burn_down_order(tenant: Tenant, clock: ManualClock) -> None:
     # One charge spanning three lots records how much came from each, in order.
     c = await consume(tenant, "u", amount=25)
     assert [(ch.lot_id, ch.amount) for ch in c.charges] == [
-        (prio_low.lot.lot_id, 10), (soon_manual.lot.lot_id, 10), (late_bonus.lot.lot_id, 5)
+        (prio_low.lot.lot_id, 10),
+        (soon_manual.lot.lot_id, 10),
+        (late_bonus.lot.lot_id, 5),
     ]
     assert c.balance == 45
     # Then the rest, lot by lot, in the same order.
@@ -114,13 +120,28 @@ async def test_sweeper_records_expiry_without_any_request(
 
 async def test_time_features_round_up_per_billing_increment(tenant: Tenant) -> None:
     await grant(tenant, "u", 1000)
-    await tenant.admin.SetRate(pb.SetRateRequest(
-        rate=pb.Rate(feature="voice", credits_per_unit=3), request_id=rid()))
-    await tenant.admin.SetRate(pb.SetRateRequest(
-        rate=pb.Rate(feature="video", credits_per_unit=10,
-                     billing_increment=duration_pb2.Duration(seconds=30)), request_id=rid()))
-    cases = [("voice", 1, 1), ("voice", 60, 1), ("voice", 61, 2), ("voice", 3600, 60),
-             ("video", 30, 1), ("video", 31, 2), ("text", 7, 7)]
+    await tenant.admin.SetRate(
+        pb.SetRateRequest(rate=pb.Rate(feature="voice", credits_per_unit=3), request_id=rid())
+    )
+    await tenant.admin.SetRate(
+        pb.SetRateRequest(
+            rate=pb.Rate(
+                feature="video",
+                credits_per_unit=10,
+                billing_increment=duration_pb2.Duration(seconds=30),
+            ),
+            request_id=rid(),
+        )
+    )
+    cases = [
+        ("voice", 1, 1),
+        ("voice", 60, 1),
+        ("voice", 61, 2),
+        ("voice", 3600, 60),
+        ("video", 30, 1),
+        ("video", 31, 2),
+        ("text", 7, 7),
+    ]
     for feature, seconds, units in cases:
         c = await consume(tenant, "u", feature=feature, quantity=seconds)
         rate = {"voice": 3, "video": 10, "text": 1}[feature]
@@ -134,8 +155,9 @@ async def test_time_features_round_up_per_billing_increment(tenant: Tenant) -> N
 async def test_custom_feature_and_explicit_amount(tenant: Tenant) -> None:
     await grant(tenant, "u", 100)
     assert (await fails(consume(tenant, "u", feature="sticker"))).violations.keys() == {"feature"}
-    r = await tenant.admin.SetRate(pb.SetRateRequest(
-        rate=pb.Rate(feature="sticker", credits_per_unit=4), request_id=rid()))
+    r = await tenant.admin.SetRate(
+        pb.SetRateRequest(rate=pb.Rate(feature="sticker", credits_per_unit=4), request_id=rid())
+    )
     assert r.rate.unit == pb.RATE_UNIT_COUNT and not r.rate.builtin
     c = await consume(tenant, "u", feature="sticker", quantity=2)
     assert (c.amount, c.units) == (8, 2)
@@ -147,7 +169,8 @@ async def test_custom_feature_and_explicit_amount(tenant: Tenant) -> None:
 
 async def test_unlimited_accounts(tenant: Tenant) -> None:
     await tenant.admin.SetAccountOptions(
-        pb.SetAccountOptionsRequest(account_id="vip", unlimited=True, request_id=rid()))
+        pb.SetAccountOptionsRequest(account_id="vip", unlimited=True, request_id=rid())
+    )
     for _ in range(3):
         c = await consume(tenant, "vip", quantity=1000)
         assert c.balance == -1 and not c.charges
@@ -155,7 +178,8 @@ async def test_unlimited_accounts(tenant: Tenant) -> None:
     assert (usage.total, usage.used, usage.remaining, usage.unlimited) == (-1, 3000, -1, True)
     # Back to limited: nothing was ever granted, so nothing is spendable.
     await tenant.admin.SetAccountOptions(
-        pb.SetAccountOptionsRequest(account_id="vip", unlimited=False, request_id=rid()))
+        pb.SetAccountOptionsRequest(account_id="vip", unlimited=False, request_id=rid())
+    )
     assert (await fails(consume(tenant, "vip"))).reason == "INSUFFICIENT_CREDITS"
 
 
@@ -164,18 +188,24 @@ async def test_set_balance_add_and_reset(tenant: Tenant, redis_client: redis.Red
     b = await grant(tenant, "u", 20, source=pb.LOT_SOURCE_BONUS)
     await consume(tenant, "u", amount=5)
     added = await tenant.admin.SetBalance(
-        pb.SetBalanceRequest(account_id="u", amount=10, request_id=rid()))
+        pb.SetBalanceRequest(account_id="u", amount=10, request_id=rid())
+    )
     assert (added.balance, added.removed) == (55, 0)
     reset = await tenant.admin.SetBalance(
-        pb.SetBalanceRequest(account_id="u", amount=7, reset=True, request_id=rid()))
+        pb.SetBalanceRequest(account_id="u", amount=7, reset=True, request_id=rid())
+    )
     assert (reset.balance, reset.removed) == (7, 55)
     balance = await tenant.read.GetBalance(pb.GetBalanceRequest(account_id="u"))
     assert [(lot.lot_id, lot.remaining) for lot in balance.lots] == [(reset.lot.lot_id, 7)]
-    resets = {e["lot"]: e["amount"] for e in events(redis_client, tenant.name, "u")
-              if e["kind"] == "reset"}
+    resets = {
+        e["lot"]: e["amount"]
+        for e in events(redis_client, tenant.name, "u")
+        if e["kind"] == "reset"
+    }
     assert resets == {a.lot.lot_id: "30", b.lot.lot_id: "15", added.lot.lot_id: "10"}
     zero = await tenant.admin.SetBalance(
-        pb.SetBalanceRequest(account_id="u", amount=0, reset=True, request_id=rid()))
+        pb.SetBalanceRequest(account_id="u", amount=0, reset=True, request_id=rid())
+    )
     assert (zero.balance, zero.removed, zero.HasField("lot")) == (0, 7, False)
     usage = await tenant.read.GetUsage(pb.GetUsageRequest(account_id="u"))
     assert (usage.total, usage.used, usage.removed, usage.remaining) == (67, 5, 62, 0)

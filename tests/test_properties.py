@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -54,7 +55,7 @@ def config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("config") / "config.db"
 
 
-async def run(redis_url: str, config_path: Path, ops: list[tuple[object, ...]]) -> None:
+async def run(redis_url: str, config_path: Path, ops: list[tuple[Any, ...]]) -> None:
     client = aioredis.from_url(redis_url, decode_responses=True)
     clock = ManualClock()
     metering = Metering(RedisStore(client), ConfigStore(config_path), RateBook(), clock)
@@ -66,54 +67,76 @@ async def run(redis_url: str, config_path: Path, ops: list[tuple[object, ...]]) 
             if op[0] == "grant":
                 _, amount, priority, valid_for, source = op
                 g = await metering.grant(
-                    tenant, account, amount, request_id=uuid.uuid4().hex,  # type: ignore[arg-type]
-                    priority=priority, source=source,  # type: ignore[arg-type]
-                    valid_for_ms=valid_for,  # type: ignore[arg-type]
+                    tenant,
+                    account,
+                    amount,
+                    request_id=uuid.uuid4().hex,
+                    priority=priority,
+                    source=source,
+                    valid_for_ms=valid_for,
                 )
-                model.append(ModelLot(
-                    g.lot.lot_id, amount, priority,  # type: ignore[arg-type]
-                    None if valid_for is None else now + valid_for,  # type: ignore[operator]
-                    source in PROMOTIONAL, now,
-                ))
+                model.append(
+                    ModelLot(
+                        g.lot.lot_id,
+                        amount,
+                        priority,
+                        None if valid_for is None else now + valid_for,
+                        source in PROMOTIONAL,
+                        now,
+                    )
+                )
             elif op[0] == "consume":
                 amount = op[1]
-                live = sorted((lot for lot in model if lot.expires_at is None
-                               or lot.expires_at > now), key=ModelLot.order)
+                live = sorted(
+                    (lot for lot in model if lot.expires_at is None or lot.expires_at > now),
+                    key=ModelLot.order,
+                )
                 available = sum(lot.remaining for lot in live)
-                if available < amount:  # type: ignore[operator]
+                if available < amount:
                     with pytest.raises(InsufficientCredits):
-                        await metering.consume(tenant, account, "text", request_id="r" + uuid.uuid4().hex, amount=amount)  # type: ignore[arg-type]
+                        await metering.consume(
+                            tenant,
+                            account,
+                            "text",
+                            request_id="r" + uuid.uuid4().hex,
+                            amount=amount,
+                        )
                     continue
                 c = await metering.consume(
-                    tenant, account, "text", request_id=uuid.uuid4().hex, amount=amount)  # type: ignore[arg-type]
+                    tenant, account, "text", request_id=uuid.uuid4().hex, amount=amount
+                )
                 expected = []
                 need = amount
                 for lot in live:
-                    take = min(lot.remaining, need)  # type: ignore[type-var]
+                    take = min(lot.remaining, need)
                     if take:
                         expected.append((lot.lot_id, take))
-                        lot.remaining -= take  # type: ignore[operator]
-                        need -= take  # type: ignore[operator]
+                        lot.remaining -= take
+                        need -= take
                 assert c.charges == expected
-                assert c.balance == available - amount  # type: ignore[operator]
+                assert c.balance == available - amount
             elif op[0] == "advance":
-                clock.advance(op[1])  # type: ignore[arg-type]
+                clock.advance(op[1])
             elif op[0] == "reset":
                 r = await metering.set_balance(
-                    tenant, account, op[1], reset=True, request_id=uuid.uuid4().hex)  # type: ignore[arg-type]
-                live_before = sum(lot.remaining for lot in model
-                                  if lot.expires_at is None or lot.expires_at > now)
+                    tenant, account, op[1], reset=True, request_id=uuid.uuid4().hex
+                )
+                live_before = sum(
+                    lot.remaining for lot in model if lot.expires_at is None or lot.expires_at > now
+                )
                 assert r.removed == live_before
                 model = []
                 if op[1]:
                     assert r.lot is not None
-                    model.append(ModelLot(r.lot.lot_id, op[1], 50, None, False, now))  # type: ignore[arg-type]
+                    model.append(ModelLot(r.lot.lot_id, op[1], 50, None, False, now))
             now = clock.now_ms()
             if not model and op[0] != "grant":
                 continue
             view = await metering.get_balance(tenant, account)
-            live = sorted((lot for lot in model if lot.expires_at is None
-                           or lot.expires_at > now), key=ModelLot.order)
+            live = sorted(
+                (lot for lot in model if lot.expires_at is None or lot.expires_at > now),
+                key=ModelLot.order,
+            )
             assert view.balance == sum(lot.remaining for lot in live) >= 0
             assert [(lot.lot_id, lot.remaining) for lot in view.lots] == [
                 (lot.lot_id, lot.remaining) for lot in live if lot.remaining
@@ -124,5 +147,7 @@ async def run(redis_url: str, config_path: Path, ops: list[tuple[object, ...]]) 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=operations)
-def test_balance_matches_model(redis_url: str, config_path: Path, ops: list[tuple[object, ...]]) -> None:
+def test_balance_matches_model(
+    redis_url: str, config_path: Path, ops: list[tuple[Any, ...]]
+) -> None:
     asyncio.run(run(redis_url, config_path, ops))

@@ -24,7 +24,9 @@ class InvalidRequest(CreditError):
 
     def __init__(self, violations: list[tuple[str, str]]) -> None:
         fields = ", ".join(f"{field}: {why}" for field, why in violations)
-        super().__init__(f"invalid request: {fields}", {"fields": ",".join(f for f, _ in violations)})
+        super().__init__(
+            f"invalid request: {fields}", {"fields": ",".join(f for f, _ in violations)}
+        )
         self.violations = violations
 
 

@@ -23,15 +23,20 @@ class LiveConfig:
 
     def _load(self) -> tuple[KeyRing, dict[str, dict[str, Rate]]]:
         keys = [
-            ApiKey(r.key_id, r.tenant, Role(r.role), r.secret_hash, r.label, r.created_ms,
-                   r.revoked_ms)
-            for r in self.store.keys()
+            ApiKey(
+                r.key_id, r.tenant, Role(r.role), r.secret_hash, r.label, r.created_ms, r.revoked_ms
+            )
+            for r in self.store.api_keys()
         ]
         cards: dict[str, dict[str, Rate]] = {}
         for r in self.store.rates():
             cards.setdefault(r.tenant, {})[r.feature] = Rate(
-                r.feature, r.credits_per_unit, RateUnit(r.unit), r.increment_s,
-                is_builtin(r.feature), r.updated_ms,
+                r.feature,
+                r.credits_per_unit,
+                RateUnit(r.unit),
+                r.increment_s,
+                is_builtin(r.feature),
+                r.updated_ms,
             )
         return KeyRing(keys), cards
 

@@ -11,7 +11,14 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from creditmeter.constants import DEFAULT_BILLING_INCREMENT_S, DEFAULT_PRIORITY, MAX_BILLING_INCREMENT_S, MAX_CREDITS, MAX_EXPIRY_MS, MAX_PRIORITY
+from creditmeter.constants import (
+    DEFAULT_BILLING_INCREMENT_S,
+    DEFAULT_PRIORITY,
+    MAX_BILLING_INCREMENT_S,
+    MAX_CREDITS,
+    MAX_EXPIRY_MS,
+    MAX_PRIORITY,
+)
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import Lot, LotSource, burn_key
@@ -168,15 +175,26 @@ class Metering:
         v.raise_if_any()
 
         call = self._call(
-            "txn", request_id, "Grant", account_id=account_id, amount=amount,
-            expires_at_ms=expires_at_ms, valid_for_ms=valid_for_ms, priority=priority,
-            source=str(source), reference=reference,
+            "txn",
+            request_id,
+            "Grant",
+            account_id=account_id,
+            amount=amount,
+            expires_at_ms=expires_at_ms,
+            valid_for_ms=valid_for_ms,
+            priority=priority,
+            source=str(source),
+            reference=reference,
         )
         if valid_for_ms is not None:
             expires_at_ms = call.now_ms + valid_for_ms
         lot = self._new_lot(
-            call.now_ms, amount, DEFAULT_PRIORITY if priority is None else priority,
-            expires_at_ms, source, reference,
+            call.now_ms,
+            amount,
+            DEFAULT_PRIORITY if priority is None else priority,
+            expires_at_ms,
+            source,
+            reference,
         )
         record = await _applied(self.store.grant(AccountKeys(tenant, account_id), call, lot))
         return GrantResult(lot=_lot(record.lot), balance=record.balance)
@@ -223,8 +241,13 @@ class Metering:
         credits, units = self.price(tenant, feature, quantity, amount, v)
         v.raise_if_any()
         call = self._call(
-            "txn", request_id, "Consume", account_id=account_id, feature=feature,
-            quantity=quantity, amount=amount,
+            "txn",
+            request_id,
+            "Consume",
+            account_id=account_id,
+            feature=feature,
+            quantity=quantity,
+            amount=amount,
         )
         record = await _applied(
             self.store.consume(AccountKeys(tenant, account_id), call, credits, feature, units)
@@ -258,10 +281,17 @@ class Metering:
         v.reference(reference)
         v.raise_if_any()
         call = self._call(
-            "txn", request_id, "SetBalance", account_id=account_id, amount=amount, reset=reset,
+            "txn",
+            request_id,
+            "SetBalance",
+            account_id=account_id,
+            amount=amount,
+            reset=reset,
             reference=reference,
         )
-        lot = self._new_lot(call.now_ms, amount, DEFAULT_PRIORITY, None, LotSource.MANUAL, reference)
+        lot = self._new_lot(
+            call.now_ms, amount, DEFAULT_PRIORITY, None, LotSource.MANUAL, reference
+        )
         record = await _applied(
             self.store.set_balance(AccountKeys(tenant, account_id), call, reset, lot)
         )
@@ -365,8 +395,13 @@ class Metering:
         assert increment is not None
         rate = Rate(feature, credits_per_unit, unit, increment, is_builtin(feature), now)
         fp = fingerprint(
-            "SetRate", {"feature": feature, "credits_per_unit": credits_per_unit,
-                        "unit": str(unit), "billing_increment_s": billing_increment_s},
+            "SetRate",
+            {
+                "feature": feature,
+                "credits_per_unit": credits_per_unit,
+                "unit": str(unit),
+                "billing_increment_s": billing_increment_s,
+            },
         )
         row = RateRow(tenant, feature, credits_per_unit, str(unit), increment, now)
         stored = await _applied(

@@ -123,7 +123,15 @@ class ConfigStore:
             )
             db.execute(
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (row.key_id, row.tenant, row.role, row.secret_hash, row.label, row.created_ms, None),
+                (
+                    row.key_id,
+                    row.tenant,
+                    row.role,
+                    row.secret_hash,
+                    row.label,
+                    row.created_ms,
+                    None,
+                ),
             )
 
     def revoke_key(self, key_id: str, now_ms: int) -> bool:
@@ -135,7 +143,7 @@ class ConfigStore:
             )
             return cur.rowcount == 1
 
-    def keys(self, tenant: str | None = None) -> list[KeyRow]:
+    def api_keys(self, tenant: str | None = None) -> list[KeyRow]:
         with self._connect() as db:
             query = "SELECT * FROM api_keys"
             params: tuple[str, ...] = ()
@@ -166,11 +174,18 @@ class ConfigStore:
                     raise Rejected("IDEMPOTENCY_KEY_REUSED", {"request_id": request_id})
                 return str(prior[1])
             db.execute(
-                "INSERT INTO rates VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, feature) DO UPDATE"
+                "INSERT INTO rates VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant, feature) DO UPDATE"
                 " SET credits_per_unit = excluded.credits_per_unit, unit = excluded.unit,"
                 " increment_s = excluded.increment_s, updated_ms = excluded.updated_ms",
-                (row.tenant, row.feature, row.credits_per_unit, row.unit, row.increment_s,
-                 row.updated_ms),
+                (
+                    row.tenant,
+                    row.feature,
+                    row.credits_per_unit,
+                    row.unit,
+                    row.increment_s,
+                    row.updated_ms,
+                ),
             )
             db.execute(
                 "INSERT INTO requests VALUES (?, ?, ?, ?, ?)",

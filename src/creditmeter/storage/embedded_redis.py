@@ -96,13 +96,20 @@ class EmbeddedRedis:
         args = [
             binary,
             *listen,
-            "--dir", str(self.dir),
-            "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.dir / "redis.log"),
-            "--protected-mode", "yes",
+            "--dir",
+            str(self.dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.dir / "redis.log"),
+            "--protected-mode",
+            "yes",
         ]
         self.process = await asyncio.create_subprocess_exec(
             *args,
@@ -133,7 +140,9 @@ class EmbeddedRedis:
                 except (aioredis.ConnectionError, aioredis.BusyLoadingError, OSError):
                     pass
                 if time.monotonic() > deadline:
-                    raise RedisStartFailed("redis-server did not answer in time\n" + self._log_tail())
+                    raise RedisStartFailed(
+                        "redis-server did not answer in time\n" + self._log_tail()
+                    )
                 await asyncio.sleep(0.05)
         finally:
             await client.aclose()

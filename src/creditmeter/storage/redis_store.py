@@ -245,7 +245,9 @@ class RedisStore:
     async def set_balance(
         self, keys: AccountKeys, call: Call, reset: bool, lot: NewLot
     ) -> SetBalanceRecord:
-        values = await self._run("set_balance", keys, call, ["1" if reset else "0", *_lot_args(lot)])
+        values = await self._run(
+            "set_balance", keys, call, ["1" if reset else "0", *_lot_args(lot)]
+        )
         new_lot = _lot_from_reply(values[2:]) if len(values) > 2 else None
         return SetBalanceRecord(balance=int(values[0]), removed=int(values[1]), lot=new_lot)
 

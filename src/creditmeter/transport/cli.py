@@ -56,8 +56,8 @@ def _time(ts: Any) -> str:
     return datetime.fromtimestamp(ts.seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _source(value: int) -> str:
-    return str(pb.LotSource.Name(value).removeprefix("LOT_SOURCE_").lower())
+def _source(value: pb.LotSource.ValueType) -> str:
+    return pb.LotSource.Name(value).removeprefix("LOT_SOURCE_").lower()
 
 
 # --- server and key administration ---------------------------------------------------
@@ -93,12 +93,20 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         args.tenant, api_keys.Role(args.role), args.label, SystemClock().now_ms()
     )
     _config(args).add_key(
-        KeyRow(record.key_id, record.tenant, str(record.role), record.secret_hash, record.label,
-               record.created_ms, None)
+        KeyRow(
+            record.key_id,
+            record.tenant,
+            str(record.role),
+            record.secret_hash,
+            record.label,
+            record.created_ms,
+            None,
+        )
     )
     err_console.print(
         f"created {record.role} key {record.key_id} for tenant {record.tenant}; "
-        "it is shown only once:", highlight=False,
+        "it is shown only once:",
+        highlight=False,
     )
     print(plaintext)
     return 0
@@ -106,7 +114,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     table = Table("key id", "tenant", "role", "label", "created", "revoked")
-    for row in _config(args).keys(args.tenant):
+    for row in _config(args).api_keys(args.tenant):
         created = datetime.fromtimestamp(row.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
         revoked = (
             datetime.fromtimestamp(row.revoked_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
@@ -148,15 +156,22 @@ def _lots_table(lots: Sequence[Any]) -> Table:
     table = Table("lot", "remaining", "amount", "priority", "expires", "source", "reference")
     for lot in lots:
         table.add_row(
-            lot.lot_id, str(lot.remaining), str(lot.amount), str(lot.priority),
-            _time(lot.expires_at), _source(lot.source), lot.reference,
+            lot.lot_id,
+            str(lot.remaining),
+            str(lot.amount),
+            str(lot.priority),
+            _time(lot.expires_at),
+            _source(lot.source),
+            lot.reference,
         )
     return table
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
     req = pb.GrantRequest(
-        account_id=args.account, amount=args.amount, reference=args.reference,
+        account_id=args.account,
+        amount=args.amount,
+        reference=args.reference,
         request_id=_request_id(args),
         source=pb.LotSource.Value(f"LOT_SOURCE_{args.source.upper()}"),
     )
@@ -204,7 +219,9 @@ def cmd_set_balance(args: argparse.Namespace) -> int:
     resp = Client(args)(
         "SetBalance",
         pb.SetBalanceRequest(
-            account_id=args.account, amount=args.amount, reset=args.reset,
+            account_id=args.account,
+            amount=args.amount,
+            reset=args.reset,
             request_id=_request_id(args),
         ),
     )
@@ -215,8 +232,9 @@ def cmd_set_balance(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     resp = Client(args)("GetUsage", pb.GetUsageRequest(account_id=args.account))
     table = Table("total", "used", "remaining", "expired", "removed")
-    table.add_row(*(str(v) for v in (resp.total, resp.used, resp.remaining, resp.expired,
-                                     resp.removed)))
+    table.add_row(
+        *(str(v) for v in (resp.total, resp.used, resp.remaining, resp.expired, resp.removed))
+    )
     console.print(table)
     per_feature = Table("feature", "credits", "units")
     for f in resp.features:
@@ -258,9 +276,9 @@ def cmd_account_options(args: argparse.Namespace) -> int:
 
 
 def _report_rpc_error(error: grpc.RpcError) -> int:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    code = error.code().name  # type: ignore[attr-defined]
-    err_console.print(f"creditmeter: {code}: {error.details()}", highlight=False)  # type: ignore[attr-defined]
+    status = rpc_status.from_call(error)
+    code = error.code().name
+    err_console.print(f"creditmeter: {code}: {error.details()}", highlight=False)
     for detail in status.details if status else []:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
@@ -276,14 +294,18 @@ def _report_rpc_error(error: grpc.RpcError) -> int:
 # --- argument parsing -----------------------------------------------------------------
 def _data_dir_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--data-dir", default=_env("DATA_DIR", DEFAULT_DATA_DIR),
+        "--data-dir",
+        default=_env("DATA_DIR", DEFAULT_DATA_DIR),
         help="server data directory (env CREDITMETER_DATA_DIR; default ./data)",
     )
 
 
 def _client_flags(p: argparse.ArgumentParser, mutating: bool = False) -> None:
-    p.add_argument("--server", default=_env("SERVER", DEFAULT_LISTEN),
-                   help="server address (env CREDITMETER_SERVER)")
+    p.add_argument(
+        "--server",
+        default=_env("SERVER", DEFAULT_LISTEN),
+        help="server address (env CREDITMETER_SERVER)",
+    )
     p.add_argument("--api-key", default=_env("API_KEY"), help="API key (env CREDITMETER_API_KEY)")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     if mutating:
@@ -295,14 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument("--listen", default=_env("LISTEN", DEFAULT_LISTEN),
-                   help="HOST:PORT to listen on (env CREDITMETER_LISTEN)")
+    p.add_argument(
+        "--listen",
+        default=_env("LISTEN", DEFAULT_LISTEN),
+        help="HOST:PORT to listen on (env CREDITMETER_LISTEN)",
+    )
     _data_dir_flag(p)
-    p.add_argument("--redis-url", default=_env("REDIS_URL"),
-                   help="use this Redis instead of the embedded one (env CREDITMETER_REDIS_URL)")
-    p.add_argument("--appendfsync", default=_env("APPENDFSYNC", "always"),
-                   choices=["always", "everysec", "no"],
-                   help="embedded Redis fsync policy (env CREDITMETER_APPENDFSYNC)")
+    p.add_argument(
+        "--redis-url",
+        default=_env("REDIS_URL"),
+        help="use this Redis instead of the embedded one (env CREDITMETER_REDIS_URL)",
+    )
+    p.add_argument(
+        "--appendfsync",
+        default=_env("APPENDFSYNC", "always"),
+        choices=["always", "everysec", "no"],
+        help="embedded Redis fsync policy (env CREDITMETER_APPENDFSYNC)",
+    )
     p.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
@@ -326,8 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("amount", type=int)
     p.add_argument("--expires-in", type=_duration_s, help="e.g. 30d, 12h")
     p.add_argument("--priority", type=int)
-    p.add_argument("--source", default="manual",
-                   choices=["purchase", "bonus", "promotion", "trial", "manual", "refund"])
+    p.add_argument(
+        "--source",
+        default="manual",
+        choices=["purchase", "bonus", "promotion", "trial", "manual", "refund"],
+    )
     p.add_argument("--reference", default="")
     _client_flags(p, mutating=True)
     p.set_defaults(func=cmd_grant)
@@ -357,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(p)
     p.set_defaults(func=cmd_usage)
 
-    rates = sub.add_parser("rates", help="the rate card").add_subparsers(dest="rates", required=True)
+    rates = sub.add_parser("rates", help="the rate card").add_subparsers(
+        dest="rates", required=True
+    )
     p = rates.add_parser("list")
     _client_flags(p)
     p.set_defaults(func=cmd_rates_list)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
@@ -34,7 +36,11 @@ def lot_source(value: int, field: str = "source") -> LotSource:
     if value == pb.LOT_SOURCE_UNSPECIFIED:
         return LotSource.MANUAL
     try:
-        return LotSource(pb.LotSource.Name(value).removeprefix("LOT_SOURCE_").lower())
+        return LotSource(
+            pb.LotSource.Name(cast(pb.LotSource.ValueType, value))
+            .removeprefix("LOT_SOURCE_")
+            .lower()
+        )
     except ValueError:
         raise InvalidRequest([(field, f"unknown lot source {value}")]) from None
 
@@ -47,7 +53,9 @@ def rate_unit(value: int, field: str = "rate.unit") -> RateUnit | None:
     if value == pb.RATE_UNIT_UNSPECIFIED:
         return None
     try:
-        return RateUnit(pb.RateUnit.Name(value).removeprefix("RATE_UNIT_").lower())
+        return RateUnit(
+            pb.RateUnit.Name(cast(pb.RateUnit.ValueType, value)).removeprefix("RATE_UNIT_").lower()
+        )
     except ValueError:
         raise InvalidRequest([(field, f"unknown rate unit {value}")]) from None
 

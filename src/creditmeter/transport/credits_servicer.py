@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -13,7 +13,7 @@ from creditmeter.errors import InvalidRequest
 from creditmeter.transport import convert
 from creditmeter.transport.interceptors import principal
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class CreditsServicer(pb_grpc.CreditsServicer):
@@ -33,7 +33,9 @@ class CreditsServicer(pb_grpc.CreditsServicer):
                 else None
             ),
             valid_for_ms=(
-                convert.duration_ms(request.valid_for, "valid_for") if expiry == "valid_for" else None
+                convert.duration_ms(request.valid_for, "valid_for")
+                if expiry == "valid_for"
+                else None
             ),
             priority=request.priority if request.HasField("priority") else None,
             source=convert.lot_source(request.source),

@@ -99,7 +99,11 @@ class App:
         ]
         for service in ("", CREDITS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("creditmeter listening on %s (redis %s)", s.listen.rsplit(":", 1)[0] + f":{self.port}", url)
+        log.info(
+            "creditmeter listening on %s (redis %s)",
+            s.listen.rsplit(":", 1)[0] + f":{self.port}",
+            url,
+        )
         return self.port
 
     async def _sweep_loop(self, metering: Metering) -> None:
