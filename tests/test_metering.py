@@ -227,3 +227,23 @@ async def test_balance_limit(tenant: Tenant) -> None:
     assert (f.code, f.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BALANCE_LIMIT_EXCEEDED")
     c = await consume(tenant, "u", amount=top - 2)
     assert c.balance == 2
+
+
+async def test_set_rate_retry_does_not_restore_an_older_price(app: App, tenant: Tenant) -> None:
+    """A retried SetRate replays its first answer; it never puts its old price back."""
+    first = pb.SetRateRequest(rate=pb.Rate(feature="sms", credits_per_unit=2), request_id=rid())
+    second = pb.SetRateRequest(rate=pb.Rate(feature="sms", credits_per_unit=3), request_id=rid())
+    r1 = await tenant.admin.SetRate(first)
+    await tenant.admin.SetRate(second)
+    replay = await tenant.admin.SetRate(first)  # same millisecond: the manual clock stands still
+    assert replay == r1
+    rates = {
+        r.feature: r.credits_per_unit
+        for r in (await tenant.read.ListRates(pb.ListRatesRequest())).rates
+    }
+    assert rates["sms"] == 3
+    await tenant.admin.Grant(pb.GrantRequest(account_id="u", amount=10, request_id=rid()))
+    c = await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id="u", feature="sms", request_id=rid())
+    )
+    assert c.amount == 3

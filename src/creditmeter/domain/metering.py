@@ -105,6 +105,7 @@ class Metering:
     """The Credits service's rules, independent of gRPC."""
 
     def __init__(self, store: RedisStore, config: ConfigStore, rates: RateBook, clock: Clock):
+        self.idempotency_ttl_s = store.idempotency_ttl_s
         self.store = store
         self.config = config
         self.rates = rates
@@ -169,7 +170,7 @@ class Metering:
                 v.add("expires_at", "must be before the year 2286")
         if valid_for_ms is not None:
             if valid_for_ms <= 0:
-                v.add("valid_for", "must be positive")
+                v.add("valid_for", "must be at least 1 ms")
             elif now + valid_for_ms > MAX_EXPIRY_MS:
                 v.add("valid_for", "must end before the year 2286")
         v.raise_if_any()
@@ -404,11 +405,13 @@ class Metering:
             },
         )
         row = RateRow(tenant, feature, credits_per_unit, str(unit), increment, now)
-        stored = await _applied(
-            asyncio.to_thread(self.config.set_rate, row, request_id, fp, str(now))
+        stored, replayed = await _applied(
+            asyncio.to_thread(
+                self.config.set_rate, row, request_id, fp, str(now), self.idempotency_ttl_s * 1000
+            )
         )
         rate = Rate(feature, credits_per_unit, unit, increment, rate.builtin, int(stored))
-        if int(stored) == now:
+        if not replayed:
             self.rates.put(tenant, rate)
         return rate
 

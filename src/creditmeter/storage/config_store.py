@@ -98,12 +98,13 @@ class ConfigStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that bumps the config version when it commits."""
+        """A write transaction that bumps the config version when it changed anything."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
-                db.execute("UPDATE meta SET value = value + 1 WHERE name = 'config_version'")
+                if db.total_changes:
+                    db.execute("UPDATE meta SET value = value + 1 WHERE name = 'config_version'")
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -157,14 +158,18 @@ class ConfigStore:
         with self._connect() as db:
             return [RateRow(*r) for r in db.execute("SELECT * FROM rates ORDER BY tenant, feature")]
 
-    def set_rate(self, row: RateRow, request_id: str, fingerprint: str, response: str) -> str:
+    def set_rate(
+        self, row: RateRow, request_id: str, fingerprint: str, response: str, ttl_ms: int
+    ) -> tuple[str, bool]:
         """Store a rate and the response for its request id, atomically.
 
-        Returns the response stored for the request id: the given one, or the first one
-        when the request is a retry. Raises Rejected(IDEMPOTENCY_KEY_REUSED) when the id
-        was used with other parameters.
+        Returns the response stored for the request id and whether the call was a replay
+        (then nothing changed and the first call's response is returned). Raises
+        Rejected(IDEMPOTENCY_KEY_REUSED) when the id was used with other parameters.
+        Request records older than `ttl_ms` are pruned.
         """
         with self._write() as db:
+            db.execute("DELETE FROM requests WHERE created_ms < ?", (row.updated_ms - ttl_ms,))
             prior = db.execute(
                 "SELECT fingerprint, response FROM requests WHERE tenant = ? AND request_id = ?",
                 (row.tenant, request_id),
@@ -172,7 +177,7 @@ class ConfigStore:
             if prior is not None:
                 if prior[0] != fingerprint:
                     raise Rejected("IDEMPOTENCY_KEY_REUSED", {"request_id": request_id})
-                return str(prior[1])
+                return str(prior[1]), True
             db.execute(
                 "INSERT INTO rates VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (tenant, feature) DO UPDATE"
@@ -191,4 +196,4 @@ class ConfigStore:
                 "INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
                 (row.tenant, request_id, fingerprint, response, row.updated_ms),
             )
-            return response
+            return response, False

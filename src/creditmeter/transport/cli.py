@@ -4,7 +4,6 @@ person at a terminal."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich.console import Console
@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         appendfsync=args.appendfsync,
     )
     try:
-        asyncio.run(serve(settings))
+        uvloop.run(serve(settings))
     except RedisNotInstalled as exc:
         err_console.print(f"creditmeter: {exc}", highlight=False)
         return 2
