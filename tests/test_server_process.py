@@ -414,11 +414,6 @@ def test_sigterm_drains_in_flight_calls(launch: Launch, tmp_path: Path) -> None:
     assert server.terminate() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: redis.asyncio.from_url() gets redis-py's default pool of 100 connections,"
-    " which raises 'Too many connections' (-> UNAVAILABLE) instead of waiting for one",
-)
 def test_more_than_100_concurrent_calls_are_served(launch: Launch, tmp_path: Path) -> None:
     data = tmp_path / "data"
     key, _ = create_key(data, "burst", "admin")

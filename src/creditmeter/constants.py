@@ -37,6 +37,11 @@ BUCKETS = 64
 #: How long an idempotency record lives (at least 24 hours, as the API promises).
 IDEMPOTENCY_TTL_S = 24 * 3600
 
+#: Connections to Redis per server process. When all are busy a call waits for one (up
+#: to the timeout) instead of failing: bursts queue rather than being shed.
+REDIS_POOL_SIZE = 128
+REDIS_POOL_TIMEOUT_S = 10.0
+
 # --- server --------------------------------------------------------------------
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./data"

@@ -22,6 +22,8 @@ from creditmeter.constants import (
     DEFAULT_LISTEN,
     EXPIRY_SWEEP_INTERVAL_S,
     IDEMPOTENCY_TTL_S,
+    REDIS_POOL_SIZE,
+    REDIS_POOL_TIMEOUT_S,
     SHUTDOWN_GRACE_S,
 )
 from creditmeter.domain.clock import Clock, SystemClock
@@ -74,7 +76,13 @@ class App:
         if url is None:
             self.embedded = EmbeddedRedis(s.data_dir, s.appendfsync)
             url = await self.embedded.start()
-        self.redis = aioredis.from_url(url, decode_responses=True)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            decode_responses=True,
+            max_connections=REDIS_POOL_SIZE,
+            timeout=REDIS_POOL_TIMEOUT_S,
+        )
+        self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         await self.redis.ping()
 
         self.live = live = LiveConfig(config)
