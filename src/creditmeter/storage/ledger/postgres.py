@@ -1,0 +1,363 @@
+"""The PostgreSQL ledger (`--ledger-url postgresql://...`), for several servers sharing one
+ledger. asyncpg with a connection pool; the same tables and semantics as the SQLite ledger.
+
+Every text column is `COLLATE "C"`: ordering and keyset comparisons then follow byte order,
+as in SQLite, whatever the database's default collation is."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from creditmeter.errors import Rejected
+from creditmeter.storage.ledger.base import (
+    EVENT_COLUMNS,
+    Event,
+    Ledger,
+    Period,
+    RequestRecord,
+    StagedGrant,
+    Transaction,
+    TxnQuery,
+    UsageRow,
+    event_from_row,
+    event_row,
+    grant_row,
+    group_transactions,
+    request_row,
+    txn_filters,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+  event_id   TEXT COLLATE "C" PRIMARY KEY,
+  tenant     TEXT COLLATE "C" NOT NULL,
+  account    TEXT COLLATE "C" NOT NULL,
+  kind       TEXT COLLATE "C" NOT NULL,
+  txn        TEXT COLLATE "C" NOT NULL,
+  seq        BIGINT NOT NULL,
+  request_id TEXT COLLATE "C" NOT NULL,
+  ts_ms      BIGINT NOT NULL,
+  lot        TEXT COLLATE "C" NOT NULL,
+  amount     BIGINT NOT NULL,
+  balance    BIGINT,
+  feature    TEXT COLLATE "C" NOT NULL,
+  units      BIGINT NOT NULL,
+  priority   BIGINT,
+  expires_at BIGINT,
+  source     TEXT COLLATE "C" NOT NULL,
+  reference  TEXT COLLATE "C" NOT NULL,
+  unlimited  BOOLEAN
+);
+CREATE INDEX IF NOT EXISTS events_account_seq ON events (tenant, account, seq);
+CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant, kind, ts_ms);
+CREATE TABLE IF NOT EXISTS requests (
+  tenant      TEXT COLLATE "C" NOT NULL,
+  account     TEXT COLLATE "C" NOT NULL,
+  request_id  TEXT COLLATE "C" NOT NULL,
+  fingerprint TEXT COLLATE "C" NOT NULL,
+  reply       TEXT COLLATE "C" NOT NULL,
+  txn         TEXT COLLATE "C" NOT NULL,
+  ts_ms       BIGINT NOT NULL,
+  PRIMARY KEY (tenant, account, request_id)
+);
+CREATE INDEX IF NOT EXISTS requests_time ON requests (ts_ms);
+CREATE TABLE IF NOT EXISTS staged_grants (
+  tenant      TEXT COLLATE "C" NOT NULL,
+  account     TEXT COLLATE "C" NOT NULL,
+  request_id  TEXT COLLATE "C" NOT NULL,
+  fingerprint TEXT COLLATE "C" NOT NULL,
+  txn         TEXT COLLATE "C" NOT NULL,
+  lot_id      TEXT COLLATE "C" NOT NULL,
+  amount      BIGINT NOT NULL,
+  priority    BIGINT NOT NULL,
+  expires_at  BIGINT,
+  source      TEXT COLLATE "C" NOT NULL,
+  reference   TEXT COLLATE "C" NOT NULL,
+  created_ms  BIGINT NOT NULL,
+  PRIMARY KEY (tenant, account, request_id)
+);
+CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
+"""
+
+#: Serializes schema creation across processes: concurrent CREATE ... IF NOT EXISTS of the
+#: same table can fail on the catalog's unique index. (Any fixed 64-bit number.)
+_SCHEMA_LOCK_KEY = 0x63726564_6D657472  # "credmetr"
+_POOL_MAX_SIZE = 10
+_CONNECT_TIMEOUT_S = 10.0
+#: A statement that takes longer fails rather than stalling the flusher forever (a
+#: half-open connection to a vanished server never errors on its own).
+_COMMAND_TIMEOUT_S = 60.0
+_CLOSE_TIMEOUT_S = 10.0
+#: What a query on a pooled connection raises when the server closed it while idle.
+_DEAD_CONNECTION = (asyncpg.exceptions.ConnectionDoesNotExistError, ConnectionResetError)
+_SCAN_CHUNK = 5000
+_PERIOD_FORMAT = {Period.DAY: "YYYY-MM-DD", Period.MONTH: "YYYY-MM"}
+
+GRANT_COLUMNS = (
+    "tenant, account, request_id, fingerprint, txn, lot_id, amount, priority, expires_at,"
+    " source, reference, created_ms"
+)
+REQUEST_COLUMNS = "tenant, account, request_id, fingerprint, reply, txn, ts_ms"
+_EVENT_TYPES = (
+    "text", "text", "text", "text", "text", "bigint", "text", "bigint", "text", "bigint",
+    "bigint", "text", "bigint", "bigint", "bigint", "text", "text", "boolean",
+)  # fmt: skip
+_REQUEST_TYPES = ("text", "text", "text", "text", "text", "text", "bigint")
+
+
+def _unnest(types: Sequence[str]) -> str:
+    """`unnest($1::text[], $2::bigint[], ...)`: a whole batch as one parameter per column."""
+    return f"unnest({', '.join(f'${i}::{t}[]' for i, t in enumerate(types, 1))})"
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows to columns, one array parameter each (`rows` must not be empty)."""
+    return [list(c) for c in zip(*rows, strict=True)]
+
+
+_INSERT_EVENTS = (
+    f"INSERT INTO events ({EVENT_COLUMNS}) SELECT * FROM {_unnest(_EVENT_TYPES)}"
+    " ON CONFLICT (event_id) DO NOTHING"
+)
+_INSERT_REQUESTS = (
+    f"INSERT INTO requests ({REQUEST_COLUMNS}) SELECT * FROM {_unnest(_REQUEST_TYPES)}"
+    " ON CONFLICT (tenant, account, request_id) DO NOTHING"
+)
+
+
+def _rows_inserted(status: str) -> int:
+    """The row count of an INSERT's command tag, "INSERT 0 <rows>"."""
+    return int(status.rsplit(" ", 1)[1])
+
+
+class PostgresLedger(Ledger):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: asyncpg.Pool | None = None
+
+    async def _run(self, op: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+        """`op` on the pool; once more if a pooled connection turns out dead (the server
+        restarted or failed over since it was last used). Safe: every ledger operation is
+        idempotent (though if the connection died after a COMMIT went out, the retried
+        append counts those events as already present)."""
+        pool = self._pool
+        assert pool is not None, "ledger not open"
+        try:
+            return await op(pool)
+        except _DEAD_CONNECTION:
+            await pool.expire_connections()  # the others are as stale: replace them all
+            return await op(pool)
+
+    async def open(self) -> None:
+        pool = await asyncpg.create_pool(
+            self.url,
+            # No floor of idle connections: asyncpg would keep reconnecting (and logging a
+            # traceback each time) while the server is down.
+            min_size=0,
+            max_size=_POOL_MAX_SIZE,
+            timeout=_CONNECT_TIMEOUT_S,
+            command_timeout=_COMMAND_TIMEOUT_S,
+            server_settings={"application_name": "creditmeter"},
+        )
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
+                await conn.execute(SCHEMA)
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), _CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            pool.terminate()
+
+    async def ping(self) -> None:
+        # Connecting proves the server is up; a standby or read-only server is still down
+        # for a ledger.
+        row = await self._run(
+            lambda db: db.fetchrow(
+                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+            )
+        )
+        if row[0] or row[1] == "on":
+            raise ConnectionError("the PostgreSQL ledger is read-only")
+
+    async def append(self, events: Sequence[Event], requests: Sequence[RequestRecord]) -> int:
+        # Rows in key order: two processes appending overlapping batches then take the row
+        # locks in the same order and cannot deadlock.
+        rows = sorted((event_row(e) for e in events), key=lambda r: r[0])
+        reqs = sorted((request_row(r) for r in requests), key=lambda r: r[:3])
+
+        async def write(db: asyncpg.Pool) -> int:
+            inserted = 0
+            async with db.acquire() as conn, conn.transaction():
+                if rows:
+                    status = await conn.execute(_INSERT_EVENTS, *_columns(rows))
+                    inserted = _rows_inserted(status)
+                if reqs:
+                    await conn.execute(_INSERT_REQUESTS, *_columns(reqs))
+            return inserted
+
+        return await self._run(write)
+
+    async def stage_grant(self, grant: StagedGrant) -> StagedGrant:
+        g = grant
+        while True:
+            # Two statements, not one: a single statement's snapshot could miss a grant that
+            # a concurrent caller committed while this INSERT waited on its row lock.
+            added = await self._run(
+                lambda db: db.fetchrow(
+                    f"INSERT INTO staged_grants ({GRANT_COLUMNS})"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                    " ON CONFLICT (tenant, account, request_id) DO NOTHING RETURNING 1",
+                    *grant_row(g),
+                )
+            )
+            if added is not None:
+                return g
+            prior = await self._run(
+                lambda db: db.fetchrow(
+                    f"SELECT {GRANT_COLUMNS} FROM staged_grants"
+                    " WHERE tenant = $1 AND account = $2 AND request_id = $3",
+                    g.tenant,
+                    g.account,
+                    g.request_id,
+                )
+            )
+            if prior is None:
+                continue  # withdrawn in between: stage it afresh
+            if prior["fingerprint"] != g.fingerprint:
+                raise Rejected("IDEMPOTENCY_KEY_REUSED", {"request_id": g.request_id})
+            return StagedGrant(*prior)
+
+    async def withdraw_grant(self, grant: StagedGrant) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "DELETE FROM staged_grants"
+                " WHERE tenant = $1 AND account = $2 AND request_id = $3 AND txn = $4",
+                grant.tenant,
+                grant.account,
+                grant.request_id,
+                grant.txn,
+            )
+        )
+
+    async def unapplied_grants(self, created_before_ms: int, limit: int) -> list[StagedGrant]:
+        rows = await self._run(
+            lambda db: db.fetch(
+                f"SELECT {GRANT_COLUMNS} FROM staged_grants s"
+                " WHERE created_ms < $1 AND NOT EXISTS"
+                " (SELECT 1 FROM events e WHERE e.event_id = s.txn || ':1')"
+                " ORDER BY created_ms LIMIT $2",
+                created_before_ms,
+                limit,
+            )
+        )
+        return [StagedGrant(*r) for r in rows]
+
+    async def transactions(
+        self, tenant: str, account: str, query: TxnQuery, limit: int, before_seq: int | None
+    ) -> list[Transaction]:
+        numbers = itertools.count(3)  # $1 and $2 are tenant and account
+        where, params = txn_filters(query, lambda: f"${next(numbers)}")
+        args: list[Any] = [tenant, account, *params]
+        having = ""
+        if before_seq is not None:
+            args.append(before_seq)
+            having = f" HAVING MIN(seq) < ${len(args)}"
+        args.append(limit)
+        page_sql = (
+            "SELECT txn, MIN(seq) AS first FROM events WHERE tenant = $1 AND account = $2"
+            f"{where} GROUP BY txn{having} ORDER BY first DESC LIMIT ${len(args)}"
+        )
+        page = await self._run(lambda db: db.fetch(page_sql, *args))
+        if not page:
+            return []
+        txns = [r["txn"] for r in page]
+        rows = await self._run(
+            lambda db: db.fetch(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE tenant = $1 AND account = $2"
+                " AND txn = ANY($3::text[]) ORDER BY seq",
+                tenant,
+                account,
+                txns,
+            )
+        )
+        grouped = group_transactions([event_from_row(r) for r in rows])
+        return sorted(grouped, key=lambda t: t.seq, reverse=True)
+
+    async def usage(
+        self,
+        tenant: str,
+        account: str | None,
+        start_ms: int,
+        end_ms: int,
+        period: Period,
+        feature: str | None,
+    ) -> list[UsageRow]:
+        fmt = _PERIOD_FORMAT[period]
+        # SUM(bigint) is numeric in PostgreSQL: back to bigint (an overflow raises, as in
+        # SQLite) so the rows hold ints, not Decimals.
+        sql = (
+            f"SELECT to_char(to_timestamp(ts_ms / 1000.0) AT TIME ZONE 'UTC', '{fmt}')"
+            ' COLLATE "C" AS period, feature, SUM(amount)::bigint, SUM(units)::bigint'
+            " FROM events WHERE tenant = $1 AND kind = 'consume' AND ts_ms >= $2 AND ts_ms < $3"
+        )
+        params: list[Any] = [tenant, start_ms, end_ms]
+        if account is not None:
+            params.append(account)
+            sql += f" AND account = ${len(params)}"
+        if feature is not None:
+            params.append(feature)
+            sql += f" AND feature = ${len(params)}"
+        sql += " GROUP BY period, feature ORDER BY period, feature"
+        return [UsageRow(*r) for r in await self._run(lambda db: db.fetch(sql, *params))]
+
+    async def scan(
+        self, tenant: str | None = None, account: str | None = None
+    ) -> AsyncIterator[Event]:
+        scope = [(c, v) for c, v in (("tenant", tenant), ("account", account)) if v is not None]
+        # Keyset pagination, one short statement per chunk: no transaction or cursor stays
+        # open while the caller works through the events.
+        sql = (
+            f"SELECT {EVENT_COLUMNS} FROM events"
+            " WHERE (tenant, account, seq, event_id) > ($1, $2, $3, $4)"
+            + "".join(f" AND {c} = ${i}" for i, (c, _) in enumerate(scope, 6))
+            + " ORDER BY tenant, account, seq, event_id LIMIT $5"
+        )
+        cursor: tuple[str, str, int, str] = ("", "", -1, "")
+        while True:
+            args = [*cursor, _SCAN_CHUNK, *(v for _, v in scope)]
+
+            async def chunk(db: asyncpg.Pool, a: list[Any] = args) -> list[Any]:
+                return list(await db.fetch(sql, *a))
+
+            rows = await self._run(chunk)
+            for r in rows:
+                yield event_from_row(r)
+            if len(rows) < _SCAN_CHUNK:
+                return
+            last = rows[-1]
+            cursor = (last["tenant"], last["account"], last["seq"], last["event_id"])
+
+    async def requests_since(self, ts_ms: int) -> list[RequestRecord]:
+        rows = await self._run(
+            lambda db: db.fetch(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE ts_ms >= $1", ts_ms)
+        )
+        return [RequestRecord(*r) for r in rows]
+
+    async def event_count(self) -> int:
+        return int(await self._run(lambda db: db.fetchval("SELECT COUNT(*) FROM events")))
