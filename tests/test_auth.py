@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -42,10 +42,19 @@ VALID_REQUESTS: dict[str, Callable[[], Message]] = {
     "SetAccountOptions": lambda: pb.SetAccountOptionsRequest(
         account_id=ACCOUNT, unlimited=False, request_id=rid()
     ),
+    "ListTransactions": lambda: pb.ListTransactionsRequest(account_id=ACCOUNT),
+    "GetUsageReport": lambda: pb.GetUsageReportRequest(
+        account_id=ACCOUNT,
+        start_time=timestamp_pb2.Timestamp(seconds=0),
+        end_time=timestamp_pb2.Timestamp(seconds=86_400),
+    ),
+    "GetLedgerStatus": lambda: pb.GetLedgerStatusRequest(),
 }
 
 #: What each role may call, as the proto documents it (independent of the server's table).
-READ_RPCS = frozenset({"GetBalance", "GetUsage", "ListRates"})
+READ_RPCS = frozenset(
+    {"GetBalance", "GetUsage", "ListRates", "ListTransactions", "GetUsageReport"}
+)
 ALLOWED: dict[str, frozenset[str]] = {
     "read": READ_RPCS,
     "meter": READ_RPCS | {"Consume"},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import redis
 from google.protobuf import duration_pb2
 
@@ -73,4 +75,12 @@ async def test_events_rebuild_every_balance(
             promo = [e["lot"] for e in events if e.get("source") == "promotion"]
             assert rebuilt.pop(promo[0]) == 20 - 6  # 9 came from the priority-1 lot first
         assert rebuilt == live
-        assert int(events[-1]["balance"]) == balance.balance or account == "c"
+        changes = [e for e in events if e["kind"] != "request"]
+        assert int(changes[-1]["balance"]) == balance.balance or account == "c"
+        # Every event has its place in the account's sequence, with no gaps.
+        assert sorted(int(e["seq"]) for e in changes) == list(range(1, len(changes) + 1))
+        # The durable copy of each idempotency record: one per mutating request.
+        requests = [e for e in events if e["kind"] == "request"]
+        assert len(requests) == len({e["request_id"] for e in events})
+        for e in requests:
+            assert len(e["fp"]) == 32 and json.loads(e["reply"])[0] == "OK"

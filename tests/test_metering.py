@@ -32,7 +32,11 @@ async def consume(t: Tenant, account: str, **kw: Any) -> pb.ConsumeResponse:
 
 def events(r: redis.Redis, tenant: str, account: str) -> list[dict[str, str]]:
     entries = r.xrange(outbox_key(bucket_of(tenant, account)))
-    return [f for _, f in entries if f["tenant"] == tenant and f["account"] == account]
+    return [
+        f
+        for _, f in entries
+        if f["tenant"] == tenant and f["account"] == account and f["kind"] != "request"
+    ]
 
 
 async def test_burn_down_order(tenant: Tenant, clock: ManualClock) -> None:

@@ -42,6 +42,26 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 REDIS_POOL_SIZE = 128
 REDIS_POOL_TIMEOUT_S = 10.0
 
+# --- ledger and flusher ---------------------------------------------------------------
+LEDGER_DB_NAME = "ledger.db"
+#: The consumer group every flusher reads the outboxes through.
+FLUSH_GROUP = "ledger"
+#: Entries read per bucket per XREADGROUP; a batch is everything one read returns.
+FLUSH_READ_COUNT = 500
+FLUSH_BLOCK_MS = 100
+#: A pending entry idle this long belongs to a dead flusher and is claimed by a live one.
+FLUSH_CLAIM_IDLE_MS = 15_000
+#: How often a flusher trims flushed entries off the outboxes and looks for dead peers.
+FLUSH_MAINTENANCE_INTERVAL_S = 1.0
+#: Outbox entries not yet in the ledger beyond which metering fails closed (UNAVAILABLE).
+DEFAULT_BACKLOG_CAP = 1_000_000
+#: Metering resumes once the backlog is back under this fraction of the cap.
+BACKLOG_RESUME_FRACTION = 0.9
+BACKLOG_CHECK_INTERVAL_S = 0.2
+#: A staged (ledger-first) grant not confirmed by its event after this long is re-applied.
+STAGED_GRANT_RETRY_AFTER_MS = 10_000
+RECONCILE_INTERVAL_S = 2.0
+
 # --- server --------------------------------------------------------------------
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./data"

@@ -58,6 +58,12 @@ class BackendUnavailable(CreditError):
     reason = "BACKEND_UNAVAILABLE"
 
 
+class LedgerBacklog(CreditError):
+    """The ledger is too far behind: changes are refused until the backlog drains."""
+
+    reason = "LEDGER_BACKLOG"
+
+
 class Rejected(Exception):
     """A storage script refused an operation; `reason` names why (an ErrorReason name)."""
 

@@ -24,7 +24,7 @@ class Role(StrEnum):
     READ = "read"  # reads only
 
 
-_READS = frozenset({"GetBalance", "GetUsage", "ListRates"})
+_READS = frozenset({"GetBalance", "GetUsage", "ListRates", "ListTransactions", "GetUsageReport"})
 _METERING = frozenset({"Consume"})
 
 

@@ -19,6 +19,7 @@ from creditmeter.constants import (
     MAX_EXPIRY_MS,
     MAX_PRIORITY,
 )
+from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import Lot, LotSource, burn_key
@@ -26,6 +27,7 @@ from creditmeter.domain.rates import Rate, RateBook, RateUnit, is_builtin
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import AccountNotFound, Rejected, from_rejection
 from creditmeter.storage.config_store import ConfigStore, RateRow
+from creditmeter.storage.ledger.base import Ledger, StagedGrant
 from creditmeter.storage.redis_store import AccountKeys, Call, LotRecord, NewLot, RedisStore
 
 T = TypeVar("T")
@@ -93,6 +95,23 @@ def _lot(record: LotRecord) -> Lot:
     )
 
 
+def _staged(keys: AccountKeys, call: Call, lot: NewLot) -> StagedGrant:
+    return StagedGrant(
+        tenant=keys.tenant,
+        account=keys.account,
+        request_id=call.request_id,
+        fingerprint=call.fingerprint,
+        txn=call.txn,
+        lot_id=lot.lot_id,
+        amount=lot.amount,
+        priority=lot.priority,
+        expires_at_ms=lot.expires_at_ms,
+        source=lot.source,
+        reference=lot.reference,
+        created_ms=call.now_ms,
+    )
+
+
 async def _applied(call: Awaitable[T]) -> T:
     """Await a store call, turning a script's refusal into the domain error."""
     try:
@@ -104,9 +123,20 @@ async def _applied(call: Awaitable[T]) -> T:
 class Metering:
     """The Credits service's rules, independent of gRPC."""
 
-    def __init__(self, store: RedisStore, config: ConfigStore, rates: RateBook, clock: Clock):
+    def __init__(
+        self,
+        store: RedisStore,
+        config: ConfigStore,
+        rates: RateBook,
+        clock: Clock,
+        ledger: Ledger | None = None,
+        gate: Backpressure | None = None,
+    ):
         self.idempotency_ttl_s = store.idempotency_ttl_s
         self.store = store
+        #: Money-in is staged here before it reaches Redis (None: no ledger, unit tests).
+        self.ledger = ledger
+        self.gate = gate or Backpressure()
         self.config = config
         self.rates = rates
         self.clock = clock
@@ -174,6 +204,7 @@ class Metering:
             elif now + valid_for_ms > MAX_EXPIRY_MS:
                 v.add("valid_for", "must end before the year 2286")
         v.raise_if_any()
+        self.gate.check()
 
         call = self._call(
             "txn",
@@ -197,7 +228,39 @@ class Metering:
             source,
             reference,
         )
-        record = await _applied(self.store.grant(AccountKeys(tenant, account_id), call, lot))
+        keys = AccountKeys(tenant, account_id)
+        if self.ledger is None:
+            record = await _applied(self.store.grant(keys, call, lot))
+            return GrantResult(lot=_lot(record.lot), balance=record.balance)
+        staged = await _applied(self.ledger.stage_grant(_staged(keys, call, lot)))
+        return await self.apply_staged(staged, call.now_ms)
+
+    async def apply_staged(self, staged: StagedGrant, now_ms: int) -> GrantResult:
+        """Apply a grant staged in the ledger to Redis.
+
+        Idempotent: a retry (or the reconciler re-applying it) replays the first reply. A
+        grant Redis refuses is withdrawn from the ledger, so it never counts as credit.
+        """
+        assert self.ledger is not None
+        call = Call(now_ms, staged.txn, staged.request_id, staged.fingerprint)
+        source = LotSource(staged.source)
+        lot = NewLot(
+            lot_id=staged.lot_id,
+            amount=staged.amount,
+            priority=staged.priority,
+            expires_at_ms=staged.expires_at_ms,
+            source=staged.source,
+            reference=staged.reference,
+            burn_key=burn_key(
+                staged.priority, staged.expires_at_ms, source, staged.created_ms, staged.lot_id
+            ),
+        )
+        keys = AccountKeys(staged.tenant, staged.account)
+        try:
+            record = await self.store.grant(keys, call, lot)
+        except Rejected as rejected:
+            await self.ledger.withdraw_grant(staged)
+            raise from_rejection(rejected) from None
         return GrantResult(lot=_lot(record.lot), balance=record.balance)
 
     # --- Consume ---------------------------------------------------------------------
@@ -241,6 +304,7 @@ class Metering:
         v.request_id(request_id)
         credits, units = self.price(tenant, feature, quantity, amount, v)
         v.raise_if_any()
+        self.gate.check()
         call = self._call(
             "txn",
             request_id,
@@ -281,6 +345,7 @@ class Metering:
         v.request_id(request_id)
         v.reference(reference)
         v.raise_if_any()
+        self.gate.check()
         call = self._call(
             "txn",
             request_id,
@@ -311,6 +376,7 @@ class Metering:
         v.account_id(account_id)
         v.request_id(request_id)
         v.raise_if_any()
+        self.gate.check()
         call = self._call(
             "txn", request_id, "SetAccountOptions", account_id=account_id, unlimited=unlimited
         )

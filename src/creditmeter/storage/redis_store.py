@@ -28,6 +28,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditmeter.constants import BUCKETS, EXPIRY_SWEEP_BATCH, IDEMPOTENCY_TTL_S, KEY_PREFIX
@@ -260,6 +261,44 @@ class RedisStore:
         """Record the expiry of the account's lots whose time has come; returns how many."""
         values = await self._run("sweep", keys, call, [])
         return int(values[0])
+
+    async def restore(
+        self,
+        keys: AccountKeys,
+        call: Call,
+        fields: dict[str, str],
+        lots: list[dict[str, str]],
+        replace: bool,
+    ) -> int:
+        """Write an account's state derived from the ledger; returns lots restored. Refuses
+        (Rejected ACCOUNT_HAS_STATE) an account that has state, unless `replace`."""
+        values = await self._run(
+            "restore", keys, call,
+            ["1" if replace else "0", json.dumps(fields), json.dumps(lots)],
+        )  # fmt: skip
+        return int(values[0])
+
+    async def restore_request(
+        self, keys: AccountKeys, request_id: str, fingerprint: str, reply: str, ttl_s: int
+    ) -> None:
+        """Put back an idempotency record from its durable copy in the ledger."""
+        async with _reachable():
+            await self.client.set(
+                keys.script_keys(request_id)[5], f"{fingerprint}\n{reply}", ex=ttl_s
+            )
+
+    async def account_seqs(self) -> dict[tuple[str, str], int]:
+        """Every account in Redis and its event sequence number (SCAN, for audits)."""
+        found: dict[tuple[str, str], int] = {}
+        async with _reachable():
+            async for key in self.client.scan_iter(match=f"{KEY_PREFIX}:{{b*}}:*:acct", count=1000):
+                _prefix, _tag, tenant, rest = key.split(":", 3)
+                try:
+                    seq = await self.client.hget(key, "seq")
+                except ResponseError:  # an idempotency record whose request id ends in ":acct"
+                    continue
+                found[(tenant, rest.removesuffix(":acct"))] = int(seq or 0)
+        return found
 
     async def due_accounts(self, now_ms: int, limit: int = EXPIRY_SWEEP_BATCH) -> list[AccountKeys]:
         """Accounts with a lot expiring at or before `now_ms`, from every bucket's index."""

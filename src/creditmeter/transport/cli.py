@@ -10,7 +10,7 @@ import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,13 @@ from rich.table import Table
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.constants import CONFIG_DB_NAME, DEFAULT_DATA_DIR, DEFAULT_LISTEN, ENV_PREFIX
+from creditmeter.constants import (
+    CONFIG_DB_NAME,
+    DEFAULT_BACKLOG_CAP,
+    DEFAULT_DATA_DIR,
+    DEFAULT_LISTEN,
+    ENV_PREFIX,
+)
 from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import SystemClock
 from creditmeter.domain.validation import valid_tenant_id
@@ -69,6 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir),
         redis_url=args.redis_url or None,
         appendfsync=args.appendfsync,
+        ledger_url=args.ledger_url or None,
+        flusher=not args.no_flusher,
+        backlog_cap=args.backlog_cap,
     )
     try:
         uvloop.run(serve(settings))
@@ -275,6 +284,86 @@ def cmd_account_options(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    req = pb.ListTransactionsRequest(
+        account_id=args.account, page_size=args.limit, page_token=args.page_token
+    )
+    req.filter.kinds.extend(
+        pb.TransactionKind.Value(f"TRANSACTION_KIND_{k.upper()}") for k in args.kind
+    )
+    req.filter.features.extend(args.feature)
+    resp = Client(args)("ListTransactions", req)
+    table = Table("time", "kind", "amount", "balance", "feature", "units", "lots", "transaction")
+    for t in resp.transactions:
+        kind = pb.TransactionKind.Name(t.kind).removeprefix("TRANSACTION_KIND_").lower()
+        sign = "+" if t.kind == pb.TRANSACTION_KIND_GRANT else "-"
+        lots = ", ".join(f"{c.lot_id}:{c.amount}" for c in t.lots)
+        table.add_row(
+            _time(t.create_time),
+            kind,
+            f"{sign}{t.amount}",
+            str(t.balance),
+            t.feature,
+            str(t.units) if t.units else "",
+            lots,
+            t.transaction_id,
+        )
+    console.print(table)
+    if resp.next_page_token:
+        console.print(f"more: --page-token {resp.next_page_token}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    end = datetime.now(UTC)
+    start = end - timedelta(days=args.days)
+    req = pb.GetUsageReportRequest(
+        account_id=args.account,
+        feature=args.feature,
+        group_by=pb.USAGE_PERIOD_MONTH if args.by == "month" else pb.USAGE_PERIOD_DAY,
+    )
+    req.start_time.FromDatetime(start)
+    req.end_time.FromDatetime(end)
+    resp = Client(args)("GetUsageReport", req)
+    table = Table("period", "feature", "credits", "units")
+    for row in resp.rows:
+        table.add_row(row.period, row.feature, str(row.credits), str(row.units))
+    console.print(table)
+    return 0
+
+
+def cmd_ledger_status(args: argparse.Namespace) -> int:
+    resp = Client(args)("GetLedgerStatus", pb.GetLedgerStatusRequest())
+    console.print(
+        f"backlog {resp.backlog} (cap {resp.backlog_cap}), flush lag "
+        f"{resp.flush_lag.ToMilliseconds()} ms, {resp.events_flushed} events flushed, "
+        f"{'accepting' if resp.accepting_changes else 'REFUSING'} changes"
+    )
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    from creditmeter.transport.admin import run_flusher
+
+    return uvloop.run(run_flusher(args.data_dir, args.redis_url, args.ledger_url))
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from creditmeter.transport.admin import audit
+
+    return uvloop.run(
+        audit(args.data_dir, args.redis_url, args.ledger_url, args.tenant, args.wait, console)
+    )
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from creditmeter.transport.admin import rebuild
+
+    return uvloop.run(
+        rebuild(args.data_dir, args.redis_url, args.ledger_url, args.replace, console)
+    )
+
+
 def _report_rpc_error(error: grpc.RpcError) -> int:
     status = rpc_status.from_call(error)
     code = error.code().name
@@ -297,6 +386,25 @@ def _data_dir_flag(p: argparse.ArgumentParser) -> None:
         "--data-dir",
         default=_env("DATA_DIR", DEFAULT_DATA_DIR),
         help="server data directory (env CREDITMETER_DATA_DIR; default ./data)",
+    )
+
+
+def _ledger_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ledger-url",
+        default=_env("LEDGER_URL"),
+        help="postgresql://... (env CREDITMETER_LEDGER_URL; default SQLite in the data directory)",
+    )
+
+
+def _store_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of commands that open the server's Redis and ledger directly."""
+    _data_dir_flag(p)
+    _ledger_flag(p)
+    p.add_argument(
+        "--redis-url",
+        default=_env("REDIS_URL"),
+        help="the server's Redis (default: the embedded one of --data-dir)",
     )
 
 
@@ -333,6 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("APPENDFSYNC", "always"),
         choices=["always", "everysec", "no"],
         help="embedded Redis fsync policy (env CREDITMETER_APPENDFSYNC)",
+    )
+    _ledger_flag(p)
+    p.add_argument(
+        "--no-flusher",
+        action="store_true",
+        help="do not flush the outbox in this process (run `creditmeter flush` apart)",
+    )
+    p.add_argument(
+        "--backlog-cap",
+        type=int,
+        default=int(_env("BACKLOG_CAP") or DEFAULT_BACKLOG_CAP),
+        help="outbox entries not yet in the ledger beyond which changes are refused"
+        " (env CREDITMETER_BACKLOG_CAP)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -390,6 +511,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     _client_flags(p)
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("flush", help="drain the outboxes into the ledger (a flusher process)")
+    _store_flags(p)
+    p.set_defaults(func=cmd_flush)
+
+    p = sub.add_parser("audit", help="check every balance in Redis against the ledger")
+    _store_flags(p)
+    p.add_argument("--tenant")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the flusher to catch up per account",
+    )
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("rebuild", help="restore Redis hot state from the ledger")
+    _store_flags(p)
+    p.add_argument(
+        "--replace", action="store_true", help="also overwrite accounts that have state in Redis"
+    )
+    p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("history", help="an account's transactions, newest first")
+    p.add_argument("account")
+    p.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        choices=["grant", "consume", "expire", "reset", "refund", "session", "options"],
+    )
+    p.add_argument("--feature", action="append", default=[])
+    p.add_argument("--limit", type=int, default=20, help="page size")
+    p.add_argument("--page-token", default="")
+    _client_flags(p)
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("report", help="usage per period and feature")
+    p.add_argument("account", nargs="?", default="", help="omit for the whole tenant")
+    p.add_argument("--days", type=int, default=30, help="the last N days (UTC)")
+    p.add_argument("--by", choices=["day", "month"], default="day")
+    p.add_argument("--feature", default="")
+    _client_flags(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ledger-status", help="outbox backlog and flush lag")
+    _client_flags(p)
+    p.set_defaults(func=cmd_ledger_status)
 
     rates = sub.add_parser("rates", help="the rate card").add_subparsers(
         dest="rates", required=True

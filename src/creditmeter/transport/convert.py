@@ -10,6 +10,7 @@ from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.lots import Lot, LotSource
 from creditmeter.domain.rates import Rate, RateUnit
 from creditmeter.errors import InvalidRequest
+from creditmeter.storage.ledger.base import Transaction
 
 _MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the Timestamp spec's limit
 _MAX_DURATION_S = 315_576_000_000  # 10,000 years, the Duration spec's limit
@@ -87,3 +88,28 @@ def rate_pb(rate: Rate) -> pb.Rate:
     if rate.updated_ms is not None:
         msg.update_time.CopyFrom(timestamp(rate.updated_ms))
     return msg
+
+
+def transaction_kind(value: int, field: str) -> str:
+    if value == pb.TRANSACTION_KIND_UNSPECIFIED:
+        raise InvalidRequest([(field, "must name a kind")])
+    try:
+        name = pb.TransactionKind.Name(cast(pb.TransactionKind.ValueType, value))
+    except ValueError:
+        raise InvalidRequest([(field, f"unknown transaction kind {value}")]) from None
+    return name.removeprefix("TRANSACTION_KIND_").lower()
+
+
+def transaction_pb(t: Transaction) -> pb.Transaction:
+    return pb.Transaction(
+        transaction_id=t.txn,
+        kind=pb.TransactionKind.Value(f"TRANSACTION_KIND_{t.kind.upper()}"),
+        account_id=t.account,
+        create_time=timestamp(t.ts_ms),
+        request_id=t.request_id,
+        feature=t.feature,
+        units=t.units,
+        amount=t.amount,
+        balance=-1 if t.balance is None else t.balance,
+        lots=[pb.LotCharge(lot_id=lot, amount=amount) for lot, amount in t.lines],
+    )

@@ -2,23 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
+from creditmeter.domain.history import History
 from creditmeter.domain.metering import Metering
 from creditmeter.errors import InvalidRequest
+from creditmeter.storage.ledger.base import Period, TxnQuery
 from creditmeter.transport import convert
 from creditmeter.transport.interceptors import principal
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
+_PERIODS = {
+    pb.USAGE_PERIOD_UNSPECIFIED: Period.DAY,
+    pb.USAGE_PERIOD_DAY: Period.DAY,
+    pb.USAGE_PERIOD_MONTH: Period.MONTH,
+}
+
+
+@dataclass(frozen=True)
+class LedgerStatus:
+    backlog: int
+    backlog_cap: int
+    flush_lag_ms: int
+    events_flushed: int
+    accepting_changes: bool
+
+
 class CreditsServicer(pb_grpc.CreditsServicer):
-    def __init__(self, metering: Metering) -> None:
+    def __init__(
+        self,
+        metering: Metering,
+        history: History,
+        ledger_status: Callable[[], Awaitable[LedgerStatus]],
+    ) -> None:
         self.metering = metering
+        self.history = history
+        self.ledger_status = ledger_status
 
     async def Grant(self, request: pb.GrantRequest, context: Context) -> pb.GrantResponse:
         expiry = request.WhichOneof("expiry")
@@ -139,3 +166,70 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             unlimited=request.unlimited if request.HasField("unlimited") else None,
         )
         return pb.SetAccountOptionsResponse(options=pb.AccountOptions(unlimited=unlimited))
+
+    async def ListTransactions(
+        self, request: pb.ListTransactionsRequest, context: Context
+    ) -> pb.ListTransactionsResponse:
+        f = request.filter
+        query = TxnQuery(
+            kinds=tuple(convert.transaction_kind(k, f"filter.kinds[{i}]")
+                        for i, k in enumerate(f.kinds)),
+            features=tuple(f.features),
+            start_ms=(
+                convert.timestamp_ms(f.start_time, "filter.start_time")
+                if f.HasField("start_time")
+                else None
+            ),
+            end_ms=(
+                convert.timestamp_ms(f.end_time, "filter.end_time")
+                if f.HasField("end_time")
+                else None
+            ),
+        )  # fmt: skip
+        page = await self.history.list_transactions(
+            principal().tenant, request.account_id, query, request.page_size, request.page_token
+        )
+        return pb.ListTransactionsResponse(
+            transactions=[convert.transaction_pb(t) for t in page.transactions],
+            next_page_token=page.next_page_token,
+        )
+
+    async def GetUsageReport(
+        self, request: pb.GetUsageReportRequest, context: Context
+    ) -> pb.GetUsageReportResponse:
+        period = _PERIODS.get(request.group_by)
+        if period is None:
+            raise InvalidRequest([("group_by", f"unknown period {request.group_by}")])
+        rows = await self.history.usage_report(
+            principal().tenant,
+            request.account_id or None,
+            convert.timestamp_ms(request.start_time, "start_time")
+            if request.HasField("start_time")
+            else None,
+            convert.timestamp_ms(request.end_time, "end_time")
+            if request.HasField("end_time")
+            else None,
+            period,
+            request.feature or None,
+        )
+        return pb.GetUsageReportResponse(
+            rows=[
+                pb.UsageReportRow(
+                    period=r.period, feature=r.feature, credits=r.credits, units=r.units
+                )
+                for r in rows
+            ]
+        )
+
+    async def GetLedgerStatus(
+        self, request: pb.GetLedgerStatusRequest, context: Context
+    ) -> pb.GetLedgerStatusResponse:
+        status = await self.ledger_status()
+        response = pb.GetLedgerStatusResponse(
+            backlog=status.backlog,
+            backlog_cap=status.backlog_cap,
+            events_flushed=status.events_flushed,
+            accepting_changes=status.accepting_changes,
+        )
+        response.flush_lag.FromMilliseconds(status.flush_lag_ms)
+        return response

@@ -33,6 +33,7 @@ _STATUS: dict[type[errors.CreditError], grpc.StatusCode] = {
     errors.ApiKeyInvalid: grpc.StatusCode.UNAUTHENTICATED,
     errors.RoleNotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.LedgerBacklog: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -17,22 +17,31 @@ from grpc_reflection.v1alpha import reflection
 
 from creditmeter.api.credits.v1 import credits_pb2, credits_pb2_grpc
 from creditmeter.constants import (
+    BACKLOG_CHECK_INTERVAL_S,
     CONFIG_DB_NAME,
+    DEFAULT_BACKLOG_CAP,
     DEFAULT_DATA_DIR,
     DEFAULT_LISTEN,
     EXPIRY_SWEEP_INTERVAL_S,
     IDEMPOTENCY_TTL_S,
+    RECONCILE_INTERVAL_S,
     REDIS_POOL_SIZE,
     REDIS_POOL_TIMEOUT_S,
     SHUTDOWN_GRACE_S,
+    STAGED_GRANT_RETRY_AFTER_MS,
 )
+from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock, SystemClock
 from creditmeter.domain.configuration import LiveConfig
+from creditmeter.domain.history import History
 from creditmeter.domain.metering import Metering
 from creditmeter.storage.config_store import ConfigStore
 from creditmeter.storage.embedded_redis import EmbeddedRedis
+from creditmeter.storage.ledger import open_ledger
+from creditmeter.storage.ledger.base import Ledger
+from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
 from creditmeter.storage.redis_store import RedisStore
-from creditmeter.transport.credits_servicer import CreditsServicer
+from creditmeter.transport.credits_servicer import CreditsServicer, LedgerStatus
 from creditmeter.transport.interceptors import Gatekeeper
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,11 @@ class Settings:
     redis_url: str | None = None
     #: The embedded Redis's fsync policy: always (no acknowledged change lost), everysec, no.
     appendfsync: str = "always"
+    #: postgresql://... for PostgreSQL; None for SQLite in data_dir.
+    ledger_url: str | None = None
+    #: Run a flusher in this process (turn off when `creditmeter flush` runs apart).
+    flusher: bool = True
+    backlog_cap: int = DEFAULT_BACKLOG_CAP
     idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
     sweep_interval_s: float = EXPIRY_SWEEP_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
@@ -67,6 +81,10 @@ class App:
         self.port = 0
         self.live: LiveConfig | None = None
         self.metering: Metering | None = None
+        self.ledger: Ledger | None = None
+        self.flusher: Flusher | None = None
+        self.gate = Backpressure(settings.backlog_cap)
+        self._stop_flusher = asyncio.Event()
 
     async def start(self) -> int:
         s = self.settings
@@ -85,14 +103,25 @@ class App:
         self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         await self.redis.ping()
 
+        self.ledger = ledger = open_ledger(s.ledger_url, s.data_dir)
+        await ledger.open()
         self.live = live = LiveConfig(config)
         await live.refresh()
         self.metering = metering = Metering(
-            RedisStore(self.redis, s.idempotency_ttl_s), config, live.rates, s.clock
+            RedisStore(self.redis, s.idempotency_ttl_s),
+            config,
+            live.rates,
+            s.clock,
+            ledger=ledger,
+            gate=self.gate,
         )
+        if s.flusher:
+            self.flusher = Flusher(self.redis, ledger)
+            await self.flusher.ensure_groups()
 
         self.server = grpc.aio.server(interceptors=[Gatekeeper(lambda: live.keys)])
-        credits_pb2_grpc.add_CreditsServicer_to_server(CreditsServicer(metering), self.server)
+        servicer = CreditsServicer(metering, History(ledger), self.ledger_status)
+        credits_pb2_grpc.add_CreditsServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (CREDITS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -104,7 +133,13 @@ class App:
         self.tasks = [
             asyncio.create_task(live.run(), name="config-reload"),
             asyncio.create_task(self._sweep_loop(metering), name="expiry-sweeper"),
+            asyncio.create_task(self._backlog_loop(), name="backlog-monitor"),
+            asyncio.create_task(self._reconcile_loop(metering), name="grant-reconciler"),
         ]
+        if self.flusher is not None:
+            self.tasks.append(
+                asyncio.create_task(self.flusher.run(self._stop_flusher), name="flusher")
+            )
         for service in ("", CREDITS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -122,16 +157,74 @@ class App:
             except Exception:  # Redis briefly away: the index still holds the work
                 log.exception("expiry sweep failed")
 
+    async def _backlog_loop(self) -> None:
+        """Fail closed when the ledger falls too far behind, and say so in health."""
+        assert self.redis is not None
+        while True:
+            try:
+                if self.gate.update(await outbox_backlog(self.redis)):
+                    state = (
+                        health_pb2.HealthCheckResponse.NOT_SERVING
+                        if self.gate.refusing
+                        else health_pb2.HealthCheckResponse.SERVING
+                    )
+                    log.warning(
+                        "outbox backlog %d (cap %d): %s",
+                        self.gate.backlog,
+                        self.gate.cap,
+                        "refusing changes" if self.gate.refusing else "accepting changes again",
+                    )
+                    for service in ("", CREDITS_SERVICE):
+                        await self.health.set(service, state)
+            except Exception:  # Redis away: the metering calls report it themselves
+                log.debug("backlog check failed", exc_info=True)
+            await asyncio.sleep(BACKLOG_CHECK_INTERVAL_S)
+
+    async def _reconcile_loop(self, metering: Metering) -> None:
+        """Re-apply money-in staged in the ledger that never reached Redis."""
+        assert self.ledger is not None
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL_S)
+            try:
+                now = self.settings.clock.now_ms()
+                cutoff = now - STAGED_GRANT_RETRY_AFTER_MS
+                for staged in await self.ledger.unapplied_grants(cutoff, 100):
+                    log.warning("re-applying staged grant %s", staged.lot_id)
+                    await metering.apply_staged(staged, now)
+            except Exception:
+                log.warning("reconciling staged grants failed", exc_info=True)
+
+    async def ledger_status(self) -> LedgerStatus:
+        stats = self.flusher.stats if self.flusher else None
+        return LedgerStatus(
+            backlog=self.gate.backlog,
+            backlog_cap=self.gate.cap,
+            flush_lag_ms=stats.last_lag_ms if stats else 0,
+            events_flushed=stats.events if stats else 0,
+            accepting_changes=not self.gate.refusing,
+        )
+
     async def stop(self) -> None:
-        """Stop taking calls, let in-flight calls finish (up to the grace), then close."""
+        """Stop taking calls, let in-flight calls finish (up to the grace), flush what
+        they wrote, then close."""
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
+        self._stop_flusher.set()
+        if self.flusher is not None:
+            with contextlib.suppress(Exception):
+                deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace_s
+                while await self.flusher.flush_once() and (
+                    asyncio.get_running_loop().time() < deadline
+                ):
+                    pass
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.ledger is not None:
+            await self.ledger.close()
         if self.redis is not None:
             await self.redis.aclose()
         if self.embedded is not None:

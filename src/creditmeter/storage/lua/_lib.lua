@@ -6,7 +6,7 @@
 --   KEYS[3] order  ZSET  score 0, member = burn key (lexicographic burn-down order, see
 --                        creditmeter.domain.lots.burn_key; the lot id is its last field)
 --   KEYS[4] exp    ZSET  lot_id scored by expiry (ms since epoch); never-expiring lots absent
---   KEYS[5] acct   HASH  balance, granted, used, expired, removed, unlimited,
+--   KEYS[5] acct   HASH  balance, granted, used, expired, removed, unlimited, seq,
 --                        used:<feature>, units:<feature>
 --   KEYS[6] idem   STRING  "<fingerprint>\n<cjson reply>" for this request id, with a TTL
 --   KEYS[7] outbox STREAM  the bucket's event outbox drained into the ledger
@@ -16,6 +16,13 @@
 --   ARGV[3] idempotency TTL (s)    ARGV[4] transaction id (events are "<txn>:<n>")
 --   ARGV[5] tenant   ARGV[6] account   ARGV[7] request id
 -- Replies are arrays of strings: {'OK', ...} or {'ERR', reason, key, value, ...}.
+--
+-- Events: each carries event_id "<txn>:<n>" (n counts within its transaction, so the first
+-- event of a grant is always "<txn>:1"), the account's change sequence number `seq`
+-- (1, 2, 3, ... over every change of the account; kept in acct.seq), and one kind. A transaction holds events of one kind: the expiries a script sweeps first
+-- form their own transaction "<txn>x", the lots a reset removes "<txn>r". A mutating
+-- request ends with a `request` event carrying its fingerprint and reply, the durable
+-- copy of the idempotency record.
 --
 -- Numbers: Lua numbers are doubles, exact for integers up to 2^53-1 (callers keep every
 -- amount and balance below that). Never concatenate a number with `..` or cjson-encode it:
@@ -30,7 +37,7 @@ local REQUEST_ID = ARGV[7]
 local MAX_CREDITS = 9007199254740991
 local BURN_KEY_LOT_OFFSET = 36 -- burn key: 4+1+13+1+1+1+13+1 characters, then the lot id
 
-local event_seq = 0
+local event_counts = {}
 local due_changed = false
 
 local function fmt(n)
@@ -41,11 +48,20 @@ local function acct_int(field)
   return tonumber(redis.call('HGET', KEYS[5], field) or '0')
 end
 
--- Append one event to the outbox. `fields` is a flat list of name, value (strings).
-local function emit(kind, fields)
-  event_seq = event_seq + 1
+-- Append one event of transaction `txn` to the outbox. `fields` is a flat list of
+-- name, value (strings).
+local function emit(txn, kind, fields)
+  local n = (event_counts[txn] or 0) + 1
+  event_counts[txn] = n
+  -- A request event is a record of the call, not a change: it takes no seq of its own.
+  local seq
+  if kind == 'request' then
+    seq = tonumber(redis.call('HGET', KEYS[5], 'seq') or '0')
+  else
+    seq = redis.call('HINCRBY', KEYS[5], 'seq', 1)
+  end
   local args = {
-    'event_id', TXN .. ':' .. fmt(event_seq), 'txn', TXN, 'kind', kind,
+    'event_id', txn .. ':' .. fmt(n), 'txn', txn, 'kind', kind, 'seq', fmt(seq),
     'tenant', TENANT, 'account', ACCOUNT, 'request_id', REQUEST_ID, 'ts', ARGV[1],
   }
   for i = 1, #fields do
@@ -73,7 +89,9 @@ end
 
 local function idem_store(reply)
   if FINGERPRINT ~= '' then
-    redis.call('SET', KEYS[6], FINGERPRINT .. '\n' .. cjson.encode(reply), 'EX', ARGV[3])
+    local encoded = cjson.encode(reply)
+    redis.call('SET', KEYS[6], FINGERPRINT .. '\n' .. encoded, 'EX', ARGV[3])
+    emit(TXN, 'request', {'fp', FINGERPRINT, 'reply', encoded})
   end
 end
 
@@ -87,16 +105,16 @@ local function drop_lot(lot, burn_key)
   end
 end
 
--- Take a whole lot out of the balance, recording `kind` (expire or reset) and the total
--- field it adds to. Returns the credits removed.
-local function remove_lot(lot, kind, total_field)
+-- Take a whole lot out of the balance, recording `kind` (expire or reset) in transaction
+-- `txn` and adding to the total field. Returns the credits removed.
+local function remove_lot(lot, txn, kind, total_field)
   local meta = cjson.decode(redis.call('HGET', KEYS[1], lot))
   local rem = tonumber(redis.call('HGET', KEYS[2], lot))
   drop_lot(lot, meta.burn_key)
   if rem > 0 then
     local balance = redis.call('HINCRBY', KEYS[5], 'balance', -rem)
     redis.call('HINCRBY', KEYS[5], total_field, rem)
-    emit(kind, {'lot', lot, 'amount', fmt(rem), 'balance', fmt(balance)})
+    emit(txn, kind, {'lot', lot, 'amount', fmt(rem), 'balance', fmt(balance)})
   end
   return rem
 end
@@ -106,7 +124,7 @@ end
 local function sweep()
   local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', NOW)
   for _, lot in ipairs(expired) do
-    remove_lot(lot, 'expire', 'expired')
+    remove_lot(lot, TXN .. 'x', 'expire', 'expired')
   end
   return #expired
 end
@@ -141,7 +159,7 @@ local function add_lot(lot)
   end
   redis.call('HINCRBY', KEYS[5], 'granted', amount)
   local balance = redis.call('HINCRBY', KEYS[5], 'balance', amount)
-  emit('grant', {
+  emit(TXN, 'grant', {
     'lot', lot.id, 'amount', lot.amount, 'balance', fmt(balance), 'priority', lot.priority,
     'expires_at', lot.expires_at, 'source', lot.source, 'reference', lot.reference,
   })

@@ -59,7 +59,7 @@ end
 local reply = {'OK', TXN, ARGV[8], units, feature}
 local charges = {}
 if unlimited then
-  emit('consume', {'lot', '', 'amount', ARGV[8], 'balance', '-1', 'feature', feature, 'units', units})
+  emit(TXN, 'consume', {'lot', '', 'amount', ARGV[8], 'balance', '-1', 'feature', feature, 'units', units})
   balance = -1
 else
   for i, p in ipairs(plan) do
@@ -69,7 +69,7 @@ else
       redis.call('HINCRBY', KEYS[2], p.lot, -p.take)
     end
     balance = redis.call('HINCRBY', KEYS[5], 'balance', -p.take)
-    emit('consume', {
+    emit(TXN, 'consume', {
       'lot', p.lot, 'amount', fmt(p.take), 'balance', fmt(balance), 'feature', feature,
       'units', i == 1 and units or '0',
     })

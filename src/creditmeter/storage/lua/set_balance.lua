@@ -27,7 +27,7 @@ end
 local removed = 0
 if reset then
   for _, lot_id in ipairs(redis.call('HKEYS', KEYS[1])) do
-    removed = removed + remove_lot(lot_id, 'reset', 'removed')
+    removed = removed + remove_lot(lot_id, TXN .. 'r', 'reset', 'removed')
   end
 end
 local balance = acct_int('balance')

@@ -12,7 +12,7 @@ elseif redis.call('HEXISTS', KEYS[5], 'unlimited') == 0 then
   redis.call('HSET', KEYS[5], 'unlimited', '0')
 end
 local unlimited = redis.call('HGET', KEYS[5], 'unlimited')
-emit('options', {'unlimited', unlimited})
+emit(TXN, 'options', {'unlimited', unlimited})
 local reply = {'OK', unlimited}
 idem_store(reply)
 return reply

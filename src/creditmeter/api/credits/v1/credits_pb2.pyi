@@ -141,6 +141,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A storage backend (Redis, the config store) cannot be reached; retry with the same request_id.
     ErrorInfo metadata: {"backend": "redis"}. Status: UNAVAILABLE.
     """
+    ERROR_REASON_LEDGER_BACKLOG: _ErrorReason.ValueType  # 9
+    """The ledger has fallen too far behind (it is down or slow): changes are refused until
+    the outbox backlog drains below the cap; retry with the same request_id.
+    ErrorInfo metadata: {"backlog": "1000412", "cap": "1000000"}. Status: UNAVAILABLE.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons the server puts in `google.rpc.ErrorInfo.reason`."""
@@ -179,7 +184,80 @@ ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 8
 """A storage backend (Redis, the config store) cannot be reached; retry with the same request_id.
 ErrorInfo metadata: {"backend": "redis"}. Status: UNAVAILABLE.
 """
+ERROR_REASON_LEDGER_BACKLOG: ErrorReason.ValueType  # 9
+"""The ledger has fallen too far behind (it is down or slow): changes are refused until
+the outbox backlog drains below the cap; retry with the same request_id.
+ErrorInfo metadata: {"backlog": "1000412", "cap": "1000000"}. Status: UNAVAILABLE.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
+class _TransactionKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TransactionKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRANSACTION_KIND_UNSPECIFIED: _TransactionKind.ValueType  # 0
+    """Not set; in a filter, no restriction."""
+    TRANSACTION_KIND_GRANT: _TransactionKind.ValueType  # 1
+    """Credits added (Grant, SetBalance)."""
+    TRANSACTION_KIND_CONSUME: _TransactionKind.ValueType  # 2
+    """Credits charged (Consume)."""
+    TRANSACTION_KIND_EXPIRE: _TransactionKind.ValueType  # 3
+    """Credits that expired unspent."""
+    TRANSACTION_KIND_RESET: _TransactionKind.ValueType  # 4
+    """Credits removed by SetBalance with reset."""
+    TRANSACTION_KIND_REFUND: _TransactionKind.ValueType  # 5
+    """Credits removed by a refund."""
+    TRANSACTION_KIND_SESSION: _TransactionKind.ValueType  # 6
+    """Credits charged by a call session."""
+    TRANSACTION_KIND_OPTIONS: _TransactionKind.ValueType  # 7
+    """Account options changed (no credits move)."""
+
+class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
+    """What a transaction did."""
+
+TRANSACTION_KIND_UNSPECIFIED: TransactionKind.ValueType  # 0
+"""Not set; in a filter, no restriction."""
+TRANSACTION_KIND_GRANT: TransactionKind.ValueType  # 1
+"""Credits added (Grant, SetBalance)."""
+TRANSACTION_KIND_CONSUME: TransactionKind.ValueType  # 2
+"""Credits charged (Consume)."""
+TRANSACTION_KIND_EXPIRE: TransactionKind.ValueType  # 3
+"""Credits that expired unspent."""
+TRANSACTION_KIND_RESET: TransactionKind.ValueType  # 4
+"""Credits removed by SetBalance with reset."""
+TRANSACTION_KIND_REFUND: TransactionKind.ValueType  # 5
+"""Credits removed by a refund."""
+TRANSACTION_KIND_SESSION: TransactionKind.ValueType  # 6
+"""Credits charged by a call session."""
+TRANSACTION_KIND_OPTIONS: TransactionKind.ValueType  # 7
+"""Account options changed (no credits move)."""
+Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
+
+class _UsagePeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsagePeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsagePeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_PERIOD_UNSPECIFIED: _UsagePeriod.ValueType  # 0
+    """Not set: DAY."""
+    USAGE_PERIOD_DAY: _UsagePeriod.ValueType  # 1
+    """Calendar days, UTC."""
+    USAGE_PERIOD_MONTH: _UsagePeriod.ValueType  # 2
+    """Calendar months, UTC."""
+
+class UsagePeriod(_UsagePeriod, metaclass=_UsagePeriodEnumTypeWrapper):
+    """A period of a usage report."""
+
+USAGE_PERIOD_UNSPECIFIED: UsagePeriod.ValueType  # 0
+"""Not set: DAY."""
+USAGE_PERIOD_DAY: UsagePeriod.ValueType  # 1
+"""Calendar days, UTC."""
+USAGE_PERIOD_MONTH: UsagePeriod.ValueType  # 2
+"""Calendar months, UTC."""
+Global___UsagePeriod: _TypeAlias = UsagePeriod  # noqa: Y015
 
 @_typing.final
 class Lot(_message.Message):
@@ -897,3 +975,328 @@ class SetAccountOptionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetAccountOptionsResponse: _TypeAlias = SetAccountOptionsResponse  # noqa: Y015
+
+@_typing.final
+class Transaction(_message.Message):
+    """One entry of an account's history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    LOTS_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    """The transaction id (as returned by Consume, or the grant's transaction)."""
+    kind: Global___TransactionKind.ValueType
+    """What it did."""
+    account_id: _builtins.str
+    """The account."""
+    request_id: _builtins.str
+    """The request id of the call that made it (empty for expiries found by the sweeper)."""
+    feature: _builtins.str
+    """The feature charged (consume transactions)."""
+    units: _builtins.int
+    """Units charged (consume transactions)."""
+    amount: _builtins.int
+    """Credits moved: added for grants, taken for the other kinds (always >= 0)."""
+    balance: _builtins.int
+    """The account's balance after the transaction (-1 for unlimited accounts)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    @_builtins.property
+    def lots(self) -> _containers.RepeatedCompositeFieldContainer[Global___LotCharge]:
+        """The lots it touched and how much of each, in burn-down order."""
+
+    def __init__(
+        self,
+        *,
+        transaction_id: _builtins.str = ...,
+        kind: Global___TransactionKind.ValueType = ...,
+        account_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+        feature: _builtins.str = ...,
+        units: _builtins.int = ...,
+        amount: _builtins.int = ...,
+        balance: _builtins.int = ...,
+        lots: _abc.Iterable[Global___LotCharge] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "balance", b"balance", "create_time", b"create_time", "feature", b"feature", "kind", b"kind", "lots", b"lots", "request_id", b"request_id", "transaction_id", b"transaction_id", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transaction: _TypeAlias = Transaction  # noqa: Y015
+
+@_typing.final
+class TransactionFilter(_message.Message):
+    """Which transactions to list. Unset fields do not restrict."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KINDS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___TransactionKind.ValueType]:
+        """Only these kinds."""
+
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only charges for these features (text, voice, video, or the tenant's own)."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only transactions at or after this time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only transactions before this time."""
+
+    def __init__(
+        self,
+        *,
+        kinds: _abc.Iterable[Global___TransactionKind.ValueType] | None = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "features", b"features", "kinds", b"kinds", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionFilter: _TypeAlias = TransactionFilter  # noqa: Y015
+
+@_typing.final
+class ListTransactionsRequest(_message.Message):
+    """Request for Credits.ListTransactions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account."""
+    page_size: _builtins.int
+    """Maximum transactions to return: 0 means 50, at most 1000; negative is invalid."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same account and filter."""
+    @_builtins.property
+    def filter(self) -> Global___TransactionFilter:
+        """Which transactions to list."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: Global___TransactionFilter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransactionsRequest: _TypeAlias = ListTransactionsRequest  # noqa: Y015
+
+@_typing.final
+class ListTransactionsResponse(_message.Message):
+    """Response for Credits.ListTransactions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transaction]:
+        """Transactions, newest first."""
+
+    def __init__(
+        self,
+        *,
+        transactions: _abc.Iterable[Global___Transaction] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "transactions", b"transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransactionsResponse: _TypeAlias = ListTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageReportRequest(_message.Message):
+    """Request for Credits.GetUsageReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account; empty for the whole tenant."""
+    group_by: Global___UsagePeriod.ValueType
+    """Period to group by; unset means days."""
+    feature: _builtins.str
+    """Only this feature; empty for all."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the report (inclusive). Required."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the report (exclusive). Required, after start_time, at most 5 years later."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        group_by: Global___UsagePeriod.ValueType = ...,
+        feature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "end_time", b"end_time", "feature", b"feature", "group_by", b"group_by", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageReportRequest: _TypeAlias = GetUsageReportRequest  # noqa: Y015
+
+@_typing.final
+class UsageReportRow(_message.Message):
+    """One period and feature of a usage report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    period: _builtins.str
+    """The period: "YYYY-MM-DD" for days, "YYYY-MM" for months (UTC)."""
+    feature: _builtins.str
+    """The feature."""
+    credits: _builtins.int
+    """Credits consumed."""
+    units: _builtins.int
+    """Units consumed (messages, or billing increments)."""
+    def __init__(
+        self,
+        *,
+        period: _builtins.str = ...,
+        feature: _builtins.str = ...,
+        credits: _builtins.int = ...,
+        units: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "feature", b"feature", "period", b"period", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageReportRow: _TypeAlias = UsageReportRow  # noqa: Y015
+
+@_typing.final
+class GetUsageReportResponse(_message.Message):
+    """Response for Credits.GetUsageReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageReportRow]:
+        """Rows ordered by period, then feature. Periods without usage are left out."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___UsageReportRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageReportResponse: _TypeAlias = GetUsageReportResponse  # noqa: Y015
+
+@_typing.final
+class GetLedgerStatusRequest(_message.Message):
+    """Request for Credits.GetLedgerStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLedgerStatusRequest: _TypeAlias = GetLedgerStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetLedgerStatusResponse(_message.Message):
+    """Response for Credits.GetLedgerStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKLOG_FIELD_NUMBER: _builtins.int
+    BACKLOG_CAP_FIELD_NUMBER: _builtins.int
+    FLUSH_LAG_FIELD_NUMBER: _builtins.int
+    EVENTS_FLUSHED_FIELD_NUMBER: _builtins.int
+    ACCEPTING_CHANGES_FIELD_NUMBER: _builtins.int
+    backlog: _builtins.int
+    """Outbox entries not yet in the ledger (all tenants)."""
+    backlog_cap: _builtins.int
+    """The backlog beyond which changes are refused."""
+    events_flushed: _builtins.int
+    """Events this server's flusher has written since it started."""
+    accepting_changes: _builtins.bool
+    """False while changes are refused because of the backlog."""
+    @_builtins.property
+    def flush_lag(self) -> _duration_pb2.Duration:
+        """Age of the oldest entry in the last batch this server flushed, when committed."""
+
+    def __init__(
+        self,
+        *,
+        backlog: _builtins.int = ...,
+        backlog_cap: _builtins.int = ...,
+        flush_lag: _duration_pb2.Duration | None = ...,
+        events_flushed: _builtins.int = ...,
+        accepting_changes: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flush_lag", b"flush_lag"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepting_changes", b"accepting_changes", "backlog", b"backlog", "backlog_cap", b"backlog_cap", "events_flushed", b"events_flushed", "flush_lag", b"flush_lag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLedgerStatusResponse: _TypeAlias = GetLedgerStatusResponse  # noqa: Y015

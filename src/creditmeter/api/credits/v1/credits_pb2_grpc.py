@@ -75,6 +75,21 @@ class CreditsStub:
                 request_serializer=credits_dot_v1_dot_credits__pb2.SetAccountOptionsRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credits__pb2.SetAccountOptionsResponse.FromString,
                 _registered_method=True)
+        self.ListTransactions = channel.unary_unary(
+                '/credits.v1.Credits/ListTransactions',
+                request_serializer=credits_dot_v1_dot_credits__pb2.ListTransactionsRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.ListTransactionsResponse.FromString,
+                _registered_method=True)
+        self.GetUsageReport = channel.unary_unary(
+                '/credits.v1.Credits/GetUsageReport',
+                request_serializer=credits_dot_v1_dot_credits__pb2.GetUsageReportRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.GetUsageReportResponse.FromString,
+                _registered_method=True)
+        self.GetLedgerStatus = channel.unary_unary(
+                '/credits.v1.Credits/GetLedgerStatus',
+                request_serializer=credits_dot_v1_dot_credits__pb2.GetLedgerStatusRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.GetLedgerStatusResponse.FromString,
+                _registered_method=True)
 
 
 class CreditsServicer:
@@ -147,6 +162,32 @@ class CreditsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTransactions(self, request, context):
+        """ListTransactions returns an account's history from the durable ledger, newest first,
+        paged (AIP-158). A charge that spanned several lots is one transaction with its lot
+        breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+        Requires any key of the tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsageReport(self, request, context):
+        """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
+        one account or the whole tenant, from the ledger. Requires any key of the tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLedgerStatus(self, request, context):
+        """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
+        flush lag. Requires an admin key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +230,21 @@ def add_CreditsServicer_to_server(servicer, server):
                     servicer.SetAccountOptions,
                     request_deserializer=credits_dot_v1_dot_credits__pb2.SetAccountOptionsRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credits__pb2.SetAccountOptionsResponse.SerializeToString,
+            ),
+            'ListTransactions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTransactions,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.ListTransactionsRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'GetUsageReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsageReport,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.GetUsageReportRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.GetUsageReportResponse.SerializeToString,
+            ),
+            'GetLedgerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLedgerStatus,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.GetLedgerStatusRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.GetLedgerStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +464,87 @@ class Credits:
             '/credits.v1.Credits/SetAccountOptions',
             credits_dot_v1_dot_credits__pb2.SetAccountOptionsRequest.SerializeToString,
             credits_dot_v1_dot_credits__pb2.SetAccountOptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/ListTransactions',
+            credits_dot_v1_dot_credits__pb2.ListTransactionsRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsageReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/GetUsageReport',
+            credits_dot_v1_dot_credits__pb2.GetUsageReportRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.GetUsageReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLedgerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/GetLedgerStatus',
+            credits_dot_v1_dot_credits__pb2.GetLedgerStatusRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.GetLedgerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

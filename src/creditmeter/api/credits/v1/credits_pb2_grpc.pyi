@@ -76,6 +76,20 @@ class CreditsStub:
     """SetAccountOptions changes per-account options such as the unlimited flag, creating
     the account if it does not exist yet. Requires an admin key.
     """
+    ListTransactions: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ListTransactionsRequest, _credits_pb2.ListTransactionsResponse]
+    """ListTransactions returns an account's history from the durable ledger, newest first,
+    paged (AIP-158). A charge that spanned several lots is one transaction with its lot
+    breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+    Requires any key of the tenant.
+    """
+    GetUsageReport: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetUsageReportRequest, _credits_pb2.GetUsageReportResponse]
+    """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
+    one account or the whole tenant, from the ledger. Requires any key of the tenant.
+    """
+    GetLedgerStatus: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetLedgerStatusRequest, _credits_pb2.GetLedgerStatusResponse]
+    """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
+    flush lag. Requires an admin key.
+    """
 
 @_typing.type_check_only
 class CreditsAsyncStub(CreditsStub):
@@ -115,6 +129,20 @@ class CreditsAsyncStub(CreditsStub):
     SetAccountOptions: _aio.UnaryUnaryMultiCallable[_credits_pb2.SetAccountOptionsRequest, _credits_pb2.SetAccountOptionsResponse]  # type: ignore[assignment]
     """SetAccountOptions changes per-account options such as the unlimited flag, creating
     the account if it does not exist yet. Requires an admin key.
+    """
+    ListTransactions: _aio.UnaryUnaryMultiCallable[_credits_pb2.ListTransactionsRequest, _credits_pb2.ListTransactionsResponse]  # type: ignore[assignment]
+    """ListTransactions returns an account's history from the durable ledger, newest first,
+    paged (AIP-158). A charge that spanned several lots is one transaction with its lot
+    breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+    Requires any key of the tenant.
+    """
+    GetUsageReport: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetUsageReportRequest, _credits_pb2.GetUsageReportResponse]  # type: ignore[assignment]
+    """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
+    one account or the whole tenant, from the ledger. Requires any key of the tenant.
+    """
+    GetLedgerStatus: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetLedgerStatusRequest, _credits_pb2.GetLedgerStatusResponse]  # type: ignore[assignment]
+    """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
+    flush lag. Requires an admin key.
     """
 
 class CreditsServicer(metaclass=_abc_1.ABCMeta):
@@ -200,6 +228,38 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_credits_pb2.SetAccountOptionsResponse, _abc.Awaitable[_credits_pb2.SetAccountOptionsResponse]]:
         """SetAccountOptions changes per-account options such as the unlimited flag, creating
         the account if it does not exist yet. Requires an admin key.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTransactions(
+        self,
+        request: _credits_pb2.ListTransactionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.ListTransactionsResponse, _abc.Awaitable[_credits_pb2.ListTransactionsResponse]]:
+        """ListTransactions returns an account's history from the durable ledger, newest first,
+        paged (AIP-158). A charge that spanned several lots is one transaction with its lot
+        breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+        Requires any key of the tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUsageReport(
+        self,
+        request: _credits_pb2.GetUsageReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.GetUsageReportResponse, _abc.Awaitable[_credits_pb2.GetUsageReportResponse]]:
+        """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
+        one account or the whole tenant, from the ledger. Requires any key of the tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLedgerStatus(
+        self,
+        request: _credits_pb2.GetLedgerStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.GetLedgerStatusResponse, _abc.Awaitable[_credits_pb2.GetLedgerStatusResponse]]:
+        """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
+        flush lag. Requires an admin key.
         """
 
 def add_CreditsServicer_to_server(servicer: CreditsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

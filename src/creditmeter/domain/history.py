@@ -1,0 +1,120 @@
+"""Reading the ledger: transaction history with AIP-158 paging, and usage reports."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+
+from creditmeter.domain.validation import Violations
+from creditmeter.storage.ledger.base import (
+    EVENT_KINDS,
+    Ledger,
+    Period,
+    Transaction,
+    TxnQuery,
+    UsageRow,
+)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_REPORT_SPAN_MS = 5 * 366 * 86_400_000
+#: Kinds a filter may name; refunds and sessions come with packs and call sessions.
+FILTER_KINDS = (*EVENT_KINDS, "refund", "session")
+
+
+@dataclass(frozen=True)
+class Page:
+    transactions: list[Transaction]
+    next_page_token: str
+
+
+def _query_digest(tenant: str, account_id: str, query: TxnQuery) -> str:
+    raw = json.dumps([tenant, account_id, query.kinds, query.features, query.start_ms,
+                      query.end_ms])  # fmt: skip
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _encode_token(before_seq: int, digest: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"s": before_seq, "q": digest}).encode()).decode()
+
+
+def _decode_token(token: str, digest: str, v: Violations) -> int | None:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if data["q"] == digest and isinstance(data["s"], int):
+            return int(data["s"])
+        v.add("page_token", "belongs to another account or filter")
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        v.add("page_token", "not a token this server issued")
+    return None
+
+
+class History:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def list_transactions(
+        self,
+        tenant: str,
+        account_id: str,
+        query: TxnQuery,
+        page_size: int,
+        page_token: str,
+    ) -> Page:
+        """One page of an account's transactions, newest first."""
+        v = Violations()
+        v.account_id(account_id)
+        if page_size < 0:
+            v.add("page_size", "must not be negative")
+        for i, kind in enumerate(query.kinds):
+            if kind not in FILTER_KINDS:
+                v.add(f"filter.kinds[{i}]", f"unknown kind {kind!r}")
+        for i, feature in enumerate(query.features):
+            v.feature(feature, f"filter.features[{i}]")
+        if (
+            query.start_ms is not None
+            and query.end_ms is not None
+            and query.end_ms <= query.start_ms
+        ):
+            v.add("filter.end_time", "must be after start_time")
+        digest = _query_digest(tenant, account_id, query)
+        before = _decode_token(page_token, digest, v) if page_token else None
+        v.raise_if_any()
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        # One extra row tells whether another page exists.
+        rows = await self.ledger.transactions(tenant, account_id, query, size + 1, before)
+        page = rows[:size]
+        token = _encode_token(page[-1].seq, digest) if len(rows) > size else ""
+        return Page(page, token)
+
+    async def usage_report(
+        self,
+        tenant: str,
+        account_id: str | None,
+        start_ms: int | None,
+        end_ms: int | None,
+        period: Period,
+        feature: str | None,
+    ) -> list[UsageRow]:
+        """Credits and units consumed per period and feature."""
+        v = Violations()
+        if account_id is not None:
+            v.account_id(account_id)
+        if feature is not None:
+            v.feature(feature)
+        if start_ms is None:
+            v.add("start_time", "required")
+        if end_ms is None:
+            v.add("end_time", "required")
+        if start_ms is not None and end_ms is not None:
+            if end_ms <= start_ms:
+                v.add("end_time", "must be after start_time")
+            elif end_ms - start_ms > MAX_REPORT_SPAN_MS:
+                v.add("end_time", "a report spans at most 5 years")
+        v.raise_if_any()
+        assert start_ms is not None and end_ms is not None
+        rows = await self.ledger.usage(tenant, account_id, start_ms, end_ms, period, feature)
+        return rows

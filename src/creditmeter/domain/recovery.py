@@ -1,0 +1,273 @@
+"""Audit and rebuild: the ledger is the source of truth for every account's state.
+
+Replaying an account's events (in seq order) gives its lots, remaining credit, totals and
+options. The audit compares that with Redis; the rebuild writes it back into Redis after
+data loss, along with the idempotency records of the last day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from creditmeter.constants import DEFAULT_PRIORITY, IDEMPOTENCY_TTL_S
+from creditmeter.domain.ids import new_id
+from creditmeter.domain.lots import LotSource, burn_key
+from creditmeter.errors import Rejected
+from creditmeter.storage.ledger.base import Event, Ledger
+from creditmeter.storage.redis_store import AccountKeys, AccountSnapshot, Call, RedisStore
+
+TOTALS = ("granted", "used", "expired", "removed")
+
+
+@dataclass
+class LotState:
+    amount: int
+    remaining: int
+    priority: int
+    expires_at_ms: int | None
+    source: str
+    reference: str
+    created_ms: int
+
+
+@dataclass
+class AccountState:
+    """An account as its events say it is."""
+
+    tenant: str
+    account: str
+    lots: dict[str, LotState] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
+    #: Credits consumed out of lots (unlimited accounts consume without lots).
+    lot_used: int = 0
+    features: dict[str, int] = field(default_factory=dict)  # "used:<f>" / "units:<f>" -> n
+    unlimited: bool | None = None
+    seq: int = 0
+
+    def apply(self, e: Event) -> None:
+        self.seq = max(self.seq, e.seq)
+        if e.kind == "grant":
+            priority = DEFAULT_PRIORITY if e.priority is None else e.priority
+            self.lots[e.lot] = LotState(
+                e.amount, e.amount, priority, e.expires_at_ms, e.source, e.reference, e.ts_ms
+            )
+            self.totals["granted"] += e.amount
+        elif e.kind == "consume":
+            self.totals["used"] += e.amount
+            self.features[f"used:{e.feature}"] = (
+                self.features.get(f"used:{e.feature}", 0) + e.amount
+            )
+            self.features[f"units:{e.feature}"] = (
+                self.features.get(f"units:{e.feature}", 0) + e.units
+            )
+            if e.lot:
+                self.lots[e.lot].remaining -= e.amount
+                self.lot_used += e.amount
+        elif e.kind in ("expire", "reset"):
+            self.lots[e.lot].remaining -= e.amount
+            self.totals["expired" if e.kind == "expire" else "removed"] += e.amount
+        elif e.kind == "options":
+            self.unlimited = e.unlimited
+
+    @property
+    def balance(self) -> int:
+        return sum(lot.remaining for lot in self.lots.values())
+
+    def live_lots(self) -> dict[str, int]:
+        return {lot_id: lot.remaining for lot_id, lot in self.lots.items() if lot.remaining > 0}
+
+    def redis_fields(self) -> dict[str, str]:
+        fields = {name: str(value) for name, value in self.totals.items()}
+        fields.update((name, str(value)) for name, value in self.features.items())
+        fields["balance"] = str(self.balance)
+        fields["seq"] = str(self.seq)
+        if self.unlimited is not None:
+            fields["unlimited"] = "1" if self.unlimited else "0"
+        return fields
+
+
+async def replay(events: AsyncIterator[Event]) -> AsyncIterator[AccountState]:
+    """Fold a scan (ordered by tenant, account, seq) into one state per account."""
+    state: AccountState | None = None
+    async for e in events:
+        if state is None or (state.tenant, state.account) != (e.tenant, e.account):
+            if state is not None:
+                yield state
+            state = AccountState(e.tenant, e.account)
+        state.apply(e)
+    if state is not None:
+        yield state
+
+
+@dataclass(frozen=True)
+class Drift:
+    tenant: str
+    account: str
+    problems: list[str]
+
+
+def compare(state: AccountState, snap: AccountSnapshot) -> list[str]:
+    """What differs between an account's ledger state and its Redis snapshot."""
+    problems = []
+    ledger_lots = state.live_lots()
+    redis_lots = {lot.lot_id: lot.remaining for lot in snap.lots if lot.remaining > 0}
+    if ledger_lots != redis_lots:
+        problems.append(f"lots: ledger {ledger_lots} != redis {redis_lots}")
+    identity = state.totals["granted"] - state.lot_used - state.totals["expired"]
+    identity -= state.totals["removed"]
+    if identity != snap.int_field("balance"):
+        problems.append(
+            f"balance: grants - consumption - expiry - resets = {identity}"
+            f" != redis {snap.int_field('balance')}"
+        )
+    for name in TOTALS:
+        if state.totals[name] != snap.int_field(name):
+            problems.append(f"{name}: ledger {state.totals[name]} != redis {snap.int_field(name)}")
+    return problems
+
+
+def restore_lots(state: AccountState) -> list[dict[str, str]]:
+    """The account's live lots as restore.lua takes them."""
+    lots = []
+    for lot_id, lot in state.lots.items():
+        if lot.remaining <= 0:
+            continue
+        key = burn_key(
+            lot.priority, lot.expires_at_ms, LotSource(lot.source), lot.created_ms, lot_id
+        )
+        meta = {
+            "amount": str(lot.amount),
+            "priority": str(lot.priority),
+            "expires_at": str(lot.expires_at_ms or 0),
+            "source": lot.source,
+            "reference": lot.reference,
+            "created": str(lot.created_ms),
+            "burn_key": key,
+        }
+        lots.append(
+            {
+                "id": lot_id,
+                "remaining": str(lot.remaining),
+                "expires_at": str(lot.expires_at_ms or 0),
+                "burn_key": key,
+                "meta": json.dumps(meta),
+            }
+        )
+    return lots
+
+
+class Recovery:
+    def __init__(self, ledger: Ledger, store: RedisStore) -> None:
+        self.ledger = ledger
+        self.store = store
+
+    async def audit(
+        self, tenant: str | None = None, wait_s: float = 10.0
+    ) -> tuple[int, list[Drift]]:
+        """Check every account; returns (accounts checked, drifts).
+
+        Works beside a running server: each account is compared at the seq its Redis
+        snapshot has, waiting (up to `wait_s`) for the flusher to bring the ledger there.
+        """
+        seen: set[tuple[str, str]] = set()
+        drifts: list[Drift] = []
+        async for state in replay(self.ledger.scan(tenant)):
+            seen.add((state.tenant, state.account))
+            problems = await self._check(state, wait_s)
+            if problems:
+                drifts.append(Drift(state.tenant, state.account, problems))
+        # Accounts Redis has and the ledger does not (their events never arrived).
+        for (t, account), seq in (await self.store.account_seqs()).items():
+            if (t, account) in seen or (tenant is not None and t != tenant):
+                continue
+            state = await self._caught_up(AccountState(t, account), seq, wait_s)
+            seen.add((t, account))
+            problems = await self._check(state, wait_s)
+            if problems:
+                drifts.append(Drift(t, account, problems))
+        return len(seen), drifts
+
+    async def _account_state(self, tenant: str, account: str, upto: int) -> AccountState:
+        state = AccountState(tenant, account)
+        async for e in self.ledger.scan(tenant, account):
+            if e.seq <= upto:
+                state.apply(e)
+        return state
+
+    async def _caught_up(self, state: AccountState, seq: int, wait_s: float) -> AccountState:
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while state.seq < seq and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+            state = await self._account_state(state.tenant, state.account, seq)
+        return state
+
+    async def _check(self, state: AccountState, wait_s: float) -> list[str]:
+        snap = await self.store.snapshot(AccountKeys(state.tenant, state.account))
+        redis_seq = snap.int_field("seq")
+        if state.seq > redis_seq:
+            return [f"seq: ledger has events up to {state.seq}, redis only {redis_seq}"]
+        if state.seq < redis_seq:
+            state = await self._caught_up(state, redis_seq, wait_s)
+            snap = await self.store.snapshot(AccountKeys(state.tenant, state.account))
+            if state.seq != snap.int_field("seq"):
+                at = snap.int_field("seq")
+                return [f"seq: redis is at {at}, ledger at {state.seq} (flusher behind or lost)"]
+            state = await self._account_state(state.tenant, state.account, snap.int_field("seq"))
+        return compare(state, snap)
+
+    async def rebuild(self, now_ms: int, replace: bool = False) -> tuple[int, int, list[str]]:
+        """Restore Redis from the ledger; returns (accounts, idempotency records, skipped)."""
+        await self._confirm_staged_grants(now_ms)
+        accounts = 0
+        skipped: list[str] = []
+        async for state in replay(self.ledger.scan()):
+            lots = restore_lots(state)
+            call = Call(now_ms=now_ms, txn=new_id("rst", now_ms))
+            try:
+                keys = AccountKeys(state.tenant, state.account)
+                await self.store.restore(keys, call, state.redis_fields(), lots, replace)
+                accounts += 1
+            except Rejected:
+                skipped.append(f"{state.tenant}/{state.account}")
+        restored = 0
+        horizon = now_ms - IDEMPOTENCY_TTL_S * 1000
+        for r in await self.ledger.requests_since(horizon):
+            ttl = max(1, (r.ts_ms - horizon) // 1000)
+            await self.store.restore_request(
+                AccountKeys(r.tenant, r.account), r.request_id, r.fingerprint, r.reply, ttl
+            )
+            restored += 1
+        return accounts, restored, skipped
+
+    async def _confirm_staged_grants(self, now_ms: int) -> None:
+        """Money-in staged in the ledger but never confirmed by its Redis event: write its
+        grant event now, so the rebuild includes it (ledger first: it is real credit)."""
+        for g in await self.ledger.unapplied_grants(now_ms + 1, 1_000_000):
+            last = 0
+            async for e in self.ledger.scan(g.tenant, g.account):
+                last = max(last, e.seq)
+            await self.ledger.append(
+                [
+                    Event(
+                        event_id=g.event_id,
+                        tenant=g.tenant,
+                        account=g.account,
+                        kind="grant",
+                        txn=g.txn,
+                        seq=last + 1,
+                        request_id=g.request_id,
+                        ts_ms=g.created_ms,
+                        lot=g.lot_id,
+                        amount=g.amount,
+                        balance=None,
+                        priority=g.priority,
+                        expires_at_ms=g.expires_at_ms,
+                        source=g.source,
+                        reference=g.reference,
+                    )
+                ],
+                [],
+            )

@@ -1,0 +1,315 @@
+"""The ledger interface and its records.
+
+A backend stores:
+- events: one row per outbox event (grant, consume, expire, reset, options), keyed by
+  event id, inserted idempotently (a replayed batch inserts nothing twice);
+- requests: the durable copy of every idempotency record (fingerprint and reply);
+- staged grants: money-in written before it reaches Redis (ledger first). A staged grant
+  counts as applied once its grant event, `<txn>:1`, is in the events table.
+
+Every backend runs the same test suite (tests/test_ledger_backends.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+#: Event kinds that change a balance or options (`request` events go to the requests table).
+EVENT_KINDS = ("grant", "consume", "expire", "reset", "options")
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return None if value is None or value == "" else int(value)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One outbox event, as the Lua scripts write it."""
+
+    event_id: str
+    tenant: str
+    account: str
+    kind: str
+    txn: str
+    seq: int
+    request_id: str
+    ts_ms: int
+    lot: str = ""
+    amount: int = 0
+    balance: int | None = None
+    feature: str = ""
+    units: int = 0
+    priority: int | None = None
+    expires_at_ms: int | None = None
+    source: str = ""
+    reference: str = ""
+    unlimited: bool | None = None
+
+    @classmethod
+    def from_fields(cls, f: Mapping[str, str]) -> Event:
+        expires = _int_or_none(f.get("expires_at"))
+        unlimited = f.get("unlimited")
+        return cls(
+            event_id=f["event_id"],
+            tenant=f["tenant"],
+            account=f["account"],
+            kind=f["kind"],
+            txn=f["txn"],
+            seq=int(f["seq"]),
+            request_id=f.get("request_id", ""),
+            ts_ms=int(f["ts"]),
+            lot=f.get("lot", ""),
+            amount=int(f.get("amount") or 0),
+            balance=_int_or_none(f.get("balance")),
+            feature=f.get("feature", ""),
+            units=int(f.get("units") or 0),
+            priority=_int_or_none(f.get("priority")),
+            expires_at_ms=expires or None,  # "0" means never
+            source=f.get("source", ""),
+            reference=f.get("reference", ""),
+            unlimited=None if unlimited is None else unlimited == "1",
+        )
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """The durable copy of an idempotency record."""
+
+    tenant: str
+    account: str
+    request_id: str
+    fingerprint: str
+    reply: str
+    txn: str
+    ts_ms: int
+
+    @classmethod
+    def from_fields(cls, f: Mapping[str, str]) -> RequestRecord:
+        return cls(
+            tenant=f["tenant"],
+            account=f["account"],
+            request_id=f["request_id"],
+            fingerprint=f["fp"],
+            reply=f["reply"],
+            txn=f["txn"],
+            ts_ms=int(f["ts"]),
+        )
+
+
+@dataclass(frozen=True)
+class StagedGrant:
+    """Money-in written to the ledger before it is applied to Redis."""
+
+    tenant: str
+    account: str
+    request_id: str
+    fingerprint: str
+    txn: str
+    lot_id: str
+    amount: int
+    priority: int
+    expires_at_ms: int | None
+    source: str
+    reference: str
+    created_ms: int
+
+    @property
+    def event_id(self) -> str:
+        """The id of the grant event that confirms this grant reached Redis."""
+        return f"{self.txn}:1"
+
+
+@dataclass(frozen=True)
+class TxnQuery:
+    """Filters for transaction history (empty tuples mean any)."""
+
+    kinds: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
+    start_ms: int | None = None
+    end_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """The events of one transaction, read as one history entry."""
+
+    txn: str
+    kind: str
+    tenant: str
+    account: str
+    seq: int
+    ts_ms: int
+    request_id: str
+    feature: str
+    units: int
+    amount: int
+    balance: int | None
+    lines: list[tuple[str, int]] = field(default_factory=list)
+
+
+class Period(StrEnum):
+    DAY = "day"
+    MONTH = "month"
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    period: str  # "YYYY-MM-DD" or "YYYY-MM", UTC
+    feature: str
+    credits: int
+    units: int
+
+
+def group_transactions(events: Sequence[Event]) -> list[Transaction]:
+    """Fold events (ordered by seq) into transactions, in the order of their first event."""
+    by_txn: dict[str, list[Event]] = {}
+    for e in events:
+        by_txn.setdefault(e.txn, []).append(e)
+    result = []
+    for txn, rows in by_txn.items():
+        first = rows[0]
+        result.append(
+            Transaction(
+                txn=txn,
+                kind=first.kind,
+                tenant=first.tenant,
+                account=first.account,
+                seq=first.seq,
+                ts_ms=first.ts_ms,
+                request_id=first.request_id,
+                feature=first.feature,
+                units=sum(r.units for r in rows),
+                amount=sum(r.amount for r in rows),
+                balance=rows[-1].balance,
+                lines=[(r.lot, r.amount) for r in rows if r.lot],
+            )
+        )
+    return result
+
+
+# --- rows, shared by the SQL backends ----------------------------------------------------
+# Column orders match the tables: events (EVENT_COLUMNS), requests and staged_grants (the
+# fields of RequestRecord and StagedGrant, in order).
+
+EVENT_COLUMNS = (
+    "event_id, tenant, account, kind, txn, seq, request_id, ts_ms, lot, amount, balance,"
+    " feature, units, priority, expires_at, source, reference, unlimited"
+)
+
+
+def event_row(e: Event) -> tuple[Any, ...]:
+    return (
+        e.event_id, e.tenant, e.account, e.kind, e.txn, e.seq, e.request_id, e.ts_ms, e.lot,
+        e.amount, e.balance, e.feature, e.units, e.priority, e.expires_at_ms, e.source,
+        e.reference, e.unlimited,  # a bool: SQLite stores it as 0/1, PostgreSQL as BOOLEAN
+    )  # fmt: skip
+
+
+def event_from_row(r: Sequence[Any]) -> Event:
+    return Event(
+        event_id=r[0], tenant=r[1], account=r[2], kind=r[3], txn=r[4], seq=r[5],
+        request_id=r[6], ts_ms=r[7], lot=r[8], amount=r[9], balance=r[10], feature=r[11],
+        units=r[12], priority=r[13], expires_at_ms=r[14], source=r[15], reference=r[16],
+        unlimited=None if r[17] is None else bool(r[17]),
+    )  # fmt: skip
+
+
+def request_row(r: RequestRecord) -> tuple[Any, ...]:
+    return (r.tenant, r.account, r.request_id, r.fingerprint, r.reply, r.txn, r.ts_ms)
+
+
+def grant_row(g: StagedGrant) -> tuple[Any, ...]:
+    return (
+        g.tenant, g.account, g.request_id, g.fingerprint, g.txn, g.lot_id, g.amount,
+        g.priority, g.expires_at_ms, g.source, g.reference, g.created_ms,
+    )  # fmt: skip
+
+
+def txn_filters(query: TxnQuery, placeholder: Callable[[], str]) -> tuple[str, list[Any]]:
+    """SQL conditions (after tenant and account) and their parameters for a history query.
+
+    `placeholder` returns the next parameter marker: "?" for SQLite, "$3", "$4"... for
+    PostgreSQL."""
+    sql: list[str] = []
+    params: list[Any] = []
+    if query.kinds:
+        sql.append(f"kind IN ({', '.join(placeholder() for _ in query.kinds)})")
+        params.extend(query.kinds)
+    if query.features:
+        sql.append(f"feature IN ({', '.join(placeholder() for _ in query.features)})")
+        params.extend(query.features)
+    if query.start_ms is not None:
+        sql.append(f"ts_ms >= {placeholder()}")
+        params.append(query.start_ms)
+    if query.end_ms is not None:
+        sql.append(f"ts_ms < {placeholder()}")
+        params.append(query.end_ms)
+    return "".join(f" AND {s}" for s in sql), params
+
+
+class Ledger(ABC):
+    """A durable, append-only store of events. Safe for several processes at once."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and create the schema if needed."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise if the ledger cannot take writes."""
+
+    @abstractmethod
+    async def append(self, events: Sequence[Event], requests: Sequence[RequestRecord]) -> int:
+        """Insert events and request records in one transaction, skipping ids already
+        present; returns how many events were new. Committed when it returns."""
+
+    @abstractmethod
+    async def stage_grant(self, grant: StagedGrant) -> StagedGrant:
+        """Record money-in before it reaches Redis. A retry (same tenant, account, request
+        id and fingerprint) returns the first staged grant; the same request id with another
+        fingerprint raises Rejected(IDEMPOTENCY_KEY_REUSED)."""
+
+    @abstractmethod
+    async def withdraw_grant(self, grant: StagedGrant) -> None:
+        """Remove a staged grant that Redis refused (it never became credit)."""
+
+    @abstractmethod
+    async def unapplied_grants(self, created_before_ms: int, limit: int) -> list[StagedGrant]:
+        """Staged grants older than the cutoff whose grant event is not in the ledger."""
+
+    @abstractmethod
+    async def transactions(
+        self, tenant: str, account: str, query: TxnQuery, limit: int, before_seq: int | None
+    ) -> list[Transaction]:
+        """The account's transactions newest first (by the seq of their first event), those
+        starting before `before_seq` if given, at most `limit`."""
+
+    @abstractmethod
+    async def usage(
+        self,
+        tenant: str,
+        account: str | None,
+        start_ms: int,
+        end_ms: int,
+        period: Period,
+        feature: str | None,
+    ) -> list[UsageRow]:
+        """Credits and units consumed per period (UTC) and feature, in [start, end)."""
+
+    @abstractmethod
+    def scan(self, tenant: str | None = None, account: str | None = None) -> AsyncIterator[Event]:
+        """Every event (of a tenant, of an account), ordered by tenant, account, seq."""
+
+    @abstractmethod
+    async def requests_since(self, ts_ms: int) -> list[RequestRecord]:
+        """Request records written at or after `ts_ms` (to restore idempotency records)."""
+
+    @abstractmethod
+    async def event_count(self) -> int: ...

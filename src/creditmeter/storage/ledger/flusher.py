@@ -1,0 +1,239 @@
+"""The flusher: drains the Redis Stream outboxes into the ledger.
+
+Every flusher reads all bucket outboxes through one consumer group, so several flushers
+(in `serve` and in `creditmeter flush` processes) share the work. A batch is inserted in
+one ledger transaction (idempotent on event id) and acknowledged only after the commit,
+so a crash between the two re-delivers the batch and the ledger still holds each event
+once. A restarted flusher first re-reads its own pending entries; entries pending on a
+consumer that has been idle too long (a dead flusher) are claimed with XAUTOCLAIM.
+Outboxes are trimmed only below the oldest entry not yet acknowledged, never by length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from creditmeter.constants import (
+    BUCKETS,
+    FLUSH_BLOCK_MS,
+    FLUSH_CLAIM_IDLE_MS,
+    FLUSH_GROUP,
+    FLUSH_MAINTENANCE_INTERVAL_S,
+    FLUSH_READ_COUNT,
+)
+from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
+from creditmeter.storage.redis_store import outbox_key
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[str, dict[str, str]]
+
+
+def consumer_name() -> str:
+    """A name unique to this process (host and pid)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _ms_of(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+@dataclass
+class FlushStats:
+    events: int = 0
+    batches: int = 0
+    #: Age of the oldest entry in the last batch when it was committed (ms).
+    last_lag_ms: int = 0
+
+
+class Flusher:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ledger: Ledger,
+        consumer: str | None = None,
+        read_count: int = FLUSH_READ_COUNT,
+        block_ms: int = FLUSH_BLOCK_MS,
+        claim_idle_ms: int = FLUSH_CLAIM_IDLE_MS,
+    ) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.consumer = consumer or consumer_name()
+        self.read_count = read_count
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.streams = [outbox_key(b) for b in range(BUCKETS)]
+        self.stats = FlushStats()
+        self._own_pending_done = False
+
+    async def ensure_groups(self) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xgroup_create(stream, FLUSH_GROUP, id="0", mkstream=True)
+            results = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
+                raise result
+
+    async def _read(self, new: bool) -> list[tuple[str, list[Entry]]]:
+        start = ">" if new else "0"
+        reply = await self.client.xreadgroup(
+            FLUSH_GROUP,
+            self.consumer,
+            {s: start for s in self.streams},
+            count=self.read_count,
+            block=self.block_ms if new else None,
+        )
+        streams = cast(list[tuple[str, list[Entry]]], reply or [])
+        return [(stream, entries) for stream, entries in streams if entries]
+
+    async def commit(self, batch: Sequence[tuple[str, list[Entry]]]) -> int:
+        """Write a batch to the ledger, then acknowledge it. Returns events written."""
+        events: list[Event] = []
+        requests: list[RequestRecord] = []
+        for _stream, entries in batch:
+            for _entry_id, fields in entries:
+                if fields.get("kind") == "request":
+                    requests.append(RequestRecord.from_fields(fields))
+                else:
+                    events.append(Event.from_fields(fields))
+        if not events and not requests:
+            return 0
+        await self.ledger.append(events, requests)
+        oldest = min(_ms_of(entries[0][0]) for _s, entries in batch)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, entries in batch:
+                pipe.xack(stream, FLUSH_GROUP, *(entry_id for entry_id, _ in entries))
+            await pipe.execute()
+        self.stats.events += len(events)
+        self.stats.batches += 1
+        self.stats.last_lag_ms = max(0, int(time.time() * 1000) - oldest)
+        return len(events)
+
+    async def flush_once(self) -> int:
+        """Read one batch (own pending entries first after a start) and commit it."""
+        if not self._own_pending_done:
+            batch = await self._read(new=False)
+            if not batch:
+                self._own_pending_done = True
+                return 0
+        else:
+            batch = await self._read(new=True)
+        return await self.commit(batch)
+
+    async def claim_dead(self) -> int:
+        """Take over entries left pending by flushers that stopped; returns entries claimed."""
+        claimed = 0
+        for stream in self.streams:
+            start = "0-0"
+            while True:
+                next_start, entries, *_ = await self.client.xautoclaim(
+                    stream, FLUSH_GROUP, self.consumer, self.claim_idle_ms, start,
+                    count=self.read_count,
+                )  # fmt: skip
+                entries = [(i, f) for i, f in entries if f is not None]
+                if entries:
+                    await self.commit([(stream, entries)])
+                    claimed += len(entries)
+                if next_start in ("0-0", b"0-0"):
+                    break
+                start = next_start
+        return claimed
+
+    async def trim(self) -> None:
+        """Drop flushed entries: everything below the oldest pending or undelivered one."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xinfo_groups(stream)
+                pipe.xpending(stream, FLUSH_GROUP)
+            replies = await pipe.execute(raise_on_error=False)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i, stream in enumerate(self.streams):
+                groups, pending = replies[2 * i], replies[2 * i + 1]
+                if isinstance(groups, Exception) or isinstance(pending, Exception):
+                    continue
+                group = next((g for g in groups if g["name"] == FLUSH_GROUP), None)
+                if group is None:
+                    continue
+                # Entries up to last-delivered-id were read; the unacknowledged ones among
+                # them are in the pending list. Trim strictly below both bounds.
+                bound = group["last-delivered-id"]
+                if pending["pending"]:
+                    bound = min(bound, pending["min"], key=_id_key)
+                if bound not in ("0-0", b"0-0"):
+                    pipe.xtrim(stream, minid=bound, approximate=False)
+            await pipe.execute()
+
+    async def backlog(self) -> int:
+        """Outbox entries not yet acknowledged into the ledger (undelivered + pending)."""
+        return await outbox_backlog(self.client)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Flush until stopped; survives Redis or ledger outages by retrying."""
+        stop = stop or asyncio.Event()
+        await self.ensure_groups()
+        last_maintenance = 0.0
+        while not stop.is_set():
+            try:
+                if time.monotonic() - last_maintenance > FLUSH_MAINTENANCE_INTERVAL_S:
+                    last_maintenance = time.monotonic()
+                    await self.claim_dead()
+                    await self.trim()
+                await self.flush_once()
+            except asyncio.CancelledError:
+                raise
+            except ResponseError as error:
+                if "NOGROUP" in str(error):  # Redis lost its data: recreate the groups
+                    await self.ensure_groups()
+                    continue
+                log.warning("flush failed, retrying: %s", error)
+                await _pause(stop)
+            except Exception as error:  # ledger or Redis down: keep the entries, retry
+                log.warning("flush failed, retrying: %s", error)
+                self._own_pending_done = False  # re-read what was delivered but not acked
+                await _pause(stop)
+
+
+async def _pause(stop: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=0.5)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def outbox_backlog(client: aioredis.Redis) -> int:
+    """Entries of every outbox not yet acknowledged into the ledger."""
+    async with client.pipeline(transaction=False) as pipe:
+        for bucket in range(BUCKETS):
+            pipe.xinfo_groups(outbox_key(bucket))
+            pipe.xlen(outbox_key(bucket))
+        replies = await pipe.execute(raise_on_error=False)
+    total = 0
+    for i in range(BUCKETS):
+        groups, length = replies[2 * i], replies[2 * i + 1]
+        if isinstance(length, Exception):
+            continue
+        group = (
+            None
+            if isinstance(groups, Exception)
+            else next((g for g in groups if g["name"] == FLUSH_GROUP), None)
+        )
+        if group is None or group.get("lag") is None:
+            total += int(length)  # no group yet (or lag unknown): every entry is unflushed
+        else:
+            total += int(group["lag"]) + int(group["pending"])
+    return total

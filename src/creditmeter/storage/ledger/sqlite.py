@@ -1,0 +1,313 @@
+"""The SQLite ledger, the default: one file in the data directory, WAL with
+synchronous=FULL so a committed batch survives power loss. All database work runs on one
+dedicated thread, never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from creditmeter.errors import Rejected
+from creditmeter.storage.ledger.base import (
+    EVENT_COLUMNS,
+    Event,
+    Ledger,
+    Period,
+    RequestRecord,
+    StagedGrant,
+    Transaction,
+    TxnQuery,
+    UsageRow,
+    event_from_row,
+    event_row,
+    grant_row,
+    group_transactions,
+    request_row,
+    txn_filters,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+  event_id   TEXT PRIMARY KEY,
+  tenant     TEXT NOT NULL,
+  account    TEXT NOT NULL,
+  kind       TEXT NOT NULL,
+  txn        TEXT NOT NULL,
+  seq        INTEGER NOT NULL,
+  request_id TEXT NOT NULL,
+  ts_ms      INTEGER NOT NULL,
+  lot        TEXT NOT NULL,
+  amount     INTEGER NOT NULL,
+  balance    INTEGER,
+  feature    TEXT NOT NULL,
+  units      INTEGER NOT NULL,
+  priority   INTEGER,
+  expires_at INTEGER,
+  source     TEXT NOT NULL,
+  reference  TEXT NOT NULL,
+  unlimited  INTEGER
+);
+CREATE INDEX IF NOT EXISTS events_account_seq ON events (tenant, account, seq);
+CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant, kind, ts_ms);
+CREATE TABLE IF NOT EXISTS requests (
+  tenant      TEXT NOT NULL,
+  account     TEXT NOT NULL,
+  request_id  TEXT NOT NULL,
+  fingerprint TEXT NOT NULL,
+  reply       TEXT NOT NULL,
+  txn         TEXT NOT NULL,
+  ts_ms       INTEGER NOT NULL,
+  PRIMARY KEY (tenant, account, request_id)
+);
+CREATE INDEX IF NOT EXISTS requests_time ON requests (ts_ms);
+CREATE TABLE IF NOT EXISTS staged_grants (
+  tenant      TEXT NOT NULL,
+  account     TEXT NOT NULL,
+  request_id  TEXT NOT NULL,
+  fingerprint TEXT NOT NULL,
+  txn         TEXT NOT NULL,
+  lot_id      TEXT NOT NULL,
+  amount      INTEGER NOT NULL,
+  priority    INTEGER NOT NULL,
+  expires_at  INTEGER,
+  source      TEXT NOT NULL,
+  reference   TEXT NOT NULL,
+  created_ms  INTEGER NOT NULL,
+  PRIMARY KEY (tenant, account, request_id)
+);
+CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
+"""
+
+_PERIOD_FORMAT = {Period.DAY: "%Y-%m-%d", Period.MONTH: "%Y-%m"}
+_SCAN_CHUNK = 5000
+
+
+class SqliteLedger(Ledger):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._executor is not None, "ledger not open"
+
+        def call() -> T:
+            assert self._db is not None
+            return fn(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
+
+        def connect() -> None:
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            self._db = db
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+
+        def disconnect() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, disconnect)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    async def ping(self) -> None:
+        def check(db: sqlite3.Connection) -> None:
+            # A write probe: a read-only or full disk must count as down.
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+
+        await self._run(check)
+
+    async def append(self, events: Sequence[Event], requests: Sequence[RequestRecord]) -> int:
+        rows = [event_row(e) for e in events]
+        reqs = [request_row(r) for r in requests]
+
+        def write(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                before = db.total_changes
+                db.executemany(
+                    f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * 18)})"
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    rows,
+                )
+                inserted = db.total_changes - before
+                db.executemany(
+                    "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    reqs,
+                )
+                db.execute("COMMIT")
+                return inserted
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        return await self._run(write)
+
+    async def stage_grant(self, grant: StagedGrant) -> StagedGrant:
+        g = grant
+
+        def write(db: sqlite3.Connection) -> StagedGrant:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                prior = db.execute(
+                    "SELECT * FROM staged_grants"
+                    " WHERE tenant = ? AND account = ? AND request_id = ?",
+                    (g.tenant, g.account, g.request_id),
+                ).fetchone()
+                if prior is None:
+                    db.execute(
+                        "INSERT INTO staged_grants VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        grant_row(g),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            if prior is None:
+                return g
+            if prior[3] != g.fingerprint:
+                raise Rejected("IDEMPOTENCY_KEY_REUSED", {"request_id": g.request_id})
+            return StagedGrant(*prior)
+
+        return await self._run(write)
+
+    async def withdraw_grant(self, grant: StagedGrant) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM staged_grants WHERE tenant = ? AND account = ? AND request_id = ?"
+                " AND txn = ?",
+                (grant.tenant, grant.account, grant.request_id, grant.txn),
+            )
+
+        await self._run(write)
+
+    async def unapplied_grants(self, created_before_ms: int, limit: int) -> list[StagedGrant]:
+        def read(db: sqlite3.Connection) -> list[StagedGrant]:
+            rows = db.execute(
+                "SELECT * FROM staged_grants s WHERE created_ms < ? AND NOT EXISTS"
+                " (SELECT 1 FROM events e WHERE e.event_id = s.txn || ':1')"
+                " ORDER BY created_ms LIMIT ?",
+                (created_before_ms, limit),
+            ).fetchall()
+            return [StagedGrant(*r) for r in rows]
+
+        return await self._run(read)
+
+    async def transactions(
+        self, tenant: str, account: str, query: TxnQuery, limit: int, before_seq: int | None
+    ) -> list[Transaction]:
+        where, params = txn_filters(query, lambda: "?")
+
+        def read(db: sqlite3.Connection) -> list[Transaction]:
+            having = "" if before_seq is None else " HAVING MIN(seq) < ?"
+            page = db.execute(
+                "SELECT txn, MIN(seq) AS first FROM events WHERE tenant = ? AND account = ?"
+                f"{where} GROUP BY txn{having} ORDER BY first DESC LIMIT ?",
+                [tenant, account, *params, *([] if before_seq is None else [before_seq]), limit],
+            ).fetchall()
+            if not page:
+                return []
+            txns = [r[0] for r in page]
+            rows = db.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE tenant = ? AND account = ?"
+                f" AND txn IN ({', '.join('?' * len(txns))}) ORDER BY seq",
+                [tenant, account, *txns],
+            ).fetchall()
+            grouped = group_transactions([event_from_row(r) for r in rows])
+            return sorted(grouped, key=lambda t: t.seq, reverse=True)
+
+        return await self._run(read)
+
+    async def usage(
+        self,
+        tenant: str,
+        account: str | None,
+        start_ms: int,
+        end_ms: int,
+        period: Period,
+        feature: str | None,
+    ) -> list[UsageRow]:
+        fmt = _PERIOD_FORMAT[period]
+        sql = (
+            f"SELECT strftime('{fmt}', ts_ms / 1000, 'unixepoch') AS period, feature,"
+            " SUM(amount), SUM(units) FROM events"
+            " WHERE tenant = ? AND kind = 'consume' AND ts_ms >= ? AND ts_ms < ?"
+        )
+        params: list[Any] = [tenant, start_ms, end_ms]
+        if account is not None:
+            sql += " AND account = ?"
+            params.append(account)
+        if feature is not None:
+            sql += " AND feature = ?"
+            params.append(feature)
+        sql += " GROUP BY period, feature ORDER BY period, feature"
+
+        def read(db: sqlite3.Connection) -> list[UsageRow]:
+            return [UsageRow(*r) for r in db.execute(sql, params).fetchall()]
+
+        return await self._run(read)
+
+    async def scan(
+        self, tenant: str | None = None, account: str | None = None
+    ) -> AsyncIterator[Event]:
+        cursor: tuple[str, str, int, str] = ("", "", -1, "")
+        scope = [("tenant", tenant), ("account", account)]
+        tenant_sql = "".join(f" AND {col} = ?" for col, value in scope if value is not None)
+        scope_params = [value for _, value in scope if value is not None]
+        while True:
+            params: list[Any] = [*cursor, *scope_params, _SCAN_CHUNK]
+
+            def read(
+                db: sqlite3.Connection, sql: str = tenant_sql, p: list[Any] = params
+            ) -> list[Any]:
+                return db.execute(
+                    f"SELECT {EVENT_COLUMNS} FROM events"
+                    " WHERE (tenant, account, seq, event_id) > (?, ?, ?, ?)"
+                    f"{sql} ORDER BY tenant, account, seq, event_id LIMIT ?",
+                    p,
+                ).fetchall()
+
+            rows = await self._run(read)
+            for r in rows:
+                yield event_from_row(r)
+            if len(rows) < _SCAN_CHUNK:
+                return
+            last = rows[-1]
+            cursor = (last[1], last[2], last[5], last[0])
+
+    async def requests_since(self, ts_ms: int) -> list[RequestRecord]:
+        def read(db: sqlite3.Connection) -> list[RequestRecord]:
+            rows = db.execute(
+                "SELECT tenant, account, request_id, fingerprint, reply, txn, ts_ms"
+                " FROM requests WHERE ts_ms >= ?",
+                (ts_ms,),
+            ).fetchall()
+            return [RequestRecord(*r) for r in rows]
+
+        return await self._run(read)
+
+    async def event_count(self) -> int:
+        def read(db: sqlite3.Connection) -> int:
+            return int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+        return await self._run(read)

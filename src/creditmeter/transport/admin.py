@@ -1,0 +1,122 @@
+"""Operator commands that work on the server's stores directly, beside a running server
+or without one: `flush`, `audit`, `rebuild`. They find Redis and the ledger from the same
+--data-dir (or URLs) that `serve` uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from rich.console import Console
+from rich.table import Table
+
+from creditmeter.domain.clock import SystemClock
+from creditmeter.domain.recovery import Recovery
+from creditmeter.storage.embedded_redis import EmbeddedRedis, endpoint_file
+from creditmeter.storage.ledger import open_ledger
+from creditmeter.storage.ledger.base import Ledger
+from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
+from creditmeter.storage.redis_store import RedisStore
+
+
+@dataclass
+class Stores:
+    redis: aioredis.Redis
+    ledger: Ledger
+
+
+async def _answers(url: str) -> bool:
+    client = aioredis.from_url(url, socket_connect_timeout=1.0)
+    try:
+        return bool(await client.ping())
+    except (aioredis.ConnectionError, OSError):
+        return False
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_stores(
+    data_dir: str, redis_url: str | None, ledger_url: str | None
+) -> AsyncIterator[Stores]:
+    """The server's Redis (given, the running embedded one, or the embedded one started
+    just for this command) and its ledger."""
+    directory = Path(data_dir)
+    embedded: EmbeddedRedis | None = None
+    url = redis_url
+    if url is None:
+        endpoint = endpoint_file(directory)
+        if endpoint.exists() and await _answers(endpoint.read_text().strip()):
+            url = endpoint.read_text().strip()
+        else:
+            embedded = EmbeddedRedis(directory)
+            url = await embedded.start()
+    client = aioredis.from_url(url, decode_responses=True)
+    ledger = open_ledger(ledger_url, directory)
+    await ledger.open()
+    try:
+        yield Stores(client, ledger)
+    finally:
+        await ledger.close()
+        await client.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def run_flusher(data_dir: str, redis_url: str | None, ledger_url: str | None) -> int:
+    """Flush until SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with open_stores(data_dir, redis_url, ledger_url) as stores:
+        await Flusher(stores.redis, stores.ledger).run(stop)
+    return 0
+
+
+async def audit(
+    data_dir: str,
+    redis_url: str | None,
+    ledger_url: str | None,
+    tenant: str | None,
+    wait_s: float,
+    console: Console,
+) -> int:
+    """Print the drift of every account; exit status 1 on any drift."""
+    async with open_stores(data_dir, redis_url, ledger_url) as stores:
+        backlog = await outbox_backlog(stores.redis)
+        checked, drifts = await Recovery(stores.ledger, RedisStore(stores.redis)).audit(
+            tenant, wait_s
+        )
+    if drifts:
+        table = Table("tenant", "account", "drift")
+        for d in drifts:
+            table.add_row(d.tenant, d.account, "\n".join(d.problems))
+        console.print(table)
+    console.print(
+        f"audited {checked} accounts: {len(drifts)} with drift (outbox backlog at start: {backlog})"
+    )
+    return 1 if drifts else 0
+
+
+async def rebuild(
+    data_dir: str, redis_url: str | None, ledger_url: str | None, replace: bool, console: Console
+) -> int:
+    """Restore Redis from the ledger."""
+    async with open_stores(data_dir, redis_url, ledger_url) as stores:
+        accounts, requests, skipped = await Recovery(
+            stores.ledger, RedisStore(stores.redis)
+        ).rebuild(SystemClock().now_ms(), replace)
+    console.print(f"restored {accounts} accounts and {requests} idempotency records")
+    if skipped:
+        console.print(
+            f"skipped {len(skipped)} accounts that have state in Redis (use --replace): "
+            + ", ".join(skipped[:20])
+        )
+        return 1
+    return 0
