@@ -87,7 +87,12 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-async def app(redis_url: str, tmp_path: Path, clock: ManualClock) -> AsyncIterator[App]:
+async def app(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path: Path, clock: ManualClock
+) -> AsyncIterator[App]:
+    """The server in-process. Its flusher runs only for tests marked `flusher`: the others
+    read the outbox streams directly, which a flusher would trim."""
+    marker = request.node.get_closest_marker("flusher")
     app = App(
         Settings(
             listen="127.0.0.1:0",
@@ -95,6 +100,8 @@ async def app(redis_url: str, tmp_path: Path, clock: ManualClock) -> AsyncIterat
             redis_url=redis_url,
             clock=clock,
             shutdown_grace_s=1.0,
+            flusher=marker is not None,
+            **(marker.kwargs if marker else {}),
         )
     )
     await app.start()
