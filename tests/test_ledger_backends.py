@@ -25,10 +25,7 @@ T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
-    if request.param == "sqlite":
-        url = None
-    else:
-        url = request.getfixturevalue("postgres_url")
+    url = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     ledger = open_ledger(url, tmp_path)
     await ledger.open()
     yield ledger

@@ -237,6 +237,45 @@ CASES = [
     case("set-rate-increment-over-24h", "SetRate",
          lambda now: set_rate(feature="voice", billing_increment=dur(86_401)),
          "rate.billing_increment"),
+    # ListTransactions
+    case("history-page-size-negative", "ListTransactions",
+         lambda now: pb.ListTransactionsRequest(account_id=ACCOUNT, page_size=-1), "page_size"),
+    case("history-page-token-garbage", "ListTransactions",
+         lambda now: pb.ListTransactionsRequest(account_id=ACCOUNT, page_token="nope"),
+         "page_token"),
+    case("history-account-brace", "ListTransactions",
+         lambda now: pb.ListTransactionsRequest(account_id="a{b"), "account_id"),
+    case("history-kind-unspecified", "ListTransactions",
+         lambda now: pb.ListTransactionsRequest(
+             account_id=ACCOUNT, filter=pb.TransactionFilter(kinds=[0])), "filter.kinds[0]"),
+    case("history-kind-unknown", "ListTransactions",
+         lambda now: pb.ListTransactionsRequest(
+             account_id=ACCOUNT, filter=pb.TransactionFilter(kinds=[99])), "filter.kinds[0]"),
+    case("history-feature-upper", "ListTransactions",
+         lambda now: pb.ListTransactionsRequest(
+             account_id=ACCOUNT, filter=pb.TransactionFilter(features=["Text"])),
+         "filter.features[0]"),
+    case("history-end-before-start", "ListTransactions",
+         lambda now: pb.ListTransactionsRequest(
+             account_id=ACCOUNT,
+             filter=pb.TransactionFilter(start_time=ts(now // 1000), end_time=ts(1))),
+         "filter.end_time"),
+    # GetUsageReport
+    case("report-start-missing", "GetUsageReport",
+         lambda now: pb.GetUsageReportRequest(account_id=ACCOUNT, end_time=ts(now // 1000)),
+         "start_time"),
+    case("report-end-before-start", "GetUsageReport",
+         lambda now: pb.GetUsageReportRequest(
+             account_id=ACCOUNT, start_time=ts(now // 1000), end_time=ts(1)), "end_time"),
+    case("report-span-too-long", "GetUsageReport",
+         lambda now: pb.GetUsageReportRequest(
+             account_id=ACCOUNT, start_time=ts(0), end_time=ts(now // 1000)), "end_time"),
+    case("report-feature-bad", "GetUsageReport",
+         lambda now: pb.GetUsageReportRequest(
+             start_time=ts(0), end_time=ts(86_400), feature="no way"), "feature"),
+    case("report-period-unknown", "GetUsageReport",
+         lambda now: pb.GetUsageReportRequest(
+             start_time=ts(0), end_time=ts(86_400), group_by=7), "group_by"),
 ]
 
 
@@ -325,7 +364,8 @@ async def test_invalid_request(
 def test_table_covers_every_mutating_and_reading_rpc() -> None:
     methods = {p.values[0].method for p in CASES}
     assert methods == {m.name for m in pb.DESCRIPTOR.services_by_name["Credits"].methods} - {
-        "ListRates"  # takes no fields
+        "ListRates",  # takes no fields
+        "GetLedgerStatus",  # takes no fields
     }
 
 

@@ -342,6 +342,12 @@ def cmd_ledger_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ledger(args: argparse.Namespace) -> int:
+    from creditmeter.bench.ledger import run
+
+    return run(args.seconds, args.processes, args.concurrency, args.ledger_url, args.json)
+
+
 def cmd_flush(args: argparse.Namespace) -> int:
     from creditmeter.transport.admin import run_flusher
 
@@ -555,6 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", default="")
     _client_flags(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench-ledger", help="measure flush rate and lag under full load")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=32, help="calls in flight per process")
+    p.add_argument("--json", help="also write the figures to this file")
+    _ledger_flag(p)
+    p.set_defaults(func=cmd_bench_ledger)
 
     p = sub.add_parser("ledger-status", help="outbox backlog and flush lag")
     _client_flags(p)
