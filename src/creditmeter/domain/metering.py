@@ -28,7 +28,15 @@ from creditmeter.domain.validation import Violations
 from creditmeter.errors import AccountNotFound, Rejected, from_rejection
 from creditmeter.storage.config_store import ConfigStore, RateRow
 from creditmeter.storage.ledger.base import Ledger, StagedGrant
-from creditmeter.storage.redis_store import AccountKeys, Call, LotRecord, NewLot, RedisStore
+from creditmeter.storage.redis_store import (
+    AccountKeys,
+    Call,
+    GrantRecord,
+    LotRecord,
+    NewLot,
+    RedisStore,
+    SetBalanceRecord,
+)
 
 T = TypeVar("T")
 
@@ -95,7 +103,7 @@ def _lot(record: LotRecord) -> Lot:
     )
 
 
-def _staged(keys: AccountKeys, call: Call, lot: NewLot) -> StagedGrant:
+def _staged(keys: AccountKeys, call: Call, lot: NewLot, operation: str) -> StagedGrant:
     return StagedGrant(
         tenant=keys.tenant,
         account=keys.account,
@@ -109,7 +117,43 @@ def _staged(keys: AccountKeys, call: Call, lot: NewLot) -> StagedGrant:
         source=lot.source,
         reference=lot.reference,
         created_ms=call.now_ms,
+        operation=operation,
     )
+
+
+async def apply_staged(
+    store: RedisStore, ledger: Ledger, staged: StagedGrant, now_ms: int
+) -> GrantRecord | SetBalanceRecord:
+    """Apply money-in staged in the ledger to Redis, with the call that staged it.
+
+    Idempotent: it runs under the staged request id, transaction and lot id, so a retry
+    (the client's, the reconciler's, or a rebuild's) replays the first reply. A grant Redis
+    refuses is withdrawn from the ledger, so it never counts as credit.
+    """
+    call = Call(now_ms, staged.txn, staged.request_id, staged.fingerprint)
+    lot = NewLot(
+        lot_id=staged.lot_id,
+        amount=staged.amount,
+        priority=staged.priority,
+        expires_at_ms=staged.expires_at_ms,
+        source=staged.source,
+        reference=staged.reference,
+        burn_key=burn_key(
+            staged.priority,
+            staged.expires_at_ms,
+            LotSource(staged.source),
+            staged.created_ms,
+            staged.lot_id,
+        ),
+    )
+    keys = AccountKeys(staged.tenant, staged.account)
+    try:
+        if staged.operation == "grant":
+            return await store.grant(keys, call, lot)
+        return await store.set_balance(keys, call, staged.operation == "reset", lot)
+    except Rejected as rejected:
+        await ledger.withdraw_grant(staged)
+        raise from_rejection(rejected) from None
 
 
 async def _applied(call: Awaitable[T]) -> T:
@@ -232,36 +276,15 @@ class Metering:
         if self.ledger is None:
             record = await _applied(self.store.grant(keys, call, lot))
             return GrantResult(lot=_lot(record.lot), balance=record.balance)
-        staged = await _applied(self.ledger.stage_grant(_staged(keys, call, lot)))
-        return await self.apply_staged(staged, call.now_ms)
+        staged = await _applied(self.ledger.stage_grant(_staged(keys, call, lot, "grant")))
+        applied = await apply_staged(self.store, self.ledger, staged, call.now_ms)
+        assert isinstance(applied, GrantRecord)
+        return GrantResult(lot=_lot(applied.lot), balance=applied.balance)
 
-    async def apply_staged(self, staged: StagedGrant, now_ms: int) -> GrantResult:
-        """Apply a grant staged in the ledger to Redis.
-
-        Idempotent: a retry (or the reconciler re-applying it) replays the first reply. A
-        grant Redis refuses is withdrawn from the ledger, so it never counts as credit.
-        """
+    async def apply_staged(self, staged: StagedGrant, now_ms: int) -> None:
+        """Apply a staged grant to Redis (the reconciler's retry); see `apply_staged`."""
         assert self.ledger is not None
-        call = Call(now_ms, staged.txn, staged.request_id, staged.fingerprint)
-        source = LotSource(staged.source)
-        lot = NewLot(
-            lot_id=staged.lot_id,
-            amount=staged.amount,
-            priority=staged.priority,
-            expires_at_ms=staged.expires_at_ms,
-            source=staged.source,
-            reference=staged.reference,
-            burn_key=burn_key(
-                staged.priority, staged.expires_at_ms, source, staged.created_ms, staged.lot_id
-            ),
-        )
-        keys = AccountKeys(staged.tenant, staged.account)
-        try:
-            record = await self.store.grant(keys, call, lot)
-        except Rejected as rejected:
-            await self.ledger.withdraw_grant(staged)
-            raise from_rejection(rejected) from None
-        return GrantResult(lot=_lot(record.lot), balance=record.balance)
+        await apply_staged(self.store, self.ledger, staged, now_ms)
 
     # --- Consume ---------------------------------------------------------------------
     def price(
@@ -358,9 +381,14 @@ class Metering:
         lot = self._new_lot(
             call.now_ms, amount, DEFAULT_PRIORITY, None, LotSource.MANUAL, reference
         )
-        record = await _applied(
-            self.store.set_balance(AccountKeys(tenant, account_id), call, reset, lot)
-        )
+        keys = AccountKeys(tenant, account_id)
+        if self.ledger is not None and amount > 0:  # money in: ledger first
+            operation = "reset" if reset else "add"
+            staged = await _applied(self.ledger.stage_grant(_staged(keys, call, lot, operation)))
+            record = await apply_staged(self.store, self.ledger, staged, call.now_ms)
+        else:
+            record = await _applied(self.store.set_balance(keys, call, reset, lot))
+        assert isinstance(record, SetBalanceRecord)
         return SetBalanceResult(
             balance=record.balance,
             removed=record.removed,

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from creditmeter.constants import DEFAULT_PRIORITY, IDEMPOTENCY_TTL_S
 from creditmeter.domain.ids import new_id
 from creditmeter.domain.lots import LotSource, burn_key
-from creditmeter.errors import Rejected
+from creditmeter.domain.metering import apply_staged
+from creditmeter.errors import CreditError, Rejected
 from creditmeter.storage.ledger.base import Event, Ledger
 from creditmeter.storage.redis_store import AccountKeys, AccountSnapshot, Call, RedisStore
 
@@ -220,7 +221,6 @@ class Recovery:
 
     async def rebuild(self, now_ms: int, replace: bool = False) -> tuple[int, int, list[str]]:
         """Restore Redis from the ledger; returns (accounts, idempotency records, skipped)."""
-        await self._confirm_staged_grants(now_ms)
         accounts = 0
         skipped: list[str] = []
         async for state in replay(self.ledger.scan()):
@@ -240,34 +240,17 @@ class Recovery:
                 AccountKeys(r.tenant, r.account), r.request_id, r.fingerprint, r.reply, ttl
             )
             restored += 1
+        await self._apply_staged(now_ms)
         return accounts, restored, skipped
 
-    async def _confirm_staged_grants(self, now_ms: int) -> None:
-        """Money-in staged in the ledger but never confirmed by its Redis event: write its
-        grant event now, so the rebuild includes it (ledger first: it is real credit)."""
-        for g in await self.ledger.unapplied_grants(now_ms + 1, 1_000_000):
-            last = 0
-            async for e in self.ledger.scan(g.tenant, g.account):
-                last = max(last, e.seq)
-            await self.ledger.append(
-                [
-                    Event(
-                        event_id=g.event_id,
-                        tenant=g.tenant,
-                        account=g.account,
-                        kind="grant",
-                        txn=g.txn,
-                        seq=last + 1,
-                        request_id=g.request_id,
-                        ts_ms=g.created_ms,
-                        lot=g.lot_id,
-                        amount=g.amount,
-                        balance=None,
-                        priority=g.priority,
-                        expires_at_ms=g.expires_at_ms,
-                        source=g.source,
-                        reference=g.reference,
-                    )
-                ],
-                [],
-            )
+    async def _apply_staged(self, now_ms: int) -> int:
+        """Money-in staged in the ledger that never reached Redis: apply it now, through
+        the same scripts and under the same ids, on top of the restored state."""
+        applied = 0
+        for staged in await self.ledger.unapplied_grants(now_ms + 1, 1_000_000):
+            try:
+                await apply_staged(self.store, self.ledger, staged, now_ms)
+                applied += 1
+            except CreditError:  # refused (and withdrawn): it never was credit
+                continue
+        return applied

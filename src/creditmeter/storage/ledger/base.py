@@ -116,6 +116,9 @@ class StagedGrant:
     source: str
     reference: str
     created_ms: int
+    #: Which call staged it: "grant" (Grant), "add" (SetBalance), "reset" (SetBalance with
+    #: reset). Decides the script that applies it, so a re-application replays the same call.
+    operation: str = "grant"
 
     @property
     def event_id(self) -> str:
@@ -225,7 +228,7 @@ def request_row(r: RequestRecord) -> tuple[Any, ...]:
 def grant_row(g: StagedGrant) -> tuple[Any, ...]:
     return (
         g.tenant, g.account, g.request_id, g.fingerprint, g.txn, g.lot_id, g.amount,
-        g.priority, g.expires_at_ms, g.source, g.reference, g.created_ms,
+        g.priority, g.expires_at_ms, g.source, g.reference, g.created_ms, g.operation,
     )  # fmt: skip
 
 

@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS staged_grants (
   source      TEXT COLLATE "C" NOT NULL,
   reference   TEXT COLLATE "C" NOT NULL,
   created_ms  BIGINT NOT NULL,
+  operation   TEXT COLLATE "C" NOT NULL,
   PRIMARY KEY (tenant, account, request_id)
 );
 CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
@@ -102,7 +103,7 @@ _PERIOD_FORMAT = {Period.DAY: "YYYY-MM-DD", Period.MONTH: "YYYY-MM"}
 
 GRANT_COLUMNS = (
     "tenant, account, request_id, fingerprint, txn, lot_id, amount, priority, expires_at,"
-    " source, reference, created_ms"
+    " source, reference, created_ms, operation"
 )
 REQUEST_COLUMNS = "tenant, account, request_id, fingerprint, reply, txn, ts_ms"
 _EVENT_TYPES = (
@@ -221,7 +222,7 @@ class PostgresLedger(Ledger):
             added = await self._run(
                 lambda db: db.fetchrow(
                     f"INSERT INTO staged_grants ({GRANT_COLUMNS})"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
                     " ON CONFLICT (tenant, account, request_id) DO NOTHING RETURNING 1",
                     *grant_row(g),
                 )

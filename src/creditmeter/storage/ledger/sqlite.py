@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS staged_grants (
   source      TEXT NOT NULL,
   reference   TEXT NOT NULL,
   created_ms  INTEGER NOT NULL,
+  operation   TEXT NOT NULL,
   PRIMARY KEY (tenant, account, request_id)
 );
 CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
@@ -176,7 +177,7 @@ class SqliteLedger(Ledger):
                 ).fetchone()
                 if prior is None:
                     db.execute(
-                        "INSERT INTO staged_grants VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO staged_grants VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         grant_row(g),
                     )
                 db.execute("COMMIT")
