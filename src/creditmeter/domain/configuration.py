@@ -4,14 +4,10 @@ store's version changes (a key created or revoked by the CLI takes effect within
 from __future__ import annotations
 
 import asyncio
-import logging
 
-from creditmeter.constants import CONFIG_RELOAD_INTERVAL_S
 from creditmeter.domain.keys import ApiKey, KeyRing, Role
 from creditmeter.domain.rates import Rate, RateBook, RateUnit, is_builtin
 from creditmeter.storage.config_store import ConfigStore
-
-log = logging.getLogger(__name__)
 
 
 class LiveConfig:
@@ -50,11 +46,3 @@ class LiveConfig:
         self.rates.replace(cards)
         self._version = version
         return True
-
-    async def run(self, interval_s: float = CONFIG_RELOAD_INTERVAL_S) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.refresh()
-            except Exception:  # a locked or briefly unreadable file: try again next tick
-                log.exception("config reload failed")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from creditmeter.api.credits.v1 import credits_pb2, credits_pb2_grpc
 from creditmeter.constants import (
     BACKLOG_CHECK_INTERVAL_S,
     CONFIG_DB_NAME,
+    CONFIG_RELOAD_INTERVAL_S,
     DEFAULT_BACKLOG_CAP,
     DEFAULT_DATA_DIR,
     DEFAULT_LISTEN,
@@ -84,7 +86,9 @@ class App:
         self.ledger: Ledger | None = None
         self.flusher: Flusher | None = None
         self.gate = Backpressure(settings.backlog_cap)
-        self._stop_flusher = asyncio.Event()
+        #: Set once on stop: every background loop watches it rather than relying on task
+        #: cancellation alone (a cancellation can be swallowed inside a client library).
+        self._stopping = asyncio.Event()
 
     async def start(self) -> int:
         s = self.settings
@@ -131,15 +135,22 @@ class App:
             raise OSError(f"cannot listen on {s.listen}")
         await self.server.start()
         self.tasks = [
-            asyncio.create_task(live.run(), name="config-reload"),
-            asyncio.create_task(self._sweep_loop(metering), name="expiry-sweeper"),
-            asyncio.create_task(self._backlog_loop(), name="backlog-monitor"),
-            asyncio.create_task(self._reconcile_loop(metering), name="grant-reconciler"),
+            asyncio.create_task(
+                self._every(CONFIG_RELOAD_INTERVAL_S, live.refresh), name="config-reload"
+            ),
+            asyncio.create_task(
+                self._every(self.settings.sweep_interval_s, metering.sweep_due),
+                name="expiry-sweeper",
+            ),
+            asyncio.create_task(
+                self._every(BACKLOG_CHECK_INTERVAL_S, self._check_backlog), name="backlog-monitor"
+            ),
+            asyncio.create_task(
+                self._every(RECONCILE_INTERVAL_S, self._reconcile), name="grant-reconciler"
+            ),
         ]
         if self.flusher is not None:
-            self.tasks.append(
-                asyncio.create_task(self.flusher.run(self._stop_flusher), name="flusher")
-            )
+            self.tasks.append(asyncio.create_task(self.flusher.run(self._stopping), name="flusher"))
         for service in ("", CREDITS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -149,50 +160,41 @@ class App:
         )
         return self.port
 
-    async def _sweep_loop(self, metering: Metering) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval_s)
+    async def _every(self, interval_s: float, work: Callable[[], Awaitable[object]]) -> None:
+        """Run `work` every interval until the server stops; a failure is logged and the
+        next round tries again (Redis or the ledger briefly away)."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+                return
             try:
-                await metering.sweep_due()
-            except Exception:  # Redis briefly away: the index still holds the work
-                log.exception("expiry sweep failed")
+                await work()
+            except Exception:
+                log.warning("%s failed", getattr(work, "__qualname__", work), exc_info=True)
 
-    async def _backlog_loop(self) -> None:
+    async def _check_backlog(self) -> None:
         """Fail closed when the ledger falls too far behind, and say so in health."""
         assert self.redis is not None
-        while True:
-            try:
-                if self.gate.update(await outbox_backlog(self.redis)):
-                    state = (
-                        health_pb2.HealthCheckResponse.NOT_SERVING
-                        if self.gate.refusing
-                        else health_pb2.HealthCheckResponse.SERVING
-                    )
-                    log.warning(
-                        "outbox backlog %d (cap %d): %s",
-                        self.gate.backlog,
-                        self.gate.cap,
-                        "refusing changes" if self.gate.refusing else "accepting changes again",
-                    )
-                    for service in ("", CREDITS_SERVICE):
-                        await self.health.set(service, state)
-            except Exception:  # Redis away: the metering calls report it themselves
-                log.debug("backlog check failed", exc_info=True)
-            await asyncio.sleep(BACKLOG_CHECK_INTERVAL_S)
+        if not self.gate.update(await outbox_backlog(self.redis)):
+            return
+        serving = health_pb2.HealthCheckResponse
+        state = serving.NOT_SERVING if self.gate.refusing else serving.SERVING
+        log.warning(
+            "outbox backlog %d (cap %d): %s",
+            self.gate.backlog,
+            self.gate.cap,
+            "refusing changes" if self.gate.refusing else "accepting changes again",
+        )
+        for service in ("", CREDITS_SERVICE):
+            await self.health.set(service, state)
 
-    async def _reconcile_loop(self, metering: Metering) -> None:
+    async def _reconcile(self) -> None:
         """Re-apply money-in staged in the ledger that never reached Redis."""
-        assert self.ledger is not None
-        while True:
-            await asyncio.sleep(RECONCILE_INTERVAL_S)
-            try:
-                now = self.settings.clock.now_ms()
-                cutoff = now - STAGED_GRANT_RETRY_AFTER_MS
-                for staged in await self.ledger.unapplied_grants(cutoff, 100):
-                    log.warning("re-applying staged grant %s", staged.lot_id)
-                    await metering.apply_staged(staged, now)
-            except Exception:
-                log.warning("reconciling staged grants failed", exc_info=True)
+        assert self.ledger is not None and self.metering is not None
+        now = self.settings.clock.now_ms()
+        for staged in await self.ledger.unapplied_grants(now - STAGED_GRANT_RETRY_AFTER_MS, 100):
+            log.warning("re-applying staged grant %s", staged.lot_id)
+            await self.metering.apply_staged(staged, now)
 
     async def ledger_status(self) -> LedgerStatus:
         stats = self.flusher.stats if self.flusher else None
@@ -210,7 +212,7 @@ class App:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
-        self._stop_flusher.set()
+        self._stopping.set()
         if self.flusher is not None:
             with contextlib.suppress(Exception):
                 deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace_s
@@ -218,11 +220,12 @@ class App:
                     asyncio.get_running_loop().time() < deadline
                 ):
                     pass
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self.tasks:
+            _, late = await asyncio.wait(self.tasks, timeout=self.settings.shutdown_grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=self.settings.shutdown_grace_s)
         if self.ledger is not None:
             await self.ledger.close()
         if self.redis is not None:
