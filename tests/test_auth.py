@@ -27,6 +27,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Credits"]
 METHODS: list[str] = [m.name for m in SERVICE.methods]
 ACCOUNT = "acct-1"
 SEED = 1_000
+#: seed() also grants a lot here for VoidGrant to void; its id is only known at run time.
+VOID_ACCOUNT = "acct-void"
+VOID_LOT = {"id": ""}
 
 #: One request per RPC that succeeds for an admin key once ACCOUNT holds SEED credits.
 VALID_REQUESTS: dict[str, Callable[[], Message]] = {
@@ -49,6 +52,9 @@ VALID_REQUESTS: dict[str, Callable[[], Message]] = {
         end_time=timestamp_pb2.Timestamp(seconds=86_400),
     ),
     "GetLedgerStatus": lambda: pb.GetLedgerStatusRequest(),
+    "VoidGrant": lambda: pb.VoidGrantRequest(
+        account_id=VOID_ACCOUNT, lot_id=VOID_LOT["id"], reason="test", request_id=rid()
+    ),
 }
 
 #: What each role may call, as the proto documents it (independent of the server's table).
@@ -91,6 +97,10 @@ async def seed(tenant: Tenant, account: str = ACCOUNT, amount: int = SEED) -> No
         pb.GrantRequest(account_id=account, amount=amount, request_id=rid())
     )
     assert g.balance == amount
+    void = await tenant.admin.Grant(
+        pb.GrantRequest(account_id=VOID_ACCOUNT, amount=5, request_id=rid())
+    )
+    VOID_LOT["id"] = void.lot.lot_id
 
 
 async def state(

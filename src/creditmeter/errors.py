@@ -58,6 +58,38 @@ class BackendUnavailable(CreditError):
     reason = "BACKEND_UNAVAILABLE"
 
 
+class PackNotFound(CreditError):
+    reason = "PACK_NOT_FOUND"
+
+
+class PackNotActive(CreditError):
+    reason = "PACK_NOT_ACTIVE"
+
+
+class PurchaseNotFound(CreditError):
+    reason = "PURCHASE_NOT_FOUND"
+
+
+class PurchaseNotPending(CreditError):
+    reason = "PURCHASE_NOT_PENDING"
+
+
+class PurchaseNotCompleted(CreditError):
+    reason = "PURCHASE_NOT_COMPLETED"
+
+
+class TrialAlreadyUsed(CreditError):
+    reason = "TRIAL_ALREADY_USED"
+
+
+class LotNotFound(CreditError):
+    reason = "LOT_NOT_FOUND"
+
+
+class PaymentReferenceUsed(CreditError):
+    reason = "PAYMENT_REFERENCE_USED"
+
+
 class LedgerBacklog(CreditError):
     """The ledger is too far behind: changes are refused until the backlog drains."""
 
@@ -74,9 +106,18 @@ class Rejected(Exception):
 
 
 _REJECTIONS: dict[str, type[CreditError]] = {
-    cls.reason: cls for cls in (IdempotencyKeyReused, BalanceLimitExceeded, InsufficientCredits)
+    cls.reason: cls
+    for cls in (
+        IdempotencyKeyReused,
+        BalanceLimitExceeded,
+        InsufficientCredits,
+        PackNotFound,
+        PaymentReferenceUsed,
+    )
 }
 _MESSAGES = {
+    "PACK_NOT_FOUND": "no such pack",
+    "PAYMENT_REFERENCE_USED": "another purchase was completed with this payment reference",
     "IDEMPOTENCY_KEY_REUSED": "request_id was already used with different parameters",
     "BALANCE_LIMIT_EXCEEDED": "the change would take a balance or total past 2^53-1 credits",
     "INSUFFICIENT_CREDITS": "the balance cannot cover the charge",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -13,7 +14,7 @@ def new_id(prefix: str, now_ms: int) -> str:
     return f"{prefix}_{now_ms:011x}{secrets.token_hex(8)}"
 
 
-def fingerprint(operation: str, params: dict[str, Any]) -> str:
+def fingerprint(operation: str, params: Mapping[str, Any]) -> str:
     """A digest of an operation's parameters, to tell a retry from a reused request id."""
     canonical = json.dumps([operation, params], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]

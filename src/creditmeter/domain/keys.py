@@ -24,7 +24,19 @@ class Role(StrEnum):
     READ = "read"  # reads only
 
 
-_READS = frozenset({"GetBalance", "GetUsage", "ListRates", "ListTransactions", "GetUsageReport"})
+_READS = frozenset(
+    {
+        "GetBalance",
+        "GetUsage",
+        "ListRates",
+        "ListTransactions",
+        "GetUsageReport",
+        "GetPack",
+        "ListPacks",
+        "GetPurchase",
+        "ListPurchases",
+    }
+)
 _METERING = frozenset({"Consume"})
 
 

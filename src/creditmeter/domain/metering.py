@@ -86,6 +86,7 @@ class UsageView:
     remaining: int
     expired: int
     removed: int
+    refunded: int
     unlimited: bool
     features: list[FeatureUsage]
 
@@ -447,6 +448,7 @@ class Metering:
             remaining=-1 if unlimited else sum(lot.remaining for lot in lots),
             expired=int(fields.get("expired", "0")),
             removed=int(fields.get("removed", "0")),
+            refunded=int(fields.get("refunded", "0")),
             unlimited=unlimited,
             features=features,
         )
@@ -499,11 +501,8 @@ class Metering:
             },
         )
         row = RateRow(tenant, feature, credits_per_unit, str(unit), increment, now)
-        stored, replayed = await _applied(
-            asyncio.to_thread(
-                self.config.set_rate, row, request_id, fp, str(now), self.idempotency_ttl_s * 1000
-            )
-        )
+        req = ConfigStore.Request(tenant, request_id, fp, now, self.idempotency_ttl_s * 1000)
+        stored, replayed = await _applied(asyncio.to_thread(self.config.set_rate, row, req))
         rate = Rate(feature, credits_per_unit, unit, increment, rate.builtin, int(stored))
         if not replayed:
             self.rates.put(tenant, rate)

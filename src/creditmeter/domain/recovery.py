@@ -20,7 +20,9 @@ from creditmeter.errors import CreditError, Rejected
 from creditmeter.storage.ledger.base import Event, Ledger
 from creditmeter.storage.redis_store import AccountKeys, AccountSnapshot, Call, RedisStore
 
-TOTALS = ("granted", "used", "expired", "removed")
+TOTALS = ("granted", "used", "expired", "removed", "refunded")
+#: Kinds that take a lot's remaining credit out, and the total each adds to.
+_REMOVALS = {"expire": "expired", "reset": "removed", "refund": "refunded"}
 
 
 @dataclass
@@ -67,9 +69,9 @@ class AccountState:
             if e.lot:
                 self.lots[e.lot].remaining -= e.amount
                 self.lot_used += e.amount
-        elif e.kind in ("expire", "reset"):
+        elif e.kind in _REMOVALS:
             self.lots[e.lot].remaining -= e.amount
-            self.totals["expired" if e.kind == "expire" else "removed"] += e.amount
+            self.totals[_REMOVALS[e.kind]] += e.amount
         elif e.kind == "options":
             self.unlimited = e.unlimited
 
@@ -118,10 +120,10 @@ def compare(state: AccountState, snap: AccountSnapshot) -> list[str]:
     if ledger_lots != redis_lots:
         problems.append(f"lots: ledger {ledger_lots} != redis {redis_lots}")
     identity = state.totals["granted"] - state.lot_used - state.totals["expired"]
-    identity -= state.totals["removed"]
+    identity -= state.totals["removed"] + state.totals["refunded"]
     if identity != snap.int_field("balance"):
         problems.append(
-            f"balance: grants - consumption - expiry - resets = {identity}"
+            f"balance: grants - consumption - expiry - resets - refunds = {identity}"
             f" != redis {snap.int_field('balance')}"
         )
     for name in TOTALS:

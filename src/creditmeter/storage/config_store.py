@@ -8,10 +8,11 @@ number that running servers poll to pick it up within a second.
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 from creditmeter.errors import Rejected
@@ -47,6 +48,27 @@ CREATE TABLE IF NOT EXISTS requests (
   created_ms  INTEGER NOT NULL,
   PRIMARY KEY (tenant, request_id)
 );
+CREATE TABLE IF NOT EXISTS packs (
+  tenant        TEXT NOT NULL,
+  pack_id       TEXT NOT NULL,
+  name          TEXT NOT NULL,
+  description   TEXT NOT NULL,
+  credits       INTEGER NOT NULL,
+  bonus_credits INTEGER NOT NULL,
+  price_minor   INTEGER NOT NULL,
+  currency      TEXT NOT NULL,
+  validity_days INTEGER NOT NULL,
+  recurrence    TEXT NOT NULL,
+  rollover_cap  INTEGER NOT NULL,
+  priority      INTEGER NOT NULL,
+  active        INTEGER NOT NULL,
+  trial         INTEGER NOT NULL,
+  archived      INTEGER NOT NULL,
+  create_ms     INTEGER NOT NULL,
+  update_ms     INTEGER NOT NULL,
+  PRIMARY KEY (tenant, pack_id)
+);
+CREATE INDEX IF NOT EXISTS packs_by_creation ON packs (tenant, create_ms, pack_id);
 CREATE TABLE IF NOT EXISTS meta (
   name  TEXT PRIMARY KEY,
   value INTEGER NOT NULL
@@ -64,6 +86,34 @@ class KeyRow:
     label: str
     created_ms: int
     revoked_ms: int | None
+
+
+@dataclass(frozen=True)
+class PackRow:
+    """A pack as stored (columns of the packs table, in order)."""
+
+    tenant: str
+    pack_id: str
+    name: str
+    description: str
+    credits: int
+    bonus_credits: int
+    price_minor: int
+    currency: str
+    validity_days: int
+    recurrence: str
+    rollover_cap: int
+    priority: int
+    active: bool
+    trial: bool
+    archived: bool
+    create_ms: int
+    update_ms: int
+
+    def __post_init__(self) -> None:
+        # SQLite hands back 0/1 for the flags.
+        for flag in ("active", "trial", "archived"):
+            object.__setattr__(self, flag, bool(getattr(self, flag)))
 
 
 @dataclass(frozen=True)
@@ -158,42 +208,101 @@ class ConfigStore:
         with self._connect() as db:
             return [RateRow(*r) for r in db.execute("SELECT * FROM rates ORDER BY tenant, feature")]
 
-    def set_rate(
-        self, row: RateRow, request_id: str, fingerprint: str, response: str, ttl_ms: int
-    ) -> tuple[str, bool]:
-        """Store a rate and the response for its request id, atomically.
+    @dataclass(frozen=True)
+    class Request:
+        """Who asks for a change: its idempotency key and the digest of its parameters."""
 
-        Returns the response stored for the request id and whether the call was a replay
-        (then nothing changed and the first call's response is returned). Raises
-        Rejected(IDEMPOTENCY_KEY_REUSED) when the id was used with other parameters.
-        Request records older than `ttl_ms` are pruned.
+        tenant: str
+        request_id: str
+        fingerprint: str
+        now_ms: int
+        ttl_ms: int
+
+    def _idempotent(
+        self, req: Request, change: Callable[[sqlite3.Connection], str]
+    ) -> tuple[str, bool]:
+        """Run `change` once per request id, atomically with the record of its response.
+
+        Returns the response and whether the call was a replay (then nothing changed and
+        the first call's response is returned). Raises Rejected(IDEMPOTENCY_KEY_REUSED)
+        when the id was used with other parameters; a `change` that raises changes
+        nothing. Request records older than the TTL are pruned.
         """
         with self._write() as db:
-            db.execute("DELETE FROM requests WHERE created_ms < ?", (row.updated_ms - ttl_ms,))
+            db.execute("DELETE FROM requests WHERE created_ms < ?", (req.now_ms - req.ttl_ms,))
             prior = db.execute(
                 "SELECT fingerprint, response FROM requests WHERE tenant = ? AND request_id = ?",
-                (row.tenant, request_id),
+                (req.tenant, req.request_id),
             ).fetchone()
             if prior is not None:
-                if prior[0] != fingerprint:
-                    raise Rejected("IDEMPOTENCY_KEY_REUSED", {"request_id": request_id})
+                if prior[0] != req.fingerprint:
+                    raise Rejected("IDEMPOTENCY_KEY_REUSED", {"request_id": req.request_id})
                 return str(prior[1]), True
+            response = change(db)
+            db.execute(
+                "INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
+                (req.tenant, req.request_id, req.fingerprint, response, req.now_ms),
+            )
+            return response, False
+
+    def set_rate(self, row: RateRow, req: Request) -> tuple[str, bool]:
+        """Store a rate; the response is its update time. See `_idempotent`."""
+
+        def change(db: sqlite3.Connection) -> str:
             db.execute(
                 "INSERT INTO rates VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (tenant, feature) DO UPDATE"
                 " SET credits_per_unit = excluded.credits_per_unit, unit = excluded.unit,"
                 " increment_s = excluded.increment_s, updated_ms = excluded.updated_ms",
-                (
-                    row.tenant,
-                    row.feature,
-                    row.credits_per_unit,
-                    row.unit,
-                    row.increment_s,
-                    row.updated_ms,
-                ),
-            )
+                (row.tenant, row.feature, row.credits_per_unit, row.unit, row.increment_s,
+                 row.updated_ms),
+            )  # fmt: skip
+            return str(row.updated_ms)
+
+        return self._idempotent(req, change)
+
+    # --- packs ---------------------------------------------------------------------
+    def put_pack(self, row: PackRow, req: Request, must_exist: bool) -> tuple[PackRow, bool]:
+        """Create (must_exist False) or replace (True) a pack; returns the pack as stored
+        by the first call with this request id, and whether this call was a replay. A
+        replace of a pack the tenant does not have raises Rejected(PACK_NOT_FOUND)."""
+
+        def change(db: sqlite3.Connection) -> str:
+            if must_exist:
+                found = db.execute(
+                    "SELECT 1 FROM packs WHERE tenant = ? AND pack_id = ?",
+                    (row.tenant, row.pack_id),
+                ).fetchone()
+                if found is None:
+                    raise Rejected("PACK_NOT_FOUND", {"pack_id": row.pack_id})
+            values = astuple(row)
             db.execute(
-                "INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
-                (row.tenant, request_id, fingerprint, response, row.updated_ms),
+                f"INSERT OR REPLACE INTO packs VALUES ({', '.join('?' * len(values))})", values
             )
-            return response, False
+            return json.dumps(asdict(row))
+
+        response, replayed = self._idempotent(req, change)
+        return PackRow(**json.loads(response)), replayed
+
+    def pack(self, tenant: str, pack_id: str) -> PackRow | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM packs WHERE tenant = ? AND pack_id = ?", (tenant, pack_id)
+            ).fetchone()
+            return None if row is None else PackRow(*row)
+
+    def packs(
+        self, tenant: str, include_inactive: bool, limit: int, after: tuple[int, str] | None
+    ) -> list[PackRow]:
+        """Packs by creation (create_ms, pack_id), strictly after `after` if given."""
+        sql = "SELECT * FROM packs WHERE tenant = ?"
+        params: list[object] = [tenant]
+        if not include_inactive:
+            sql += " AND active = 1 AND archived = 0"
+        if after is not None:
+            sql += " AND (create_ms, pack_id) > (?, ?)"
+            params.extend(after)
+        sql += " ORDER BY create_ms, pack_id LIMIT ?"
+        params.append(limit)
+        with self._connect() as db:
+            return [PackRow(*r) for r in db.execute(sql, params)]

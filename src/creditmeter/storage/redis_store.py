@@ -138,6 +138,15 @@ class SetBalanceRecord:
 
 
 @dataclass(frozen=True)
+class RefundRecord:
+    balance: int
+    removed: int
+    #: (lot id, credits removed, credits the lot was granted); -1, -1 for a lot no longer
+    #: on the account.
+    lots: list[tuple[str, int, int]]
+
+
+@dataclass(frozen=True)
 class AccountSnapshot:
     """A consistent read of an account (one MULTI): its fields and lots in burn order."""
 
@@ -261,6 +270,18 @@ class RedisStore:
         """Record the expiry of the account's lots whose time has come; returns how many."""
         values = await self._run("sweep", keys, call, [])
         return int(values[0])
+
+    async def refund(
+        self, keys: AccountKeys, call: Call, reason: str, lot_ids: Sequence[str]
+    ) -> RefundRecord:
+        """Remove what is left of the lots; lots not on the account report -1."""
+        values = await self._run("refund", keys, call, [reason, *lot_ids])
+        balance, removed, *parts = values
+        lots = [
+            (lot, int(n), int(granted))
+            for lot, n, granted in zip(parts[::3], parts[1::3], parts[2::3], strict=True)
+        ]
+        return RefundRecord(balance=int(balance), removed=int(removed), lots=lots)
 
     async def restore(
         self,

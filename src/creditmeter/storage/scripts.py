@@ -21,4 +21,12 @@ def source(name: str) -> str:
     return f"{prelude}\n-- ---- {name}.lua ----\n{body}"
 
 
-SCRIPT_NAMES = ("grant", "consume", "set_balance", "set_options", "sweep", "restore")
+SCRIPT_NAMES = (
+    "grant",
+    "consume",
+    "set_balance",
+    "set_options",
+    "sweep",
+    "restore",
+    "refund",
+)

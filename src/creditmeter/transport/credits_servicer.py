@@ -12,6 +12,7 @@ from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.domain.history import History
 from creditmeter.domain.metering import Metering
+from creditmeter.domain.purchases import Purchases
 from creditmeter.errors import InvalidRequest
 from creditmeter.storage.ledger.base import Period, TxnQuery
 from creditmeter.transport import convert
@@ -41,10 +42,12 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         self,
         metering: Metering,
         history: History,
+        purchases: Purchases,
         ledger_status: Callable[[], Awaitable[LedgerStatus]],
     ) -> None:
         self.metering = metering
         self.history = history
+        self.purchases = purchases
         self.ledger_status = ledger_status
 
     async def Grant(self, request: pb.GrantRequest, context: Context) -> pb.GrantResponse:
@@ -123,6 +126,7 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             remaining=view.remaining,
             expired=view.expired,
             removed=view.removed,
+            refunded=view.refunded,
             unlimited=view.unlimited,
             features=[
                 pb.FeatureUsage(feature=f.feature, credits=f.credits, units=f.units)
@@ -233,3 +237,12 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         )
         response.flush_lag.FromMilliseconds(status.flush_lag_ms)
         return response
+
+    async def VoidGrant(
+        self, request: pb.VoidGrantRequest, context: Context
+    ) -> pb.VoidGrantResponse:
+        r = await self.purchases.void_grant(
+            principal().tenant, request.account_id, request.lot_id, request.reason,
+            request.request_id,
+        )  # fmt: skip
+        return pb.VoidGrantResponse(voided=r.voided, spent=r.spent, balance=r.balance)

@@ -34,6 +34,14 @@ _STATUS: dict[type[errors.CreditError], grpc.StatusCode] = {
     errors.RoleNotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.LedgerBacklog: grpc.StatusCode.UNAVAILABLE,
+    errors.PackNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.PurchaseNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.LotNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.PackNotActive: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PurchaseNotPending: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PurchaseNotCompleted: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.TrialAlreadyUsed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PaymentReferenceUsed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from creditmeter.api.credits.v1 import credits_pb2, credits_pb2_grpc
+from creditmeter.api.credits.v1 import credits_pb2, credits_pb2_grpc, packs_pb2, packs_pb2_grpc
 from creditmeter.constants import (
     BACKLOG_CHECK_INTERVAL_S,
     CONFIG_DB_NAME,
@@ -37,6 +37,8 @@ from creditmeter.domain.clock import Clock, SystemClock
 from creditmeter.domain.configuration import LiveConfig
 from creditmeter.domain.history import History
 from creditmeter.domain.metering import Metering
+from creditmeter.domain.packs import Catalog
+from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
 from creditmeter.storage.config_store import ConfigStore
 from creditmeter.storage.embedded_redis import EmbeddedRedis
 from creditmeter.storage.ledger import open_ledger
@@ -45,10 +47,12 @@ from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
 from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.credits_servicer import CreditsServicer, LedgerStatus
 from creditmeter.transport.interceptors import Gatekeeper
+from creditmeter.transport.packs_servicer import PacksServicer
 
 log = logging.getLogger(__name__)
 
 CREDITS_SERVICE = credits_pb2.DESCRIPTOR.services_by_name["Credits"].full_name
+PACKS_SERVICE = packs_pb2.DESCRIPTOR.services_by_name["Packs"].full_name
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Settings:
     #: Run a flusher in this process (turn off when `creditmeter flush` runs apart).
     flusher: bool = True
     backlog_cap: int = DEFAULT_BACKLOG_CAP
+    #: How long a two-step purchase waits for CompletePurchase.
+    pending_purchase_ttl_ms: int = DEFAULT_PENDING_TTL_MS
     idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
     sweep_interval_s: float = EXPIRY_SWEEP_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
@@ -124,11 +130,17 @@ class App:
             await self.flusher.ensure_groups()
 
         self.server = grpc.aio.server(interceptors=[Gatekeeper(lambda: live.keys)])
-        servicer = CreditsServicer(metering, History(ledger), self.ledger_status)
+        catalog = Catalog(config, s.clock, s.idempotency_ttl_s)
+        purchases = Purchases(
+            catalog, ledger, metering.store, s.clock, self.gate, s.pending_purchase_ttl_ms
+        )
+        servicer = CreditsServicer(metering, History(ledger), purchases, self.ledger_status)
         credits_pb2_grpc.add_CreditsServicer_to_server(servicer, self.server)
+        packs_pb2_grpc.add_PacksServicer_to_server(PacksServicer(catalog, purchases), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (CREDITS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (CREDITS_SERVICE, PACKS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
         self.port = self.server.add_insecure_port(s.listen)
         if self.port == 0:
@@ -151,7 +163,7 @@ class App:
         ]
         if self.flusher is not None:
             self.tasks.append(asyncio.create_task(self.flusher.run(self._stopping), name="flusher"))
-        for service in ("", CREDITS_SERVICE):
+        for service in ("", CREDITS_SERVICE, PACKS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "creditmeter listening on %s (redis %s)",
@@ -185,7 +197,7 @@ class App:
             self.gate.cap,
             "refusing changes" if self.gate.refusing else "accepting changes again",
         )
-        for service in ("", CREDITS_SERVICE):
+        for service in ("", CREDITS_SERVICE, PACKS_SERVICE):
             await self.health.set(service, state)
 
     async def _reconcile(self) -> None:

@@ -6,7 +6,7 @@
 --   KEYS[3] order  ZSET  score 0, member = burn key (lexicographic burn-down order, see
 --                        creditmeter.domain.lots.burn_key; the lot id is its last field)
 --   KEYS[4] exp    ZSET  lot_id scored by expiry (ms since epoch); never-expiring lots absent
---   KEYS[5] acct   HASH  balance, granted, used, expired, removed, unlimited, seq,
+--   KEYS[5] acct   HASH  balance, granted, used, expired, removed, refunded, unlimited, seq,
 --                        used:<feature>, units:<feature>
 --   KEYS[6] idem   STRING  "<fingerprint>\n<cjson reply>" for this request id, with a TTL
 --   KEYS[7] outbox STREAM  the bucket's event outbox drained into the ledger
@@ -105,16 +105,19 @@ local function drop_lot(lot, burn_key)
   end
 end
 
--- Take a whole lot out of the balance, recording `kind` (expire or reset) in transaction
--- `txn` and adding to the total field. Returns the credits removed.
-local function remove_lot(lot, txn, kind, total_field)
+-- Take a whole lot out of the balance, recording `kind` (expire, reset or refund) in
+-- transaction `txn` and adding to the total field. `reference` (optional) goes on the
+-- event. Returns the credits removed.
+local function remove_lot(lot, txn, kind, total_field, reference)
   local meta = cjson.decode(redis.call('HGET', KEYS[1], lot))
   local rem = tonumber(redis.call('HGET', KEYS[2], lot))
   drop_lot(lot, meta.burn_key)
   if rem > 0 then
     local balance = redis.call('HINCRBY', KEYS[5], 'balance', -rem)
     redis.call('HINCRBY', KEYS[5], total_field, rem)
-    emit(txn, kind, {'lot', lot, 'amount', fmt(rem), 'balance', fmt(balance)})
+    emit(txn, kind, {
+      'lot', lot, 'amount', fmt(rem), 'balance', fmt(balance), 'reference', reference or '',
+    })
   end
   return rem
 end

@@ -146,6 +146,38 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the outbox backlog drains below the cap; retry with the same request_id.
     ErrorInfo metadata: {"backlog": "1000412", "cap": "1000000"}. Status: UNAVAILABLE.
     """
+    ERROR_REASON_PACK_NOT_FOUND: _ErrorReason.ValueType  # 10
+    """No such pack in this tenant.
+    ErrorInfo metadata: {"pack_id": "pack_..."}. Status: NOT_FOUND.
+    """
+    ERROR_REASON_PACK_NOT_ACTIVE: _ErrorReason.ValueType  # 11
+    """The pack is inactive or archived and cannot be bought.
+    ErrorInfo metadata: {"pack_id": "pack_..."}. Status: FAILED_PRECONDITION.
+    """
+    ERROR_REASON_PURCHASE_NOT_FOUND: _ErrorReason.ValueType  # 12
+    """No such purchase in this tenant.
+    ErrorInfo metadata: {"purchase_id": "pur_..."}. Status: NOT_FOUND.
+    """
+    ERROR_REASON_PURCHASE_NOT_PENDING: _ErrorReason.ValueType  # 13
+    """The purchase is not pending (already completed, cancelled or expired).
+    ErrorInfo metadata: {"purchase_id": "pur_...", "status": "expired"}. Status: FAILED_PRECONDITION.
+    """
+    ERROR_REASON_PURCHASE_NOT_COMPLETED: _ErrorReason.ValueType  # 14
+    """Only completed purchases can be refunded.
+    ErrorInfo metadata: {"purchase_id": "pur_...", "status": "pending"}. Status: FAILED_PRECONDITION.
+    """
+    ERROR_REASON_TRIAL_ALREADY_USED: _ErrorReason.ValueType  # 15
+    """The account has already received this trial pack.
+    ErrorInfo metadata: {"pack_id": "pack_...", "purchase_id": "pur_..."}. Status: FAILED_PRECONDITION.
+    """
+    ERROR_REASON_LOT_NOT_FOUND: _ErrorReason.ValueType  # 16
+    """No such lot on the account.
+    ErrorInfo metadata: {"lot_id": "lot_..."}. Status: NOT_FOUND.
+    """
+    ERROR_REASON_PAYMENT_REFERENCE_USED: _ErrorReason.ValueType  # 17
+    """Another purchase of the tenant was already completed with this payment reference.
+    ErrorInfo metadata: {"purchase_id": "pur_..."}. Status: FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons the server puts in `google.rpc.ErrorInfo.reason`."""
@@ -188,6 +220,38 @@ ERROR_REASON_LEDGER_BACKLOG: ErrorReason.ValueType  # 9
 """The ledger has fallen too far behind (it is down or slow): changes are refused until
 the outbox backlog drains below the cap; retry with the same request_id.
 ErrorInfo metadata: {"backlog": "1000412", "cap": "1000000"}. Status: UNAVAILABLE.
+"""
+ERROR_REASON_PACK_NOT_FOUND: ErrorReason.ValueType  # 10
+"""No such pack in this tenant.
+ErrorInfo metadata: {"pack_id": "pack_..."}. Status: NOT_FOUND.
+"""
+ERROR_REASON_PACK_NOT_ACTIVE: ErrorReason.ValueType  # 11
+"""The pack is inactive or archived and cannot be bought.
+ErrorInfo metadata: {"pack_id": "pack_..."}. Status: FAILED_PRECONDITION.
+"""
+ERROR_REASON_PURCHASE_NOT_FOUND: ErrorReason.ValueType  # 12
+"""No such purchase in this tenant.
+ErrorInfo metadata: {"purchase_id": "pur_..."}. Status: NOT_FOUND.
+"""
+ERROR_REASON_PURCHASE_NOT_PENDING: ErrorReason.ValueType  # 13
+"""The purchase is not pending (already completed, cancelled or expired).
+ErrorInfo metadata: {"purchase_id": "pur_...", "status": "expired"}. Status: FAILED_PRECONDITION.
+"""
+ERROR_REASON_PURCHASE_NOT_COMPLETED: ErrorReason.ValueType  # 14
+"""Only completed purchases can be refunded.
+ErrorInfo metadata: {"purchase_id": "pur_...", "status": "pending"}. Status: FAILED_PRECONDITION.
+"""
+ERROR_REASON_TRIAL_ALREADY_USED: ErrorReason.ValueType  # 15
+"""The account has already received this trial pack.
+ErrorInfo metadata: {"pack_id": "pack_...", "purchase_id": "pur_..."}. Status: FAILED_PRECONDITION.
+"""
+ERROR_REASON_LOT_NOT_FOUND: ErrorReason.ValueType  # 16
+"""No such lot on the account.
+ErrorInfo metadata: {"lot_id": "lot_..."}. Status: NOT_FOUND.
+"""
+ERROR_REASON_PAYMENT_REFERENCE_USED: ErrorReason.ValueType  # 17
+"""Another purchase of the tenant was already completed with this payment reference.
+ErrorInfo metadata: {"purchase_id": "pur_..."}. Status: FAILED_PRECONDITION.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -722,6 +786,7 @@ class GetUsageResponse(_message.Message):
     REMOVED_FIELD_NUMBER: _builtins.int
     UNLIMITED_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    REFUNDED_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     """Credits ever granted to the account (-1 for unlimited accounts)."""
     used: _builtins.int
@@ -734,6 +799,8 @@ class GetUsageResponse(_message.Message):
     """Credits removed by resets."""
     unlimited: _builtins.bool
     """Whether the account is unlimited."""
+    refunded: _builtins.int
+    """Credits removed by refunds and voided grants."""
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureUsage]:
         """Usage per feature, by feature name."""
@@ -748,10 +815,11 @@ class GetUsageResponse(_message.Message):
         removed: _builtins.int = ...,
         unlimited: _builtins.bool = ...,
         features: _abc.Iterable[Global___FeatureUsage] | None = ...,
+        refunded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired", "features", b"features", "remaining", b"remaining", "removed", b"removed", "total", b"total", "unlimited", b"unlimited", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired", "features", b"features", "refunded", b"refunded", "remaining", b"remaining", "removed", b"removed", "total", b"total", "unlimited", b"unlimited", "used", b"used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1300,3 +1368,67 @@ class GetLedgerStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetLedgerStatusResponse: _TypeAlias = GetLedgerStatusResponse  # noqa: Y015
+
+@_typing.final
+class VoidGrantRequest(_message.Message):
+    """Request for Credits.VoidGrant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    LOT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account holding the lot."""
+    lot_id: _builtins.str
+    """The lot to void."""
+    reason: _builtins.str
+    """Why (kept on the refund event), at most 256 characters."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155)."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        lot_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "lot_id", b"lot_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidGrantRequest: _TypeAlias = VoidGrantRequest  # noqa: Y015
+
+@_typing.final
+class VoidGrantResponse(_message.Message):
+    """Response for Credits.VoidGrant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOIDED_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    voided: _builtins.int
+    """Credits removed."""
+    spent: _builtins.int
+    """Credits of the lot already spent (or expired) before the void."""
+    balance: _builtins.int
+    """The account's balance afterwards."""
+    def __init__(
+        self,
+        *,
+        voided: _builtins.int = ...,
+        spent: _builtins.int = ...,
+        balance: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "spent", b"spent", "voided", b"voided"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidGrantResponse: _TypeAlias = VoidGrantResponse  # noqa: Y015

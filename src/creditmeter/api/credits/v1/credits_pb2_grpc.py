@@ -85,6 +85,11 @@ class CreditsStub:
                 request_serializer=credits_dot_v1_dot_credits__pb2.GetUsageReportRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credits__pb2.GetUsageReportResponse.FromString,
                 _registered_method=True)
+        self.VoidGrant = channel.unary_unary(
+                '/credits.v1.Credits/VoidGrant',
+                request_serializer=credits_dot_v1_dot_credits__pb2.VoidGrantRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.VoidGrantResponse.FromString,
+                _registered_method=True)
         self.GetLedgerStatus = channel.unary_unary(
                 '/credits.v1.Credits/GetLedgerStatus',
                 request_serializer=credits_dot_v1_dot_credits__pb2.GetLedgerStatusRequest.SerializeToString,
@@ -180,6 +185,14 @@ class CreditsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VoidGrant(self, request, context):
+        """VoidGrant removes whatever is still unspent of a lot granted by mistake, and reports
+        what was already spent. Voiding twice changes nothing. Requires an admin key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLedgerStatus(self, request, context):
         """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
         flush lag. Requires an admin key.
@@ -240,6 +253,11 @@ def add_CreditsServicer_to_server(servicer, server):
                     servicer.GetUsageReport,
                     request_deserializer=credits_dot_v1_dot_credits__pb2.GetUsageReportRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credits__pb2.GetUsageReportResponse.SerializeToString,
+            ),
+            'VoidGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoidGrant,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.VoidGrantRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.VoidGrantResponse.SerializeToString,
             ),
             'GetLedgerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLedgerStatus,
@@ -518,6 +536,33 @@ class Credits:
             '/credits.v1.Credits/GetUsageReport',
             credits_dot_v1_dot_credits__pb2.GetUsageReportRequest.SerializeToString,
             credits_dot_v1_dot_credits__pb2.GetUsageReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoidGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/VoidGrant',
+            credits_dot_v1_dot_credits__pb2.VoidGrantRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.VoidGrantResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,10 @@ class CreditsStub:
     """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
     one account or the whole tenant, from the ledger. Requires any key of the tenant.
     """
+    VoidGrant: _grpc.UnaryUnaryMultiCallable[_credits_pb2.VoidGrantRequest, _credits_pb2.VoidGrantResponse]
+    """VoidGrant removes whatever is still unspent of a lot granted by mistake, and reports
+    what was already spent. Voiding twice changes nothing. Requires an admin key.
+    """
     GetLedgerStatus: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetLedgerStatusRequest, _credits_pb2.GetLedgerStatusResponse]
     """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
     flush lag. Requires an admin key.
@@ -139,6 +143,10 @@ class CreditsAsyncStub(CreditsStub):
     GetUsageReport: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetUsageReportRequest, _credits_pb2.GetUsageReportResponse]  # type: ignore[assignment]
     """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
     one account or the whole tenant, from the ledger. Requires any key of the tenant.
+    """
+    VoidGrant: _aio.UnaryUnaryMultiCallable[_credits_pb2.VoidGrantRequest, _credits_pb2.VoidGrantResponse]  # type: ignore[assignment]
+    """VoidGrant removes whatever is still unspent of a lot granted by mistake, and reports
+    what was already spent. Voiding twice changes nothing. Requires an admin key.
     """
     GetLedgerStatus: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetLedgerStatusRequest, _credits_pb2.GetLedgerStatusResponse]  # type: ignore[assignment]
     """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
@@ -250,6 +258,16 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_credits_pb2.GetUsageReportResponse, _abc.Awaitable[_credits_pb2.GetUsageReportResponse]]:
         """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
         one account or the whole tenant, from the ledger. Requires any key of the tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def VoidGrant(
+        self,
+        request: _credits_pb2.VoidGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.VoidGrantResponse, _abc.Awaitable[_credits_pb2.VoidGrantResponse]]:
+        """VoidGrant removes whatever is still unspent of a lot granted by mistake, and reports
+        what was already spent. Voiding twice changes nothing. Requires an admin key.
         """
 
     @_abc_1.abstractmethod

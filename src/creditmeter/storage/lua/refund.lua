@@ -1,0 +1,35 @@
+-- Refund: remove whatever is left of the given lots (a refunded purchase, a voided grant),
+-- one `refund` event per lot with credit left. Lots no longer on the account (spent out,
+-- expired, refunded before) are reported with -1 and change nothing.
+-- KEYS and ARGV[1..7]: see _lib.lua.
+-- ARGV[8] reason (kept on the events)   ARGV[9..] lot ids
+-- returns {'OK', balance after, credits removed, lot1, removed1, granted1, ...}
+--   (removed and granted -1 for a lot not on the account)
+--      or {'ERR', 'IDEMPOTENCY_KEY_REUSED', ...}
+local replay = idem_lookup()
+if replay then
+  return replay
+end
+sweep()
+local total = 0
+local parts = {}
+for i = 9, #ARGV do
+  local lot = ARGV[i]
+  local removed, granted = -1, -1
+  local meta = redis.call('HGET', KEYS[1], lot)
+  if meta then
+    granted = tonumber(cjson.decode(meta).amount)
+    removed = remove_lot(lot, TXN, 'refund', 'refunded', ARGV[8])
+    total = total + removed
+  end
+  parts[#parts + 1] = lot
+  parts[#parts + 1] = fmt(removed)
+  parts[#parts + 1] = fmt(granted)
+end
+update_due()
+local reply = {'OK', fmt(acct_int('balance')), fmt(total)}
+for _, v in ipairs(parts) do
+  reply[#reply + 1] = v
+end
+idem_store(reply)
+return reply
