@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from creditmeter.storage.ledger.base import (
     Event,
     Ledger,
     Period,
+    PurchaseRecord,
     RequestRecord,
     StagedGrant,
     TxnQuery,
@@ -162,3 +165,308 @@ async def collect(ledger: Ledger, tenant: str) -> list[Event]:
 
 def ledger_events(events: list[Event]) -> list[Event]:
     return events
+
+
+# --- purchases ----------------------------------------------------------------------------
+
+
+def purchase(
+    tenant: str,
+    purchase_id: str,
+    *,
+    account: str = "a",
+    pack_id: str = "pack1",
+    status: str = "completed",
+    reference: str = "",
+    request_id: str | None = None,
+    trial: bool = False,
+    create_ms: int = T0,
+    expire_ms: int | None = None,
+) -> PurchaseRecord:
+    """A purchase; its id is `purchase_id` after the tenant (ids are global: the PostgreSQL
+    database is shared by the session)."""
+    purchase_id = f"{tenant}-{purchase_id}"
+    completed = status == "completed"
+    return PurchaseRecord(
+        purchase_id=purchase_id, tenant=tenant, account=account, pack_id=pack_id,
+        status=status, payment_reference=reference, pack_name="Starter",
+        price_minor=0 if trial else 999, currency="EUR", credits=1000, bonus_credits=100,
+        lot_ids=(f"{purchase_id}-L1", f"{purchase_id}-L2") if completed else (),
+        request_id=request_id or f"req-{purchase_id}", fingerprint="f" * 32, trial=trial,
+        create_ms=create_ms, complete_ms=create_ms if completed else None, expire_ms=expire_ms,
+    )  # fmt: skip
+
+
+def purchase_grants(p: PurchaseRecord, lot_ids: tuple[str, ...] = ()) -> list[StagedGrant]:
+    """The two grants of a purchase: its credits lot, then its bonus lot."""
+    lots = lot_ids or p.lot_ids or (f"{p.purchase_id}-L1", f"{p.purchase_id}-L2")
+    return [
+        StagedGrant(p.tenant, p.account, f"{p.purchase_id}:{i}", "f" * 32, f"{p.purchase_id}-t{i}",
+                    lot, amount, 50, None, "purchase", p.payment_reference, T0)
+        for i, (lot, amount) in enumerate(zip(lots, (p.credits, p.bonus_credits), strict=True))
+    ]  # fmt: skip
+
+
+async def staged(ledger: Ledger, tenant: str) -> list[StagedGrant]:
+    """The tenant's staged grants not yet applied (the PostgreSQL database is shared)."""
+    found = [s for s in await ledger.unapplied_grants(T0 + DAY_MS, 1_000_000) if s.tenant == tenant]
+    return sorted(found, key=lambda s: s.request_id)
+
+
+async def test_purchase_round_trips_every_field(ledger: Ledger) -> None:
+    t = fresh()
+    done = purchase(t, "p1", reference="pay-1", create_ms=T0 + 5)
+    pending = purchase(t, "p2", status="pending", expire_ms=T0 + 60_000)
+    trial = purchase(t, "p3", trial=True, pack_id="trial")
+    for p in (done, pending, trial):
+        assert await ledger.create_purchase(p, []) == (p, True)
+        assert await ledger.get_purchase(t, p.purchase_id) == p
+    assert (done.lot_ids, pending.lot_ids) == ((f"{t}-p1-L1", f"{t}-p1-L2"), ())
+    assert await ledger.get_purchase(t, "nope") is None
+    assert await ledger.get_purchase(fresh(), f"{t}-p1") is None  # another tenant's
+
+
+async def test_create_purchase_dedupes_by_request_id(ledger: Ledger) -> None:
+    t = fresh()
+    first = purchase(t, "p1", status="pending", request_id="r1", expire_ms=T0 + 1000)
+    assert await ledger.create_purchase(first, purchase_grants(first)) == (first, True)
+    retry = purchase(t, "p2", status="pending", request_id="r1", expire_ms=T0 + 2000)
+    assert await ledger.create_purchase(retry, purchase_grants(retry)) == (first, False)
+    assert await ledger.get_purchase(t, f"{t}-p2") is None
+    assert await staged(ledger, t) == purchase_grants(first)  # the retry staged nothing
+    # Pending purchases all have payment reference "": no conflict among them.
+    other = purchase(t, "p3", status="pending", request_id="r2")
+    assert await ledger.create_purchase(other, []) == (other, True)
+    # Request ids are per tenant.
+    elsewhere = purchase(fresh(), "p4", status="pending", request_id="r1")
+    assert await ledger.create_purchase(elsewhere, []) == (elsewhere, True)
+
+
+async def test_create_purchase_dedupes_by_payment_reference(ledger: Ledger) -> None:
+    t = fresh()
+    first = purchase(t, "p1", reference="pay-1")
+    assert await ledger.create_purchase(first, purchase_grants(first)) == (first, True)
+    again = purchase(t, "p2", reference="pay-1", account="b", pack_id="pack2")
+    assert await ledger.create_purchase(again, purchase_grants(again)) == (first, False)
+    assert await ledger.get_purchase(t, f"{t}-p2") is None
+    assert await staged(ledger, t) == purchase_grants(first)
+    # A request id match wins over a payment reference match.
+    by_request = purchase(t, "p3", reference="pay-1", request_id=f"req-{t}-p1")
+    second = purchase(t, "p4", reference="pay-2")
+    assert await ledger.create_purchase(second, []) == (second, True)
+    assert await ledger.create_purchase(
+        dataclasses.replace(by_request, payment_reference="pay-2"), []
+    ) == (first, False)
+    # Payment references are per tenant.
+    elsewhere = purchase(fresh(), "p5", reference="pay-1")
+    assert await ledger.create_purchase(elsewhere, []) == (elsewhere, True)
+
+
+async def test_trial_once_per_account_and_pack(ledger: Ledger) -> None:
+    t = fresh()
+    trial = purchase(t, "p1", pack_id="trial", trial=True)
+    assert await ledger.create_purchase(trial, purchase_grants(trial)) == (trial, True)
+    again = purchase(t, "p2", pack_id="trial", trial=True)
+    assert await ledger.create_purchase(again, purchase_grants(again)) == (trial, False)
+    assert await staged(ledger, t) == purchase_grants(trial)
+    others = [
+        purchase(t, "p3", pack_id="trial", trial=True, account="b"),  # another account
+        purchase(t, "p4", pack_id="trial2", trial=True),  # another pack
+        purchase(t, "p5", pack_id="trial", reference="pay-5"),  # not a trial purchase
+    ]
+    for p in others:
+        assert await ledger.create_purchase(p, []) == (p, True)
+    assert await ledger.create_purchase(purchase(fresh(), "p6", pack_id="trial", trial=True), [])
+
+
+@pytest.mark.parametrize("clash", ["payment_reference", "request_id", "trial"])
+async def test_racing_purchases_insert_once(ledger: Ledger, clash: str) -> None:
+    """20 concurrent purchases sharing one key: one is inserted with its grants, every call
+    returns it. (SQLite serializes them on its thread; PostgreSQL races them over the pool.)"""
+    t = fresh()
+
+    def contender(i: int) -> PurchaseRecord:
+        return purchase(
+            t, f"p{i:02d}", account=f"acct{i}" if clash != "trial" else "a",
+            reference="pay-race" if clash == "payment_reference" else "",
+            request_id="req-race" if clash == "request_id" else None, trial=clash == "trial",
+        )  # fmt: skip
+
+    contenders = [contender(i) for i in range(20)]
+    results = await asyncio.gather(
+        *(ledger.create_purchase(p, purchase_grants(p)) for p in contenders)
+    )
+    winners = [p for p, inserted in results if inserted]
+    assert len(winners) == 1
+    winner = winners[0]
+    assert all(p == winner for p, _ in results)
+    assert winner in contenders
+    assert await ledger.list_purchases(t, None, None, 100, None) == [winner]
+    assert await staged(ledger, t) == purchase_grants(winner)
+
+
+async def test_complete_purchase(ledger: Ledger) -> None:
+    t = fresh()
+    pending = purchase(t, "p1", status="pending", expire_ms=T0 + 1000)
+    await ledger.create_purchase(pending, [])
+    assert await staged(ledger, t) == []
+    lots = ("p1-L1", "p1-L2")
+    grants = purchase_grants(dataclasses.replace(pending, payment_reference="pay-1"), lots)
+    done = await ledger.complete_purchase(t, f"{t}-p1", "pay-1", lots, T0 + 999, grants)
+    expected = dataclasses.replace(
+        pending, status="completed", payment_reference="pay-1", lot_ids=lots, complete_ms=T0 + 999
+    )
+    assert done == expected
+    assert await ledger.get_purchase(t, f"{t}-p1") == expected
+    assert await staged(ledger, t) == grants
+    # A replay (or a late second attempt) changes nothing and stages nothing more.
+    other_grants = purchase_grants(pending, ("x1", "x2"))
+    replay = await ledger.complete_purchase(
+        t, f"{t}-p1", "pay-2", ("x1", "x2"), T0 + 5, other_grants
+    )
+    assert replay == expected
+    assert await staged(ledger, t) == grants
+    # No such purchase (in this tenant).
+    assert await ledger.complete_purchase(t, "nope", "pay-3", lots, T0, []) is None
+    assert await ledger.complete_purchase(fresh(), f"{t}-p1", "pay-3", lots, T0, []) is None
+
+
+async def test_complete_purchase_after_expiry_expires_it(ledger: Ledger) -> None:
+    t = fresh()
+    pending = purchase(t, "p1", status="pending", expire_ms=T0 + 1000)
+    await ledger.create_purchase(pending, [])
+    late = await ledger.complete_purchase(
+        t, pending.purchase_id, "pay-1", ("L1", "L2"), T0 + 1000, purchase_grants(pending)
+    )
+    assert late == dataclasses.replace(pending, status="expired")
+    assert await ledger.get_purchase(t, f"{t}-p1") == late
+    assert await staged(ledger, t) == []
+    # The reference was not taken by the expired purchase.
+    forever = purchase(t, "p2", status="pending", expire_ms=None)
+    await ledger.create_purchase(forever, [])
+    done = await ledger.complete_purchase(t, f"{t}-p2", "pay-1", ("L1", "L2"), T0 + 10**12, [])
+    assert done is not None and (done.status, done.payment_reference) == ("completed", "pay-1")
+    # A cancelled purchase stays cancelled.
+    cancelled = purchase(t, "p3", status="cancelled")
+    await ledger.create_purchase(cancelled, [])
+    assert await ledger.complete_purchase(t, f"{t}-p3", "pay-3", ("L",), T0, []) == cancelled
+
+
+async def test_complete_purchase_with_a_used_reference_is_rejected(ledger: Ledger) -> None:
+    t = fresh()
+    paid = purchase(t, "p1", reference="pay-1")  # PurchasePack: completed at creation
+    pending = purchase(t, "p2", status="pending", expire_ms=T0 + 1000)
+    for p in (paid, pending):
+        await ledger.create_purchase(p, [])
+    with pytest.raises(Rejected) as used:
+        await ledger.complete_purchase(t, f"{t}-p2", "pay-1", ("L1",), T0, purchase_grants(pending))
+    assert (used.value.reason, used.value.metadata) == ("PAYMENT_REFERENCE_USED",
+                                                        {"purchase_id": f"{t}-p1"})  # fmt: skip
+    assert await ledger.get_purchase(t, f"{t}-p2") == pending
+    assert await staged(ledger, t) == []
+    # The same reference in another tenant is no conflict.
+    u = fresh()
+    await ledger.create_purchase(purchase(u, "p2", status="pending", expire_ms=T0 + 1000), [])
+    done = await ledger.complete_purchase(u, f"{u}-p2", "pay-1", ("L1",), T0, [])
+    assert done is not None and done.status == "completed"
+
+
+async def test_racing_completions_with_one_reference(ledger: Ledger) -> None:
+    t = fresh()
+    pending = [purchase(t, f"p{i}", status="pending", expire_ms=T0 + 1000) for i in range(10)]
+    for p in pending:
+        await ledger.create_purchase(p, [])
+
+    async def complete(p: PurchaseRecord) -> PurchaseRecord | Rejected:
+        lots = (f"{p.purchase_id}-L1", f"{p.purchase_id}-L2")
+        grants = purchase_grants(dataclasses.replace(p, payment_reference="pay-race"), lots)
+        try:
+            done = await ledger.complete_purchase(t, p.purchase_id, "pay-race", lots, T0, grants)
+        except Rejected as e:
+            return e
+        assert done is not None
+        return done
+
+    results = await asyncio.gather(*(complete(p) for p in pending))
+    winners = [r for r in results if isinstance(r, PurchaseRecord)]
+    assert len(winners) == 1 and winners[0].status == "completed"
+    for r in results:
+        if isinstance(r, Rejected):
+            assert (r.reason, r.metadata) == ("PAYMENT_REFERENCE_USED",
+                                              {"purchase_id": winners[0].purchase_id})  # fmt: skip
+    assert len(await ledger.list_purchases(t, None, "pending", 100, None)) == 9
+    assert await staged(ledger, t) == purchase_grants(winners[0])
+
+
+async def test_update_purchase_status_compares_and_sets(ledger: Ledger) -> None:
+    t = fresh()
+    done = purchase(t, "p1", reference="pay-1")
+    pending = purchase(t, "p2", status="pending", expire_ms=T0 + 1000)
+    for p in (done, pending):
+        await ledger.create_purchase(p, [])
+    refunded = dataclasses.replace(done, status="refunded", refunded_credits=70, spent_credits=30)
+    assert (
+        await ledger.update_purchase_status(t, f"{t}-p1", "completed", "refunded", 70, 30)
+        == refunded
+    )
+    # Refunding twice changes nothing.
+    assert (
+        await ledger.update_purchase_status(t, f"{t}-p1", "completed", "refunded", 1, 2) == refunded
+    )
+    assert await ledger.get_purchase(t, f"{t}-p1") == refunded
+    cancelled = dataclasses.replace(pending, status="cancelled")
+    assert await ledger.update_purchase_status(t, f"{t}-p2", "pending", "cancelled") == cancelled
+    assert await ledger.update_purchase_status(t, f"{t}-p2", "pending", "expired") == cancelled
+    assert await ledger.update_purchase_status(t, "nope", "pending", "cancelled") is None
+    assert await ledger.update_purchase_status(fresh(), f"{t}-p2", "cancelled", "pending") is None
+    # A refunded purchase keeps its payment reference: it is still redeemed.
+    again = purchase(t, "p3", reference="pay-1")
+    assert await ledger.create_purchase(again, []) == (refunded, False)
+
+
+async def test_list_purchases_pages_with_filters(ledger: Ledger) -> None:
+    t = fresh()
+    statuses = ("completed", "pending", "cancelled")
+    made: list[PurchaseRecord] = []
+    for i in range(25):
+        # Pairs share a create_ms; mixed-case ids: ties must break by byte order.
+        pid = f"{'pP'[i % 2]}{i:02d}"
+        made.append(
+            purchase(
+                t,
+                pid,
+                account=("a", "b")[i % 3 == 0],
+                status=statuses[i % 3],
+                reference=f"pay-{i}" if i % 3 == 0 else "",
+                create_ms=T0 + i // 2,
+            )
+        )
+    for p in made:
+        await ledger.create_purchase(p, [])
+    await ledger.create_purchase(purchase(fresh(), "p00"), [])  # another tenant's
+    newest_first = sorted(made, key=lambda p: (p.create_ms, p.purchase_id), reverse=True)
+
+    async def read_all(account: str | None, status: str | None) -> list[PurchaseRecord]:
+        seen: list[PurchaseRecord] = []
+        before: tuple[int, str] | None = None
+        while True:
+            page = await ledger.list_purchases(t, account, status, 4, before)
+            assert len(page) <= 4
+            seen.extend(page)
+            if len(page) < 4:
+                return seen
+            before = (page[-1].create_ms, page[-1].purchase_id)
+
+    assert await read_all(None, None) == newest_first
+    for account in ("a", "b"):
+        for status in (None, *statuses):
+            assert await read_all(account, status) == [
+                p for p in newest_first
+                if p.account == account and status in (None, p.status)
+            ]  # fmt: skip
+    assert await read_all(None, "pending") == [p for p in newest_first if p.status == "pending"]
+    assert await ledger.list_purchases(t, "nobody", None, 10, None) == []
+    # At T0: p00 then P01 ("P" < "p" in byte order, unlike in most locales).
+    assert newest_first[-2:] == [made[0], made[1]]
+    assert await ledger.list_purchases(t, None, None, 10, (T0, made[1].purchase_id)) == []
+    assert await ledger.list_purchases(t, None, None, 10, (T0, made[0].purchase_id)) == [made[1]]

@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 #: Event kinds that change a balance or options (`request` events go to the requests table).
-EVENT_KINDS = ("grant", "consume", "expire", "reset", "options")
+EVENT_KINDS = ("grant", "consume", "expire", "reset", "refund", "options")
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -124,6 +124,36 @@ class StagedGrant:
     def event_id(self) -> str:
         """The id of the grant event that confirms this grant reached Redis."""
         return f"{self.txn}:1"
+
+
+@dataclass(frozen=True)
+class PurchaseRecord:
+    """A purchase of a pack, with a snapshot of the pack as bought."""
+
+    purchase_id: str
+    tenant: str
+    account: str
+    pack_id: str
+    #: pending, completed, cancelled, expired or refunded.
+    status: str
+    #: "" until completed (and for trials).
+    payment_reference: str
+    pack_name: str
+    price_minor: int
+    currency: str
+    credits: int
+    bonus_credits: int
+    #: The granted lots (credits lot, then bonus lot); empty until completed.
+    lot_ids: tuple[str, ...]
+    request_id: str
+    fingerprint: str
+    trial: bool
+    create_ms: int
+    complete_ms: int | None = None
+    #: Pending purchases: when they expire.
+    expire_ms: int | None = None
+    refunded_credits: int = 0
+    spent_credits: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,6 +262,65 @@ def grant_row(g: StagedGrant) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+#: The purchases table's columns, in the order of PurchaseRecord's fields.
+PURCHASE_COLUMNS = (
+    "purchase_id, tenant, account, pack_id, status, payment_reference, pack_name, price_minor,"
+    " currency, credits, bonus_credits, lot_ids, request_id, fingerprint, trial, create_ms,"
+    " complete_ms, expire_ms, refunded_credits, spent_credits"
+)
+PURCHASE_COLUMN_COUNT = 20
+
+
+def join_lot_ids(lot_ids: Sequence[str]) -> str:
+    """Lot ids as stored: comma-joined ("" for none)."""
+    if any(not lot or "," in lot for lot in lot_ids):
+        raise ValueError(f"lot ids must be non-empty and free of commas: {lot_ids!r}")
+    return ",".join(lot_ids)
+
+
+def purchase_row(p: PurchaseRecord) -> tuple[Any, ...]:
+    return (
+        p.purchase_id, p.tenant, p.account, p.pack_id, p.status, p.payment_reference,
+        p.pack_name, p.price_minor, p.currency, p.credits, p.bonus_credits,
+        join_lot_ids(p.lot_ids), p.request_id, p.fingerprint,
+        p.trial,  # a bool: SQLite stores it as 0/1, PostgreSQL as BOOLEAN
+        p.create_ms, p.complete_ms, p.expire_ms, p.refunded_credits, p.spent_credits,
+    )  # fmt: skip
+
+
+def purchase_from_row(r: Sequence[Any]) -> PurchaseRecord:
+    """A PurchaseRecord from a row of PURCHASE_COLUMNS."""
+    return PurchaseRecord(
+        purchase_id=r[0], tenant=r[1], account=r[2], pack_id=r[3], status=r[4],
+        payment_reference=r[5], pack_name=r[6], price_minor=r[7], currency=r[8],
+        credits=r[9], bonus_credits=r[10], lot_ids=tuple(r[11].split(",")) if r[11] else (),
+        request_id=r[12], fingerprint=r[13], trial=bool(r[14]), create_ms=r[15],
+        complete_ms=r[16], expire_ms=r[17], refunded_credits=r[18], spent_credits=r[19],
+    )  # fmt: skip
+
+
+def purchase_filters(
+    account: str | None,
+    status: str | None,
+    before: tuple[int, str] | None,
+    placeholder: Callable[[], str],
+) -> tuple[str, list[Any]]:
+    """SQL conditions (after tenant) and their parameters for listing purchases: the
+    account, the status, and the keyset `(create_ms, purchase_id) < before`."""
+    sql: list[str] = []
+    params: list[Any] = []
+    if account is not None:
+        sql.append(f"account = {placeholder()}")
+        params.append(account)
+    if status is not None:
+        sql.append(f"status = {placeholder()}")
+        params.append(status)
+    if before is not None:
+        sql.append(f"(create_ms, purchase_id) < ({placeholder()}, {placeholder()})")
+        params.extend(before)
+    return "".join(f" AND {s}" for s in sql), params
+
+
 def txn_filters(query: TxnQuery, placeholder: Callable[[], str]) -> tuple[str, list[Any]]:
     """SQL conditions (after tenant and account) and their parameters for a history query.
 
@@ -316,3 +405,65 @@ class Ledger(ABC):
 
     @abstractmethod
     async def event_count(self) -> int: ...
+
+    # --- purchases --------------------------------------------------------------------
+    @abstractmethod
+    async def create_purchase(
+        self, purchase: PurchaseRecord, grants: Sequence[StagedGrant]
+    ) -> tuple[PurchaseRecord, bool]:
+        """Insert a purchase and stage its grants, in one transaction.
+
+        Returns (the purchase, True) when inserted. Returns (the existing purchase, False),
+        inserting nothing, when the tenant already has a purchase with the same request id,
+        or a completed or refunded one with the same non-empty payment reference, or (for a
+        trial) a completed or refunded purchase of the same pack by the same account. Safe
+        under concurrency: unique indexes decide, so exactly one of racing inserts wins.
+        """
+
+    @abstractmethod
+    async def complete_purchase(
+        self,
+        tenant: str,
+        purchase_id: str,
+        payment_reference: str,
+        lot_ids: tuple[str, ...],
+        now_ms: int,
+        grants: Sequence[StagedGrant],
+    ) -> PurchaseRecord | None:
+        """Complete a pending purchase and stage its grants, in one transaction.
+
+        Only a purchase that is pending and not expired (expire_ms > now_ms) changes: it
+        becomes completed with the payment reference, lot ids and complete_ms = now_ms. A
+        pending purchase past its expiry becomes expired instead. Returns the purchase as
+        it is afterwards (None if there is none). Raises Rejected(PAYMENT_REFERENCE_USED,
+        {"purchase_id": <the other purchase>}) when another purchase of the tenant was
+        completed with that reference.
+        """
+
+    @abstractmethod
+    async def update_purchase_status(
+        self,
+        tenant: str,
+        purchase_id: str,
+        from_status: str,
+        to_status: str,
+        refunded_credits: int = 0,
+        spent_credits: int = 0,
+    ) -> PurchaseRecord | None:
+        """Compare-and-set the status (and refund figures); returns the purchase as it is
+        afterwards, changed or not (None if there is none)."""
+
+    @abstractmethod
+    async def get_purchase(self, tenant: str, purchase_id: str) -> PurchaseRecord | None: ...
+
+    @abstractmethod
+    async def list_purchases(
+        self,
+        tenant: str,
+        account: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[int, str] | None,
+    ) -> list[PurchaseRecord]:
+        """Purchases newest first, by (create_ms, purchase_id) descending, strictly before
+        `before` if given."""

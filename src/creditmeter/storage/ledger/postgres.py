@@ -16,9 +16,12 @@ import asyncpg
 from creditmeter.errors import Rejected
 from creditmeter.storage.ledger.base import (
     EVENT_COLUMNS,
+    PURCHASE_COLUMN_COUNT,
+    PURCHASE_COLUMNS,
     Event,
     Ledger,
     Period,
+    PurchaseRecord,
     RequestRecord,
     StagedGrant,
     Transaction,
@@ -28,6 +31,10 @@ from creditmeter.storage.ledger.base import (
     event_row,
     grant_row,
     group_transactions,
+    join_lot_ids,
+    purchase_filters,
+    purchase_from_row,
+    purchase_row,
     request_row,
     txn_filters,
 )
@@ -85,6 +92,36 @@ CREATE TABLE IF NOT EXISTS staged_grants (
   PRIMARY KEY (tenant, account, request_id)
 );
 CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
+CREATE TABLE IF NOT EXISTS purchases (
+  purchase_id       TEXT COLLATE "C" PRIMARY KEY,
+  tenant            TEXT COLLATE "C" NOT NULL,
+  account           TEXT COLLATE "C" NOT NULL,
+  pack_id           TEXT COLLATE "C" NOT NULL,
+  status            TEXT COLLATE "C" NOT NULL,
+  payment_reference TEXT COLLATE "C" NOT NULL,
+  pack_name         TEXT COLLATE "C" NOT NULL,
+  price_minor       BIGINT NOT NULL,
+  currency          TEXT COLLATE "C" NOT NULL,
+  credits           BIGINT NOT NULL,
+  bonus_credits     BIGINT NOT NULL,
+  lot_ids           TEXT COLLATE "C" NOT NULL,
+  request_id        TEXT COLLATE "C" NOT NULL,
+  fingerprint       TEXT COLLATE "C" NOT NULL,
+  trial             BOOLEAN NOT NULL,
+  create_ms         BIGINT NOT NULL,
+  complete_ms       BIGINT,
+  expire_ms         BIGINT,
+  refunded_credits  BIGINT NOT NULL,
+  spent_credits     BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS purchases_request ON purchases (tenant, request_id);
+CREATE UNIQUE INDEX IF NOT EXISTS purchases_payment_reference
+  ON purchases (tenant, payment_reference) WHERE payment_reference <> '';
+CREATE UNIQUE INDEX IF NOT EXISTS purchases_trial ON purchases (tenant, pack_id, account)
+  WHERE trial;
+CREATE INDEX IF NOT EXISTS purchases_tenant_time ON purchases (tenant, create_ms, purchase_id);
+CREATE INDEX IF NOT EXISTS purchases_account_time
+  ON purchases (tenant, account, create_ms, purchase_id);
 """
 
 #: Serializes schema creation across processes: concurrent CREATE ... IF NOT EXISTS of the
@@ -131,6 +168,60 @@ _INSERT_REQUESTS = (
     f"INSERT INTO requests ({REQUEST_COLUMNS}) SELECT * FROM {_unnest(_REQUEST_TYPES)}"
     " ON CONFLICT (tenant, account, request_id) DO NOTHING"
 )
+
+
+#: A staged grant; one already staged under its key stays as it is.
+_INSERT_GRANT = (
+    f"INSERT INTO staged_grants ({GRANT_COLUMNS})"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    " ON CONFLICT (tenant, account, request_id) DO NOTHING"
+)
+#: Any unique index (request id, payment reference, trial) turns the insert into nothing.
+_INSERT_PURCHASE = (
+    f"INSERT INTO purchases ({PURCHASE_COLUMNS})"
+    f" VALUES ({', '.join(f'${i}' for i in range(1, PURCHASE_COLUMN_COUNT + 1))})"
+    " ON CONFLICT DO NOTHING RETURNING 1"
+)
+_SELECT_PURCHASE = f"SELECT {PURCHASE_COLUMNS} FROM purchases"
+_PURCHASE_BY_ID = f"{_SELECT_PURCHASE} WHERE tenant = $1 AND purchase_id = $2"
+#: Another purchase of the tenant ($1) than $3 holding the payment reference $2.
+_REFERENCE_HOLDER = (
+    "SELECT purchase_id FROM purchases"
+    " WHERE tenant = $1 AND payment_reference = $2 AND purchase_id <> $3 LIMIT 1"
+)
+
+
+async def _stage_grants(conn: Any, grants: Sequence[StagedGrant]) -> None:
+    """Stage grants on a connection, inside the caller's transaction; in key order, so two
+    transactions staging overlapping grants take their row locks in the same order."""
+    rows = sorted((grant_row(g) for g in grants), key=lambda r: r[:3])
+    if rows:
+        await conn.executemany(_INSERT_GRANT, rows)
+
+
+async def _conflicting_purchase(conn: Any, p: PurchaseRecord) -> PurchaseRecord:
+    """The purchase that kept `p` out: same request id, else same payment reference, else
+    (for a trial) the same trial. Each is its own statement, so (read committed) each sees
+    whatever the racing insert that won committed while ours waited on it."""
+    row = await conn.fetchrow(
+        f"{_SELECT_PURCHASE} WHERE tenant = $1 AND request_id = $2", p.tenant, p.request_id
+    )
+    if row is None and p.payment_reference:
+        row = await conn.fetchrow(
+            f"{_SELECT_PURCHASE} WHERE tenant = $1 AND payment_reference = $2",
+            p.tenant,
+            p.payment_reference,
+        )
+    if row is None and p.trial:
+        row = await conn.fetchrow(
+            f"{_SELECT_PURCHASE} WHERE tenant = $1 AND pack_id = $2 AND account = $3 AND trial",
+            p.tenant,
+            p.pack_id,
+            p.account,
+        )
+    if row is None:  # only the purchase id collided (with another tenant's, or a bug)
+        raise RuntimeError(f"purchase id {p.purchase_id!r} is already taken")
+    return purchase_from_row(row)
 
 
 def _rows_inserted(status: str) -> int:
@@ -220,12 +311,7 @@ class PostgresLedger(Ledger):
             # Two statements, not one: a single statement's snapshot could miss a grant that
             # a concurrent caller committed while this INSERT waited on its row lock.
             added = await self._run(
-                lambda db: db.fetchrow(
-                    f"INSERT INTO staged_grants ({GRANT_COLUMNS})"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-                    " ON CONFLICT (tenant, account, request_id) DO NOTHING RETURNING 1",
-                    *grant_row(g),
-                )
+                lambda db: db.fetchrow(f"{_INSERT_GRANT} RETURNING 1", *grant_row(g))
             )
             if added is not None:
                 return g
@@ -362,3 +448,133 @@ class PostgresLedger(Ledger):
 
     async def event_count(self) -> int:
         return int(await self._run(lambda db: db.fetchval("SELECT COUNT(*) FROM events")))
+
+    # --- purchases --------------------------------------------------------------------
+    async def create_purchase(
+        self, purchase: PurchaseRecord, grants: Sequence[StagedGrant]
+    ) -> tuple[PurchaseRecord, bool]:
+        p = purchase
+        row = purchase_row(p)
+
+        async def write(db: asyncpg.Pool) -> tuple[PurchaseRecord, bool]:
+            async with db.acquire() as conn, conn.transaction():
+                # A racing insert of the same keys makes this one wait for it to commit (or
+                # roll back), then do nothing (or insert).
+                if await conn.fetchval(_INSERT_PURCHASE, *row) is None:
+                    return await _conflicting_purchase(conn, p), False
+                await _stage_grants(conn, grants)
+                return p, True
+
+        return await self._run(write)
+
+    async def complete_purchase(
+        self,
+        tenant: str,
+        purchase_id: str,
+        payment_reference: str,
+        lot_ids: tuple[str, ...],
+        now_ms: int,
+        grants: Sequence[StagedGrant],
+    ) -> PurchaseRecord | None:
+        lots = join_lot_ids(lot_ids)
+
+        async def reference_holder(conn: Any) -> str | None:
+            """Another purchase of the tenant that holds the payment reference."""
+            if not payment_reference:
+                return None
+            other = await conn.fetchval(_REFERENCE_HOLDER, tenant, payment_reference, purchase_id)
+            return None if other is None else str(other)
+
+        def reference_used(other: str | None) -> Rejected:
+            return Rejected("PAYMENT_REFERENCE_USED", {"purchase_id": other or ""})
+
+        async def write(db: asyncpg.Pool) -> PurchaseRecord | None:
+            async with db.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(f"{_PURCHASE_BY_ID} FOR UPDATE", tenant, purchase_id)
+                if row is None:
+                    return None
+                current = purchase_from_row(row)
+                if current.status != "pending":
+                    return current
+                if current.expire_ms is not None and current.expire_ms <= now_ms:
+                    row = await conn.fetchrow(
+                        "UPDATE purchases SET status = 'expired'"
+                        f" WHERE tenant = $1 AND purchase_id = $2 RETURNING {PURCHASE_COLUMNS}",
+                        tenant,
+                        purchase_id,
+                    )
+                    return purchase_from_row(row)
+                other = await reference_holder(conn)
+                if other is not None:
+                    raise reference_used(other)
+                try:
+                    # A savepoint: a racing purchase can still take the reference before
+                    # this UPDATE reaches the unique index.
+                    async with conn.transaction():
+                        row = await conn.fetchrow(
+                            "UPDATE purchases SET status = 'completed', payment_reference = $3,"
+                            " lot_ids = $4, complete_ms = $5 WHERE tenant = $1"
+                            f" AND purchase_id = $2 RETURNING {PURCHASE_COLUMNS}",
+                            tenant,
+                            purchase_id,
+                            payment_reference,
+                            lots,
+                            now_ms,
+                        )
+                except asyncpg.UniqueViolationError:
+                    # The racing purchase committed (the index waited for it): now visible.
+                    raise reference_used(await reference_holder(conn)) from None
+                await _stage_grants(conn, grants)
+                return purchase_from_row(row)
+
+        return await self._run(write)
+
+    async def update_purchase_status(
+        self,
+        tenant: str,
+        purchase_id: str,
+        from_status: str,
+        to_status: str,
+        refunded_credits: int = 0,
+        spent_credits: int = 0,
+    ) -> PurchaseRecord | None:
+        async def write(db: asyncpg.Pool) -> PurchaseRecord | None:
+            async with db.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    "UPDATE purchases SET status = $4, refunded_credits = $5, spent_credits = $6"
+                    " WHERE tenant = $1 AND purchase_id = $2 AND status = $3"
+                    f" RETURNING {PURCHASE_COLUMNS}",
+                    tenant,
+                    purchase_id,
+                    from_status,
+                    to_status,
+                    refunded_credits,
+                    spent_credits,
+                )
+                if row is None:
+                    row = await conn.fetchrow(_PURCHASE_BY_ID, tenant, purchase_id)
+            return None if row is None else purchase_from_row(row)
+
+        return await self._run(write)
+
+    async def get_purchase(self, tenant: str, purchase_id: str) -> PurchaseRecord | None:
+        row = await self._run(lambda db: db.fetchrow(_PURCHASE_BY_ID, tenant, purchase_id))
+        return None if row is None else purchase_from_row(row)
+
+    async def list_purchases(
+        self,
+        tenant: str,
+        account: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[int, str] | None,
+    ) -> list[PurchaseRecord]:
+        numbers = itertools.count(2)  # $1 is the tenant
+        where, params = purchase_filters(account, status, before, lambda: f"${next(numbers)}")
+        args: list[Any] = [tenant, *params, limit]
+        sql = (
+            f"{_SELECT_PURCHASE} WHERE tenant = $1{where}"
+            f" ORDER BY create_ms DESC, purchase_id DESC LIMIT ${len(args)}"
+        )
+        rows = await self._run(lambda db: db.fetch(sql, *args))
+        return [purchase_from_row(r) for r in rows]

@@ -14,9 +14,12 @@ from typing import Any, TypeVar
 from creditmeter.errors import Rejected
 from creditmeter.storage.ledger.base import (
     EVENT_COLUMNS,
+    PURCHASE_COLUMN_COUNT,
+    PURCHASE_COLUMNS,
     Event,
     Ledger,
     Period,
+    PurchaseRecord,
     RequestRecord,
     StagedGrant,
     Transaction,
@@ -26,6 +29,10 @@ from creditmeter.storage.ledger.base import (
     event_row,
     grant_row,
     group_transactions,
+    join_lot_ids,
+    purchase_filters,
+    purchase_from_row,
+    purchase_row,
     request_row,
     txn_filters,
 )
@@ -83,10 +90,105 @@ CREATE TABLE IF NOT EXISTS staged_grants (
   PRIMARY KEY (tenant, account, request_id)
 );
 CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
+CREATE TABLE IF NOT EXISTS purchases (
+  purchase_id       TEXT PRIMARY KEY,
+  tenant            TEXT NOT NULL,
+  account           TEXT NOT NULL,
+  pack_id           TEXT NOT NULL,
+  status            TEXT NOT NULL,
+  payment_reference TEXT NOT NULL,
+  pack_name         TEXT NOT NULL,
+  price_minor       INTEGER NOT NULL,
+  currency          TEXT NOT NULL,
+  credits           INTEGER NOT NULL,
+  bonus_credits     INTEGER NOT NULL,
+  lot_ids           TEXT NOT NULL,
+  request_id        TEXT NOT NULL,
+  fingerprint       TEXT NOT NULL,
+  trial             INTEGER NOT NULL,
+  create_ms         INTEGER NOT NULL,
+  complete_ms       INTEGER,
+  expire_ms         INTEGER,
+  refunded_credits  INTEGER NOT NULL,
+  spent_credits     INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS purchases_request ON purchases (tenant, request_id);
+CREATE UNIQUE INDEX IF NOT EXISTS purchases_payment_reference
+  ON purchases (tenant, payment_reference) WHERE payment_reference <> '';
+CREATE UNIQUE INDEX IF NOT EXISTS purchases_trial ON purchases (tenant, pack_id, account)
+  WHERE trial;
+CREATE INDEX IF NOT EXISTS purchases_tenant_time ON purchases (tenant, create_ms, purchase_id);
+CREATE INDEX IF NOT EXISTS purchases_account_time
+  ON purchases (tenant, account, create_ms, purchase_id);
 """
 
 _PERIOD_FORMAT = {Period.DAY: "%Y-%m-%d", Period.MONTH: "%Y-%m"}
 _SCAN_CHUNK = 5000
+
+_INSERT_GRANT = "INSERT INTO staged_grants VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: Any unique index (request id, payment reference, trial) turns the insert into nothing.
+_INSERT_PURCHASE = (
+    f"INSERT INTO purchases ({PURCHASE_COLUMNS})"
+    f" VALUES ({', '.join('?' * PURCHASE_COLUMN_COUNT)}) ON CONFLICT DO NOTHING"
+)
+_SELECT_PURCHASE = f"SELECT {PURCHASE_COLUMNS} FROM purchases"
+
+
+def _in_transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    """`fn` inside BEGIN IMMEDIATE (the database's write lock, taken up front): committed
+    if it returns, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn()
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
+def _purchase(db: sqlite3.Connection, tenant: str, purchase_id: str) -> PurchaseRecord | None:
+    row = db.execute(
+        f"{_SELECT_PURCHASE} WHERE tenant = ? AND purchase_id = ?", (tenant, purchase_id)
+    ).fetchone()
+    return None if row is None else purchase_from_row(row)
+
+
+def _first_purchase(db: sqlite3.Connection, where: str, params: Sequence[Any]) -> Any:
+    return db.execute(f"{_SELECT_PURCHASE} WHERE {where} LIMIT 1", params).fetchone()
+
+
+def _conflicting_purchase(db: sqlite3.Connection, p: PurchaseRecord) -> PurchaseRecord:
+    """The purchase that kept `p` out: same request id, else same payment reference, else
+    (for a trial) the same trial."""
+    row = _first_purchase(db, "tenant = ? AND request_id = ?", (p.tenant, p.request_id))
+    if row is None and p.payment_reference:
+        row = _first_purchase(
+            db, "tenant = ? AND payment_reference = ?", (p.tenant, p.payment_reference)
+        )
+    if row is None and p.trial:
+        row = _first_purchase(
+            db,
+            "tenant = ? AND pack_id = ? AND account = ? AND trial",
+            (p.tenant, p.pack_id, p.account),
+        )
+    if row is None:  # only the purchase id collided (with another tenant's, or a bug)
+        raise RuntimeError(f"purchase id {p.purchase_id!r} is already taken")
+    return purchase_from_row(row)
+
+
+def _reference_holder(
+    db: sqlite3.Connection, tenant: str, purchase_id: str, reference: str
+) -> str | None:
+    """Another purchase of the tenant that holds the payment reference."""
+    if not reference:
+        return None
+    row = db.execute(
+        "SELECT purchase_id FROM purchases"
+        " WHERE tenant = ? AND payment_reference = ? AND purchase_id <> ? LIMIT 1",
+        (tenant, reference, purchase_id),
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 class SqliteLedger(Ledger):
@@ -176,10 +278,7 @@ class SqliteLedger(Ledger):
                     (g.tenant, g.account, g.request_id),
                 ).fetchone()
                 if prior is None:
-                    db.execute(
-                        "INSERT INTO staged_grants VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        grant_row(g),
-                    )
+                    db.execute(_INSERT_GRANT, grant_row(g))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -310,5 +409,111 @@ class SqliteLedger(Ledger):
     async def event_count(self) -> int:
         def read(db: sqlite3.Connection) -> int:
             return int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+        return await self._run(read)
+
+    # --- purchases --------------------------------------------------------------------
+    async def create_purchase(
+        self, purchase: PurchaseRecord, grants: Sequence[StagedGrant]
+    ) -> tuple[PurchaseRecord, bool]:
+        p = purchase
+        row = purchase_row(p)
+        grant_rows = [grant_row(g) for g in grants]
+
+        def write(db: sqlite3.Connection) -> tuple[PurchaseRecord, bool]:
+            def insert() -> tuple[PurchaseRecord, bool]:
+                before = db.total_changes
+                db.execute(_INSERT_PURCHASE, row)
+                if db.total_changes == before:
+                    return _conflicting_purchase(db, p), False
+                db.executemany(f"{_INSERT_GRANT} ON CONFLICT DO NOTHING", grant_rows)
+                return p, True
+
+            return _in_transaction(db, insert)
+
+        return await self._run(write)
+
+    async def complete_purchase(
+        self,
+        tenant: str,
+        purchase_id: str,
+        payment_reference: str,
+        lot_ids: tuple[str, ...],
+        now_ms: int,
+        grants: Sequence[StagedGrant],
+    ) -> PurchaseRecord | None:
+        lots = join_lot_ids(lot_ids)
+        grant_rows = [grant_row(g) for g in grants]
+        key = (tenant, purchase_id)
+
+        def write(db: sqlite3.Connection) -> PurchaseRecord | None:
+            def complete() -> PurchaseRecord | None:
+                current = _purchase(db, tenant, purchase_id)
+                if current is None or current.status != "pending":
+                    return current
+                if current.expire_ms is not None and current.expire_ms <= now_ms:
+                    db.execute(
+                        "UPDATE purchases SET status = 'expired'"
+                        " WHERE tenant = ? AND purchase_id = ?",
+                        key,
+                    )
+                else:
+                    other = _reference_holder(db, tenant, purchase_id, payment_reference)
+                    if other is not None:
+                        raise Rejected("PAYMENT_REFERENCE_USED", {"purchase_id": other})
+                    db.execute(
+                        "UPDATE purchases SET status = 'completed', payment_reference = ?,"
+                        " lot_ids = ?, complete_ms = ? WHERE tenant = ? AND purchase_id = ?",
+                        (payment_reference, lots, now_ms, *key),
+                    )
+                    db.executemany(f"{_INSERT_GRANT} ON CONFLICT DO NOTHING", grant_rows)
+                return _purchase(db, tenant, purchase_id)
+
+            return _in_transaction(db, complete)
+
+        return await self._run(write)
+
+    async def update_purchase_status(
+        self,
+        tenant: str,
+        purchase_id: str,
+        from_status: str,
+        to_status: str,
+        refunded_credits: int = 0,
+        spent_credits: int = 0,
+    ) -> PurchaseRecord | None:
+        def write(db: sqlite3.Connection) -> PurchaseRecord | None:
+            def update() -> PurchaseRecord | None:
+                db.execute(
+                    "UPDATE purchases SET status = ?, refunded_credits = ?, spent_credits = ?"
+                    " WHERE tenant = ? AND purchase_id = ? AND status = ?",
+                    (to_status, refunded_credits, spent_credits, tenant, purchase_id, from_status),
+                )
+                return _purchase(db, tenant, purchase_id)
+
+            return _in_transaction(db, update)
+
+        return await self._run(write)
+
+    async def get_purchase(self, tenant: str, purchase_id: str) -> PurchaseRecord | None:
+        return await self._run(lambda db: _purchase(db, tenant, purchase_id))
+
+    async def list_purchases(
+        self,
+        tenant: str,
+        account: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[int, str] | None,
+    ) -> list[PurchaseRecord]:
+        where, params = purchase_filters(account, status, before, lambda: "?")
+        sql = (
+            f"{_SELECT_PURCHASE} WHERE tenant = ?{where}"
+            " ORDER BY create_ms DESC, purchase_id DESC LIMIT ?"
+        )
+
+        def read(db: sqlite3.Connection) -> list[PurchaseRecord]:
+            rows = db.execute(sql, [tenant, *params, limit]).fetchall()
+            return [purchase_from_row(r) for r in rows]
 
         return await self._run(read)
