@@ -912,12 +912,6 @@ async def test_staged_grant_whose_redis_step_failed_is_applied_once(
 
 
 # --- the ledger down: calls that need it ------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: with the PostgreSQL ledger down, Grant, SetBalance and "
-    "ListTransactions fail with UNKNOWN and no ErrorInfo (the asyncpg/OS error escapes the "
-    "interceptor) instead of UNAVAILABLE/BACKEND_UNAVAILABLE",
-)
 @pytest.mark.parametrize("ledger_url", ["postgres"], indirect=True)
 @pytest.mark.flusher()
 async def test_calls_that_need_the_ledger_fail_unavailable_while_it_is_down(

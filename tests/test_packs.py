@@ -315,7 +315,7 @@ async def test_void_grant(tenant: Tenant) -> None:
 
 
 PACKS_SERVICE = pb.DESCRIPTOR.services_by_name["Packs"]
-PACK_READS = {"GetPack", "ListPacks", "GetPurchase", "ListPurchases"}
+PACK_READS = {"GetPack", "ListPacks", "GetPurchase", "ListPurchases", "GetSubscription"}
 
 
 @pytest.mark.parametrize("method", [m.name for m in PACKS_SERVICE.methods])

@@ -260,6 +260,18 @@ CASES = [
              account_id=ACCOUNT,
              filter=pb.TransactionFilter(start_time=ts(now // 1000), end_time=ts(1))),
          "filter.end_time"),
+    # VoidGrant
+    case("void-lot-empty", "VoidGrant",
+         lambda now: pb.VoidGrantRequest(account_id=ACCOUNT, lot_id="", request_id=rid()),
+         "lot_id"),
+    case("void-account-brace", "VoidGrant",
+         lambda now: pb.VoidGrantRequest(account_id="{x}", lot_id="lot_x", request_id=rid()),
+         "account_id"),
+    case("void-reason-257", "VoidGrant",
+         lambda now: pb.VoidGrantRequest(account_id=ACCOUNT, lot_id="lot_x", reason="r" * 257,
+                                         request_id=rid()), "reason"),
+    case("void-request-id-empty", "VoidGrant",
+         lambda now: pb.VoidGrantRequest(account_id=ACCOUNT, lot_id="lot_x"), "request_id"),
     # GetUsageReport
     case("report-start-missing", "GetUsageReport",
          lambda now: pb.GetUsageReportRequest(account_id=ACCOUNT, end_time=ts(now // 1000)),

@@ -61,6 +61,8 @@ BACKLOG_CHECK_INTERVAL_S = 0.2
 #: A staged (ledger-first) grant not confirmed by its event after this long is re-applied.
 STAGED_GRANT_RETRY_AFTER_MS = 10_000
 RECONCILE_INTERVAL_S = 2.0
+#: How often the scheduler renews subscriptions whose next period has started.
+RENEW_INTERVAL_S = 1.0
 
 # --- server --------------------------------------------------------------------
 DEFAULT_LISTEN = "127.0.0.1:50051"

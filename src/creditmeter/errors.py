@@ -90,6 +90,10 @@ class PaymentReferenceUsed(CreditError):
     reason = "PAYMENT_REFERENCE_USED"
 
 
+class SubscriptionNotFound(CreditError):
+    reason = "SUBSCRIPTION_NOT_FOUND"
+
+
 class LedgerBacklog(CreditError):
     """The ledger is too far behind: changes are refused until the backlog drains."""
 

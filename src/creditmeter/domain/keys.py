@@ -35,6 +35,7 @@ _READS = frozenset(
         "ListPacks",
         "GetPurchase",
         "ListPurchases",
+        "GetSubscription",
     }
 )
 _METERING = frozenset({"Consume"})

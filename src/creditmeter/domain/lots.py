@@ -21,6 +21,8 @@ class LotSource(StrEnum):
     TRIAL = "trial"
     MANUAL = "manual"
     REFUND = "refund"
+    #: Unused credits of a subscription period carried into the next one.
+    ROLLOVER = "rollover"
 
 
 PROMOTIONAL = frozenset({LotSource.BONUS, LotSource.PROMOTION, LotSource.TRIAL})

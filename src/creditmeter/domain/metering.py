@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from creditmeter.constants import (
@@ -151,6 +151,24 @@ async def apply_staged(
     try:
         if staged.operation == "grant":
             return await store.grant(keys, call, lot)
+        if staged.operation.startswith("renew:"):
+            # A subscription period: "renew:<rollover cap>"; the rollover lot's id derives
+            # from the period lot's, so a retry names the same lot.
+            cap = int(staged.operation.removeprefix("renew:"))
+            rollover_id = f"{staged.lot_id}r"
+            rollover = replace(
+                lot,
+                lot_id=rollover_id,
+                source=str(LotSource.ROLLOVER),
+                burn_key=burn_key(
+                    staged.priority,
+                    staged.expires_at_ms,
+                    LotSource.ROLLOVER,
+                    staged.created_ms,
+                    rollover_id,
+                ),
+            )
+            return await store.renew(keys, call, lot, cap, rollover)
         return await store.set_balance(keys, call, staged.operation == "reset", lot)
     except Rejected as rejected:
         await ledger.withdraw_grant(staged)

@@ -271,6 +271,16 @@ class RedisStore:
         values = await self._run("sweep", keys, call, [])
         return int(values[0])
 
+    async def renew(
+        self, keys: AccountKeys, call: Call, lot: NewLot, cap: int, rollover: NewLot
+    ) -> GrantRecord:
+        """Grant a subscription period, with a rollover lot of at most `cap` carried
+        credits (the rollover lot's id and burn key come from `rollover`)."""
+        values = await self._run(
+            "renew", keys, call, [*_lot_args(lot), str(cap), rollover.lot_id, rollover.burn_key]
+        )
+        return GrantRecord(lot=_lot_from_reply(values), balance=int(values[7]))
+
     async def refund(
         self, keys: AccountKeys, call: Call, reason: str, lot_ids: Sequence[str]
     ) -> RefundRecord:

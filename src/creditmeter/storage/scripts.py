@@ -29,4 +29,5 @@ SCRIPT_NAMES = (
     "sweep",
     "restore",
     "refund",
+    "renew",
 )

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
+from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc
 from creditmeter.constants import (
     CONFIG_DB_NAME,
     DEFAULT_BACKLOG_CAP,
@@ -150,11 +151,13 @@ class Client:
             raise SystemExit("creditmeter: an API key is needed: --api-key or CREDITMETER_API_KEY")
         self.channel = grpc.insecure_channel(args.server)
         self.stub = pb_grpc.CreditsStub(self.channel)
+        self.packs = packs_pb2_grpc.PacksStub(self.channel)
         self.metadata = (("authorization", f"Bearer {args.api_key}"),)
         self.timeout = args.timeout
 
     def __call__(self, method: str, request: Any) -> Any:
-        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+        stub = self.packs if hasattr(self.packs, method) else self.stub
+        return getattr(stub, method)(request, metadata=self.metadata, timeout=self.timeout)
 
 
 def _request_id(args: argparse.Namespace) -> str:
@@ -370,6 +373,112 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     )
 
 
+def _pack_table(packs: Sequence[Any]) -> Table:
+    table = Table("pack", "name", "credits", "bonus", "price", "valid", "recurrence", "state")
+    for p in packs:
+        recurrence = packs_pb2.Recurrence.Name(p.recurrence).removeprefix("RECURRENCE_").lower()
+        state = "archived" if p.archived else ("active" if p.active else "paused")
+        state += ", trial" if p.trial else ""
+        table.add_row(
+            p.pack_id, p.name, str(p.credits), str(p.bonus_credits),
+            f"{p.price.amount_minor / 100:.2f} {p.price.currency}",
+            f"{p.validity_days}d" if p.validity_days else "forever", recurrence, state,
+        )  # fmt: skip
+    return table
+
+
+def _purchase_table(purchases: Sequence[Any]) -> Table:
+    table = Table("purchase", "account", "pack", "status", "credits", "payment", "created", "lots")
+    for p in purchases:
+        status = packs_pb2.PurchaseStatus.Name(p.status).removeprefix("PURCHASE_STATUS_").lower()
+        table.add_row(
+            p.purchase_id, p.account_id, p.pack_name, status,
+            f"{p.credits}+{p.bonus_credits}", p.payment_reference, _time(p.create_time),
+            ", ".join(p.lot_ids),
+        )  # fmt: skip
+    return table
+
+
+def cmd_packs_create(args: argparse.Namespace) -> int:
+    pack = packs_pb2.Pack(
+        name=args.name, description=args.description, credits=args.credits,
+        bonus_credits=args.bonus, validity_days=args.valid_days, trial=args.trial,
+        price=packs_pb2.Price(amount_minor=args.price, currency=args.currency),
+        recurrence=packs_pb2.Recurrence.Value(f"RECURRENCE_{args.recurrence.upper()}"),
+        rollover_cap=args.rollover_cap,
+    )  # fmt: skip
+    resp = Client(args)(
+        "CreatePack", packs_pb2.CreatePackRequest(pack=pack, request_id=_request_id(args))
+    )
+    console.print(_pack_table([resp.pack]))
+    return 0
+
+
+def cmd_packs_list(args: argparse.Namespace) -> int:
+    resp = Client(args)("ListPacks", packs_pb2.ListPacksRequest(show_archived=args.all))
+    console.print(_pack_table(resp.packs))
+    return 0
+
+
+def cmd_packs_delete(args: argparse.Namespace) -> int:
+    resp = Client(args)(
+        "DeletePack",
+        packs_pb2.DeletePackRequest(pack_id=args.pack_id, request_id=_request_id(args)),
+    )
+    console.print(_pack_table([resp.pack]))
+    return 0
+
+
+def cmd_buy(args: argparse.Namespace) -> int:
+    resp = Client(args)(
+        "PurchasePack",
+        packs_pb2.PurchasePackRequest(
+            account_id=args.account, pack_id=args.pack_id,
+            payment_reference=args.payment_reference, request_id=_request_id(args),
+        ),
+    )  # fmt: skip
+    console.print(f"{args.account}: balance {resp.balance}")
+    console.print(_purchase_table([resp.purchase]))
+    return 0
+
+
+def cmd_purchases(args: argparse.Namespace) -> int:
+    resp = Client(args)(
+        "ListPurchases", packs_pb2.ListPurchasesRequest(account_id=args.account, page_size=50)
+    )
+    console.print(_purchase_table(resp.purchases))
+    return 0
+
+
+def cmd_refund(args: argparse.Namespace) -> int:
+    resp = Client(args)(
+        "RefundPurchase",
+        packs_pb2.RefundPurchaseRequest(
+            purchase_id=args.purchase_id, reason=args.reason, request_id=_request_id(args)
+        ),
+    )
+    console.print(
+        f"refunded {resp.refunded_credits} unspent credits; {resp.spent_credits} were already"
+        f" spent; balance {resp.balance}"
+    )
+    return 0
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    resp = Client(args)(
+        "Subscribe",
+        packs_pb2.SubscribeRequest(
+            account_id=args.account, pack_id=args.pack_id, request_id=_request_id(args)
+        ),
+    )
+    sub = resp.subscription
+    console.print(
+        f"subscription {sub.subscription_id}: {sub.credits} credits per period, period ends"
+        f" {_time(sub.current_period_end)}"
+    )
+    return 0
+
+
 def _report_rpc_error(error: grpc.RpcError) -> int:
     status = rpc_status.from_call(error)
     code = error.code().name
@@ -569,6 +678,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this file")
     _ledger_flag(p)
     p.set_defaults(func=cmd_bench_ledger)
+
+    packs = sub.add_parser("packs", help="the packs for sale").add_subparsers(
+        dest="packs", required=True
+    )
+    p = packs.add_parser("create", help="define a pack")
+    p.add_argument("name")
+    p.add_argument("credits", type=int)
+    p.add_argument("--price", type=int, default=0, help="in minor units (cents)")
+    p.add_argument("--currency", default="EUR")
+    p.add_argument("--bonus", type=int, default=0, help="bonus credits")
+    p.add_argument("--valid-days", type=int, default=0, help="0: never expires")
+    p.add_argument("--description", default="")
+    p.add_argument("--recurrence", default="one_time",
+                   choices=["one_time", "weekly", "monthly", "yearly"])  # fmt: skip
+    p.add_argument("--rollover-cap", type=int, default=0)
+    p.add_argument("--trial", action="store_true")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_packs_create)
+    p = packs.add_parser("list", help="packs for sale (--all: with archived)")
+    p.add_argument("--all", action="store_true")
+    _client_flags(p)
+    p.set_defaults(func=cmd_packs_list)
+    p = packs.add_parser("delete", help="archive a pack")
+    p.add_argument("pack_id")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_packs_delete)
+
+    p = sub.add_parser("buy", help="record a payment and grant a pack")
+    p.add_argument("account")
+    p.add_argument("pack_id")
+    p.add_argument("--payment-reference", default="", help="required except for trials")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_buy)
+
+    p = sub.add_parser("purchases", help="purchases of an account (or the tenant)")
+    p.add_argument("account", nargs="?", default="")
+    _client_flags(p)
+    p.set_defaults(func=cmd_purchases)
+
+    p = sub.add_parser("refund", help="refund a purchase's unspent credits")
+    p.add_argument("purchase_id")
+    p.add_argument("--reason", default="")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_refund)
+
+    p = sub.add_parser("subscribe", help="subscribe an account to a recurring pack")
+    p.add_argument("account")
+    p.add_argument("pack_id")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_subscribe)
 
     p = sub.add_parser("ledger-status", help="outbox backlog and flush lag")
     _client_flags(p)

@@ -37,6 +37,7 @@ _STATUS: dict[type[errors.CreditError], grpc.StatusCode] = {
     errors.PackNotFound: grpc.StatusCode.NOT_FOUND,
     errors.PurchaseNotFound: grpc.StatusCode.NOT_FOUND,
     errors.LotNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.SubscriptionNotFound: grpc.StatusCode.NOT_FOUND,
     errors.PackNotActive: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PurchaseNotPending: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PurchaseNotCompleted: grpc.StatusCode.FAILED_PRECONDITION,

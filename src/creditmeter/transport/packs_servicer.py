@@ -12,6 +12,7 @@ from creditmeter.api.credits.v1 import packs_pb2_grpc as pb_grpc
 from creditmeter.constants import DEFAULT_PRIORITY
 from creditmeter.domain.packs import Catalog, PackSpec, Recurrence
 from creditmeter.domain.purchases import Purchases, status_or_error
+from creditmeter.domain.subscriptions import Subscriptions, SubscriptionView
 from creditmeter.errors import InvalidRequest
 from creditmeter.storage.config_store import PackRow
 from creditmeter.storage.ledger.base import PurchaseRecord
@@ -101,10 +102,34 @@ def _status(value: int) -> str | None:
     return status_or_error(name.removeprefix("PURCHASE_STATUS_").lower())
 
 
+def subscription_pb(v: SubscriptionView) -> pb.Subscription:
+    sub = v.sub
+    msg = pb.Subscription(
+        subscription_id=sub.subscription_id,
+        account_id=sub.account,
+        pack_id=sub.pack_id,
+        status=pb.SubscriptionStatus.Value(f"SUBSCRIPTION_STATUS_{sub.status.upper()}"),
+        recurrence=pb.Recurrence.Value(f"RECURRENCE_{sub.recurrence.upper()}"),
+        credits=sub.credits,
+        bonus_credits=sub.bonus_credits,
+        rollover_cap=sub.rollover_cap,
+        periods_granted=sub.periods_granted,
+        current_period_start=convert.timestamp(v.current_start_ms),
+        current_period_end=convert.timestamp(v.current_end_ms),
+        create_time=convert.timestamp(sub.create_ms),
+    )
+    if sub.cancel_ms is not None:
+        msg.cancel_time.CopyFrom(convert.timestamp(sub.cancel_ms))
+    return msg
+
+
 class PacksServicer(pb_grpc.PacksServicer):
-    def __init__(self, catalog: Catalog, purchases: Purchases) -> None:
+    def __init__(
+        self, catalog: Catalog, purchases: Purchases, subscriptions: Subscriptions
+    ) -> None:
         self.catalog = catalog
         self.purchases = purchases
+        self.subscriptions = subscriptions
 
     async def CreatePack(
         self, request: pb.CreatePackRequest, context: Context
@@ -218,3 +243,25 @@ class PacksServicer(pb_grpc.PacksServicer):
             lots=[credits_pb2.LotCharge(lot_id=lot, amount=n) for lot, n in r.lots],
             balance=r.balance,
         )
+
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: Context
+    ) -> pb.SubscribeResponse:
+        v = await self.subscriptions.subscribe(
+            principal().tenant, request.account_id, request.pack_id, request.request_id
+        )
+        return pb.SubscribeResponse(subscription=subscription_pb(v))
+
+    async def GetSubscription(
+        self, request: pb.GetSubscriptionRequest, context: Context
+    ) -> pb.GetSubscriptionResponse:
+        v = await self.subscriptions.get(principal().tenant, request.subscription_id)
+        return pb.GetSubscriptionResponse(subscription=subscription_pb(v))
+
+    async def CancelSubscription(
+        self, request: pb.CancelSubscriptionRequest, context: Context
+    ) -> pb.CancelSubscriptionResponse:
+        v = await self.subscriptions.cancel(
+            principal().tenant, request.subscription_id, request.request_id
+        )
+        return pb.CancelSubscriptionResponse(subscription=subscription_pb(v))

@@ -29,6 +29,7 @@ from creditmeter.constants import (
     RECONCILE_INTERVAL_S,
     REDIS_POOL_SIZE,
     REDIS_POOL_TIMEOUT_S,
+    RENEW_INTERVAL_S,
     SHUTDOWN_GRACE_S,
     STAGED_GRANT_RETRY_AFTER_MS,
 )
@@ -39,6 +40,7 @@ from creditmeter.domain.history import History
 from creditmeter.domain.metering import Metering
 from creditmeter.domain.packs import Catalog
 from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
+from creditmeter.domain.subscriptions import Subscriptions
 from creditmeter.storage.config_store import ConfigStore
 from creditmeter.storage.embedded_redis import EmbeddedRedis
 from creditmeter.storage.ledger import open_ledger
@@ -68,6 +70,8 @@ class Settings:
     #: Run a flusher in this process (turn off when `creditmeter flush` runs apart).
     flusher: bool = True
     backlog_cap: int = DEFAULT_BACKLOG_CAP
+    #: How often the scheduler looks for subscription periods that have started.
+    renew_interval_s: float = RENEW_INTERVAL_S
     #: How long a two-step purchase waits for CompletePurchase.
     pending_purchase_ttl_ms: int = DEFAULT_PENDING_TTL_MS
     idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
@@ -90,6 +94,7 @@ class App:
         self.live: LiveConfig | None = None
         self.metering: Metering | None = None
         self.ledger: Ledger | None = None
+        self.subscriptions: Subscriptions | None = None
         self.flusher: Flusher | None = None
         self.gate = Backpressure(settings.backlog_cap)
         #: Set once on stop: every background loop watches it rather than relying on task
@@ -136,7 +141,10 @@ class App:
         )
         servicer = CreditsServicer(metering, History(ledger), purchases, self.ledger_status)
         credits_pb2_grpc.add_CreditsServicer_to_server(servicer, self.server)
-        packs_pb2_grpc.add_PacksServicer_to_server(PacksServicer(catalog, purchases), self.server)
+        self.subscriptions = Subscriptions(catalog, ledger, metering.store, s.clock, self.gate)
+        packs_pb2_grpc.add_PacksServicer_to_server(
+            PacksServicer(catalog, purchases, self.subscriptions), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (CREDITS_SERVICE, PACKS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -159,6 +167,10 @@ class App:
             ),
             asyncio.create_task(
                 self._every(RECONCILE_INTERVAL_S, self._reconcile), name="grant-reconciler"
+            ),
+            asyncio.create_task(
+                self._every(s.renew_interval_s, self.subscriptions.renew_due),
+                name="subscription-renewals",
             ),
         ]
         if self.flusher is not None:

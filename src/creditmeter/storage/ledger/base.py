@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -154,6 +154,37 @@ class PurchaseRecord:
     expire_ms: int | None = None
     refunded_credits: int = 0
     spent_credits: int = 0
+
+
+@dataclass(frozen=True)
+class SubscriptionRecord:
+    """A subscription to a recurring pack, with a snapshot of the pack."""
+
+    subscription_id: str
+    tenant: str
+    account: str
+    pack_id: str
+    #: active, or cancelled (no further periods; the current one runs out).
+    status: str
+    #: weekly, monthly or yearly.
+    recurrence: str
+    pack_name: str
+    credits: int
+    bonus_credits: int
+    rollover_cap: int
+    priority: int
+    price_minor: int
+    currency: str
+    #: Start of period 0; period k starts k recurrences later.
+    anchor_ms: int
+    #: Periods granted so far (the next one to grant has this index).
+    periods_granted: int
+    #: Start of the next period to grant.
+    next_period_ms: int
+    request_id: str
+    fingerprint: str
+    create_ms: int
+    cancel_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -297,6 +328,22 @@ def purchase_from_row(r: Sequence[Any]) -> PurchaseRecord:
         request_id=r[12], fingerprint=r[13], trial=bool(r[14]), create_ms=r[15],
         complete_ms=r[16], expire_ms=r[17], refunded_credits=r[18], spent_credits=r[19],
     )  # fmt: skip
+
+
+SUBSCRIPTION_COLUMNS = (
+    "subscription_id, tenant, account, pack_id, status, recurrence, pack_name, credits,"
+    " bonus_credits, rollover_cap, priority, price_minor, currency, anchor_ms,"
+    " periods_granted, next_period_ms, request_id, fingerprint, create_ms, cancel_ms"
+)
+
+
+def subscription_row(sub: SubscriptionRecord) -> tuple[Any, ...]:
+    """The row of SUBSCRIPTION_COLUMNS (the dataclass's fields, in order)."""
+    return astuple(sub)
+
+
+def subscription_from_row(r: Sequence[Any]) -> SubscriptionRecord:
+    return SubscriptionRecord(*r)
 
 
 def purchase_filters(
@@ -455,6 +502,41 @@ class Ledger(ABC):
 
     @abstractmethod
     async def get_purchase(self, tenant: str, purchase_id: str) -> PurchaseRecord | None: ...
+
+    # --- subscriptions ------------------------------------------------------------------
+    @abstractmethod
+    async def create_subscription(self, sub: SubscriptionRecord) -> tuple[SubscriptionRecord, bool]:
+        """Insert a subscription; (it, True), or (the existing one, False) when the tenant
+        already has one with the same request id."""
+
+    @abstractmethod
+    async def get_subscription(
+        self, tenant: str, subscription_id: str
+    ) -> SubscriptionRecord | None: ...
+
+    @abstractmethod
+    async def due_subscriptions(self, now_ms: int, limit: int) -> list[SubscriptionRecord]:
+        """Active subscriptions (of every tenant) whose next period starts at or before now."""
+
+    @abstractmethod
+    async def claim_period(
+        self,
+        tenant: str,
+        subscription_id: str,
+        period: int,
+        next_period_ms: int,
+        grants: Sequence[StagedGrant],
+    ) -> bool:
+        """Claim period `period` of an active subscription, once: in one transaction, if
+        periods_granted == period, set it to period + 1 and next_period_ms, and stage the
+        period's grants. False (nothing changed) if another process claimed it first or
+        the subscription is not active."""
+
+    @abstractmethod
+    async def cancel_subscription(
+        self, tenant: str, subscription_id: str, now_ms: int
+    ) -> SubscriptionRecord | None:
+        """Active -> cancelled (cancel_ms = now); returns the subscription afterwards."""
 
     @abstractmethod
     async def list_purchases(

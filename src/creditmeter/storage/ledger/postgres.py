@@ -13,17 +13,19 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from creditmeter.errors import Rejected
+from creditmeter.errors import BackendUnavailable, Rejected
 from creditmeter.storage.ledger.base import (
     EVENT_COLUMNS,
     PURCHASE_COLUMN_COUNT,
     PURCHASE_COLUMNS,
+    SUBSCRIPTION_COLUMNS,
     Event,
     Ledger,
     Period,
     PurchaseRecord,
     RequestRecord,
     StagedGrant,
+    SubscriptionRecord,
     Transaction,
     TxnQuery,
     UsageRow,
@@ -36,6 +38,8 @@ from creditmeter.storage.ledger.base import (
     purchase_from_row,
     purchase_row,
     request_row,
+    subscription_from_row,
+    subscription_row,
     txn_filters,
 )
 
@@ -92,6 +96,30 @@ CREATE TABLE IF NOT EXISTS staged_grants (
   PRIMARY KEY (tenant, account, request_id)
 );
 CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
+CREATE TABLE IF NOT EXISTS subscriptions (
+  subscription_id TEXT COLLATE "C" PRIMARY KEY,
+  tenant          TEXT COLLATE "C" NOT NULL,
+  account         TEXT COLLATE "C" NOT NULL,
+  pack_id         TEXT COLLATE "C" NOT NULL,
+  status          TEXT COLLATE "C" NOT NULL,
+  recurrence      TEXT COLLATE "C" NOT NULL,
+  pack_name       TEXT COLLATE "C" NOT NULL,
+  credits         BIGINT NOT NULL,
+  bonus_credits   BIGINT NOT NULL,
+  rollover_cap    BIGINT NOT NULL,
+  priority        BIGINT NOT NULL,
+  price_minor     BIGINT NOT NULL,
+  currency        TEXT COLLATE "C" NOT NULL,
+  anchor_ms       BIGINT NOT NULL,
+  periods_granted BIGINT NOT NULL,
+  next_period_ms  BIGINT NOT NULL,
+  request_id      TEXT COLLATE "C" NOT NULL,
+  fingerprint     TEXT COLLATE "C" NOT NULL,
+  create_ms       BIGINT NOT NULL,
+  cancel_ms       BIGINT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS subscriptions_request ON subscriptions (tenant, request_id);
+CREATE INDEX IF NOT EXISTS subscriptions_due ON subscriptions (status, next_period_ms);
 CREATE TABLE IF NOT EXISTS purchases (
   purchase_id       TEXT COLLATE "C" PRIMARY KEY,
   tenant            TEXT COLLATE "C" NOT NULL,
@@ -136,6 +164,15 @@ _CLOSE_TIMEOUT_S = 10.0
 #: What a query on a pooled connection raises when the server closed it while idle.
 _DEAD_CONNECTION = (asyncpg.exceptions.ConnectionDoesNotExistError, ConnectionResetError)
 _SCAN_CHUNK = 5000
+#: What a call raises while the server cannot be reached or is not accepting work.
+_DOWN = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+)
 _PERIOD_FORMAT = {Period.DAY: "YYYY-MM-DD", Period.MONTH: "YYYY-MM"}
 
 GRANT_COLUMNS = (
@@ -184,6 +221,8 @@ _INSERT_PURCHASE = (
 )
 _SELECT_PURCHASE = f"SELECT {PURCHASE_COLUMNS} FROM purchases"
 _PURCHASE_BY_ID = f"{_SELECT_PURCHASE} WHERE tenant = $1 AND purchase_id = $2"
+_SELECT_SUBSCRIPTION = f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions"
+_SUBSCRIPTION_BY_ID = f"{_SELECT_SUBSCRIPTION} WHERE tenant = $1 AND subscription_id = $2"
 #: Another purchase of the tenant ($1) than $3 holding the payment reference $2.
 _REFERENCE_HOLDER = (
     "SELECT purchase_id FROM purchases"
@@ -242,10 +281,15 @@ class PostgresLedger(Ledger):
         pool = self._pool
         assert pool is not None, "ledger not open"
         try:
-            return await op(pool)
-        except _DEAD_CONNECTION:
-            await pool.expire_connections()  # the others are as stale: replace them all
-            return await op(pool)
+            try:
+                return await op(pool)
+            except _DEAD_CONNECTION:
+                await pool.expire_connections()  # the others are as stale: replace them all
+                return await op(pool)
+        except _DOWN as error:
+            raise BackendUnavailable(
+                f"ledger unavailable: {error}", {"backend": "ledger"}
+            ) from error
 
     async def open(self) -> None:
         pool = await asyncpg.create_pool(
@@ -578,3 +622,91 @@ class PostgresLedger(Ledger):
         )
         rows = await self._run(lambda db: db.fetch(sql, *args))
         return [purchase_from_row(r) for r in rows]
+
+    # --- subscriptions ------------------------------------------------------------------
+    async def create_subscription(self, sub: SubscriptionRecord) -> tuple[SubscriptionRecord, bool]:
+        row = subscription_row(sub)
+        marks = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+
+        async def write(db: asyncpg.Pool) -> tuple[SubscriptionRecord, bool]:
+            async with db.acquire() as conn, conn.transaction():
+                inserted = await conn.fetchval(
+                    f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ({marks})"
+                    " ON CONFLICT DO NOTHING RETURNING 1",
+                    *row,
+                )
+                if inserted is not None:
+                    return sub, True
+                found = await conn.fetchrow(
+                    f"{_SELECT_SUBSCRIPTION} WHERE tenant = $1 AND request_id = $2",
+                    sub.tenant,
+                    sub.request_id,
+                )
+                if found is None:
+                    raise RuntimeError(f"subscription id {sub.subscription_id!r} is taken")
+                return subscription_from_row(found), False
+
+        return await self._run(write)
+
+    async def get_subscription(
+        self, tenant: str, subscription_id: str
+    ) -> SubscriptionRecord | None:
+        row = await self._run(lambda db: db.fetchrow(_SUBSCRIPTION_BY_ID, tenant, subscription_id))
+        return None if row is None else subscription_from_row(row)
+
+    async def due_subscriptions(self, now_ms: int, limit: int) -> list[SubscriptionRecord]:
+        rows = await self._run(
+            lambda db: db.fetch(
+                f"{_SELECT_SUBSCRIPTION} WHERE status = 'active' AND next_period_ms <= $1"
+                " ORDER BY next_period_ms LIMIT $2",
+                now_ms,
+                limit,
+            )
+        )
+        return [subscription_from_row(r) for r in rows]
+
+    async def claim_period(
+        self,
+        tenant: str,
+        subscription_id: str,
+        period: int,
+        next_period_ms: int,
+        grants: Sequence[StagedGrant],
+    ) -> bool:
+        async def write(db: asyncpg.Pool) -> bool:
+            async with db.acquire() as conn, conn.transaction():
+                # The row lock of the UPDATE makes racing claims of one period wait for
+                # each other; the loser then sees periods_granted moved on and matches nothing.
+                claimed = await conn.fetchval(
+                    "UPDATE subscriptions SET periods_granted = $1, next_period_ms = $2"
+                    " WHERE tenant = $3 AND subscription_id = $4 AND periods_granted = $5"
+                    " AND status = 'active' RETURNING 1",
+                    period + 1,
+                    next_period_ms,
+                    tenant,
+                    subscription_id,
+                    period,
+                )
+                if claimed is None:
+                    return False
+                await _stage_grants(conn, grants)
+                return True
+
+        return await self._run(write)
+
+    async def cancel_subscription(
+        self, tenant: str, subscription_id: str, now_ms: int
+    ) -> SubscriptionRecord | None:
+        async def write(db: asyncpg.Pool) -> SubscriptionRecord | None:
+            async with db.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "UPDATE subscriptions SET status = 'cancelled', cancel_ms = $1"
+                    " WHERE tenant = $2 AND subscription_id = $3 AND status = 'active'",
+                    now_ms,
+                    tenant,
+                    subscription_id,
+                )
+                row = await conn.fetchrow(_SUBSCRIPTION_BY_ID, tenant, subscription_id)
+                return None if row is None else subscription_from_row(row)
+
+        return await self._run(write)

@@ -11,17 +11,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from creditmeter.errors import Rejected
+from creditmeter.errors import BackendUnavailable, Rejected
 from creditmeter.storage.ledger.base import (
     EVENT_COLUMNS,
     PURCHASE_COLUMN_COUNT,
     PURCHASE_COLUMNS,
+    SUBSCRIPTION_COLUMNS,
     Event,
     Ledger,
     Period,
     PurchaseRecord,
     RequestRecord,
     StagedGrant,
+    SubscriptionRecord,
     Transaction,
     TxnQuery,
     UsageRow,
@@ -34,6 +36,8 @@ from creditmeter.storage.ledger.base import (
     purchase_from_row,
     purchase_row,
     request_row,
+    subscription_from_row,
+    subscription_row,
     txn_filters,
 )
 
@@ -90,6 +94,30 @@ CREATE TABLE IF NOT EXISTS staged_grants (
   PRIMARY KEY (tenant, account, request_id)
 );
 CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
+CREATE TABLE IF NOT EXISTS subscriptions (
+  subscription_id TEXT PRIMARY KEY,
+  tenant          TEXT NOT NULL,
+  account         TEXT NOT NULL,
+  pack_id         TEXT NOT NULL,
+  status          TEXT NOT NULL,
+  recurrence      TEXT NOT NULL,
+  pack_name       TEXT NOT NULL,
+  credits         INTEGER NOT NULL,
+  bonus_credits   INTEGER NOT NULL,
+  rollover_cap    INTEGER NOT NULL,
+  priority        INTEGER NOT NULL,
+  price_minor     INTEGER NOT NULL,
+  currency        TEXT NOT NULL,
+  anchor_ms       INTEGER NOT NULL,
+  periods_granted INTEGER NOT NULL,
+  next_period_ms  INTEGER NOT NULL,
+  request_id      TEXT NOT NULL,
+  fingerprint     TEXT NOT NULL,
+  create_ms       INTEGER NOT NULL,
+  cancel_ms       INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS subscriptions_request ON subscriptions (tenant, request_id);
+CREATE INDEX IF NOT EXISTS subscriptions_due ON subscriptions (status, next_period_ms);
 CREATE TABLE IF NOT EXISTS purchases (
   purchase_id       TEXT PRIMARY KEY,
   tenant            TEXT NOT NULL,
@@ -145,6 +173,22 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
         raise
     db.execute("COMMIT")
     return result
+
+
+_SELECT_SUBSCRIPTION = f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions"
+#: How long a write waits for another connection's lock before the ledger counts as down.
+BUSY_TIMEOUT_S = 5.0
+_UNAVAILABLE = ("locked", "busy", "disk", "I/O", "readonly", "unable to open", "full")
+
+
+def _subscription(
+    db: sqlite3.Connection, tenant: str, subscription_id: str
+) -> SubscriptionRecord | None:
+    row = db.execute(
+        f"{_SELECT_SUBSCRIPTION} WHERE tenant = ? AND subscription_id = ?",
+        (tenant, subscription_id),
+    ).fetchone()
+    return None if row is None else subscription_from_row(row)
 
 
 def _purchase(db: sqlite3.Connection, tenant: str, purchase_id: str) -> PurchaseRecord | None:
@@ -204,14 +248,22 @@ class SqliteLedger(Ledger):
             assert self._db is not None
             return fn(self._db)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except sqlite3.OperationalError as error:
+            # Locked past the busy timeout, disk full, I/O error, unwritable file: the
+            # ledger is down for now. (Other SQLite errors are bugs and stay as they are.)
+            if any(sign in str(error) for sign in _UNAVAILABLE):
+                message = f"ledger unavailable: {error}"
+                raise BackendUnavailable(message, {"backend": "ledger"}) from error
+            raise
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
 
         def connect() -> None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(SCHEMA)
@@ -517,3 +569,92 @@ class SqliteLedger(Ledger):
             return [purchase_from_row(r) for r in rows]
 
         return await self._run(read)
+
+    # --- subscriptions ------------------------------------------------------------------
+    async def create_subscription(self, sub: SubscriptionRecord) -> tuple[SubscriptionRecord, bool]:
+        row = subscription_row(sub)
+
+        def write(db: sqlite3.Connection) -> tuple[SubscriptionRecord, bool]:
+            def insert() -> tuple[SubscriptionRecord, bool]:
+                before = db.total_changes
+                db.execute(
+                    f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS})"
+                    f" VALUES ({', '.join('?' * len(row))}) ON CONFLICT DO NOTHING",
+                    row,
+                )
+                if db.total_changes != before:
+                    return sub, True
+                found = db.execute(
+                    f"{_SELECT_SUBSCRIPTION} WHERE tenant = ? AND request_id = ?",
+                    (sub.tenant, sub.request_id),
+                ).fetchone()
+                if found is None:
+                    raise RuntimeError(f"subscription id {sub.subscription_id!r} is taken")
+                return subscription_from_row(found), False
+
+            return _in_transaction(db, insert)
+
+        return await self._run(write)
+
+    async def get_subscription(
+        self, tenant: str, subscription_id: str
+    ) -> SubscriptionRecord | None:
+        def read(db: sqlite3.Connection) -> SubscriptionRecord | None:
+            return _subscription(db, tenant, subscription_id)
+
+        return await self._run(read)
+
+    async def due_subscriptions(self, now_ms: int, limit: int) -> list[SubscriptionRecord]:
+        def read(db: sqlite3.Connection) -> list[SubscriptionRecord]:
+            rows = db.execute(
+                f"{_SELECT_SUBSCRIPTION} WHERE status = 'active' AND next_period_ms <= ?"
+                " ORDER BY next_period_ms LIMIT ?",
+                (now_ms, limit),
+            ).fetchall()
+            return [subscription_from_row(r) for r in rows]
+
+        return await self._run(read)
+
+    async def claim_period(
+        self,
+        tenant: str,
+        subscription_id: str,
+        period: int,
+        next_period_ms: int,
+        grants: Sequence[StagedGrant],
+    ) -> bool:
+        grant_rows = [grant_row(g) for g in grants]
+
+        def write(db: sqlite3.Connection) -> bool:
+            def claim() -> bool:
+                before = db.total_changes
+                db.execute(
+                    "UPDATE subscriptions SET periods_granted = ?, next_period_ms = ?"
+                    " WHERE tenant = ? AND subscription_id = ? AND periods_granted = ?"
+                    " AND status = 'active'",
+                    (period + 1, next_period_ms, tenant, subscription_id, period),
+                )
+                if db.total_changes == before:
+                    return False
+                db.executemany(f"{_INSERT_GRANT} ON CONFLICT DO NOTHING", grant_rows)
+                return True
+
+            return _in_transaction(db, claim)
+
+        return await self._run(write)
+
+    async def cancel_subscription(
+        self, tenant: str, subscription_id: str, now_ms: int
+    ) -> SubscriptionRecord | None:
+        def write(db: sqlite3.Connection) -> SubscriptionRecord | None:
+            def cancel() -> SubscriptionRecord | None:
+                db.execute(
+                    "UPDATE subscriptions SET status = 'cancelled', cancel_ms = ?"
+                    " WHERE tenant = ? AND subscription_id = ? AND status = 'active'",
+                    (now_ms, tenant, subscription_id),
+                )
+                return _subscription(db, tenant, subscription_id)
+
+            return _in_transaction(db, cancel)
+
+        return await self._run(write)

@@ -7,7 +7,8 @@
 --                        creditmeter.domain.lots.burn_key; the lot id is its last field)
 --   KEYS[4] exp    ZSET  lot_id scored by expiry (ms since epoch); never-expiring lots absent
 --   KEYS[5] acct   HASH  balance, granted, used, expired, removed, refunded, unlimited, seq,
---                        used:<feature>, units:<feature>
+--                        used:<feature>, units:<feature>,
+--                        carry:<subscription> (credits of its periods that expired unused)
 --   KEYS[6] idem   STRING  "<fingerprint>\n<cjson reply>" for this request id, with a TTL
 --   KEYS[7] outbox STREAM  the bucket's event outbox drained into the ledger
 --   KEYS[8] due    ZSET  the bucket's expiry index: "<tenant>:<account>" scored by next expiry
@@ -115,6 +116,10 @@ local function remove_lot(lot, txn, kind, total_field, reference)
   if rem > 0 then
     local balance = redis.call('HINCRBY', KEYS[5], 'balance', -rem)
     redis.call('HINCRBY', KEYS[5], total_field, rem)
+    if kind == 'expire' and string.match(meta.reference, '^sub_[%w]+$') then
+      -- A subscription period's credits ran out unused: remember them for its rollover.
+      redis.call('HINCRBY', KEYS[5], 'carry:' .. meta.reference, rem)
+    end
     emit(txn, kind, {
       'lot', lot, 'amount', fmt(rem), 'balance', fmt(balance), 'reference', reference or '',
     })

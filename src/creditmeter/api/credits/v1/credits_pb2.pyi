@@ -50,6 +50,8 @@ class _LotSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LotSource.V
     """Added by an operator."""
     LOT_SOURCE_REFUND: _LotSource.ValueType  # 6
     """Returned to the account after a refund."""
+    LOT_SOURCE_ROLLOVER: _LotSource.ValueType  # 7
+    """Unused credits of a subscription period carried into the next period."""
 
 class LotSource(_LotSource, metaclass=_LotSourceEnumTypeWrapper):
     """Where the credits of a lot came from. Decides part of the burn-down order:
@@ -71,6 +73,8 @@ LOT_SOURCE_MANUAL: LotSource.ValueType  # 5
 """Added by an operator."""
 LOT_SOURCE_REFUND: LotSource.ValueType  # 6
 """Returned to the account after a refund."""
+LOT_SOURCE_ROLLOVER: LotSource.ValueType  # 7
+"""Unused credits of a subscription period carried into the next period."""
 Global___LotSource: _TypeAlias = LotSource  # noqa: Y015
 
 class _RateUnit:
@@ -178,6 +182,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Another purchase of the tenant was already completed with this payment reference.
     ErrorInfo metadata: {"purchase_id": "pur_..."}. Status: FAILED_PRECONDITION.
     """
+    ERROR_REASON_SUBSCRIPTION_NOT_FOUND: _ErrorReason.ValueType  # 18
+    """No such subscription in this tenant.
+    ErrorInfo metadata: {"subscription_id": "sub_..."}. Status: NOT_FOUND.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons the server puts in `google.rpc.ErrorInfo.reason`."""
@@ -252,6 +260,10 @@ ErrorInfo metadata: {"lot_id": "lot_..."}. Status: NOT_FOUND.
 ERROR_REASON_PAYMENT_REFERENCE_USED: ErrorReason.ValueType  # 17
 """Another purchase of the tenant was already completed with this payment reference.
 ErrorInfo metadata: {"purchase_id": "pur_..."}. Status: FAILED_PRECONDITION.
+"""
+ERROR_REASON_SUBSCRIPTION_NOT_FOUND: ErrorReason.ValueType  # 18
+"""No such subscription in this tenant.
+ErrorInfo metadata: {"subscription_id": "sub_..."}. Status: NOT_FOUND.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

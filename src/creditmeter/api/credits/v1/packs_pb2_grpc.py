@@ -95,6 +95,21 @@ class PacksStub:
                 request_serializer=credits_dot_v1_dot_packs__pb2.RefundPurchaseRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_packs__pb2.RefundPurchaseResponse.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_unary(
+                '/credits.v1.Packs/Subscribe',
+                request_serializer=credits_dot_v1_dot_packs__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_packs__pb2.SubscribeResponse.FromString,
+                _registered_method=True)
+        self.GetSubscription = channel.unary_unary(
+                '/credits.v1.Packs/GetSubscription',
+                request_serializer=credits_dot_v1_dot_packs__pb2.GetSubscriptionRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_packs__pb2.GetSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.CancelSubscription = channel.unary_unary(
+                '/credits.v1.Packs/CancelSubscription',
+                request_serializer=credits_dot_v1_dot_packs__pb2.CancelSubscriptionRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_packs__pb2.CancelSubscriptionResponse.FromString,
+                _registered_method=True)
 
 
 class PacksServicer:
@@ -196,6 +211,32 @@ class PacksServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Subscribe(self, request, context):
+        """Subscribe starts a subscription to a recurring pack for a payment the caller takes
+        each period. The first period's credits are granted at once; each later period's
+        at its start, by the server, whether or not anything touches the account. Unused
+        credits of a period expire at its end, except up to the pack's rollover cap, which
+        carries into the next period. Requires an admin key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSubscription(self, request, context):
+        """GetSubscription returns one subscription. Requires any key of the tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSubscription(self, request, context):
+        """CancelSubscription grants no further periods; the current one runs out. Cancelling
+        twice changes nothing. Requires an admin key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PacksServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +299,21 @@ def add_PacksServicer_to_server(servicer, server):
                     servicer.RefundPurchase,
                     request_deserializer=credits_dot_v1_dot_packs__pb2.RefundPurchaseRequest.FromString,
                     response_serializer=credits_dot_v1_dot_packs__pb2.RefundPurchaseResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=credits_dot_v1_dot_packs__pb2.SubscribeRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_packs__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'GetSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSubscription,
+                    request_deserializer=credits_dot_v1_dot_packs__pb2.GetSubscriptionRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_packs__pb2.GetSubscriptionResponse.SerializeToString,
+            ),
+            'CancelSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSubscription,
+                    request_deserializer=credits_dot_v1_dot_packs__pb2.CancelSubscriptionRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_packs__pb2.CancelSubscriptionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -585,6 +641,87 @@ class Packs:
             '/credits.v1.Packs/RefundPurchase',
             credits_dot_v1_dot_packs__pb2.RefundPurchaseRequest.SerializeToString,
             credits_dot_v1_dot_packs__pb2.RefundPurchaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Packs/Subscribe',
+            credits_dot_v1_dot_packs__pb2.SubscribeRequest.SerializeToString,
+            credits_dot_v1_dot_packs__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Packs/GetSubscription',
+            credits_dot_v1_dot_packs__pb2.GetSubscriptionRequest.SerializeToString,
+            credits_dot_v1_dot_packs__pb2.GetSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Packs/CancelSubscription',
+            credits_dot_v1_dot_packs__pb2.CancelSubscriptionRequest.SerializeToString,
+            credits_dot_v1_dot_packs__pb2.CancelSubscriptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

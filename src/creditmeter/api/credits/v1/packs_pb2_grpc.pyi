@@ -81,6 +81,19 @@ class PacksStub:
     what was already spent. Never takes credit from other purchases; refunding twice
     changes nothing. Requires an admin key.
     """
+    Subscribe: _grpc.UnaryUnaryMultiCallable[_packs_pb2.SubscribeRequest, _packs_pb2.SubscribeResponse]
+    """Subscribe starts a subscription to a recurring pack for a payment the caller takes
+    each period. The first period's credits are granted at once; each later period's
+    at its start, by the server, whether or not anything touches the account. Unused
+    credits of a period expire at its end, except up to the pack's rollover cap, which
+    carries into the next period. Requires an admin key.
+    """
+    GetSubscription: _grpc.UnaryUnaryMultiCallable[_packs_pb2.GetSubscriptionRequest, _packs_pb2.GetSubscriptionResponse]
+    """GetSubscription returns one subscription. Requires any key of the tenant."""
+    CancelSubscription: _grpc.UnaryUnaryMultiCallable[_packs_pb2.CancelSubscriptionRequest, _packs_pb2.CancelSubscriptionResponse]
+    """CancelSubscription grants no further periods; the current one runs out. Cancelling
+    twice changes nothing. Requires an admin key.
+    """
 
 @_typing.type_check_only
 class PacksAsyncStub(PacksStub):
@@ -129,6 +142,19 @@ class PacksAsyncStub(PacksStub):
     """RefundPurchase removes whatever is still unspent of the purchase's lots, and reports
     what was already spent. Never takes credit from other purchases; refunding twice
     changes nothing. Requires an admin key.
+    """
+    Subscribe: _aio.UnaryUnaryMultiCallable[_packs_pb2.SubscribeRequest, _packs_pb2.SubscribeResponse]  # type: ignore[assignment]
+    """Subscribe starts a subscription to a recurring pack for a payment the caller takes
+    each period. The first period's credits are granted at once; each later period's
+    at its start, by the server, whether or not anything touches the account. Unused
+    credits of a period expire at its end, except up to the pack's rollover cap, which
+    carries into the next period. Requires an admin key.
+    """
+    GetSubscription: _aio.UnaryUnaryMultiCallable[_packs_pb2.GetSubscriptionRequest, _packs_pb2.GetSubscriptionResponse]  # type: ignore[assignment]
+    """GetSubscription returns one subscription. Requires any key of the tenant."""
+    CancelSubscription: _aio.UnaryUnaryMultiCallable[_packs_pb2.CancelSubscriptionRequest, _packs_pb2.CancelSubscriptionResponse]  # type: ignore[assignment]
+    """CancelSubscription grants no further periods; the current one runs out. Cancelling
+    twice changes nothing. Requires an admin key.
     """
 
 class PacksServicer(metaclass=_abc_1.ABCMeta):
@@ -247,6 +273,37 @@ class PacksServicer(metaclass=_abc_1.ABCMeta):
         """RefundPurchase removes whatever is still unspent of the purchase's lots, and reports
         what was already spent. Never takes credit from other purchases; refunding twice
         changes nothing. Requires an admin key.
+        """
+
+    @_abc_1.abstractmethod
+    def Subscribe(
+        self,
+        request: _packs_pb2.SubscribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_packs_pb2.SubscribeResponse, _abc.Awaitable[_packs_pb2.SubscribeResponse]]:
+        """Subscribe starts a subscription to a recurring pack for a payment the caller takes
+        each period. The first period's credits are granted at once; each later period's
+        at its start, by the server, whether or not anything touches the account. Unused
+        credits of a period expire at its end, except up to the pack's rollover cap, which
+        carries into the next period. Requires an admin key.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSubscription(
+        self,
+        request: _packs_pb2.GetSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_packs_pb2.GetSubscriptionResponse, _abc.Awaitable[_packs_pb2.GetSubscriptionResponse]]:
+        """GetSubscription returns one subscription. Requires any key of the tenant."""
+
+    @_abc_1.abstractmethod
+    def CancelSubscription(
+        self,
+        request: _packs_pb2.CancelSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_packs_pb2.CancelSubscriptionResponse, _abc.Awaitable[_packs_pb2.CancelSubscriptionResponse]]:
+        """CancelSubscription grants no further periods; the current one runs out. Cancelling
+        twice changes nothing. Requires an admin key.
         """
 
 def add_PacksServicer_to_server(servicer: PacksServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,39 @@
+-- Renew: grant one period of a subscription (a staged grant whose reference is the
+-- subscription id), carrying over at most `cap` credits of the previous periods that
+-- expired unused as a separate rollover lot with the same expiry.
+-- KEYS and ARGV[1..7]: see _lib.lua.
+-- ARGV[8..14] the period's lot as in grant.lua ARGV[8..14]
+-- ARGV[15] rollover cap (credits)   ARGV[16] rollover lot id   ARGV[17] its burn key
+-- returns {'OK', lot id, amount, priority, expires_at, source, reference, created, balance,
+--          carried}
+--      or {'ERR', 'IDEMPOTENCY_KEY_REUSED' | 'BALANCE_LIMIT_EXCEEDED', ...}
+local replay = idem_lookup()
+if replay then
+  return replay
+end
+sweep() -- expires the previous period, recording its unused credits in carry:<subscription>
+local lot = lot_from_argv(8)
+local carry_field = 'carry:' .. lot.reference
+local carried = math.min(acct_int(carry_field), tonumber(ARGV[15]))
+local refused = check_room(tonumber(lot.amount) + carried)
+if refused then
+  update_due()
+  return refused
+end
+redis.call('HDEL', KEYS[5], carry_field)
+local balance = add_lot(lot)
+if carried > 0 then
+  balance = add_lot({
+    id = ARGV[16], amount = fmt(carried), priority = lot.priority, expires_at = lot.expires_at,
+    source = 'rollover', reference = lot.reference, burn_key = ARGV[17],
+  })
+end
+update_due()
+local reply = {'OK'}
+for _, v in ipairs(lot_reply(lot)) do
+  reply[#reply + 1] = v
+end
+reply[#reply + 1] = fmt(balance)
+reply[#reply + 1] = fmt(carried)
+idem_store(reply)
+return reply

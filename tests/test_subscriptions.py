@@ -1,0 +1,156 @@
+"""Recurring packs: one grant per period, on time, exactly once across server processes,
+unused credit expiring at period end with a capped rollover."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from creditmeter.api.credits.v1 import credits_pb2 as cpb
+from creditmeter.api.credits.v1 import packs_pb2 as pb
+from creditmeter.api.credits.v1 import packs_pb2_grpc as pb_grpc
+from creditmeter.domain.clock import ManualClock
+from creditmeter.domain.subscriptions import WEEK_MS, period_start
+from creditmeter.transport.server import App, Settings
+from tests.conftest import Caller, Tenant, rid
+from tests.helpers import fails
+
+
+@pytest.fixture
+def packs(tenant: Tenant) -> Caller:
+    return Caller(pb_grpc.PacksStub(tenant.channel), tenant.admin.key)
+
+
+async def weekly(packs: Caller, **fields: Any) -> pb.Pack:
+    pack = pb.Pack(
+        name="Weekly", credits=fields.pop("credits", 100),
+        price=pb.Price(amount_minor=999, currency="EUR"), recurrence=pb.RECURRENCE_WEEKLY,
+        **fields,
+    )  # fmt: skip
+    return (await packs.CreatePack(pb.CreatePackRequest(pack=pack, request_id=rid()))).pack  # type: ignore[no-any-return]
+
+
+async def lots(t: Tenant, account: str) -> list[tuple[int, int]]:
+    b = await t.read.GetBalance(cpb.GetBalanceRequest(account_id=account))
+    return [(lot.amount, lot.remaining) for lot in b.lots]
+
+
+def test_period_arithmetic() -> None:
+    jan31 = 1_769_817_600_123  # 2026-01-31T00:00:00.123Z
+    assert period_start(jan31, "monthly", 1) == 1_772_236_800_123  # 2026-02-28
+    assert period_start(jan31, "monthly", 2) == 1_774_915_200_123  # 2026-03-31
+    assert period_start(jan31, "yearly", 1) == 1_801_353_600_123  # 2027-01-31
+    assert period_start(jan31, "weekly", 3) == jan31 + 3 * WEEK_MS
+
+
+async def test_periods_expiry_and_capped_rollover(
+    app: App, tenant: Tenant, packs: Caller, clock: ManualClock
+) -> None:
+    pack = await weekly(packs, credits=100, rollover_cap=30)
+    sub = (
+        await packs.Subscribe(
+            pb.SubscribeRequest(account_id="s", pack_id=pack.pack_id, request_id=rid())
+        )
+    ).subscription
+    assert sub.periods_granted == 1 and sub.status == pb.SUBSCRIPTION_STATUS_ACTIVE
+    assert await lots(tenant, "s") == [(100, 100)]
+    await tenant.meter.Consume(
+        cpb.ConsumeRequest(account_id="s", feature="text", quantity=40, request_id=rid())
+    )
+    assert app.subscriptions is not None
+    assert await app.subscriptions.renew_due() == 0  # nothing due yet
+    clock.advance(WEEK_MS)
+    assert await app.subscriptions.renew_due() == 1
+    # 60 were left unused: they expired at the period's end, 30 (the cap) carried over.
+    assert sorted(await lots(tenant, "s")) == [(30, 30), (100, 100)]
+    usage = await tenant.read.GetUsage(cpb.GetUsageRequest(account_id="s"))
+    assert (usage.expired, usage.total, usage.remaining) == (60, 230, 130)
+    clock.advance(WEEK_MS)
+    assert await app.subscriptions.renew_due() == 1
+    assert sorted(await lots(tenant, "s")) == [(30, 30), (100, 100)]  # 130 unused: cap 30
+    got = (
+        await packs.GetSubscription(pb.GetSubscriptionRequest(subscription_id=sub.subscription_id))
+    ).subscription
+    assert got.periods_granted == 3
+
+
+async def test_cancel_lets_the_current_period_run_out(
+    app: App, tenant: Tenant, packs: Caller, clock: ManualClock
+) -> None:
+    pack = await weekly(packs, credits=10)
+    sub = (
+        await packs.Subscribe(
+            pb.SubscribeRequest(account_id="c", pack_id=pack.pack_id, request_id=rid())
+        )
+    ).subscription
+    cancel = pb.CancelSubscriptionRequest(subscription_id=sub.subscription_id, request_id=rid())
+    cancelled = (await packs.CancelSubscription(cancel)).subscription
+    assert cancelled.status == pb.SUBSCRIPTION_STATUS_CANCELLED
+    assert (await packs.CancelSubscription(cancel)).subscription.status == cancelled.status
+    assert await lots(tenant, "c") == [(10, 10)]  # the current period still runs
+    clock.advance(2 * WEEK_MS)
+    assert app.subscriptions is not None
+    assert await app.subscriptions.renew_due() == 0
+    assert await lots(tenant, "c") == []
+    f = await fails(packs.GetSubscription(pb.GetSubscriptionRequest(subscription_id="sub_nope")))
+    assert f.reason == "SUBSCRIPTION_NOT_FOUND"
+
+
+@pytest.fixture
+async def second_app(app: App, redis_url: str, clock: ManualClock) -> AsyncIterator[App]:
+    """Another server process on the same Redis, config store and ledger."""
+    other = App(Settings(listen="127.0.0.1:0", data_dir=app.settings.data_dir,
+                         redis_url=redis_url, clock=clock, shutdown_grace_s=1.0,
+                         renew_interval_s=0.05, flusher=False))  # fmt: skip
+    await other.start()
+    yield other
+    await other.stop()
+
+
+async def test_three_periods_with_two_processes_grant_exactly_three_times(
+    app: App, second_app: App, tenant: Tenant, packs: Caller, clock: ManualClock
+) -> None:
+    pack = await weekly(packs, credits=7)
+    sub = (
+        await packs.Subscribe(
+            pb.SubscribeRequest(account_id="two", pack_id=pack.pack_id, request_id=rid())
+        )
+    ).subscription
+    assert app.subscriptions is not None and second_app.subscriptions is not None
+    for _ in range(3):
+        clock.advance(WEEK_MS)
+        # Both processes' schedulers race (second_app's loop runs every 50 ms too).
+        counts = await asyncio.gather(
+            *(
+                s.renew_due()
+                for s in (app.subscriptions, second_app.subscriptions)
+                for _ in range(3)
+            )
+        )
+        assert sum(counts) <= 1
+        await asyncio.sleep(0.1)
+    got = (
+        await packs.GetSubscription(pb.GetSubscriptionRequest(subscription_id=sub.subscription_id))
+    ).subscription
+    assert got.periods_granted == 4  # the first at Subscribe, then three periods
+    usage = await tenant.read.GetUsage(cpb.GetUsageRequest(account_id="two"))
+    assert usage.total == 4 * 7 and usage.expired == 3 * 7 and usage.remaining == 7
+
+
+async def test_catches_up_after_downtime_without_double_grants(
+    app: App, tenant: Tenant, packs: Caller, clock: ManualClock
+) -> None:
+    pack = await weekly(packs, credits=5, rollover_cap=100)
+    await packs.Subscribe(
+        pb.SubscribeRequest(account_id="late", pack_id=pack.pack_id, request_id=rid())
+    )
+    clock.advance(3 * WEEK_MS + 1)
+    assert app.subscriptions is not None
+    assert await app.subscriptions.renew_due() == 3
+    assert await app.subscriptions.renew_due() == 0
+    usage = await tenant.read.GetUsage(cpb.GetUsageRequest(account_id="late"))
+    assert usage.total - usage.expired == usage.remaining
+    assert usage.remaining == 5 * 4  # unused periods rolled over (cap 100)
