@@ -79,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ledger_url=args.ledger_url or None,
         flusher=not args.no_flusher,
         backlog_cap=args.backlog_cap,
+        pending_purchase_ttl_ms=args.pending_purchase_ttl * 1000,
     )
     try:
         uvloop.run(serve(settings))
@@ -243,10 +244,11 @@ def cmd_set_balance(args: argparse.Namespace) -> int:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     resp = Client(args)("GetUsage", pb.GetUsageRequest(account_id=args.account))
-    table = Table("total", "used", "remaining", "expired", "removed")
+    table = Table("total", "used", "remaining", "expired", "removed", "refunded")
     table.add_row(
-        *(str(v) for v in (resp.total, resp.used, resp.remaining, resp.expired, resp.removed))
-    )
+        *(str(v) for v in (resp.total, resp.used, resp.remaining, resp.expired, resp.removed,
+                           resp.refunded))
+    )  # fmt: skip
     console.print(table)
     per_feature = Table("feature", "credits", "units")
     for f in resp.features:
@@ -558,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded Redis fsync policy (env CREDITMETER_APPENDFSYNC)",
     )
     _ledger_flag(p)
+    p.add_argument(
+        "--pending-purchase-ttl",
+        type=_duration_s,
+        default=_duration_s(_env("PENDING_PURCHASE_TTL") or "30m"),
+        help="how long a two-step purchase waits for CompletePurchase (e.g. 30m, 2h)",
+    )
     p.add_argument(
         "--no-flusher",
         action="store_true",
