@@ -235,13 +235,32 @@ def _reference_holder(
     return None if row is None else str(row[0])
 
 
-class SqliteLedger(Ledger):
-    def __init__(self, path: Path) -> None:
+class _Worker:
+    """One SQLite connection, used only from its own thread."""
+
+    def __init__(self, path: Path, name: str, query_only: bool) -> None:
         self.path = path
+        self.name = name
+        self.query_only = query_only
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+
+        def connect() -> None:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if self.query_only:
+                db.execute("PRAGMA query_only=ON")
+            else:
+                db.executescript(SCHEMA)
+            self._db = db
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._executor is not None, "ledger not open"
 
         def call() -> T:
@@ -258,19 +277,6 @@ class SqliteLedger(Ledger):
                 raise BackendUnavailable(message, {"backend": "ledger"}) from error
             raise
 
-    async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
-
-        def connect() -> None:
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(SCHEMA)
-            self._db = db
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
-
     async def close(self) -> None:
         if self._executor is None:
             return
@@ -283,6 +289,31 @@ class SqliteLedger(Ledger):
         await asyncio.get_running_loop().run_in_executor(self._executor, disconnect)
         self._executor.shutdown(wait=True)
         self._executor = None
+
+
+class SqliteLedger(Ledger):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Writes go through one connection on one thread (SQLite has one writer anyway);
+        # reads through another, so WAL lets history and reports be read while a write
+        # waits for the lock.
+        self._writer = _Worker(path, "sqlite-ledger-writer", query_only=False)
+        self._reader = _Worker(path, "sqlite-ledger-reader", query_only=True)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._writer.run(fn)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._reader.run(fn)
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await self._writer.open()  # creates the schema before the reader looks
+        await self._reader.open()
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
 
     async def ping(self) -> None:
         def check(db: sqlite3.Connection) -> None:
@@ -363,7 +394,7 @@ class SqliteLedger(Ledger):
             ).fetchall()
             return [StagedGrant(*r) for r in rows]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def transactions(
         self, tenant: str, account: str, query: TxnQuery, limit: int, before_seq: int | None
@@ -388,7 +419,7 @@ class SqliteLedger(Ledger):
             grouped = group_transactions([event_from_row(r) for r in rows])
             return sorted(grouped, key=lambda t: t.seq, reverse=True)
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def usage(
         self,
@@ -417,7 +448,7 @@ class SqliteLedger(Ledger):
         def read(db: sqlite3.Connection) -> list[UsageRow]:
             return [UsageRow(*r) for r in db.execute(sql, params).fetchall()]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def scan(
         self, tenant: str | None = None, account: str | None = None
@@ -439,7 +470,7 @@ class SqliteLedger(Ledger):
                     p,
                 ).fetchall()
 
-            rows = await self._run(read)
+            rows = await self._read(read)
             for r in rows:
                 yield event_from_row(r)
             if len(rows) < _SCAN_CHUNK:
@@ -456,13 +487,13 @@ class SqliteLedger(Ledger):
             ).fetchall()
             return [RequestRecord(*r) for r in rows]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def event_count(self) -> int:
         def read(db: sqlite3.Connection) -> int:
             return int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
-        return await self._run(read)
+        return await self._read(read)
 
     # --- purchases --------------------------------------------------------------------
     async def create_purchase(
@@ -548,7 +579,7 @@ class SqliteLedger(Ledger):
         return await self._run(write)
 
     async def get_purchase(self, tenant: str, purchase_id: str) -> PurchaseRecord | None:
-        return await self._run(lambda db: _purchase(db, tenant, purchase_id))
+        return await self._read(lambda db: _purchase(db, tenant, purchase_id))
 
     async def list_purchases(
         self,
@@ -568,7 +599,7 @@ class SqliteLedger(Ledger):
             rows = db.execute(sql, [tenant, *params, limit]).fetchall()
             return [purchase_from_row(r) for r in rows]
 
-        return await self._run(read)
+        return await self._read(read)
 
     # --- subscriptions ------------------------------------------------------------------
     async def create_subscription(self, sub: SubscriptionRecord) -> tuple[SubscriptionRecord, bool]:
@@ -602,7 +633,7 @@ class SqliteLedger(Ledger):
         def read(db: sqlite3.Connection) -> SubscriptionRecord | None:
             return _subscription(db, tenant, subscription_id)
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def due_subscriptions(self, now_ms: int, limit: int) -> list[SubscriptionRecord]:
         def read(db: sqlite3.Connection) -> list[SubscriptionRecord]:
@@ -613,7 +644,7 @@ class SqliteLedger(Ledger):
             ).fetchall()
             return [subscription_from_row(r) for r in rows]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def claim_period(
         self,
