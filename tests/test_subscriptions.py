@@ -154,3 +154,31 @@ async def test_catches_up_after_downtime_without_double_grants(
     usage = await tenant.read.GetUsage(cpb.GetUsageRequest(account_id="late"))
     assert usage.total - usage.expired == usage.remaining
     assert usage.remaining == 5 * 4  # unused periods rolled over (cap 100)
+
+
+@pytest.mark.flusher
+async def test_rollover_survives_a_redis_rebuild(
+    app: App, tenant: Tenant, packs: Caller, clock: ManualClock, redis_client: Any
+) -> None:
+    """The carry of a period that expired before Redis was lost comes back from the ledger."""
+    from creditmeter.domain.recovery import Recovery
+
+    pack = await weekly(packs, credits=100, rollover_cap=30)
+    await packs.Subscribe(
+        pb.SubscribeRequest(account_id="rb", pack_id=pack.pack_id, request_id=rid())
+    )
+    await tenant.meter.Consume(
+        cpb.ConsumeRequest(account_id="rb", feature="text", quantity=40, request_id=rid())
+    )
+    clock.advance(WEEK_MS)
+    assert app.metering is not None and app.flusher is not None and app.ledger is not None
+    assert await app.metering.sweep_due() >= 1  # period 0 expires with 60 unused
+    for _ in range(200):
+        if await app.flusher.backlog() == 0:
+            break
+        await asyncio.sleep(0.02)
+    redis_client.flushall()
+    await Recovery(app.ledger, app.metering.store).rebuild(clock.now_ms())
+    assert app.subscriptions is not None
+    assert await app.subscriptions.renew_due() == 1
+    assert sorted(await lots(tenant, "rb")) == [(30, 30), (100, 100)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from creditmeter.errors import CreditError, Rejected
 from creditmeter.storage.ledger.base import Event, Ledger
 from creditmeter.storage.redis_store import AccountKeys, AccountSnapshot, Call, RedisStore
 
+#: A lot whose reference is a bare subscription id is a period's credits (they roll over).
+_SUBSCRIPTION = re.compile(r"sub_[0-9A-Za-z]+")
 TOTALS = ("granted", "used", "expired", "removed", "refunded")
 #: Kinds that take a lot's remaining credit out, and the total each adds to.
 _REMOVALS = {"expire": "expired", "reset": "removed", "refund": "refunded"}
@@ -49,6 +52,9 @@ class AccountState:
     features: dict[str, int] = field(default_factory=dict)  # "used:<f>" / "units:<f>" -> n
     unlimited: bool | None = None
     seq: int = 0
+    #: Per subscription, credits of its periods that expired unused since its last renewal
+    #: (renew.lua's carry:<subscription>, the base of the next rollover).
+    carry: dict[str, int] = field(default_factory=dict)
 
     def apply(self, e: Event) -> None:
         self.seq = max(self.seq, e.seq)
@@ -58,6 +64,8 @@ class AccountState:
                 e.amount, e.amount, priority, e.expires_at_ms, e.source, e.reference, e.ts_ms
             )
             self.totals["granted"] += e.amount
+            if _SUBSCRIPTION.fullmatch(e.reference) and e.source != LotSource.ROLLOVER:
+                self.carry.pop(e.reference, None)  # a renewal took the carry
         elif e.kind == "consume":
             self.totals["used"] += e.amount
             self.features[f"used:{e.feature}"] = (
@@ -70,8 +78,11 @@ class AccountState:
                 self.lots[e.lot].remaining -= e.amount
                 self.lot_used += e.amount
         elif e.kind in _REMOVALS:
-            self.lots[e.lot].remaining -= e.amount
+            lot = self.lots[e.lot]
+            lot.remaining -= e.amount
             self.totals[_REMOVALS[e.kind]] += e.amount
+            if e.kind == "expire" and _SUBSCRIPTION.fullmatch(lot.reference):
+                self.carry[lot.reference] = self.carry.get(lot.reference, 0) + e.amount
         elif e.kind == "options":
             self.unlimited = e.unlimited
 
@@ -89,6 +100,7 @@ class AccountState:
         fields["seq"] = str(self.seq)
         if self.unlimited is not None:
             fields["unlimited"] = "1" if self.unlimited else "0"
+        fields.update((f"carry:{sub}", str(n)) for sub, n in self.carry.items() if n)
         return fields
 
 
