@@ -9,7 +9,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -26,6 +26,7 @@ MAX_VALIDITY_DAYS = 36_600
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _CURRENCY = re.compile(r"[A-Z]{3}")
+_FIELD_OF_PATH = {"price.amount_minor": "price_minor", "price.currency": "currency"}
 #: Fields UpdatePack may change (AIP-134 field mask paths).
 UPDATABLE = frozenset(
     {"name", "description", "credits", "bonus_credits", "price", "price.amount_minor",
@@ -148,17 +149,29 @@ class Catalog:
         self.ttl_ms = ttl_s * 1000
 
     async def _put(
-        self, row: PackRow, request_id: str, operation: str, params: Mapping[str, object],
-        must_exist: bool,
-    ) -> PackRow:  # fmt: skip
+        self,
+        tenant: str,
+        pack_id: str,
+        request_id: str,
+        operation: str,
+        params: Mapping[str, object],
+        build: Callable[[PackRow | None], PackRow],
+    ) -> PackRow:
+        now = self.clock.now_ms()
         req = ConfigStore.Request(
-            row.tenant, request_id, fingerprint(operation, params), row.update_ms, self.ttl_ms
+            tenant, request_id, fingerprint(operation, params), now, self.ttl_ms
         )
         try:
-            stored, _ = await asyncio.to_thread(self.config.put_pack, row, req, must_exist)
+            stored, _ = await asyncio.to_thread(self.config.put_pack, pack_id, req, build)
         except Rejected as rejected:
             raise from_rejection(rejected) from None
         return stored
+
+    @staticmethod
+    def _existing(current: PackRow | None, pack_id: str) -> PackRow:
+        if current is None:
+            raise PackNotFound(f"no pack {pack_id!r}", {"pack_id": pack_id})
+        return current
 
     async def create(self, tenant: str, spec: PackSpec, request_id: str) -> PackRow:
         v = Violations()
@@ -168,7 +181,9 @@ class Catalog:
         now = self.clock.now_ms()
         spec = replace(spec, active=True)  # new packs are for sale; UpdatePack can pause them
         row = _row(tenant, new_id("pack", now), spec, False, now, now)
-        return await self._put(row, request_id, "CreatePack", {"spec": repr(spec)}, False)
+        return await self._put(
+            tenant, row.pack_id, request_id, "CreatePack", {"spec": repr(spec)}, lambda _: row
+        )
 
     async def get(self, tenant: str, pack_id: str) -> PackRow:
         v = Violations()
@@ -199,40 +214,54 @@ class Catalog:
         """Change the fields named by `paths` to their values in `changes`."""
         v = Violations()
         v.request_id(request_id)
+        _pack_id(pack_id, v, "pack.pack_id")
         if not paths:
             v.add("update_mask", "name at least one field")
         for path in paths:
             if path not in UPDATABLE:
                 v.add("update_mask", f"{path!r} cannot be changed")
         v.raise_if_any()
-        current = await self.get(tenant, pack_id)
-        merged = spec_of(current)
-        for path in paths:
-            if path == "price":
-                merged = replace(merged, price_minor=changes.price_minor, currency=changes.currency)
-            else:
-                attr = {"price.amount_minor": "price_minor", "price.currency": "currency"}.get(
-                    path, path
-                )
-                merged = replace(merged, **{attr: getattr(changes, attr)})
-        check(merged, v)
-        v.raise_if_any()
-        now = self.clock.now_ms()
-        row = _row(tenant, pack_id, merged, current.archived, current.create_ms, now)
+
+        def build(current: PackRow | None) -> PackRow:
+            # Runs inside the store's write transaction, on the pack as it is now.
+            stored = self._existing(current, pack_id)
+            merged = spec_of(stored)
+            for path in paths:
+                if path == "price":
+                    merged = replace(
+                        merged, price_minor=changes.price_minor, currency=changes.currency
+                    )
+                else:
+                    attr = _FIELD_OF_PATH.get(path, path)
+                    merged = replace(merged, **{attr: getattr(changes, attr)})
+            check_merged = Violations()
+            check(merged, check_merged)
+            check_merged.raise_if_any()
+            return _row(
+                tenant, pack_id, merged, stored.archived, stored.create_ms, self.clock.now_ms()
+            )
+
         # The request's own values, not the merged pack: a retry after another change to
         # the pack is still the same request.
         params = {"pack_id": pack_id, "paths": sorted(paths), "changes": repr(changes)}
-        return await self._put(row, request_id, "UpdatePack", params, True)
+        return await self._put(tenant, pack_id, request_id, "UpdatePack", params, build)
 
     async def archive(self, tenant: str, pack_id: str, request_id: str) -> PackRow:
         """Archive a pack: no longer listed as active nor for sale; purchases stay."""
         v = Violations()
         v.request_id(request_id)
+        _pack_id(pack_id, v)
         v.raise_if_any()
-        current = await self.get(tenant, pack_id)
-        now = self.clock.now_ms()
-        row = _row(tenant, pack_id, spec_of(current), True, current.create_ms, now)
-        return await self._put(row, request_id, "DeletePack", {"pack_id": pack_id}, True)
+
+        def build(current: PackRow | None) -> PackRow:
+            stored = self._existing(current, pack_id)
+            return _row(
+                tenant, pack_id, spec_of(stored), True, stored.create_ms, self.clock.now_ms()
+            )
+
+        return await self._put(
+            tenant, pack_id, request_id, "DeletePack", {"pack_id": pack_id}, build
+        )
 
 
 def _encode(last: PackRow, show_archived: bool) -> str:

@@ -262,19 +262,19 @@ class ConfigStore:
         return self._idempotent(req, change)
 
     # --- packs ---------------------------------------------------------------------
-    def put_pack(self, row: PackRow, req: Request, must_exist: bool) -> tuple[PackRow, bool]:
-        """Create (must_exist False) or replace (True) a pack; returns the pack as stored
-        by the first call with this request id, and whether this call was a replay. A
-        replace of a pack the tenant does not have raises Rejected(PACK_NOT_FOUND)."""
+    def put_pack(
+        self, pack_id: str, req: Request, build: Callable[[PackRow | None], PackRow]
+    ) -> tuple[PackRow, bool]:
+        """Write the pack `build` makes of the stored one (None for a new pack id), inside
+        one write transaction, so concurrent changes of one pack never lose each other.
+        Returns the pack as stored by the first call with this request id, and whether
+        this call was a replay. Whatever `build` raises aborts the change."""
 
         def change(db: sqlite3.Connection) -> str:
-            if must_exist:
-                found = db.execute(
-                    "SELECT 1 FROM packs WHERE tenant = ? AND pack_id = ?",
-                    (row.tenant, row.pack_id),
-                ).fetchone()
-                if found is None:
-                    raise Rejected("PACK_NOT_FOUND", {"pack_id": row.pack_id})
+            found = db.execute(
+                "SELECT * FROM packs WHERE tenant = ? AND pack_id = ?", (req.tenant, pack_id)
+            ).fetchone()
+            row = build(None if found is None else PackRow(*found))
             values = astuple(row)
             db.execute(
                 f"INSERT OR REPLACE INTO packs VALUES ({', '.join('?' * len(values))})", values
