@@ -93,6 +93,13 @@ async def app(
     """The server in-process. Its flusher runs only for tests marked `flusher`: the others
     read the outbox streams directly, which a flusher would trim."""
     marker = request.node.get_closest_marker("flusher")
+    if marker is not None:
+        # Redis is shared by the session but the ledger is this test's own: without a flush,
+        # the flusher would drain other tests' leftovers (an expiry whose grant went to an
+        # earlier test's ledger) into it, and a rebuild from it could not replay them.
+        client = redis.Redis.from_url(redis_url)
+        client.flushdb()
+        client.close()
     app = App(
         Settings(
             listen="127.0.0.1:0",

@@ -248,6 +248,16 @@ def pause_redis_writes(data_dir: Path, ms: int) -> None:
         client.close()
 
 
+def redis_blocked_clients(data_dir: Path) -> int:
+    """Clients of the embedded Redis waiting on a command (paused writes count)."""
+    url = (data_dir / "redis" / "endpoint").read_text().strip()
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("clients")["blocked_clients"])
+    finally:
+        client.close()
+
+
 # --- 1. restart ------------------------------------------------------------------------
 def test_restart_keeps_balances_usage_rates_options_keys_and_idempotency(
     launch: Launch, tmp_path: Path
@@ -361,11 +371,16 @@ def test_sigterm_drains_in_flight_calls(launch: Launch, tmp_path: Path) -> None:
                 metadata=md, timeout=60,
             )
 
-        # Make every write slow: Redis holds scripts for 2 s, so the calls are still in
-        # flight (inside the server's handlers) when SIGTERM arrives.
-        pause_redis_writes(data, 2000)
+        # Make every write slow: Redis holds scripts for 3 s, so the calls are still in
+        # flight (inside the server's handlers) when SIGTERM arrives. Wait until every one
+        # of them is at Redis: a call still queued in the transport was never in flight.
+        pause_redis_writes(data, 3000)
         in_flight = {r: consume(r) for r in (rid() for _ in range(DRAIN_CALLS))}
-        time.sleep(0.4)
+        deadline = time.monotonic() + 2.5
+        while redis_blocked_clients(data) < DRAIN_CALLS:
+            assert time.monotonic() < deadline, (
+                f"only {redis_blocked_clients(data)} of {DRAIN_CALLS} calls reached Redis")
+            time.sleep(0.02)
         assert not any(f.done() for f in in_flight.values()), "calls were not slowed down"
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -387,8 +402,8 @@ def test_sigterm_drains_in_flight_calls(launch: Launch, tmp_path: Path) -> None:
         grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
     assert not unexpected, unexpected
     # Every call that was in flight when SIGTERM came was allowed to finish.
-    assert all(outcomes[r] == grpc.StatusCode.OK for r in in_flight), [
-        outcomes[r] for r in in_flight if outcomes[r] != grpc.StatusCode.OK]
+    assert all(outcomes[r] == grpc.StatusCode.OK for r in in_flight), (
+        [outcomes[r] for r in in_flight if outcomes[r] != grpc.StatusCode.OK], server.stderr())
     assert all(outcomes[r] != grpc.StatusCode.OK for r in late)
     successes = [r for r, code in outcomes.items() if code == grpc.StatusCode.OK]
     failures = [r for r, code in outcomes.items() if code != grpc.StatusCode.OK]
@@ -636,8 +651,8 @@ def test_cli_client_commands_against_the_running_server(launch: Launch, tmp_path
     usage = cli("usage", "acct", *flags)
     assert usage.returncode == 0, usage.stderr
     rows = [re.findall(r"\w+", line) for line in usage.stdout.splitlines()]
-    assert ["total", "used", "remaining", "expired", "removed"] in rows, usage.stdout
-    assert ["100", "3", "97", "0", "0"] in rows, usage.stdout
+    assert ["total", "used", "remaining", "expired", "removed", "refunded"] in rows, usage.stdout
+    assert ["100", "3", "97", "0", "0", "0"] in rows, usage.stdout
     assert ["text", "3", "3"] in rows, usage.stdout
 
     too_much = cli("consume", "acct", "text", "--quantity", "1000", *flags)
