@@ -36,9 +36,13 @@ _READS = frozenset(
         "GetPurchase",
         "ListPurchases",
         "GetSubscription",
+        "GetSession",
+        "WatchBalance",
     }
 )
-_METERING = frozenset({"Consume"})
+_METERING = frozenset(
+    {"Consume", "ConsumeBatch", "Meter", "StartSession", "UpdateSession", "EndSession"}
+)
 
 
 def role_allows(role: Role, operation: str) -> bool:

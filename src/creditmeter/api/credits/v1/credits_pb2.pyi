@@ -186,6 +186,27 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """No such subscription in this tenant.
     ErrorInfo metadata: {"subscription_id": "sub_..."}. Status: NOT_FOUND.
     """
+    ERROR_REASON_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 19
+    """No such call session on this account.
+    ErrorInfo metadata: {"session_id": "call-42"}. Status: NOT_FOUND.
+    """
+    ERROR_REASON_SESSION_CLOSED: _ErrorReason.ValueType  # 20
+    """The session has ended (by EndSession, or closed by the server after going silent).
+    ErrorInfo metadata: {"session_id": "call-42", "state": "timed_out"}. Status: FAILED_PRECONDITION.
+    """
+    ERROR_REASON_SESSION_OUT_OF_SEQUENCE: _ErrorReason.ValueType  # 21
+    """The sequence number is not the next one of the session (nor a repeat of an earlier one).
+    ErrorInfo metadata: {"session_id": "call-42", "expected": "3", "sequence": "5"}. Status: FAILED_PRECONDITION.
+    """
+    ERROR_REASON_SESSION_EXISTS: _ErrorReason.ValueType  # 22
+    """A session with this id was started with other parameters (account, feature).
+    ErrorInfo metadata: {"session_id": "call-42"}. Status: ALREADY_EXISTS.
+    """
+    ERROR_REASON_RESUME_TOKEN_EXPIRED: _ErrorReason.ValueType  # 23
+    """The resume token of WatchBalance is older than what the server still keeps; read the
+    balance afresh and watch again without a token.
+    ErrorInfo metadata: {"retention_seconds": "300"}. Status: OUT_OF_RANGE.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons the server puts in `google.rpc.ErrorInfo.reason`."""
@@ -265,7 +286,110 @@ ERROR_REASON_SUBSCRIPTION_NOT_FOUND: ErrorReason.ValueType  # 18
 """No such subscription in this tenant.
 ErrorInfo metadata: {"subscription_id": "sub_..."}. Status: NOT_FOUND.
 """
+ERROR_REASON_SESSION_NOT_FOUND: ErrorReason.ValueType  # 19
+"""No such call session on this account.
+ErrorInfo metadata: {"session_id": "call-42"}. Status: NOT_FOUND.
+"""
+ERROR_REASON_SESSION_CLOSED: ErrorReason.ValueType  # 20
+"""The session has ended (by EndSession, or closed by the server after going silent).
+ErrorInfo metadata: {"session_id": "call-42", "state": "timed_out"}. Status: FAILED_PRECONDITION.
+"""
+ERROR_REASON_SESSION_OUT_OF_SEQUENCE: ErrorReason.ValueType  # 21
+"""The sequence number is not the next one of the session (nor a repeat of an earlier one).
+ErrorInfo metadata: {"session_id": "call-42", "expected": "3", "sequence": "5"}. Status: FAILED_PRECONDITION.
+"""
+ERROR_REASON_SESSION_EXISTS: ErrorReason.ValueType  # 22
+"""A session with this id was started with other parameters (account, feature).
+ErrorInfo metadata: {"session_id": "call-42"}. Status: ALREADY_EXISTS.
+"""
+ERROR_REASON_RESUME_TOKEN_EXPIRED: ErrorReason.ValueType  # 23
+"""The resume token of WatchBalance is older than what the server still keeps; read the
+balance afresh and watch again without a token.
+ErrorInfo metadata: {"retention_seconds": "300"}. Status: OUT_OF_RANGE.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
+class _SessionTimeoutPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionTimeoutPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionTimeoutPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_TIMEOUT_POLICY_UNSPECIFIED: _SessionTimeoutPolicy.ValueType  # 0
+    """Not set: SESSION_TIMEOUT_POLICY_CHARGE_QUOTA."""
+    SESSION_TIMEOUT_POLICY_CHARGE_QUOTA: _SessionTimeoutPolicy.ValueType  # 1
+    """Charge the whole quota that had been granted (the call may have gone on), release nothing of it."""
+    SESSION_TIMEOUT_POLICY_RELEASE: _SessionTimeoutPolicy.ValueType  # 2
+    """Charge only what was reported; release the whole reservation."""
+
+class SessionTimeoutPolicy(_SessionTimeoutPolicy, metaclass=_SessionTimeoutPolicyEnumTypeWrapper):
+    """What happens to a session whose call server stops reporting past its validity time
+    (plus a grace).
+    """
+
+SESSION_TIMEOUT_POLICY_UNSPECIFIED: SessionTimeoutPolicy.ValueType  # 0
+"""Not set: SESSION_TIMEOUT_POLICY_CHARGE_QUOTA."""
+SESSION_TIMEOUT_POLICY_CHARGE_QUOTA: SessionTimeoutPolicy.ValueType  # 1
+"""Charge the whole quota that had been granted (the call may have gone on), release nothing of it."""
+SESSION_TIMEOUT_POLICY_RELEASE: SessionTimeoutPolicy.ValueType  # 2
+"""Charge only what was reported; release the whole reservation."""
+Global___SessionTimeoutPolicy: _TypeAlias = SessionTimeoutPolicy  # noqa: Y015
+
+class _SessionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_STATE_UNSPECIFIED: _SessionState.ValueType  # 0
+    """Never sent."""
+    SESSION_STATE_OPEN: _SessionState.ValueType  # 1
+    """Open: reporting usage and holding a reservation."""
+    SESSION_STATE_ENDED: _SessionState.ValueType  # 2
+    """Ended by EndSession."""
+    SESSION_STATE_TIMED_OUT: _SessionState.ValueType  # 3
+    """Closed by the server after its call server went silent."""
+
+class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper):
+    """The state of a call session."""
+
+SESSION_STATE_UNSPECIFIED: SessionState.ValueType  # 0
+"""Never sent."""
+SESSION_STATE_OPEN: SessionState.ValueType  # 1
+"""Open: reporting usage and holding a reservation."""
+SESSION_STATE_ENDED: SessionState.ValueType  # 2
+"""Ended by EndSession."""
+SESSION_STATE_TIMED_OUT: SessionState.ValueType  # 3
+"""Closed by the server after its call server went silent."""
+Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
+
+class _BalanceAlertKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BalanceAlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BalanceAlertKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BALANCE_ALERT_KIND_UNSPECIFIED: _BalanceAlertKind.ValueType  # 0
+    """Never sent."""
+    BALANCE_ALERT_KIND_LOW: _BalanceAlertKind.ValueType  # 1
+    """The balance fell to or below a watched threshold (time to offer a pack)."""
+    BALANCE_ALERT_KIND_DEPLETED: _BalanceAlertKind.ValueType  # 2
+    """The balance reached zero."""
+    BALANCE_ALERT_KIND_TOPPED_UP: _BalanceAlertKind.ValueType  # 3
+    """The balance rose above a watched threshold (or above zero) again."""
+
+class BalanceAlertKind(_BalanceAlertKind, metaclass=_BalanceAlertKindEnumTypeWrapper):
+    """What a balance alert says."""
+
+BALANCE_ALERT_KIND_UNSPECIFIED: BalanceAlertKind.ValueType  # 0
+"""Never sent."""
+BALANCE_ALERT_KIND_LOW: BalanceAlertKind.ValueType  # 1
+"""The balance fell to or below a watched threshold (time to offer a pack)."""
+BALANCE_ALERT_KIND_DEPLETED: BalanceAlertKind.ValueType  # 2
+"""The balance reached zero."""
+BALANCE_ALERT_KIND_TOPPED_UP: BalanceAlertKind.ValueType  # 3
+"""The balance rose above a watched threshold (or above zero) again."""
+Global___BalanceAlertKind: _TypeAlias = BalanceAlertKind  # noqa: Y015
 
 class _TransactionKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -636,12 +760,17 @@ class GetBalanceResponse(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     LOTS_FIELD_NUMBER: _builtins.int
     UNLIMITED_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
     """Spendable credits: the remaining credit of lots that have not expired
     (-1 for unlimited accounts).
     """
     unlimited: _builtins.bool
     """Whether the account is unlimited."""
+    reserved: _builtins.int
+    """Credits held by open call sessions: in the lots, but not spendable by anything else.
+    `balance` excludes them.
+    """
     @_builtins.property
     def lots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lot]:
         """The live lots in burn-down order (the order the next charge will use)."""
@@ -652,10 +781,11 @@ class GetBalanceResponse(_message.Message):
         balance: _builtins.int = ...,
         lots: _abc.Iterable[Global___Lot] | None = ...,
         unlimited: _builtins.bool = ...,
+        reserved: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lots", b"lots", "unlimited", b"unlimited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lots", b"lots", "reserved", b"reserved", "unlimited", b"unlimited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1444,3 +1574,702 @@ class VoidGrantResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VoidGrantResponse: _TypeAlias = VoidGrantResponse  # noqa: Y015
+
+@_typing.final
+class ConsumeBatchRequest(_message.Message):
+    """Request for Credits.ConsumeBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumeRequest]:
+        """The consumptions, 1 to 1000, each as in Consume (its own account and request_id)."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___ConsumeRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumeBatchRequest: _TypeAlias = ConsumeBatchRequest  # noqa: Y015
+
+@_typing.final
+class ConsumeError(_message.Message):
+    """Why one consumption of a batch or stream failed: what Consume would have returned."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class FieldViolationsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The google.rpc.Code (e.g. 9 for FAILED_PRECONDITION)."""
+    reason: _builtins.str
+    """The ErrorReason name without its ERROR_REASON_ prefix, e.g. "INSUFFICIENT_CREDITS"."""
+    message: _builtins.str
+    """A readable message."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The ErrorInfo metadata, e.g. {"balance": "7", "required": "10"}."""
+
+    @_builtins.property
+    def field_violations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """For INVALID_REQUEST: each offending field and why."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        field_violations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumeError: _TypeAlias = ConsumeError  # noqa: Y015
+
+@_typing.final
+class ConsumeResult(_message.Message):
+    """The outcome of one consumption of a batch or stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The item's request_id, to match results with requests."""
+    @_builtins.property
+    def response(self) -> Global___ConsumeResponse:
+        """The item was charged (or replayed)."""
+
+    @_builtins.property
+    def error(self) -> Global___ConsumeError:
+        """The item failed and changed nothing."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        response: Global___ConsumeResponse | None = ...,
+        error: Global___ConsumeError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "request_id", b"request_id", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___ConsumeResult: _TypeAlias = ConsumeResult  # noqa: Y015
+
+@_typing.final
+class ConsumeBatchResponse(_message.Message):
+    """Response for Credits.ConsumeBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumeResult]:
+        """One result per item, in the order of the items."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ConsumeResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumeBatchResponse: _TypeAlias = ConsumeBatchResponse  # noqa: Y015
+
+@_typing.final
+class MeterRequest(_message.Message):
+    """One message of the Meter request stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def consume(self) -> Global___ConsumeRequest:
+        """The consumption, as in Consume."""
+
+    def __init__(
+        self,
+        *,
+        consume: Global___ConsumeRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consume", b"consume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consume", b"consume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MeterRequest: _TypeAlias = MeterRequest  # noqa: Y015
+
+@_typing.final
+class MeterResponse(_message.Message):
+    """One message of the Meter response stream: the outcome of the request at the same
+    position of the request stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___ConsumeResult:
+        """The outcome."""
+
+    def __init__(
+        self,
+        *,
+        result: Global___ConsumeResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MeterResponse: _TypeAlias = MeterResponse  # noqa: Y015
+
+@_typing.final
+class Session(_message.Message):
+    """A call session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    USED_SECONDS_FIELD_NUMBER: _builtins.int
+    CHARGED_UNITS_FIELD_NUMBER: _builtins.int
+    CHARGED_AMOUNT_FIELD_NUMBER: _builtins.int
+    RESERVED_AMOUNT_FIELD_NUMBER: _builtins.int
+    GRANTED_SECONDS_FIELD_NUMBER: _builtins.int
+    FINAL_UNIT_FIELD_NUMBER: _builtins.int
+    BILLING_INCREMENT_SECONDS_FIELD_NUMBER: _builtins.int
+    CREDITS_PER_UNIT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_POLICY_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    UNCOLLECTED_AMOUNT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The caller's id for the session (the call id), unique within the account."""
+    account_id: _builtins.str
+    """The account charged."""
+    feature: _builtins.str
+    """The time feature metered (voice, video, ...)."""
+    state: Global___SessionState.ValueType
+    """Open, ended or timed out."""
+    sequence: _builtins.int
+    """The last sequence number processed (0 = StartSession)."""
+    used_seconds: _builtins.int
+    """Seconds of use reported so far, over the whole call."""
+    charged_units: _builtins.int
+    """Billing increments charged so far (used seconds rounded up, over the whole call)."""
+    charged_amount: _builtins.int
+    """Credits charged so far."""
+    reserved_amount: _builtins.int
+    """Credits held for the current quota."""
+    granted_seconds: _builtins.int
+    """Seconds the call may run from the last report: what the charged increments still
+    cover plus the current quota.
+    """
+    final_unit: _builtins.bool
+    """Set when the current quota is the last the balance allows: end the call when it runs out."""
+    billing_increment_seconds: _builtins.int
+    """Length of a billing increment in seconds, fixed when the session started."""
+    credits_per_unit: _builtins.int
+    """Credits per increment, fixed when the session started."""
+    timeout_policy: Global___SessionTimeoutPolicy.ValueType
+    """What the server does when the call server goes silent."""
+    uncollected_amount: _builtins.int
+    """Credits that could not be charged because credit held for the call was removed
+    meanwhile (expired, voided or refunded): used but not billed.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the session started."""
+
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp:
+        """The call server must report before this time; the server closes the session itself
+        when it stays silent past it plus a grace.
+        """
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the session ended; unset while open."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        feature: _builtins.str = ...,
+        state: Global___SessionState.ValueType = ...,
+        sequence: _builtins.int = ...,
+        used_seconds: _builtins.int = ...,
+        charged_units: _builtins.int = ...,
+        charged_amount: _builtins.int = ...,
+        reserved_amount: _builtins.int = ...,
+        granted_seconds: _builtins.int = ...,
+        final_unit: _builtins.bool = ...,
+        billing_increment_seconds: _builtins.int = ...,
+        credits_per_unit: _builtins.int = ...,
+        timeout_policy: Global___SessionTimeoutPolicy.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        uncollected_amount: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "billing_increment_seconds", b"billing_increment_seconds", "charged_amount", b"charged_amount", "charged_units", b"charged_units", "credits_per_unit", b"credits_per_unit", "end_time", b"end_time", "feature", b"feature", "final_unit", b"final_unit", "granted_seconds", b"granted_seconds", "reserved_amount", b"reserved_amount", "sequence", b"sequence", "session_id", b"session_id", "start_time", b"start_time", "state", b"state", "timeout_policy", b"timeout_policy", "uncollected_amount", b"uncollected_amount", "used_seconds", b"used_seconds", "valid_until", b"valid_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class StartSessionRequest(_message.Message):
+    """Request for Credits.StartSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_SECONDS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_POLICY_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account to charge."""
+    feature: _builtins.str
+    """A time feature (voice, video, or a tenant's own with unit TIME)."""
+    session_id: _builtins.str
+    """The caller's id for the session (e.g. the call id): 1-128 characters of letters,
+    digits and `._:@+=-`. Starting it again with the same parameters returns the first
+    response (idempotency); with others fails with SESSION_EXISTS.
+    """
+    requested_seconds: _builtins.int
+    """Seconds of quota asked for; rounded up to whole billing increments. Unset means three
+    billing increments.
+    """
+    timeout_policy: Global___SessionTimeoutPolicy.ValueType
+    """What happens if the call server goes silent. Unset: charge the granted quota."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        feature: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        requested_seconds: _builtins.int | None = ...,
+        timeout_policy: Global___SessionTimeoutPolicy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_requested_seconds", b"_requested_seconds", "requested_seconds", b"requested_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_requested_seconds", b"_requested_seconds", "account_id", b"account_id", "feature", b"feature", "requested_seconds", b"requested_seconds", "session_id", b"session_id", "timeout_policy", b"timeout_policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__requested_seconds: _TypeAlias = _typing.Literal["requested_seconds"]  # noqa: Y015
+    _WhichOneofArgType__requested_seconds: _TypeAlias = _typing.Literal["_requested_seconds", b"_requested_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requested_seconds) -> _WhichOneofReturnType__requested_seconds | None: ...
+
+Global___StartSessionRequest: _TypeAlias = StartSessionRequest  # noqa: Y015
+
+@_typing.final
+class StartSessionResponse(_message.Message):
+    """Response for Credits.StartSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    GRANTED_SECONDS_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    FINAL_UNIT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    granted_seconds: _builtins.int
+    """Seconds the call may run before the next report."""
+    final_unit: _builtins.bool
+    """No further quota will follow: end the call when the granted seconds run out."""
+    balance: _builtins.int
+    """The account's spendable balance afterwards (reservations excluded)."""
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session after the start."""
+
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp:
+        """Report (UpdateSession) before this time."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        granted_seconds: _builtins.int = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+        final_unit: _builtins.bool = ...,
+        balance: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "final_unit", b"final_unit", "granted_seconds", b"granted_seconds", "session", b"session", "valid_until", b"valid_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartSessionResponse: _TypeAlias = StartSessionResponse  # noqa: Y015
+
+@_typing.final
+class UpdateSessionRequest(_message.Message):
+    """Request for Credits.UpdateSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    USED_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUESTED_SECONDS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account the session was started on (every key of a session lives in its
+    account's Redis slot, so the account names where to find it).
+    """
+    session_id: _builtins.str
+    """The session."""
+    sequence: _builtins.int
+    """1 for the first update, then one more each time; a repeat returns the first answer."""
+    used_seconds: _builtins.int
+    """Seconds used since the previous report (0 or more)."""
+    requested_seconds: _builtins.int
+    """Seconds of quota asked for next; unset means three billing increments."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        used_seconds: _builtins.int = ...,
+        requested_seconds: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_requested_seconds", b"_requested_seconds", "requested_seconds", b"requested_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_requested_seconds", b"_requested_seconds", "account_id", b"account_id", "requested_seconds", b"requested_seconds", "sequence", b"sequence", "session_id", b"session_id", "used_seconds", b"used_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__requested_seconds: _TypeAlias = _typing.Literal["requested_seconds"]  # noqa: Y015
+    _WhichOneofArgType__requested_seconds: _TypeAlias = _typing.Literal["_requested_seconds", b"_requested_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requested_seconds) -> _WhichOneofReturnType__requested_seconds | None: ...
+
+Global___UpdateSessionRequest: _TypeAlias = UpdateSessionRequest  # noqa: Y015
+
+@_typing.final
+class UpdateSessionResponse(_message.Message):
+    """Response for Credits.UpdateSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    CHARGED_AMOUNT_FIELD_NUMBER: _builtins.int
+    GRANTED_SECONDS_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    FINAL_UNIT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    charged_amount: _builtins.int
+    """Credits charged by this update."""
+    granted_seconds: _builtins.int
+    """Seconds the call may run from now: what is already paid plus the new quota."""
+    final_unit: _builtins.bool
+    """No further quota will follow: end the call when the granted seconds run out."""
+    balance: _builtins.int
+    """The account's spendable balance afterwards (reservations excluded)."""
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session after the update."""
+
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp:
+        """Report again before this time."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        charged_amount: _builtins.int = ...,
+        granted_seconds: _builtins.int = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+        final_unit: _builtins.bool = ...,
+        balance: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "charged_amount", b"charged_amount", "final_unit", b"final_unit", "granted_seconds", b"granted_seconds", "session", b"session", "valid_until", b"valid_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSessionResponse: _TypeAlias = UpdateSessionResponse  # noqa: Y015
+
+@_typing.final
+class EndSessionRequest(_message.Message):
+    """Request for Credits.EndSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    USED_SECONDS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account the session was started on."""
+    session_id: _builtins.str
+    """The session."""
+    sequence: _builtins.int
+    """The next sequence number after the last update (1 if there was none)."""
+    used_seconds: _builtins.int
+    """Seconds used since the previous report (0 or more)."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        used_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "sequence", b"sequence", "session_id", b"session_id", "used_seconds", b"used_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionRequest: _TypeAlias = EndSessionRequest  # noqa: Y015
+
+@_typing.final
+class EndSessionResponse(_message.Message):
+    """Response for Credits.EndSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    CHARGED_AMOUNT_FIELD_NUMBER: _builtins.int
+    RELEASED_AMOUNT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    charged_amount: _builtins.int
+    """Credits charged by this final report."""
+    released_amount: _builtins.int
+    """Credits of the reservation given back to the balance."""
+    balance: _builtins.int
+    """The account's spendable balance afterwards."""
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session after it ended."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        charged_amount: _builtins.int = ...,
+        released_amount: _builtins.int = ...,
+        balance: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "charged_amount", b"charged_amount", "released_amount", b"released_amount", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionResponse: _TypeAlias = EndSessionResponse  # noqa: Y015
+
+@_typing.final
+class GetSessionRequest(_message.Message):
+    """Request for Credits.GetSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account the session was started on."""
+    session_id: _builtins.str
+    """The session."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSessionRequest: _TypeAlias = GetSessionRequest  # noqa: Y015
+
+@_typing.final
+class GetSessionResponse(_message.Message):
+    """Response for Credits.GetSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSessionResponse: _TypeAlias = GetSessionResponse  # noqa: Y015
+
+@_typing.final
+class WatchBalanceRequest(_message.Message):
+    """Request for Credits.WatchBalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account to watch; empty watches every account of the tenant."""
+    resume_token: _builtins.str
+    """The resume_token of the last alert received: alerts after it are sent first. Empty
+    starts from now.
+    """
+    @_builtins.property
+    def thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Balance levels to alert on (each 1 to 2^53-1, at most 16); zero is always watched."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        thresholds: _abc.Iterable[_builtins.int] | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "resume_token", b"resume_token", "thresholds", b"thresholds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchBalanceRequest: _TypeAlias = WatchBalanceRequest  # noqa: Y015
+
+@_typing.final
+class WatchBalanceResponse(_message.Message):
+    """One balance alert."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PREVIOUS_BALANCE_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    kind: Global___BalanceAlertKind.ValueType
+    """What happened."""
+    account_id: _builtins.str
+    """The account."""
+    threshold: _builtins.int
+    """The threshold crossed (0 for DEPLETED, and for TOPPED_UP from zero)."""
+    previous_balance: _builtins.int
+    """The balance before the change."""
+    balance: _builtins.int
+    """The balance after the change."""
+    transaction_id: _builtins.str
+    """The transaction that changed it."""
+    resume_token: _builtins.str
+    """Pass this to WatchBalance to resume after this alert."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it changed."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___BalanceAlertKind.ValueType = ...,
+        account_id: _builtins.str = ...,
+        threshold: _builtins.int = ...,
+        previous_balance: _builtins.int = ...,
+        balance: _builtins.int = ...,
+        transaction_id: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "event_time", b"event_time", "kind", b"kind", "previous_balance", b"previous_balance", "resume_token", b"resume_token", "threshold", b"threshold", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchBalanceResponse: _TypeAlias = WatchBalanceResponse  # noqa: Y015

@@ -45,6 +45,11 @@ class CreditsStub:
                 request_serializer=credits_dot_v1_dot_credits__pb2.ConsumeRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credits__pb2.ConsumeResponse.FromString,
                 _registered_method=True)
+        self.ConsumeBatch = channel.unary_unary(
+                '/credits.v1.Credits/ConsumeBatch',
+                request_serializer=credits_dot_v1_dot_credits__pb2.ConsumeBatchRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.ConsumeBatchResponse.FromString,
+                _registered_method=True)
         self.GetBalance = channel.unary_unary(
                 '/credits.v1.Credits/GetBalance',
                 request_serializer=credits_dot_v1_dot_credits__pb2.GetBalanceRequest.SerializeToString,
@@ -95,6 +100,36 @@ class CreditsStub:
                 request_serializer=credits_dot_v1_dot_credits__pb2.GetLedgerStatusRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credits__pb2.GetLedgerStatusResponse.FromString,
                 _registered_method=True)
+        self.Meter = channel.stream_stream(
+                '/credits.v1.Credits/Meter',
+                request_serializer=credits_dot_v1_dot_credits__pb2.MeterRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.MeterResponse.FromString,
+                _registered_method=True)
+        self.StartSession = channel.unary_unary(
+                '/credits.v1.Credits/StartSession',
+                request_serializer=credits_dot_v1_dot_credits__pb2.StartSessionRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.StartSessionResponse.FromString,
+                _registered_method=True)
+        self.UpdateSession = channel.unary_unary(
+                '/credits.v1.Credits/UpdateSession',
+                request_serializer=credits_dot_v1_dot_credits__pb2.UpdateSessionRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.UpdateSessionResponse.FromString,
+                _registered_method=True)
+        self.EndSession = channel.unary_unary(
+                '/credits.v1.Credits/EndSession',
+                request_serializer=credits_dot_v1_dot_credits__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.EndSessionResponse.FromString,
+                _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/credits.v1.Credits/GetSession',
+                request_serializer=credits_dot_v1_dot_credits__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.WatchBalance = channel.unary_stream(
+                '/credits.v1.Credits/WatchBalance',
+                request_serializer=credits_dot_v1_dot_credits__pb2.WatchBalanceRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.WatchBalanceResponse.FromString,
+                _registered_method=True)
 
 
 class CreditsServicer:
@@ -114,6 +149,17 @@ class CreditsServicer:
         or an explicit amount. All or nothing: when the balance cannot cover the charge,
         nothing is deducted and the call fails with FAILED_PRECONDITION and reason
         INSUFFICIENT_CREDITS. Requires an admin or meter key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConsumeBatch(self, request, context):
+        """ConsumeBatch charges up to 1,000 consumptions (any accounts of the tenant) in one
+        call. Each item succeeds or fails on its own, with its own result or error, exactly
+        as the same Consume would; the batch reaches Redis in one round trip. Items run in
+        order, so a repeated request id in a batch replays the earlier item. Requires an admin
+        or meter key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +247,66 @@ class CreditsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Meter(self, request_iterator, context):
+        """Meter is a bidirectional stream for servers that meter continuously: each request is
+        one consumption (as in Consume), each response its outcome, in the order of the
+        requests. An item's failure does not end the stream. Flow control holds: a client
+        that stops reading stops the server from reading further requests. Requires an admin
+        or meter key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartSession(self, request, context):
+        """StartSession opens a call session on a time feature (voice, video, or a tenant's own)
+        and reserves credits for its first quota, like a Diameter credit-control initial
+        request (RFC 4006). The quota granted may be smaller than asked; when it is, or when
+        it is the last the balance allows, `final_unit` is set. Reserved credit is held: no
+        other consumption can spend it. Fails with FAILED_PRECONDITION / INSUFFICIENT_CREDITS
+        when not even one billing increment can be reserved. Idempotent on the session id.
+        Requires an admin or meter key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSession(self, request, context):
+        """UpdateSession reports the seconds used since the previous report, charges them
+        (whole billing increments over the whole call, never rounding each report), and
+        reserves the next quota. Idempotent on (session_id, sequence). Requires an admin or
+        meter key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndSession(self, request, context):
+        """EndSession reports the last seconds used, charges them and releases the rest of the
+        reservation. Idempotent on (session_id, sequence). Requires an admin or meter key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """GetSession returns a session's state: what it has used, charged and holds.
+        Requires any key of the tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBalance(self, request, context):
+        """WatchBalance streams balance alerts of one account or of the whole tenant: a balance
+        falling to or below a threshold, reaching zero, or rising above a threshold again.
+        Every alert carries a resume token; a watcher that reconnects with it receives what it
+        missed. Requires any key of the tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +319,11 @@ def add_CreditsServicer_to_server(servicer, server):
                     servicer.Consume,
                     request_deserializer=credits_dot_v1_dot_credits__pb2.ConsumeRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credits__pb2.ConsumeResponse.SerializeToString,
+            ),
+            'ConsumeBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConsumeBatch,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.ConsumeBatchRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.ConsumeBatchResponse.SerializeToString,
             ),
             'GetBalance': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBalance,
@@ -263,6 +374,36 @@ def add_CreditsServicer_to_server(servicer, server):
                     servicer.GetLedgerStatus,
                     request_deserializer=credits_dot_v1_dot_credits__pb2.GetLedgerStatusRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credits__pb2.GetLedgerStatusResponse.SerializeToString,
+            ),
+            'Meter': grpc.stream_stream_rpc_method_handler(
+                    servicer.Meter,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.MeterRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.MeterResponse.SerializeToString,
+            ),
+            'StartSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartSession,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.StartSessionRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.StartSessionResponse.SerializeToString,
+            ),
+            'UpdateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSession,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.UpdateSessionRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.UpdateSessionResponse.SerializeToString,
+            ),
+            'EndSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSession,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.EndSessionRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.EndSessionResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.GetSessionRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'WatchBalance': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBalance,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.WatchBalanceRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.WatchBalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +461,33 @@ class Credits:
             '/credits.v1.Credits/Consume',
             credits_dot_v1_dot_credits__pb2.ConsumeRequest.SerializeToString,
             credits_dot_v1_dot_credits__pb2.ConsumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsumeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/ConsumeBatch',
+            credits_dot_v1_dot_credits__pb2.ConsumeBatchRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.ConsumeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -590,6 +758,168 @@ class Credits:
             '/credits.v1.Credits/GetLedgerStatus',
             credits_dot_v1_dot_credits__pb2.GetLedgerStatusRequest.SerializeToString,
             credits_dot_v1_dot_credits__pb2.GetLedgerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Meter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/credits.v1.Credits/Meter',
+            credits_dot_v1_dot_credits__pb2.MeterRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.MeterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/StartSession',
+            credits_dot_v1_dot_credits__pb2.StartSessionRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.StartSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/UpdateSession',
+            credits_dot_v1_dot_credits__pb2.UpdateSessionRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.UpdateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/EndSession',
+            credits_dot_v1_dot_credits__pb2.EndSessionRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.EndSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/GetSession',
+            credits_dot_v1_dot_credits__pb2.GetSessionRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/credits.v1.Credits/WatchBalance',
+            credits_dot_v1_dot_credits__pb2.WatchBalanceRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.WatchBalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

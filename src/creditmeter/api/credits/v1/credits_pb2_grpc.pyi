@@ -52,6 +52,13 @@ class CreditsStub:
     nothing is deducted and the call fails with FAILED_PRECONDITION and reason
     INSUFFICIENT_CREDITS. Requires an admin or meter key.
     """
+    ConsumeBatch: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ConsumeBatchRequest, _credits_pb2.ConsumeBatchResponse]
+    """ConsumeBatch charges up to 1,000 consumptions (any accounts of the tenant) in one
+    call. Each item succeeds or fails on its own, with its own result or error, exactly
+    as the same Consume would; the batch reaches Redis in one round trip. Items run in
+    order, so a repeated request id in a batch replays the earlier item. Requires an admin
+    or meter key.
+    """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetBalanceRequest, _credits_pb2.GetBalanceResponse]
     """GetBalance returns the spendable balance and the live lots in burn-down order.
     Requires any key of the tenant.
@@ -94,6 +101,42 @@ class CreditsStub:
     """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
     flush lag. Requires an admin key.
     """
+    Meter: _grpc.StreamStreamMultiCallable[_credits_pb2.MeterRequest, _credits_pb2.MeterResponse]
+    """Meter is a bidirectional stream for servers that meter continuously: each request is
+    one consumption (as in Consume), each response its outcome, in the order of the
+    requests. An item's failure does not end the stream. Flow control holds: a client
+    that stops reading stops the server from reading further requests. Requires an admin
+    or meter key.
+    """
+    StartSession: _grpc.UnaryUnaryMultiCallable[_credits_pb2.StartSessionRequest, _credits_pb2.StartSessionResponse]
+    """StartSession opens a call session on a time feature (voice, video, or a tenant's own)
+    and reserves credits for its first quota, like a Diameter credit-control initial
+    request (RFC 4006). The quota granted may be smaller than asked; when it is, or when
+    it is the last the balance allows, `final_unit` is set. Reserved credit is held: no
+    other consumption can spend it. Fails with FAILED_PRECONDITION / INSUFFICIENT_CREDITS
+    when not even one billing increment can be reserved. Idempotent on the session id.
+    Requires an admin or meter key.
+    """
+    UpdateSession: _grpc.UnaryUnaryMultiCallable[_credits_pb2.UpdateSessionRequest, _credits_pb2.UpdateSessionResponse]
+    """UpdateSession reports the seconds used since the previous report, charges them
+    (whole billing increments over the whole call, never rounding each report), and
+    reserves the next quota. Idempotent on (session_id, sequence). Requires an admin or
+    meter key.
+    """
+    EndSession: _grpc.UnaryUnaryMultiCallable[_credits_pb2.EndSessionRequest, _credits_pb2.EndSessionResponse]
+    """EndSession reports the last seconds used, charges them and releases the rest of the
+    reservation. Idempotent on (session_id, sequence). Requires an admin or meter key.
+    """
+    GetSession: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetSessionRequest, _credits_pb2.GetSessionResponse]
+    """GetSession returns a session's state: what it has used, charged and holds.
+    Requires any key of the tenant.
+    """
+    WatchBalance: _grpc.UnaryStreamMultiCallable[_credits_pb2.WatchBalanceRequest, _credits_pb2.WatchBalanceResponse]
+    """WatchBalance streams balance alerts of one account or of the whole tenant: a balance
+    falling to or below a threshold, reaching zero, or rising above a threshold again.
+    Every alert carries a resume token; a watcher that reconnects with it receives what it
+    missed. Requires any key of the tenant.
+    """
 
 @_typing.type_check_only
 class CreditsAsyncStub(CreditsStub):
@@ -109,6 +152,13 @@ class CreditsAsyncStub(CreditsStub):
     or an explicit amount. All or nothing: when the balance cannot cover the charge,
     nothing is deducted and the call fails with FAILED_PRECONDITION and reason
     INSUFFICIENT_CREDITS. Requires an admin or meter key.
+    """
+    ConsumeBatch: _aio.UnaryUnaryMultiCallable[_credits_pb2.ConsumeBatchRequest, _credits_pb2.ConsumeBatchResponse]  # type: ignore[assignment]
+    """ConsumeBatch charges up to 1,000 consumptions (any accounts of the tenant) in one
+    call. Each item succeeds or fails on its own, with its own result or error, exactly
+    as the same Consume would; the batch reaches Redis in one round trip. Items run in
+    order, so a repeated request id in a batch replays the earlier item. Requires an admin
+    or meter key.
     """
     GetBalance: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetBalanceRequest, _credits_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """GetBalance returns the spendable balance and the live lots in burn-down order.
@@ -152,6 +202,42 @@ class CreditsAsyncStub(CreditsStub):
     """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
     flush lag. Requires an admin key.
     """
+    Meter: _aio.StreamStreamMultiCallable[_credits_pb2.MeterRequest, _credits_pb2.MeterResponse]  # type: ignore[assignment]
+    """Meter is a bidirectional stream for servers that meter continuously: each request is
+    one consumption (as in Consume), each response its outcome, in the order of the
+    requests. An item's failure does not end the stream. Flow control holds: a client
+    that stops reading stops the server from reading further requests. Requires an admin
+    or meter key.
+    """
+    StartSession: _aio.UnaryUnaryMultiCallable[_credits_pb2.StartSessionRequest, _credits_pb2.StartSessionResponse]  # type: ignore[assignment]
+    """StartSession opens a call session on a time feature (voice, video, or a tenant's own)
+    and reserves credits for its first quota, like a Diameter credit-control initial
+    request (RFC 4006). The quota granted may be smaller than asked; when it is, or when
+    it is the last the balance allows, `final_unit` is set. Reserved credit is held: no
+    other consumption can spend it. Fails with FAILED_PRECONDITION / INSUFFICIENT_CREDITS
+    when not even one billing increment can be reserved. Idempotent on the session id.
+    Requires an admin or meter key.
+    """
+    UpdateSession: _aio.UnaryUnaryMultiCallable[_credits_pb2.UpdateSessionRequest, _credits_pb2.UpdateSessionResponse]  # type: ignore[assignment]
+    """UpdateSession reports the seconds used since the previous report, charges them
+    (whole billing increments over the whole call, never rounding each report), and
+    reserves the next quota. Idempotent on (session_id, sequence). Requires an admin or
+    meter key.
+    """
+    EndSession: _aio.UnaryUnaryMultiCallable[_credits_pb2.EndSessionRequest, _credits_pb2.EndSessionResponse]  # type: ignore[assignment]
+    """EndSession reports the last seconds used, charges them and releases the rest of the
+    reservation. Idempotent on (session_id, sequence). Requires an admin or meter key.
+    """
+    GetSession: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetSessionRequest, _credits_pb2.GetSessionResponse]  # type: ignore[assignment]
+    """GetSession returns a session's state: what it has used, charged and holds.
+    Requires any key of the tenant.
+    """
+    WatchBalance: _aio.UnaryStreamMultiCallable[_credits_pb2.WatchBalanceRequest, _credits_pb2.WatchBalanceResponse]  # type: ignore[assignment]
+    """WatchBalance streams balance alerts of one account or of the whole tenant: a balance
+    falling to or below a threshold, reaching zero, or rising above a threshold again.
+    Every alert carries a resume token; a watcher that reconnects with it receives what it
+    missed. Requires any key of the tenant.
+    """
 
 class CreditsServicer(metaclass=_abc_1.ABCMeta):
     """Credits meters usage against prepaid credit held in lots."""
@@ -176,6 +262,19 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
         or an explicit amount. All or nothing: when the balance cannot cover the charge,
         nothing is deducted and the call fails with FAILED_PRECONDITION and reason
         INSUFFICIENT_CREDITS. Requires an admin or meter key.
+        """
+
+    @_abc_1.abstractmethod
+    def ConsumeBatch(
+        self,
+        request: _credits_pb2.ConsumeBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.ConsumeBatchResponse, _abc.Awaitable[_credits_pb2.ConsumeBatchResponse]]:
+        """ConsumeBatch charges up to 1,000 consumptions (any accounts of the tenant) in one
+        call. Each item succeeds or fails on its own, with its own result or error, exactly
+        as the same Consume would; the batch reaches Redis in one round trip. Items run in
+        order, so a repeated request id in a batch replays the earlier item. Requires an admin
+        or meter key.
         """
 
     @_abc_1.abstractmethod
@@ -278,6 +377,78 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_credits_pb2.GetLedgerStatusResponse, _abc.Awaitable[_credits_pb2.GetLedgerStatusResponse]]:
         """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
         flush lag. Requires an admin key.
+        """
+
+    @_abc_1.abstractmethod
+    def Meter(
+        self,
+        request_iterator: _MaybeAsyncIterator[_credits_pb2.MeterRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_credits_pb2.MeterResponse], _abc.AsyncIterator[_credits_pb2.MeterResponse]]:
+        """Meter is a bidirectional stream for servers that meter continuously: each request is
+        one consumption (as in Consume), each response its outcome, in the order of the
+        requests. An item's failure does not end the stream. Flow control holds: a client
+        that stops reading stops the server from reading further requests. Requires an admin
+        or meter key.
+        """
+
+    @_abc_1.abstractmethod
+    def StartSession(
+        self,
+        request: _credits_pb2.StartSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.StartSessionResponse, _abc.Awaitable[_credits_pb2.StartSessionResponse]]:
+        """StartSession opens a call session on a time feature (voice, video, or a tenant's own)
+        and reserves credits for its first quota, like a Diameter credit-control initial
+        request (RFC 4006). The quota granted may be smaller than asked; when it is, or when
+        it is the last the balance allows, `final_unit` is set. Reserved credit is held: no
+        other consumption can spend it. Fails with FAILED_PRECONDITION / INSUFFICIENT_CREDITS
+        when not even one billing increment can be reserved. Idempotent on the session id.
+        Requires an admin or meter key.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateSession(
+        self,
+        request: _credits_pb2.UpdateSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.UpdateSessionResponse, _abc.Awaitable[_credits_pb2.UpdateSessionResponse]]:
+        """UpdateSession reports the seconds used since the previous report, charges them
+        (whole billing increments over the whole call, never rounding each report), and
+        reserves the next quota. Idempotent on (session_id, sequence). Requires an admin or
+        meter key.
+        """
+
+    @_abc_1.abstractmethod
+    def EndSession(
+        self,
+        request: _credits_pb2.EndSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.EndSessionResponse, _abc.Awaitable[_credits_pb2.EndSessionResponse]]:
+        """EndSession reports the last seconds used, charges them and releases the rest of the
+        reservation. Idempotent on (session_id, sequence). Requires an admin or meter key.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSession(
+        self,
+        request: _credits_pb2.GetSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.GetSessionResponse, _abc.Awaitable[_credits_pb2.GetSessionResponse]]:
+        """GetSession returns a session's state: what it has used, charged and holds.
+        Requires any key of the tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchBalance(
+        self,
+        request: _credits_pb2.WatchBalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_credits_pb2.WatchBalanceResponse], _abc.AsyncIterator[_credits_pb2.WatchBalanceResponse]]:
+        """WatchBalance streams balance alerts of one account or of the whole tenant: a balance
+        falling to or below a threshold, reaching zero, or rising above a threshold again.
+        Every alert carries a resume token; a watcher that reconnects with it receives what it
+        missed. Requires any key of the tenant.
         """
 
 def add_CreditsServicer_to_server(servicer: CreditsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
