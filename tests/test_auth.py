@@ -30,6 +30,10 @@ SEED = 1_000
 #: seed() also grants a lot here for VoidGrant to void; its id is only known at run time.
 VOID_ACCOUNT = "acct-void"
 VOID_LOT = {"id": ""}
+#: seed() starts two call sessions on their own account (they hold credit).
+SESSION_ACCOUNT = "acct-calls"
+UPDATE_SESSION = "auth-update"
+END_SESSION = "auth-end"
 
 #: One request per RPC that succeeds for an admin key once ACCOUNT holds SEED credits.
 VALID_REQUESTS: dict[str, Callable[[], Message]] = {
@@ -55,15 +59,29 @@ VALID_REQUESTS: dict[str, Callable[[], Message]] = {
     "VoidGrant": lambda: pb.VoidGrantRequest(
         account_id=VOID_ACCOUNT, lot_id=VOID_LOT["id"], reason="test", request_id=rid()
     ),
+    "StartSession": lambda: pb.StartSessionRequest(
+        account_id=ACCOUNT, feature="voice", session_id=rid()
+    ),
+    # seed() starts these two sessions; each test has a fresh tenant, so sequence 1 is next.
+    "UpdateSession": lambda: pb.UpdateSessionRequest(
+        account_id=SESSION_ACCOUNT, session_id=UPDATE_SESSION, sequence=1, used_seconds=10
+    ),
+    "EndSession": lambda: pb.EndSessionRequest(
+        account_id=SESSION_ACCOUNT, session_id=END_SESSION, sequence=1, used_seconds=10
+    ),
+    "GetSession": lambda: pb.GetSessionRequest(
+        account_id=SESSION_ACCOUNT, session_id=UPDATE_SESSION
+    ),
 }
 
 #: What each role may call, as the proto documents it (independent of the server's table).
 READ_RPCS = frozenset(
-    {"GetBalance", "GetUsage", "ListRates", "ListTransactions", "GetUsageReport"}
+    {"GetBalance", "GetUsage", "ListRates", "ListTransactions", "GetUsageReport", "GetSession"}
 )
+METER_RPCS = frozenset({"Consume", "StartSession", "UpdateSession", "EndSession"})
 ALLOWED: dict[str, frozenset[str]] = {
     "read": READ_RPCS,
-    "meter": READ_RPCS | {"Consume"},
+    "meter": READ_RPCS | METER_RPCS,
     "admin": frozenset(METHODS),
 }
 
@@ -101,6 +119,13 @@ async def seed(tenant: Tenant, account: str = ACCOUNT, amount: int = SEED) -> No
         pb.GrantRequest(account_id=VOID_ACCOUNT, amount=5, request_id=rid())
     )
     VOID_LOT["id"] = void.lot.lot_id
+    await tenant.admin.Grant(
+        pb.GrantRequest(account_id=SESSION_ACCOUNT, amount=100, request_id=rid())
+    )
+    for session in (UPDATE_SESSION, END_SESSION):
+        await tenant.meter.StartSession(
+            pb.StartSessionRequest(account_id=SESSION_ACCOUNT, feature="voice", session_id=session)
+        )
 
 
 async def state(

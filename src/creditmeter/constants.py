@@ -28,6 +28,21 @@ MAX_BILLING_INCREMENT_S = 86_400
 BUILTIN_COUNT_FEATURES = {"text": 1}
 BUILTIN_TIME_FEATURES = {"voice": 1, "video": 1}
 
+# --- call sessions ----------------------------------------------------------------
+#: Session ids: like account ids but without ':' (the open-session index joins
+#: "<tenant>:<account>|<session>") and without '|'.
+SESSION_ID_PATTERN = r"[A-Za-z0-9._@+=-]{1,128}"
+#: Quota reserved when a step asks for none: this many billing increments.
+DEFAULT_SESSION_QUOTA_UNITS = 3
+#: Largest quota one step may ask for, and largest usage one report may carry.
+MAX_SESSION_QUOTA_S = 86_400
+MAX_SESSION_REPORT_S = 86_400
+#: A session whose call server stays silent this long past its validity time is closed
+#: by the server (per the session's timeout policy).
+DEFAULT_SESSION_GRACE_S = 30.0
+SESSION_CLOSE_INTERVAL_S = 1.0
+SESSION_CLOSE_BATCH = 200
+
 # --- Redis layout --------------------------------------------------------------
 KEY_PREFIX = "cm"
 #: Accounts are spread over this many hash-tag buckets; each bucket has its own outbox

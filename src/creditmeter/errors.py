@@ -94,6 +94,22 @@ class SubscriptionNotFound(CreditError):
     reason = "SUBSCRIPTION_NOT_FOUND"
 
 
+class SessionNotFound(CreditError):
+    reason = "SESSION_NOT_FOUND"
+
+
+class SessionClosed(CreditError):
+    reason = "SESSION_CLOSED"
+
+
+class SessionOutOfSequence(CreditError):
+    reason = "SESSION_OUT_OF_SEQUENCE"
+
+
+class SessionExists(CreditError):
+    reason = "SESSION_EXISTS"
+
+
 class LedgerBacklog(CreditError):
     """The ledger is too far behind: changes are refused until the backlog drains."""
 
@@ -117,6 +133,10 @@ _REJECTIONS: dict[str, type[CreditError]] = {
         InsufficientCredits,
         PackNotFound,
         PaymentReferenceUsed,
+        SessionNotFound,
+        SessionClosed,
+        SessionOutOfSequence,
+        SessionExists,
     )
 }
 _MESSAGES = {
@@ -125,6 +145,10 @@ _MESSAGES = {
     "IDEMPOTENCY_KEY_REUSED": "request_id was already used with different parameters",
     "BALANCE_LIMIT_EXCEEDED": "the change would take a balance or total past 2^53-1 credits",
     "INSUFFICIENT_CREDITS": "the balance cannot cover the charge",
+    "SESSION_NOT_FOUND": "no such session on this account",
+    "SESSION_CLOSED": "the session has ended",
+    "SESSION_OUT_OF_SEQUENCE": "the sequence number is not the next one of the session",
+    "SESSION_EXISTS": "a session with this id was started with other parameters",
 }
 
 

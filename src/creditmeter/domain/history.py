@@ -21,8 +21,8 @@ from creditmeter.storage.ledger.base import (
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 MAX_REPORT_SPAN_MS = 5 * 366 * 86_400_000
-#: Kinds a filter may name; sessions come with call sessions.
-FILTER_KINDS = (*EVENT_KINDS, "session")
+#: Kinds a filter may name.
+FILTER_KINDS = EVENT_KINDS
 
 
 @dataclass(frozen=True)

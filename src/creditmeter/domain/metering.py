@@ -67,9 +67,12 @@ class SetBalanceResult:
 
 @dataclass(frozen=True)
 class BalanceView:
+    #: Spendable: the live lots' remaining credit less what open sessions hold.
     balance: int
     lots: list[Lot]
     unlimited: bool
+    #: Credit held by open call sessions.
+    reserved: int = 0
 
 
 @dataclass(frozen=True)
@@ -445,9 +448,10 @@ class Metering:
 
     async def get_balance(self, tenant: str, account_id: str) -> BalanceView:
         """The spendable balance and the live lots in burn-down order."""
-        unlimited, lots, _ = await self._read(tenant, account_id)
-        balance = -1 if unlimited else sum(lot.remaining for lot in lots)
-        return BalanceView(balance=balance, lots=lots, unlimited=unlimited)
+        unlimited, lots, fields = await self._read(tenant, account_id)
+        reserved = int(fields.get("reserved", "0"))
+        balance = -1 if unlimited else max(0, sum(lot.remaining for lot in lots) - reserved)
+        return BalanceView(balance=balance, lots=lots, unlimited=unlimited, reserved=reserved)
 
     async def get_usage(self, tenant: str, account_id: str) -> UsageView:
         """Totals granted, used and remaining, overall and per feature."""

@@ -18,7 +18,7 @@ from creditmeter.domain.ids import new_id
 from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.domain.metering import apply_staged
 from creditmeter.errors import CreditError, Rejected
-from creditmeter.storage.ledger.base import Event, Ledger
+from creditmeter.storage.ledger.base import CHARGE_KINDS, Event, Ledger
 from creditmeter.storage.redis_store import AccountKeys, AccountSnapshot, Call, RedisStore
 
 #: A lot whose reference is a bare subscription id is a period's credits (they roll over).
@@ -66,7 +66,7 @@ class AccountState:
             self.totals["granted"] += e.amount
             if _SUBSCRIPTION.fullmatch(e.reference) and e.source != LotSource.ROLLOVER:
                 self.carry.pop(e.reference, None)  # a renewal took the carry
-        elif e.kind == "consume":
+        elif e.kind in CHARGE_KINDS:
             self.totals["used"] += e.amount
             self.features[f"used:{e.feature}"] = (
                 self.features.get(f"used:{e.feature}", 0) + e.amount

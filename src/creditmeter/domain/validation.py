@@ -10,6 +10,7 @@ from creditmeter.constants import (
     MAX_CREDITS,
     MAX_ID_LENGTH,
     MAX_REFERENCE_LENGTH,
+    SESSION_ID_PATTERN,
     TENANT_ID_PATTERN,
 )
 from creditmeter.errors import InvalidRequest
@@ -17,6 +18,7 @@ from creditmeter.errors import InvalidRequest
 _ACCOUNT_ID = re.compile(ACCOUNT_ID_PATTERN)
 _FEATURE = re.compile(FEATURE_PATTERN)
 _TENANT_ID = re.compile(TENANT_ID_PATTERN)
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 
@@ -44,6 +46,14 @@ class Violations:
             self.add(field, f"at most {MAX_ID_LENGTH} characters")
         elif not _ACCOUNT_ID.fullmatch(value):
             self.add(field, "only letters, digits and ._:@+=- are allowed")
+
+    def session_id(self, value: str, field: str = "session_id") -> None:
+        if not value:
+            self.add(field, "required")
+        elif len(value) > MAX_ID_LENGTH:
+            self.add(field, f"at most {MAX_ID_LENGTH} characters")
+        elif not _SESSION_ID.fullmatch(value):
+            self.add(field, "only letters, digits and ._@+=- are allowed")
 
     def request_id(self, value: str, field: str = "request_id") -> None:
         if not value:

@@ -8,8 +8,10 @@ Key layout (all keys of an account and its bucket share one hash slot, `{bNN}`):
     cm:{bNN}:<tenant>:<account>:exp           ZSET   lot id by expiry (ms)
     cm:{bNN}:<tenant>:<account>:acct          HASH   balance, totals, per-feature usage, options
     cm:{bNN}:<tenant>:<account>:idem:<req id> STRING idempotency record (TTL)
+    cm:{bNN}:<tenant>:<account>:sess:<id>     HASH   a call session (TTL once closed)
     cm:{bNN}:outbox                           STREAM the bucket's event outbox
     cm:{bNN}:due                              ZSET   "<tenant>:<account>" by next lot expiry
+    cm:{bNN}:sessions                         ZSET   open sessions by when to close them
 
 Bucketing rather than one hash tag per account is what lets a script append to an outbox
 atomically with the balance change, and lets a batch of operations on one bucket run as
@@ -31,7 +33,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from creditmeter.constants import BUCKETS, EXPIRY_SWEEP_BATCH, IDEMPOTENCY_TTL_S, KEY_PREFIX
+from creditmeter.constants import (
+    BUCKETS,
+    EXPIRY_SWEEP_BATCH,
+    IDEMPOTENCY_TTL_S,
+    KEY_PREFIX,
+    SESSION_CLOSE_BATCH,
+)
 from creditmeter.errors import BackendUnavailable, Rejected
 from creditmeter.storage import scripts
 
@@ -51,6 +59,10 @@ def outbox_key(bucket: int) -> str:
 
 def due_key(bucket: int) -> str:
     return f"{bucket_tag(bucket)}:due"
+
+
+def sessions_key(bucket: int) -> str:
+    return f"{bucket_tag(bucket)}:sessions"
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,15 @@ class AccountKeys:
             f"{base}:idem:{request_id}",
             outbox_key(bucket),
             due_key(bucket),
+        ]
+
+    def session_keys(self, session_id: str, request_id: str) -> list[str]:
+        """The keys of session.lua: the account's, then the session and the bucket's index."""
+        bucket = bucket_of(self.tenant, self.account)
+        return [
+            *self.script_keys(request_id),
+            f"{self.base}:sess:{session_id}",
+            sessions_key(bucket),
         ]
 
 
@@ -144,6 +165,17 @@ class RefundRecord:
     #: (lot id, credits removed, credits the lot was granted); -1, -1 for a lot no longer
     #: on the account.
     lots: list[tuple[str, int, int]]
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A session step's outcome: credits charged and released by it, the spendable
+    balance afterwards, and the session's fields (see session.lua)."""
+
+    charged: int
+    released: int
+    balance: int
+    fields: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -216,7 +248,12 @@ class RedisStore:
         }
 
     async def _run(
-        self, name: str, keys: AccountKeys, call: Call, extra: Sequence[str]
+        self,
+        name: str,
+        keys: AccountKeys,
+        call: Call,
+        extra: Sequence[str],
+        script_keys: list[str] | None = None,
     ) -> list[str]:
         args: list[Any] = [
             str(call.now_ms),
@@ -229,7 +266,9 @@ class RedisStore:
             *extra,
         ]
         async with _reachable():
-            reply = await self._scripts[name](keys.script_keys(call.request_id), args)
+            reply = await self._scripts[name](
+                script_keys or keys.script_keys(call.request_id), args
+            )
         return _checked(reply)
 
     async def grant(self, keys: AccountKeys, call: Call, lot: NewLot) -> GrantRecord:
@@ -292,6 +331,50 @@ class RedisStore:
             for lot, n, granted in zip(parts[::3], parts[1::3], parts[2::3], strict=True)
         ]
         return RefundRecord(balance=int(balance), removed=int(removed), lots=lots)
+
+    async def session_step(
+        self, keys: AccountKeys, call: Call, step: str, session_id: str, extra: Sequence[str]
+    ) -> SessionRecord | None:
+        """Run one step of a call session (start, update, end, close); None when a close
+        finds the session not yet due."""
+        values = await self._run(
+            "session",
+            keys,
+            call,
+            [step, session_id, *extra],
+            keys.session_keys(session_id, call.request_id),
+        )
+        if values == ["not_due"]:
+            return None
+        charged, released, balance, *flat = values
+        return SessionRecord(
+            charged=int(charged),
+            released=int(released),
+            balance=int(balance),
+            fields=dict(zip(flat[::2], flat[1::2], strict=True)),
+        )
+
+    async def session(self, keys: AccountKeys, session_id: str) -> dict[str, str]:
+        """A session's fields; empty when there is no such session."""
+        async with _reachable():
+            fields = await self.client.hgetall(keys.session_keys(session_id, "")[8])
+        return {str(k): str(v) for k, v in fields.items()}
+
+    async def due_sessions(
+        self, now_ms: int, limit: int = SESSION_CLOSE_BATCH
+    ) -> list[tuple[AccountKeys, str]]:
+        """Open sessions past their validity time and grace, from every bucket's index."""
+        async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+            for bucket in range(BUCKETS):
+                pipe.zrangebyscore(sessions_key(bucket), "-inf", now_ms, start=0, num=limit)
+            results: list[list[str]] = await pipe.execute()
+        due = []
+        for members in results:
+            for member in members:
+                owner, _, session_id = member.rpartition("|")
+                tenant, _, account = owner.partition(":")
+                due.append((AccountKeys(tenant, account), session_id))
+        return due
 
     async def restore(
         self,

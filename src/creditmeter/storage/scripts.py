@@ -30,4 +30,5 @@ SCRIPT_NAMES = (
     "restore",
     "refund",
     "renew",
+    "session",
 )

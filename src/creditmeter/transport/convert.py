@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.lots import Lot, LotSource
 from creditmeter.domain.rates import Rate, RateUnit
+from creditmeter.domain.sessions import SessionView, TimeoutPolicy
 from creditmeter.errors import InvalidRequest
 from creditmeter.storage.ledger.base import Transaction
 
@@ -113,3 +114,40 @@ def transaction_pb(t: Transaction) -> pb.Transaction:
         balance=-1 if t.balance is None else t.balance,
         lots=[pb.LotCharge(lot_id=lot, amount=amount) for lot, amount in t.lines],
     )
+
+
+def timeout_policy(value: int, field: str = "timeout_policy") -> TimeoutPolicy:
+    if value == pb.SESSION_TIMEOUT_POLICY_UNSPECIFIED:
+        return TimeoutPolicy.CHARGE_QUOTA
+    try:
+        name = pb.SessionTimeoutPolicy.Name(cast(pb.SessionTimeoutPolicy.ValueType, value))
+    except ValueError:
+        raise InvalidRequest([(field, f"unknown timeout policy {value}")]) from None
+    return TimeoutPolicy(name.removeprefix("SESSION_TIMEOUT_POLICY_").lower())
+
+
+def session_pb(s: SessionView) -> pb.Session:
+    message = pb.Session(
+        session_id=s.session_id,
+        account_id=s.account_id,
+        feature=s.feature,
+        state=pb.SessionState.Value(f"SESSION_STATE_{s.state.upper()}"),
+        sequence=s.sequence,
+        used_seconds=s.used_seconds,
+        charged_units=s.charged_units,
+        charged_amount=s.charged_amount,
+        reserved_amount=s.reserved_amount,
+        granted_seconds=s.granted_seconds,
+        final_unit=s.final_unit,
+        billing_increment_seconds=s.billing_increment_s,
+        credits_per_unit=s.credits_per_unit,
+        timeout_policy=pb.SessionTimeoutPolicy.Value(
+            f"SESSION_TIMEOUT_POLICY_{s.timeout_policy.upper()}"
+        ),
+        start_time=timestamp(s.start_ms),
+        valid_until=timestamp(s.valid_until_ms),
+        uncollected_amount=s.uncollected_amount,
+    )
+    if s.end_ms is not None:
+        message.end_time.CopyFrom(timestamp(s.end_ms))
+    return message

@@ -13,6 +13,7 @@ from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.domain.history import History
 from creditmeter.domain.metering import Metering
 from creditmeter.domain.purchases import Purchases
+from creditmeter.domain.sessions import Sessions
 from creditmeter.errors import InvalidRequest
 from creditmeter.storage.ledger.base import Period, TxnQuery
 from creditmeter.transport import convert
@@ -44,8 +45,10 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         history: History,
         purchases: Purchases,
         ledger_status: Callable[[], Awaitable[LedgerStatus]],
+        sessions: Sessions,
     ) -> None:
         self.metering = metering
+        self.sessions = sessions
         self.history = history
         self.purchases = purchases
         self.ledger_status = ledger_status
@@ -92,6 +95,75 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             consume_time=convert.timestamp(result.time_ms),
         )
 
+    # --- call sessions ---------------------------------------------------------------
+    async def StartSession(
+        self, request: pb.StartSessionRequest, context: Context
+    ) -> pb.StartSessionResponse:
+        step = await self.sessions.start(
+            principal().tenant,
+            request.account_id,
+            request.feature,
+            request.session_id,
+            requested_s=(
+                request.requested_seconds if request.HasField("requested_seconds") else None
+            ),
+            policy=convert.timeout_policy(request.timeout_policy),
+        )
+        s = step.session
+        return pb.StartSessionResponse(
+            session=convert.session_pb(s),
+            granted_seconds=s.granted_seconds,
+            valid_until=convert.timestamp(s.valid_until_ms),
+            final_unit=s.final_unit,
+            balance=step.balance,
+        )
+
+    async def UpdateSession(
+        self, request: pb.UpdateSessionRequest, context: Context
+    ) -> pb.UpdateSessionResponse:
+        step = await self.sessions.update(
+            principal().tenant,
+            request.account_id,
+            request.session_id,
+            request.sequence,
+            request.used_seconds,
+            requested_s=(
+                request.requested_seconds if request.HasField("requested_seconds") else None
+            ),
+        )
+        s = step.session
+        return pb.UpdateSessionResponse(
+            session=convert.session_pb(s),
+            charged_amount=step.charged,
+            granted_seconds=s.granted_seconds,
+            valid_until=convert.timestamp(s.valid_until_ms),
+            final_unit=s.final_unit,
+            balance=step.balance,
+        )
+
+    async def EndSession(
+        self, request: pb.EndSessionRequest, context: Context
+    ) -> pb.EndSessionResponse:
+        step = await self.sessions.end(
+            principal().tenant,
+            request.account_id,
+            request.session_id,
+            request.sequence,
+            request.used_seconds,
+        )
+        return pb.EndSessionResponse(
+            session=convert.session_pb(step.session),
+            charged_amount=step.charged,
+            released_amount=step.released,
+            balance=step.balance,
+        )
+
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: Context
+    ) -> pb.GetSessionResponse:
+        view = await self.sessions.get(principal().tenant, request.account_id, request.session_id)
+        return pb.GetSessionResponse(session=convert.session_pb(view))
+
     async def GetBalance(
         self, request: pb.GetBalanceRequest, context: Context
     ) -> pb.GetBalanceResponse:
@@ -100,6 +172,7 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             balance=view.balance,
             lots=[convert.lot_pb(lot) for lot in view.lots],
             unlimited=view.unlimited,
+            reserved=view.reserved,
         )
 
     async def SetBalance(

@@ -43,6 +43,10 @@ _STATUS: dict[type[errors.CreditError], grpc.StatusCode] = {
     errors.PurchaseNotCompleted: grpc.StatusCode.FAILED_PRECONDITION,
     errors.TrialAlreadyUsed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PaymentReferenceUsed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.SessionClosed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SessionOutOfSequence: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SessionExists: grpc.StatusCode.ALREADY_EXISTS,
 }
 
 

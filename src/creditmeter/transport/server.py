@@ -24,12 +24,14 @@ from creditmeter.constants import (
     DEFAULT_BACKLOG_CAP,
     DEFAULT_DATA_DIR,
     DEFAULT_LISTEN,
+    DEFAULT_SESSION_GRACE_S,
     EXPIRY_SWEEP_INTERVAL_S,
     IDEMPOTENCY_TTL_S,
     RECONCILE_INTERVAL_S,
     REDIS_POOL_SIZE,
     REDIS_POOL_TIMEOUT_S,
     RENEW_INTERVAL_S,
+    SESSION_CLOSE_INTERVAL_S,
     SHUTDOWN_GRACE_S,
     STAGED_GRANT_RETRY_AFTER_MS,
 )
@@ -40,6 +42,7 @@ from creditmeter.domain.history import History
 from creditmeter.domain.metering import Metering
 from creditmeter.domain.packs import Catalog
 from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
+from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.subscriptions import Subscriptions
 from creditmeter.storage.config_store import ConfigStore
 from creditmeter.storage.embedded_redis import EmbeddedRedis
@@ -76,6 +79,9 @@ class Settings:
     pending_purchase_ttl_ms: int = DEFAULT_PENDING_TTL_MS
     idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
     sweep_interval_s: float = EXPIRY_SWEEP_INTERVAL_S
+    #: How long past its validity a silent call session is closed by the server.
+    session_grace_s: float = DEFAULT_SESSION_GRACE_S
+    session_close_interval_s: float = SESSION_CLOSE_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     clock: Clock = field(default_factory=SystemClock)
 
@@ -95,6 +101,7 @@ class App:
         self.metering: Metering | None = None
         self.ledger: Ledger | None = None
         self.subscriptions: Subscriptions | None = None
+        self.sessions: Sessions | None = None
         self.flusher: Flusher | None = None
         self.gate = Backpressure(settings.backlog_cap)
         #: Set once on stop: every background loop watches it rather than relying on task
@@ -139,7 +146,12 @@ class App:
         purchases = Purchases(
             catalog, ledger, metering.store, s.clock, self.gate, s.pending_purchase_ttl_ms
         )
-        servicer = CreditsServicer(metering, History(ledger), purchases, self.ledger_status)
+        self.sessions = sessions = Sessions(
+            metering.store, live.rates, s.clock, self.gate, s.session_grace_s
+        )
+        servicer = CreditsServicer(
+            metering, History(ledger), purchases, self.ledger_status, sessions
+        )
         credits_pb2_grpc.add_CreditsServicer_to_server(servicer, self.server)
         self.subscriptions = Subscriptions(catalog, ledger, metering.store, s.clock, self.gate)
         packs_pb2_grpc.add_PacksServicer_to_server(
@@ -171,6 +183,10 @@ class App:
             asyncio.create_task(
                 self._every(s.renew_interval_s, self.subscriptions.renew_due),
                 name="subscription-renewals",
+            ),
+            asyncio.create_task(
+                self._every(s.session_close_interval_s, sessions.close_due),
+                name="session-closer",
             ),
         ]
         if self.flusher is not None:

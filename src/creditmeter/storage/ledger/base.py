@@ -19,7 +19,9 @@ from enum import StrEnum
 from typing import Any
 
 #: Event kinds that change a balance or options (`request` events go to the requests table).
-EVENT_KINDS = ("grant", "consume", "expire", "reset", "refund", "options")
+EVENT_KINDS = ("grant", "consume", "session", "expire", "reset", "refund", "options")
+#: Kinds that charge for usage: Consume, and the steps of call sessions.
+CHARGE_KINDS = ("consume", "session")
 
 
 def _int_or_none(value: str | None) -> int | None:

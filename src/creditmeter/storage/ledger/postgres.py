@@ -445,7 +445,8 @@ class PostgresLedger(Ledger):
         sql = (
             f"SELECT to_char(to_timestamp(ts_ms / 1000.0) AT TIME ZONE 'UTC', '{fmt}')"
             ' COLLATE "C" AS period, feature, SUM(amount)::bigint, SUM(units)::bigint'
-            " FROM events WHERE tenant = $1 AND kind = 'consume' AND ts_ms >= $2 AND ts_ms < $3"
+            " FROM events WHERE tenant = $1 AND kind IN ('consume', 'session')"
+            " AND ts_ms >= $2 AND ts_ms < $3"
         )
         params: list[Any] = [tenant, start_ms, end_ms]
         if account is not None:

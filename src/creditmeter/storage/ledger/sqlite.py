@@ -434,7 +434,7 @@ class SqliteLedger(Ledger):
         sql = (
             f"SELECT strftime('{fmt}', ts_ms / 1000, 'unixepoch') AS period, feature,"
             " SUM(amount), SUM(units) FROM events"
-            " WHERE tenant = ? AND kind = 'consume' AND ts_ms >= ? AND ts_ms < ?"
+            " WHERE tenant = ? AND kind IN ('consume', 'session') AND ts_ms >= ? AND ts_ms < ?"
         )
         params: list[Any] = [tenant, start_ms, end_ms]
         if account is not None:

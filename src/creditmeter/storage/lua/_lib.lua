@@ -7,6 +7,7 @@
 --                        creditmeter.domain.lots.burn_key; the lot id is its last field)
 --   KEYS[4] exp    ZSET  lot_id scored by expiry (ms since epoch); never-expiring lots absent
 --   KEYS[5] acct   HASH  balance, granted, used, expired, removed, refunded, unlimited, seq,
+--                        reserved (credits held by open call sessions; in balance, not spendable),
 --                        used:<feature>, units:<feature>,
 --                        carry:<subscription> (credits of its periods that expired unused)
 --   KEYS[6] idem   STRING  "<fingerprint>\n<cjson reply>" for this request id, with a TTL
@@ -194,4 +195,68 @@ local function lot_from_argv(first)
     expires_at = ARGV[first + 3], source = ARGV[first + 4], reference = ARGV[first + 5],
     burn_key = ARGV[first + 6],
   }
+end
+
+-- Spendable credit: the balance less what open call sessions hold.
+local function available()
+  return acct_int('balance') - acct_int('reserved')
+end
+
+-- Take `amount` credits out of the lots in burn-down order, one `kind` event (consume or
+-- session) per lot touched in transaction TXN; the units go on the first event only, so
+-- summing units over events counts each transaction once. The caller has checked that
+-- the balance covers the amount. Returns the balance afterwards and the flat list
+-- lot1, amount1, ...
+local function burn(amount, kind, feature, units, reference)
+  local plan = {}
+  local need = amount
+  local start = 0
+  local page_size = 16
+  while need > 0 do
+    local page = redis.call('ZRANGE', KEYS[3], start, start + page_size - 1)
+    if #page == 0 then
+      return redis.error_reply('creditmeter: lots do not cover the recorded balance')
+    end
+    for _, burn_key in ipairs(page) do
+      local lot = string.sub(burn_key, BURN_KEY_LOT_OFFSET)
+      local rem = tonumber(redis.call('HGET', KEYS[2], lot))
+      local take = math.min(rem, need)
+      plan[#plan + 1] = {burn_key = burn_key, lot = lot, take = take, rem = rem}
+      need = need - take
+      if need == 0 then
+        break
+      end
+    end
+    start = start + page_size
+  end
+  -- Writes, once the plan covers the amount.
+  local balance = acct_int('balance')
+  local charges = {}
+  for i, p in ipairs(plan) do
+    if p.take == p.rem then
+      drop_lot(p.lot, p.burn_key)
+    else
+      redis.call('HINCRBY', KEYS[2], p.lot, -p.take)
+    end
+    balance = redis.call('HINCRBY', KEYS[5], 'balance', -p.take)
+    local fields = {
+      'lot', p.lot, 'amount', fmt(p.take), 'balance', fmt(balance), 'feature', feature,
+      'units', i == 1 and units or '0',
+    }
+    if reference ~= '' then
+      fields[#fields + 1] = 'reference'
+      fields[#fields + 1] = reference
+    end
+    emit(TXN, kind, fields)
+    charges[#charges + 1] = p.lot
+    charges[#charges + 1] = fmt(p.take)
+  end
+  return balance, charges
+end
+
+-- Count a charge in the account's usage totals.
+local function count_usage(amount, feature, units)
+  redis.call('HINCRBY', KEYS[5], 'used', amount)
+  redis.call('HINCRBY', KEYS[5], 'used:' .. feature, amount)
+  redis.call('HINCRBY', KEYS[5], 'units:' .. feature, units)
 end

@@ -1,0 +1,305 @@
+"""Call sessions: per-increment charging of voice and video with reservations, the way
+telecom online charging does it (Diameter credit control, RFC 4006 / RFC 8506).
+
+A session reserves credit for a quota of time; each report charges the increments the
+whole call has used beyond those already charged (rounded up over the call, never per
+report) and reserves the next quota. Every step is one session.lua call, idempotent on
+(session id, sequence) through the usual request-id record, so a retried step returns its
+first answer. A session whose call server goes silent is closed by whichever server
+process's closer gets to it first; the script's state check makes the close happen once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from creditmeter.constants import (
+    DEFAULT_SESSION_GRACE_S,
+    DEFAULT_SESSION_QUOTA_UNITS,
+    MAX_SESSION_QUOTA_S,
+    MAX_SESSION_REPORT_S,
+)
+from creditmeter.domain.backpressure import Backpressure
+from creditmeter.domain.clock import Clock
+from creditmeter.domain.ids import fingerprint, new_id
+from creditmeter.domain.rates import Rate, RateBook, RateUnit
+from creditmeter.domain.validation import Violations
+from creditmeter.errors import (
+    IdempotencyKeyReused,
+    Rejected,
+    SessionExists,
+    SessionNotFound,
+    from_rejection,
+)
+from creditmeter.storage.redis_store import AccountKeys, Call, RedisStore, SessionRecord
+
+
+class TimeoutPolicy(StrEnum):
+    #: Charge the whole quota granted: the call may have gone on.
+    CHARGE_QUOTA = "charge_quota"
+    #: Charge only what was reported.
+    RELEASE = "release"
+
+
+class SessionState(StrEnum):
+    OPEN = "open"
+    ENDED = "ended"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True)
+class SessionView:
+    session_id: str
+    account_id: str
+    feature: str
+    state: SessionState
+    sequence: int
+    used_seconds: int
+    charged_units: int
+    charged_amount: int
+    reserved_amount: int
+    granted_seconds: int
+    final_unit: bool
+    billing_increment_s: int
+    credits_per_unit: int
+    timeout_policy: TimeoutPolicy
+    start_ms: int
+    valid_until_ms: int
+    end_ms: int | None
+    uncollected_amount: int
+
+    @classmethod
+    def from_fields(cls, account_id: str, session_id: str, f: dict[str, str]) -> SessionView:
+        return cls(
+            session_id=session_id,
+            account_id=account_id,
+            feature=f["feature"],
+            state=SessionState(f["state"]),
+            sequence=int(f["seq"]),
+            used_seconds=int(f["used"]),
+            charged_units=int(f["units"]),
+            charged_amount=int(f["charged"]),
+            reserved_amount=int(f["reserved"]),
+            granted_seconds=int(f["granted"]),
+            final_unit=f["final"] == "1",
+            billing_increment_s=int(f["inc"]),
+            credits_per_unit=int(f["rate"]),
+            timeout_policy=TimeoutPolicy(f["policy"]),
+            start_ms=int(f["started"]),
+            valid_until_ms=int(f["valid_until"]),
+            end_ms=int(f["ended"]) or None,
+            uncollected_amount=int(f["uncollected"]),
+        )
+
+
+@dataclass(frozen=True)
+class SessionStep:
+    """The outcome of one step: the session afterwards, what the step charged and
+    released, and the account's spendable balance (-1 unlimited)."""
+
+    session: SessionView
+    charged: int
+    released: int
+    balance: int
+
+
+def _request_id(session_id: str, sequence: int) -> str:
+    return f"{session_id}#{sequence}"
+
+
+class Sessions:
+    """The session RPCs' rules, independent of gRPC."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        rates: RateBook,
+        clock: Clock,
+        gate: Backpressure | None = None,
+        grace_s: float = DEFAULT_SESSION_GRACE_S,
+    ) -> None:
+        self.store = store
+        self.rates = rates
+        self.clock = clock
+        self.gate = gate or Backpressure()
+        self.grace_ms = int(grace_s * 1000)
+
+    def _call(
+        self, session_id: str, sequence: int, operation: str, /, **params: object
+    ) -> Call:
+        now = self.clock.now_ms()
+        return Call(
+            now_ms=now,
+            txn=new_id("ses", now),
+            request_id=_request_id(session_id, sequence),
+            fingerprint=fingerprint(operation, params),
+        )
+
+    @staticmethod
+    def _quota_units(rate: Rate, requested_s: int | None) -> int:
+        if requested_s is None:
+            return DEFAULT_SESSION_QUOTA_UNITS
+        return rate.units(requested_s)
+
+    @staticmethod
+    def _check_quota(requested_s: int | None, v: Violations) -> None:
+        if requested_s is not None and not 1 <= requested_s <= MAX_SESSION_QUOTA_S:
+            v.add("requested_seconds", f"must be from 1 to {MAX_SESSION_QUOTA_S} seconds")
+
+    async def _step(
+        self, keys: AccountKeys, call: Call, step: str, session_id: str, extra: list[str]
+    ) -> SessionStep:
+        try:
+            record = await self.store.session_step(keys, call, step, session_id, extra)
+        except Rejected as rejected:
+            raise from_rejection(rejected) from None
+        assert record is not None  # only a close can find a session not due
+        return self._result(keys, session_id, record)
+
+    @staticmethod
+    def _result(keys: AccountKeys, session_id: str, record: SessionRecord) -> SessionStep:
+        return SessionStep(
+            session=SessionView.from_fields(keys.account, session_id, record.fields),
+            charged=record.charged,
+            released=record.released,
+            balance=record.balance,
+        )
+
+    async def start(
+        self,
+        tenant: str,
+        account_id: str,
+        feature: str,
+        session_id: str,
+        *,
+        requested_s: int | None = None,
+        policy: TimeoutPolicy = TimeoutPolicy.CHARGE_QUOTA,
+    ) -> SessionStep:
+        """Open a session and reserve its first quota."""
+        v = Violations()
+        v.account_id(account_id)
+        v.session_id(session_id)
+        v.feature(feature)
+        self._check_quota(requested_s, v)
+        rate = self.rates.get(tenant, feature) if not v.items else None
+        if rate is None and not v.items:
+            v.add("feature", f"unknown feature {feature!r}: set a rate for it first")
+        elif rate is not None and rate.unit is not RateUnit.TIME:
+            v.add("feature", f"{feature!r} is not a time feature: sessions meter time")
+        v.raise_if_any()
+        assert rate is not None
+        self.gate.check()
+        call = self._call(
+            session_id,
+            0,
+            "StartSession",
+            account_id=account_id,
+            feature=feature,
+            requested_s=requested_s,
+            policy=str(policy),
+        )
+        try:
+            return await self._step(
+                AccountKeys(tenant, account_id),
+                call,
+                "start",
+                session_id,
+                [
+                    feature,
+                    str(rate.credits_per_unit),
+                    str(rate.billing_increment_s),
+                    str(self._quota_units(rate, requested_s)),
+                    str(policy),
+                    str(self.grace_ms),
+                ],
+            )
+        except IdempotencyKeyReused:
+            raise SessionExists(
+                "a session with this id was started with other parameters",
+                {"session_id": session_id},
+            ) from None
+
+    async def update(
+        self,
+        tenant: str,
+        account_id: str,
+        session_id: str,
+        sequence: int,
+        used_s: int,
+        *,
+        requested_s: int | None = None,
+    ) -> SessionStep:
+        """Charge the seconds used since the last report and reserve the next quota."""
+        v = self._check_report(account_id, session_id, sequence, used_s)
+        self._check_quota(requested_s, v)
+        v.raise_if_any()
+        self.gate.check()
+        call = self._call(
+            session_id,
+            sequence,
+            "UpdateSession",
+            sequence=sequence,
+            used_s=used_s,
+            requested_s=requested_s,
+        )
+        # The script turns the seconds asked into increments of the session's own
+        # billing increment (fixed at its start); 0 asks for the default quota.
+        return await self._step(
+            AccountKeys(tenant, account_id),
+            call,
+            "update",
+            session_id,
+            [str(sequence), str(used_s), str(requested_s or 0), str(DEFAULT_SESSION_QUOTA_UNITS)],
+        )
+
+    async def end(
+        self, tenant: str, account_id: str, session_id: str, sequence: int, used_s: int
+    ) -> SessionStep:
+        """Charge the last seconds used and release the rest of the reservation."""
+        v = self._check_report(account_id, session_id, sequence, used_s)
+        v.raise_if_any()
+        # Ending releases credit: it is allowed even while the ledger backlog refuses
+        # new charges, so a call never holds credit longer because of it.
+        call = self._call(session_id, sequence, "EndSession", sequence=sequence, used_s=used_s)
+        return await self._step(
+            AccountKeys(tenant, account_id), call, "end", session_id, [str(sequence), str(used_s)]
+        )
+
+    @staticmethod
+    def _check_report(account_id: str, session_id: str, sequence: int, used_s: int) -> Violations:
+        v = Violations()
+        v.account_id(account_id)
+        v.session_id(session_id)
+        if sequence < 1:
+            v.add("sequence", "must be 1 or more (0 is StartSession)")
+        elif sequence > 2**31:
+            v.add("sequence", "must be at most 2^31")
+        if not 0 <= used_s <= MAX_SESSION_REPORT_S:
+            v.add("used_seconds", f"must be from 0 to {MAX_SESSION_REPORT_S}")
+        return v
+
+    async def get(self, tenant: str, account_id: str, session_id: str) -> SessionView:
+        """A session's state."""
+        v = Violations()
+        v.account_id(account_id)
+        v.session_id(session_id)
+        v.raise_if_any()
+        fields = await self.store.session(AccountKeys(tenant, account_id), session_id)
+        if not fields:
+            raise SessionNotFound("no such session on this account", {"session_id": session_id})
+        return SessionView.from_fields(account_id, session_id, fields)
+
+    async def close_due(self) -> int:
+        """Close every session whose call server went silent past its validity and grace;
+        returns how many this process closed."""
+        now = self.clock.now_ms()
+        closed = 0
+        for keys, session_id in await self.store.due_sessions(now):
+            call = Call(now_ms=now, txn=new_id("ses", now), request_id=f"{session_id}#timeout")
+            try:
+                record = await self.store.session_step(keys, call, "close", session_id, [])
+            except Rejected:
+                continue  # closed or ended meanwhile (by another process): nothing to do
+            closed += record is not None
+        return closed

@@ -1,0 +1,214 @@
+-- Session: one step of a call session on a time feature, with a reservation held on the
+-- account (Diameter credit control: initial, update, termination; RFC 4006).
+-- KEYS and ARGV[1..7]: see _lib.lua (the request id is "<session id>#<sequence>").
+-- KEYS[9]  session HASH  the session's state (fields below)
+-- KEYS[10] index   ZSET  the bucket's open sessions, "<tenant>:<account>|<session id>"
+--                        scored by the time (ms) past which the server closes them
+-- ARGV[8] step: start | update | end | close       ARGV[9] session id
+-- start:         ARGV[10] feature   ARGV[11] credits per increment   ARGV[12] increment (s)
+--                ARGV[13] increments requested   ARGV[14] timeout policy (charge_quota |
+--                release)   ARGV[15] grace (ms) before a silent session is closed
+-- update, end:   ARGV[10] sequence   ARGV[11] seconds used since the last report
+--                ARGV[12] seconds of quota requested next (update; '0' = the default)
+--                ARGV[13] the default quota, in increments (update)
+-- close:         closes the session if it is open and past valid_until + grace; charges
+--                the granted quota (charge_quota) or nothing more (release).
+--
+-- Session fields: feature, rate (credits per increment), inc (s), policy, grace (ms),
+-- state (open, ended, timed_out), seq, used (s, whole call), units (increments charged),
+-- charged (credits), reserved (credits held), runits (increments held), final (0/1),
+-- granted (s the call may run from the last report), started, valid_until, ended (ms),
+-- uncollected (credits used but not collectable: held credit removed meanwhile).
+--
+-- Charging is over the whole call: increments due = ceil(used / inc), and each step
+-- charges the increments due beyond those already charged, so no report is rounded on
+-- its own. Charges burn lots like Consume and append `session` events (reference = the
+-- session id), one transaction per step. Reservations move no credit: acct.reserved is
+-- the sum of the holds, and every spend (Consume, other sessions) sees only balance -
+-- reserved.
+-- returns {'OK', charged, released, spendable balance after (-1 unlimited), field1, value1, ...}
+--      or {'OK', 'not_due'} (close of a session that is not past its time)
+--      or {'ERR', reason, ...}: SESSION_NOT_FOUND, SESSION_CLOSED, SESSION_OUT_OF_SEQUENCE,
+--         SESSION_EXISTS, INSUFFICIENT_CREDITS (start only), IDEMPOTENCY_KEY_REUSED
+local step = ARGV[8]
+local sid = ARGV[9]
+local member = TENANT .. ':' .. ACCOUNT .. '|' .. sid
+
+local replay = idem_lookup()
+if replay then
+  return replay
+end
+
+local function load()
+  local flat = redis.call('HGETALL', KEYS[9])
+  if #flat == 0 then
+    return nil
+  end
+  local s = {}
+  for i = 1, #flat, 2 do
+    s[flat[i]] = flat[i + 1]
+  end
+  return s
+end
+
+local function num(s, field)
+  return tonumber(s[field] or '0')
+end
+
+local unlimited = redis.call('HGET', KEYS[5], 'unlimited') == '1'
+
+-- Increments (at most `want`) that `free` spendable credits can hold at `rate` each.
+local function holdable(want, rate, free)
+  if unlimited then
+    return want
+  end
+  return math.max(0, math.min(want, math.floor(free / rate)))
+end
+
+local function spendable_after()
+  if unlimited then
+    return -1
+  end
+  return math.max(0, available())
+end
+
+local function finish(s, charged, released)
+  local flat = {}
+  for field, value in pairs(s) do
+    flat[#flat + 1] = field
+    flat[#flat + 1] = value
+  end
+  redis.call('HSET', KEYS[9], unpack(flat))
+  local reply = {'OK', fmt(charged), fmt(released), fmt(spendable_after())}
+  for _, v in ipairs(flat) do
+    reply[#reply + 1] = v
+  end
+  update_due()
+  idem_store(reply)
+  return reply
+end
+
+-- ---- start ----
+if step == 'start' then
+  if redis.call('EXISTS', KEYS[9]) == 1 then
+    return {'ERR', 'SESSION_EXISTS', 'session_id', sid}
+  end
+  sweep()
+  local rate = tonumber(ARGV[11])
+  local inc = tonumber(ARGV[12])
+  local want = tonumber(ARGV[13])
+  local grace = tonumber(ARGV[15])
+  local units = holdable(want, rate, available())
+  if units == 0 then
+    update_due()
+    return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(available(), 0)), 'required', fmt(rate)}
+  end
+  local hold = unlimited and 0 or units * rate
+  redis.call('HINCRBY', KEYS[5], 'reserved', fmt(hold))
+  local valid_until = NOW + units * inc * 1000
+  redis.call('ZADD', KEYS[10], valid_until + grace, member)
+  return finish({
+    feature = ARGV[10], rate = ARGV[11], inc = ARGV[12], policy = ARGV[14], grace = ARGV[15],
+    state = 'open', seq = '0', used = '0', units = '0', charged = '0', reserved = fmt(hold),
+    runits = fmt(units), final = (units < want) and '1' or '0', granted = fmt(units * inc),
+    started = ARGV[1], valid_until = fmt(valid_until), ended = '0', uncollected = '0',
+  }, 0, 0)
+end
+
+-- ---- update, end, close ----
+local s = load()
+if not s or s.state ~= 'open' then
+  if step == 'close' then
+    redis.call('ZREM', KEYS[10], member) -- ended meanwhile: nothing left to close
+  end
+  if not s then
+    return {'ERR', 'SESSION_NOT_FOUND', 'session_id', sid}
+  end
+  return {'ERR', 'SESSION_CLOSED', 'session_id', sid, 'state', s.state}
+end
+local seq = num(s, 'seq')
+if step == 'close' then
+  if NOW < num(s, 'valid_until') + num(s, 'grace') then
+    return {'OK', 'not_due'}
+  end
+elseif tonumber(ARGV[10]) ~= seq + 1 then
+  return {'ERR', 'SESSION_OUT_OF_SEQUENCE', 'session_id', sid, 'expected', fmt(seq + 1),
+          'sequence', ARGV[10]}
+end
+sweep()
+
+local rate = num(s, 'rate')
+local inc = num(s, 'inc')
+local held = num(s, 'reserved')
+local used
+if step == 'close' then
+  if s.policy == 'charge_quota' then
+    -- The call may have gone on through all it was granted.
+    used = math.max(num(s, 'used'), (num(s, 'units') + num(s, 'runits')) * inc)
+  else
+    used = num(s, 'used')
+  end
+else
+  used = num(s, 'used') + tonumber(ARGV[11])
+end
+local due_units = math.ceil(used / inc)
+local new_units = due_units - num(s, 'units')
+local cost = new_units * rate
+
+-- Writes: release this session's hold, then charge what is due from the credit not held
+-- by other sessions.
+redis.call('HINCRBY', KEYS[5], 'reserved', fmt(-held))
+local collect = cost
+if not unlimited then
+  collect = math.min(cost, math.max(0, available()))
+end
+if collect > 0 then
+  local txn_units = fmt(new_units)
+  if unlimited then
+    emit(TXN, 'session', {
+      'lot', '', 'amount', fmt(collect), 'balance', '-1', 'feature', s.feature,
+      'units', txn_units, 'reference', sid,
+    })
+  else
+    burn(collect, 'session', s.feature, txn_units, sid)
+  end
+  count_usage(collect, s.feature, new_units)
+end
+s.used = fmt(used)
+s.units = fmt(due_units)
+s.charged = fmt(num(s, 'charged') + collect)
+s.uncollected = fmt(num(s, 'uncollected') + cost - collect)
+if step ~= 'close' then
+  s.seq = ARGV[10]
+end
+
+if step == 'update' then
+  local want = tonumber(ARGV[13])
+  if tonumber(ARGV[12]) > 0 then
+    want = math.ceil(tonumber(ARGV[12]) / inc)
+  end
+  local units = holdable(want, rate, available())
+  local hold = unlimited and 0 or units * rate
+  redis.call('HINCRBY', KEYS[5], 'reserved', fmt(hold))
+  -- What the charged increments still cover, plus the new quota.
+  local granted = due_units * inc - used + units * inc
+  local valid_until = NOW + granted * 1000
+  redis.call('ZADD', KEYS[10], valid_until + num(s, 'grace'), member)
+  s.reserved = fmt(hold)
+  s.runits = fmt(units)
+  s.final = (units < want) and '1' or '0'
+  s.granted = fmt(granted)
+  s.valid_until = fmt(valid_until)
+  return finish(s, collect, math.max(0, held - collect))
+end
+
+-- end or close: give back the rest of the hold and retire the session.
+s.state = (step == 'end') and 'ended' or 'timed_out'
+s.reserved = '0'
+s.runits = '0'
+s.granted = '0'
+s.ended = ARGV[1]
+redis.call('ZREM', KEYS[10], member)
+local reply = finish(s, collect, math.max(0, held - collect))
+redis.call('EXPIRE', KEYS[9], ARGV[3])
+return reply
