@@ -43,6 +43,7 @@ _STATUS: dict[type[errors.CreditError], grpc.StatusCode] = {
     errors.PurchaseNotCompleted: grpc.StatusCode.FAILED_PRECONDITION,
     errors.TrialAlreadyUsed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PaymentReferenceUsed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResumeTokenExpired: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 
