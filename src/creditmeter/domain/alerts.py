@@ -122,8 +122,8 @@ class ResumePoint:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             inflate = zlib.decompressobj()
             text = inflate.decompress(raw, MAX_RESUME_TOKEN_LENGTH * 8)
-            if inflate.unconsumed_tail:
-                raise ValueError("too long")
+            if inflate.unconsumed_tail or not inflate.eof or inflate.unused_data:
+                raise ValueError("too long, cut short, or trailing data")
             data = json.loads(text)
             if data["v"] != _TOKEN_VERSION:
                 raise ValueError("version")
@@ -221,8 +221,8 @@ class BalanceAlerts:
         v = Violations()
         if account:
             v.account_id(account)
-        if len(thresholds) > MAX_WATCH_THRESHOLDS:
-            v.add("thresholds", f"at most {MAX_WATCH_THRESHOLDS}")
+        if len(set(thresholds)) > MAX_WATCH_THRESHOLDS:  # repeating one is harmless
+            v.add("thresholds", f"at most {MAX_WATCH_THRESHOLDS} different values")
         for i, t in enumerate(thresholds):
             if not 1 <= t <= MAX_CREDITS:
                 v.add(f"thresholds[{i}]", "must be from 1 to 2^53-1")

@@ -20,7 +20,7 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from creditmeter.constants import WATCH_BLOCK_MS, WATCH_READ_COUNT
-from creditmeter.storage.redis_store import _reachable, outbox_key
+from creditmeter.storage.redis_store import _reachable, outbox_key, trimmed_key
 
 Entry = tuple[str, dict[str, str]]
 
@@ -132,14 +132,16 @@ class OutboxReader:
     async def trimmed_past(self, positions: Mapping[int, str]) -> list[int]:
         """The buckets whose outbox has dropped entries after the given position (trimmed
         by the flusher past its retention window): reading from there would miss them."""
-        trimmed = []
-        for bucket, info in (await self._infos(list(positions))).items():
-            if info is None:
-                continue  # no outbox (yet, or Redis lost its data): nothing was dropped
-            deleted = str(info.get("max-deleted-entry-id") or STREAM_START)
-            if stream_id_key(deleted) > stream_id_key(positions[bucket]):
-                trimmed.append(bucket)
-        return trimmed
+        buckets = list(positions)
+        async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                pipe.get(trimmed_key(bucket))
+            trimmed: list[str | None] = await pipe.execute()
+        return [
+            bucket
+            for bucket, last in zip(buckets, trimmed, strict=True)
+            if last is not None and stream_id_key(last) > stream_id_key(positions[bucket])
+        ]
 
     async def read(self, positions: Mapping[int, str]) -> list[OutboxTxn]:
         """The transactions after `positions` (exclusive), waiting up to `block_ms` for the

@@ -36,7 +36,7 @@ from creditmeter.constants import (
     WATCH_RETENTION_S,
 )
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
-from creditmeter.storage.redis_store import outbox_key
+from creditmeter.storage.redis_store import outbox_key, trimmed_key
 
 log = logging.getLogger(__name__)
 
@@ -169,22 +169,34 @@ class Flusher:
             return
         seconds, micros = now
         window_start = f"{max(0, seconds * 1000 + micros // 1000 - self.retention_ms)}-0"
+        bounds: dict[int, str] = {}
+        for i in range(len(self.streams)):
+            groups, pending = replies[2 * i], replies[2 * i + 1]
+            if isinstance(groups, Exception) or isinstance(pending, Exception):
+                continue
+            group = next((g for g in groups if g["name"] == FLUSH_GROUP), None)
+            if group is None:
+                continue
+            # Entries up to last-delivered-id were read; the unacknowledged ones among them
+            # are in the pending list. Trim strictly below both bounds, and below the start
+            # of the watchers' window.
+            bound = min(group["last-delivered-id"], window_start, key=_id_key)
+            if pending["pending"]:
+                bound = min(bound, pending["min"], key=_id_key)
+            if _id_key(bound) > (0, 0):
+                bounds[i] = bound
+        # The greatest entry each trim drops, recorded before it goes: a watcher's resume
+        # position below it has lost entries. (No entry below a bound can appear meanwhile:
+        # new ids are above every delivered one.)
         async with self.client.pipeline(transaction=False) as pipe:
-            for i, stream in enumerate(self.streams):
-                groups, pending = replies[2 * i], replies[2 * i + 1]
-                if isinstance(groups, Exception) or isinstance(pending, Exception):
-                    continue
-                group = next((g for g in groups if g["name"] == FLUSH_GROUP), None)
-                if group is None:
-                    continue
-                # Entries up to last-delivered-id were read; the unacknowledged ones among
-                # them are in the pending list. Trim strictly below both bounds, and below
-                # the start of the watchers' window.
-                bound = min(group["last-delivered-id"], window_start, key=_id_key)
-                if pending["pending"]:
-                    bound = min(bound, pending["min"], key=_id_key)
-                if _id_key(bound) > (0, 0):
-                    pipe.xtrim(stream, minid=bound, approximate=False)
+            for i, bound in bounds.items():
+                pipe.xrevrange(self.streams[i], max=f"({bound}", min="-", count=1)
+            lasts = await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for (i, bound), last in zip(bounds.items(), lasts, strict=True):
+                if last:
+                    pipe.set(trimmed_key(i), last[0][0])
+                    pipe.xtrim(self.streams[i], minid=bound, approximate=False)
             await pipe.execute()
 
     async def backlog(self) -> int:
