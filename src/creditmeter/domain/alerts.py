@@ -18,7 +18,7 @@ import base64
 import binascii
 import json
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -246,7 +246,11 @@ class BalanceAlerts:
                 await self._check_kept(reader, point.positions)
                 state = _Watch(tenant, account, tuple(sorted(set(thresholds))), scope,
                                dict(point.positions), point.skip)  # fmt: skip
-            yield self._alerts(reader, state)
+            alerts = self._alerts(reader, state)
+            try:
+                yield alerts
+            finally:
+                await alerts.aclose()  # before its reader goes, not whenever it is collected
         finally:
             await reader.aclose()
 
@@ -258,7 +262,7 @@ class BalanceAlerts:
                 {"retention_seconds": str(self.retention_s)},
             )
 
-    async def _alerts(self, reader: OutboxReader, state: _Watch) -> AsyncIterator[Alert]:
+    async def _alerts(self, reader: OutboxReader, state: _Watch) -> AsyncGenerator[Alert, None]:
         while not self._stopping.is_set():
             read_from = dict(state.positions)
             txns = await reader.read(read_from)
