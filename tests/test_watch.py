@@ -19,10 +19,17 @@ import redis.asyncio as aioredis
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.constants import BUCKETS, MAX_CREDITS, WATCH_RETENTION_S
-from creditmeter.domain.alerts import AlertKind, ResumePoint, crossings, watch_scope
+from creditmeter.domain.alerts import (
+    AlertKind,
+    ResumePoint,
+    balance_change,
+    crossings,
+    watch_scope,
+)
 from creditmeter.domain.clock import ManualClock
 from creditmeter.errors import InvalidRequest
 from creditmeter.storage.ledger.flusher import Flusher
+from creditmeter.storage.outbox import OutboxReader
 from creditmeter.storage.redis_store import bucket_of, outbox_key, trimmed_key
 from creditmeter.transport.server import App, Settings
 from tests.conftest import Caller, Tenant, make_tenant, rid
@@ -233,6 +240,26 @@ async def test_unlimited_account_and_other_accounts_do_not_alert(tenant: Tenant)
     a = await next_alert(w)
     assert short(a) == (LOW, "carol", 5, 10, 4) and a.transaction_id == c.transaction_id
     w.cancel()
+
+
+async def test_reader_completes_a_transaction_cut_by_its_read_count(
+    tenant: Tenant, client: aioredis.Redis
+) -> None:
+    """A read that stops at its count inside a transaction fetches the rest of it: the
+    alert must see the whole transaction, and the position must not split it."""
+    await grant(tenant, "kim", 3, priority=1)
+    await grant(tenant, "kim", 3, priority=2)
+    await grant(tenant, "kim", 100)
+    bucket = bucket_of(tenant.name, "kim")
+    reader = OutboxReader(client, [bucket], block_ms=100, count=2)
+    start = await reader.ends()
+    c = await consume(tenant, "kim", 10)  # three lots: three consume events, then the request
+    assert len(c.charges) == 3
+    [txn] = await reader.read(start)
+    assert txn.txn == c.transaction_id and txn.account == "kim"
+    assert [e["kind"] for e in txn.events] == ["consume", "consume", "consume", "request"]
+    assert balance_change(txn.events) == (106, 96)
+    assert await reader.read({bucket: txn.last_id}) == []  # nothing after it
 
 
 # --- a whole tenant --------------------------------------------------------------------------
