@@ -239,13 +239,12 @@ class BalanceAlerts:
             raise InvalidRequest([("resume_token", "issued for another watch")])
         reader = self._open_reader(buckets)
         try:
+            levels = tuple(sorted(set(thresholds)))
             if point is None:
-                state = _Watch(tenant, account, tuple(sorted(set(thresholds))), scope,
-                               await reader.ends())  # fmt: skip
+                state = _Watch(tenant, account, levels, scope, await reader.ends())
             else:
                 await self._check_kept(reader, point.positions)
-                state = _Watch(tenant, account, tuple(sorted(set(thresholds))), scope,
-                               dict(point.positions), point.skip)  # fmt: skip
+                state = _Watch(tenant, account, levels, scope, dict(point.positions), point.skip)
             alerts = self._alerts(reader, state)
             try:
                 yield alerts
