@@ -315,7 +315,8 @@ async def test_flusher_killed_between_commit_and_ack_delivers_every_event_once(
 
         if recovery == "restart":
             # The same consumer name: it re-reads its own pending entries first.
-            flusher = Flusher(client, ledger, consumer="fl-a", read_count=5)
+            # No watchers' window (retention 0): the trim below must go down to the bound.
+            flusher = Flusher(client, ledger, consumer="fl-a", read_count=5, retention_ms=0)
             await flusher.flush_once()
             left = (await pending_by_consumer(client))["fl-a"]
             assert left < stuck, "the restarted flusher did not re-read its pending entries"
@@ -325,7 +326,8 @@ async def test_flusher_killed_between_commit_and_ack_delivers_every_event_once(
             # Another flusher: it takes fl-a's entries only once they have been idle long
             # enough (fl-a might just be slow), then commits and acknowledges them itself.
             flusher = Flusher(
-                client, ledger, consumer="fl-b", read_count=5, claim_idle_ms=CLAIM_IDLE_MS
+                client, ledger, consumer="fl-b", read_count=5, claim_idle_ms=CLAIM_IDLE_MS,
+                retention_ms=0,
             )
             await flusher.ensure_groups()
             assert await flusher.claim_dead() == 0

@@ -79,6 +79,22 @@ RECONCILE_INTERVAL_S = 2.0
 #: How often the scheduler renews subscriptions whose next period has started.
 RENEW_INTERVAL_S = 1.0
 
+# --- balance alerts (WatchBalance) ------------------------------------------------------
+#: Flushed outbox entries are kept this long so a watcher can resume from its token; the
+#: flusher trims below min(oldest unflushed entry, now - this). Entries are small, but the
+#: window holds every event of these seconds: memory grows with the event rate.
+WATCH_RETENTION_S = 300
+#: Thresholds per watch (besides zero, always watched).
+MAX_WATCH_THRESHOLDS = 16
+#: XREAD BLOCK of a watcher: a change arrives at once; this only bounds how long a watcher
+#: takes to notice that its client left or the server is stopping.
+WATCH_BLOCK_MS = 250
+#: Entries read per outbox per XREAD of a watcher.
+WATCH_READ_COUNT = 500
+#: A resume token longer than this is refused before it is decoded (a tenant-wide token,
+#: 64 positions, compresses to a few hundred characters).
+MAX_RESUME_TOKEN_LENGTH = 4096
+
 # --- server --------------------------------------------------------------------
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./data"

@@ -116,6 +116,12 @@ class LedgerBacklog(CreditError):
     reason = "LEDGER_BACKLOG"
 
 
+class ResumeTokenExpired(CreditError):
+    """A WatchBalance resume token points before what the outboxes still keep."""
+
+    reason = "RESUME_TOKEN_EXPIRED"
+
+
 class Rejected(Exception):
     """A storage script refused an operation; `reason` names why (an ErrorReason name)."""
 

@@ -7,6 +7,7 @@ from typing import cast
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
+from creditmeter.domain.alerts import Alert, AlertKind
 from creditmeter.domain.lots import Lot, LotSource
 from creditmeter.domain.rates import Rate, RateUnit
 from creditmeter.domain.sessions import SessionView, TimeoutPolicy
@@ -151,3 +152,23 @@ def session_pb(s: SessionView) -> pb.Session:
     if s.end_ms is not None:
         message.end_time.CopyFrom(timestamp(s.end_ms))
     return message
+
+
+_ALERT_KINDS = {
+    AlertKind.LOW: pb.BALANCE_ALERT_KIND_LOW,
+    AlertKind.DEPLETED: pb.BALANCE_ALERT_KIND_DEPLETED,
+    AlertKind.TOPPED_UP: pb.BALANCE_ALERT_KIND_TOPPED_UP,
+}
+
+
+def alert_pb(alert: Alert) -> pb.WatchBalanceResponse:
+    return pb.WatchBalanceResponse(
+        kind=_ALERT_KINDS[alert.kind],
+        account_id=alert.account,
+        threshold=alert.threshold,
+        previous_balance=alert.previous_balance,
+        balance=alert.balance,
+        transaction_id=alert.transaction_id,
+        event_time=timestamp(alert.time_ms),
+        resume_token=alert.resume_token,
+    )

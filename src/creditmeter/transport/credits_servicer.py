@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -10,6 +10,7 @@ import grpc
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
+from creditmeter.domain.alerts import BalanceAlerts
 from creditmeter.domain.history import History
 from creditmeter.domain.metering import Metering
 from creditmeter.domain.purchases import Purchases
@@ -46,9 +47,11 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         purchases: Purchases,
         ledger_status: Callable[[], Awaitable[LedgerStatus]],
         sessions: Sessions,
+        alerts: BalanceAlerts,
     ) -> None:
         self.metering = metering
         self.sessions = sessions
+        self.alerts = alerts
         self.history = history
         self.purchases = purchases
         self.ledger_status = ledger_status
@@ -319,3 +322,14 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             request.request_id,
         )  # fmt: skip
         return pb.VoidGrantResponse(voided=r.voided, spent=r.spent, balance=r.balance)
+
+    async def WatchBalance(
+        self, request: pb.WatchBalanceRequest, context: Context
+    ) -> AsyncIterator[pb.WatchBalanceResponse]:
+        async with self.alerts.watch(
+            principal().tenant, request.account_id, list(request.thresholds), request.resume_token
+        ) as alerts:
+            # The headers tell the client the watch is in place: every later change is seen.
+            await context.send_initial_metadata(())
+            async for alert in alerts:
+                yield convert.alert_pb(alert)

@@ -47,6 +47,7 @@ _STATUS: dict[type[errors.CreditError], grpc.StatusCode] = {
     errors.SessionClosed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SessionOutOfSequence: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SessionExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.ResumeTokenExpired: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,9 @@ from creditmeter.constants import (
     SESSION_CLOSE_INTERVAL_S,
     SHUTDOWN_GRACE_S,
     STAGED_GRANT_RETRY_AFTER_MS,
+    WATCH_RETENTION_S,
 )
+from creditmeter.domain.alerts import BalanceAlerts
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock, SystemClock
 from creditmeter.domain.configuration import LiveConfig
@@ -49,6 +52,7 @@ from creditmeter.storage.embedded_redis import EmbeddedRedis
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Ledger
 from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
+from creditmeter.storage.outbox import OutboxReader
 from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.credits_servicer import CreditsServicer, LedgerStatus
 from creditmeter.transport.interceptors import Gatekeeper
@@ -83,6 +87,8 @@ class Settings:
     session_grace_s: float = DEFAULT_SESSION_GRACE_S
     session_close_interval_s: float = SESSION_CLOSE_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    #: How long the flusher keeps flushed outbox entries for WatchBalance resume tokens.
+    watch_retention_s: int = WATCH_RETENTION_S
     clock: Clock = field(default_factory=SystemClock)
 
 
@@ -107,6 +113,9 @@ class App:
         #: Set once on stop: every background loop watches it rather than relying on task
         #: cancellation alone (a cancellation can be swallowed inside a client library).
         self._stopping = asyncio.Event()
+        #: Set first on stop: balance watches end their streams rather than hold the
+        #: server's drain for the whole grace.
+        self._closing = asyncio.Event()
 
     async def start(self) -> int:
         s = self.settings
@@ -138,7 +147,7 @@ class App:
             gate=self.gate,
         )
         if s.flusher:
-            self.flusher = Flusher(self.redis, ledger)
+            self.flusher = Flusher(self.redis, ledger, retention_ms=s.watch_retention_s * 1000)
             await self.flusher.ensure_groups()
 
         self.server = grpc.aio.server(interceptors=[Gatekeeper(lambda: live.keys)])
@@ -149,8 +158,12 @@ class App:
         self.sessions = sessions = Sessions(
             metering.store, live.rates, s.clock, self.gate, s.session_grace_s
         )
+        # Each watch gets its own connection: its blocking XREAD must not hold one of the pool's.
+        alerts = BalanceAlerts(
+            functools.partial(OutboxReader.connect, url), self._closing, s.watch_retention_s
+        )
         servicer = CreditsServicer(
-            metering, History(ledger), purchases, self.ledger_status, sessions
+            metering, History(ledger), purchases, self.ledger_status, sessions, alerts
         )
         credits_pb2_grpc.add_CreditsServicer_to_server(servicer, self.server)
         self.subscriptions = Subscriptions(catalog, ledger, metering.store, s.clock, self.gate)
@@ -250,6 +263,7 @@ class App:
         """Stop taking calls, let in-flight calls finish (up to the grace), flush what
         they wrote, then close."""
         await self.health.enter_graceful_shutdown()
+        self._closing.set()
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
         self._stopping.set()

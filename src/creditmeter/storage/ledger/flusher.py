@@ -6,7 +6,9 @@ one ledger transaction (idempotent on event id) and acknowledged only after the 
 so a crash between the two re-delivers the batch and the ledger still holds each event
 once. A restarted flusher first re-reads its own pending entries; entries pending on a
 consumer that has been idle too long (a dead flusher) are claimed with XAUTOCLAIM.
-Outboxes are trimmed only below the oldest entry not yet acknowledged, never by length.
+Outboxes are trimmed only below the oldest entry not yet acknowledged, never by length,
+and keep the flushed entries of the last `retention_ms` for balance watchers resuming from
+a token (WatchBalance reads the outboxes).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from creditmeter.constants import (
     FLUSH_GROUP,
     FLUSH_MAINTENANCE_INTERVAL_S,
     FLUSH_READ_COUNT,
+    WATCH_RETENTION_S,
 )
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
-from creditmeter.storage.redis_store import outbox_key
+from creditmeter.storage.redis_store import outbox_key, trimmed_key
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class Flusher:
         read_count: int = FLUSH_READ_COUNT,
         block_ms: int = FLUSH_BLOCK_MS,
         claim_idle_ms: int = FLUSH_CLAIM_IDLE_MS,
+        retention_ms: int = WATCH_RETENTION_S * 1000,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -73,6 +77,7 @@ class Flusher:
         self.read_count = read_count
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
+        self.retention_ms = retention_ms
         self.streams = [outbox_key(b) for b in range(BUCKETS)]
         self.stats = FlushStats()
         self._own_pending_done = False
@@ -152,27 +157,46 @@ class Flusher:
         return claimed
 
     async def trim(self) -> None:
-        """Drop flushed entries: everything below the oldest pending or undelivered one."""
+        """Drop flushed entries older than the retention window: everything below both the
+        oldest pending or undelivered entry and `now - retention_ms`."""
         async with self.client.pipeline(transaction=False) as pipe:
+            pipe.time()  # Redis's clock: stream ids are its milliseconds, not ours
             for stream in self.streams:
                 pipe.xinfo_groups(stream)
                 pipe.xpending(stream, FLUSH_GROUP)
-            replies = await pipe.execute(raise_on_error=False)
+            now, *replies = await pipe.execute(raise_on_error=False)
+        if isinstance(now, Exception):
+            return
+        seconds, micros = now
+        window_start = f"{max(0, seconds * 1000 + micros // 1000 - self.retention_ms)}-0"
+        bounds: dict[int, str] = {}
+        for i in range(len(self.streams)):
+            groups, pending = replies[2 * i], replies[2 * i + 1]
+            if isinstance(groups, Exception) or isinstance(pending, Exception):
+                continue
+            group = next((g for g in groups if g["name"] == FLUSH_GROUP), None)
+            if group is None:
+                continue
+            # Entries up to last-delivered-id were read; the unacknowledged ones among them
+            # are in the pending list. Trim strictly below both bounds, and below the start
+            # of the watchers' window.
+            bound = min(group["last-delivered-id"], window_start, key=_id_key)
+            if pending["pending"]:
+                bound = min(bound, pending["min"], key=_id_key)
+            if _id_key(bound) > (0, 0):
+                bounds[i] = bound
+        # The greatest entry each trim drops, recorded before it goes: a watcher's resume
+        # position below it has lost entries. (No entry below a bound can appear meanwhile:
+        # new ids are above every delivered one.)
         async with self.client.pipeline(transaction=False) as pipe:
-            for i, stream in enumerate(self.streams):
-                groups, pending = replies[2 * i], replies[2 * i + 1]
-                if isinstance(groups, Exception) or isinstance(pending, Exception):
-                    continue
-                group = next((g for g in groups if g["name"] == FLUSH_GROUP), None)
-                if group is None:
-                    continue
-                # Entries up to last-delivered-id were read; the unacknowledged ones among
-                # them are in the pending list. Trim strictly below both bounds.
-                bound = group["last-delivered-id"]
-                if pending["pending"]:
-                    bound = min(bound, pending["min"], key=_id_key)
-                if bound not in ("0-0", b"0-0"):
-                    pipe.xtrim(stream, minid=bound, approximate=False)
+            for i, bound in bounds.items():
+                pipe.xrevrange(self.streams[i], max=f"({bound}", min="-", count=1)
+            lasts = await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for (i, bound), last in zip(bounds.items(), lasts, strict=True):
+                if last:
+                    pipe.set(trimmed_key(i), last[0][0])
+                    pipe.xtrim(self.streams[i], minid=bound, approximate=False)
             await pipe.execute()
 
     async def backlog(self) -> int:

@@ -1,0 +1,275 @@
+"""Balance alerts: a balance falling to or below a threshold, reaching zero, or rising above
+a threshold again, computed from the outbox events every change appends.
+
+Every balance event carries its amount and the balance after it, so each transaction alone
+says where the balance was before and after (no state per account to keep). A watcher
+reads the outboxes from positions of its own; its resume token is those positions, so a
+reconnecting client resumes exactly after the last alert it received.
+
+Alerts are per transaction, not per event: a charge spanning two lots appends two events
+with an intermediate balance no reader could ever observe (the script is atomic); the alert
+reports the balance before and after the whole transaction, as the RPC's response does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+
+from creditmeter.constants import (
+    BUCKETS,
+    MAX_CREDITS,
+    MAX_RESUME_TOKEN_LENGTH,
+    MAX_WATCH_THRESHOLDS,
+)
+from creditmeter.domain.validation import Violations
+from creditmeter.errors import InvalidRequest, ResumeTokenExpired
+from creditmeter.storage.outbox import STREAM_ID, OutboxReader, OutboxTxn
+from creditmeter.storage.redis_store import bucket_of
+
+#: Event kinds that take credit away (the event's balance is after the removal) and that
+#: add it. Anything else (options, request) moves no credit.
+_DECREASING = frozenset({"consume", "session", "expire", "reset", "refund"})
+_INCREASING = frozenset({"grant"})
+_TOKEN_VERSION = 1
+
+
+class AlertKind(StrEnum):
+    LOW = "low"
+    DEPLETED = "depleted"
+    TOPPED_UP = "topped_up"
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: AlertKind
+    account: str
+    threshold: int
+    previous_balance: int
+    balance: int
+    transaction_id: str
+    time_ms: int
+    resume_token: str
+
+
+def balance_change(events: Sequence[Mapping[str, str]]) -> tuple[int, int] | None:
+    """The balance before and after a transaction's events, or None if they move no credit
+    (or the account is unlimited: its consumption events carry balance -1)."""
+    before: int | None = None
+    after = 0
+    for event in events:
+        kind = event.get("kind", "")
+        if kind not in _DECREASING and kind not in _INCREASING:
+            continue
+        balance = int(event["balance"])
+        if balance < 0:
+            continue
+        amount = int(event["amount"])
+        if before is None:
+            before = balance + amount if kind in _DECREASING else balance - amount
+        after = balance
+    return None if before is None else (before, after)
+
+
+def crossings(before: int, after: int, thresholds: Sequence[int]) -> list[tuple[AlertKind, int]]:
+    """The alerts of a change from `before` to `after` given the watched thresholds (zero is
+    always watched), in the order the balance passed them: falling, LOW from the highest
+    threshold down then DEPLETED; rising, TOPPED_UP from the lowest up."""
+    levels = sorted({0, *thresholds})
+    if after < before:
+        found = [(AlertKind.LOW, t) for t in reversed(levels) if t > 0 and after <= t < before]
+        if after == 0:
+            found.append((AlertKind.DEPLETED, 0))
+        return found
+    return [(AlertKind.TOPPED_UP, t) for t in levels if before <= t < after]
+
+
+# --- resume tokens ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a watch stands: the position reached in each bucket read, and how many alerts
+    of the next transaction of one bucket were already delivered (the token of an alert
+    that is not the last of its transaction)."""
+
+    scope: int
+    positions: dict[int, str]
+    skip: tuple[int, int] | None = None
+
+    def encode(self) -> str:
+        data: dict[str, object] = {
+            "v": _TOKEN_VERSION,
+            "s": self.scope,
+            "p": {str(b): p for b, p in sorted(self.positions.items())},
+        }
+        if self.skip is not None:
+            data["k"] = list(self.skip)
+        raw = zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 9)
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> ResumePoint:
+        """Parse a token; InvalidRequest on `resume_token` if it is not one of ours."""
+        try:
+            if len(token) > MAX_RESUME_TOKEN_LENGTH:
+                raise ValueError("too long")
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            inflate = zlib.decompressobj()
+            text = inflate.decompress(raw, MAX_RESUME_TOKEN_LENGTH * 8)
+            if inflate.unconsumed_tail or not inflate.eof or inflate.unused_data:
+                raise ValueError("too long, cut short, or trailing data")
+            data = json.loads(text)
+            if data["v"] != _TOKEN_VERSION:
+                raise ValueError("version")
+            positions = {int(b): str(p) for b, p in data["p"].items()}
+            if not positions or not all(
+                0 <= b < BUCKETS and STREAM_ID.fullmatch(p) for b, p in positions.items()
+            ):
+                raise ValueError("positions")
+            skip = None
+            if "k" in data:
+                bucket, count = (int(x) for x in data["k"])
+                if bucket not in positions or count < 1:
+                    raise ValueError("skip")
+                skip = (bucket, count)
+            return cls(int(data["s"]), positions, skip)
+        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error, zlib.error):
+            raise InvalidRequest([("resume_token", "not a token WatchBalance issued")]) from None
+
+
+def watch_scope(tenant: str, account: str) -> int:
+    """What a token is bound to: one tenant and account (or the whole tenant, account "")."""
+    return zlib.crc32(f"{tenant}\x00{account}".encode())
+
+
+# --- watching --------------------------------------------------------------------------
+@dataclass
+class _Watch:
+    tenant: str
+    account: str
+    thresholds: tuple[int, ...]
+    scope: int
+    positions: dict[int, str]
+    #: Alerts of the first transaction of this bucket already delivered before a resume.
+    skip: tuple[int, int] | None = None
+
+    def relevant(self, txn: OutboxTxn) -> bool:
+        return txn.tenant == self.tenant and (not self.account or txn.account == self.account)
+
+    def process(self, txn: OutboxTxn) -> list[Alert]:
+        """The alerts of one transaction; advances the position past it."""
+        before = dict(self.positions)
+        self.positions[txn.bucket] = txn.last_id
+        skip = 0
+        if self.skip is not None and self.skip[0] == txn.bucket:
+            skip, self.skip = self.skip[1], None  # only the first transaction read there
+        change = balance_change(txn.events) if self.relevant(txn) else None
+        if change is None:
+            return []
+        found = crossings(*change, self.thresholds)
+        last = next((e for e in reversed(txn.events) if "ts" in e), {"ts": "0"})
+        alerts = []
+        for i, (kind, threshold) in enumerate(found):
+            if i < skip:
+                continue
+            point = (
+                ResumePoint(self.scope, dict(self.positions))
+                if i == len(found) - 1
+                else ResumePoint(self.scope, before, (txn.bucket, i + 1))
+            )
+            alerts.append(
+                Alert(
+                    kind=kind,
+                    account=txn.account,
+                    threshold=threshold,
+                    previous_balance=change[0],
+                    balance=change[1],
+                    transaction_id=txn.txn,
+                    time_ms=int(last["ts"]),
+                    resume_token=point.encode(),
+                )
+            )
+        return alerts
+
+
+class BalanceAlerts:
+    """Opens balance watches. Each has its own outbox reader (and Redis connection)."""
+
+    def __init__(
+        self,
+        open_reader: Callable[[Sequence[int]], OutboxReader],
+        stopping: asyncio.Event,
+        retention_s: int,
+    ) -> None:
+        self._open_reader = open_reader
+        self._stopping = stopping
+        self.retention_s = retention_s
+
+    @asynccontextmanager
+    async def watch(
+        self, tenant: str, account: str, thresholds: Sequence[int], resume_token: str
+    ) -> AsyncIterator[AsyncIterator[Alert]]:
+        """Validate and put a watch in place; the iterator yields its alerts until the server
+        stops. Every change committed after this returns is covered (or, with a token,
+        every change after the token's alert)."""
+        v = Violations()
+        if account:
+            v.account_id(account)
+        if len(set(thresholds)) > MAX_WATCH_THRESHOLDS:  # repeating one is harmless
+            v.add("thresholds", f"at most {MAX_WATCH_THRESHOLDS} different values")
+        for i, t in enumerate(thresholds):
+            if not 1 <= t <= MAX_CREDITS:
+                v.add(f"thresholds[{i}]", "must be from 1 to 2^53-1")
+        point = None
+        if resume_token:
+            try:
+                point = ResumePoint.decode(resume_token)
+            except InvalidRequest as error:
+                v.items.extend(error.violations)
+        v.raise_if_any()
+        scope = watch_scope(tenant, account)
+        buckets = [bucket_of(tenant, account)] if account else list(range(BUCKETS))
+        if point is not None and (point.scope != scope or set(point.positions) != set(buckets)):
+            raise InvalidRequest([("resume_token", "issued for another watch")])
+        reader = self._open_reader(buckets)
+        try:
+            levels = tuple(sorted(set(thresholds)))
+            if point is None:
+                state = _Watch(tenant, account, levels, scope, await reader.ends())
+            else:
+                await self._check_kept(reader, point.positions)
+                state = _Watch(tenant, account, levels, scope, dict(point.positions), point.skip)
+            alerts = self._alerts(reader, state)
+            try:
+                yield alerts
+            finally:
+                await alerts.aclose()  # before its reader goes, not whenever it is collected
+        finally:
+            await reader.aclose()
+
+    async def _check_kept(self, reader: OutboxReader, positions: Mapping[int, str]) -> None:
+        if await reader.trimmed_past(positions):
+            raise ResumeTokenExpired(
+                "the resume token is older than the retained outbox entries: read the "
+                "balance and watch again without a token",
+                {"retention_seconds": str(self.retention_s)},
+            )
+
+    async def _alerts(self, reader: OutboxReader, state: _Watch) -> AsyncGenerator[Alert, None]:
+        while not self._stopping.is_set():
+            read_from = dict(state.positions)
+            txns = await reader.read(read_from)
+            if not txns:
+                continue
+            # A watcher that fell a whole retention window behind (its client not reading)
+            # may have had entries trimmed between its position and what it just read.
+            await self._check_kept(reader, {t.bucket: read_from[t.bucket] for t in txns})
+            for txn in txns:
+                for alert in state.process(txn):
+                    yield alert
