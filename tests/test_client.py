@@ -6,9 +6,12 @@ run it in a thread while the server serves on the event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -16,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from creditmeter import client as sdk
 from creditmeter.api.credits.v1 import credits_pb2 as pb
+from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.api.credits.v1 import packs_pb2
 from creditmeter.client import requests as rq
 from creditmeter.transport import interceptors
@@ -205,6 +209,9 @@ def test_session_meter_final_unit_stops_reports_and_fixes_the_end() -> None:
     meter.granted(12.0, 30, True, _ts(1_000 + 30), wall_now=1_000)
     assert meter.next_report_at() is None
     assert meter.must_end_at() == pytest.approx(42.0)
+    # valid_until is the quota's end as the server saw it, a network delay ago: no report.
+    meter.granted(12.0, 30, True, _ts(1_000 + 29.9), wall_now=1_000)
+    assert meter.next_report_at() is None
     # ...unless the validity ends first: then it still reports to keep the session alive.
     meter.granted(12.0, 30, True, _ts(1_000 + 10), wall_now=1_000)
     assert meter.next_report_at() is not None
@@ -465,3 +472,125 @@ async def test_sync_session_final_unit_tells_the_call_to_end(app: App, tenant: T
     assert session.end_response.session.state == pb.SESSION_STATE_ENDED
     balance = await tenant.read.GetBalance(pb.GetBalanceRequest(account_id="short"))
     assert (balance.balance, balance.reserved) == (0, 0)
+
+
+# --- the session helper's side of the protocol, against a scripted server --------------
+# Until the server implements sessions, this checks what the helper sends (sequence
+# numbers, seconds, timing, a resend after a failure) against a Credits servicer that
+# answers from a script and records every request. It stands in for nothing the live
+# tests above do not also check once the server has sessions.
+class ScriptedSessions(pb_grpc.CreditsServicer):
+    def __init__(self, quotas: list[tuple[int, bool]], fail_updates: int = 0) -> None:
+        self.quotas = quotas  # (granted_seconds, final_unit) for Start, then each update
+        self.fail_updates = fail_updates
+        self.log: list[tuple[float, str, int, int]] = []  # (monotonic, rpc, sequence, used)
+
+    def _answer(self) -> tuple[int, bool, Timestamp]:
+        granted, final = self.quotas.pop(0) if len(self.quotas) > 1 else self.quotas[0]
+        valid_until = Timestamp()
+        valid_until.FromNanoseconds(time.time_ns() + granted * 1_000_000_000)
+        return granted, final, valid_until
+
+    async def StartSession(self, request: Any, context: Any) -> pb.StartSessionResponse:
+        self.log.append((time.monotonic(), "start", 0, 0))
+        granted, final, valid_until = self._answer()
+        return pb.StartSessionResponse(
+            granted_seconds=granted, final_unit=final, valid_until=valid_until
+        )
+
+    async def UpdateSession(self, request: Any, context: Any) -> pb.UpdateSessionResponse:
+        self.log.append((time.monotonic(), "update", request.sequence, request.used_seconds))
+        if self.fail_updates:
+            self.fail_updates -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
+        granted, final, valid_until = self._answer()
+        return pb.UpdateSessionResponse(
+            granted_seconds=granted, final_unit=final, valid_until=valid_until
+        )
+
+    async def EndSession(self, request: Any, context: Any) -> pb.EndSessionResponse:
+        self.log.append((time.monotonic(), "end", request.sequence, request.used_seconds))
+        return pb.EndSessionResponse(session=pb.Session(state=pb.SESSION_STATE_ENDED))
+
+
+@contextlib.asynccontextmanager
+async def scripted(servicer: ScriptedSessions) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    pb_grpc.add_CreditsServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_session_helper_reports_in_sequence_before_each_quota_runs_out() -> None:
+    servicer = ScriptedSessions([(2, False)], fail_updates=1)
+    async with (
+        scripted(servicer) as target,
+        sdk.AsyncClient(target, "k", retry=FAST_RETRY) as client,
+    ):
+        async with client.session("a", "call", requested_seconds=2) as session:
+            await asyncio.sleep(3.3)
+        elapsed = time.monotonic() - servicer.log[0][0]
+
+    rpcs = [(rpc, seq, used) for _, rpc, seq, used in servicer.log]
+    assert rpcs[0] == ("start", 0, 0)
+    assert rpcs[-1][0] == "end"
+    updates = rpcs[1:-1]
+    # The failed first update was sent again unchanged (same sequence, same seconds).
+    assert updates[0] == updates[1] and updates[0][1] == 1
+    unique = list(dict.fromkeys(updates))
+    assert [seq for _, seq, _ in unique] == list(range(1, len(unique) + 1))
+    assert len(unique) >= 2
+    assert rpcs[-1][1] == len(unique) + 1  # the end follows the last update
+    total = sum(used for _, _, used in unique) + rpcs[-1][2]
+    assert total == session.meter.reported_seconds
+    assert elapsed - 1 < total <= elapsed + 1  # the call's length, rounded up once
+    # Every report came before the previous quota (2 s from its answer) ran out.
+    times = [t for t, rpc, _, _ in servicer.log if rpc != "end"]
+    assert all(later - earlier < 2 for earlier, later in itertools.pairwise(times))
+
+
+async def test_session_helper_final_unit_stops_reports_and_sets_must_end() -> None:
+    servicer = ScriptedSessions([(2, False), (1, True)])
+    told: list[float] = []
+    async with (
+        scripted(servicer) as target,
+        sdk.AsyncClient(target, "k", retry=FAST_RETRY) as client,
+    ):
+        session = client.session(
+            "a", "call", requested_seconds=2, on_final_unit=lambda s: told.append(1.0)
+        )
+        async with session:
+            started = time.monotonic()
+            await asyncio.wait_for(session.wait(), timeout=5)
+            waited = time.monotonic() - started
+            assert session.final_unit
+            assert session.remaining_seconds == 0
+    assert told == [1.0]
+    assert 2.0 <= waited <= 3.2  # first update at ~1.6 s, then 1 s of final quota
+    rpcs = [rpc for _, rpc, _, _ in servicer.log]
+    assert rpcs == ["start", "update", "end"]  # nothing asked after the final unit
+
+
+async def test_sync_session_helper_reports_and_ends_from_its_thread() -> None:
+    servicer = ScriptedSessions([(2, False), (2, False), (1, True)])
+    told: list[str] = []
+
+    def call() -> tuple[bool, sdk.CallSession]:
+        with (
+            sdk.Client(target, "k", retry=FAST_RETRY) as client,
+            client.session("a", "call", on_final_unit=lambda s: told.append(s.session_id)) as s,
+        ):
+            return s.wait(timeout=6), s
+
+    async with scripted(servicer) as target:
+        ended, session = await asyncio.to_thread(call)
+    assert ended and session.final_unit
+    assert told == [session.session_id]
+    rpcs = [(rpc, seq) for _, rpc, seq, _ in servicer.log]
+    assert rpcs == [("start", 0), ("update", 1), ("update", 2), ("end", 3)]
+    used = sum(u for _, rpc, _, u in servicer.log)
+    assert used == session.meter.reported_seconds and 4 <= used <= 5  # ~1.6 + 1.6 + 1 s

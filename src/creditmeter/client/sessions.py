@@ -110,10 +110,12 @@ class SessionMeter:
         (final unit, and the validity lasts as long as the quota)."""
         g = self.grant
         assert g is not None
-        if g.final_unit and g.valid_for_s >= g.granted_seconds:
-            return None
         window = min(float(g.granted_seconds), g.valid_for_s)
-        margin = min(self.margin_s, self.margin_fraction * window)
+        margin = min(self.margin_s, self.margin_fraction * max(0.0, window))
+        # valid_until usually is the quota's end as the server saw it, a network delay
+        # ago: within the margin it counts as "as long as the quota".
+        if g.final_unit and g.valid_for_s + margin >= g.granted_seconds:
+            return None
         return g.received_at + max(self.min_interval_s, window - margin)
 
     def report(self, now: float, final: bool) -> tuple[int, int]:
