@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,13 +40,18 @@ class ResponseLosingProxy:
     while `losses` is above zero, cuts the connection at the first response HEADERS frame
     (a unary response starts with one, sent once the handler has returned: the server has
     committed) instead of passing it on. `on_loss` runs before the cut, to look at the
-    server's state at that moment."""
+    server's state at that moment; with `stall_s` the connection hangs that long first
+    (the client's deadline passes before it breaks)."""
 
     def __init__(
-        self, upstream_port: int, on_loss: Callable[[], Awaitable[None]] | None = None
+        self,
+        upstream_port: int,
+        on_loss: Callable[[], Awaitable[None]] | None = None,
+        stall_s: float = 0.0,
     ) -> None:
         self.upstream_port = upstream_port
         self.on_loss = on_loss
+        self.stall_s = stall_s
         self.losses = 0
         self.lost = 0
         self.connections = 0
@@ -90,6 +96,7 @@ class ResponseLosingProxy:
                     self.lost += 1
                     if self.on_loss is not None:
                         await self.on_loss()
+                    await asyncio.sleep(self.stall_s)
                     return
                 client_w.write(header + payload)
                 await client_w.drain()
@@ -281,6 +288,29 @@ async def test_without_retries_a_lost_response_surfaces_as_unavailable(
     assert again.balance == 9
     usage = await tenant.read.GetUsage(pb.GetUsageRequest(account_id="lost"))
     assert usage.used == 1
+
+
+async def test_deadline_exceeded_is_retried_for_a_charge_but_not_for_a_read(
+    app: App, tenant: Tenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="creditmeter.client")
+    await tenant.admin.Grant(pb.GrantRequest(account_id="slow", amount=20, request_id=rid()))
+    async with (
+        ResponseLosingProxy(app.port, stall_s=1.0) as proxy,
+        sdk.AsyncClient(proxy.address, tenant.meter.key, timeout=0.5, retry=FAST_RETRY) as client,
+    ):
+        proxy.losses = 1
+        reply = await client.consume("slow", "text", quantity=5)
+        assert reply.balance == 15
+        proxy.losses = 1
+        with pytest.raises(sdk.DeadlineExceeded) as caught:
+            await client.get_usage("slow")
+    assert caught.value.attempts == 1  # a read that timed out is not repeated
+    retried = [r.getMessage() for r in caplog.records if r.name == "creditmeter.client"]
+    assert retried and retried[0].startswith("Consume attempt 1 failed with DEADLINE_EXCEEDED")
+    assert not any(m.startswith("GetUsage") for m in retried)
+    usage = await tenant.read.GetUsage(pb.GetUsageRequest(account_id="slow"))
+    assert (usage.used, usage.remaining) == (5, 15)  # the charge went through once
 
 
 # --- live: exceptions ------------------------------------------------------------------

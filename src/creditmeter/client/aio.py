@@ -8,6 +8,7 @@ over a `grpc.aio` channel. Create it inside the event loop that uses it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -27,6 +28,7 @@ from creditmeter.client.sync import PACKS_METHODS, auth_metadata
 from creditmeter.constants import CLIENT_DEFAULT_TIMEOUT_S
 
 R = TypeVar("R", bound=Message)
+log = logging.getLogger("creditmeter.client")
 
 
 class AsyncClient:
@@ -87,9 +89,15 @@ class AsyncClient:
                 assert isinstance(response, response_type)
                 return response
             except grpc.aio.AioRpcError as error:
-                if not self.retry.should_retry(error.code(), attempt, idempotent):
+                code = error.code()
+                if not self.retry.should_retry(code, attempt, idempotent):
                     raise from_rpc_error(error, attempt) from error
-            await asyncio.sleep(self.retry.backoff_s(attempt))
+            delay = self.retry.backoff_s(attempt)
+            log.info(
+                "%s attempt %d failed with %s; retrying in %.3f s",
+                method, attempt, code.name, delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
 
     # --- Credits ----------------------------------------------------------------------
     async def grant(

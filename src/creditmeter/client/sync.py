@@ -4,6 +4,7 @@ for mutating calls when none is given (the same id on every retry), retries as
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
@@ -23,6 +24,7 @@ from creditmeter.client.sessions import CallSession, FinalUnitCallback
 from creditmeter.constants import CLIENT_DEFAULT_TIMEOUT_S
 
 R = TypeVar("R", bound=Message)
+log = logging.getLogger("creditmeter.client")
 
 #: RPC names served by the Packs service; every other name belongs to Credits.
 PACKS_METHODS = frozenset(packs_pb2.DESCRIPTOR.services_by_name["Packs"].methods_by_name)
@@ -91,7 +93,12 @@ class Client:
                 code = error.code()
                 if not self.retry.should_retry(code, attempt, idempotent):
                     raise from_rpc_error(error, attempt) from error
-            time.sleep(self.retry.backoff_s(attempt))
+            delay = self.retry.backoff_s(attempt)
+            log.info(
+                "%s attempt %d failed with %s; retrying in %.3f s",
+                method, attempt, code.name, delay,
+            )  # fmt: skip
+            time.sleep(delay)
 
     # --- Credits ----------------------------------------------------------------------
     def grant(
