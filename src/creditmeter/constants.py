@@ -114,3 +114,18 @@ SHUTDOWN_GRACE_S = 10.0
 REDIS_START_TIMEOUT_S = 20.0
 #: The ErrorInfo domain of every error the server returns.
 ERROR_DOMAIN = "creditmeter"
+
+# --- Python SDK (creditmeter.client) ---------------------------------------------
+#: Deadline of each attempt of a call, in seconds, unless the caller gives one.
+CLIENT_DEFAULT_TIMEOUT_S = 10.0
+#: Attempts of one call in all (the first included) before its error is raised.
+CLIENT_RETRY_MAX_ATTEMPTS = 4
+CLIENT_RETRY_INITIAL_BACKOFF_S = 0.1
+CLIENT_RETRY_MAX_BACKOFF_S = 2.0
+CLIENT_RETRY_BACKOFF_MULTIPLIER = 2.0
+#: A call session reports this long before its quota or validity runs out...
+SESSION_REPORT_MARGIN_S = 5.0
+#: ...or this fraction of the time granted, when that is shorter (short quotas).
+SESSION_REPORT_MARGIN_FRACTION = 0.2
+#: Never report more often than this, whatever the server's clock says.
+SESSION_MIN_REPORT_INTERVAL_S = 0.5

@@ -8,22 +8,18 @@ import logging
 import os
 import re
 import sys
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import uvloop
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from rich.console import Console
 from rich.table import Table
 
+from creditmeter import client as sdk
 from creditmeter.api.credits.v1 import credits_pb2 as pb
-from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc
+from creditmeter.api.credits.v1 import packs_pb2
 from creditmeter.constants import (
     CONFIG_DB_NAME,
     DEFAULT_BACKLOG_CAP,
@@ -146,23 +142,13 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 # --- client commands -------------------------------------------------------------------
-class Client:
-    def __init__(self, args: argparse.Namespace) -> None:
-        if not args.api_key:
-            raise SystemExit("creditmeter: an API key is needed: --api-key or CREDITMETER_API_KEY")
-        self.channel = grpc.insecure_channel(args.server)
-        self.stub = pb_grpc.CreditsStub(self.channel)
-        self.packs = packs_pb2_grpc.PacksStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {args.api_key}"),)
-        self.timeout = args.timeout
-
-    def __call__(self, method: str, request: Any) -> Any:
-        stub = self.packs if hasattr(self.packs, method) else self.stub
-        return getattr(stub, method)(request, metadata=self.metadata, timeout=self.timeout)
-
-
-def _request_id(args: argparse.Namespace) -> str:
-    return str(args.request_id or uuid.uuid4())
+def _client(args: argparse.Namespace) -> sdk.Client:
+    """The SDK client of the command's --server, --api-key and --timeout (the deadline of
+    each attempt). Mutating commands without --request-id get a new UUID from the SDK,
+    kept over its retries."""
+    if not args.api_key:
+        raise SystemExit("creditmeter: an API key is needed: --api-key or CREDITMETER_API_KEY")
+    return sdk.Client(args.server, args.api_key, timeout=args.timeout)
 
 
 def _lots_table(lots: Sequence[Any]) -> Table:
@@ -181,32 +167,20 @@ def _lots_table(lots: Sequence[Any]) -> Table:
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
-    req = pb.GrantRequest(
-        account_id=args.account,
-        amount=args.amount,
-        reference=args.reference,
-        request_id=_request_id(args),
-        source=pb.LotSource.Value(f"LOT_SOURCE_{args.source.upper()}"),
-    )
-    if args.priority is not None:
-        req.priority = args.priority
-    if args.expires_in is not None:
-        req.valid_for.FromSeconds(args.expires_in)
-    resp = Client(args)("Grant", req)
+    resp = _client(args).grant(
+        args.account, args.amount, valid_for=args.expires_in, priority=args.priority,
+        source=args.source, reference=args.reference, request_id=args.request_id,
+    )  # fmt: skip
     console.print(f"granted {resp.lot.amount} credits to {args.account}: balance {resp.balance}")
     console.print(_lots_table([resp.lot]))
     return 0
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    req = pb.ConsumeRequest(
-        account_id=args.account, feature=args.feature, request_id=_request_id(args)
-    )
-    if args.quantity is not None:
-        req.quantity = args.quantity
-    if args.amount is not None:
-        req.amount = args.amount
-    resp = Client(args)("Consume", req)
+    resp = _client(args).consume(
+        args.account, args.feature, quantity=args.quantity, amount=args.amount,
+        request_id=args.request_id,
+    )  # fmt: skip
     console.print(
         f"charged {resp.amount} credits ({resp.units} {resp.feature} units) to {args.account}: "
         f"balance {resp.balance}  [dim]{resp.transaction_id}[/dim]"
@@ -220,7 +194,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
-    resp = Client(args)("GetBalance", pb.GetBalanceRequest(account_id=args.account))
+    resp = _client(args).get_balance(args.account)
     label = "unlimited" if resp.unlimited else str(resp.balance)
     console.print(f"{args.account}: balance {label}")
     if resp.lots:
@@ -229,21 +203,15 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 
 def cmd_set_balance(args: argparse.Namespace) -> int:
-    resp = Client(args)(
-        "SetBalance",
-        pb.SetBalanceRequest(
-            account_id=args.account,
-            amount=args.amount,
-            reset=args.reset,
-            request_id=_request_id(args),
-        ),
+    resp = _client(args).set_balance(
+        args.account, args.amount, reset=args.reset, request_id=args.request_id
     )
     console.print(f"{args.account}: balance {resp.balance} (removed {resp.removed})")
     return 0
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    resp = Client(args)("GetUsage", pb.GetUsageRequest(account_id=args.account))
+    resp = _client(args).get_usage(args.account)
     table = Table("total", "used", "remaining", "expired", "removed", "refunded")
     table.add_row(
         *(str(v) for v in (resp.total, resp.used, resp.remaining, resp.expired, resp.removed,
@@ -259,7 +227,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_rates_list(args: argparse.Namespace) -> int:
-    resp = Client(args)("ListRates", pb.ListRatesRequest())
+    resp = _client(args).list_rates()
     table = Table("feature", "credits/unit", "unit", "increment", "built-in")
     for r in resp.rates:
         unit = pb.RateUnit.Name(r.unit).removeprefix("RATE_UNIT_").lower()
@@ -270,34 +238,27 @@ def cmd_rates_list(args: argparse.Namespace) -> int:
 
 
 def cmd_rates_set(args: argparse.Namespace) -> int:
-    rate = pb.Rate(feature=args.feature, credits_per_unit=args.credits)
-    if args.unit:
-        rate.unit = pb.RateUnit.Value(f"RATE_UNIT_{args.unit.upper()}")
-    if args.increment is not None:
-        rate.billing_increment.FromSeconds(args.increment)
-    resp = Client(args)("SetRate", pb.SetRateRequest(rate=rate, request_id=_request_id(args)))
+    resp = _client(args).set_rate(
+        args.feature, args.credits, unit=args.unit or None, billing_increment=args.increment,
+        request_id=args.request_id,
+    )  # fmt: skip
     console.print(f"{resp.rate.feature}: {resp.rate.credits_per_unit} credits per unit")
     return 0
 
 
 def cmd_account_options(args: argparse.Namespace) -> int:
-    req = pb.SetAccountOptionsRequest(account_id=args.account, request_id=_request_id(args))
-    if args.unlimited is not None:
-        req.unlimited = args.unlimited
-    resp = Client(args)("SetAccountOptions", req)
+    resp = _client(args).set_account_options(
+        args.account, unlimited=args.unlimited, request_id=args.request_id
+    )
     console.print(f"{args.account}: unlimited={resp.options.unlimited}")
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    req = pb.ListTransactionsRequest(
-        account_id=args.account, page_size=args.limit, page_token=args.page_token
-    )
-    req.filter.kinds.extend(
-        pb.TransactionKind.Value(f"TRANSACTION_KIND_{k.upper()}") for k in args.kind
-    )
-    req.filter.features.extend(args.feature)
-    resp = Client(args)("ListTransactions", req)
+    resp = _client(args).list_transactions(
+        args.account, page_size=args.limit, page_token=args.page_token, kinds=args.kind,
+        features=args.feature,
+    )  # fmt: skip
     table = Table("time", "kind", "amount", "balance", "feature", "units", "lots", "transaction")
     for t in resp.transactions:
         kind = pb.TransactionKind.Name(t.kind).removeprefix("TRANSACTION_KIND_").lower()
@@ -322,14 +283,9 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     end = datetime.now(UTC)
     start = end - timedelta(days=args.days)
-    req = pb.GetUsageReportRequest(
-        account_id=args.account,
-        feature=args.feature,
-        group_by=pb.USAGE_PERIOD_MONTH if args.by == "month" else pb.USAGE_PERIOD_DAY,
+    resp = _client(args).get_usage_report(
+        start, end, account_id=args.account, group_by=args.by, feature=args.feature
     )
-    req.start_time.FromDatetime(start)
-    req.end_time.FromDatetime(end)
-    resp = Client(args)("GetUsageReport", req)
     table = Table("period", "feature", "credits", "units")
     for row in resp.rows:
         table.add_row(row.period, row.feature, str(row.credits), str(row.units))
@@ -338,7 +294,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_status(args: argparse.Namespace) -> int:
-    resp = Client(args)("GetLedgerStatus", pb.GetLedgerStatusRequest())
+    resp = _client(args).get_ledger_status()
     console.print(
         f"backlog {resp.backlog} (cap {resp.backlog_cap}), flush lag "
         f"{resp.flush_lag.ToMilliseconds()} ms, {resp.events_flushed} events flushed, "
@@ -409,35 +365,27 @@ def cmd_packs_create(args: argparse.Namespace) -> int:
         recurrence=packs_pb2.Recurrence.Value(f"RECURRENCE_{args.recurrence.upper()}"),
         rollover_cap=args.rollover_cap,
     )  # fmt: skip
-    resp = Client(args)(
-        "CreatePack", packs_pb2.CreatePackRequest(pack=pack, request_id=_request_id(args))
-    )
+    resp = _client(args).create_pack(pack, request_id=args.request_id)
     console.print(_pack_table([resp.pack]))
     return 0
 
 
 def cmd_packs_list(args: argparse.Namespace) -> int:
-    resp = Client(args)("ListPacks", packs_pb2.ListPacksRequest(show_archived=args.all))
+    resp = _client(args).list_packs(show_archived=args.all)
     console.print(_pack_table(resp.packs))
     return 0
 
 
 def cmd_packs_delete(args: argparse.Namespace) -> int:
-    resp = Client(args)(
-        "DeletePack",
-        packs_pb2.DeletePackRequest(pack_id=args.pack_id, request_id=_request_id(args)),
-    )
+    resp = _client(args).delete_pack(args.pack_id, request_id=args.request_id)
     console.print(_pack_table([resp.pack]))
     return 0
 
 
 def cmd_buy(args: argparse.Namespace) -> int:
-    resp = Client(args)(
-        "PurchasePack",
-        packs_pb2.PurchasePackRequest(
-            account_id=args.account, pack_id=args.pack_id,
-            payment_reference=args.payment_reference, request_id=_request_id(args),
-        ),
+    resp = _client(args).purchase_pack(
+        args.account, args.pack_id, payment_reference=args.payment_reference,
+        request_id=args.request_id,
     )  # fmt: skip
     console.print(f"{args.account}: balance {resp.balance}")
     console.print(_purchase_table([resp.purchase]))
@@ -445,19 +393,14 @@ def cmd_buy(args: argparse.Namespace) -> int:
 
 
 def cmd_purchases(args: argparse.Namespace) -> int:
-    resp = Client(args)(
-        "ListPurchases", packs_pb2.ListPurchasesRequest(account_id=args.account, page_size=50)
-    )
+    resp = _client(args).list_purchases(args.account, page_size=50)
     console.print(_purchase_table(resp.purchases))
     return 0
 
 
 def cmd_refund(args: argparse.Namespace) -> int:
-    resp = Client(args)(
-        "RefundPurchase",
-        packs_pb2.RefundPurchaseRequest(
-            purchase_id=args.purchase_id, reason=args.reason, request_id=_request_id(args)
-        ),
+    resp = _client(args).refund_purchase(
+        args.purchase_id, reason=args.reason, request_id=args.request_id
     )
     console.print(
         f"refunded {resp.refunded_credits} unspent credits; {resp.spent_credits} were already"
@@ -467,12 +410,7 @@ def cmd_refund(args: argparse.Namespace) -> int:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
-    resp = Client(args)(
-        "Subscribe",
-        packs_pb2.SubscribeRequest(
-            account_id=args.account, pack_id=args.pack_id, request_id=_request_id(args)
-        ),
-    )
+    resp = _client(args).subscribe(args.account, args.pack_id, request_id=args.request_id)
     sub = resp.subscription
     console.print(
         f"subscription {sub.subscription_id}: {sub.credits} credits per period, period ends"
@@ -481,19 +419,13 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_rpc_error(error: grpc.RpcError) -> int:
-    status = rpc_status.from_call(error)
-    code = error.code().name
-    err_console.print(f"creditmeter: {code}: {error.details()}", highlight=False)
-    for detail in status.details if status else []:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            meta = ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
-            err_console.print(f"  reason {info.reason} {meta}", highlight=False)
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            for v in bad.field_violations:
-                err_console.print(f"  {v.field}: {v.description}", highlight=False)
+def _report_error(error: sdk.CreditmeterError) -> int:
+    err_console.print(f"creditmeter: {error.code.name}: {error.message}", highlight=False)
+    if error.reason:
+        meta = ", ".join(f"{k}={v}" for k, v in sorted(error.metadata.items()))
+        err_console.print(f"  reason {error.reason} {meta}", highlight=False)
+    for field, why in error.field_violations.items():
+        err_console.print(f"  {field}: {why}", highlight=False)
     return 1
 
 
@@ -773,8 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except grpc.RpcError as error:
-        return _report_rpc_error(error)
+    except sdk.CreditmeterError as error:
+        return _report_error(error)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,214 @@
+"""Request builders shared by the sync and asyncio clients: plain Python values in,
+protobuf requests out. Neither client builds a request itself, so both send the same."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Literal
+
+from google.protobuf.message import Message
+
+from creditmeter.api.credits.v1 import credits_pb2 as pb
+from creditmeter.api.credits.v1 import packs_pb2
+
+LotSourceName = Literal["purchase", "bonus", "promotion", "trial", "manual", "refund", "rollover"]
+RateUnitName = Literal["count", "time"]
+TransactionKindName = Literal["grant", "consume", "expire", "reset", "refund", "session", "options"]
+TimeoutPolicyName = Literal["charge_quota", "release"]
+
+#: Requests idempotent by the session's id and sequence rather than by a request id.
+_SESSION_KEYED = frozenset(
+    {
+        pb.StartSessionRequest.DESCRIPTOR.full_name,
+        pb.UpdateSessionRequest.DESCRIPTOR.full_name,
+        pb.EndSessionRequest.DESCRIPTOR.full_name,
+    }
+)
+
+
+def with_request_id(request: Message) -> bool:
+    """Give a mutating request a fresh request id if it has none; whether the request is
+    idempotent (carries a key a repeat is recognised by). The caller keeps the request and
+    sends this same id on every retry."""
+    if "request_id" in request.DESCRIPTOR.fields_by_name:
+        if not request.request_id:  # type: ignore[attr-defined]
+            request.request_id = str(uuid.uuid4())  # type: ignore[attr-defined]
+        return True
+    return request.DESCRIPTOR.full_name in _SESSION_KEYED
+
+
+def _seconds(value: timedelta | float) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def grant(
+    account_id: str,
+    amount: int,
+    *,
+    expires_at: datetime | None = None,
+    valid_for: timedelta | float | None = None,
+    priority: int | None = None,
+    source: LotSourceName = "manual",
+    reference: str = "",
+    request_id: str | None = None,
+) -> pb.GrantRequest:
+    req = pb.GrantRequest(
+        account_id=account_id,
+        amount=amount,
+        source=pb.LotSource.Value(f"LOT_SOURCE_{source.upper()}"),
+        reference=reference,
+        request_id=request_id or "",
+    )
+    if priority is not None:
+        req.priority = priority
+    if expires_at is not None:
+        req.expires_at.FromDatetime(expires_at)
+    if valid_for is not None:
+        req.valid_for.FromTimedelta(timedelta(seconds=_seconds(valid_for)))
+    return req
+
+
+def consume(
+    account_id: str,
+    feature: str,
+    *,
+    quantity: int | None = None,
+    amount: int | None = None,
+    request_id: str | None = None,
+) -> pb.ConsumeRequest:
+    req = pb.ConsumeRequest(account_id=account_id, feature=feature, request_id=request_id or "")
+    if quantity is not None:
+        req.quantity = quantity
+    if amount is not None:
+        req.amount = amount
+    return req
+
+
+def set_balance(
+    account_id: str, amount: int, *, reset: bool, reference: str, request_id: str | None
+) -> pb.SetBalanceRequest:
+    return pb.SetBalanceRequest(
+        account_id=account_id,
+        amount=amount,
+        reset=reset,
+        reference=reference,
+        request_id=request_id or "",
+    )
+
+
+def set_rate(
+    feature: str,
+    credits_per_unit: int,
+    *,
+    unit: RateUnitName | None,
+    billing_increment: timedelta | float | None,
+    request_id: str | None,
+) -> pb.SetRateRequest:
+    rate = pb.Rate(feature=feature, credits_per_unit=credits_per_unit)
+    if unit is not None:
+        rate.unit = pb.RateUnit.Value(f"RATE_UNIT_{unit.upper()}")
+    if billing_increment is not None:
+        rate.billing_increment.FromTimedelta(timedelta(seconds=_seconds(billing_increment)))
+    return pb.SetRateRequest(rate=rate, request_id=request_id or "")
+
+
+def set_account_options(
+    account_id: str, *, unlimited: bool | None, request_id: str | None
+) -> pb.SetAccountOptionsRequest:
+    req = pb.SetAccountOptionsRequest(account_id=account_id, request_id=request_id or "")
+    if unlimited is not None:
+        req.unlimited = unlimited
+    return req
+
+
+def list_transactions(
+    account_id: str,
+    *,
+    page_size: int,
+    page_token: str,
+    kinds: Iterable[TransactionKindName],
+    features: Iterable[str],
+    start_time: datetime | None,
+    end_time: datetime | None,
+) -> pb.ListTransactionsRequest:
+    req = pb.ListTransactionsRequest(
+        account_id=account_id, page_size=page_size, page_token=page_token
+    )
+    req.filter.kinds.extend(
+        pb.TransactionKind.Value(f"TRANSACTION_KIND_{k.upper()}") for k in kinds
+    )
+    req.filter.features.extend(features)
+    if start_time is not None:
+        req.filter.start_time.FromDatetime(start_time)
+    if end_time is not None:
+        req.filter.end_time.FromDatetime(end_time)
+    return req
+
+
+def usage_report(
+    start_time: datetime,
+    end_time: datetime,
+    *,
+    account_id: str,
+    group_by: Literal["day", "month"],
+    feature: str,
+) -> pb.GetUsageReportRequest:
+    req = pb.GetUsageReportRequest(
+        account_id=account_id,
+        feature=feature,
+        group_by=pb.USAGE_PERIOD_MONTH if group_by == "month" else pb.USAGE_PERIOD_DAY,
+    )
+    req.start_time.FromDatetime(start_time)
+    req.end_time.FromDatetime(end_time)
+    return req
+
+
+def start_session(
+    account_id: str,
+    feature: str,
+    session_id: str,
+    *,
+    requested_seconds: int | None,
+    timeout_policy: TimeoutPolicyName | None,
+) -> pb.StartSessionRequest:
+    req = pb.StartSessionRequest(account_id=account_id, feature=feature, session_id=session_id)
+    if requested_seconds is not None:
+        req.requested_seconds = requested_seconds
+    if timeout_policy is not None:
+        req.timeout_policy = pb.SessionTimeoutPolicy.Value(
+            f"SESSION_TIMEOUT_POLICY_{timeout_policy.upper()}"
+        )
+    return req
+
+
+def update_session(
+    account_id: str,
+    session_id: str,
+    sequence: int,
+    used_seconds: int,
+    *,
+    requested_seconds: int | None,
+) -> pb.UpdateSessionRequest:
+    req = pb.UpdateSessionRequest(
+        account_id=account_id, session_id=session_id, sequence=sequence, used_seconds=used_seconds
+    )
+    if requested_seconds is not None:
+        req.requested_seconds = requested_seconds
+    return req
+
+
+def list_purchases(
+    account_id: str,
+    *,
+    status: Literal["pending", "completed", "cancelled", "expired", "refunded"] | None,
+    page_size: int,
+    page_token: str,
+) -> packs_pb2.ListPurchasesRequest:
+    req = packs_pb2.ListPurchasesRequest(
+        account_id=account_id, page_size=page_size, page_token=page_token
+    )
+    if status is not None:
+        req.status = packs_pb2.PurchaseStatus.Value(f"PURCHASE_STATUS_{status.upper()}")
+    return req
