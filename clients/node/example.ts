@@ -15,6 +15,7 @@ import {
   TransactionKind,
   type Transaction,
 } from "./gen/credits/v1/credits_pb.js";
+import { ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
 
 const server = process.env.CREDITMETER_SERVER ?? "127.0.0.1:50051";
 const apiKey = process.env.CREDITMETER_API_KEY;
@@ -39,6 +40,11 @@ const transport = createGrpcTransport({
 const credits = createClient(Credits, transport);
 
 const account = `example-${randomUUID().slice(0, 8)}`;
+
+// The reason of the google.rpc.ErrorInfo the server attaches to every error (AIP-193).
+function reason(e: ConnectError): string {
+  return e.findDetails(ErrorInfoSchema)[0]?.reason ?? "";
+}
 
 // History comes from the durable ledger, which trails the balance by the flush lag
 // (normally well under a second): poll briefly until the consume shows up.
@@ -117,7 +123,8 @@ async function main(): Promise<void> {
       `(transaction ${consumed.transactionId}): balance ${consumed.balance}`,
   );
 
-  // An all-or-nothing charge larger than the balance fails with FAILED_PRECONDITION.
+  // An all-or-nothing charge larger than the balance fails with FAILED_PRECONDITION and
+  // reason INSUFFICIENT_CREDITS.
   try {
     await credits.consume({
       accountId: account,
@@ -128,8 +135,8 @@ async function main(): Promise<void> {
     throw new Error("an overdraft was accepted");
   } catch (err) {
     const e = ConnectError.from(err);
-    if (e.code !== Code.FailedPrecondition) throw err;
-    console.log(`overdraft refused: ${Code[e.code]} (${e.rawMessage})`);
+    if (e.code !== Code.FailedPrecondition || reason(e) !== "INSUFFICIENT_CREDITS") throw err;
+    console.log(`overdraft refused: ${Code[e.code]}, reason ${reason(e)}`);
   }
 
   const transactions = await history(2);
@@ -154,6 +161,6 @@ async function main(): Promise<void> {
 
 main().catch((err: unknown) => {
   const e = ConnectError.from(err);
-  console.error(`node example FAILED: ${Code[e.code]}: ${e.rawMessage}`);
+  console.error(`node example FAILED: ${Code[e.code]}: ${e.rawMessage} ${reason(e)}`);
   process.exit(1);
 });
