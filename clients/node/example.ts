@@ -1,0 +1,166 @@
+// creditmeter from TypeScript: grant credits, consume a text message, read the account's
+// history, and meter a voice call (StartSession -> UpdateSession -> EndSession).
+//
+//   CREDITMETER_SERVER=127.0.0.1:50051 CREDITMETER_API_KEY=cm_... npx tsx example.ts
+//
+// The key must be an admin key (Grant needs one). Exits 0 when every call behaved as the
+// API documents; a call session on a server without the session RPCs is reported as
+// such (UNIMPLEMENTED) and does not fail the run.
+import { randomUUID } from "node:crypto";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import {
+  Credits,
+  TransactionKind,
+  type Transaction,
+} from "./gen/credits/v1/credits_pb.js";
+import { ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
+
+const server = process.env.CREDITMETER_SERVER ?? "127.0.0.1:50051";
+const apiKey = process.env.CREDITMETER_API_KEY;
+if (!apiKey) {
+  console.error("set CREDITMETER_API_KEY to an admin key (creditmeter keys create --role admin)");
+  process.exit(2);
+}
+
+// Every RPC carries the key as `authorization: Bearer <key>` metadata.
+const withApiKey: Interceptor = (next) => async (req) => {
+  req.header.set("authorization", `Bearer ${apiKey}`);
+  return next(req);
+};
+
+// The server speaks gRPC over plaintext HTTP/2 (put TLS in front of it in production
+// and use an https:// base URL here).
+const transport = createGrpcTransport({
+  baseUrl: server.includes("://") ? server : `http://${server}`,
+  interceptors: [withApiKey],
+  defaultTimeoutMs: 10_000,
+});
+const credits = createClient(Credits, transport);
+
+const account = `example-${randomUUID().slice(0, 8)}`;
+
+// The reason of the google.rpc.ErrorInfo the server attaches to every error (AIP-193).
+function reason(e: ConnectError): string {
+  return e.findDetails(ErrorInfoSchema)[0]?.reason ?? "";
+}
+
+// History comes from the durable ledger, which trails the balance by the flush lag
+// (normally well under a second): poll briefly until the consume shows up.
+async function history(expected: number): Promise<Transaction[]> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const page = await credits.listTransactions({ accountId: account, pageSize: 10 });
+    if (page.transactions.length >= expected || Date.now() > deadline) {
+      return page.transactions;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+}
+
+async function meterVoiceCall(): Promise<void> {
+  const sessionId = `call-${randomUUID()}`;
+  try {
+    const started = await credits.startSession({
+      accountId: account,
+      feature: "voice",
+      sessionId,
+      requestedSeconds: 60n,
+    });
+    console.log(
+      `voice session ${sessionId} started: ${started.grantedSeconds}s granted, ` +
+        `balance ${started.balance}`,
+    );
+    const updated = await credits.updateSession({
+      accountId: account,
+      sessionId,
+      sequence: 1n,
+      usedSeconds: 45n,
+    });
+    console.log(
+      `voice session updated: charged ${updated.chargedAmount}, ` +
+        `${updated.grantedSeconds}s granted, balance ${updated.balance}`,
+    );
+    const ended = await credits.endSession({
+      accountId: account,
+      sessionId,
+      sequence: 2n,
+      usedSeconds: 20n,
+    });
+    console.log(
+      `voice session ended: charged ${ended.chargedAmount}, released ` +
+        `${ended.releasedAmount}, total charged ${ended.session?.chargedAmount}, ` +
+        `balance ${ended.balance}`,
+    );
+  } catch (err) {
+    const e = ConnectError.from(err);
+    if (e.code === Code.Unimplemented) {
+      // The session RPCs are in the API before every server version implements them.
+      console.log(`voice session: UNIMPLEMENTED by this server (${e.rawMessage})`);
+      return;
+    }
+    throw err;
+  }
+}
+
+async function main(): Promise<void> {
+  const granted = await credits.grant({
+    accountId: account,
+    amount: 1000n,
+    requestId: randomUUID(),
+  });
+  console.log(`granted ${granted.lot?.amount} credits to ${account}: balance ${granted.balance}`);
+
+  const consumed = await credits.consume({
+    accountId: account,
+    feature: "text",
+    quantity: 1n,
+    requestId: randomUUID(),
+  });
+  console.log(
+    `consumed ${consumed.amount} credits for ${consumed.units} text message(s) ` +
+      `(transaction ${consumed.transactionId}): balance ${consumed.balance}`,
+  );
+
+  // An all-or-nothing charge larger than the balance fails with FAILED_PRECONDITION and
+  // reason INSUFFICIENT_CREDITS.
+  try {
+    await credits.consume({
+      accountId: account,
+      feature: "text",
+      amount: 1_000_000n,
+      requestId: randomUUID(),
+    });
+    throw new Error("an overdraft was accepted");
+  } catch (err) {
+    const e = ConnectError.from(err);
+    if (e.code !== Code.FailedPrecondition || reason(e) !== "INSUFFICIENT_CREDITS") throw err;
+    console.log(`overdraft refused: ${Code[e.code]}, reason ${reason(e)}`);
+  }
+
+  const transactions = await history(2);
+  console.log(`history of ${account}, newest first:`);
+  for (const t of transactions) {
+    const when = t.createTime ? timestampDate(t.createTime).toISOString() : "?";
+    console.log(
+      `  ${when} ${TransactionKind[t.kind]} ${t.feature || "-"} ` +
+        `amount ${t.amount} balance ${t.balance}`,
+    );
+  }
+  if (!transactions.some((t) => t.transactionId === consumed.transactionId)) {
+    throw new Error(`the consume ${consumed.transactionId} is missing from the history`);
+  }
+
+  await meterVoiceCall();
+
+  const balance = await credits.getBalance({ accountId: account });
+  console.log(`final balance of ${account}: ${balance.balance}`);
+  console.log("node example: OK");
+}
+
+main().catch((err: unknown) => {
+  const e = ConnectError.from(err);
+  console.error(`node example FAILED: ${Code[e.code]}: ${e.rawMessage} ${reason(e)}`);
+  process.exit(1);
+});
