@@ -4,8 +4,7 @@
 //   CREDITMETER_SERVER=127.0.0.1:50051 CREDITMETER_API_KEY=cm_... npx tsx example.ts
 //
 // The key must be an admin key (Grant needs one). Exits 0 when every call behaved as the
-// API documents; a call session on a server without the session RPCs is reported as
-// such (UNIMPLEMENTED) and does not fail the run.
+// API documents.
 import { randomUUID } from "node:crypto";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
@@ -94,13 +93,7 @@ async function meterVoiceCall(): Promise<void> {
         `balance ${ended.balance}`,
     );
   } catch (err) {
-    const e = ConnectError.from(err);
-    if (e.code === Code.Unimplemented) {
-      // The session RPCs are in the API before every server version implements them.
-      console.log(`voice session: UNIMPLEMENTED by this server (${e.rawMessage})`);
-      return;
-    }
-    throw err;
+    throw new Error(`voice session: ${ConnectError.from(err).message}`);
   }
 }
 

@@ -5,8 +5,7 @@
 //	CREDITMETER_SERVER=127.0.0.1:50051 CREDITMETER_API_KEY=cm_... ./example
 //
 // The key must be an admin key (Grant needs one). Exits 0 when every call behaved as the
-// API documents; a call session on a server without the session RPCs is reported as such
-// (UNIMPLEMENTED) and does not fail the run.
+// API documents.
 package main
 
 import (
@@ -173,11 +172,6 @@ func meterVoiceCall(ctx context.Context, credits creditsv1.CreditsClient, accoun
 			ended.GetChargedAmount(), ended.GetReleasedAmount(), ended.GetSession().GetChargedAmount(), ended.GetBalance())
 		return nil
 	}()
-	if status.Code(err) == codes.Unimplemented {
-		// The session RPCs are in the API before every server version implements them.
-		fmt.Printf("voice session: UNIMPLEMENTED by this server (%s)\n", status.Convert(err).Message())
-		return nil
-	}
 	if err != nil {
 		return fmt.Errorf("voice session: %w", err)
 	}
