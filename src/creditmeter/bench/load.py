@@ -74,6 +74,7 @@ class WorkerResult:
     calls: int = 0
     deductions: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    error_details: dict[str, str] = field(default_factory=dict)
     histogram: bytes = b""
     elapsed_s: float = 0.0
 
@@ -84,6 +85,8 @@ class _Stats:
         self.calls = 0
         self.deductions = 0
         self.errors: Counter[str] = Counter()
+        #: The message of the first error of each status, to tell what went wrong.
+        self.details: dict[str, str] = {}
         self.stop = False
         self._counter = counter
         self._index = index
@@ -98,6 +101,7 @@ class _Stats:
     def failed(self, error: grpc.aio.AioRpcError) -> None:
         code = error.code()
         self.errors[code.name] += 1
+        self.details.setdefault(code.name, str(error.details())[:300])
         if code == grpc.StatusCode.UNIMPLEMENTED:
             self.stop = True
 
@@ -238,6 +242,31 @@ class _Load:
         window = asyncio.Semaphore(self.spec.batch_size)
         sent: deque[float] = deque()
 
+        def outcome(reply: pb.MeterResponse) -> None:
+            started = sent.popleft()
+            window.release()
+            if reply.result.WhichOneof("outcome") == "response":
+                self.stats.ok(started, 1)
+            else:
+                self.stats.item_failed(reply.result)
+
+        # The first request alone, read before anything else is in flight: a stream the
+        # server refuses (UNIMPLEMENTED, UNAUTHENTICATED) then mostly fails with that
+        # status. Not always: a write racing the server's end of the stream fails the call
+        # with a bare INTERNAL "Internal error from Core" in the client.
+        try:
+            await window.acquire()
+            sent.append(time.perf_counter())
+            await call.write(pb.MeterRequest(consume=self._consume_request()))
+            first = await call.read()
+        except grpc.aio.AioRpcError as error:
+            self.stats.failed(error)
+            return
+        if first is grpc.aio.EOF:
+            self.stats.errors["stream ended early"] += 1
+            return
+        outcome(first)
+
         async def write() -> None:
             while time.perf_counter() < deadline and not self.stats.stop:
                 await window.acquire()
@@ -247,28 +276,21 @@ class _Load:
 
         async def read() -> None:
             async for reply in call:
-                started = sent.popleft()
-                window.release()
-                if reply.result.WhichOneof("outcome") == "response":
-                    self.stats.ok(started, 1)
-                else:
-                    self.stats.item_failed(reply.result)
+                outcome(reply)
 
-        tasks = [asyncio.ensure_future(write()), asyncio.ensure_future(read())]
-        try:
-            await asyncio.gather(*tasks)
-        except grpc.aio.AioRpcError as error:
-            self.stats.failed(error)
-        except asyncio.InvalidStateError:
-            # A write after the server ended the stream: its status is what counts.
-            code = await call.code()
-            if code != grpc.StatusCode.OK:
-                self.stats.errors[code.name] += 1
-                self.stats.stop = self.stats.stop or code == grpc.StatusCode.UNIMPLEMENTED
-        finally:
-            for task in tasks:
-                task.cancel()
+        writer, reader = asyncio.ensure_future(write()), asyncio.ensure_future(read())
+        await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_EXCEPTION)
+        if not reader.done():
+            # The writer failed; the reader ends with the call's status.
+            await asyncio.wait({reader}, timeout=BENCH_CALL_TIMEOUT_S)
+        if not reader.done():
             call.cancel()
+        writer.cancel()
+        read_error, write_error = await asyncio.gather(reader, writer, return_exceptions=True)
+        for error in (read_error, write_error):
+            if isinstance(error, grpc.aio.AioRpcError):
+                self.stats.failed(error)
+                break
 
 
 def _operation(load: _Load, scenario: str) -> Callable[[float | None], Awaitable[None]]:
@@ -334,6 +356,7 @@ async def _run(spec: LoadSpec, index: int, counter: Any, barrier: Any) -> Worker
         calls=stats.calls,
         deductions=stats.deductions,
         errors=stats.errors,
+        error_details=stats.details,
         histogram=stats.histogram.encode(),
         elapsed_s=elapsed,
     )

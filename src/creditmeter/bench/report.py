@@ -4,6 +4,7 @@ ceilings, the targets with an honest met/missed, the JSON file and the latency p
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime
 from pathlib import Path
@@ -198,6 +199,7 @@ def write(figures: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 def _plot(figures: dict[str, Any], path: Path) -> None:
     import matplotlib
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font cache chatter
     matplotlib.use("Agg")  # no display: write a file
     import matplotlib.pyplot as plt
 

@@ -16,6 +16,7 @@ import io
 import queue
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -274,11 +275,13 @@ def _summarise(
 ) -> dict[str, Any]:
     histogram = new_histogram()
     errors: Counter[str] = Counter()
+    details: dict[str, str] = {}
     crashes = [r for r in results.values() if isinstance(r, str)]
     done = [r for r in results.values() if isinstance(r, WorkerResult)]
     for r in done:
         histogram.add(HdrHistogram.decode(r.histogram))
         errors.update(r.errors)
+        details.update(r.error_details)
     elapsed = max((r.elapsed_s for r in done), default=0.0)
     calls = sum(r.calls for r in done)
     deductions = sum(r.deductions for r in done)
@@ -303,6 +306,7 @@ def _summarise(
         "deductions": deductions,
         "deductions_per_s": deductions / elapsed if elapsed else 0.0,
         "errors": dict(errors),
+        "error_details": details,
         "latency_ms": _latency(histogram),
     }
     if crashes:
@@ -414,7 +418,8 @@ def redis_ceiling(target: Target, account: str, opts: Options, console: Console)
 
 # --- the run ---------------------------------------------------------------------------
 def run(opts: Options) -> int:
-    console = Console()
+    # Piped output keeps the table whole rather than folded at 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     selected = [s for s in SCENARIOS if s in opts.scenarios]
     results: dict[str, Any] = {}
     started_at = datetime.now(UTC)
