@@ -223,7 +223,10 @@ def run_load(
         t0 = time.monotonic()
         while barrier.n_waiting < spec.processes:
             if not all(p.is_alive() for p in procs) or not out.empty():
-                break  # a process failed before starting: its message is in the queue
+                # A process failed before starting (its message is in the queue): release
+                # the others from the barrier rather than leave them waiting.
+                barrier.abort()
+                break
             if time.monotonic() - t0 > PROCESS_START_TIMEOUT_S:
                 raise RuntimeError(f"{label}: load processes did not start in time")
             time.sleep(0.02)
