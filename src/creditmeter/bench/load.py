@@ -287,9 +287,9 @@ class _Load:
             call.cancel()
         writer.cancel()
         read_error, write_error = await asyncio.gather(reader, writer, return_exceptions=True)
-        for error in (read_error, write_error):
-            if isinstance(error, grpc.aio.AioRpcError):
-                self.stats.failed(error)
+        for ended in (read_error, write_error):
+            if isinstance(ended, grpc.aio.AioRpcError):
+                self.stats.failed(ended)
                 break
 
 
