@@ -275,7 +275,8 @@ class _Load:
             await call.done_writing()
 
         async def read() -> None:
-            async for reply in call:
+            # read(), not `async for`: grpc.aio refuses a mix of the two on one call.
+            while (reply := await call.read()) is not grpc.aio.EOF:
                 outcome(reply)
 
         writer, reader = asyncio.ensure_future(write()), asyncio.ensure_future(read())
@@ -290,6 +291,11 @@ class _Load:
         for ended in (read_error, write_error):
             if isinstance(ended, grpc.aio.AioRpcError):
                 self.stats.failed(ended)
+                break
+            if isinstance(ended, Exception) and not isinstance(ended, asyncio.CancelledError):
+                # Not a status: a bug of the bench or the stream; counted, never hidden.
+                self.stats.errors[type(ended).__name__] += 1
+                self.stats.details.setdefault(type(ended).__name__, str(ended)[:300])
                 break
 
 

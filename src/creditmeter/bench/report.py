@@ -148,7 +148,9 @@ def show(figures: dict[str, Any], console: Console) -> None:
                               f"{v['rps']:,.0f}", f"{v['rps']:,.0f}", f"{v['p50_ms']:.2f}",
                               "-", f"{v['p99_ms']:.2f}", "", "", "")  # fmt: skip
             if r["status"] != "ok":
-                table.add_row("redis EVALSHA", r["status"], *["-"] * 6, r.get("reason", ""), "")
+                table.add_row(
+                    "redis EVALSHA", r["status"], *["-"] * 5, r.get("reason", ""), "-", ""
+                )
             continue
         latency = r.get("latency_ms", {})
         ledger = r.get("ledger", {})
