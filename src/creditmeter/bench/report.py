@@ -143,10 +143,11 @@ def show(figures: dict[str, Any], console: Console) -> None:
         table.add_column(column, justify="left" if column in ("scenario", "errors") else "right")
     for name, r in figures["scenarios"].items():
         if name == "redis":
+            drained = str(r.get("ledger", {}).get("drained", "-"))
             for v in r.get("variants", []):
                 table.add_row(f"redis EVALSHA -P {v['pipeline']}", r["status"],
                               f"{v['rps']:,.0f}", f"{v['rps']:,.0f}", f"{v['p50_ms']:.2f}",
-                              "-", f"{v['p99_ms']:.2f}", "", "", "")  # fmt: skip
+                              "-", f"{v['p99_ms']:.2f}", "", "-", drained)  # fmt: skip
             if r["status"] != "ok":
                 table.add_row(
                     "redis EVALSHA", r["status"], *["-"] * 5, r.get("reason", ""), "-", ""
@@ -208,7 +209,7 @@ def _plot(figures: dict[str, Any], path: Path) -> None:
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5))
     names, rates = [], []
     for name, r in figures["scenarios"].items():
-        curve = r.get("latency_ms", {}).get("curve")
+        curve = r.get("latency_ms", {}).get("curve") if r.get("status") == "ok" else None
         if curve:
             # x: 1 / (1 - percentile), so the tail (99, 99.9, 99.99) spreads out evenly.
             xs = [1 / (1 - p / 100) if p < 100 else 1e6 for p, _ in curve]
@@ -222,8 +223,8 @@ def _plot(figures: dict[str, Any], path: Path) -> None:
             rates.append(r["deductions_per_s"] if name != "empty" else r["calls_per_s"])
     curves.set_xscale("log")
     curves.set_yscale("log")
-    ticks = [1, 2, 10, 100, 1000, 10000, 100000]
-    curves.set_xticks(ticks, ["0", "50", "90", "99", "99.9", "99.99", "99.999"])
+    ticks = [2, 10, 100, 1000, 10000, 100000]
+    curves.set_xticks(ticks, ["50", "90", "99", "99.9", "99.99", "99.999"])
     curves.set_xlabel("percentile")
     curves.set_ylabel("latency (ms)")
     curves.set_title("latency by percentile")
