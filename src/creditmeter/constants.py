@@ -129,3 +129,42 @@ SESSION_REPORT_MARGIN_S = 5.0
 SESSION_REPORT_MARGIN_FRACTION = 0.2
 #: Never report more often than this, whatever the server's clock says.
 SESSION_MIN_REPORT_INTERVAL_S = 0.5
+
+# --- benchmark (creditmeter bench) --------------------------------------------------
+BENCH_DURATION_S = 10.0
+#: Calls in flight per load process (closed loop: each waits for its answer).
+BENCH_CONCURRENCY = 64
+BENCH_CHANNELS_PER_PROCESS = 1
+#: Accounts the load spreads over, each granted BENCH_GRANT credits first.
+BENCH_ACCOUNTS = 200
+BENCH_GRANT = 10**12
+#: Items per ConsumeBatch call, and requests in flight per Meter stream.
+BENCH_BATCH_SIZE = 100
+#: Share of `mixed` iterations that are a text Consume; the rest are a voice session cycle.
+BENCH_MIXED_TEXT_SHARE = 0.9
+BENCH_SESSION_SECONDS = 60
+BENCH_CALL_TIMEOUT_S = 10.0
+#: GetLedgerStatus sampling period while load runs (flush lag percentiles come from it).
+BENCH_LEDGER_SAMPLE_S = 0.1
+#: How long the backlog may take to reach 0 after the load stops.
+BENCH_DRAIN_TIMEOUT_S = 30.0
+#: Open-loop rate of the latency-at-load run, as a share of the measured closed-loop maximum.
+BENCH_LATENCY_LOAD_SHARE = 0.5
+#: redis-benchmark: connections, pipelining depths, and the idempotency TTL of its records
+#: (short, so the records of millions of EVALSHAs do not stay in Redis for 24 hours).
+BENCH_REDIS_CLIENTS = 50
+BENCH_REDIS_PIPELINES = (1, 16, 64)
+BENCH_REDIS_IDEM_TTL_S = 30
+#: redis-benchmark's -r is an int: random fields range below this.
+BENCH_REDIS_KEYSPACE = 2_000_000_000
+BENCH_REDIS_CALIBRATION_CALLS = 20_000
+BENCH_OUT_DIR = "./bench-results"
+#: Latency histograms: 1 us to 60 s at 3 significant digits.
+BENCH_HISTOGRAM_MAX_US = 60_000_000
+BENCH_HISTOGRAM_DIGITS = 3
+# Targets printed beside the figures.
+TARGET_UNARY_SHARE_OF_EMPTY = 0.8
+TARGET_BULK_DEDUCTIONS_PER_S = 100_000
+TARGET_BULK_SUSTAINED_S = 60.0
+TARGET_FLUSH_LAG_P99_MS = 1000.0
+TARGET_LATENCY_AT_LOAD_P99_MS = 5.0

@@ -29,9 +29,10 @@ from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
 from creditmeter.transport.admin import open_stores
 
 ACCOUNTS = 200
+LEDGER_BENCH_BACKLOG_CAP = 100_000_000
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -68,11 +69,25 @@ def _run_consumer(args: tuple[str, str, float, int], out: Any) -> None:
 
 
 class Server:
-    def __init__(self, data: Path, ledger_url: str | None, flusher: bool) -> None:
-        self.port = _free_port()
+    """A `creditmeter serve` child in its own process group (with its embedded Redis).
+
+    `backlog_cap` None keeps the server's default; the ledger bench raises it so that a
+    slow ledger shows as lag rather than as refused calls.
+    """
+
+    def __init__(
+        self,
+        data: Path,
+        ledger_url: str | None,
+        flusher: bool,
+        backlog_cap: int | None = LEDGER_BENCH_BACKLOG_CAP,
+    ) -> None:
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "creditmeter", "serve", "--listen", self.address,
-               "--data-dir", str(data), "--backlog-cap", "100000000"]  # fmt: skip
+               "--data-dir", str(data)]  # fmt: skip
+        if backlog_cap is not None:
+            cmd += ["--backlog-cap", str(backlog_cap)]
         if ledger_url:
             cmd += ["--ledger-url", ledger_url]
         if not flusher:
@@ -89,9 +104,10 @@ class Server:
         self.proc.wait(60)
 
 
-def _key(data: Path) -> str:
+def create_admin_key(data: Path, tenant: str = "bench") -> str:
+    """An admin key of `tenant`, written to the config store of `data`."""
     out = subprocess.run(
-        [sys.executable, "-m", "creditmeter", "keys", "create", "--tenant", "bench",
+        [sys.executable, "-m", "creditmeter", "keys", "create", "--tenant", tenant,
          "--role", "admin", "--data-dir", str(data)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -122,7 +138,7 @@ def run(seconds: float, processes: int, concurrency: int, ledger_url: str | None
     with tempfile.TemporaryDirectory(prefix="cm-bench-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
-        key = _key(data)
+        key = create_admin_key(data)
         server = Server(data, ledger_url, flusher=True)
         md = (("authorization", f"Bearer {key}"),)
         channel = grpc.insecure_channel(server.address)

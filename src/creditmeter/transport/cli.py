@@ -21,6 +21,14 @@ from creditmeter import client as sdk
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import packs_pb2
 from creditmeter.constants import (
+    BENCH_ACCOUNTS,
+    BENCH_BATCH_SIZE,
+    BENCH_CHANNELS_PER_PROCESS,
+    BENCH_CONCURRENCY,
+    BENCH_DRAIN_TIMEOUT_S,
+    BENCH_DURATION_S,
+    BENCH_OUT_DIR,
+    BENCH_REDIS_CLIENTS,
     CONFIG_DB_NAME,
     DEFAULT_BACKLOG_CAP,
     DEFAULT_DATA_DIR,
@@ -307,6 +315,28 @@ def cmd_bench_ledger(args: argparse.Namespace) -> int:
     from creditmeter.bench.ledger import run
 
     return run(args.seconds, args.processes, args.concurrency, args.ledger_url, args.json)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from creditmeter.bench.runner import SCENARIOS, Options, run
+
+    options = Options(
+        server=args.server,
+        api_key=args.api_key,
+        redis_url=args.redis_url,
+        tenant=args.tenant,
+        scenarios=tuple(args.scenario or SCENARIOS),
+        processes=args.processes,
+        concurrency=args.concurrency,
+        channels=args.channels,
+        duration_s=args.duration,
+        batch_size=args.batch_size,
+        accounts=args.accounts,
+        redis_clients=args.redis_clients,
+        drain_timeout_s=args.drain_timeout,
+        out_dir=Path(args.out),
+    )
+    return run(options)
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
@@ -618,6 +648,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this file")
     _ledger_flag(p)
     p.set_defaults(func=cmd_bench_ledger)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure throughput and latency against the ceilings (needs the bench extra)",
+        description="Without --server: starts its own server on the embedded default in a "
+        "temporary data directory. With --server: drives it (--api-key must be an admin key).",
+    )
+    p.add_argument("--server", default=None, help="drive this server (default: start one)")
+    p.add_argument("--api-key", default=None, help="an admin key of --server")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=["empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "redis"],
+        help="repeatable; default all. empty and redis are the ceilings, latency is Consume "
+        "open-loop at half the measured maximum",
+    )
+    p.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="load processes")
+    p.add_argument(
+        "--concurrency", type=int, default=BENCH_CONCURRENCY, help="calls in flight per process"
+    )
+    p.add_argument("--channels", type=int, default=BENCH_CHANNELS_PER_PROCESS,
+                   help="gRPC channels per process")  # fmt: skip
+    p.add_argument("--duration", type=float, default=BENCH_DURATION_S, help="seconds per scenario")
+    p.add_argument("--batch-size", type=int, default=BENCH_BATCH_SIZE,
+                   help="items per ConsumeBatch, requests in flight per Meter stream")  # fmt: skip
+    p.add_argument("--accounts", type=int, default=BENCH_ACCOUNTS)
+    p.add_argument("--redis-url", default=None,
+                   help="with --server: its Redis, for the redis-benchmark ceiling")  # fmt: skip
+    p.add_argument("--tenant", default=None, help="with --server: the tenant of --api-key")
+    p.add_argument("--redis-clients", type=int, default=BENCH_REDIS_CLIENTS,
+                   help="redis-benchmark connections")  # fmt: skip
+    p.add_argument("--drain-timeout", type=float, default=BENCH_DRAIN_TIMEOUT_S,
+                   help="seconds the ledger backlog may take to reach 0 after load")  # fmt: skip
+    p.add_argument("--out", default=BENCH_OUT_DIR, help="where the JSON and the plot go")
+    p.set_defaults(func=cmd_bench)
 
     packs = sub.add_parser("packs", help="the packs for sale").add_subparsers(
         dest="packs", required=True

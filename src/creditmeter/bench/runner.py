@@ -1,0 +1,491 @@
+"""`creditmeter bench`: throughput and latency of the metering RPCs, side by side with the
+ceilings measured in the same run (an empty grpc.aio call, and redis-benchmark running the
+consume script itself), the flush lag of the ledger under load, and unary latency at half
+the measured maximum.
+
+Against `--server` it drives that server (the key must be an admin key: it grants the
+bench accounts and reads GetLedgerStatus); without it, it starts `creditmeter serve` on
+the embedded default in a temporary data directory and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import grpc
+import redis
+from hdrh.histogram import HdrHistogram
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from creditmeter.api.credits.v1 import credits_pb2 as pb
+from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
+from creditmeter.bench import report
+from creditmeter.bench.ledger import Server, create_admin_key
+from creditmeter.bench.load import (
+    LoadSpec,
+    WorkerResult,
+    empty_server_main,
+    new_histogram,
+    spawn_context,
+    worker_main,
+)
+from creditmeter.constants import (
+    BENCH_GRANT,
+    BENCH_LATENCY_LOAD_SHARE,
+    BENCH_LEDGER_SAMPLE_S,
+    BENCH_REDIS_CALIBRATION_CALLS,
+    BENCH_REDIS_IDEM_TTL_S,
+    BENCH_REDIS_KEYSPACE,
+    BENCH_REDIS_PIPELINES,
+    IDEMPOTENCY_TTL_S,
+)
+from creditmeter.storage import scripts
+from creditmeter.storage.embedded_redis import endpoint_file
+from creditmeter.storage.redis_store import AccountKeys
+
+#: Every scenario in the order a full run takes them (the empty ceiling first, the Redis
+#: ceiling last: its millions of outbox entries must not weigh on the others).
+SCENARIOS = ("empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "redis")
+#: Scenarios whose events go through the ledger: their flush lag and drain are reported.
+LEDGER_SCENARIOS = ("consume", "batch", "meter", "sessions", "mixed", "latency")
+#: Startup of the load processes (spawn, imports, connecting) may take this long.
+PROCESS_START_TIMEOUT_S = 120.0
+EMPTY_SERVER_START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Options:
+    server: str | None
+    api_key: str | None
+    redis_url: str | None
+    tenant: str | None
+    scenarios: tuple[str, ...]
+    processes: int
+    concurrency: int
+    channels: int
+    duration_s: float
+    batch_size: int
+    accounts: int
+    redis_clients: int
+    drain_timeout_s: float
+    out_dir: Path
+
+
+@dataclass(frozen=True)
+class Target:
+    """The server under test, and what is known of it."""
+
+    address: str
+    api_key: str
+    embedded: bool
+    #: The key's tenant and the server's Redis, needed only by the Redis ceiling.
+    tenant: str | None
+    redis_url: str | None
+
+
+@contextlib.contextmanager
+def _target(opts: Options, console: Console) -> Iterator[Target]:
+    if opts.server:
+        if not opts.api_key:
+            raise SystemExit("creditmeter bench: --server needs --api-key (an admin key)")
+        yield Target(opts.server, opts.api_key, False, opts.tenant, opts.redis_url)
+        return
+    with tempfile.TemporaryDirectory(prefix="cm-bench-") as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        key = create_admin_key(data)
+        console.print(f"starting creditmeter serve (embedded Redis, SQLite ledger) in {data}")
+        server = Server(data, None, flusher=True, backlog_cap=None)
+        try:
+            url = endpoint_file(data).read_text().strip()
+            yield Target(server.address, key, True, "bench", url)
+        finally:
+            server.stop()
+
+
+class _Ledger:
+    """GetLedgerStatus through its own channel; off when the key may not call it."""
+
+    def __init__(self, target: Target) -> None:
+        self.channel = grpc.insecure_channel(target.address)
+        self.stub = pb_grpc.CreditsStub(self.channel)
+        self.md = (("authorization", f"Bearer {target.api_key}"),)
+        self.available = True
+
+    def sample(self) -> tuple[int, int] | None:
+        """(backlog, flush lag in ms), or None when unavailable."""
+        if not self.available:
+            return None
+        try:
+            status = self.stub.GetLedgerStatus(
+                pb.GetLedgerStatusRequest(), metadata=self.md, timeout=5
+            )
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED):
+                self.available = False
+            return None
+        return status.backlog, status.flush_lag.ToMilliseconds()
+
+    def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Wait for the backlog to reach 0 after the load: whether it did, and how long."""
+        t0 = time.monotonic()
+        while True:
+            sample = self.sample()
+            if sample is None:
+                return {"drained": None, "drain_s": None}
+            if sample[0] == 0:
+                return {"drained": True, "drain_s": time.monotonic() - t0}
+            if time.monotonic() - t0 > timeout_s:
+                return {"drained": False, "drain_s": None, "backlog_left": sample[0]}
+            time.sleep(BENCH_LEDGER_SAMPLE_S)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _seed(target: Target, prefix: str, accounts: int) -> None:
+    """Grant every bench account enough credit never to run out."""
+    with grpc.insecure_channel(target.address) as channel:
+        stub = pb_grpc.CreditsStub(channel)
+        md = (("authorization", f"Bearer {target.api_key}"),)
+        futures = [
+            stub.Grant.future(
+                pb.GrantRequest(
+                    account_id=f"{prefix}{i}", amount=BENCH_GRANT, request_id=uuid.uuid4().hex
+                ),
+                metadata=md,
+                timeout=30,
+            )
+            for i in range(accounts)
+        ]
+        for future in futures:
+            future.result()
+
+
+def _percentile_ms(h: HdrHistogram, p: float) -> float:
+    return float(h.get_value_at_percentile(p)) / 1000.0
+
+
+def _latency(h: HdrHistogram) -> dict[str, Any]:
+    if not h.get_total_count():
+        return {}
+    return {
+        "p50": _percentile_ms(h, 50),
+        "p95": _percentile_ms(h, 95),
+        "p99": _percentile_ms(h, 99),
+        "p999": _percentile_ms(h, 99.9),
+        "max": float(h.get_max_value()) / 1000.0,
+        "mean": float(h.get_mean_value()) / 1000.0,
+        # For the plot: latency at each percentile, out to five nines.
+        "curve": [
+            [p, _percentile_ms(h, p)]
+            for p in (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 99.999)
+        ],
+    }
+
+
+def run_load(
+    spec: LoadSpec, label: str, console: Console, ledger: _Ledger | None
+) -> dict[str, Any]:
+    """Run `spec` in `spec.processes` processes; their merged figures (and the ledger's
+    flush lag sampled meanwhile)."""
+    ctx = spawn_context()
+    counter = ctx.Array("q", spec.processes, lock=False)
+    barrier = ctx.Barrier(spec.processes + 1)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=worker_main, args=(spec, i, counter, barrier, out), daemon=True)
+        for i in range(spec.processes)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, WorkerResult | str] = {}
+    lags: list[int] = []
+    backlogs: list[int] = []
+    try:
+        t0 = time.monotonic()
+        while barrier.n_waiting < spec.processes:
+            if not all(p.is_alive() for p in procs) or not out.empty():
+                # A process failed before starting (its message is in the queue): release
+                # the others from the barrier rather than leave them waiting.
+                barrier.abort()
+                break
+            if time.monotonic() - t0 > PROCESS_START_TIMEOUT_S:
+                raise RuntimeError(f"{label}: load processes did not start in time")
+            time.sleep(0.02)
+        else:
+            barrier.wait()
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(label, total=spec.duration_s)
+            started = time.monotonic()
+            while len(results) < len(procs):
+                try:
+                    index, result = out.get(timeout=BENCH_LEDGER_SAMPLE_S)
+                    results[index] = result
+                    continue
+                except queue.Empty:
+                    pass
+                if not any(p.is_alive() for p in procs) and out.empty():
+                    break
+                elapsed = time.monotonic() - started
+                calls = sum(counter)
+                if ledger is not None and elapsed <= spec.duration_s:
+                    sample = ledger.sample()
+                    if sample is not None:
+                        backlogs.append(sample[0])
+                        lags.append(sample[1])
+                progress.update(
+                    task,
+                    completed=min(elapsed, spec.duration_s),
+                    description=f"{label}: {calls:,} calls ({calls / max(elapsed, 1e-9):,.0f}/s)",
+                )
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return _summarise(spec, results, lags, backlogs)
+
+
+def _summarise(
+    spec: LoadSpec,
+    results: dict[int, WorkerResult | str],
+    lags: list[int],
+    backlogs: list[int],
+) -> dict[str, Any]:
+    histogram = new_histogram()
+    errors: Counter[str] = Counter()
+    details: dict[str, str] = {}
+    crashes = [r for r in results.values() if isinstance(r, str)]
+    done = [r for r in results.values() if isinstance(r, WorkerResult)]
+    for r in done:
+        histogram.add(HdrHistogram.decode(r.histogram))
+        errors.update(r.errors)
+        details.update(r.error_details)
+    elapsed = max((r.elapsed_s for r in done), default=0.0)
+    calls = sum(r.calls for r in done)
+    deductions = sum(r.deductions for r in done)
+    if crashes or len(results) < spec.processes:
+        status = "crashed"
+    elif errors.get("UNIMPLEMENTED"):
+        status = "unimplemented"
+    elif calls == 0:
+        status = "failed"
+    else:
+        status = "ok"
+    summary: dict[str, Any] = {
+        "status": status,
+        "processes": spec.processes,
+        "concurrency": spec.concurrency if spec.rate is None else None,
+        "open_loop_rate_per_s": spec.rate * spec.processes if spec.rate else None,
+        "batch_size": spec.batch_size if spec.scenario in ("batch", "meter") else None,
+        "duration_s": spec.duration_s,
+        "elapsed_s": elapsed,
+        "calls": calls,
+        "calls_per_s": calls / elapsed if elapsed else 0.0,
+        "deductions": deductions,
+        "deductions_per_s": deductions / elapsed if elapsed else 0.0,
+        "errors": dict(errors),
+        "error_details": details,
+        "latency_ms": _latency(histogram),
+    }
+    if crashes:
+        summary["crashes"] = crashes
+    if lags:
+        ordered = sorted(lags)
+        summary["ledger"] = {
+            "samples": len(lags),
+            "flush_lag_ms_p50": ordered[len(ordered) // 2],
+            "flush_lag_ms_p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "flush_lag_ms_max": ordered[-1],
+            "backlog_max": max(backlogs),
+        }
+    return summary
+
+
+# --- the ceilings ---------------------------------------------------------------------
+def _empty_ceiling(spec: LoadSpec, console: Console) -> dict[str, Any]:
+    ctx = spawn_context()
+    ports = ctx.Queue()
+    server = ctx.Process(target=empty_server_main, args=(ports,), daemon=True)
+    server.start()
+    try:
+        port = ports.get(timeout=EMPTY_SERVER_START_TIMEOUT_S)
+        return run_load(
+            replace(spec, address=f"127.0.0.1:{port}", scenario="empty"),
+            "empty call",
+            console,
+            None,
+        )
+    finally:
+        server.terminate()
+        server.join(timeout=10)
+
+
+def _redis_args(url: str) -> list[str]:
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        args = ["-s", parsed.path]
+    elif parsed.scheme == "redis":
+        args = ["-h", parsed.hostname or "127.0.0.1", "-p", str(parsed.port or 6379)]
+        db = parsed.path.strip("/")
+        if db and db != "0":
+            args += ["--dbnum", db]
+    else:
+        raise ValueError(f"redis-benchmark cannot reach {parsed.scheme}:// URLs")
+    if parsed.password:
+        args += ["-a", parsed.password]
+    return args
+
+
+def _redis_benchmark(
+    base: list[str], command: list[str], calls: int, pipeline: int
+) -> dict[str, float]:
+    out = subprocess.run(
+        [*base, "-n", str(calls), "-P", str(pipeline), "-r", str(BENCH_REDIS_KEYSPACE),
+         "--csv", *command],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    if not rows:
+        raise RuntimeError(f"redis-benchmark printed no figures: {out.stderr.strip()}")
+    row = rows[-1]
+    return {
+        "rps": float(row["rps"]),
+        "p50_ms": float(row["p50_latency_ms"]),
+        "p99_ms": float(row["p99_latency_ms"]),
+    }
+
+
+def redis_ceiling(target: Target, account: str, opts: Options, console: Console) -> dict[str, Any]:
+    """redis-benchmark running EVALSHA of the consume script, with the KEYS and ARGV a
+    unary Consume of one text message sends, at several pipelining depths."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        reason = "redis-benchmark not installed (apt-get install redis-tools)"
+        return {"status": "skipped", "reason": reason}
+    if not target.redis_url or not target.tenant:
+        return {"status": "skipped", "reason": "needs --redis-url and --tenant with --server"}
+    client = redis.Redis.from_url(target.redis_url)
+    try:
+        sha = client.script_load(scripts.source("consume"))
+    finally:
+        client.close()
+    # redis-benchmark replaces every __rand_int__ with its own random number: each call
+    # gets a fresh request id and transaction id (two numbers each, so they never repeat).
+    rand = "__rand_int__-__rand_int__"
+    keys = AccountKeys(target.tenant, account).script_keys(request_id=rand)
+    fingerprint = uuid.uuid4().hex
+    argv = [str(int(time.time() * 1000)), fingerprint, str(BENCH_REDIS_IDEM_TTL_S), rand,
+            target.tenant, account, rand, "1", "text", "1"]  # fmt: skip
+    command = ["EVALSHA", sha, str(len(keys)), *keys, *argv]
+    base = [binary, *_redis_args(target.redis_url), "-c", str(opts.redis_clients)]
+    variants = []
+    for pipeline in BENCH_REDIS_PIPELINES:
+        with console.status(f"redis-benchmark EVALSHA consume -P {pipeline} ..."):
+            calibration = _redis_benchmark(base, command, BENCH_REDIS_CALIBRATION_CALLS, pipeline)
+            calls = max(BENCH_REDIS_CALIBRATION_CALLS, int(calibration["rps"] * opts.duration_s))
+            figures = _redis_benchmark(base, command, calls, pipeline)
+        variants.append({"pipeline": pipeline, "calls": calls, **figures})
+    return {
+        "status": "ok",
+        "clients": opts.redis_clients,
+        "idempotency_ttl_s": BENCH_REDIS_IDEM_TTL_S,
+        "server_idempotency_ttl_s": IDEMPOTENCY_TTL_S,
+        "variants": variants,
+    }
+
+
+# --- the run ---------------------------------------------------------------------------
+def run(opts: Options) -> int:
+    # Piped output keeps the table whole rather than folded at 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    selected = [s for s in SCENARIOS if s in opts.scenarios]
+    results: dict[str, Any] = {}
+    started_at = datetime.now(UTC)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}-"
+    with _target(opts, console) as target:
+        spec = LoadSpec(
+            address=target.address,
+            api_key=target.api_key,
+            scenario="consume",
+            processes=opts.processes,
+            concurrency=opts.concurrency,
+            channels=opts.channels,
+            duration_s=opts.duration_s,
+            rate=None,
+            account_prefix=prefix,
+            accounts=opts.accounts,
+            batch_size=opts.batch_size,
+        )
+        if any(s != "empty" for s in selected):
+            with console.status(f"granting {opts.accounts + 1} bench accounts ..."):
+                _seed(target, prefix, opts.accounts + 1)  # the last one is Redis's
+        ledger = _Ledger(target)
+        try:
+            for name in selected:
+                if name == "empty":
+                    results[name] = _empty_ceiling(spec, console)
+                elif name == "redis":
+                    results[name] = redis_ceiling(target, f"{prefix}{opts.accounts}", opts, console)
+                    if results[name]["status"] == "ok":
+                        results[name]["ledger"] = ledger.drain(opts.drain_timeout_s)
+                elif name == "latency":
+                    if "consume" not in results:
+                        results["consume"] = _scenario(spec, "consume", console, ledger, opts)
+                    best = results["consume"]["calls_per_s"]
+                    rate = BENCH_LATENCY_LOAD_SHARE * best / opts.processes
+                    if rate <= 0:
+                        results[name] = {"status": "failed", "reason": "consume measured 0 calls/s"}
+                        continue
+                    results[name] = _scenario(
+                        replace(spec, rate=rate), "consume", console, ledger, opts, label=name
+                    )
+                    results[name]["share_of_max"] = BENCH_LATENCY_LOAD_SHARE
+                else:
+                    results[name] = _scenario(spec, name, console, ledger, opts)
+        finally:
+            ledger.close()
+        figures = report.build(results, opts, target.embedded, started_at)
+    report.show(figures, console)
+    json_path, png_path = report.write(figures, opts.out_dir)
+    console.print(f"figures: {json_path}\nplot:    {png_path}")
+    return 0
+
+
+def _scenario(
+    spec: LoadSpec,
+    name: str,
+    console: Console,
+    ledger: _Ledger,
+    opts: Options,
+    label: str | None = None,
+) -> dict[str, Any]:
+    summary = run_load(replace(spec, scenario=name), label or name, console, ledger)
+    if summary["status"] == "ok":
+        with console.status(f"{label or name}: waiting for the ledger to catch up ..."):
+            summary.setdefault("ledger", {}).update(ledger.drain(opts.drain_timeout_s))
+    return summary
