@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import urllib.error
 import urllib.request
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from creditmeter import errors
@@ -29,6 +31,8 @@ from tests.conftest import Tenant, rid
 from tests.helpers import fails
 
 METRICS = pytest.mark.settings(metrics_listen="127.0.0.1:0")
+DASHBOARD = Path(__file__).parent.parent / "docs" / "grafana-dashboard.json"
+METRIC = re.compile(r"\bcreditmeter_[a-z_]+")
 CONSUME = ("credits.v1.Credits", "Consume")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -299,6 +303,16 @@ def test_serve_flags_and_their_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("CREDITMETER_LOG_FORMAT", "json")
     args = build_parser().parse_args(["serve"])
     assert (args.metrics_listen, args.log_format) == ("127.0.0.1:9100", "json")
+
+
+def test_dashboard_uses_only_metrics_the_server_has() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", m) for e in exprs for m in METRIC.findall(e)}
+    defined = {
+        metric.name for metric in REGISTRY.collect() if metric.name.startswith("creditmeter_")
+    }
+    assert used == defined  # every metric on the dashboard exists, and every one is shown
 
 
 # --- logs ---------------------------------------------------------------------------------
