@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
@@ -48,12 +49,16 @@ class RedactSecrets(logging.Filter):
 def formatter(fmt: str) -> logging.Formatter:
     """The formatter for `text` or `json`."""
     if fmt == "json":
-        return JsonFormatter(
-            "{levelname}{name}{message}",
+        json_formatter = JsonFormatter(
+            "{asctime}{levelname}{name}{message}",
             style="{",
-            rename_fields={"levelname": "level", "name": "logger"},
-            timestamp="time",  # ISO 8601 in UTC
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         )
+        # ISO 8601 in UTC with milliseconds ("2026-01-02T03:04:05.678Z"), first on the line.
+        json_formatter.converter = time.gmtime
+        json_formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
+        json_formatter.default_msec_format = "%s.%03dZ"
+        return json_formatter
     if fmt == "text":
         return logging.Formatter(TEXT_LOG_FORMAT)
     raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}: {fmt!r}")
