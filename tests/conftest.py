@@ -91,7 +91,8 @@ async def app(
     request: pytest.FixtureRequest, redis_url: str, tmp_path: Path, clock: ManualClock
 ) -> AsyncIterator[App]:
     """The server in-process. Its flusher runs only for tests marked `flusher`: the others
-    read the outbox streams directly, which a flusher would trim."""
+    read the outbox streams directly, which a flusher would trim. A `settings` marker's
+    kwargs go to its Settings (say, metrics_listen)."""
     marker = request.node.get_closest_marker("flusher")
     if marker is not None:
         # Redis is shared by the session but the ledger is this test's own: without a flush,
@@ -100,6 +101,7 @@ async def app(
         client = redis.Redis.from_url(redis_url)
         client.flushdb()
         client.close()
+    extra = request.node.get_closest_marker("settings")
     app = App(
         Settings(
             listen="127.0.0.1:0",
@@ -109,6 +111,7 @@ async def app(
             shutdown_grace_s=1.0,
             flusher=marker is not None,
             **(marker.kwargs if marker else {}),
+            **(extra.kwargs if extra else {}),
         )
     )
     await app.start()

@@ -1,9 +1,11 @@
 """The real server as a subprocess (`python -m creditmeter serve`) with its own embedded
 redis-server: restarts, graceful and hard shutdown, live key changes, a missing
-redis-server, reflection without the proto files, and the CLI client commands."""
+redis-server, reflection without the proto files, the CLI client commands, and the
+metrics endpoint and JSON logs the serve flags turn on."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -663,3 +665,61 @@ def test_cli_client_commands_against_the_running_server(launch: Launch, tmp_path
     with grpc.insecure_channel(server.address) as channel:
         assert balance(pb_grpc.CreditsStub(channel), auth(key), "acct") == 97  # all or nothing
     assert server.terminate() == 0
+
+
+def test_serve_exports_metrics_and_logs_json_without_keys(launch: Launch, tmp_path: Path) -> None:
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    data = tmp_path / "data"
+    admin, _ = create_key(data, "obs", "admin")
+    reader, _ = create_key(data, "obs", "read")
+    metrics_port = free_port()
+    env = {
+        **ENV,
+        "CREDITMETER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        "CREDITMETER_LOG_FORMAT": "json",
+        "CREDITMETER_LOG_LEVEL": "DEBUG",  # the access log line of every call
+    }
+    server = launch(data, env)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.CreditsStub(channel)
+        stub.Grant(
+            pb.GrantRequest(account_id="zoe", amount=4, request_id=rid()),
+            metadata=auth(admin),
+            timeout=10,
+        )
+        stub.Consume(
+            pb.ConsumeRequest(account_id="zoe", feature="text", quantity=3, request_id=rid()),
+            metadata=auth(admin),
+            timeout=10,
+        )
+        denied = rejected(
+            lambda: stub.Consume(
+                pb.ConsumeRequest(account_id="zoe", feature="text", request_id=rid()),
+                metadata=auth(reader),
+                timeout=10,
+            )
+        )
+        assert denied.code == grpc.StatusCode.PERMISSION_DENIED
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    for code in ("OK", "PERMISSION_DENIED"):
+        labels = (("code", code), ("method", "Consume"), ("service", CREDITS_SERVICE))
+        assert samples[("creditmeter_rpcs_total", labels)] == 1
+    assert samples[("creditmeter_credits_consumed_total", (("feature", "text"),))] == 3
+    assert server.terminate() == 0
+
+    log = server.stderr()
+    for key in (admin, reader):
+        assert key.split("_", 2)[2] not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    calls = {(line.get("rpc_method"), line.get("code")) for line in lines}
+    assert {("Grant", "OK"), ("Consume", "OK"), ("Consume", "PERMISSION_DENIED")} <= calls

@@ -461,3 +461,20 @@ async def test_session_charges_reach_the_ledger_one_transaction_per_step(
         tenant.name, 1.0
     )
     assert checked == 1 and drifts == []
+
+
+async def test_open_sessions_are_a_metric(app: App, tenant: Tenant) -> None:
+    from prometheus_client import REGISTRY
+
+    assert app.sessions is not None and app.metering is not None
+    await grant(tenant, "gauge", 10)
+    await app.sessions.close_due()
+    before = REGISTRY.get_sample_value("creditmeter_sessions_open")
+    await start(tenant, "gauge", "g1")
+    await start(tenant, "gauge", "g2")
+    await app.sessions.close_due()
+    assert REGISTRY.get_sample_value("creditmeter_sessions_open") == before + 2
+    assert await app.metering.store.open_sessions() == before + 2
+    await end(tenant, "gauge", "g1", 1, 10)
+    await app.sessions.close_due()
+    assert REGISTRY.get_sample_value("creditmeter_sessions_open") == before + 1

@@ -168,3 +168,16 @@ TARGET_BULK_DEDUCTIONS_PER_S = 100_000
 TARGET_BULK_SUSTAINED_S = 60.0
 TARGET_FLUSH_LAG_P99_MS = 1000.0
 TARGET_LATENCY_AT_LOAD_P99_MS = 5.0
+
+# --- metrics and logs ---------------------------------------------------------------
+#: RPC latency histogram buckets (s): a Consume is one script call (about a millisecond);
+#: the upper buckets catch pool waits and streams.
+RPC_LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+)  # fmt: skip
+#: Redis round trips are sub-millisecond when healthy; the tail shows a loaded server.
+REDIS_LATENCY_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+)  # fmt: skip
+LOG_FORMATS = ("text", "json")
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -11,6 +11,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from creditmeter import metrics
 from creditmeter.constants import (
     DEFAULT_BILLING_INCREMENT_S,
     DEFAULT_PRIORITY,
@@ -25,7 +26,7 @@ from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import Lot, LotSource, burn_key
 from creditmeter.domain.rates import Rate, RateBook, RateUnit, is_builtin
 from creditmeter.domain.validation import Violations
-from creditmeter.errors import AccountNotFound, Rejected, from_rejection
+from creditmeter.errors import AccountNotFound, InsufficientCredits, Rejected, from_rejection
 from creditmeter.storage.config_store import ConfigStore, RateRow
 from creditmeter.storage.ledger.base import Ledger, StagedGrant
 from creditmeter.storage.redis_store import (
@@ -359,9 +360,16 @@ class Metering:
             quantity=quantity,
             amount=amount,
         )
-        record = await _applied(
-            self.store.consume(AccountKeys(tenant, account_id), call, credits, feature, units)
-        )
+        try:
+            record = await _applied(
+                self.store.consume(AccountKeys(tenant, account_id), call, credits, feature, units)
+            )
+        except InsufficientCredits:
+            metrics.record_insufficient(feature)
+            raise
+        # A replay answers with the first call's transaction: its credits were counted then.
+        if record.txn == call.txn:
+            metrics.record_consume(record.feature, record.amount, record.units)
         return ConsumeResult(
             transaction_id=record.txn,
             amount=record.amount,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from creditmeter import metrics
 from creditmeter.constants import (
     DEFAULT_SESSION_GRACE_S,
     DEFAULT_SESSION_QUOTA_UNITS,
@@ -302,4 +303,5 @@ class Sessions:
             except Rejected:
                 continue  # closed or ended meanwhile (by another process): nothing to do
             closed += record is not None
+        metrics.set_sessions_open(await self.store.open_sessions())
         return closed

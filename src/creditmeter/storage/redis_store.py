@@ -22,6 +22,7 @@ one script later, while still spreading over a Redis Cluster.
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from creditmeter import metrics
 from creditmeter.constants import (
     BUCKETS,
     EXPIRY_SWEEP_BATCH,
@@ -270,10 +272,15 @@ class RedisStore:
             call.request_id,
             *extra,
         ]
-        async with _reachable():
-            reply = await self._scripts[name](
-                script_keys or keys.script_keys(call.request_id), args
-            )
+        start = time.perf_counter()
+        try:
+            async with _reachable():
+                reply = await self._scripts[name](
+                    script_keys or keys.script_keys(call.request_id), args
+                )
+        finally:
+            # Failures too: a timeout is the latency worth seeing.
+            metrics.REDIS_DURATION.labels(name).observe(time.perf_counter() - start)
         return _checked(reply)
 
     async def grant(self, keys: AccountKeys, call: Call, lot: NewLot) -> GrantRecord:
@@ -381,6 +388,14 @@ class RedisStore:
                 due.append((AccountKeys(tenant, account), session_id))
         return due
 
+    async def open_sessions(self) -> int:
+        """How many call sessions are open, over every bucket's index."""
+        async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+            for bucket in range(BUCKETS):
+                pipe.zcard(sessions_key(bucket))
+            counts: list[int] = await pipe.execute()
+        return sum(counts)
+
     async def restore(
         self,
         keys: AccountKeys,
@@ -435,12 +450,16 @@ class RedisStore:
     async def snapshot(self, keys: AccountKeys) -> AccountSnapshot:
         """Read an account's fields and lots atomically (MULTI/EXEC, no writes)."""
         lots_key, rem_key, order_key, _exp, acct_key, *_ = keys.script_keys()
-        async with _reachable(), self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(acct_key)
-            pipe.zrange(order_key, 0, -1)
-            pipe.hgetall(lots_key)
-            pipe.hgetall(rem_key)
-            fields, order, metas, remaining = await pipe.execute()
+        start = time.perf_counter()
+        try:
+            async with _reachable(), self.client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(acct_key)
+                pipe.zrange(order_key, 0, -1)
+                pipe.hgetall(lots_key)
+                pipe.hgetall(rem_key)
+                fields, order, metas, remaining = await pipe.execute()
+        finally:
+            metrics.REDIS_DURATION.labels("snapshot").observe(time.perf_counter() - start)
         lots = []
         for burn_key in order:
             lot_id = burn_key.split("|", 4)[4]

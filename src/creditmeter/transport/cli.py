@@ -4,7 +4,6 @@ person at a terminal."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import sys
@@ -34,12 +33,14 @@ from creditmeter.constants import (
     DEFAULT_DATA_DIR,
     DEFAULT_LISTEN,
     ENV_PREFIX,
+    LOG_FORMATS,
 )
 from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import SystemClock
 from creditmeter.domain.validation import valid_tenant_id
 from creditmeter.storage.config_store import ConfigStore, KeyRow
 from creditmeter.storage.embedded_redis import RedisNotInstalled, RedisStartFailed
+from creditmeter.transport import logs
 
 # Piped output gets wide lines rather than ids folded at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -84,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flusher=not args.no_flusher,
         backlog_cap=args.backlog_cap,
         pending_purchase_ttl_ms=args.pending_purchase_ttl * 1000,
+        metrics_listen=args.metrics_listen or None,
     )
     try:
         uvloop.run(serve(settings))
@@ -540,6 +542,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="outbox entries not yet in the ledger beyond which changes are refused"
         " (env CREDITMETER_BACKLOG_CAP)",
     )
+    p.add_argument(
+        "--metrics-listen",
+        default=_env("METRICS_LISTEN"),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics"
+        " (env CREDITMETER_METRICS_LISTEN; default off)",
+    )
+    p.add_argument(
+        "--log-format",
+        default=_env("LOG_FORMAT", "text"),
+        choices=LOG_FORMATS,
+        help="text (readable) or json (one object per line) (env CREDITMETER_LOG_FORMAT)",
+    )
     p.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
@@ -763,10 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=_env("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     args = build_parser().parse_args(argv)
+    # Only `serve` has --log-format; the other commands log (rarely) as text.
+    logs.configure(getattr(args, "log_format", "text"), _env("LOG_LEVEL", "INFO") or "INFO")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

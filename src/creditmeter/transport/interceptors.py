@@ -1,12 +1,17 @@
 """The one interceptor of the server: authenticates every call to the credits.v1 services,
-checks the key's role, and maps domain errors to gRPC status with rich error details
-(google.rpc.ErrorInfo, BadRequest), as AIP-193 describes."""
+checks the key's role, maps domain errors to gRPC status with rich error details
+(google.rpc.ErrorInfo, BadRequest), as AIP-193 describes, and counts and times every call
+(metrics and a debug access log line)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -14,7 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from creditmeter import errors
+from creditmeter import errors, metrics
 from creditmeter.constants import ERROR_DOMAIN
 from creditmeter.domain.keys import KeyRing, Principal
 
@@ -87,8 +92,65 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.Cred
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+def _code_of(exc: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status code name a call ends with, given what escaped the handler (if anything)."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return str(grpc.StatusCode.CANCELLED.name)  # the client went away or its deadline passed
+    # context.abort (ours in _abort, after a domain error) leaves the code on the context.
+    code = context.code()
+    if code is not None:
+        return str(code.name if isinstance(code, grpc.StatusCode) else code)
+    if exc is not None and not isinstance(exc, grpc.aio.AbortError):
+        return str(grpc.StatusCode.UNKNOWN.name)  # grpc's answer to an unhandled exception
+    return str(grpc.StatusCode.OK.name)
+
+
+@dataclass
+class _Caller:
+    """Who made the call being observed, once the key is verified."""
+
+    who: Principal | None = None
+
+
+@contextlib.contextmanager
+def _observed(
+    service: str, method: str, context: grpc.aio.ServicerContext[Any, Any]
+) -> Iterator[_Caller]:
+    """Count and time one call, from its start to its status (a stream: to its end)."""
+    start = time.perf_counter()
+    escaped: BaseException | None = None
+    caller = _Caller()
+    try:
+        yield caller
+    except BaseException as exc:
+        escaped = exc
+        raise
+    finally:
+        seconds = time.perf_counter() - start
+        code = _code_of(escaped, context)
+        metrics.record_rpc(service, method, code, seconds)
+        who = caller.who
+        if log.isEnabledFor(logging.DEBUG):  # the hot path pays nothing when it is off
+            # Only names and numbers: never the request, its metadata or the API key.
+            log.debug(
+                "%s/%s %s %.1f ms",
+                service,
+                method,
+                code,
+                seconds * 1000,
+                extra={
+                    "rpc_service": service,
+                    "rpc_method": method,
+                    "code": code,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "tenant": who.tenant if who else None,
+                    "key_id": who.key_id if who else None,
+                },
+            )
+
+
 class Gatekeeper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Authenticates, authorizes and maps errors for every credits.v1 RPC."""
+    """Authenticates, authorizes, maps errors, and counts and times every credits.v1 RPC."""
 
     def __init__(self, keyring: Callable[[], KeyRing]) -> None:
         self._keyring = keyring
@@ -102,26 +164,28 @@ class Gatekeeper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = details.method
         if handler is None or not method.startswith("/" + PROTECTED_PACKAGE):
             return handler  # health checking and reflection are open
-        operation = method.rsplit("/", 1)[-1]
+        service, _, operation = method.lstrip("/").rpartition("/")
         authorization = next(
             (str(v) for k, v in details.invocation_metadata or () if k == "authorization"), None
         )
 
-        def enter() -> contextvars.Token[Principal]:
+        def enter(caller: _Caller) -> contextvars.Token[Principal]:
             who = self._keyring().authenticate(authorization)
+            caller.who = who
             who.require(operation)
             return _PRINCIPAL.set(who)
 
         def wrap_unary(inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                try:
-                    token = enter()
+                with _observed(service, operation, context) as caller:
                     try:
-                        return await inner(request, context)
-                    finally:
-                        _PRINCIPAL.reset(token)
-                except errors.CreditError as error:
-                    await _abort(context, error)
+                        token = enter(caller)
+                        try:
+                            return await inner(request, context)
+                        finally:
+                            _PRINCIPAL.reset(token)
+                    except errors.CreditError as error:
+                        await _abort(context, error)
 
             return behavior
 
@@ -129,15 +193,16 @@ class Gatekeeper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def behavior(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                try:
-                    token = enter()
+                with _observed(service, operation, context) as caller:
                     try:
-                        async for response in inner(request, context):
-                            yield response
-                    finally:
-                        _PRINCIPAL.reset(token)
-                except errors.CreditError as error:
-                    await _abort(context, error)
+                        token = enter(caller)
+                        try:
+                            async for response in inner(request, context):
+                                yield response
+                        finally:
+                            _PRINCIPAL.reset(token)
+                    except errors.CreditError as error:
+                        await _abort(context, error)
 
             return behavior
 

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from creditmeter import metrics
 from creditmeter.api.credits.v1 import credits_pb2, credits_pb2_grpc, packs_pb2, packs_pb2_grpc
 from creditmeter.constants import (
     BACKLOG_CHECK_INTERVAL_S,
@@ -89,6 +90,8 @@ class Settings:
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     #: How long the flusher keeps flushed outbox entries for WatchBalance resume tokens.
     watch_retention_s: int = WATCH_RETENTION_S
+    #: HOST:PORT of the Prometheus /metrics endpoint (port 0: any free port); None: off.
+    metrics_listen: str | None = None
     clock: Clock = field(default_factory=SystemClock)
 
 
@@ -110,6 +113,9 @@ class App:
         self.sessions: Sessions | None = None
         self.flusher: Flusher | None = None
         self.gate = Backpressure(settings.backlog_cap)
+        self.metrics: metrics.MetricsEndpoint | None = None
+        #: The bound port of the metrics endpoint (0 while it is off).
+        self.metrics_port = 0
         #: Set once on stop: every background loop watches it rather than relying on task
         #: cancellation alone (a cancellation can be swallowed inside a client library).
         self._stopping = asyncio.Event()
@@ -179,6 +185,16 @@ class App:
         if self.port == 0:
             raise OSError(f"cannot listen on {s.listen}")
         await self.server.start()
+        if s.metrics_listen is not None:
+            self.metrics = metrics.MetricsEndpoint(s.metrics_listen)
+            # Binding resolves the host name: off the event loop.
+            self.metrics_port = await asyncio.to_thread(self.metrics.start)
+            log.info(
+                "metrics on http://%s:%d/metrics",
+                s.metrics_listen.rsplit(":", 1)[0],
+                self.metrics_port,
+            )
+        metrics.record_backlog(self.gate.backlog, self.gate.cap, self.gate.refusing)
         self.tasks = [
             asyncio.create_task(
                 self._every(CONFIG_RELOAD_INTERVAL_S, live.refresh), name="config-reload"
@@ -228,7 +244,9 @@ class App:
     async def _check_backlog(self) -> None:
         """Fail closed when the ledger falls too far behind, and say so in health."""
         assert self.redis is not None
-        if not self.gate.update(await outbox_backlog(self.redis)):
+        changed = self.gate.update(await outbox_backlog(self.redis))
+        metrics.record_backlog(self.gate.backlog, self.gate.cap, self.gate.refusing)
+        if not changed:
             return
         serving = health_pb2.HealthCheckResponse
         state = serving.NOT_SERVING if self.gate.refusing else serving.SERVING
@@ -286,6 +304,10 @@ class App:
             await self.redis.aclose()
         if self.embedded is not None:
             await self.embedded.stop()
+        if self.metrics is not None:
+            # Last, so a final scrape during the drain still sees the server's numbers.
+            await asyncio.to_thread(self.metrics.stop)
+            self.metrics = None
 
 
 async def serve(settings: Settings) -> None:

@@ -26,6 +26,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from creditmeter import metrics
 from creditmeter.constants import (
     BUCKETS,
     FLUSH_BLOCK_MS,
@@ -124,6 +125,7 @@ class Flusher:
         self.stats.events += len(events)
         self.stats.batches += 1
         self.stats.last_lag_ms = max(0, int(time.time() * 1000) - oldest)
+        metrics.record_flush(len(events), self.stats.last_lag_ms)
         return len(events)
 
     async def flush_once(self) -> int:

@@ -1,0 +1,142 @@
+"""Every Prometheus metric of the server, defined once, with the helpers that record them.
+
+The metrics live in prometheus_client's default registry and are created at import, so
+several `App`s in one process (the tests) share them instead of failing on a duplicate
+registration; values are per process, which is what a scrape of one server wants. Any
+layer may import this module; it imports nothing of the project but the constants.
+
+Labels never carry a tenant, an account or a request id: their number is unbounded and a
+scrape endpoint is not the place for one tenant's names to be seen beside another's.
+`feature` is bounded by the rate cards (features are configured, not free text).
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from creditmeter.constants import REDIS_LATENCY_BUCKETS_S, RPC_LATENCY_BUCKETS_S
+
+# --- RPCs (the interceptor) --------------------------------------------------------
+RPCS = Counter(
+    "creditmeter_rpcs",
+    "credits.v1 RPCs completed, by service, method and gRPC status code "
+    "(a stream counts once, when it ends)",
+    ["service", "method", "code"],
+)
+RPC_DURATION = Histogram(
+    "creditmeter_rpc_duration_seconds",
+    "Time from a credits.v1 call reaching the server to its status (streams: to their end)",
+    ["service", "method"],
+    buckets=RPC_LATENCY_BUCKETS_S,
+)
+
+# --- metering (the domain) ------------------------------------------------------------
+CREDITS_CONSUMED = Counter(
+    "creditmeter_credits_consumed",
+    "Credits charged by successful consumptions, by feature (idempotent replays not counted)",
+    ["feature"],
+)
+UNITS_CONSUMED = Counter(
+    "creditmeter_units_consumed",
+    "Units (messages, billed time increments) of successful consumptions, by feature",
+    ["feature"],
+)
+INSUFFICIENT_CREDITS = Counter(
+    "creditmeter_insufficient_credits",
+    "Consumptions refused for insufficient credit, by feature",
+    ["feature"],
+)
+SESSIONS_OPEN = Gauge("creditmeter_sessions_open", "Call sessions currently open")
+
+# --- ledger ----------------------------------------------------------------------------
+OUTBOX_BACKLOG = Gauge(
+    "creditmeter_outbox_backlog",
+    "Outbox entries not yet acknowledged into the ledger (as the backlog monitor last saw)",
+)
+OUTBOX_BACKLOG_CAP = Gauge(
+    "creditmeter_outbox_backlog_cap", "Backlog at which changes are refused (--backlog-cap)"
+)
+ACCEPTING_CHANGES = Gauge(
+    "creditmeter_accepting_changes",
+    "1 while changes are accepted, 0 while the backlog refuses them",
+)
+FLUSH_LAG = Gauge(
+    "creditmeter_flush_lag_seconds",
+    "Age of the oldest event of the last batch the flusher committed, at its commit",
+)
+EVENTS_FLUSHED = Counter(
+    "creditmeter_events_flushed", "Outbox events this process's flusher committed to the ledger"
+)
+
+# --- Redis -----------------------------------------------------------------------------
+REDIS_DURATION = Histogram(
+    "creditmeter_redis_duration_seconds",
+    "Round trip of one Redis call, by operation (the Lua script's name, or snapshot)",
+    ["operation"],
+    buckets=REDIS_LATENCY_BUCKETS_S,
+)
+
+
+def record_rpc(service: str, method: str, code: str, seconds: float) -> None:
+    """Count one finished RPC with its status code name (OK, NOT_FOUND, ...)."""
+    RPCS.labels(service, method, code).inc()
+    RPC_DURATION.labels(service, method).observe(seconds)
+
+
+def record_consume(feature: str, credits: int, units: int) -> None:
+    """A consumption that charged the account (not a replay of an earlier one)."""
+    CREDITS_CONSUMED.labels(feature).inc(credits)
+    UNITS_CONSUMED.labels(feature).inc(units)
+
+
+def record_insufficient(feature: str) -> None:
+    """A consumption refused because the balance did not cover it."""
+    INSUFFICIENT_CREDITS.labels(feature).inc()
+
+
+def record_backlog(backlog: int, cap: int, refusing: bool) -> None:
+    OUTBOX_BACKLOG.set(backlog)
+    OUTBOX_BACKLOG_CAP.set(cap)
+    ACCEPTING_CHANGES.set(0 if refusing else 1)
+
+
+def record_flush(events: int, lag_ms: int) -> None:
+    """A batch of `events` committed to the ledger, its oldest `lag_ms` old."""
+    EVENTS_FLUSHED.inc(events)
+    FLUSH_LAG.set(lag_ms / 1000)
+
+
+def set_sessions_open(n: int) -> None:
+    """The number of open call sessions (set by the sessions service)."""
+    SESSIONS_OPEN.set(n)
+
+
+class MetricsEndpoint:
+    """The /metrics HTTP endpoint on its own thread (prometheus_client's WSGI server), so a
+    scrape never waits on the event loop; `stop()` closes the socket."""
+
+    def __init__(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._host = host.strip("[]") or "0.0.0.0"
+        self._port = int(port)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def start(self) -> int:
+        """Bind and serve; returns the bound port (useful with port 0)."""
+        self._server, self._thread = start_http_server(self._port, self._host)
+        self.port = int(self._server.server_port)
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
