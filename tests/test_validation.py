@@ -88,6 +88,20 @@ def case(id: str, method: str, build: Callable[[int], Message], field: str,
 
 
 LONG = "a" * 129
+SESSION = "call-1"
+
+
+def start_session(**fields: Any) -> pb.StartSessionRequest:
+    return pb.StartSessionRequest(
+        **{"account_id": ACCOUNT, "feature": "voice", "session_id": SESSION, **fields}
+    )
+
+
+async def open_session(tenant: Tenant) -> None:
+    """A session to report on (it holds 3 credits before the "before" snapshot)."""
+    await tenant.meter.StartSession(start_session())
+
+
 CASES = [
     # account_id
     case("grant-account-empty", "Grant", lambda now: grant(account_id=""), "account_id"),
@@ -288,6 +302,39 @@ CASES = [
     case("report-period-unknown", "GetUsageReport",
          lambda now: pb.GetUsageReportRequest(
              start_time=ts(0), end_time=ts(86_400), group_by=7), "group_by"),
+    # call sessions
+    case("start-session-count-feature", "StartSession",
+         lambda now: start_session(feature="text"), "feature"),
+    case("start-session-unknown-feature", "StartSession",
+         lambda now: start_session(feature="fax"), "feature"),
+    case("start-session-id-empty", "StartSession",
+         lambda now: start_session(session_id=""), "session_id"),
+    case("start-session-id-colon", "StartSession",
+         lambda now: start_session(session_id="a:b"), "session_id"),
+    case("start-session-account-brace", "StartSession",
+         lambda now: start_session(account_id="{b1}"), "account_id"),
+    case("start-session-quota-zero", "StartSession",
+         lambda now: start_session(requested_seconds=0), "requested_seconds"),
+    case("start-session-policy-unknown", "StartSession",
+         lambda now: start_session(timeout_policy=9), "timeout_policy"),
+    case("update-session-sequence-zero", "UpdateSession",
+         lambda now: pb.UpdateSessionRequest(account_id=ACCOUNT, session_id=SESSION, sequence=0,
+                                             used_seconds=5), "sequence", open_session),
+    case("update-session-used-negative", "UpdateSession",
+         lambda now: pb.UpdateSessionRequest(account_id=ACCOUNT, session_id=SESSION, sequence=1,
+                                             used_seconds=-5), "used_seconds", open_session),
+    case("update-session-quota-too-long", "UpdateSession",
+         lambda now: pb.UpdateSessionRequest(account_id=ACCOUNT, session_id=SESSION, sequence=1,
+                                             used_seconds=5, requested_seconds=86_401),
+         "requested_seconds", open_session),
+    case("end-session-used-too-many", "EndSession",
+         lambda now: pb.EndSessionRequest(account_id=ACCOUNT, session_id=SESSION, sequence=1,
+                                          used_seconds=86_401), "used_seconds", open_session),
+    case("end-session-id-129", "EndSession",
+         lambda now: pb.EndSessionRequest(account_id=ACCOUNT, session_id=LONG, sequence=1,
+                                          used_seconds=5), "session_id", open_session),
+    case("get-session-id-bad", "GetSession",
+         lambda now: pb.GetSessionRequest(account_id=ACCOUNT, session_id="a b"), "session_id"),
 ]
 
 
@@ -378,6 +425,7 @@ def test_table_covers_every_mutating_and_reading_rpc() -> None:
     assert methods == {m.name for m in pb.DESCRIPTOR.services_by_name["Credits"].methods} - {
         "ListRates",  # takes no fields
         "GetLedgerStatus",  # takes no fields
+        "WatchBalance",  # a server stream: its invalid requests are in test_watch.py
     }
 
 
