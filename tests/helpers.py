@@ -74,8 +74,10 @@ class ConsumeModel:
             request.quantity if request.HasField("quantity") else None,
             request.amount if request.HasField("amount") else None,
         )
-        if not re.fullmatch(ACCOUNT_ID_PATTERN, account) or not request_id or (
-            request.feature != "text"
+        if (
+            not re.fullmatch(ACCOUNT_ID_PATTERN, account)
+            or not request_id
+            or (request.feature != "text")
         ):
             return ("error", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", None)
         earlier = self.done.get((account, request_id))

@@ -6,8 +6,8 @@ until it has a valid request below (and therefore gets every check in this file)
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -35,6 +35,12 @@ VOID_LOT = {"id": ""}
 VALID_REQUESTS: dict[str, Callable[[], Message]] = {
     "Grant": lambda: pb.GrantRequest(account_id=ACCOUNT, amount=5, request_id=rid()),
     "Consume": lambda: pb.ConsumeRequest(account_id=ACCOUNT, feature="text", request_id=rid()),
+    "ConsumeBatch": lambda: pb.ConsumeBatchRequest(
+        items=[pb.ConsumeRequest(account_id=ACCOUNT, feature="text", request_id=rid())]
+    ),
+    "Meter": lambda: pb.MeterRequest(
+        consume=pb.ConsumeRequest(account_id=ACCOUNT, feature="text", request_id=rid())
+    ),
     "GetBalance": lambda: pb.GetBalanceRequest(account_id=ACCOUNT),
     "SetBalance": lambda: pb.SetBalanceRequest(account_id=ACCOUNT, amount=5, request_id=rid()),
     "GetUsage": lambda: pb.GetUsageRequest(account_id=ACCOUNT),
@@ -63,7 +69,7 @@ READ_RPCS = frozenset(
 )
 ALLOWED: dict[str, frozenset[str]] = {
     "read": READ_RPCS,
-    "meter": READ_RPCS | {"Consume"},
+    "meter": READ_RPCS | {"Consume", "ConsumeBatch", "Meter"},
     "admin": frozenset(METHODS),
 }
 
@@ -75,10 +81,34 @@ def valid_request(method: str) -> Message:
     return request
 
 
-def raw_call(tenant: Tenant, method: str, authorization: str | None) -> Any:
+def invoke(target: Any, method: str, request: Message, **kwargs: Any) -> Awaitable[Any]:
+    """Call `method` of a stub or Caller with one request, in the call style its kind needs;
+    an awaitable of the (first) response.
+
+    A streaming RPC sends the request as its only message (client streaming) and answers
+    with its first response; the call is then cancelled (a server stream may never end).
+    """
+    rpc = getattr(target, method)
+    descriptor = SERVICE.methods_by_name[method]
+    if not descriptor.client_streaming and not descriptor.server_streaming:
+        return cast(Awaitable[Any], rpc(request, **kwargs))
+
+    async def first_response() -> Any:
+        call = rpc(iter([request]) if descriptor.client_streaming else request, **kwargs)
+        try:
+            async for response in call:
+                return response
+            raise AssertionError(f"{method} ended without a response")
+        finally:
+            call.cancel()
+
+    return first_response()
+
+
+def raw_call(tenant: Tenant, method: str, authorization: str | None) -> Awaitable[Any]:
     """Call `method` with exactly the given authorization metadata (None: none at all)."""
     metadata = None if authorization is None else (("authorization", authorization),)
-    return getattr(tenant.stub, method)(valid_request(method), metadata=metadata)
+    return invoke(tenant.stub, method, valid_request(method), metadata=metadata)
 
 
 def caller(tenant: Tenant, role: str) -> Caller:
@@ -139,7 +169,7 @@ def test_role_table_covers_every_rpc() -> None:
 async def test_admin_can_call_every_rpc(tenant: Tenant, method: str) -> None:
     """The valid requests really are valid, so the refusals below are about the key alone."""
     await seed(tenant)
-    response = await getattr(tenant.admin, method)(valid_request(method))
+    response = await invoke(tenant.admin, method, valid_request(method))
     assert response.DESCRIPTOR is SERVICE.methods_by_name[method].output_type
 
 
@@ -196,7 +226,7 @@ async def test_well_formed_header_is_accepted(tenant: Tenant) -> None:
 async def test_role_matrix(tenant: Tenant, role: str, method: str) -> None:
     await seed(tenant)
     before = await state(tenant)
-    call = getattr(caller(tenant, role), method)(valid_request(method))
+    call = invoke(caller(tenant, role), method, valid_request(method))
     if method in ALLOWED[role]:
         response = await call  # must succeed outright: no PERMISSION_DENIED, no UNAUTHENTICATED
         assert response.DESCRIPTOR is SERVICE.methods_by_name[method].output_type
@@ -348,7 +378,7 @@ async def test_revoked_key_is_refused(
     witness = tenant.read if role != "read" else tenant.meter
     before = await state(tenant, via=witness)
     for method in METHODS:
-        f = await fails(getattr(revoked, method)(valid_request(method)))
+        f = await fails(invoke(revoked, method, valid_request(method)))
         assert_unauthenticated(f)
     assert await state(tenant, via=witness) == before
     # Only that key: the tenant's other keys still work.
