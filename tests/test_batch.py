@@ -9,13 +9,23 @@ import random
 import grpc
 import pytest
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.constants import COALESCE_MAX_BATCH, MAX_CONSUME_BATCH
-from creditmeter.errors import InsufficientCredits
-from creditmeter.storage.redis_store import RedisStore, bucket_of, outbox_key
+from creditmeter.errors import BackendUnavailable, InsufficientCredits
+from creditmeter.storage.redis_store import (
+    AccountKeys,
+    Call,
+    ConsumeCall,
+    RedisStore,
+    bucket_of,
+    outbox_key,
+)
 from creditmeter.transport.server import App
-from tests.conftest import Tenant, rid
+from tests.conftest import Tenant, free_port, rid
 from tests.helpers import ConsumeModel, assert_outcomes, fails, failure
 
 
@@ -263,3 +273,21 @@ async def test_coalesced_race_over_grpc(
     assert (await tenant.read.GetBalance(pb.GetBalanceRequest(account_id="race"))).balance == 0
     assert coalescer.items - items == 32 * 40
     assert coalescer.batches - batches < coalescer.items - items  # some calls shared a trip
+
+
+async def test_lost_redis_fails_every_coalesced_call() -> None:
+    """Redis unreachable: each queued caller gets BACKEND_UNAVAILABLE (retry-safe), none
+    hangs, and a batch fails as a whole the same way."""
+    # Nothing listens there; no retries, so the test does not wait out backoffs.
+    client = aioredis.Redis(port=free_port(), decode_responses=True, retry=Retry(NoBackoff(), 0))
+    dead = RedisStore(client)
+    keys = AccountKeys("t", "a")
+    calls = [Call(now_ms=1, txn=f"txn_{i}", request_id=f"r{i}", fingerprint="f") for i in range(5)]
+    outcomes = await asyncio.gather(
+        *(dead.consume(keys, call, 1, "text", 1) for call in calls), return_exceptions=True
+    )
+    assert all(isinstance(o, BackendUnavailable) for o in outcomes), outcomes
+    assert dead.consume_coalescer.items == 5
+    with pytest.raises(BackendUnavailable):
+        await dead.consume_many([ConsumeCall(keys, calls[0], 1, "text", 1)])
+    await client.aclose()
