@@ -6,8 +6,9 @@ until it has a valid request below (and therefore gets every check in this file)
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -39,6 +40,12 @@ END_SESSION = "auth-end"
 VALID_REQUESTS: dict[str, Callable[[], Message]] = {
     "Grant": lambda: pb.GrantRequest(account_id=ACCOUNT, amount=5, request_id=rid()),
     "Consume": lambda: pb.ConsumeRequest(account_id=ACCOUNT, feature="text", request_id=rid()),
+    "ConsumeBatch": lambda: pb.ConsumeBatchRequest(
+        items=[pb.ConsumeRequest(account_id=ACCOUNT, feature="text", request_id=rid())]
+    ),
+    "Meter": lambda: pb.MeterRequest(
+        consume=pb.ConsumeRequest(account_id=ACCOUNT, feature="text", request_id=rid())
+    ),
     "GetBalance": lambda: pb.GetBalanceRequest(account_id=ACCOUNT),
     "SetBalance": lambda: pb.SetBalanceRequest(account_id=ACCOUNT, amount=5, request_id=rid()),
     "GetUsage": lambda: pb.GetUsageRequest(account_id=ACCOUNT),
@@ -69,16 +76,30 @@ VALID_REQUESTS: dict[str, Callable[[], Message]] = {
     "EndSession": lambda: pb.EndSessionRequest(
         account_id=SESSION_ACCOUNT, session_id=END_SESSION, sequence=1, used_seconds=10
     ),
+    "WatchBalance": lambda: pb.WatchBalanceRequest(account_id=ACCOUNT, thresholds=[10]),
     "GetSession": lambda: pb.GetSessionRequest(
         account_id=SESSION_ACCOUNT, session_id=UPDATE_SESSION
     ),
 }
 
+#: Server streams answered by the stream in place (see invoke).
+WATCH_IN_PLACE: dict[str, Callable[[], Message]] = {"WatchBalance": pb.WatchBalanceResponse}
+
 #: What each role may call, as the proto documents it (independent of the server's table).
 READ_RPCS = frozenset(
-    {"GetBalance", "GetUsage", "ListRates", "ListTransactions", "GetUsageReport", "GetSession"}
+    {
+        "GetBalance",
+        "GetUsage",
+        "ListRates",
+        "ListTransactions",
+        "GetUsageReport",
+        "GetSession",
+        "WatchBalance",
+    }
 )
-METER_RPCS = frozenset({"Consume", "StartSession", "UpdateSession", "EndSession"})
+METER_RPCS = frozenset(
+    {"Consume", "ConsumeBatch", "Meter", "StartSession", "UpdateSession", "EndSession"}
+)
 ALLOWED: dict[str, frozenset[str]] = {
     "read": READ_RPCS,
     "meter": READ_RPCS | METER_RPCS,
@@ -93,10 +114,53 @@ def valid_request(method: str) -> Message:
     return request
 
 
-def raw_call(tenant: Tenant, method: str, authorization: str | None) -> Any:
+def invoke(target: Any, method: str, request: Message, **kwargs: Any) -> Awaitable[Any]:
+    """Call `method` of a stub or Caller with one request, in the call style its kind needs;
+    an awaitable of the (first) response.
+
+    A streaming RPC sends the request as its only message (client streaming) and answers
+    with its first response; the call is then cancelled (a server stream may never end).
+    A watch (server streaming only) has no response until a balance changes: its success
+    is the stream in place (response headers sent, no status), answered as an empty
+    response of its type.
+    """
+    rpc = getattr(target, method)
+    descriptor = SERVICE.methods_by_name[method]
+    if not descriptor.client_streaming and not descriptor.server_streaming:
+        return cast(Awaitable[Any], rpc(request, **kwargs))
+    if not descriptor.client_streaming:
+
+        async def in_place() -> Any:
+            call = rpc(request, **kwargs)
+            try:
+                await call.initial_metadata()
+                await asyncio.sleep(0.05)  # a refusal ends the call right after its headers
+                if call.done():
+                    async for _ in call:  # raises the call's error
+                        pass
+                    raise AssertionError(f"{method} ended without an error or a watch")
+                return WATCH_IN_PLACE[method]()
+            finally:
+                call.cancel()
+
+        return in_place()
+
+    async def first_response() -> Any:
+        call = rpc(iter([request]) if descriptor.client_streaming else request, **kwargs)
+        try:
+            async for response in call:
+                return response
+            raise AssertionError(f"{method} ended without a response")
+        finally:
+            call.cancel()
+
+    return first_response()
+
+
+def raw_call(tenant: Tenant, method: str, authorization: str | None) -> Awaitable[Any]:
     """Call `method` with exactly the given authorization metadata (None: none at all)."""
     metadata = None if authorization is None else (("authorization", authorization),)
-    return getattr(tenant.stub, method)(valid_request(method), metadata=metadata)
+    return invoke(tenant.stub, method, valid_request(method), metadata=metadata)
 
 
 def caller(tenant: Tenant, role: str) -> Caller:
@@ -164,7 +228,7 @@ def test_role_table_covers_every_rpc() -> None:
 async def test_admin_can_call_every_rpc(tenant: Tenant, method: str) -> None:
     """The valid requests really are valid, so the refusals below are about the key alone."""
     await seed(tenant)
-    response = await getattr(tenant.admin, method)(valid_request(method))
+    response = await invoke(tenant.admin, method, valid_request(method))
     assert response.DESCRIPTOR is SERVICE.methods_by_name[method].output_type
 
 
@@ -221,7 +285,7 @@ async def test_well_formed_header_is_accepted(tenant: Tenant) -> None:
 async def test_role_matrix(tenant: Tenant, role: str, method: str) -> None:
     await seed(tenant)
     before = await state(tenant)
-    call = getattr(caller(tenant, role), method)(valid_request(method))
+    call = invoke(caller(tenant, role), method, valid_request(method))
     if method in ALLOWED[role]:
         response = await call  # must succeed outright: no PERMISSION_DENIED, no UNAUTHENTICATED
         assert response.DESCRIPTOR is SERVICE.methods_by_name[method].output_type
@@ -373,7 +437,7 @@ async def test_revoked_key_is_refused(
     witness = tenant.read if role != "read" else tenant.meter
     before = await state(tenant, via=witness)
     for method in METHODS:
-        f = await fails(getattr(revoked, method)(valid_request(method)))
+        f = await fails(invoke(revoked, method, valid_request(method)))
         assert_unauthenticated(f)
     assert await state(tenant, via=witness) == before
     # Only that key: the tenant's other keys still work.

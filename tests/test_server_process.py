@@ -374,15 +374,19 @@ def test_sigterm_drains_in_flight_calls(launch: Launch, tmp_path: Path) -> None:
             )
 
         # Make every write slow: Redis holds scripts for 3 s, so the calls are still in
-        # flight (inside the server's handlers) when SIGTERM arrives. Wait until every one
-        # of them is at Redis: a call still queued in the transport was never in flight.
+        # flight (inside the server's handlers) when SIGTERM arrives. Make sure every one
+        # of them is in a handler: a call still queued in the transport was never in
+        # flight. Concurrent Consume calls share pipelines (the coalescer), so only the
+        # first round trip is at Redis and the others wait for it inside the server.
+        # Instead, a Consume that fails validation (it never reaches Redis) is sent after
+        # them on the same connection: the server takes the calls of a method in the order
+        # their streams open, so once it is answered every earlier one is in a handler.
         pause_redis_writes(data, 3000)
         in_flight = {r: consume(r) for r in (rid() for _ in range(DRAIN_CALLS))}
-        deadline = time.monotonic() + 2.5
-        while redis_blocked_clients(data) < DRAIN_CALLS:
-            assert time.monotonic() < deadline, (
-                f"only {redis_blocked_clients(data)} of {DRAIN_CALLS} calls reached Redis")
-            time.sleep(0.02)
+        marker = rejected(lambda: stub.Consume(
+            pb.ConsumeRequest(account_id="dana", feature="text"), metadata=md, timeout=2.5))
+        assert marker.reason == "INVALID_REQUEST"
+        assert redis_blocked_clients(data) >= 1, "no call reached Redis"
         assert not any(f.done() for f in in_flight.values()), "calls were not slowed down"
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)

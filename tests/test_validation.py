@@ -183,6 +183,10 @@ CASES = [
     case("grant-valid-for-beyond-duration-range", "Grant",
          lambda now: grant(valid_for=dur(315_576_000_001)), "valid_for"),
     # Consume
+    # ConsumeBatch: the batch itself (its items' own errors are per item: test_batch.py)
+    case("batch-empty", "ConsumeBatch", lambda now: pb.ConsumeBatchRequest(), "items"),
+    case("batch-1001", "ConsumeBatch",
+         lambda now: pb.ConsumeBatchRequest(items=[consume() for _ in range(1001)]), "items"),
     case("consume-feature-unknown", "Consume", lambda now: consume(feature="fax"), "feature"),
     case("consume-feature-uppercase", "Consume", lambda now: consume(feature="Text"), "feature"),
     case("consume-feature-empty", "Consume", lambda now: consume(feature=""), "feature"),
@@ -426,6 +430,7 @@ def test_table_covers_every_mutating_and_reading_rpc() -> None:
         "ListRates",  # takes no fields
         "GetLedgerStatus",  # takes no fields
         "WatchBalance",  # a server stream: its invalid requests are in test_watch.py
+        "Meter",  # invalid items are per-item errors of the stream: see test_meter.py
     }
 
 

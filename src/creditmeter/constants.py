@@ -181,3 +181,16 @@ REDIS_LATENCY_BUCKETS_S = (
 )  # fmt: skip
 LOG_FORMATS = ("text", "json")
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# --- batching ------------------------------------------------------------------
+#: Items of one ConsumeBatch call (the proto documents 1 to 1000).
+MAX_CONSUME_BATCH = 1000
+#: Requests of one Meter stream read but not yet answered: a client that stops reading
+#: stops the server reading after this many (plus what the transport buffers).
+METER_WINDOW = 256
+#: Largest pipelined batch a Meter stream sends to Redis at once.
+METER_MAX_BATCH = 64
+#: Largest batch of concurrent Consume calls sharing one pipeline.
+COALESCE_MAX_BATCH = 256
+#: NOSCRIPT retries of one pipeline (a SCRIPT FLUSH between the load and the pipeline).
+SCRIPT_LOAD_ATTEMPTS = 3

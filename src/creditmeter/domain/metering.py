@@ -7,7 +7,7 @@ fingerprint of its parameters for idempotency, and makes exactly one script call
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -16,6 +16,7 @@ from creditmeter.constants import (
     DEFAULT_BILLING_INCREMENT_S,
     DEFAULT_PRIORITY,
     MAX_BILLING_INCREMENT_S,
+    MAX_CONSUME_BATCH,
     MAX_CREDITS,
     MAX_EXPIRY_MS,
     MAX_PRIORITY,
@@ -26,12 +27,21 @@ from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import Lot, LotSource, burn_key
 from creditmeter.domain.rates import Rate, RateBook, RateUnit, is_builtin
 from creditmeter.domain.validation import Violations
-from creditmeter.errors import AccountNotFound, InsufficientCredits, Rejected, from_rejection
+from creditmeter.errors import (
+    AccountNotFound,
+    CreditError,
+    InsufficientCredits,
+    InvalidRequest,
+    Rejected,
+    from_rejection,
+)
 from creditmeter.storage.config_store import ConfigStore, RateRow
 from creditmeter.storage.ledger.base import Ledger, StagedGrant
 from creditmeter.storage.redis_store import (
     AccountKeys,
     Call,
+    ConsumeCall,
+    ConsumeRecord,
     GrantRecord,
     LotRecord,
     NewLot,
@@ -57,6 +67,33 @@ class ConsumeResult:
     charges: list[tuple[str, int]]
     balance: int
     time_ms: int
+
+
+@dataclass(frozen=True)
+class ConsumeItem:
+    """One consumption of a batch or stream: the parameters of `Metering.consume`."""
+
+    account_id: str
+    feature: str
+    request_id: str
+    quantity: int | None = None
+    amount: int | None = None
+
+
+def _counted(c: ConsumeCall, record: ConsumeRecord) -> ConsumeResult:
+    """The result of a charge, counted in the metrics unless it is a replay (a replay
+    answers with the first call's transaction: its credits were counted then)."""
+    if record.txn == c.call.txn:
+        metrics.record_consume(record.feature, record.amount, record.units)
+    return ConsumeResult(
+        transaction_id=record.txn,
+        amount=record.amount,
+        units=record.units,
+        feature=record.feature,
+        charges=record.charges,
+        balance=record.balance,
+        time_ms=record.time_ms,
+    )
 
 
 @dataclass(frozen=True)
@@ -334,6 +371,24 @@ class Metering:
             v.add("quantity", "the charge would exceed 2^53-1 credits")
         return credits, units
 
+    def _consume_call(self, tenant: str, item: ConsumeItem) -> ConsumeCall:
+        """Validate and price one consumption; raises InvalidRequest."""
+        v = Violations()
+        v.account_id(item.account_id)
+        v.request_id(item.request_id)
+        credits, units = self.price(tenant, item.feature, item.quantity, item.amount, v)
+        v.raise_if_any()
+        call = self._call(
+            "txn",
+            item.request_id,
+            "Consume",
+            account_id=item.account_id,
+            feature=item.feature,
+            quantity=item.quantity,
+            amount=item.amount,
+        )
+        return ConsumeCall(AccountKeys(tenant, item.account_id), call, credits, item.feature, units)
+
     async def consume(
         self,
         tenant: str,
@@ -345,40 +400,57 @@ class Metering:
         amount: int | None = None,
     ) -> ConsumeResult:
         """Charge an account, all or nothing."""
-        v = Violations()
-        v.account_id(account_id)
-        v.request_id(request_id)
-        credits, units = self.price(tenant, feature, quantity, amount, v)
-        v.raise_if_any()
-        self.gate.check()
-        call = self._call(
-            "txn",
-            request_id,
-            "Consume",
-            account_id=account_id,
-            feature=feature,
-            quantity=quantity,
-            amount=amount,
+        c = self._consume_call(
+            tenant, ConsumeItem(account_id, feature, request_id, quantity, amount)
         )
+        self.gate.check()
         try:
             record = await _applied(
-                self.store.consume(AccountKeys(tenant, account_id), call, credits, feature, units)
+                self.store.consume(c.keys, c.call, c.amount, c.feature, c.units)
             )
         except InsufficientCredits:
-            metrics.record_insufficient(feature)
+            metrics.record_insufficient(c.feature)
             raise
-        # A replay answers with the first call's transaction: its credits were counted then.
-        if record.txn == call.txn:
-            metrics.record_consume(record.feature, record.amount, record.units)
-        return ConsumeResult(
-            transaction_id=record.txn,
-            amount=record.amount,
-            units=record.units,
-            feature=record.feature,
-            charges=record.charges,
-            balance=record.balance,
-            time_ms=record.time_ms,
-        )
+        return _counted(c, record)
+
+    async def consume_many(
+        self, tenant: str, items: Sequence[ConsumeItem]
+    ) -> list[ConsumeResult | CreditError]:
+        """Charge each item as `consume` would, in order; each its own result or error.
+
+        The batch as a whole is refused (raises) only when it is empty or too large, when
+        the ledger backlog gate is closed, or when Redis is unreachable. Valid items go
+        to Redis in one pipeline, in order, so a repeated request id later in the batch
+        replays the earlier item as a retried `consume` would.
+        """
+        if not 1 <= len(items) <= MAX_CONSUME_BATCH:
+            raise InvalidRequest([("items", f"must hold 1 to {MAX_CONSUME_BATCH} items")])
+        self.gate.check()
+        outcomes: list[ConsumeResult | CreditError | None] = []
+        calls: list[ConsumeCall] = []
+        for item in items:
+            try:
+                calls.append(self._consume_call(tenant, item))
+                outcomes.append(None)  # filled in from the store's reply below
+            except InvalidRequest as invalid:
+                outcomes.append(invalid)
+        replies = zip(calls, await self.store.consume_many(calls) if calls else [], strict=True)
+        results: list[ConsumeResult | CreditError] = []
+        for outcome in outcomes:
+            if outcome is not None:
+                results.append(outcome)
+                continue
+            c, reply = next(replies)
+            if isinstance(reply, Rejected):
+                error = from_rejection(reply)
+                if isinstance(error, InsufficientCredits):
+                    metrics.record_insufficient(c.feature)
+                results.append(error)
+            elif isinstance(reply, Exception):
+                raise reply  # a script failure, not a refusal: a bug, as for `consume`
+            else:
+                results.append(_counted(c, reply))
+        return results
 
     # --- SetBalance ------------------------------------------------------------------
     async def set_balance(

@@ -32,19 +32,22 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditmeter import metrics
 from creditmeter.constants import (
     BUCKETS,
+    COALESCE_MAX_BATCH,
     EXPIRY_SWEEP_BATCH,
     IDEMPOTENCY_TTL_S,
     KEY_PREFIX,
+    SCRIPT_LOAD_ATTEMPTS,
     SESSION_CLOSE_BATCH,
 )
 from creditmeter.errors import BackendUnavailable, Rejected
 from creditmeter.storage import scripts
+from creditmeter.storage.coalescer import Coalescer
 
 
 def bucket_of(tenant: str, account: str) -> int:
@@ -159,6 +162,17 @@ class ConsumeRecord:
 
 
 @dataclass(frozen=True)
+class ConsumeCall:
+    """One charge for `RedisStore.consume_many`: the arguments of `RedisStore.consume`."""
+
+    keys: AccountKeys
+    call: Call
+    amount: int
+    feature: str
+    units: int
+
+
+@dataclass(frozen=True)
 class SetBalanceRecord:
     balance: int
     removed: int
@@ -227,6 +241,20 @@ def _lot_from_reply(values: Sequence[str]) -> LotRecord:
     )
 
 
+def _consume_record(values: Sequence[str]) -> ConsumeRecord:
+    txn, charged, units_s, feature_s, balance, time_ms, *parts = values
+    charges = [(lot, int(amt)) for lot, amt in zip(parts[::2], parts[1::2], strict=True)]
+    return ConsumeRecord(
+        txn=txn,
+        amount=int(charged),
+        units=int(units_s),
+        feature=feature_s,
+        balance=int(balance),
+        time_ms=int(time_ms),
+        charges=charges,
+    )
+
+
 def _checked(reply: list[str]) -> list[str]:
     if reply[0] == "ERR":
         pairs = reply[2:]
@@ -253,16 +281,15 @@ class RedisStore:
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(scripts.source(name)) for name in scripts.SCRIPT_NAMES
         }
+        #: Concurrent single consumptions share pipelines through this (see coalescer).
+        self.consume_coalescer: Coalescer[ConsumeCall, ConsumeRecord] = Coalescer(
+            self.consume_many, COALESCE_MAX_BATCH
+        )
+        #: Script pipelines sent to Redis (round trips of `consume_many`), for tests.
+        self.pipelines = 0
 
-    async def _run(
-        self,
-        name: str,
-        keys: AccountKeys,
-        call: Call,
-        extra: Sequence[str],
-        script_keys: list[str] | None = None,
-    ) -> list[str]:
-        args: list[Any] = [
+    def _args(self, call: Call, keys: AccountKeys, extra: Sequence[str]) -> list[Any]:
+        return [
             str(call.now_ms),
             call.fingerprint,
             str(self.idempotency_ttl_s),
@@ -272,6 +299,16 @@ class RedisStore:
             call.request_id,
             *extra,
         ]
+
+    async def _run(
+        self,
+        name: str,
+        keys: AccountKeys,
+        call: Call,
+        extra: Sequence[str],
+        script_keys: list[str] | None = None,
+    ) -> list[str]:
+        args = self._args(call, keys, extra)
         start = time.perf_counter()
         try:
             async with _reachable():
@@ -283,6 +320,43 @@ class RedisStore:
             metrics.REDIS_DURATION.labels(name).observe(time.perf_counter() - start)
         return _checked(reply)
 
+    async def _run_many(self, name: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run script `name` once per (keys, args), in order, in one pipeline; each reply
+        or the ResponseError of that call.
+
+        Not a transaction: each call is atomic on its own, as if sent alone. EVALSHA only,
+        so the common case is one round trip; calls refused with NOSCRIPT (after a SCRIPT
+        FLUSH or a restart) are sent again, in order, once the script is loaded.
+        (redis-py's own pipeline support would first ask SCRIPT EXISTS every time.)
+        """
+        script = self._scripts[name]
+        replies: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for _ in range(SCRIPT_LOAD_ATTEMPTS):
+            start = time.perf_counter()
+            try:
+                async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+                    for i in pending:
+                        keys, args = calls[i]
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    self.pipelines += 1
+                    results = await pipe.execute(raise_on_error=False)
+            finally:
+                # One round trip, however many calls it carried.
+                metrics.REDIS_DURATION.labels(name).observe(time.perf_counter() - start)
+            missing = []
+            for i, result in zip(pending, results, strict=True):
+                if isinstance(result, NoScriptError):
+                    missing.append(i)
+                else:
+                    replies[i] = result
+            if not missing:
+                return replies
+            async with _reachable():
+                script.sha = await self.client.script_load(script.script)
+            pending = missing
+        raise NoScriptError(f"script {name} was flushed {SCRIPT_LOAD_ATTEMPTS} times in a row")
+
     async def grant(self, keys: AccountKeys, call: Call, lot: NewLot) -> GrantRecord:
         values = await self._run("grant", keys, call, _lot_args(lot))
         return GrantRecord(lot=_lot_from_reply(values), balance=int(values[7]))
@@ -290,18 +364,40 @@ class RedisStore:
     async def consume(
         self, keys: AccountKeys, call: Call, amount: int, feature: str, units: int
     ) -> ConsumeRecord:
-        values = await self._run("consume", keys, call, [str(amount), feature, str(units)])
-        txn, charged, units_s, feature_s, balance, time_ms, *parts = values
-        charges = [(lot, int(amt)) for lot, amt in zip(parts[::2], parts[1::2], strict=True)]
-        return ConsumeRecord(
-            txn=txn,
-            amount=int(charged),
-            units=int(units_s),
-            feature=feature_s,
-            balance=int(balance),
-            time_ms=int(time_ms),
-            charges=charges,
+        """Charge an account (all or nothing); raises Rejected when the script refuses.
+
+        Goes through the coalescer: alone when Redis is idle, in one pipeline with the
+        other charges that queued meanwhile when it is busy.
+        """
+        return await self.consume_coalescer.submit(ConsumeCall(keys, call, amount, feature, units))
+
+    async def consume_many(self, calls: Sequence[ConsumeCall]) -> list[ConsumeRecord | Exception]:
+        """Run the consume script for each call, in order, in one round trip.
+
+        Each outcome is the call's record, or the Rejected (or ResponseError) that call
+        alone would have raised. A lost Redis raises BackendUnavailable for the whole batch:
+        some calls may have run, and a retry with the same request ids replays them.
+        """
+        replies = await self._run_many(
+            "consume",
+            [
+                (
+                    c.keys.script_keys(c.call.request_id),
+                    self._args(c.call, c.keys, [str(c.amount), c.feature, str(c.units)]),
+                )
+                for c in calls
+            ],
         )
+        outcomes: list[ConsumeRecord | Exception] = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                outcomes.append(reply)
+                continue
+            try:
+                outcomes.append(_consume_record(_checked(reply)))
+            except Rejected as rejected:
+                outcomes.append(rejected)
+        return outcomes
 
     async def set_balance(
         self, keys: AccountKeys, call: Call, reset: bool, lot: NewLot

@@ -9,10 +9,12 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.alerts import Alert, AlertKind
 from creditmeter.domain.lots import Lot, LotSource
+from creditmeter.domain.metering import ConsumeItem, ConsumeResult
 from creditmeter.domain.rates import Rate, RateUnit
 from creditmeter.domain.sessions import SessionView, TimeoutPolicy
-from creditmeter.errors import InvalidRequest
+from creditmeter.errors import CreditError, InvalidRequest
 from creditmeter.storage.ledger.base import Transaction
+from creditmeter.transport.interceptors import describe
 
 _MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the Timestamp spec's limit
 _MAX_DURATION_S = 315_576_000_000  # 10,000 years, the Duration spec's limit
@@ -172,3 +174,47 @@ def alert_pb(alert: Alert) -> pb.WatchBalanceResponse:
         event_time=timestamp(alert.time_ms),
         resume_token=alert.resume_token,
     )
+
+
+def consume_item(request: pb.ConsumeRequest) -> ConsumeItem:
+    return ConsumeItem(
+        account_id=request.account_id,
+        feature=request.feature,
+        request_id=request.request_id,
+        quantity=request.quantity if request.HasField("quantity") else None,
+        amount=request.amount if request.HasField("amount") else None,
+    )
+
+
+def consume_response_pb(result: ConsumeResult) -> pb.ConsumeResponse:
+    return pb.ConsumeResponse(
+        transaction_id=result.transaction_id,
+        amount=result.amount,
+        units=result.units,
+        feature=result.feature,
+        charges=[pb.LotCharge(lot_id=lot, amount=amount) for lot, amount in result.charges],
+        balance=result.balance,
+        consume_time=timestamp(result.time_ms),
+    )
+
+
+def consume_error_pb(error: CreditError) -> pb.ConsumeError:
+    """What a failed call's status would carry, as one item's error (same mapping)."""
+    parts = describe(error)
+    violations: dict[str, str] = {}
+    for field, why in parts.violations:
+        # The proto's map holds one description per field: join a field's several.
+        violations[field] = f"{violations[field]}; {why}" if field in violations else why
+    return pb.ConsumeError(
+        code=parts.rpc_code,
+        reason=parts.reason,
+        message=parts.message,
+        metadata=parts.metadata,
+        field_violations=violations,
+    )
+
+
+def consume_result_pb(request_id: str, outcome: ConsumeResult | CreditError) -> pb.ConsumeResult:
+    if isinstance(outcome, CreditError):
+        return pb.ConsumeResult(request_id=request_id, error=consume_error_pb(outcome))
+    return pb.ConsumeResult(request_id=request_id, response=consume_response_pb(outcome))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -10,12 +11,13 @@ import grpc
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
+from creditmeter.constants import METER_MAX_BATCH, METER_WINDOW
 from creditmeter.domain.alerts import BalanceAlerts
 from creditmeter.domain.history import History
-from creditmeter.domain.metering import Metering
+from creditmeter.domain.metering import ConsumeResult, Metering
 from creditmeter.domain.purchases import Purchases
 from creditmeter.domain.sessions import Sessions
-from creditmeter.errors import InvalidRequest
+from creditmeter.errors import CreditError, InvalidRequest
 from creditmeter.storage.ledger.base import Period, TxnQuery
 from creditmeter.transport import convert
 from creditmeter.transport.interceptors import principal
@@ -88,15 +90,99 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             quantity=request.quantity if request.HasField("quantity") else None,
             amount=request.amount if request.HasField("amount") else None,
         )
-        return pb.ConsumeResponse(
-            transaction_id=result.transaction_id,
-            amount=result.amount,
-            units=result.units,
-            feature=result.feature,
-            charges=[pb.LotCharge(lot_id=lot, amount=amount) for lot, amount in result.charges],
-            balance=result.balance,
-            consume_time=convert.timestamp(result.time_ms),
+        return convert.consume_response_pb(result)
+
+    async def ConsumeBatch(
+        self, request: pb.ConsumeBatchRequest, context: Context
+    ) -> pb.ConsumeBatchResponse:
+        items = request.items
+        outcomes = await self.metering.consume_many(
+            principal().tenant, [convert.consume_item(item) for item in items]
         )
+        return pb.ConsumeBatchResponse(
+            results=[
+                convert.consume_result_pb(item.request_id, outcome)
+                for item, outcome in zip(items, outcomes, strict=True)
+            ]
+        )
+
+    async def _meter_batch(
+        self, tenant: str, requests: Sequence[pb.ConsumeRequest]
+    ) -> list[pb.ConsumeResult]:
+        """One Meter batch's results. A refusal of the whole batch (ledger backlog, Redis
+        away) becomes each item's error: the stream goes on, as separate Consume calls
+        would each have failed and the next ones may succeed."""
+        try:
+            outcomes: Sequence[ConsumeResult | CreditError] = await self.metering.consume_many(
+                tenant, [convert.consume_item(r) for r in requests]
+            )
+        except CreditError as error:
+            outcomes = [error] * len(requests)
+        return [
+            convert.consume_result_pb(r.request_id, outcome)
+            for r, outcome in zip(requests, outcomes, strict=True)
+        ]
+
+    async def Meter(
+        self, request_iterator: AsyncIterator[pb.MeterRequest], context: Context
+    ) -> AsyncIterator[pb.MeterResponse]:
+        """Three stages: read, charge (pipelined batches of what has arrived), write.
+
+        A request holds a slot of the window from before it is read until its response
+        has been written; writing awaits HTTP/2 flow control, so a client that stops
+        reading holds every slot and the reader stops reading (and the client's writes
+        then block in turn). Memory per stream is bounded by the window.
+        """
+        tenant = principal().tenant
+        window = asyncio.Semaphore(METER_WINDOW)
+        received: asyncio.Queue[pb.ConsumeRequest | None] = asyncio.Queue()
+        answered: asyncio.Queue[list[pb.ConsumeResult] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            requests = aiter(request_iterator)
+            try:
+                while True:
+                    await window.acquire()  # before reading: the window bounds the reader
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        return
+                    received.put_nowait(request.consume)
+            finally:
+                received.put_nowait(None)
+
+        async def charge() -> None:
+            try:
+                more = True
+                while more:
+                    first = await received.get()
+                    if first is None:
+                        return
+                    batch = [first]
+                    # Whatever else has already arrived goes in the same round trip.
+                    while len(batch) < METER_MAX_BATCH and not received.empty():
+                        request = received.get_nowait()
+                        if request is None:
+                            more = False
+                            break
+                        batch.append(request)
+                    answered.put_nowait(await self._meter_batch(tenant, batch))
+            finally:
+                answered.put_nowait(None)
+
+        reader = asyncio.create_task(read(), name="meter-reader")
+        charger = asyncio.create_task(charge(), name="meter-charger")
+        try:
+            while (results := await answered.get()) is not None:
+                for result in results:
+                    yield pb.MeterResponse(result=result)
+                    window.release()
+            # The charger ends on the reader's end (or its own failure): raise either's error.
+            await charger
+            await reader
+        finally:
+            for task in (reader, charger):
+                task.cancel()
 
     # --- call sessions ---------------------------------------------------------------
     async def StartSession(

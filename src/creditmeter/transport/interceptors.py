@@ -61,29 +61,56 @@ def principal() -> Principal:
     return _PRINCIPAL.get()
 
 
+@dataclass(frozen=True)
+class ErrorParts:
+    """How a domain error is reported: what a failed call's status carries, and what a
+    failed item of ConsumeBatch or Meter carries in its ConsumeError."""
+
+    code: grpc.StatusCode
+    reason: str
+    message: str
+    metadata: dict[str, str]
+    #: (field, why) for INVALID_REQUEST, else empty.
+    violations: list[tuple[str, str]]
+
+    @property
+    def rpc_code(self) -> int:
+        """The google.rpc.Code number of `code`."""
+        return int(getattr(code_pb2, self.code.name))
+
+
+def describe(error: errors.CreditError) -> ErrorParts:
+    """The status code, reason, message, metadata and field violations of a domain error."""
+    return ErrorParts(
+        code=_STATUS.get(type(error), grpc.StatusCode.INTERNAL),
+        reason=error.reason,
+        message=error.message,
+        metadata=dict(error.metadata),
+        violations=list(error.violations) if isinstance(error, errors.InvalidRequest) else [],
+    )
+
+
 def to_status(error: errors.CreditError) -> grpc.Status:
     """The gRPC status, with ErrorInfo (and BadRequest) details, for a domain error."""
-    code = _STATUS.get(type(error), grpc.StatusCode.INTERNAL)
+    parts = describe(error)
     details = []
     info = error_details_pb2.ErrorInfo(
-        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+        reason=parts.reason, domain=ERROR_DOMAIN, metadata=parts.metadata
     )
     packed = any_pb2.Any()
     packed.Pack(info)
     details.append(packed)
-    if isinstance(error, errors.InvalidRequest):
+    if parts.violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in error.violations
+                for f, d in parts.violations
             ]
         )
         packed = any_pb2.Any()
         packed.Pack(bad)
         details.append(packed)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=details
-    )
+    status = status_pb2.Status(code=parts.rpc_code, message=parts.message, details=details)
     return rpc_status.to_status(status)
 
 
