@@ -85,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flusher=not args.no_flusher,
         backlog_cap=args.backlog_cap,
         pending_purchase_ttl_ms=args.pending_purchase_ttl * 1000,
+        session_grace_s=float(args.session_grace),
         metrics_listen=args.metrics_listen or None,
     )
     try:
@@ -206,7 +207,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
 def cmd_balance(args: argparse.Namespace) -> int:
     resp = _client(args).get_balance(args.account)
     label = "unlimited" if resp.unlimited else str(resp.balance)
-    console.print(f"{args.account}: balance {label}")
+    held = f" ({resp.reserved} reserved by call sessions)" if resp.reserved else ""
+    console.print(f"{args.account}: balance {label}{held}")
     if resp.lots:
         console.print(_lots_table(resp.lots))
     return 0
@@ -529,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_duration_s,
         default=_duration_s(_env("PENDING_PURCHASE_TTL") or "30m"),
         help="how long a two-step purchase waits for CompletePurchase (e.g. 30m, 2h)",
+    )
+    p.add_argument(
+        "--session-grace",
+        type=_duration_s,
+        default=_duration_s(_env("SESSION_GRACE") or "30s"),
+        help="how long past its validity a silent call session is closed by the server",
     )
     p.add_argument(
         "--no-flusher",
