@@ -184,12 +184,13 @@ class ServerProcess:
                 time.sleep(0.05)
 
     def redis_pid(self) -> int:
-        """The pid of the server's one child, which must be its redis-server."""
-        kids = children(self.pid)
-        assert len(kids) == 1, kids
-        cmdline = Path(f"/proc/{kids[0]}/cmdline").read_bytes().replace(b"\0", b" ")
-        assert b"redis-server" in cmdline, cmdline
-        return kids[0]
+        """The pid of the server's redis-server (its other child is its flusher)."""
+        kids = {k: Path(f"/proc/{k}/cmdline").read_bytes() for k in children(self.pid)}
+        redis_kids = [k for k, cmdline in kids.items() if b"redis-server" in cmdline]
+        assert len(redis_kids) == 1, kids
+        flushers = [k for k, cmdline in kids.items() if b"\0flush\0" in cmdline]
+        assert len(kids) == 2 and len(flushers) == 1, kids
+        return redis_kids[0]
 
     def terminate(self, timeout_s: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -313,7 +314,8 @@ def test_restart_keeps_balances_usage_rates_options_keys_and_idempotency(
 
     # SIGTERM: clean exit, and the redis-server child goes with it.
     redis_pid = server.redis_pid()
-    assert len(processes_using(data)) == 2, processes_using(data)
+    # The server, its redis-server and its flusher.
+    assert len(processes_using(data)) == 3, processes_using(data)
     assert redis_answers(data)
     assert server.terminate() == 0, server.stderr()
     assert not alive(redis_pid)

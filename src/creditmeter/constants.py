@@ -68,6 +68,11 @@ FLUSH_BLOCK_MS = 100
 FLUSH_CLAIM_IDLE_MS = 15_000
 #: How often a flusher trims flushed entries off the outboxes and looks for dead peers.
 FLUSH_MAINTENANCE_INTERVAL_S = 1.0
+#: Every flusher's figures (events committed, lag of its last batch, when), one field per
+#: flusher, so the server reports them whichever process flushes.
+FLUSHERS_KEY = "cm:flushers"
+#: A flusher child that exits on its own is started again after this pause.
+FLUSHER_RESTART_DELAY_S = 1.0
 #: Outbox entries not yet in the ledger beyond which metering fails closed (UNAVAILABLE).
 DEFAULT_BACKLOG_CAP = 1_000_000
 #: Metering resumes once the backlog is back under this fraction of the cap.

@@ -109,6 +109,11 @@ def record_flush(events: int, lag_ms: int) -> None:
     FLUSH_LAG.set(lag_ms / 1000)
 
 
+def set_flush_lag(lag_ms: int) -> None:
+    """The lag of the last batch a flusher in another process committed."""
+    FLUSH_LAG.set(lag_ms / 1000)
+
+
 def set_sessions_open(n: int) -> None:
     """The number of open call sessions (set by the sessions service)."""
     SESSIONS_OPEN.set(n)

@@ -40,8 +40,9 @@ class RedisStartFailed(RuntimeError):
     pass
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: ask the kernel to SIGTERM it when the parent dies."""
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (in a child before exec,
+    or early in a child process of our own)."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -116,7 +117,10 @@ class EmbeddedRedis:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
+            # Its own session: a Ctrl-C at the terminal reaches the server, which drains
+            # its calls and then stops Redis, rather than Redis going first.
+            start_new_session=True,
         )
         await self._wait_ready(url)
         self.url = url

@@ -15,12 +15,13 @@ import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
+from creditmeter.constants import SHUTDOWN_GRACE_S
 from creditmeter.domain.clock import SystemClock
 from creditmeter.domain.recovery import Recovery
 from creditmeter.storage.embedded_redis import EmbeddedRedis, endpoint_file
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Ledger
-from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
+from creditmeter.storage.ledger.flusher import Flusher, drain, outbox_backlog
 from creditmeter.storage.redis_store import RedisStore
 
 
@@ -75,7 +76,11 @@ async def run_flusher(data_dir: str, redis_url: str | None, ledger_url: str | No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with open_stores(data_dir, redis_url, ledger_url) as stores:
-        await Flusher(stores.redis, stores.ledger).run(stop)
+        flusher = Flusher(stores.redis, stores.ledger)
+        await flusher.run(stop)
+        # What was written up to the stop still goes in (a stopping server's last calls).
+        with contextlib.suppress(Exception):
+            await drain(flusher, SHUTDOWN_GRACE_S)
     return 0
 
 

@@ -76,6 +76,7 @@ def _source(value: pb.LotSource.ValueType) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from creditmeter.transport.server import Settings, serve
 
+    os.environ[f"{ENV_PREFIX}LOG_FORMAT"] = args.log_format  # for the flusher child
     settings = Settings(
         listen=args.listen,
         data_dir=Path(args.data_dir),
@@ -83,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         appendfsync=args.appendfsync,
         ledger_url=args.ledger_url or None,
         flusher=not args.no_flusher,
+        flusher_process=not args.inline_flusher,
         backlog_cap=args.backlog_cap,
         pending_purchase_ttl_ms=args.pending_purchase_ttl * 1000,
         session_grace_s=float(args.session_grace),
@@ -344,8 +346,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
+    from creditmeter.storage.embedded_redis import die_with_parent
     from creditmeter.transport.admin import run_flusher
 
+    if args.parent_pid is not None:
+        die_with_parent()
+        if os.getppid() != args.parent_pid:  # it died before we asked
+            return 1
     return uvloop.run(run_flusher(args.data_dir, args.redis_url, args.ledger_url))
 
 
@@ -544,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not flush the outbox in this process (run `creditmeter flush` apart)",
     )
     p.add_argument(
+        "--inline-flusher",
+        action="store_true",
+        help="flush on the server's own event loop instead of in a child process",
+    )
+    p.add_argument(
         "--backlog-cap",
         type=int,
         default=int(_env("BACKLOG_CAP") or DEFAULT_BACKLOG_CAP),
@@ -622,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flush", help="drain the outboxes into the ledger (a flusher process)")
     _store_flags(p)
+    # Set by `serve` for its flusher child: exit with that process.
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_flush)
 
     p = sub.add_parser("audit", help="check every balance in Redis against the ledger")
@@ -787,8 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Only `serve` has --log-format; the other commands log (rarely) as text.
-    logs.configure(getattr(args, "log_format", "text"), _env("LOG_LEVEL", "INFO") or "INFO")
+    # `serve` has --log-format and hands it to its flusher child through the environment;
+    # the other commands log (rarely) as the environment says, text by default.
+    log_format = getattr(args, "log_format", None) or _env("LOG_FORMAT", "text") or "text"
+    logs.configure(log_format, _env("LOG_LEVEL", "INFO") or "INFO")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -7,7 +7,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from creditmeter.constants import (
     DEFAULT_LISTEN,
     DEFAULT_SESSION_GRACE_S,
     EXPIRY_SWEEP_INTERVAL_S,
+    FLUSHER_RESTART_DELAY_S,
     IDEMPOTENCY_TTL_S,
     RECONCILE_INTERVAL_S,
     REDIS_POOL_SIZE,
@@ -52,7 +56,7 @@ from creditmeter.storage.config_store import ConfigStore
 from creditmeter.storage.embedded_redis import EmbeddedRedis
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Ledger
-from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
+from creditmeter.storage.ledger.flusher import Flusher, drain, flusher_stats, outbox_backlog
 from creditmeter.storage.outbox import OutboxReader
 from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.credits_servicer import CreditsServicer, LedgerStatus
@@ -75,8 +79,12 @@ class Settings:
     appendfsync: str = "always"
     #: postgresql://... for PostgreSQL; None for SQLite in data_dir.
     ledger_url: str | None = None
-    #: Run a flusher in this process (turn off when `creditmeter flush` runs apart).
+    #: Run a flusher (turn off when `creditmeter flush` runs apart).
     flusher: bool = True
+    #: Run it as a child process (`creditmeter flush`, dying with the server) rather than
+    #: on the server's event loop: its reads and ledger writes then never hold up a call.
+    #: `serve` does; the in-process tests flush inline to drive the flusher themselves.
+    flusher_process: bool = False
     backlog_cap: int = DEFAULT_BACKLOG_CAP
     #: How often the scheduler looks for subscription periods that have started.
     renew_interval_s: float = RENEW_INTERVAL_S
@@ -111,7 +119,9 @@ class App:
         self.ledger: Ledger | None = None
         self.subscriptions: Subscriptions | None = None
         self.sessions: Sessions | None = None
+        #: The in-process flusher (None when a child process flushes, or none does).
         self.flusher: Flusher | None = None
+        self.flusher_child: subprocess.Popen[bytes] | None = None
         self.gate = Backpressure(settings.backlog_cap)
         self.metrics: metrics.MetricsEndpoint | None = None
         #: The bound port of the metrics endpoint (0 while it is off).
@@ -153,8 +163,10 @@ class App:
             gate=self.gate,
         )
         if s.flusher:
-            self.flusher = Flusher(self.redis, ledger, retention_ms=s.watch_retention_s * 1000)
-            await self.flusher.ensure_groups()
+            flusher = Flusher(self.redis, ledger, retention_ms=s.watch_retention_s * 1000)
+            await flusher.ensure_groups()
+            if not s.flusher_process:
+                self.flusher = flusher
 
         self.server = grpc.aio.server(interceptors=[Gatekeeper(lambda: live.keys)])
         catalog = Catalog(config, s.clock, s.idempotency_ttl_s)
@@ -195,6 +207,8 @@ class App:
                 self.metrics_port,
             )
         metrics.record_backlog(self.gate.backlog, self.gate.cap, self.gate.refusing)
+        if self.flusher is None:  # flushed by another process: its figures are in Redis
+            metrics.set_flush_lag((await flusher_stats(self.redis)).last_lag_ms)
         self.tasks = [
             asyncio.create_task(
                 self._every(CONFIG_RELOAD_INTERVAL_S, live.refresh), name="config-reload"
@@ -220,6 +234,10 @@ class App:
         ]
         if self.flusher is not None:
             self.tasks.append(asyncio.create_task(self.flusher.run(self._stopping), name="flusher"))
+        elif s.flusher:
+            self.tasks.append(
+                asyncio.create_task(self._supervise_flusher(url), name="flusher-process")
+            )
         for service in ("", CREDITS_SERVICE, PACKS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -267,13 +285,51 @@ class App:
             log.warning("re-applying staged grant %s", staged.lot_id)
             await self.metering.apply_staged(staged, now)
 
+    async def _supervise_flusher(self, redis_url: str) -> None:
+        """Run `creditmeter flush` as a child until the server stops, starting it again if
+        it exits on its own. On stop it is sent SIGTERM: it flushes what the drained calls
+        wrote, then exits."""
+        s = self.settings
+        command = [
+            sys.executable, "-m", "creditmeter", "flush",
+            "--data-dir", str(s.data_dir), "--redis-url", redis_url,
+            *(["--ledger-url", s.ledger_url] if s.ledger_url else []),
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+        while not self._stopping.is_set():
+            # subprocess.Popen rather than the event loop's spawn: CPython spawns with
+            # vfork, where a plain fork of a process running gRPC makes gRPC's fork
+            # handlers complain. So no preexec_fn either: the child asks for its own death
+            # signal (--parent-pid). Its own session: a Ctrl-C reaches only the server,
+            # which stops the child once the calls have drained.
+            child = await asyncio.to_thread(subprocess.Popen, command, start_new_session=True)
+            self.flusher_child = child
+            stopping = asyncio.create_task(self._stopping.wait())
+            exited = asyncio.create_task(asyncio.to_thread(child.wait))
+            await asyncio.wait((stopping, exited), return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if exited.done():
+                log.warning(
+                    "flusher process exited (%s); starting it again", child.returncode
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), FLUSHER_RESTART_DELAY_S)
+                continue
+            child.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), s.shutdown_grace_s * 2)
+            except TimeoutError:
+                child.kill()
+                await exited
+
     async def ledger_status(self) -> LedgerStatus:
-        stats = self.flusher.stats if self.flusher else None
+        assert self.redis is not None
+        figures = await flusher_stats(self.redis)
         return LedgerStatus(
             backlog=self.gate.backlog,
             backlog_cap=self.gate.cap,
-            flush_lag_ms=stats.last_lag_ms if stats else 0,
-            events_flushed=stats.events if stats else 0,
+            flush_lag_ms=figures.last_lag_ms,
+            events_flushed=figures.events,
             accepting_changes=not self.gate.refusing,
         )
 
@@ -287,13 +343,10 @@ class App:
         self._stopping.set()
         if self.flusher is not None:
             with contextlib.suppress(Exception):
-                deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace_s
-                while await self.flusher.flush_once() and (
-                    asyncio.get_running_loop().time() < deadline
-                ):
-                    pass
+                await drain(self.flusher, self.settings.shutdown_grace_s)
         if self.tasks:
-            _, late = await asyncio.wait(self.tasks, timeout=self.settings.shutdown_grace_s)
+            # The flusher child gets twice the grace: it drains after the calls did.
+            _, late = await asyncio.wait(self.tasks, timeout=self.settings.shutdown_grace_s * 3)
             for task in late:
                 task.cancel()
             if late:

@@ -34,6 +34,7 @@ from creditmeter.constants import (
     FLUSH_GROUP,
     FLUSH_MAINTENANCE_INTERVAL_S,
     FLUSH_READ_COUNT,
+    FLUSHERS_KEY,
     WATCH_RETENTION_S,
 )
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
@@ -118,13 +119,21 @@ class Flusher:
             return 0
         await self.ledger.append(events, requests)
         oldest = min(_ms_of(entries[0][0]) for _s, entries in batch)
+        now_ms = int(time.time() * 1000)
+        self.stats.events += len(events)
+        self.stats.batches += 1
+        self.stats.last_lag_ms = max(0, now_ms - oldest)
         async with self.client.pipeline(transaction=False) as pipe:
             for stream, entries in batch:
                 pipe.xack(stream, FLUSH_GROUP, *(entry_id for entry_id, _ in entries))
+            # The figures go with the acknowledgement: whichever process flushes, the
+            # server reads them from here (flusher_stats).
+            pipe.hset(
+                FLUSHERS_KEY,
+                self.consumer,
+                f"{self.stats.events} {self.stats.last_lag_ms} {now_ms}",
+            )
             await pipe.execute()
-        self.stats.events += len(events)
-        self.stats.batches += 1
-        self.stats.last_lag_ms = max(0, int(time.time() * 1000) - oldest)
         metrics.record_flush(len(events), self.stats.last_lag_ms)
         return len(events)
 
@@ -239,6 +248,36 @@ async def _pause(stop: asyncio.Event) -> None:
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True)
+class FlushFigures:
+    #: Events every flusher has committed (summed over the flushers on record).
+    events: int
+    #: Age of the oldest entry of the most recent batch any flusher committed (ms).
+    last_lag_ms: int
+
+
+async def flusher_stats(client: aioredis.Redis) -> FlushFigures:
+    """What the flushers (in this process, children, or `creditmeter flush` elsewhere)
+    last published with their acknowledgements."""
+    published = await client.hgetall(FLUSHERS_KEY)
+    events, latest_ms, lag_ms = 0, -1, 0
+    for value in published.values():
+        count, lag, at = (int(x) for x in str(value).split())
+        events += count
+        if at > latest_ms:
+            latest_ms, lag_ms = at, lag
+    return FlushFigures(events, lag_ms)
+
+
+async def drain(flusher: Flusher, deadline_s: float) -> None:
+    """Flush until the outboxes are empty or the time is up (a stopping server's last
+    writes reach the ledger before it exits)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while await flusher.flush_once() and loop.time() < end:
+        pass
 
 
 async def outbox_backlog(client: aioredis.Redis) -> int:
