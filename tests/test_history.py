@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
@@ -152,3 +153,31 @@ async def test_ledger_status_reports_lag(app: App, tenant: Tenant) -> None:
     status = await tenant.admin.GetLedgerStatus(pb.GetLedgerStatusRequest())
     assert status.events_flushed >= 1 and status.accepting_changes
     assert status.backlog_cap > 0 and status.flush_lag.ToMilliseconds() < 5_000
+
+
+@pytest.mark.flusher
+async def test_backlog_counts_only_unflushed_entries_while_flushed_ones_are_kept(
+    app: App, tenant: Tenant, redis_client: Any
+) -> None:
+    """The outboxes keep flushed entries for balance watchers: the backlog (and so the
+    backpressure gate) counts what is not in the ledger yet, never what is kept."""
+    from creditmeter.storage.redis_store import bucket_of, outbox_key
+
+    await tenant.admin.Grant(pb.GrantRequest(account_id="kept", amount=100, request_id=rid()))
+    for _ in range(30):
+        await tenant.meter.Consume(
+            pb.ConsumeRequest(account_id="kept", feature="text", request_id=rid())
+        )
+    assert app.flusher is not None
+    for _ in range(200):
+        if await app.flusher.backlog() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await app.flusher.backlog() == 0
+    assert redis_client.xlen(outbox_key(bucket_of(tenant.name, "kept"))) >= 62  # still kept
+    for _ in range(100):  # the server's monitor reads the same figure every 0.2 s
+        status = await tenant.admin.GetLedgerStatus(pb.GetLedgerStatusRequest())
+        if status.backlog == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert status.backlog == 0 and status.events_flushed >= 31

@@ -226,6 +226,12 @@ class _AckFails:
     def xack(self, *args: object, **kwargs: object) -> None:
         raise SimulatedCrash("killed after the ledger commit, before XACK")
 
+    def eval(self, script: str, *args: object) -> None:
+        """The flusher acknowledges through ack.lua (XACK and the flushed count)."""
+        if "XACK" in script:
+            raise SimulatedCrash("killed after the ledger commit, before XACK")
+        self._pipe.eval(script, *args)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipe, name)
 

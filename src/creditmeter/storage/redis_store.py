@@ -12,6 +12,7 @@ Key layout (all keys of an account and its bucket share one hash slot, `{bNN}`):
     cm:{bNN}:outbox                           STREAM the bucket's event outbox
     cm:{bNN}:due                              ZSET   "<tenant>:<account>" by next lot expiry
     cm:{bNN}:sessions                         ZSET   open sessions by when to close them
+    cm:{bNN}:flushed                          STRING outbox entries acknowledged, ever
     cm:{bNN}:trimmed                          STRING the outbox's greatest trimmed entry id
 
 Bucketing rather than one hash tag per account is what lets a script append to an outbox
@@ -69,6 +70,13 @@ def due_key(bucket: int) -> str:
 
 def sessions_key(bucket: int) -> str:
     return f"{bucket_tag(bucket)}:sessions"
+
+
+def flushed_key(bucket: int) -> str:
+    """How many of the outbox's entries have been acknowledged into the ledger, ever."""
+    return f"{bucket_tag(bucket)}:flushed"
+
+
 def trimmed_key(bucket: int) -> str:
     """The greatest entry id trimmed off the bucket's outbox. XINFO STREAM has it as
     max-deleted-entry-id, but Redis 7.0 updates that on XDEL only, not on XTRIM."""
