@@ -24,7 +24,7 @@ from creditmeter.constants import (
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
-from creditmeter.domain.rates import Rate, RateBook, RateUnit
+from creditmeter.domain.rates import RateBook, RateUnit
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     IdempotencyKeyReused,
@@ -138,12 +138,6 @@ class Sessions:
         )
 
     @staticmethod
-    def _quota_units(rate: Rate, requested_s: int | None) -> int:
-        if requested_s is None:
-            return DEFAULT_SESSION_QUOTA_UNITS
-        return rate.units(requested_s)
-
-    @staticmethod
     def _check_quota(requested_s: int | None, v: Violations) -> None:
         if requested_s is not None and not 1 <= requested_s <= MAX_SESSION_QUOTA_S:
             v.add("requested_seconds", f"must be from 1 to {MAX_SESSION_QUOTA_S} seconds")
@@ -210,7 +204,8 @@ class Sessions:
                     feature,
                     str(rate.credits_per_unit),
                     str(rate.billing_increment_s),
-                    str(self._quota_units(rate, requested_s)),
+                    str(requested_s or 0),
+                    str(DEFAULT_SESSION_QUOTA_UNITS),
                     str(policy),
                     str(self.grace_ms),
                 ],
@@ -245,7 +240,7 @@ class Sessions:
             requested_s=requested_s,
         )
         # The script turns the seconds asked into increments of the session's own
-        # billing increment (fixed at its start); 0 asks for the default quota.
+        # billing increment (fixed at its start), as at the start; 0 asks for the default.
         return await self._step(
             AccountKeys(tenant, account_id),
             call,

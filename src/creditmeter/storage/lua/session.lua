@@ -6,8 +6,10 @@
 --                        scored by the time (ms) past which the server closes them
 -- ARGV[8] step: start | update | end | close       ARGV[9] session id
 -- start:         ARGV[10] feature   ARGV[11] credits per increment   ARGV[12] increment (s)
---                ARGV[13] increments requested   ARGV[14] timeout policy (charge_quota |
---                release)   ARGV[15] grace (ms) before a silent session is closed
+--                ARGV[13] seconds of quota requested ('0' = the default)
+--                ARGV[14] the default quota, in increments
+--                ARGV[15] timeout policy (charge_quota | release)
+--                ARGV[16] grace (ms) before a silent session is closed
 -- update, end:   ARGV[10] sequence   ARGV[11] seconds used since the last report
 --                ARGV[12] seconds of quota requested next (update; '0' = the default)
 --                ARGV[13] the default quota, in increments (update)
@@ -57,6 +59,14 @@ end
 
 local unlimited = redis.call('HGET', KEYS[5], 'unlimited') == '1'
 
+-- The increments of `inc` seconds a step asks for: its seconds rounded up, or the default.
+local function quota(requested_s, default_units, inc)
+  if tonumber(requested_s) > 0 then
+    return math.ceil(tonumber(requested_s) / inc)
+  end
+  return tonumber(default_units)
+end
+
 -- Increments (at most `want`) that `free` spendable credits can hold at `rate` each.
 local function holdable(want, rate, free)
   if unlimited then
@@ -96,8 +106,8 @@ if step == 'start' then
   sweep()
   local rate = tonumber(ARGV[11])
   local inc = tonumber(ARGV[12])
-  local want = tonumber(ARGV[13])
-  local grace = tonumber(ARGV[15])
+  local want = quota(ARGV[13], ARGV[14], inc)
+  local grace = tonumber(ARGV[16])
   local units = holdable(want, rate, available())
   if units == 0 then
     update_due()
@@ -108,7 +118,7 @@ if step == 'start' then
   local valid_until = NOW + units * inc * 1000
   redis.call('ZADD', KEYS[10], valid_until + grace, member)
   return finish({
-    feature = ARGV[10], rate = ARGV[11], inc = ARGV[12], policy = ARGV[14], grace = ARGV[15],
+    feature = ARGV[10], rate = ARGV[11], inc = ARGV[12], policy = ARGV[15], grace = ARGV[16],
     state = 'open', seq = '0', used = '0', units = '0', charged = '0', reserved = fmt(hold),
     runits = fmt(units), final = (units < want) and '1' or '0', granted = fmt(units * inc),
     started = ARGV[1], valid_until = fmt(valid_until), ended = '0', uncollected = '0',
@@ -183,10 +193,7 @@ if step ~= 'close' then
 end
 
 if step == 'update' then
-  local want = tonumber(ARGV[13])
-  if tonumber(ARGV[12]) > 0 then
-    want = math.ceil(tonumber(ARGV[12]) / inc)
-  end
+  local want = quota(ARGV[12], ARGV[13], inc)
   local units = holdable(want, rate, available())
   local hold = unlimited and 0 or units * rate
   redis.call('HINCRBY', KEYS[5], 'reserved', fmt(hold))
