@@ -16,14 +16,8 @@ from redis.backoff import NoBackoff
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.constants import COALESCE_MAX_BATCH, MAX_CONSUME_BATCH
 from creditmeter.errors import BackendUnavailable, InsufficientCredits
-from creditmeter.storage.redis_store import (
-    AccountKeys,
-    Call,
-    ConsumeCall,
-    RedisStore,
-    bucket_of,
-    outbox_key,
-)
+from creditmeter.storage.layout import AccountKeys, bucket_of, outbox_key
+from creditmeter.storage.redis_store import Call, ConsumeCall, RedisStore
 from creditmeter.transport.server import App
 from tests.conftest import Tenant, free_port, rid
 from tests.helpers import ConsumeModel, assert_outcomes, fails, failure

@@ -9,7 +9,7 @@ import redis
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.storage.redis_store import AccountKeys, bucket_of, outbox_key
+from creditmeter.storage.layout import AccountKeys, bucket_of, outbox_key
 from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, rid
 from tests.helpers import failure

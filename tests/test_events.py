@@ -9,7 +9,7 @@ from google.protobuf import duration_pb2
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
-from creditmeter.storage.redis_store import bucket_of, outbox_key
+from creditmeter.storage.layout import bucket_of, outbox_key
 from tests.conftest import Tenant, rid
 
 

@@ -161,7 +161,7 @@ async def test_backlog_counts_only_unflushed_entries_while_flushed_ones_are_kept
 ) -> None:
     """The outboxes keep flushed entries for balance watchers: the backlog (and so the
     backpressure gate) counts what is not in the ledger yet, never what is kept."""
-    from creditmeter.storage.redis_store import bucket_of, outbox_key
+    from creditmeter.storage.layout import bucket_of, outbox_key
 
     await tenant.admin.Grant(pb.GrantRequest(account_id="kept", amount=100, request_id=rid()))
     for _ in range(30):

@@ -45,15 +45,11 @@ from creditmeter.constants import BUCKETS, FLUSH_GROUP, STAGED_GRANT_RETRY_AFTER
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import AccountState, Recovery, replay
 from creditmeter.errors import BackendUnavailable
+from creditmeter.storage.layout import AccountKeys, outbox_key
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.flusher import Flusher
-from creditmeter.storage.redis_store import (
-    AccountKeys,
-    Call,
-    RedisStore,
-    outbox_key,
-)
+from creditmeter.storage.redis_store import Call, RedisStore
 from creditmeter.transport.server import App, Settings
 from tests import test_server_process
 from tests.conftest import Tenant, rid

@@ -10,7 +10,7 @@ from google.protobuf import duration_pb2
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
-from creditmeter.storage.redis_store import bucket_of, outbox_key
+from creditmeter.storage.layout import bucket_of, outbox_key
 from creditmeter.transport.convert import timestamp
 from creditmeter.transport.server import App
 from tests.conftest import Tenant, rid

@@ -13,7 +13,8 @@ import pytest
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import Recovery
-from creditmeter.storage.redis_store import RedisStore, bucket_of, outbox_key
+from creditmeter.storage.layout import bucket_of, outbox_key
+from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.server import App, Settings
 from tests.conftest import Tenant, rid
 from tests.helpers import fails
@@ -227,7 +228,7 @@ async def test_step_errors(tenant: Tenant) -> None:
         ({"feature": "text"}, "feature"),  # a count feature
         ({"feature": "fax"}, "feature"),  # unknown
         ({"session_id": ""}, "session_id"),
-        ({"session_id": "a:b"}, "session_id"),
+        ({"session_id": "a|b"}, "session_id"),
         ({"session_id": "x" * 129}, "session_id"),
         ({"account_id": "bad account"}, "account_id"),
         ({"requested_seconds": 0}, "requested_seconds"),

@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
-from creditmeter.storage.redis_store import bucket_of, outbox_key
+from creditmeter.storage.layout import bucket_of, outbox_key
 from tests.conftest import Tenant, rid
 from tests.helpers import Failure, fails
 
@@ -313,8 +313,8 @@ CASES = [
          lambda now: start_session(feature="fax"), "feature"),
     case("start-session-id-empty", "StartSession",
          lambda now: start_session(session_id=""), "session_id"),
-    case("start-session-id-colon", "StartSession",
-         lambda now: start_session(session_id="a:b"), "session_id"),
+    case("start-session-id-pipe", "StartSession",
+         lambda now: start_session(session_id="a|b"), "session_id"),
     case("start-session-account-brace", "StartSession",
          lambda now: start_session(account_id="{b1}"), "account_id"),
     case("start-session-quota-zero", "StartSession",

@@ -28,9 +28,9 @@ from creditmeter.domain.alerts import (
 )
 from creditmeter.domain.clock import ManualClock
 from creditmeter.errors import InvalidRequest
+from creditmeter.storage.layout import bucket_of, outbox_key, trimmed_key
 from creditmeter.storage.ledger.flusher import Flusher
 from creditmeter.storage.outbox import OutboxReader
-from creditmeter.storage.redis_store import bucket_of, outbox_key, trimmed_key
 from creditmeter.transport.server import App, Settings
 from tests.conftest import Caller, Tenant, make_tenant, rid
 from tests.helpers import Failure, failure

@@ -17,9 +17,24 @@ MAX_ID_LENGTH = 128
 MAX_REFERENCE_LENGTH = 256
 MAX_FEATURE_LENGTH = 32
 TENANT_ID_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
-#: Account ids: no braces (they delimit Redis hash tags) and no whitespace.
+#: Account ids: no braces, '|' or whitespace. ':' and '%' are fine in ids: the key
+#: layout (storage/layout.py) encodes them.
 ACCOUNT_ID_PATTERN = r"[A-Za-z0-9._:@+=-]{1,128}"
 FEATURE_PATTERN = r"[a-z][a-z0-9_]{0,31}"
+
+# --- errors --------------------------------------------------------------------
+#: Field violations listed in one error's BadRequest (then one "and N more"): the whole
+#: status detail stays far below the 8 KiB metadata limit of common clients.
+MAX_REPORTED_VIOLATIONS = 20
+#: Longest field name or description in a violation (longer ones are cut), and the most
+#: characters of field names and descriptions one BadRequest carries in all.
+MAX_VIOLATION_TEXT = 120
+MAX_VIOLATIONS_TEXT = 2048
+#: Violations an error's message names (the BadRequest detail lists the rest).
+MESSAGE_VIOLATIONS = 3
+#: Undecodable requests are logged at most this often (one WARNING line, with how many
+#: were not logged since): a caller with a valid key cannot fill the log with them.
+UNDECODABLE_LOG_INTERVAL_S = 10.0
 
 # --- rates ---------------------------------------------------------------------
 DEFAULT_BILLING_INCREMENT_S = 60
@@ -29,9 +44,10 @@ BUILTIN_COUNT_FEATURES = {"text": 1}
 BUILTIN_TIME_FEATURES = {"voice": 1, "video": 1}
 
 # --- call sessions ----------------------------------------------------------------
-#: Session ids: like account ids but without ':' (the open-session index joins
-#: "<tenant>:<account>|<session>") and without '|'.
-SESSION_ID_PATTERN = r"[A-Za-z0-9._@+=-]{1,128}"
+#: Session ids: the characters of account ids, so SIP Call-IDs and URIs fit
+#: (`sip:call-1@pbx.example`); no '|' (the open-session index joins
+#: "<tenant>:<account>|<session>", and neither id has one).
+SESSION_ID_PATTERN = r"[A-Za-z0-9._:@+=-]{1,128}"
 #: Quota reserved when a step asks for none: this many billing increments.
 DEFAULT_SESSION_QUOTA_UNITS = 3
 #: Largest quota one step may ask for, and largest usage one report may carry.
@@ -190,6 +206,11 @@ TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # --- batching ------------------------------------------------------------------
 #: Items of one ConsumeBatch call (the proto documents 1 to 1000).
 MAX_CONSUME_BATCH = 1000
+#: Entries of the other repeated request fields (the proto documents each): kinds and
+#: features of a ListTransactions filter, paths of an UpdatePack mask.
+MAX_FILTER_KINDS = 16
+MAX_FILTER_FEATURES = 64
+MAX_UPDATE_PATHS = 16
 #: Requests of one Meter stream read but not yet answered: a client that stops reading
 #: stops the server reading after this many (plus what the transport buffers).
 METER_WINDOW = 256

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from creditmeter.constants import (
+    MAX_REPORTED_VIOLATIONS,
+    MAX_VIOLATION_TEXT,
+    MAX_VIOLATIONS_TEXT,
+    MESSAGE_VIOLATIONS,
+)
+
 
 class CreditError(Exception):
     """Base of every error the server reports to a client."""
@@ -18,16 +25,57 @@ class CreditError(Exception):
 
 
 class InvalidRequest(CreditError):
-    """One or more fields are invalid."""
+    """One or more fields are invalid.
+
+    However many fields a request gets wrong, what reaches the client is bounded (AIP-193
+    with a size limit: the details travel in a trailer, which clients cap at 8 KiB or
+    less): at most MAX_REPORTED_VIOLATIONS violations and MAX_VIOLATIONS_TEXT characters
+    of them, each cut to MAX_VIOLATION_TEXT, then one "and N more". `violations` keeps
+    that bounded list; the message names the first few.
+    """
 
     reason = "INVALID_REQUEST"
 
-    def __init__(self, violations: list[tuple[str, str]]) -> None:
-        fields = ", ".join(f"{field}: {why}" for field, why in violations)
-        super().__init__(
-            f"invalid request: {fields}", {"fields": ",".join(f for f, _ in violations)}
+    def __init__(self, violations: list[tuple[str, str]], message: str | None = None) -> None:
+        shown: list[tuple[str, str]] = []
+        budget = MAX_VIOLATIONS_TEXT
+        for field, why in violations[:MAX_REPORTED_VIOLATIONS]:
+            item = (_cut(field), _cut(why))
+            budget -= len(item[0]) + len(item[1])
+            if budget < 0:
+                break
+            shown.append(item)
+        more = len(violations) - len(shown)
+        listed = "; ".join(
+            f"{field}: {why}" if field else why for field, why in shown[:MESSAGE_VIOLATIONS]
         )
-        self.violations = violations
+        if len(violations) > MESSAGE_VIOLATIONS:
+            listed += f" (and {len(violations) - MESSAGE_VIOLATIONS} more)"
+        if more > 0:
+            shown.append(("", f"and {more} more"))
+        metadata = {"fields": ",".join(f for f, _ in shown if f)}
+        if more > 0:
+            metadata["violations"] = str(len(violations))
+        super().__init__(message or f"invalid request: {listed}", metadata)
+        self.violations = shown
+
+
+class UndecodableRequest(InvalidRequest):
+    """The request's bytes are not a valid message of its type (corrupt wire format, or a
+    string field that is not UTF-8). Reported like any invalid request, without details of
+    the decoder."""
+
+    def __init__(self, type_name: str, utf8: bool) -> None:
+        why = (
+            "a string field is not valid UTF-8"
+            if utf8
+            else f"the bytes are not a valid {type_name} message"
+        )
+        super().__init__([], f"invalid request: {why}")
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_VIOLATION_TEXT else text[: MAX_VIOLATION_TEXT - 3] + "..."
 
 
 class IdempotencyKeyReused(CreditError):

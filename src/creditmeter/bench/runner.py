@@ -58,7 +58,7 @@ from creditmeter.constants import (
 )
 from creditmeter.storage import scripts
 from creditmeter.storage.embedded_redis import endpoint_file
-from creditmeter.storage.redis_store import AccountKeys
+from creditmeter.storage.layout import AccountKeys
 
 #: Every scenario in the order a full run takes them (the empty ceiling first, the Redis
 #: ceiling last: its millions of outbox entries must not weigh on the others).

@@ -31,8 +31,8 @@ from creditmeter.constants import (
 )
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import InvalidRequest, ResumeTokenExpired
+from creditmeter.storage.layout import bucket_of
 from creditmeter.storage.outbox import STREAM_ID, OutboxReader, OutboxTxn
-from creditmeter.storage.redis_store import bucket_of
 
 #: Event kinds that take credit away (the event's balance is after the removal) and that
 #: add it. Anything else (options, request) moves no credit.
@@ -221,11 +221,11 @@ class BalanceAlerts:
         v = Violations()
         if account:
             v.account_id(account)
-        if len(set(thresholds)) > MAX_WATCH_THRESHOLDS:  # repeating one is harmless
-            v.add("thresholds", f"at most {MAX_WATCH_THRESHOLDS} different values")
-        for i, t in enumerate(thresholds):
-            if not 1 <= t <= MAX_CREDITS:
-                v.add(f"thresholds[{i}]", "must be from 1 to 2^53-1")
+        # Repeating a value is harmless: the limit counts different ones.
+        if v.count("thresholds", len(set(thresholds)), MAX_WATCH_THRESHOLDS, "different values"):
+            for i, t in enumerate(thresholds):
+                if not 1 <= t <= MAX_CREDITS:
+                    v.add(f"thresholds[{i}]", "must be from 1 to 2^53-1")
         point = None
         if resume_token:
             try:

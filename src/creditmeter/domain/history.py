@@ -8,6 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from creditmeter.constants import MAX_FILTER_FEATURES, MAX_FILTER_KINDS
 from creditmeter.domain.validation import Violations
 from creditmeter.storage.ledger.base import (
     EVENT_KINDS,
@@ -63,17 +64,20 @@ class History:
         query: TxnQuery,
         page_size: int,
         page_token: str,
+        violations: Violations | None = None,
     ) -> Page:
         """One page of an account's transactions, newest first."""
-        v = Violations()
+        v = Violations(violations)
         v.account_id(account_id)
         if page_size < 0:
             v.add("page_size", "must not be negative")
-        for i, kind in enumerate(query.kinds):
-            if kind not in FILTER_KINDS:
-                v.add(f"filter.kinds[{i}]", f"unknown kind {kind!r}")
-        for i, feature in enumerate(query.features):
-            v.feature(feature, f"filter.features[{i}]")
+        if v.count("filter.kinds", len(query.kinds), MAX_FILTER_KINDS, "kinds"):
+            for i, kind in enumerate(query.kinds):
+                if kind not in FILTER_KINDS:
+                    v.add(f"filter.kinds[{i}]", f"unknown kind {kind!r}")
+        if v.count("filter.features", len(query.features), MAX_FILTER_FEATURES, "features"):
+            for i, feature in enumerate(query.features):
+                v.feature(feature, f"filter.features[{i}]")
         if (
             query.start_ms is not None
             and query.end_ms is not None
@@ -98,9 +102,10 @@ class History:
         end_ms: int | None,
         period: Period,
         feature: str | None,
+        violations: Violations | None = None,
     ) -> list[UsageRow]:
         """Credits and units consumed per period and feature."""
-        v = Violations()
+        v = Violations(violations)
         if account_id is not None:
             v.account_id(account_id)
         if feature is not None:

@@ -36,9 +36,9 @@ from creditmeter.errors import (
     from_rejection,
 )
 from creditmeter.storage.config_store import ConfigStore, RateRow
+from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import Ledger, StagedGrant
 from creditmeter.storage.redis_store import (
-    AccountKeys,
     Call,
     ConsumeCall,
     ConsumeRecord,
@@ -287,9 +287,11 @@ class Metering:
         priority: int | None = None,
         source: LotSource = LotSource.MANUAL,
         reference: str = "",
+        violations: Violations | None = None,
     ) -> GrantResult:
-        """Add a lot of credits to an account."""
-        v = Violations()
+        """Add a lot of credits to an account (`violations`: what the caller already found
+        wrong with the request, reported with the rest)."""
+        v = Violations(violations)
         v.account_id(account_id)
         v.credits(amount, "amount")
         v.request_id(request_id)
@@ -565,9 +567,10 @@ class Metering:
         request_id: str,
         unit: RateUnit | None = None,
         billing_increment_s: int | None = None,
+        violations: Violations | None = None,
     ) -> Rate:
         """Create or replace the price of a feature."""
-        v = Violations()
+        v = Violations(violations)
         v.feature(feature, "rate.feature")
         v.credits(credits_per_unit, "rate.credits_per_unit")
         v.request_id(request_id)

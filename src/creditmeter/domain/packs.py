@@ -13,7 +13,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from creditmeter.constants import DEFAULT_PRIORITY, IDEMPOTENCY_TTL_S, MAX_CREDITS, MAX_PRIORITY
+from creditmeter.constants import (
+    DEFAULT_PRIORITY,
+    IDEMPOTENCY_TTL_S,
+    MAX_CREDITS,
+    MAX_PRIORITY,
+    MAX_UPDATE_PATHS,
+)
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.validation import Violations
@@ -173,8 +179,10 @@ class Catalog:
             raise PackNotFound(f"no pack {pack_id!r}", {"pack_id": pack_id})
         return current
 
-    async def create(self, tenant: str, spec: PackSpec, request_id: str) -> PackRow:
-        v = Violations()
+    async def create(
+        self, tenant: str, spec: PackSpec, request_id: str, violations: Violations | None = None
+    ) -> PackRow:
+        v = Violations(violations)
         check(spec, v)
         v.request_id(request_id)
         v.raise_if_any()
@@ -209,17 +217,24 @@ class Catalog:
         return PackPage(page, token)
 
     async def update(
-        self, tenant: str, pack_id: str, changes: PackSpec, paths: list[str], request_id: str
+        self,
+        tenant: str,
+        pack_id: str,
+        changes: PackSpec,
+        paths: list[str],
+        request_id: str,
+        violations: Violations | None = None,
     ) -> PackRow:
         """Change the fields named by `paths` to their values in `changes`."""
-        v = Violations()
+        v = Violations(violations)
         v.request_id(request_id)
         _pack_id(pack_id, v, "pack.pack_id")
         if not paths:
             v.add("update_mask", "name at least one field")
-        for path in paths:
-            if path not in UPDATABLE:
-                v.add("update_mask", f"{path!r} cannot be changed")
+        elif v.count("update_mask.paths", len(paths), MAX_UPDATE_PATHS, "paths"):
+            for i, path in enumerate(paths):
+                if path not in UPDATABLE:
+                    v.add(f"update_mask.paths[{i}]", f"{path[:64]!r} cannot be changed")
         v.raise_if_any()
 
         def build(current: PackRow | None) -> PackRow:

@@ -35,8 +35,9 @@ from creditmeter.errors import (
     from_rejection,
 )
 from creditmeter.storage.config_store import PackRow
+from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import Ledger, PurchaseRecord, StagedGrant
-from creditmeter.storage.redis_store import AccountKeys, Call, RedisStore
+from creditmeter.storage.redis_store import Call, RedisStore
 
 DAY_MS = 86_400_000
 DEFAULT_PENDING_TTL_MS = 30 * 60 * 1000
@@ -199,6 +200,7 @@ class Purchases:
         v.account_id(account)
         v.request_id(request_id)
         _id(pack_id, "pack_id", v)
+        _payment_reference(payment_reference, v, required=False)  # its length, already
         v.raise_if_any()
         pack = await self._pack_for_sale(tenant, pack_id, v)
         _payment_reference(payment_reference, v, required=not pack.trial)
@@ -331,9 +333,15 @@ class Purchases:
         return shown(p, self.clock.now_ms())
 
     async def list_page(
-        self, tenant: str, account: str | None, status: str | None, page_size: int, token: str
+        self,
+        tenant: str,
+        account: str | None,
+        status: str | None,
+        page_size: int,
+        token: str,
+        violations: Violations | None = None,
     ) -> PurchasePage:
-        v = Violations()
+        v = Violations(violations)
         if account is not None:
             v.account_id(account)
         if page_size < 0:

@@ -18,8 +18,9 @@ from creditmeter.domain.ids import new_id
 from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.domain.metering import apply_staged
 from creditmeter.errors import CreditError, Rejected
+from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import CHARGE_KINDS, Event, Ledger
-from creditmeter.storage.redis_store import AccountKeys, AccountSnapshot, Call, RedisStore
+from creditmeter.storage.redis_store import AccountSnapshot, Call, RedisStore
 
 #: A lot whose reference is a bare subscription id is a period's credits (they roll over).
 _SUBSCRIPTION = re.compile(r"sub_[0-9A-Za-z]+")

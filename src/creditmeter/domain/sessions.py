@@ -33,7 +33,8 @@ from creditmeter.errors import (
     SessionNotFound,
     from_rejection,
 )
-from creditmeter.storage.redis_store import AccountKeys, Call, RedisStore, SessionRecord
+from creditmeter.storage.layout import AccountKeys
+from creditmeter.storage.redis_store import Call, RedisStore, SessionRecord
 
 
 class TimeoutPolicy(StrEnum):
@@ -170,9 +171,10 @@ class Sessions:
         *,
         requested_s: int | None = None,
         policy: TimeoutPolicy = TimeoutPolicy.CHARGE_QUOTA,
+        violations: Violations | None = None,
     ) -> SessionStep:
         """Open a session and reserve its first quota."""
-        v = Violations()
+        v = Violations(violations)
         v.account_id(account_id)
         v.session_id(session_id)
         v.feature(feature)

@@ -27,13 +27,29 @@ def valid_tenant_id(tenant: str) -> bool:
 
 
 class Violations:
-    """Field violations of one request, reported together as INVALID_ARGUMENT."""
+    """Field violations of one request, reported together as INVALID_ARGUMENT (AIP-193:
+    every offending field, every time; InvalidRequest bounds what is sent).
 
-    def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
+    `prior` carries on what an earlier stage found (the transport, converting enums and
+    timestamps), so one error names the fields of both. One reason per field: the first.
+    """
+
+    def __init__(self, prior: Violations | None = None) -> None:
+        self.items: list[tuple[str, str]] = list(prior.items) if prior else []
+        self._fields = {f for f, _ in self.items}
 
     def add(self, field: str, why: str) -> None:
-        self.items.append((field, why))
+        if field not in self._fields:
+            self._fields.add(field)
+            self.items.append((field, why))
+
+    def count(self, field: str, n: int, most: int, what: str = "entries") -> bool:
+        """Check a repeated field's length before its entries; False when it has too many
+        (its entries are then not checked one by one)."""
+        if n > most:
+            self.add(field, f"at most {most} {what}")
+            return False
+        return True
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -53,7 +69,7 @@ class Violations:
         elif len(value) > MAX_ID_LENGTH:
             self.add(field, f"at most {MAX_ID_LENGTH} characters")
         elif not _SESSION_ID.fullmatch(value):
-            self.add(field, "only letters, digits and ._@+=- are allowed")
+            self.add(field, "only letters, digits and ._:@+=- are allowed")
 
     def request_id(self, value: str, field: str = "request_id") -> None:
         if not value:

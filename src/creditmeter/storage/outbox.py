@@ -20,7 +20,8 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from creditmeter.constants import WATCH_BLOCK_MS, WATCH_READ_COUNT
-from creditmeter.storage.redis_store import _reachable, outbox_key, trimmed_key
+from creditmeter.storage.layout import outbox_key, trimmed_key
+from creditmeter.storage.redis_store import _reachable
 
 Entry = tuple[str, dict[str, str]]
 

@@ -1,30 +1,12 @@
 """The hot state of every account in Redis, changed only through the Lua scripts.
 
-Key layout (all keys of an account and its bucket share one hash slot, `{bNN}`):
-
-    cm:{bNN}:<tenant>:<account>:lots          HASH   lot id -> lot metadata (JSON)
-    cm:{bNN}:<tenant>:<account>:rem           HASH   lot id -> remaining credits
-    cm:{bNN}:<tenant>:<account>:order         ZSET   burn keys, lexicographic burn-down order
-    cm:{bNN}:<tenant>:<account>:exp           ZSET   lot id by expiry (ms)
-    cm:{bNN}:<tenant>:<account>:acct          HASH   balance, totals, per-feature usage, options
-    cm:{bNN}:<tenant>:<account>:idem:<req id> STRING idempotency record (TTL)
-    cm:{bNN}:<tenant>:<account>:sess:<id>     HASH   a call session (TTL once closed)
-    cm:{bNN}:outbox                           STREAM the bucket's event outbox
-    cm:{bNN}:due                              ZSET   "<tenant>:<account>" by next lot expiry
-    cm:{bNN}:sessions                         ZSET   open sessions by when to close them
-    cm:{bNN}:flushed                          STRING outbox entries acknowledged, ever
-    cm:{bNN}:trimmed                          STRING the outbox's greatest trimmed entry id
-
-Bucketing rather than one hash tag per account is what lets a script append to an outbox
-atomically with the balance change, and lets a batch of operations on one bucket run as
-one script later, while still spreading over a Redis Cluster.
+The key layout (which keys, and how ids become key names) is in `layout`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,7 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditmeter import metrics
@@ -42,80 +24,19 @@ from creditmeter.constants import (
     COALESCE_MAX_BATCH,
     EXPIRY_SWEEP_BATCH,
     IDEMPOTENCY_TTL_S,
-    KEY_PREFIX,
     SCRIPT_LOAD_ATTEMPTS,
     SESSION_CLOSE_BATCH,
 )
 from creditmeter.errors import BackendUnavailable, Rejected
 from creditmeter.storage import scripts
 from creditmeter.storage.coalescer import Coalescer
-
-
-def bucket_of(tenant: str, account: str) -> int:
-    """The bucket an account's keys live in."""
-    return zlib.crc32(f"{tenant}\x00{account}".encode()) % BUCKETS
-
-
-def bucket_tag(bucket: int) -> str:
-    return f"{KEY_PREFIX}:{{b{bucket:02d}}}"
-
-
-def outbox_key(bucket: int) -> str:
-    return f"{bucket_tag(bucket)}:outbox"
-
-
-def due_key(bucket: int) -> str:
-    return f"{bucket_tag(bucket)}:due"
-
-
-def sessions_key(bucket: int) -> str:
-    return f"{bucket_tag(bucket)}:sessions"
-
-
-def flushed_key(bucket: int) -> str:
-    """How many of the outbox's entries have been acknowledged into the ledger, ever."""
-    return f"{bucket_tag(bucket)}:flushed"
-
-
-def trimmed_key(bucket: int) -> str:
-    """The greatest entry id trimmed off the bucket's outbox. XINFO STREAM has it as
-    max-deleted-entry-id, but Redis 7.0 updates that on XDEL only, not on XTRIM."""
-    return f"{bucket_tag(bucket)}:trimmed"
-
-
-@dataclass(frozen=True)
-class AccountKeys:
-    """The Redis keys of one account, in the order every account script takes them."""
-
-    tenant: str
-    account: str
-
-    @property
-    def base(self) -> str:
-        return f"{bucket_tag(bucket_of(self.tenant, self.account))}:{self.tenant}:{self.account}"
-
-    def script_keys(self, request_id: str = "") -> list[str]:
-        bucket = bucket_of(self.tenant, self.account)
-        base = self.base
-        return [
-            f"{base}:lots",
-            f"{base}:rem",
-            f"{base}:order",
-            f"{base}:exp",
-            f"{base}:acct",
-            f"{base}:idem:{request_id}",
-            outbox_key(bucket),
-            due_key(bucket),
-        ]
-
-    def session_keys(self, session_id: str, request_id: str) -> list[str]:
-        """The keys of session.lua: the account's, then the session and the bucket's index."""
-        bucket = bucket_of(self.tenant, self.account)
-        return [
-            *self.script_keys(request_id),
-            f"{self.base}:sess:{session_id}",
-            sessions_key(bucket),
-        ]
+from creditmeter.storage.layout import (
+    ACCOUNT_SCAN_PATTERN,
+    AccountKeys,
+    due_key,
+    parse,
+    sessions_key,
+)
 
 
 @dataclass(frozen=True)
@@ -473,7 +394,7 @@ class RedisStore:
     async def session(self, keys: AccountKeys, session_id: str) -> dict[str, str]:
         """A session's fields; empty when there is no such session."""
         async with _reachable():
-            fields = await self.client.hgetall(keys.session_keys(session_id, "")[8])
+            fields = await self.client.hgetall(keys.session_key(session_id))
         return {str(k): str(v) for k, v in fields.items()}
 
     async def due_sessions(
@@ -522,20 +443,21 @@ class RedisStore:
         """Put back an idempotency record from its durable copy in the ledger."""
         async with _reachable():
             await self.client.set(
-                keys.script_keys(request_id)[5], f"{fingerprint}\n{reply}", ex=ttl_s
+                keys.idempotency_key(request_id), f"{fingerprint}\n{reply}", ex=ttl_s
             )
 
     async def account_seqs(self) -> dict[tuple[str, str], int]:
         """Every account in Redis and its event sequence number (SCAN, for audits)."""
         found: dict[tuple[str, str], int] = {}
         async with _reachable():
-            async for key in self.client.scan_iter(match=f"{KEY_PREFIX}:{{b*}}:*:acct", count=1000):
-                _prefix, _tag, tenant, rest = key.split(":", 3)
-                try:
-                    seq = await self.client.hget(key, "seq")
-                except ResponseError:  # an idempotency record whose request id ends in ":acct"
+            async for key in self.client.scan_iter(match=ACCOUNT_SCAN_PATTERN, count=1000):
+                # The pattern also matches a request's record whose id ends in ":acct":
+                # only the layout can tell the two apart.
+                parsed = parse(key)
+                if parsed is None or parsed.kind != "acct":
                     continue
-                found[(tenant, rest.removesuffix(":acct"))] = int(seq or 0)
+                seq = await self.client.hget(key, "seq")
+                found[(parsed.keys.tenant, parsed.keys.account)] = int(seq or 0)
         return found
 
     async def due_accounts(self, now_ms: int, limit: int = EXPIRY_SWEEP_BATCH) -> list[AccountKeys]:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import cast
-
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.descriptor import EnumDescriptor
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.alerts import Alert, AlertKind
@@ -12,7 +11,8 @@ from creditmeter.domain.lots import Lot, LotSource
 from creditmeter.domain.metering import ConsumeItem, ConsumeResult
 from creditmeter.domain.rates import Rate, RateUnit
 from creditmeter.domain.sessions import SessionView, TimeoutPolicy
-from creditmeter.errors import CreditError, InvalidRequest
+from creditmeter.domain.validation import Violations
+from creditmeter.errors import CreditError
 from creditmeter.storage.ledger.base import Transaction
 from creditmeter.transport.interceptors import describe
 
@@ -24,45 +24,50 @@ def timestamp(ms: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
-def timestamp_ms(ts: timestamp_pb2.Timestamp, field: str) -> int:
+def timestamp_ms(ts: timestamp_pb2.Timestamp, field: str, v: Violations) -> int | None:
+    """The timestamp in ms; None (and a violation) when it is not a valid one."""
     if not 0 <= ts.seconds <= _MAX_TIMESTAMP_S or not 0 <= ts.nanos <= 999_999_999:
-        raise InvalidRequest([(field, "not a valid timestamp (1970 to 9999, nanos 0-999999999)")])
+        v.add(field, "not a valid timestamp (1970 to 9999, nanos 0-999999999)")
+        return None
     return ts.seconds * 1000 + ts.nanos // 1_000_000
 
 
-def duration_ms(d: duration_pb2.Duration, field: str) -> int:
+def duration_ms(d: duration_pb2.Duration, field: str, v: Violations) -> int | None:
+    """The duration in ms; None (and a violation) when it is not a valid one."""
     same_sign = d.seconds == 0 or d.nanos == 0 or (d.seconds > 0) == (d.nanos > 0)
     if abs(d.seconds) > _MAX_DURATION_S or abs(d.nanos) > 999_999_999 or not same_sign:
-        raise InvalidRequest([(field, "not a valid duration")])
+        v.add(field, "not a valid duration")
+        return None
     return d.seconds * 1000 + int(d.nanos / 1_000_000)
 
 
-def lot_source(value: int, field: str = "source") -> LotSource:
-    if value == pb.LOT_SOURCE_UNSPECIFIED:
-        return LotSource.MANUAL
-    try:
-        return LotSource(
-            pb.LotSource.Name(cast(pb.LotSource.ValueType, value))
-            .removeprefix("LOT_SOURCE_")
-            .lower()
-        )
-    except ValueError:
-        raise InvalidRequest([(field, f"unknown lot source {value}")]) from None
+def enum_name(
+    enum: EnumDescriptor, value: int, prefix: str, field: str, v: Violations
+) -> str | None:
+    """The lowercase name (without `prefix`) of a proto enum value; None for the zero
+    value, and None with a violation for a number the enum does not have (a newer client's
+    value, or garbage): every such field is reported, not only the first."""
+    if value == 0:
+        return None
+    known = enum.values_by_number.get(value)
+    if known is None:
+        v.add(field, f"unknown value {value}")
+        return None
+    return known.name.removeprefix(prefix).lower()
+
+
+def lot_source(value: int, v: Violations, field: str = "source") -> LotSource:
+    name = enum_name(pb.LotSource.DESCRIPTOR, value, "LOT_SOURCE_", field, v)
+    return LotSource.MANUAL if name is None else LotSource(name)
 
 
 def lot_source_pb(source: LotSource) -> pb.LotSource.ValueType:
     return pb.LotSource.Value(f"LOT_SOURCE_{source.upper()}")
 
 
-def rate_unit(value: int, field: str = "rate.unit") -> RateUnit | None:
-    if value == pb.RATE_UNIT_UNSPECIFIED:
-        return None
-    try:
-        return RateUnit(
-            pb.RateUnit.Name(cast(pb.RateUnit.ValueType, value)).removeprefix("RATE_UNIT_").lower()
-        )
-    except ValueError:
-        raise InvalidRequest([(field, f"unknown rate unit {value}")]) from None
+def rate_unit(value: int, v: Violations, field: str = "rate.unit") -> RateUnit | None:
+    name = enum_name(pb.RateUnit.DESCRIPTOR, value, "RATE_UNIT_", field, v)
+    return None if name is None else RateUnit(name)
 
 
 def lot_pb(lot: Lot) -> pb.Lot:
@@ -94,14 +99,11 @@ def rate_pb(rate: Rate) -> pb.Rate:
     return msg
 
 
-def transaction_kind(value: int, field: str) -> str:
+def transaction_kind(value: int, field: str, v: Violations) -> str | None:
     if value == pb.TRANSACTION_KIND_UNSPECIFIED:
-        raise InvalidRequest([(field, "must name a kind")])
-    try:
-        name = pb.TransactionKind.Name(cast(pb.TransactionKind.ValueType, value))
-    except ValueError:
-        raise InvalidRequest([(field, f"unknown transaction kind {value}")]) from None
-    return name.removeprefix("TRANSACTION_KIND_").lower()
+        v.add(field, "must name a kind")
+        return None
+    return enum_name(pb.TransactionKind.DESCRIPTOR, value, "TRANSACTION_KIND_", field, v)
 
 
 def transaction_pb(t: Transaction) -> pb.Transaction:
@@ -119,14 +121,9 @@ def transaction_pb(t: Transaction) -> pb.Transaction:
     )
 
 
-def timeout_policy(value: int, field: str = "timeout_policy") -> TimeoutPolicy:
-    if value == pb.SESSION_TIMEOUT_POLICY_UNSPECIFIED:
-        return TimeoutPolicy.CHARGE_QUOTA
-    try:
-        name = pb.SessionTimeoutPolicy.Name(cast(pb.SessionTimeoutPolicy.ValueType, value))
-    except ValueError:
-        raise InvalidRequest([(field, f"unknown timeout policy {value}")]) from None
-    return TimeoutPolicy(name.removeprefix("SESSION_TIMEOUT_POLICY_").lower())
+def timeout_policy(value: int, v: Violations, field: str = "timeout_policy") -> TimeoutPolicy:
+    name = enum_name(pb.SessionTimeoutPolicy.DESCRIPTOR, value, "SESSION_TIMEOUT_POLICY_", field, v)
+    return TimeoutPolicy.CHARGE_QUOTA if name is None else TimeoutPolicy(name)
 
 
 def session_pb(s: SessionView) -> pb.Session:

@@ -11,16 +11,17 @@ import grpc
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.constants import METER_MAX_BATCH, METER_WINDOW
+from creditmeter.constants import MAX_FILTER_KINDS, METER_MAX_BATCH, METER_WINDOW
 from creditmeter.domain.alerts import BalanceAlerts
 from creditmeter.domain.history import History
 from creditmeter.domain.metering import ConsumeResult, Metering
 from creditmeter.domain.purchases import Purchases
 from creditmeter.domain.sessions import Sessions
+from creditmeter.domain.validation import Violations
 from creditmeter.errors import CreditError, InvalidRequest
 from creditmeter.storage.ledger.base import Period, TxnQuery
 from creditmeter.transport import convert
-from creditmeter.transport.interceptors import principal
+from creditmeter.transport.interceptors import Undecodable, principal
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -60,24 +61,26 @@ class CreditsServicer(pb_grpc.CreditsServicer):
 
     async def Grant(self, request: pb.GrantRequest, context: Context) -> pb.GrantResponse:
         expiry = request.WhichOneof("expiry")
+        v = Violations()
         result = await self.metering.grant(
             principal().tenant,
             request.account_id,
             request.amount,
             request_id=request.request_id,
             expires_at_ms=(
-                convert.timestamp_ms(request.expires_at, "expires_at")
+                convert.timestamp_ms(request.expires_at, "expires_at", v)
                 if expiry == "expires_at"
                 else None
             ),
             valid_for_ms=(
-                convert.duration_ms(request.valid_for, "valid_for")
+                convert.duration_ms(request.valid_for, "valid_for", v)
                 if expiry == "valid_for"
                 else None
             ),
             priority=request.priority if request.HasField("priority") else None,
-            source=convert.lot_source(request.source),
+            source=convert.lot_source(request.source, v),
             reference=request.reference,
+            violations=v,
         )
         return pb.GrantResponse(lot=convert.lot_pb(result.lot), balance=result.balance)
 
@@ -107,24 +110,29 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         )
 
     async def _meter_batch(
-        self, tenant: str, requests: Sequence[pb.ConsumeRequest]
+        self, tenant: str, requests: Sequence[pb.ConsumeRequest | Undecodable]
     ) -> list[pb.ConsumeResult]:
         """One Meter batch's results. A refusal of the whole batch (ledger backlog, Redis
         away) becomes each item's error: the stream goes on, as separate Consume calls
-        would each have failed and the next ones may succeed."""
+        would each have failed and the next ones may succeed. So does an item whose bytes
+        were not a valid message (its result has no request id: none could be read)."""
+        valid = [r for r in requests if not isinstance(r, Undecodable)]
         try:
-            outcomes: Sequence[ConsumeResult | CreditError] = await self.metering.consume_many(
-                tenant, [convert.consume_item(r) for r in requests]
-            )
+            charged: Sequence[ConsumeResult | CreditError] = await self.metering.consume_many(
+                tenant, [convert.consume_item(r) for r in valid]
+            ) if valid else []
         except CreditError as error:
-            outcomes = [error] * len(requests)
+            charged = [error] * len(valid)
+        outcomes = iter(charged)
         return [
-            convert.consume_result_pb(r.request_id, outcome)
-            for r, outcome in zip(requests, outcomes, strict=True)
+            convert.consume_result_pb("", r.error)
+            if isinstance(r, Undecodable)
+            else convert.consume_result_pb(r.request_id, next(outcomes))
+            for r in requests
         ]
 
     async def Meter(
-        self, request_iterator: AsyncIterator[pb.MeterRequest], context: Context
+        self, request_iterator: AsyncIterator[pb.MeterRequest | Undecodable], context: Context
     ) -> AsyncIterator[pb.MeterResponse]:
         """Three stages: read, charge (pipelined batches of what has arrived), write.
 
@@ -135,7 +143,7 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         """
         tenant = principal().tenant
         window = asyncio.Semaphore(METER_WINDOW)
-        received: asyncio.Queue[pb.ConsumeRequest | None] = asyncio.Queue()
+        received: asyncio.Queue[pb.ConsumeRequest | Undecodable | None] = asyncio.Queue()
         answered: asyncio.Queue[list[pb.ConsumeResult] | None] = asyncio.Queue()
 
         async def read() -> None:
@@ -147,7 +155,9 @@ class CreditsServicer(pb_grpc.CreditsServicer):
                         request = await anext(requests)
                     except StopAsyncIteration:
                         return
-                    received.put_nowait(request.consume)
+                    received.put_nowait(
+                        request if isinstance(request, Undecodable) else request.consume
+                    )
             finally:
                 received.put_nowait(None)
 
@@ -188,6 +198,7 @@ class CreditsServicer(pb_grpc.CreditsServicer):
     async def StartSession(
         self, request: pb.StartSessionRequest, context: Context
     ) -> pb.StartSessionResponse:
+        v = Violations()
         step = await self.sessions.start(
             principal().tenant,
             request.account_id,
@@ -196,7 +207,8 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             requested_s=(
                 request.requested_seconds if request.HasField("requested_seconds") else None
             ),
-            policy=convert.timeout_policy(request.timeout_policy),
+            policy=convert.timeout_policy(request.timeout_policy, v),
+            violations=v,
         )
         s = step.session
         return pb.StartSessionResponse(
@@ -300,19 +312,22 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         if not request.HasField("rate"):
             raise InvalidRequest([("rate", "required")])
         rate = request.rate
+        v = Violations()
         increment = None
         if rate.HasField("billing_increment"):
-            ms = convert.duration_ms(rate.billing_increment, "rate.billing_increment")
-            if ms % 1000:
-                raise InvalidRequest([("rate.billing_increment", "must be whole seconds")])
-            increment = ms // 1000
+            ms = convert.duration_ms(rate.billing_increment, "rate.billing_increment", v)
+            if ms is not None and ms % 1000:
+                v.add("rate.billing_increment", "must be whole seconds")
+            elif ms is not None:
+                increment = ms // 1000
         stored = await self.metering.set_rate(
             principal().tenant,
             rate.feature,
             rate.credits_per_unit,
             request_id=request.request_id,
-            unit=convert.rate_unit(rate.unit),
+            unit=convert.rate_unit(rate.unit, v),
             billing_increment_s=increment,
+            violations=v,
         )
         return pb.SetRateResponse(rate=convert.rate_pb(stored))
 
@@ -337,24 +352,31 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         self, request: pb.ListTransactionsRequest, context: Context
     ) -> pb.ListTransactionsResponse:
         f = request.filter
+        v = Violations()
+        kinds: list[str] = []
+        if v.count("filter.kinds", len(f.kinds), MAX_FILTER_KINDS, "kinds"):
+            for i, k in enumerate(f.kinds):
+                kind = convert.transaction_kind(k, f"filter.kinds[{i}]", v)
+                if kind is not None:
+                    kinds.append(kind)
         query = TxnQuery(
-            kinds=tuple(convert.transaction_kind(k, f"filter.kinds[{i}]")
-                        for i, k in enumerate(f.kinds)),
+            kinds=tuple(kinds),
             features=tuple(f.features),
             start_ms=(
-                convert.timestamp_ms(f.start_time, "filter.start_time")
+                convert.timestamp_ms(f.start_time, "filter.start_time", v)
                 if f.HasField("start_time")
                 else None
             ),
             end_ms=(
-                convert.timestamp_ms(f.end_time, "filter.end_time")
+                convert.timestamp_ms(f.end_time, "filter.end_time", v)
                 if f.HasField("end_time")
                 else None
             ),
-        )  # fmt: skip
-        page = await self.history.list_transactions(
-            principal().tenant, request.account_id, query, request.page_size, request.page_token
         )
+        page = await self.history.list_transactions(
+            principal().tenant, request.account_id, query, request.page_size, request.page_token,
+            violations=v,
+        )  # fmt: skip
         return pb.ListTransactionsResponse(
             transactions=[convert.transaction_pb(t) for t in page.transactions],
             next_page_token=page.next_page_token,
@@ -363,20 +385,22 @@ class CreditsServicer(pb_grpc.CreditsServicer):
     async def GetUsageReport(
         self, request: pb.GetUsageReportRequest, context: Context
     ) -> pb.GetUsageReportResponse:
+        v = Violations()
         period = _PERIODS.get(request.group_by)
         if period is None:
-            raise InvalidRequest([("group_by", f"unknown period {request.group_by}")])
+            v.add("group_by", f"unknown value {request.group_by}")
         rows = await self.history.usage_report(
             principal().tenant,
             request.account_id or None,
-            convert.timestamp_ms(request.start_time, "start_time")
+            convert.timestamp_ms(request.start_time, "start_time", v)
             if request.HasField("start_time")
             else None,
-            convert.timestamp_ms(request.end_time, "end_time")
+            convert.timestamp_ms(request.end_time, "end_time", v)
             if request.HasField("end_time")
             else None,
-            period,
+            period or Period.DAY,
             request.feature or None,
+            violations=v,
         )
         return pb.GetUsageReportResponse(
             rows=[

@@ -1,7 +1,12 @@
 """The one interceptor of the server: authenticates every call to the credits.v1 services,
-checks the key's role, maps domain errors to gRPC status with rich error details
+checks the key's role, decodes the request (only then: a caller without a valid key never
+reaches the decoder), maps domain errors to gRPC status with rich error details
 (google.rpc.ErrorInfo, BadRequest), as AIP-193 describes, and counts and times every call
-(metrics and a debug access log line)."""
+(metrics and a debug access log line).
+
+Nothing but a domain error's own message reaches a client: an undecodable request is
+INVALID_ARGUMENT / INVALID_REQUEST, and any other exception is INTERNAL with a generic
+message and an incident id that the one log line about it carries too."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -16,11 +22,12 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from creditmeter import errors, metrics
-from creditmeter.constants import ERROR_DOMAIN
+from creditmeter.constants import ERROR_DOMAIN, UNDECODABLE_LOG_INTERVAL_S
 from creditmeter.domain.keys import KeyRing, Principal
 
 log = logging.getLogger(__name__)
@@ -31,6 +38,7 @@ _PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("principa
 
 _STATUS: dict[type[errors.CreditError], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UndecodableRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.IdempotencyKeyReused: grpc.StatusCode.INVALID_ARGUMENT,
     errors.BalanceLimitExceeded: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InsufficientCredits: grpc.StatusCode.FAILED_PRECONDITION,
@@ -132,6 +140,89 @@ def _code_of(exc: BaseException | None, context: grpc.aio.ServicerContext[Any, A
     return str(grpc.StatusCode.OK.name)
 
 
+class _Throttled:
+    """Logs at most one WARNING line per interval, saying how many were not logged."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._skipped = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        skipped, self._skipped, self._next = self._skipped, 0, now + self.interval_s
+        if skipped:
+            log.warning(msg + " (%d more since the last such line)", *args, skipped)
+        else:
+            log.warning(msg, *args)
+
+
+_undecodable_log = _Throttled(UNDECODABLE_LOG_INTERVAL_S)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """An item of a request stream whose bytes are not a valid message: the servicer of a
+    client-streaming RPC answers it as a failed item and reads on (Meter)."""
+
+    error: errors.UndecodableRequest
+
+
+#: Methods whose request streams may yield `Undecodable` items; any other streaming
+#: method ends the call with the item's error.
+ITEM_TOLERANT_STREAMS = frozenset({"Meter"})
+
+
+def _decoder(
+    deserialize: Callable[[bytes], Any] | None, service: str, method: str
+) -> Callable[[bytes], Any]:
+    """Decode a request's bytes with its message type, raising UndecodableRequest."""
+    type_name = _request_type(deserialize)
+
+    def decode(raw: bytes) -> Any:
+        if deserialize is None:
+            return raw
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            utf8 = "UTF-8" in str(exc)
+            # No traceback and no request bytes: a line that says what and where.
+            _undecodable_log.warning(
+                "undecodable %s request to %s/%s (%d bytes)%s",
+                type_name, service, method, len(raw), ": invalid UTF-8" if utf8 else "",
+            )  # fmt: skip
+            raise errors.UndecodableRequest(type_name, utf8) from None
+
+    return decode
+
+
+def _request_type(deserialize: Callable[[bytes], Any] | None) -> str:
+    """The proto full name of what `deserialize` (a generated FromString) decodes."""
+    owner = getattr(deserialize, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request"))
+
+
+async def _internal(
+    context: grpc.aio.ServicerContext[Any, Any], service: str, method: str, exc: Exception
+) -> None:
+    """Answer an unexpected failure as INTERNAL with a generic message; the detail goes to
+    one log line (the traceback only at DEBUG), tied to the answer by an incident id."""
+    incident = secrets.token_hex(6)
+    log.error(
+        "%s/%s failed unexpectedly (incident %s): %s: %s",
+        service, method, incident, type(exc).__name__, exc,
+    )  # fmt: skip
+    log.debug("incident %s traceback", incident, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error (incident {incident}); the server's log has the detail",
+    )
+
+
 @dataclass
 class _Caller:
     """Who made the call being observed, once the key is verified."""
@@ -176,6 +267,11 @@ def _observed(
             )
 
 
+#: What escapes a handler on purpose: an abort already carries its status, and a
+#: cancelled call has none to send.
+_PASS_THROUGH = (grpc.aio.AbortError, asyncio.CancelledError)
+
+
 class Gatekeeper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates, authorizes, maps errors, and counts and times every credits.v1 RPC."""
 
@@ -202,49 +298,76 @@ class Gatekeeper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             who.require(operation)
             return _PRINCIPAL.set(who)
 
-        def wrap_unary(inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        decode = _decoder(handler.request_deserializer, service, operation)
+
+        async def decoded_stream(raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for item in raw:
+                try:
+                    yield decode(item)
+                except errors.UndecodableRequest as error:
+                    if operation not in ITEM_TOLERANT_STREAMS:
+                        raise
+                    yield Undecodable(error)
+
+        def wrap_unary(
+            inner: Callable[..., Awaitable[Any]], streaming: bool
+        ) -> Callable[..., Awaitable[Any]]:
+            async def behavior(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 with _observed(service, operation, context) as caller:
                     try:
                         token = enter(caller)
                         try:
+                            request = decoded_stream(raw) if streaming else decode(raw)
                             return await inner(request, context)
                         finally:
                             _PRINCIPAL.reset(token)
                     except errors.CreditError as error:
                         await _abort(context, error)
+                    except _PASS_THROUGH:
+                        raise
+                    except Exception as exc:
+                        await _internal(context, service, operation, exc)
 
             return behavior
 
-        def wrap_stream(inner: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        def wrap_stream(
+            inner: Callable[..., AsyncIterator[Any]], streaming: bool
+        ) -> Callable[..., Any]:
             async def behavior(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+                raw: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 with _observed(service, operation, context) as caller:
                     try:
                         token = enter(caller)
                         try:
+                            request = decoded_stream(raw) if streaming else decode(raw)
                             async for response in inner(request, context):
                                 yield response
                         finally:
                             _PRINCIPAL.reset(token)
                     except errors.CreditError as error:
                         await _abort(context, error)
+                    except _PASS_THROUGH:
+                        raise
+                    except Exception as exc:
+                        await _internal(context, service, operation, exc)
 
             return behavior
 
         kinds = (
-            ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_stream),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_stream),
+            ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary, False),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary, True),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_stream, False),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_stream, True),
         )
-        for attr, make, wrap in kinds:
+        for attr, make, wrap, streaming in kinds:
             inner = getattr(handler, attr)
             if inner is not None:
+                # Requests arrive as bytes (no deserializer) and are decoded after the key
+                # is checked, inside the error mapping.
                 return make(
-                    wrap(inner),
-                    request_deserializer=handler.request_deserializer,
+                    wrap(inner, streaming),
+                    request_deserializer=None,
                     response_serializer=handler.response_serializer,
                 )
         return handler

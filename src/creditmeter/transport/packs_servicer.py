@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -13,6 +13,7 @@ from creditmeter.constants import DEFAULT_PRIORITY
 from creditmeter.domain.packs import Catalog, PackSpec, Recurrence
 from creditmeter.domain.purchases import Purchases, status_or_error
 from creditmeter.domain.subscriptions import Subscriptions, SubscriptionView
+from creditmeter.domain.validation import Violations
 from creditmeter.errors import InvalidRequest
 from creditmeter.storage.config_store import PackRow
 from creditmeter.storage.ledger.base import PurchaseRecord
@@ -22,17 +23,15 @@ from creditmeter.transport.interceptors import principal
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
-def _recurrence(value: int) -> Recurrence:
-    if value == pb.RECURRENCE_UNSPECIFIED:
-        return Recurrence.ONE_TIME
-    try:
-        name = pb.Recurrence.Name(cast(pb.Recurrence.ValueType, value))
-    except ValueError:
-        raise InvalidRequest([("pack.recurrence", f"unknown recurrence {value}")]) from None
-    return Recurrence(name.removeprefix("RECURRENCE_").lower())
+def _recurrence(value: int, v: Violations) -> Recurrence:
+    name = convert.enum_name(
+        pb.Recurrence.DESCRIPTOR, value, "RECURRENCE_", "pack.recurrence", v
+    )
+    return Recurrence.ONE_TIME if name is None else Recurrence(name)
 
 
-def spec(p: pb.Pack) -> PackSpec:
+def spec(p: pb.Pack, v: Violations) -> PackSpec:
+    """The pack a request describes; an unknown enum value is added to `v`."""
     return PackSpec(
         name=p.name,
         description=p.description,
@@ -41,7 +40,7 @@ def spec(p: pb.Pack) -> PackSpec:
         price_minor=p.price.amount_minor,
         currency=p.price.currency,
         validity_days=p.validity_days,
-        recurrence=_recurrence(p.recurrence),
+        recurrence=_recurrence(p.recurrence, v),
         rollover_cap=p.rollover_cap,
         priority=p.priority if p.HasField("priority") else DEFAULT_PRIORITY,
         active=p.active,
@@ -92,14 +91,9 @@ def purchase_pb(p: PurchaseRecord) -> pb.Purchase:
     return msg
 
 
-def _status(value: int) -> str | None:
-    if value == pb.PURCHASE_STATUS_UNSPECIFIED:
-        return None
-    try:
-        name = pb.PurchaseStatus.Name(cast(pb.PurchaseStatus.ValueType, value))
-    except ValueError:
-        raise InvalidRequest([("status", f"unknown status {value}")]) from None
-    return status_or_error(name.removeprefix("PURCHASE_STATUS_").lower())
+def _status(value: int, v: Violations) -> str | None:
+    name = convert.enum_name(pb.PurchaseStatus.DESCRIPTOR, value, "PURCHASE_STATUS_", "status", v)
+    return None if name is None else status_or_error(name)
 
 
 def subscription_pb(v: SubscriptionView) -> pb.Subscription:
@@ -136,7 +130,10 @@ class PacksServicer(pb_grpc.PacksServicer):
     ) -> pb.CreatePackResponse:
         if not request.HasField("pack"):
             raise InvalidRequest([("pack", "required")])
-        row = await self.catalog.create(principal().tenant, spec(request.pack), request.request_id)
+        v = Violations()
+        row = await self.catalog.create(
+            principal().tenant, spec(request.pack, v), request.request_id, violations=v
+        )
         return pb.CreatePackResponse(pack=pack_pb(row))
 
     async def GetPack(self, request: pb.GetPackRequest, context: Context) -> pb.GetPackResponse:
@@ -159,12 +156,14 @@ class PacksServicer(pb_grpc.PacksServicer):
     ) -> pb.UpdatePackResponse:
         if not request.HasField("pack"):
             raise InvalidRequest([("pack", "required")])
+        v = Violations()
         row = await self.catalog.update(
             principal().tenant,
             request.pack.pack_id,
-            spec(request.pack),
+            spec(request.pack, v),
             list(request.update_mask.paths),
             request.request_id,
+            violations=v,
         )
         return pb.UpdatePackResponse(pack=pack_pb(row))
 
@@ -218,12 +217,14 @@ class PacksServicer(pb_grpc.PacksServicer):
     async def ListPurchases(
         self, request: pb.ListPurchasesRequest, context: Context
     ) -> pb.ListPurchasesResponse:
+        v = Violations()
         page = await self.purchases.list_page(
             principal().tenant,
             request.account_id or None,
-            _status(request.status),
+            _status(request.status, v),
             request.page_size,
             request.page_token,
+            violations=v,
         )
         return pb.ListPurchasesResponse(
             purchases=[purchase_pb(p) for p in page.purchases],

@@ -38,8 +38,8 @@ from creditmeter.constants import (
     FLUSHERS_KEY,
     WATCH_RETENTION_S,
 )
+from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
-from creditmeter.storage.redis_store import flushed_key, outbox_key, trimmed_key
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,163 @@
+"""The Redis key layout: the one place that turns ids into key names and back.
+
+    cm:{bNN}:<tenant>:<account>:lots            HASH   lot id -> lot metadata (JSON)
+    cm:{bNN}:<tenant>:<account>:rem             HASH   lot id -> remaining credits
+    cm:{bNN}:<tenant>:<account>:order           ZSET   burn keys, lexicographic burn-down order
+    cm:{bNN}:<tenant>:<account>:exp             ZSET   lot id by expiry (ms)
+    cm:{bNN}:<tenant>:<account>:acct            HASH   balance, totals, per-feature usage, options
+    cm:{bNN}:<tenant>:<account>:idem:<req id>   STRING idempotency record (TTL)
+    cm:{bNN}:<tenant>:<account>:sess:<id>       HASH   a call session (TTL once closed)
+    cm:{bNN}:outbox                             STREAM the bucket's event outbox
+    cm:{bNN}:due                                ZSET   "<tenant>:<account>" by next lot expiry
+    cm:{bNN}:sessions                           ZSET   open sessions by when to close them
+    cm:{bNN}:flushed                            STRING outbox entries acknowledged, ever
+    cm:{bNN}:trimmed                            STRING the outbox's greatest trimmed entry id
+
+Every id in a key name is one *component*: `%` and `:` in it are percent-encoded (`%25`,
+`%3A`), so a key splits on `:` into exactly the components it was made of, and two
+different (tenant, account, request id, session id) tuples never share a key: the mapping
+is injective by construction (`parse` inverts it; tests/test_keys.py checks the round trip
+over adversarial ids). Ids without `%` or `:` -- nearly all of them -- are written as they
+are, so their keys are those of release 0.1.0. Tenants are `[a-z0-9_-]` and never need it.
+
+Hash tags: the first `{...}` of a key decides its slot, and every key starts with its bucket's
+`cm:{bNN}`, so braces inside later components cannot move a key to another slot.
+
+Bucketing rather than one hash tag per account is what lets a script append to an outbox
+atomically with the balance change, and lets a batch of operations on one bucket run as
+one script later, while still spreading over a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from creditmeter.constants import BUCKETS, KEY_PREFIX
+
+#: The per-account keys every account script takes, in KEYS order (then the idempotency
+#: record, the outbox and the expiry index).
+ACCOUNT_KINDS = ("lots", "rem", "order", "exp", "acct")
+IDEMPOTENCY_KIND = "idem"
+SESSION_KIND = "sess"
+
+
+def component(value: str) -> str:
+    """An id as one key component: `%` and `:` percent-encoded (nothing else changes)."""
+    if "%" not in value and ":" not in value:
+        return value
+    return value.replace("%", "%25").replace(":", "%3A")
+
+
+def uncomponent(value: str) -> str:
+    """The id a key component stands for (the inverse of `component`)."""
+    if "%" not in value:
+        return value
+    return value.replace("%3A", ":").replace("%25", "%")
+
+
+def bucket_of(tenant: str, account: str) -> int:
+    """The bucket an account's keys live in."""
+    return zlib.crc32(f"{tenant}\x00{account}".encode()) % BUCKETS
+
+
+def bucket_tag(bucket: int) -> str:
+    return f"{KEY_PREFIX}:{{b{bucket:02d}}}"
+
+
+def outbox_key(bucket: int) -> str:
+    return f"{bucket_tag(bucket)}:outbox"
+
+
+def due_key(bucket: int) -> str:
+    return f"{bucket_tag(bucket)}:due"
+
+
+def sessions_key(bucket: int) -> str:
+    return f"{bucket_tag(bucket)}:sessions"
+
+
+def flushed_key(bucket: int) -> str:
+    """How many of the outbox's entries have been acknowledged into the ledger, ever."""
+    return f"{bucket_tag(bucket)}:flushed"
+
+
+def trimmed_key(bucket: int) -> str:
+    """The greatest entry id trimmed off the bucket's outbox. XINFO STREAM has it as
+    max-deleted-entry-id, but Redis 7.0 updates that on XDEL only, not on XTRIM."""
+    return f"{bucket_tag(bucket)}:trimmed"
+
+
+#: SCAN pattern of every account's `acct` hash (and, rarely, other keys: `parse` tells).
+ACCOUNT_SCAN_PATTERN = f"{KEY_PREFIX}:{{b*}}:*:acct"
+
+
+@dataclass(frozen=True)
+class AccountKeys:
+    """The Redis keys of one account, in the order every account script takes them."""
+
+    tenant: str
+    account: str
+
+    @property
+    def bucket(self) -> int:
+        return bucket_of(self.tenant, self.account)
+
+    @property
+    def base(self) -> str:
+        return f"{bucket_tag(self.bucket)}:{self.tenant}:{component(self.account)}"
+
+    def key(self, kind: str) -> str:
+        """One of the account's own keys (`ACCOUNT_KINDS`)."""
+        return f"{self.base}:{kind}"
+
+    def idempotency_key(self, request_id: str) -> str:
+        return f"{self.base}:{IDEMPOTENCY_KIND}:{component(request_id)}"
+
+    def session_key(self, session_id: str) -> str:
+        return f"{self.base}:{SESSION_KIND}:{component(session_id)}"
+
+    def script_keys(self, request_id: str = "") -> list[str]:
+        bucket = self.bucket
+        base = self.base
+        return [
+            *(f"{base}:{kind}" for kind in ACCOUNT_KINDS),
+            f"{base}:{IDEMPOTENCY_KIND}:{component(request_id)}",
+            outbox_key(bucket),
+            due_key(bucket),
+        ]
+
+    def session_keys(self, session_id: str, request_id: str) -> list[str]:
+        """The keys of session.lua: the account's, then the session and the bucket's index."""
+        return [
+            *self.script_keys(request_id),
+            self.session_key(session_id),
+            sessions_key(self.bucket),
+        ]
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """What an account's key stands for: its owner, its kind, and the request or session
+    id of an `idem` or `sess` key (else "")."""
+
+    keys: AccountKeys
+    kind: str
+    id: str = ""
+
+
+def parse(key: str) -> ParsedKey | None:
+    """The account, kind and id of a per-account key; None for any other key (a bucket's
+    own keys, a key of another layout)."""
+    parts = key.split(":")
+    if len(parts) not in (5, 6) or parts[0] != KEY_PREFIX:
+        return None
+    _prefix, tag, tenant, account, kind, *rest = parts
+    if len(rest) == 0 and kind not in ACCOUNT_KINDS:
+        return None
+    if rest and kind not in (IDEMPOTENCY_KIND, SESSION_KIND):
+        return None
+    keys = AccountKeys(tenant, uncomponent(account))
+    if tag != f"{{b{keys.bucket:02d}}}":
+        return None
+    return ParsedKey(keys, kind, uncomponent(rest[0]) if rest else "")
