@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,19 @@ from hypothesis import strategies as st
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc
 from creditmeter.constants import MAX_REPORTED_VIOLATIONS
-from creditmeter.storage.layout import AccountKeys, bucket_of, component, parse, uncomponent
+from creditmeter.storage.layout import (
+    LAYOUT_KEY,
+    LAYOUT_VERSION,
+    AccountKeys,
+    ParsedKey,
+    bucket_of,
+    bucket_tag,
+    component,
+    legacy,
+    parse,
+    uncomponent,
+)
+from creditmeter.transport.server import App
 from tests.conftest import Tenant, rid
 from tests.helpers import Failure, fails, failure
 
@@ -377,3 +390,85 @@ async def test_adversarial_ids_against_the_server(
         )
         assert consumed.balance == amount - 1
     assert (await balance(tenant, b), await balance(tenant, a)) == (2, 4)
+
+
+# --- upgrading the keys of 0.1.0 ----------------------------------------------------------
+def legacy_name(key: str) -> str:
+    """What release 0.1.0 called a key of this layout: its ids joined with ':' as they are."""
+    parsed = parse(key)
+    assert parsed is not None
+    keys = parsed.keys
+    base = f"{bucket_tag(keys.bucket)}:{keys.tenant}:{keys.account}"
+    return f"{base}:{parsed.kind}:{parsed.id}" if parsed.kind in ("idem", "sess") else (
+        f"{base}:{parsed.kind}"
+    )
+
+
+async def test_keys_of_0_1_0_are_renamed_at_start(
+    tenant: Tenant, app: App, redis_client: redis.Redis
+) -> None:
+    """Accounts, request records and sessions whose ids hold ':' or '%', written under the
+    old names, are found under the new ones after the upgrade: balances, replays (no second
+    charge) and sessions."""
+    account = "user:42"
+    await tenant.admin.Grant(pb.GrantRequest(account_id=account, amount=10, request_id="g:1"))
+    first = await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id=account, feature="text", request_id="c:1")
+    )
+    await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id=account, feature="text", request_id="50%off")
+    )
+    await tenant.meter.StartSession(
+        pb.StartSessionRequest(account_id=account, feature="voice", session_id="call-7")
+    )
+    before = await tenant.read.GetBalance(pb.GetBalanceRequest(account_id=account))
+    ours = [k for k in redis_client.scan_iter(f"cm:{{b*}}:{tenant.name}:*")]
+    moved = {k: legacy_name(k) for k in ours if legacy_name(k) != k}
+    assert len(moved) >= 9  # five account keys, three request records, one session
+    for new, old in moved.items():
+        redis_client.rename(new, old)
+    redis_client.delete(LAYOUT_KEY)
+    assert app.metering is not None
+    assert await app.metering.store.upgrade_layout() == len(moved)
+    assert redis_client.get(LAYOUT_KEY) == LAYOUT_VERSION
+    assert sorted(redis_client.scan_iter(f"cm:{{b*}}:{tenant.name}:*")) == sorted(ours)
+    assert await app.metering.store.upgrade_layout() == 0  # once
+
+    after = await tenant.read.GetBalance(pb.GetBalanceRequest(account_id=account))
+    assert after == before
+    replay = await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id=account, feature="text", request_id="c:1")
+    )
+    assert replay == first
+    session = await tenant.read.GetSession(
+        pb.GetSessionRequest(account_id=account, session_id="call-7")
+    )
+    assert session.session.state == pb.SESSION_STATE_OPEN
+
+
+def test_legacy_readings_land_in_their_bucket() -> None:
+    keys = AccountKeys("t", "a:b")
+    old = f"{bucket_tag(keys.bucket)}:t:a:b:idem:x:y"
+    readings = legacy(old)
+    assert ParsedKey(keys, "idem", "x:y") in readings
+    assert all(r.keys.bucket == keys.bucket for r in readings)
+    assert legacy("cm:{b00}:outbox") == []
+
+
+async def test_session_ids_take_what_the_proto_documents(tenant: Tenant) -> None:
+    """A SIP URI as session id: start, update, get, end."""
+    account, sid = f"sip-{uuid.uuid4().hex[:6]}", "sip:call-1@pbx.example"
+    await tenant.admin.Grant(pb.GrantRequest(account_id=account, amount=100, request_id=rid()))
+    started = await tenant.meter.StartSession(
+        pb.StartSessionRequest(account_id=account, feature="voice", session_id=sid)
+    )
+    assert started.session.session_id == sid
+    await tenant.meter.UpdateSession(
+        pb.UpdateSessionRequest(account_id=account, session_id=sid, sequence=1, used_seconds=30)
+    )
+    got = await tenant.read.GetSession(pb.GetSessionRequest(account_id=account, session_id=sid))
+    assert got.session.session_id == sid and got.session.sequence == 1
+    ended = await tenant.meter.EndSession(
+        pb.EndSessionRequest(account_id=account, session_id=sid, sequence=2, used_seconds=10)
+    )
+    assert ended.session.state == pb.SESSION_STATE_ENDED and ended.balance == 99

@@ -20,6 +20,10 @@ is injective by construction (`parse` inverts it; tests/test_keys.py checks the 
 over adversarial ids). Ids without `%` or `:` -- nearly all of them -- are written as they
 are, so their keys are those of release 0.1.0. Tenants are `[a-z0-9_-]` and never need it.
 
+Upgrading from 0.1.0: its keys joined ids with ':' as they were. `legacy` reads such a key
+(every split that makes sense and lands in the key's own bucket), and the store renames the
+few keys whose name changed (ids with ':' or '%') once, at start (`RedisStore.upgrade_layout`).
+
 Hash tags: the first `{...}` of a key decides its slot, and every key starts with its bucket's
 `cm:{bNN}`, so braces inside later components cannot move a key to another slot.
 
@@ -87,6 +91,12 @@ def trimmed_key(bucket: int) -> str:
     max-deleted-entry-id, but Redis 7.0 updates that on XDEL only, not on XTRIM."""
     return f"{bucket_tag(bucket)}:trimmed"
 
+
+#: The layout version, set once the keys of an older layout have been renamed.
+LAYOUT_KEY = f"{KEY_PREFIX}:layout"
+LAYOUT_VERSION = "2"
+#: SCAN pattern of every key of every bucket.
+ALL_BUCKETS_PATTERN = f"{KEY_PREFIX}:{{b*}}:*"
 
 #: SCAN pattern of every account's `acct` hash (and, rarely, other keys: `parse` tells).
 ACCOUNT_SCAN_PATTERN = f"{KEY_PREFIX}:{{b*}}:*:acct"
@@ -161,3 +171,42 @@ def parse(key: str) -> ParsedKey | None:
     if tag != f"{{b{keys.bucket:02d}}}":
         return None
     return ParsedKey(keys, kind, uncomponent(rest[0]) if rest else "")
+
+
+#: The Redis type of each kind of per-account key.
+KIND_TYPES = {
+    "lots": "hash", "rem": "hash", "acct": "hash", "order": "zset", "exp": "zset",
+    IDEMPOTENCY_KIND: "string", SESSION_KIND: "hash",
+}  # fmt: skip
+
+
+def key_of(parsed: ParsedKey) -> str:
+    """The key a parsed key stands for in this layout (`parse` inverted)."""
+    if parsed.kind == IDEMPOTENCY_KIND:
+        return parsed.keys.idempotency_key(parsed.id)
+    if parsed.kind == SESSION_KIND:
+        return parsed.keys.session_key(parsed.id)
+    return parsed.keys.key(parsed.kind)
+
+
+def legacy(key: str) -> list[ParsedKey]:
+    """Every reading of `key` as release 0.1.0 wrote it (ids joined with ':' unencoded)
+    that lands in the bucket the key is in. More than one means 0.1.0 itself confused the
+    two (the defect this layout fixes)."""
+    parts = key.split(":")
+    if len(parts) < 5 or parts[0] != KEY_PREFIX:
+        return []
+    tag, tenant, rest = parts[1], parts[2], parts[3:]
+    readings = []
+    for i in range(1, len(rest)):
+        keys = AccountKeys(tenant, ":".join(rest[:i]))
+        tail = rest[i:]
+        if len(tail) == 1 and tail[0] in ACCOUNT_KINDS:
+            reading = ParsedKey(keys, tail[0])
+        elif len(tail) >= 2 and tail[0] in (IDEMPOTENCY_KIND, SESSION_KIND):
+            reading = ParsedKey(keys, tail[0], ":".join(tail[1:]))
+        else:
+            continue
+        if tag == f"{{b{keys.bucket:02d}}}":
+            readings.append(reading)
+    return readings

@@ -6,6 +6,7 @@ The key layout (which keys, and how ids become key names) is in `layout`.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -32,8 +33,14 @@ from creditmeter.storage import scripts
 from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.layout import (
     ACCOUNT_SCAN_PATTERN,
+    ALL_BUCKETS_PATTERN,
+    KIND_TYPES,
+    LAYOUT_KEY,
+    LAYOUT_VERSION,
     AccountKeys,
     due_key,
+    key_of,
+    legacy,
     parse,
     sessions_key,
 )
@@ -199,6 +206,9 @@ async def _reachable() -> AsyncIterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise BackendUnavailable(f"redis unavailable: {exc}", {"backend": "redis"}) from exc
+
+
+log = logging.getLogger(__name__)
 
 
 class RedisStore:
@@ -445,6 +455,34 @@ class RedisStore:
             await self.client.set(
                 keys.idempotency_key(request_id), f"{fingerprint}\n{reply}", ex=ttl_s
             )
+
+    async def upgrade_layout(self) -> int:
+        """Rename the keys an older release named differently (ids holding ':' or '%'),
+        once; returns how many were renamed. Safe to run again, and beside a running
+        server of this release: a key of this layout is never touched."""
+        async with _reachable():
+            if await self.client.get(LAYOUT_KEY) == LAYOUT_VERSION:
+                return 0
+            renamed = 0
+            async for key in self.client.scan_iter(match=ALL_BUCKETS_PATTERN, count=1000):
+                parsed = parse(key)
+                if parsed is not None and key_of(parsed) == key:
+                    continue  # this layout's (or the same in both)
+                kind = str(await self.client.type(key))
+                readings = [r for r in legacy(key) if KIND_TYPES[r.kind] == kind]
+                if len(readings) != 1:
+                    if readings or kind != "none":
+                        log.warning("layout upgrade: %d readings of a %s key; left as it is",
+                                    len(readings), kind)  # fmt: skip
+                    continue
+                if await self.client.renamenx(key, key_of(readings[0])):
+                    renamed += 1
+                else:
+                    log.warning("layout upgrade: a key's new name is taken; left as it is")
+            await self.client.set(LAYOUT_KEY, LAYOUT_VERSION)
+        if renamed:
+            log.info("layout upgrade: renamed %d keys of ids holding ':' or '%%'", renamed)
+        return renamed
 
     async def account_seqs(self) -> dict[tuple[str, str], int]:
         """Every account in Redis and its event sequence number (SCAN, for audits)."""

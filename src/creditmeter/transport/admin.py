@@ -95,9 +95,9 @@ async def audit(
     """Print the drift of every account; exit status 1 on any drift."""
     async with open_stores(data_dir, redis_url, ledger_url) as stores:
         backlog = await outbox_backlog(stores.redis)
-        checked, drifts = await Recovery(stores.ledger, RedisStore(stores.redis)).audit(
-            tenant, wait_s
-        )
+        store = RedisStore(stores.redis)
+        await store.upgrade_layout()  # an older release's keys, before reading them
+        checked, drifts = await Recovery(stores.ledger, store).audit(tenant, wait_s)
     if drifts:
         table = Table("tenant", "account", "drift")
         for d in drifts:
@@ -114,9 +114,11 @@ async def rebuild(
 ) -> int:
     """Restore Redis from the ledger."""
     async with open_stores(data_dir, redis_url, ledger_url) as stores:
-        accounts, requests, skipped = await Recovery(
-            stores.ledger, RedisStore(stores.redis)
-        ).rebuild(SystemClock().now_ms(), replace)
+        store = RedisStore(stores.redis)
+        await store.upgrade_layout()
+        accounts, requests, skipped = await Recovery(stores.ledger, store).rebuild(
+            SystemClock().now_ms(), replace
+        )
     console.print(f"restored {accounts} accounts and {requests} idempotency records")
     if skipped:
         console.print(

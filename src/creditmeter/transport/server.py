@@ -162,6 +162,8 @@ class App:
             ledger=ledger,
             gate=self.gate,
         )
+        # Before any call: keys an older release named differently get their new names.
+        await metering.store.upgrade_layout()
         if s.flusher:
             flusher = Flusher(self.redis, ledger, retention_ms=s.watch_retention_s * 1000)
             await flusher.ensure_groups()
