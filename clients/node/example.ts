@@ -1,12 +1,15 @@
 // creditmeter from TypeScript: grant credits, consume a text message, read the account's
-// history, and meter a voice call (StartSession -> UpdateSession -> EndSession).
+// history, and meter a voice call (StartSession -> UpdateSession -> EndSession); on the way,
+// decode the google.rpc error details of a refused overdraft and of an invalid request.
 //
 //   CREDITMETER_SERVER=127.0.0.1:50051 CREDITMETER_API_KEY=cm_... npx tsx example.ts
 //
 // The key must be an admin key (Grant needs one). Exits 0 when every call behaved as the
 // API documents.
 import { randomUUID } from "node:crypto";
-import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { fromBinary } from "@bufbuild/protobuf";
+import { base64Decode } from "@bufbuild/protobuf/wire";
+import { anyUnpack, timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
@@ -14,7 +17,14 @@ import {
   TransactionKind,
   type Transaction,
 } from "./gen/credits/v1/credits_pb.js";
-import { ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
+// Generated from ../../proto/google/rpc, the googleapis files shipped with the API.
+import {
+  BadRequestSchema,
+  ErrorInfoSchema,
+  type BadRequest,
+  type ErrorInfo,
+} from "./gen/google/rpc/error_details_pb.js";
+import { StatusSchema } from "./gen/google/rpc/status_pb.js";
 
 const server = process.env.CREDITMETER_SERVER ?? "127.0.0.1:50051";
 const apiKey = process.env.CREDITMETER_API_KEY;
@@ -41,8 +51,24 @@ const credits = createClient(Credits, transport);
 const account = `example-${randomUUID().slice(0, 8)}`;
 
 // The reason of the google.rpc.ErrorInfo the server attaches to every error (AIP-193).
+// Connect has already decoded the status details; findDetails unpacks those of a type.
 function reason(e: ConnectError): string {
   return e.findDetails(ErrorInfoSchema)[0]?.reason ?? "";
+}
+
+// The same details decoded by hand, as a client of any gRPC library can: the
+// grpc-status-details-bin trailer is a serialized google.rpc.Status (base64 on the wire,
+// as all binary metadata), whose details are Anys unpacked by type URL
+// (type.googleapis.com/google.rpc.ErrorInfo, type.googleapis.com/google.rpc.BadRequest).
+function statusDetails(e: ConnectError): { info?: ErrorInfo; badRequest?: BadRequest } {
+  const raw = e.metadata.get("grpc-status-details-bin");
+  const found: { info?: ErrorInfo; badRequest?: BadRequest } = {};
+  if (raw === null) return found;
+  for (const detail of fromBinary(StatusSchema, base64Decode(raw)).details) {
+    found.info ??= anyUnpack(detail, ErrorInfoSchema);
+    found.badRequest ??= anyUnpack(detail, BadRequestSchema);
+  }
+  return found;
 }
 
 // History comes from the durable ledger, which trails the balance by the flush lag
@@ -130,6 +156,28 @@ async function main(): Promise<void> {
     const e = ConnectError.from(err);
     if (e.code !== Code.FailedPrecondition || reason(e) !== "INSUFFICIENT_CREDITS") throw err;
     console.log(`overdraft refused: ${Code[e.code]}, reason ${reason(e)}`);
+  }
+
+  // An invalid request fails with INVALID_ARGUMENT, reason INVALID_REQUEST, and a
+  // google.rpc.BadRequest naming each offending field and why.
+  try {
+    await credits.grant({ accountId: account, amount: 0n, requestId: randomUUID() });
+    throw new Error("a grant of 0 credits was accepted");
+  } catch (err) {
+    const e = ConnectError.from(err);
+    const { info, badRequest } = statusDetails(e);
+    const violations = badRequest?.fieldViolations ?? [];
+    if (
+      e.code !== Code.InvalidArgument ||
+      info?.reason !== "INVALID_REQUEST" ||
+      !violations.some((v) => v.field === "amount")
+    ) {
+      throw err;
+    }
+    console.log(
+      `invalid grant refused: ${Code[e.code]}, reason ${info.reason}, field violations: ` +
+        violations.map((v) => `${v.field} (${v.description})`).join(", "),
+    );
   }
 
   const transactions = await history(2);

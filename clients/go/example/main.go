@@ -1,6 +1,7 @@
 // Command example uses creditmeter from Go: grant credits, consume a text message, read
 // the account's history, and meter a voice call (StartSession -> UpdateSession ->
-// EndSession).
+// EndSession); on the way, decode the google.rpc error details of a refused overdraft and
+// of an invalid request.
 //
 //	CREDITMETER_SERVER=127.0.0.1:50051 CREDITMETER_API_KEY=cm_... ./example
 //
@@ -14,6 +15,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	creditsv1 "github.com/creditmeter/creditmeter/clients/go/credits/v1"
@@ -33,14 +35,29 @@ func newID(prefix string) string {
 	return prefix + hex.EncodeToString(b)
 }
 
-// reason is the ErrorInfo reason the server attaches to every error (AIP-193).
-func reason(err error) string {
+// details returns the google.rpc.ErrorInfo the server attaches to every error (AIP-193)
+// and the google.rpc.BadRequest it adds for an invalid request. grpc-go's status package
+// decodes the grpc-status-details-bin trailer (a google.rpc.Status) and unpacks each Any
+// detail into the genproto type its URL names, here errdetails.ErrorInfo and BadRequest;
+// so Go needs no code generated from proto/google/rpc.
+func details(err error) (*errdetails.ErrorInfo, *errdetails.BadRequest) {
+	var info *errdetails.ErrorInfo
+	var bad *errdetails.BadRequest
 	for _, d := range status.Convert(err).Details() {
-		if info, ok := d.(*errdetails.ErrorInfo); ok {
-			return info.GetReason()
+		switch d := d.(type) {
+		case *errdetails.ErrorInfo:
+			info = d
+		case *errdetails.BadRequest:
+			bad = d
 		}
 	}
-	return ""
+	return info, bad
+}
+
+// reason is the ErrorInfo reason of an error ("" for none).
+func reason(err error) string {
+	info, _ := details(err)
+	return info.GetReason()
 }
 
 func main() {
@@ -103,6 +120,22 @@ func run(server, apiKey string) error {
 		return fmt.Errorf("overdraft: want FAILED_PRECONDITION / INSUFFICIENT_CREDITS, got %v", err)
 	}
 	fmt.Printf("overdraft refused: %s, reason %s\n", status.Code(err), reason(err))
+
+	// An invalid request fails with INVALID_ARGUMENT, reason INVALID_REQUEST, and a
+	// google.rpc.BadRequest naming each offending field and why.
+	_, err = credits.Grant(ctx, &creditsv1.GrantRequest{AccountId: account, Amount: 0, RequestId: newID("req-")})
+	info, bad := details(err)
+	var violations []string
+	amountNamed := false
+	for _, v := range bad.GetFieldViolations() {
+		violations = append(violations, fmt.Sprintf("%s (%s)", v.GetField(), v.GetDescription()))
+		amountNamed = amountNamed || v.GetField() == "amount"
+	}
+	if status.Code(err) != codes.InvalidArgument || info.GetReason() != "INVALID_REQUEST" || !amountNamed {
+		return fmt.Errorf("invalid grant: want INVALID_ARGUMENT / INVALID_REQUEST naming amount, got %v", err)
+	}
+	fmt.Printf("invalid grant refused: %s, reason %s, field violations: %s\n",
+		status.Code(err), info.GetReason(), strings.Join(violations, ", "))
 
 	// History comes from the durable ledger, which trails the balance by the flush lag
 	// (normally well under a second): poll briefly until the consume shows up.
