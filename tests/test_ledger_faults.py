@@ -20,8 +20,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
+import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -32,29 +37,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import asyncpg
 import grpc
 import pytest
 import redis
 import redis.asyncio as aioredis
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.constants import BUCKETS, FLUSH_GROUP, STAGED_GRANT_RETRY_AFTER_MS
+from creditmeter.constants import (
+    BUCKETS,
+    FLUSH_GROUP,
+    LEDGER_HEALTH_SERVICE,
+    LEDGER_RETRY_INITIAL_S,
+    LEDGER_RETRY_MAX_S,
+    LEDGER_RETRY_MULTIPLIER,
+    STAGED_GRANT_RETRY_AFTER_MS,
+)
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import AccountState, Recovery, replay
 from creditmeter.errors import BackendUnavailable
 from creditmeter.storage.layout import AccountKeys, outbox_key
 from creditmeter.storage.ledger import open_ledger
-from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
+from creditmeter.storage.ledger.base import UNAVAILABLE_MESSAGE, Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.flusher import Flusher
 from creditmeter.storage.redis_store import Call, RedisStore
 from creditmeter.transport.server import App, Settings
 from tests import test_server_process
-from tests.conftest import Tenant, rid
+from tests.conftest import Tenant, make_tenant, rid
 from tests.helpers import Failure, fails, failure
-from tests.pg import PostgresServer
+from tests.pg import PostgresServer, find_bindir
 from tests.test_server_process import (
     CREDITS_SERVICE,
     ENV,
@@ -62,6 +77,7 @@ from tests.test_server_process import (
     Metadata,
     auth,
     balance,
+    children,
     cli,
     create_key,
     eventually,
@@ -752,6 +768,14 @@ async def test_ledger_outage_fills_backlog_to_cap_then_drains_with_nothing_lost(
         assert await health_status(tenant.channel, service) == not_serving
     during = await status()
     assert not during.accepting_changes and during.backlog >= 200 and during.backlog_cap == 200
+
+    async def ledger_is(state: int) -> bool:
+        return (await status()).ledger_state == state
+
+    # The server's own ping finds the ledger gone (SQLite: after its 5 s busy timeout).
+    await until(lambda: ledger_is(pb.LEDGER_STATE_UNREACHABLE), 20, "ledger seen unreachable")
+    assert (await status()).HasField("unreachable_since")
+    assert await health_status(tenant.channel, LEDGER_HEALTH_SERVICE) == not_serving
     # Every change is refused the same way, grants included; reads still work.
     grant_refused = await fails(
         tenant.admin.Grant(pb.GrantRequest(account_id="acct", amount=5, request_id=rid()))
@@ -766,6 +790,8 @@ async def test_ledger_outage_fills_backlog_to_cap_then_drains_with_nothing_lost(
     drain_s = time.monotonic() - began
     for service in ("", CREDITS_SERVICE):
         assert await health_status(tenant.channel, service) == serving
+    await until(lambda: ledger_is(pb.LEDGER_STATE_REACHABLE), 20, "ledger seen reachable")
+    assert await health_status(tenant.channel, LEDGER_HEALTH_SERVICE) == serving
 
     # The refused call changed nothing: its retry is charged once, now.
     retried = await tenant.meter.Consume(refused_request)
@@ -940,3 +966,341 @@ async def test_calls_that_need_the_ledger_fail_unavailable_while_it_is_down(
     assert {n: (f.code, f.reason, f.domain) for n, f in got.items()} == dict.fromkeys(
         calls, (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "creditmeter")
     ), got
+    # The message names no address or driver error, only that the ledger is unavailable.
+    assert {(f.message, f.metadata["backend"]) for f in got.values()} == {
+        (UNAVAILABLE_MESSAGE, "ledger")
+    }, got
+
+
+# --- 6. started while the ledger is down -----------------------------------------------
+@pytest.fixture
+def cold_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of the test's own, initdb'd but not started: nothing listens on
+    its port until the test starts it, and its `postgres` database has no schema yet (so
+    whatever creates the tables is the server under test). Destroyed at teardown."""
+    root = Path(tempfile.mkdtemp(prefix="creditmeter-pg-cold-", dir="/tmp"))
+    root.chmod(0o755)  # the postgres user must reach it (see tests/pg.py)
+    server: PostgresServer | None = None
+    try:
+        server = PostgresServer(find_bindir(), root)
+        yield server
+    finally:
+        if server is not None:
+            server.destroy()
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+#: A WARNING line of a ledger link's failed attempt: who, the attempt, the pause after it.
+RETRY_LINE = re.compile(
+    r"^\S+ \S+ WARNING creditmeter\.storage\.ledger\.connection: (server|flusher): "
+    r"ledger unreachable[^(]*\(attempt (\d+)\): .+; retrying in ([\d.]+) s$",
+    re.MULTILINE,
+)
+LEDGER_TABLES = {"events", "requests", "staged_grants", "purchases", "subscriptions"}
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def retry_pauses(log: str, who: str) -> list[float]:
+    """The pauses `who` ("server", "flusher") logged after its failed attempts, in order."""
+    return [float(m[3]) for m in RETRY_LINE.finditer(log) if m[1] == who]
+
+
+def assert_backs_off(log: str, who: str) -> None:
+    """At least three failed attempts, each pause double the one before up to the cap."""
+    pauses = retry_pauses(log, who)
+    assert len(pauses) >= 3, log
+    assert pauses[:3] == [
+        LEDGER_RETRY_INITIAL_S * LEDGER_RETRY_MULTIPLIER**i for i in range(3)
+    ], pauses
+    assert max(pauses) <= LEDGER_RETRY_MAX_S, pauses
+
+
+async def ledger_tables(url: str) -> set[str]:
+    """The tables of the database's public schema (asyncpg directly: opening a ledger
+    would create them)."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+    finally:
+        await conn.close()
+    return {r["table_name"] for r in rows}
+
+
+def health_of(address: str, service: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return int(reply.status)
+
+
+def ledger_state(stub: pb_grpc.CreditsStub, md: Metadata) -> pb.GetLedgerStatusResponse:
+    reply = stub.GetLedgerStatus(pb.GetLedgerStatusRequest(), metadata=md, timeout=5)
+    return cast(pb.GetLedgerStatusResponse, reply)
+
+
+def assert_ledger_unavailable(f: Failure, port: int) -> None:
+    """UNAVAILABLE / BACKEND_UNAVAILABLE for the ledger, with the message clients get: no
+    address, driver, error class or traceback."""
+    assert (f.code, f.reason, f.domain) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "BACKEND_UNAVAILABLE",
+        "creditmeter",
+    ), f
+    assert f.metadata == {"backend": "ledger"}, f
+    assert f.message == UNAVAILABLE_MESSAGE, f
+    assert str(port) not in f.message and "Error" not in f.message, f
+
+
+def consume_free(stub: pb_grpc.CreditsStub, md: Metadata, account: str, n: int) -> dict[str, str]:
+    """n Consume calls; the transaction each acknowledged, by request id."""
+    acknowledged = {}
+    for quantity in range(1, n + 1):
+        request = pb.ConsumeRequest(
+            account_id=account, feature="text", quantity=quantity, request_id=rid()
+        )
+        reply = stub.Consume(request, metadata=md, timeout=10)
+        acknowledged[request.request_id] = reply.transaction_id
+    return acknowledged
+
+
+def test_serve_started_while_the_postgres_ledger_is_down_meters_then_drains(
+    launch: Launch, tmp_path: Path, cold_postgres: PostgresServer
+) -> None:
+    """`creditmeter serve` started with nothing listening on the ledger's port, then
+    restarted during a second outage: it serves, meters into the outbox, refuses only what
+    needs the ledger, says the ledger is unreachable, and drains once it is back."""
+    pg = cold_postgres
+    url = pg.url("postgres")  # the database initdb made: no schema until the server's
+    data = tmp_path / "data"
+    tenant = fresh_tenant()
+    key, _ = create_key(data, tenant, "admin")
+    md = auth(key)
+    env = server_env(url)
+    assert not pg.running
+
+    # Started while the ledger is down: it listens and Credits is healthy (launch waits
+    # for SERVING); the ledger's own health entry and GetLedgerStatus say it is not reached.
+    server = launch(data, env)
+    assert health_of(server.address, "") == SERVING
+    assert health_of(server.address, CREDITS_SERVICE) == SERVING
+    assert health_of(server.address, LEDGER_HEALTH_SERVICE) == NOT_SERVING
+    acknowledged: dict[str, str] = {}
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.CreditsStub(channel)
+        status = ledger_state(stub, md)
+        assert status.ledger_state == pb.LEDGER_STATE_UNREACHABLE, status
+        assert status.HasField("unreachable_since") and status.accepting_changes, status
+
+        # Metering goes into the outbox: options, consumptions, a call session.
+        stub.SetAccountOptions(
+            pb.SetAccountOptionsRequest(account_id="free", unlimited=True, request_id=rid()),
+            metadata=md,
+            timeout=10,
+        )
+        acknowledged |= consume_free(stub, md, "free", 10)
+        stub.StartSession(
+            pb.StartSessionRequest(
+                account_id="free", feature="voice", session_id="call-1", requested_seconds=60
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        ended = stub.EndSession(
+            pb.EndSessionRequest(
+                account_id="free", session_id="call-1", sequence=1, used_seconds=90
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        assert ended.session.charged_amount == 2  # two one-minute increments
+        # Reads from Redis work.
+        usage = stub.GetUsage(pb.GetUsageRequest(account_id="free"), metadata=md, timeout=10)
+        assert usage.unlimited and usage.used == sum(range(1, 11)) + 2
+        stub.GetSession(
+            pb.GetSessionRequest(account_id="free", session_id="call-1"), metadata=md, timeout=10
+        )
+        # What needs the ledger fails cleanly: history, reports, money in (ledger first).
+        now = int(time.time())
+        for call in (
+            lambda: stub.ListTransactions(
+                pb.ListTransactionsRequest(account_id="free"), metadata=md, timeout=10
+            ),
+            lambda: stub.GetUsageReport(
+                pb.GetUsageReportRequest(
+                    start_time=Timestamp(seconds=now - 86_400), end_time=Timestamp(seconds=now)
+                ),
+                metadata=md,
+                timeout=10,
+            ),
+            lambda: stub.Grant(
+                pb.GrantRequest(account_id="paid", amount=100, request_id=rid()),
+                metadata=md,
+                timeout=10,
+            ),
+        ):
+            assert_ledger_unavailable(rejected(call), pg.port)
+        eventually(lambda: ledger_state(stub, md).backlog > 0, 5)  # sampled every 0.2 s
+
+        # It keeps trying, backing off, one WARNING line per attempt, in the server and
+        # in its flusher child; neither exits.
+        eventually(lambda: len(retry_pauses(server.stderr(), "server")) >= 3, 20)
+        eventually(lambda: len(retry_pauses(server.stderr(), "flusher")) >= 3, 20)
+        assert server.proc.poll() is None and len(children(server.pid)) == 2
+        assert_backs_off(server.stderr(), "server")
+        assert_backs_off(server.stderr(), "flusher")
+
+        # The ledger comes up: the schema is created, the backlog drains.
+        pg.start()
+        eventually(
+            lambda: ledger_state(stub, md).ledger_state == pb.LEDGER_STATE_REACHABLE,
+            LEDGER_RETRY_MAX_S + 10,
+        )
+        wait_flushed(stub, md)
+        assert not ledger_state(stub, md).HasField("unreachable_since")
+        assert health_of(server.address, LEDGER_HEALTH_SERVICE) == SERVING
+        assert asyncio.run(ledger_tables(url)) >= LEDGER_TABLES
+        history = stub.ListTransactions(
+            pb.ListTransactionsRequest(account_id="free", page_size=100), metadata=md, timeout=10
+        )
+        assert len(history.transactions) == 10 + 1 + 1  # consumptions, the session, options
+        paid = stub.Grant(
+            pb.GrantRequest(account_id="paid", amount=100, request_id=rid()),
+            metadata=md,
+            timeout=10,
+        )
+        assert paid.balance == 100
+        wait_flushed(stub, md)
+        # The running server notices the next outage too.
+        pg.stop()
+        eventually(
+            lambda: ledger_state(stub, md).ledger_state == pb.LEDGER_STATE_UNREACHABLE, 10
+        )
+        assert health_of(server.address, LEDGER_HEALTH_SERVICE) == NOT_SERVING
+    assert "ledger reachable after" in server.stderr()
+    assert "Traceback" not in server.stderr(), server.stderr()
+    assert server.terminate() == 0, server.stderr()
+
+    # Restarted during that outage: the schema is there but cannot be checked; metering
+    # goes on, on the credit granted before.
+    restarted = launch(data, env)
+    with grpc.insecure_channel(restarted.address) as channel:
+        stub = pb_grpc.CreditsStub(channel)
+        assert ledger_state(stub, md).ledger_state == pb.LEDGER_STATE_UNREACHABLE
+        acknowledged |= consume_free(stub, md, "paid", 5)
+        acknowledged |= consume_free(stub, md, "free", 3)
+        assert balance(stub, md, "paid") == 100 - sum(range(1, 6))
+        eventually(lambda: len(retry_pauses(restarted.stderr(), "server")) >= 2, 20)
+        pg.start()
+        eventually(
+            lambda: ledger_state(stub, md).ledger_state == pb.LEDGER_STATE_REACHABLE,
+            LEDGER_RETRY_MAX_S + 10,
+        )
+        wait_flushed(stub, md)
+
+    # The ledger holds every acknowledged event once, and agrees with Redis.
+    events = asyncio.run(read_ledger(url, data, tenant))
+    assert_consumes_exactly_once(events, acknowledged)
+    kinds = Counter(e.kind for e in events)
+    assert (kinds["options"], kinds["grant"]) == (1, 1), kinds
+    assert sum(e.amount for e in events if e.kind == "session") == 2
+    audit_ok(data, tenant, env)
+    assert "Traceback" not in restarted.stderr(), restarted.stderr()
+    assert restarted.terminate() == 0, restarted.stderr()
+
+
+async def test_flush_started_alone_while_the_ledger_is_down_waits_then_drains(
+    cold_postgres: PostgresServer, private_redis_url: str, tmp_path: Path
+) -> None:
+    """`creditmeter flush` started alone with nothing listening on the ledger's port stays
+    up, retrying with backoff, and drains the outboxes once PostgreSQL starts. The server
+    beside it is the in-process App, started with the ledger down as well."""
+    pg = cold_postgres
+    url = pg.url("postgres")
+    data = tmp_path / "data"
+    app = App(
+        Settings(
+            listen="127.0.0.1:0",
+            data_dir=data,
+            redis_url=private_redis_url,
+            ledger_url=url,
+            flusher=False,  # `creditmeter flush` flushes
+            shutdown_grace_s=1.0,
+        )
+    )
+    await app.start()
+    tenant = await make_tenant(app)
+    log_path = tmp_path / "flush.err"
+    flush: subprocess.Popen[bytes] | None = None
+    try:
+
+        async def state() -> pb.GetLedgerStatusResponse:
+            reply = await tenant.admin.GetLedgerStatus(pb.GetLedgerStatusRequest())
+            return cast(pb.GetLedgerStatusResponse, reply)
+
+        assert (await state()).ledger_state == pb.LEDGER_STATE_UNREACHABLE
+        await tenant.admin.SetAccountOptions(
+            pb.SetAccountOptionsRequest(account_id="free", unlimited=True, request_id=rid())
+        )
+        acknowledged = {}
+        for quantity in range(1, 21):
+            request = pb.ConsumeRequest(
+                account_id="free", feature="text", quantity=quantity, request_id=rid()
+            )
+            acknowledged[request.request_id] = (await tenant.meter.Consume(request)).transaction_id
+        refused = await fails(
+            tenant.read.ListTransactions(pb.ListTransactionsRequest(account_id="free"))
+        )
+        assert_ledger_unavailable(refused, pg.port)
+
+        with log_path.open("wb") as err:
+            flush = await asyncio.to_thread(
+                subprocess.Popen,
+                [sys.executable, "-m", "creditmeter", "flush", "--data-dir", str(data),
+                 "--redis-url", private_redis_url, "--ledger-url", url],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=ENV,
+                start_new_session=True,
+            )  # fmt: skip
+
+        def log() -> str:
+            return log_path.read_text(errors="replace")
+
+        async def retried() -> bool:
+            assert flush is not None and flush.poll() is None, f"flush exited:\n{log()}"
+            return len(retry_pauses(log(), "flusher")) >= 3
+
+        await until(retried, 20, "three retries of the flusher")
+        assert_backs_off(log(), "flusher")
+        assert (await state()).backlog > 0
+
+        await asyncio.to_thread(pg.start)
+
+        async def drained() -> bool:
+            s = await state()
+            return s.backlog == 0 and s.ledger_state == pb.LEDGER_STATE_REACHABLE
+
+        await asyncio.sleep(0.3)  # the backlog is sampled every 0.2 s
+        await until(drained, LEDGER_RETRY_MAX_S + 20, "drained into the ledger")
+        assert await ledger_tables(url) >= LEDGER_TABLES
+        events = await read_ledger(url, data, tenant.name)
+        assert_consumes_exactly_once(events, acknowledged)
+        assert sum(e.amount for e in events if e.kind == "consume") == sum(range(1, 21))
+        history = await tenant.read.ListTransactions(
+            pb.ListTransactionsRequest(account_id="free", page_size=100)
+        )
+        assert len(history.transactions) == 20 + 1
+
+        flush.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(flush.wait, 30) == 0, log()
+        assert "Traceback" not in log(), log()
+        audit_ok(data, tenant.name, ENV, "--redis-url", private_redis_url, "--ledger-url", url)
+    finally:
+        if flush is not None and flush.poll() is None:
+            flush.kill()
+            await asyncio.to_thread(flush.wait, 10)
+        await tenant.channel.close()
+        await app.stop()

@@ -94,6 +94,22 @@ DEFAULT_BACKLOG_CAP = 1_000_000
 #: Metering resumes once the backlog is back under this fraction of the cap.
 BACKLOG_RESUME_FRACTION = 0.9
 BACKLOG_CHECK_INTERVAL_S = 0.2
+#: A ledger that does not answer (at start or later) is tried again after a pause that
+#: starts here and doubles per failed attempt up to the cap; a success resets it. Opening
+#: (which creates or checks the schema), the server's ping and the flusher's retries all
+#: pause this way, each logging one WARNING per failed attempt.
+LEDGER_RETRY_INITIAL_S = 0.5
+LEDGER_RETRY_MULTIPLIER = 2.0
+LEDGER_RETRY_MAX_S = 5.0
+#: How often a server pings a ledger that answers (so status and health notice an outage).
+LEDGER_CHECK_INTERVAL_S = 1.0
+#: A ping that takes longer counts as the ledger not answering. Above SQLite's busy
+#: timeout (5 s), so a ledger file merely locked by a long write reports its own error.
+LEDGER_PING_TIMEOUT_S = 10.0
+#: The grpc.health.v1 service name that reports the ledger: SERVING while this server
+#: reaches it, NOT_SERVING while it does not. ("", credits.v1.Credits and credits.v1.Packs
+#: follow the backlog instead: metering goes on while the ledger is down.)
+LEDGER_HEALTH_SERVICE = "creditmeter.ledger"
 #: A staged (ledger-first) grant not confirmed by its event after this long is re-applied.
 STAGED_GRANT_RETRY_AFTER_MS = 10_000
 RECONCILE_INTERVAL_S = 2.0

@@ -21,6 +21,7 @@ from creditmeter.domain.recovery import Recovery
 from creditmeter.storage.embedded_redis import EmbeddedRedis, endpoint_file
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Ledger
+from creditmeter.storage.ledger.connection import LedgerLink
 from creditmeter.storage.ledger.flusher import Flusher, drain, outbox_backlog
 from creditmeter.storage.redis_store import RedisStore
 
@@ -42,11 +43,9 @@ async def _answers(url: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_stores(
-    data_dir: str, redis_url: str | None, ledger_url: str | None
-) -> AsyncIterator[Stores]:
-    """The server's Redis (given, the running embedded one, or the embedded one started
-    just for this command) and its ledger."""
+async def open_redis(data_dir: str, redis_url: str | None) -> AsyncIterator[aioredis.Redis]:
+    """The server's Redis: given, the running embedded one, or the embedded one started
+    just for this command."""
     directory = Path(data_dir)
     embedded: EmbeddedRedis | None = None
     url = redis_url
@@ -58,29 +57,49 @@ async def open_stores(
             embedded = EmbeddedRedis(directory)
             url = await embedded.start()
     client = aioredis.from_url(url, decode_responses=True)
-    ledger = open_ledger(ledger_url, directory)
-    await ledger.open()
     try:
-        yield Stores(client, ledger)
+        yield client
     finally:
-        await ledger.close()
         await client.aclose()
         if embedded is not None:
             await embedded.stop()
 
 
+@contextlib.asynccontextmanager
+async def open_stores(
+    data_dir: str, redis_url: str | None, ledger_url: str | None
+) -> AsyncIterator[Stores]:
+    """The server's Redis (see `open_redis`) and its ledger."""
+    async with open_redis(data_dir, redis_url) as client:
+        ledger = open_ledger(ledger_url, Path(data_dir))
+        await ledger.open()
+        try:
+            yield Stores(client, ledger)
+        finally:
+            await ledger.close()
+
+
 async def run_flusher(data_dir: str, redis_url: str | None, ledger_url: str | None) -> int:
-    """Flush until SIGTERM/SIGINT."""
+    """Flush until SIGTERM/SIGINT. A ledger that does not answer is waited for (tried
+    again with backoff, a WARNING line per attempt), not a reason to exit: the outboxes
+    hold the events meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with open_stores(data_dir, redis_url, ledger_url) as stores:
-        flusher = Flusher(stores.redis, stores.ledger)
-        await flusher.run(stop)
-        # What was written up to the stop still goes in (a stopping server's last calls).
-        with contextlib.suppress(Exception):
-            await drain(flusher, SHUTDOWN_GRACE_S)
+    async with open_redis(data_dir, redis_url) as client:
+        ledger = open_ledger(ledger_url, Path(data_dir))
+        link = LedgerLink(ledger, "flusher")
+        try:
+            if not await link.start() and not await link.keep_opening(stop):
+                return 0  # stopped before the ledger ever answered: nothing was read
+            flusher = Flusher(client, ledger)
+            await flusher.run(stop)
+            # What was written up to the stop still goes in (a stopping server's last calls).
+            with contextlib.suppress(Exception):
+                await drain(flusher, SHUTDOWN_GRACE_S)
+        finally:
+            await ledger.close()
     return 0
 
 

@@ -309,8 +309,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ledger_status(args: argparse.Namespace) -> int:
     resp = _client(args).get_ledger_status()
+    ledger = {
+        pb.LEDGER_STATE_REACHABLE: "ledger reachable",
+        pb.LEDGER_STATE_UNREACHABLE: f"ledger UNREACHABLE since {_time(resp.unreachable_since)}",
+    }.get(resp.ledger_state, "ledger state not reported")
     console.print(
-        f"backlog {resp.backlog} (cap {resp.backlog_cap}), flush lag "
+        f"{ledger}, backlog {resp.backlog} (cap {resp.backlog_cap}), flush lag "
         f"{resp.flush_lag.ToMilliseconds()} ms, {resp.events_flushed} events flushed, "
         f"{'accepting' if resp.accepting_changes else 'REFUSING'} changes"
     )

@@ -40,6 +40,10 @@ class LedgerStatus:
     flush_lag_ms: int
     events_flushed: int
     accepting_changes: bool
+    #: Whether this server reaches the ledger (its last open or ping answered).
+    ledger_reachable: bool
+    #: While it does not: since when (ms).
+    unreachable_since_ms: int | None
 
 
 class CreditsServicer(pb_grpc.CreditsServicer):
@@ -420,8 +424,15 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             backlog_cap=status.backlog_cap,
             events_flushed=status.events_flushed,
             accepting_changes=status.accepting_changes,
+            ledger_state=(
+                pb.LEDGER_STATE_REACHABLE
+                if status.ledger_reachable
+                else pb.LEDGER_STATE_UNREACHABLE
+            ),
         )
         response.flush_lag.FromMilliseconds(status.flush_lag_ms)
+        if status.unreachable_since_ms is not None:
+            response.unreachable_since.FromMilliseconds(status.unreachable_since_ms)
         return response
 
     async def VoidGrant(

@@ -33,6 +33,7 @@ from creditmeter.constants import (
     EXPIRY_SWEEP_INTERVAL_S,
     FLUSHER_RESTART_DELAY_S,
     IDEMPOTENCY_TTL_S,
+    LEDGER_HEALTH_SERVICE,
     RECONCILE_INTERVAL_S,
     REDIS_POOL_SIZE,
     REDIS_POOL_TIMEOUT_S,
@@ -52,10 +53,12 @@ from creditmeter.domain.packs import Catalog
 from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
 from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.subscriptions import Subscriptions
+from creditmeter.errors import BackendUnavailable
 from creditmeter.storage.config_store import ConfigStore
 from creditmeter.storage.embedded_redis import EmbeddedRedis
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Ledger
+from creditmeter.storage.ledger.connection import LedgerLink, failure_text
 from creditmeter.storage.ledger.flusher import Flusher, drain, flusher_stats, outbox_backlog
 from creditmeter.storage.outbox import OutboxReader
 from creditmeter.storage.redis_store import RedisStore
@@ -117,6 +120,8 @@ class App:
         self.live: LiveConfig | None = None
         self.metering: Metering | None = None
         self.ledger: Ledger | None = None
+        #: Whether this server reaches the ledger; None until start() made it.
+        self.ledger_link: LedgerLink | None = None
         self.subscriptions: Subscriptions | None = None
         self.sessions: Sessions | None = None
         #: The in-process flusher (None when a child process flushes, or none does).
@@ -151,7 +156,12 @@ class App:
         await self.redis.ping()
 
         self.ledger = ledger = open_ledger(s.ledger_url, s.data_dir)
-        await ledger.open()
+        # A ledger that does not answer is no reason not to start: metering goes on into
+        # the outboxes (up to the backlog cap) while the link keeps trying, and the calls
+        # that need the ledger fail UNAVAILABLE / BACKEND_UNAVAILABLE meanwhile, exactly as
+        # during an outage of a running server. A configuration error still raises here.
+        self.ledger_link = link = LedgerLink(ledger, "server", s.clock.now_ms, self._ledger_health)
+        await link.start()
         self.live = live = LiveConfig(config)
         await live.refresh()
         self.metering = metering = Metering(
@@ -222,11 +232,13 @@ class App:
             asyncio.create_task(
                 self._every(BACKLOG_CHECK_INTERVAL_S, self._check_backlog), name="backlog-monitor"
             ),
+            asyncio.create_task(link.watch(self._stopping), name="ledger-link"),
             asyncio.create_task(
-                self._every(RECONCILE_INTERVAL_S, self._reconcile), name="grant-reconciler"
+                self._every(RECONCILE_INTERVAL_S, self._reconcile, needs_ledger=True),
+                name="grant-reconciler",
             ),
             asyncio.create_task(
-                self._every(s.renew_interval_s, self.subscriptions.renew_due),
+                self._every(s.renew_interval_s, self.subscriptions.renew_due, needs_ledger=True),
                 name="subscription-renewals",
             ),
             asyncio.create_task(
@@ -235,13 +247,14 @@ class App:
             ),
         ]
         if self.flusher is not None:
-            self.tasks.append(asyncio.create_task(self.flusher.run(self._stopping), name="flusher"))
+            self.tasks.append(asyncio.create_task(self._flush_inline(self.flusher), name="flusher"))
         elif s.flusher:
             self.tasks.append(
                 asyncio.create_task(self._supervise_flusher(url), name="flusher-process")
             )
         for service in ("", CREDITS_SERVICE, PACKS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._ledger_health(link.reachable)
         log.info(
             "creditmeter listening on %s (redis %s)",
             s.listen.rsplit(":", 1)[0] + f":{self.port}",
@@ -249,17 +262,43 @@ class App:
         )
         return self.port
 
-    async def _every(self, interval_s: float, work: Callable[[], Awaitable[object]]) -> None:
+    async def _every(
+        self,
+        interval_s: float,
+        work: Callable[[], Awaitable[object]],
+        needs_ledger: bool = False,
+    ) -> None:
         """Run `work` every interval until the server stops; a failure is logged and the
-        next round tries again (Redis or the ledger briefly away)."""
+        next round tries again (Redis or the ledger briefly away). Work that `needs_ledger`
+        waits while the ledger link finds it unreachable: the link logs the outage, once
+        per attempt, and the work would only fail the same way."""
+        assert self.ledger_link is not None
+        name = getattr(work, "__qualname__", work)
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval_s)
                 return
+            if needs_ledger and not self.ledger_link.reachable:
+                continue
             try:
                 await work()
+            except BackendUnavailable as error:  # an outage, not a bug: no traceback
+                log.warning("%s failed: %s", name, failure_text(error))
             except Exception:
-                log.warning("%s failed", getattr(work, "__qualname__", work), exc_info=True)
+                log.warning("%s failed", name, exc_info=True)
+
+    async def _ledger_health(self, reachable: bool) -> None:
+        """The ledger's own health entry follows the link (the others follow the backlog)."""
+        serving = health_pb2.HealthCheckResponse
+        await self.health.set(
+            LEDGER_HEALTH_SERVICE, serving.SERVING if reachable else serving.NOT_SERVING
+        )
+
+    async def _flush_inline(self, flusher: Flusher) -> None:
+        """The in-process flusher: once the ledger has been opened, flush until stopped."""
+        assert self.ledger_link is not None
+        if await self.ledger_link.wait_open(self._stopping):
+            await flusher.run(self._stopping)
 
     async def _check_backlog(self) -> None:
         """Fail closed when the ledger falls too far behind, and say so in health."""
@@ -325,7 +364,7 @@ class App:
                 await exited
 
     async def ledger_status(self) -> LedgerStatus:
-        assert self.redis is not None
+        assert self.redis is not None and self.ledger_link is not None
         figures = await flusher_stats(self.redis)
         return LedgerStatus(
             backlog=self.gate.backlog,
@@ -333,6 +372,8 @@ class App:
             flush_lag_ms=figures.last_lag_ms,
             events_flushed=figures.events,
             accepting_changes=not self.gate.refusing,
+            ledger_reachable=self.ledger_link.reachable,
+            unreachable_since_ms=self.ledger_link.down_since_ms,
         )
 
     async def stop(self) -> None:
@@ -343,7 +384,7 @@ class App:
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
         self._stopping.set()
-        if self.flusher is not None:
+        if self.flusher is not None and self.ledger_link and self.ledger_link.reachable:
             with contextlib.suppress(Exception):
                 await drain(self.flusher, self.settings.shutdown_grace_s)
         if self.tasks:

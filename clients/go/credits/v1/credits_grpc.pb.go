@@ -61,7 +61,7 @@ type CreditsClient interface {
 	// what was already spent. Voiding twice changes nothing. Requires an admin key.
 	VoidGrant(ctx context.Context, in *VoidGrantRequest, opts ...grpc.CallOption) (*VoidGrantResponse, error)
 	// GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
-	// flush lag. Requires an admin key.
+	// flush lag, and whether this server reaches the ledger at all. Requires an admin key.
 	GetLedgerStatus(ctx context.Context, in *GetLedgerStatusRequest, opts ...grpc.CallOption) (*GetLedgerStatusResponse, error)
 	// Meter is a bidirectional stream for servers that meter continuously: each request is
 	// one consumption (as in Consume), each response its outcome, in the order of the
@@ -367,7 +367,7 @@ type CreditsServer interface {
 	// what was already spent. Voiding twice changes nothing. Requires an admin key.
 	VoidGrant(context.Context, *VoidGrantRequest) (*VoidGrantResponse, error)
 	// GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
-	// flush lag. Requires an admin key.
+	// flush lag, and whether this server reaches the ledger at all. Requires an admin key.
 	GetLedgerStatus(context.Context, *GetLedgerStatusRequest) (*GetLedgerStatusResponse, error)
 	// Meter is a bidirectional stream for servers that meter continuously: each request is
 	// one consumption (as in Consume), each response its outcome, in the order of the

@@ -18,10 +18,22 @@ from dataclasses import astuple, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from creditmeter.errors import BackendUnavailable
+
 #: Event kinds that change a balance or options (`request` events go to the requests table).
 EVENT_KINDS = ("grant", "consume", "session", "expire", "reset", "refund", "options")
 #: Kinds that charge for usage: Consume, and the steps of call sessions.
 CHARGE_KINDS = ("consume", "session")
+
+
+#: What a client is told while the ledger cannot be reached: no address, driver or error
+#: class (the driver's error stays on the exception as its cause, for the logs).
+UNAVAILABLE_MESSAGE = "the ledger is unavailable; retry later"
+
+
+def ledger_unavailable() -> BackendUnavailable:
+    """The error a backend raises while the ledger does not answer (`raise ... from cause`)."""
+    return BackendUnavailable(UNAVAILABLE_MESSAGE, {"backend": "ledger"})
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -397,7 +409,12 @@ class Ledger(ABC):
 
     @abstractmethod
     async def open(self) -> None:
-        """Connect and create the schema if needed."""
+        """Connect and create the schema if needed.
+
+        Raises BackendUnavailable when the ledger does not answer: the caller may call
+        `open` again later (`connection.LedgerLink` does). Anything else, such as refused
+        credentials or a missing database, is a configuration error. Until `open` has
+        succeeded, every other call raises BackendUnavailable."""
 
     @abstractmethod
     async def close(self) -> None: ...

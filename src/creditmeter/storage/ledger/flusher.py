@@ -14,7 +14,6 @@ a token (WatchBalance reads the outboxes).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -40,6 +39,7 @@ from creditmeter.constants import (
 )
 from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
+from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +229,12 @@ class Flusher:
         return await outbox_backlog(self.client)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Flush until stopped; survives Redis or ledger outages by retrying."""
+        """Flush until stopped; survives Redis or ledger outages by retrying, with capped
+        exponential backoff and one WARNING line per failed attempt."""
         stop = stop or asyncio.Event()
         await self.ensure_groups()
         last_maintenance = 0.0
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 if time.monotonic() - last_maintenance > FLUSH_MAINTENANCE_INTERVAL_S:
@@ -246,17 +248,18 @@ class Flusher:
                 if "NOGROUP" in str(error):  # Redis lost its data: recreate the groups
                     await self.ensure_groups()
                     continue
-                log.warning("flush failed, retrying: %s", error)
-                await _pause(stop)
+                await _pause(stop, backoff, error)
             except Exception as error:  # ledger or Redis down: keep the entries, retry
-                log.warning("flush failed, retrying: %s", error)
                 self._own_pending_done = False  # re-read what was delivered but not acked
-                await _pause(stop)
+                await _pause(stop, backoff, error)
+            else:
+                backoff.reset()
 
 
-async def _pause(stop: asyncio.Event) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=0.5)
+async def _pause(stop: asyncio.Event, backoff: Backoff, error: Exception) -> None:
+    pause = backoff.next()
+    log.warning("flush failed: %s; retrying in %.1f s", failure_text(error), pause)
+    await stopped_within(stop, pause)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from creditmeter.errors import BackendUnavailable, Rejected
+from creditmeter.errors import Rejected
 from creditmeter.storage.ledger.base import (
     EVENT_COLUMNS,
     PURCHASE_COLUMN_COUNT,
@@ -34,6 +34,7 @@ from creditmeter.storage.ledger.base import (
     grant_row,
     group_transactions,
     join_lot_ids,
+    ledger_unavailable,
     purchase_filters,
     purchase_from_row,
     purchase_row,
@@ -279,7 +280,8 @@ class PostgresLedger(Ledger):
         idempotent (though if the connection died after a COMMIT went out, the retried
         append counts those events as already present)."""
         pool = self._pool
-        assert pool is not None, "ledger not open"
+        if pool is None:
+            raise ledger_unavailable()  # not open yet (the ledger did not answer) or closed
         try:
             try:
                 return await op(pool)
@@ -287,9 +289,7 @@ class PostgresLedger(Ledger):
                 await pool.expire_connections()  # the others are as stale: replace them all
                 return await op(pool)
         except _DOWN as error:
-            raise BackendUnavailable(
-                f"ledger unavailable: {error}", {"backend": "ledger"}
-            ) from error
+            raise ledger_unavailable() from error
 
     async def open(self) -> None:
         pool = await asyncpg.create_pool(
@@ -306,8 +306,10 @@ class PostgresLedger(Ledger):
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
                 await conn.execute(SCHEMA)
-        except BaseException:
+        except BaseException as error:
             pool.terminate()
+            if isinstance(error, _DOWN):  # not a configuration error: worth trying again
+                raise ledger_unavailable() from error
             raise
         self._pool = pool
 
@@ -329,7 +331,7 @@ class PostgresLedger(Ledger):
             )
         )
         if row[0] or row[1] == "on":
-            raise ConnectionError("the PostgreSQL ledger is read-only")
+            raise ledger_unavailable() from ConnectionError("the PostgreSQL server is read-only")
 
     async def append(self, events: Sequence[Event], requests: Sequence[RequestRecord]) -> int:
         # Rows in key order: two processes appending overlapping batches then take the row

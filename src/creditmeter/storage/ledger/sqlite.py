@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from creditmeter.errors import BackendUnavailable, Rejected
+from creditmeter.errors import Rejected
 from creditmeter.storage.ledger.base import (
     EVENT_COLUMNS,
     PURCHASE_COLUMN_COUNT,
@@ -32,6 +32,7 @@ from creditmeter.storage.ledger.base import (
     grant_row,
     group_transactions,
     join_lot_ids,
+    ledger_unavailable,
     purchase_filters,
     purchase_from_row,
     purchase_row,
@@ -261,7 +262,8 @@ class _Worker:
         await asyncio.get_running_loop().run_in_executor(self._executor, connect)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        assert self._executor is not None, "ledger not open"
+        if self._executor is None:
+            raise ledger_unavailable()  # not open (yet, or any more)
 
         def call() -> T:
             assert self._db is not None
@@ -273,8 +275,7 @@ class _Worker:
             # Locked past the busy timeout, disk full, I/O error, unwritable file: the
             # ledger is down for now. (Other SQLite errors are bugs and stay as they are.)
             if any(sign in str(error) for sign in _UNAVAILABLE):
-                message = f"ledger unavailable: {error}"
-                raise BackendUnavailable(message, {"backend": "ledger"}) from error
+                raise ledger_unavailable() from error
             raise
 
     async def close(self) -> None:

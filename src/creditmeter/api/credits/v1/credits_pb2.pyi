@@ -142,8 +142,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ErrorInfo metadata: {"role": "read", "method": "Consume"}. Status: PERMISSION_DENIED.
     """
     ERROR_REASON_BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 8
-    """A storage backend (Redis, the config store) cannot be reached; retry with the same request_id.
-    ErrorInfo metadata: {"backend": "redis"}. Status: UNAVAILABLE.
+    """A storage backend (Redis, the config store, the ledger) cannot be reached; retry with the
+    same request_id. While the ledger is down, only the calls that need it fail this way
+    (history, usage reports, money in, purchases, subscriptions): metering goes on.
+    ErrorInfo metadata: {"backend": "redis"} (or "ledger"). Status: UNAVAILABLE.
     """
     ERROR_REASON_LEDGER_BACKLOG: _ErrorReason.ValueType  # 9
     """The ledger has fallen too far behind (it is down or slow): changes are refused until
@@ -242,8 +244,10 @@ ERROR_REASON_ROLE_NOT_ALLOWED: ErrorReason.ValueType  # 7
 ErrorInfo metadata: {"role": "read", "method": "Consume"}. Status: PERMISSION_DENIED.
 """
 ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 8
-"""A storage backend (Redis, the config store) cannot be reached; retry with the same request_id.
-ErrorInfo metadata: {"backend": "redis"}. Status: UNAVAILABLE.
+"""A storage backend (Redis, the config store, the ledger) cannot be reached; retry with the
+same request_id. While the ledger is down, only the calls that need it fail this way
+(history, usage reports, money in, purchases, subscriptions): metering goes on.
+ErrorInfo metadata: {"backend": "redis"} (or "ledger"). Status: UNAVAILABLE.
 """
 ERROR_REASON_LEDGER_BACKLOG: ErrorReason.ValueType  # 9
 """The ledger has fallen too far behind (it is down or slow): changes are refused until
@@ -458,6 +462,36 @@ USAGE_PERIOD_DAY: UsagePeriod.ValueType  # 1
 USAGE_PERIOD_MONTH: UsagePeriod.ValueType  # 2
 """Calendar months, UTC."""
 Global___UsagePeriod: _TypeAlias = UsagePeriod  # noqa: Y015
+
+class _LedgerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LedgerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LedgerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEDGER_STATE_UNSPECIFIED: _LedgerState.ValueType  # 0
+    """Not reported (a server from before this enum)."""
+    LEDGER_STATE_REACHABLE: _LedgerState.ValueType  # 1
+    """The ledger answers: its schema is in place and the flusher drains the backlog."""
+    LEDGER_STATE_UNREACHABLE: _LedgerState.ValueType  # 2
+    """The ledger does not answer (down, or not reached since the server started). Metering
+    goes on into the outbox up to the backlog cap; calls that need the ledger fail with
+    UNAVAILABLE / BACKEND_UNAVAILABLE; the server keeps trying, with backoff.
+    """
+
+class LedgerState(_LedgerState, metaclass=_LedgerStateEnumTypeWrapper):
+    """Whether a server reaches its ledger (GetLedgerStatus). Added after the first release."""
+
+LEDGER_STATE_UNSPECIFIED: LedgerState.ValueType  # 0
+"""Not reported (a server from before this enum)."""
+LEDGER_STATE_REACHABLE: LedgerState.ValueType  # 1
+"""The ledger answers: its schema is in place and the flusher drains the backlog."""
+LEDGER_STATE_UNREACHABLE: LedgerState.ValueType  # 2
+"""The ledger does not answer (down, or not reached since the server started). Metering
+goes on into the outbox up to the backlog cap; calls that need the ledger fail with
+UNAVAILABLE / BACKEND_UNAVAILABLE; the server keeps trying, with backoff.
+"""
+Global___LedgerState: _TypeAlias = LedgerState  # noqa: Y015
 
 @_typing.final
 class Lot(_message.Message):
@@ -1482,6 +1516,8 @@ class GetLedgerStatusResponse(_message.Message):
     FLUSH_LAG_FIELD_NUMBER: _builtins.int
     EVENTS_FLUSHED_FIELD_NUMBER: _builtins.int
     ACCEPTING_CHANGES_FIELD_NUMBER: _builtins.int
+    LEDGER_STATE_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_SINCE_FIELD_NUMBER: _builtins.int
     backlog: _builtins.int
     """Outbox entries not yet in the ledger (all tenants)."""
     backlog_cap: _builtins.int
@@ -1490,9 +1526,19 @@ class GetLedgerStatusResponse(_message.Message):
     """Events this server's flusher has written since it started."""
     accepting_changes: _builtins.bool
     """False while changes are refused because of the backlog."""
+    ledger_state: Global___LedgerState.ValueType
+    """Whether this server reaches the ledger (an addition: older servers leave it
+    LEDGER_STATE_UNSPECIFIED).
+    """
     @_builtins.property
     def flush_lag(self) -> _duration_pb2.Duration:
         """Age of the oldest entry in the last batch this server flushed, when committed."""
+
+    @_builtins.property
+    def unreachable_since(self) -> _timestamp_pb2.Timestamp:
+        """While the ledger is unreachable: since when, by this server's clock. Unset while it
+        is reachable (an addition, as ledger_state).
+        """
 
     def __init__(
         self,
@@ -1502,10 +1548,12 @@ class GetLedgerStatusResponse(_message.Message):
         flush_lag: _duration_pb2.Duration | None = ...,
         events_flushed: _builtins.int = ...,
         accepting_changes: _builtins.bool = ...,
+        ledger_state: Global___LedgerState.ValueType = ...,
+        unreachable_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["flush_lag", b"flush_lag"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flush_lag", b"flush_lag", "unreachable_since", b"unreachable_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepting_changes", b"accepting_changes", "backlog", b"backlog", "backlog_cap", b"backlog_cap", "events_flushed", b"events_flushed", "flush_lag", b"flush_lag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepting_changes", b"accepting_changes", "backlog", b"backlog", "backlog_cap", b"backlog_cap", "events_flushed", b"events_flushed", "flush_lag", b"flush_lag", "ledger_state", b"ledger_state", "unreachable_since", b"unreachable_since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

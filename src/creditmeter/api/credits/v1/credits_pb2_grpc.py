@@ -241,7 +241,7 @@ class CreditsServicer:
 
     def GetLedgerStatus(self, request, context):
         """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
-        flush lag. Requires an admin key.
+        flush lag, and whether this server reaches the ledger at all. Requires an admin key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -99,7 +99,7 @@ class CreditsStub:
     """
     GetLedgerStatus: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetLedgerStatusRequest, _credits_pb2.GetLedgerStatusResponse]
     """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
-    flush lag. Requires an admin key.
+    flush lag, and whether this server reaches the ledger at all. Requires an admin key.
     """
     Meter: _grpc.StreamStreamMultiCallable[_credits_pb2.MeterRequest, _credits_pb2.MeterResponse]
     """Meter is a bidirectional stream for servers that meter continuously: each request is
@@ -200,7 +200,7 @@ class CreditsAsyncStub(CreditsStub):
     """
     GetLedgerStatus: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetLedgerStatusRequest, _credits_pb2.GetLedgerStatusResponse]  # type: ignore[assignment]
     """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
-    flush lag. Requires an admin key.
+    flush lag, and whether this server reaches the ledger at all. Requires an admin key.
     """
     Meter: _aio.StreamStreamMultiCallable[_credits_pb2.MeterRequest, _credits_pb2.MeterResponse]  # type: ignore[assignment]
     """Meter is a bidirectional stream for servers that meter continuously: each request is
@@ -376,7 +376,7 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_credits_pb2.GetLedgerStatusResponse, _abc.Awaitable[_credits_pb2.GetLedgerStatusResponse]]:
         """GetLedgerStatus reports how far the ledger trails Redis: the outbox backlog and the
-        flush lag. Requires an admin key.
+        flush lag, and whether this server reaches the ledger at all. Requires an admin key.
         """
 
     @_abc_1.abstractmethod
