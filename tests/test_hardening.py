@@ -418,13 +418,17 @@ async def test_keys_of_0_1_0_are_renamed_at_start(
     await tenant.meter.Consume(
         pb.ConsumeRequest(account_id=account, feature="text", request_id="50%off")
     )
+    hashed = await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id=account, feature="text", request_id="x#1")
+    )
     await tenant.meter.StartSession(
         pb.StartSessionRequest(account_id=account, feature="voice", session_id="call-7")
     )
     before = await tenant.read.GetBalance(pb.GetBalanceRequest(account_id=account))
     ours = [k for k in redis_client.scan_iter(f"cm:{{b*}}:{tenant.name}:*")]
     moved = {k: legacy_name(k) for k in ours if legacy_name(k) != k}
-    assert len(moved) >= 9  # five account keys, three request records, one session
+    # Five account keys, four client request records, one session; not the session's step.
+    assert len(moved) == 10
     for new, old in moved.items():
         redis_client.rename(new, old)
     redis_client.delete(LAYOUT_KEY)
@@ -440,6 +444,13 @@ async def test_keys_of_0_1_0_are_renamed_at_start(
         pb.ConsumeRequest(account_id=account, feature="text", request_id="c:1")
     )
     assert replay == first
+    assert await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id=account, feature="text", request_id="x#1")
+    ) == hashed
+    started = await tenant.meter.StartSession(
+        pb.StartSessionRequest(account_id=account, feature="voice", session_id="call-7")
+    )
+    assert started.balance == before.balance  # the step's replay, not a second reservation
     session = await tenant.read.GetSession(
         pb.GetSessionRequest(account_id=account, session_id="call-7")
     )
@@ -472,3 +483,25 @@ async def test_session_ids_take_what_the_proto_documents(tenant: Tenant) -> None
         pb.EndSessionRequest(account_id=account, session_id=sid, sequence=2, used_seconds=10)
     )
     assert ended.session.state == pb.SESSION_STATE_ENDED and ended.balance == 99
+
+
+async def test_client_request_ids_never_meet_session_steps(tenant: Tenant) -> None:
+    """A session step's record is `<session id>#<sequence>`; a client may use that text as
+    its own request id on the same account, and the two stay apart."""
+    account = f"ns-{uuid.uuid4().hex[:6]}"
+    await tenant.admin.Grant(pb.GrantRequest(account_id=account, amount=100, request_id=rid()))
+    consumed = await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id=account, feature="text", request_id="call-9#0")
+    )
+    started = await tenant.meter.StartSession(
+        pb.StartSessionRequest(account_id=account, feature="voice", session_id="call-9")
+    )
+    assert consumed.balance == 99 and started.session.session_id == "call-9"
+    updated = await tenant.meter.UpdateSession(
+        pb.UpdateSessionRequest(account_id=account, session_id="call-9", sequence=1,
+                                used_seconds=10)
+    )  # fmt: skip
+    again = await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id=account, feature="text", request_id="call-9#1")
+    )
+    assert updated.charged_amount == 1 and again.balance == updated.balance - 1

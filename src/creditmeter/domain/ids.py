@@ -9,6 +9,10 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+#: The kind prefix of the transactions of call-session steps: their request records are
+#: the session's own (see `storage.layout.session_request_id`), which the rebuild tells by it.
+SESSION_TXN_PREFIX = "ses"
+
 
 def new_id(prefix: str, now_ms: int) -> str:
     return f"{prefix}_{now_ms:011x}{secrets.token_hex(8)}"

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from creditmeter.constants import DEFAULT_PRIORITY, IDEMPOTENCY_TTL_S
-from creditmeter.domain.ids import new_id
+from creditmeter.domain.ids import SESSION_TXN_PREFIX, new_id
 from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.domain.metering import apply_staged
 from creditmeter.errors import CreditError, Rejected
@@ -251,9 +251,15 @@ class Recovery:
         horizon = now_ms - IDEMPOTENCY_TTL_S * 1000
         for r in await self.ledger.requests_since(horizon):
             ttl = max(1, (r.ts_ms - horizon) // 1000)
-            await self.store.restore_request(
-                AccountKeys(r.tenant, r.account), r.request_id, r.fingerprint, r.reply, ttl
+            session = (
+                r.request_id.rpartition("#")[0]
+                if r.txn.startswith(f"{SESSION_TXN_PREFIX}_")
+                else None
             )
+            await self.store.restore_request(
+                AccountKeys(r.tenant, r.account), r.request_id, r.fingerprint, r.reply, ttl,
+                session_id=session,
+            )  # fmt: skip
             restored += 1
         await self._apply_staged(now_ms)
         return accounts, restored, skipped

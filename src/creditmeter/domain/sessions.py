@@ -23,7 +23,7 @@ from creditmeter.constants import (
 )
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
-from creditmeter.domain.ids import fingerprint, new_id
+from creditmeter.domain.ids import SESSION_TXN_PREFIX, fingerprint, new_id
 from creditmeter.domain.rates import RateBook, RateUnit
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
@@ -33,7 +33,7 @@ from creditmeter.errors import (
     SessionNotFound,
     from_rejection,
 )
-from creditmeter.storage.layout import AccountKeys
+from creditmeter.storage.layout import AccountKeys, session_request_id
 from creditmeter.storage.redis_store import Call, RedisStore, SessionRecord
 
 
@@ -107,7 +107,7 @@ class SessionStep:
 
 
 def _request_id(session_id: str, sequence: int) -> str:
-    return f"{session_id}#{sequence}"
+    return session_request_id(session_id, str(sequence))
 
 
 class Sessions:
@@ -133,7 +133,7 @@ class Sessions:
         now = self.clock.now_ms()
         return Call(
             now_ms=now,
-            txn=new_id("ses", now),
+            txn=new_id(SESSION_TXN_PREFIX, now),
             request_id=_request_id(session_id, sequence),
             fingerprint=fingerprint(operation, params),
         )
@@ -294,7 +294,11 @@ class Sessions:
         now = self.clock.now_ms()
         closed = 0
         for keys, session_id in await self.store.due_sessions(now):
-            call = Call(now_ms=now, txn=new_id("ses", now), request_id=f"{session_id}#timeout")
+            call = Call(
+                now_ms=now,
+                txn=new_id(SESSION_TXN_PREFIX, now),
+                request_id=session_request_id(session_id, "timeout"),
+            )
             try:
                 record = await self.store.session_step(keys, call, "close", session_id, [])
             except Rejected:

@@ -47,17 +47,25 @@ SESSION_KIND = "sess"
 
 
 def component(value: str) -> str:
-    """An id as one key component: `%` and `:` percent-encoded (nothing else changes)."""
-    if "%" not in value and ":" not in value:
+    """An id as one key component: `%`, `:` and `#` percent-encoded (nothing else
+    changes). A raw `#` is left to the records of call-session steps (`session_step_key`)."""
+    if "%" not in value and ":" not in value and "#" not in value:
         return value
-    return value.replace("%", "%25").replace(":", "%3A")
+    return value.replace("%", "%25").replace(":", "%3A").replace("#", "%23")
 
 
 def uncomponent(value: str) -> str:
     """The id a key component stands for (the inverse of `component`)."""
     if "%" not in value:
         return value
-    return value.replace("%3A", ":").replace("%25", "%")
+    return value.replace("%3A", ":").replace("%23", "#").replace("%25", "%")
+
+
+def session_request_id(session_id: str, step: str) -> str:
+    """The request id of one step of a call session (`<session id>#<sequence>`, or
+    `#timeout` for the server's close), as events and the ledger record it. Session ids
+    hold no `#`, so the two parts are always told apart."""
+    return f"{session_id}#{step}"
 
 
 def bucket_of(tenant: str, account: str) -> int:
@@ -127,6 +135,12 @@ class AccountKeys:
     def session_key(self, session_id: str) -> str:
         return f"{self.base}:{SESSION_KIND}:{component(session_id)}"
 
+    def session_step_key(self, session_id: str, step: str) -> str:
+        """The idempotency record of a session step: in the `idem` namespace, but with a
+        raw `#` that no client request id's component has, so a client's request id
+        `call-1#1` never meets the record of session `call-1`'s step 1."""
+        return f"{self.base}:{IDEMPOTENCY_KIND}:{component(session_id)}#{step}"
+
     def script_keys(self, request_id: str = "") -> list[str]:
         bucket = self.bucket
         base = self.base
@@ -137,13 +151,12 @@ class AccountKeys:
             due_key(bucket),
         ]
 
-    def session_keys(self, session_id: str, request_id: str) -> list[str]:
-        """The keys of session.lua: the account's, then the session and the bucket's index."""
-        return [
-            *self.script_keys(request_id),
-            self.session_key(session_id),
-            sessions_key(self.bucket),
-        ]
+    def session_keys(self, session_id: str, step: str) -> list[str]:
+        """The keys of session.lua: the account's (with the step's idempotency record),
+        then the session and the bucket's index."""
+        keys = self.script_keys()
+        keys[5] = self.session_step_key(session_id, step)
+        return [*keys, self.session_key(session_id), sessions_key(self.bucket)]
 
 
 @dataclass(frozen=True)
@@ -154,6 +167,8 @@ class ParsedKey:
     keys: AccountKeys
     kind: str
     id: str = ""
+    #: An `idem` key holding a call-session step's record (id `<session id>#<step>`).
+    session_step: bool = False
 
 
 def parse(key: str) -> ParsedKey | None:
@@ -170,7 +185,12 @@ def parse(key: str) -> ParsedKey | None:
     keys = AccountKeys(tenant, uncomponent(account))
     if tag != f"{{b{keys.bucket:02d}}}":
         return None
-    return ParsedKey(keys, kind, uncomponent(rest[0]) if rest else "")
+    if not rest:
+        return ParsedKey(keys, kind)
+    if kind == IDEMPOTENCY_KIND and "#" in rest[0]:
+        session, _, step = rest[0].partition("#")
+        return ParsedKey(keys, kind, session_request_id(uncomponent(session), step), True)
+    return ParsedKey(keys, kind, uncomponent(rest[0]))
 
 
 #: The Redis type of each kind of per-account key.
@@ -182,6 +202,9 @@ KIND_TYPES = {
 
 def key_of(parsed: ParsedKey) -> str:
     """The key a parsed key stands for in this layout (`parse` inverted)."""
+    if parsed.session_step:
+        session, _, step = parsed.id.rpartition("#")
+        return parsed.keys.session_step_key(session, step)
     if parsed.kind == IDEMPOTENCY_KIND:
         return parsed.keys.idempotency_key(parsed.id)
     if parsed.kind == SESSION_KIND:
@@ -192,7 +215,9 @@ def key_of(parsed: ParsedKey) -> str:
 def legacy(key: str) -> list[ParsedKey]:
     """Every reading of `key` as release 0.1.0 wrote it (ids joined with ':' unencoded)
     that lands in the bucket the key is in. More than one means 0.1.0 itself confused the
-    two (the defect this layout fixes)."""
+    two (the defect this layout fixes) -- or, for a request id with a '#', that it may be a
+    client's request or a session step's record (the store asks whether the session is
+    there)."""
     parts = key.split(":")
     if len(parts) < 5 or parts[0] != KEY_PREFIX:
         return []
@@ -207,6 +232,10 @@ def legacy(key: str) -> list[ParsedKey]:
             reading = ParsedKey(keys, tail[0], ":".join(tail[1:]))
         else:
             continue
-        if tag == f"{{b{keys.bucket:02d}}}":
-            readings.append(reading)
+        if tag != f"{{b{keys.bucket:02d}}}":
+            continue
+        readings.append(reading)
+        session, hashed, _ = reading.id.rpartition("#")
+        if reading.kind == IDEMPOTENCY_KIND and hashed and session and "#" not in session:
+            readings.append(ParsedKey(keys, IDEMPOTENCY_KIND, reading.id, True))
     return readings

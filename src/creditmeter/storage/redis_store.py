@@ -42,6 +42,7 @@ from creditmeter.storage.layout import (
     key_of,
     legacy,
     parse,
+    session_request_id,
     sessions_key,
 )
 
@@ -196,6 +197,13 @@ def _checked(reply: list[str]) -> list[str]:
         pairs = reply[2:]
         raise Rejected(reply[1], dict(zip(pairs[::2], pairs[1::2], strict=True)))
     return reply[1:]
+
+
+def _session_step(session_id: str, request_id: str) -> str:
+    """The step part of a session step's request id (see `session_request_id`)."""
+    step = request_id.rpartition("#")[2]
+    assert session_request_id(session_id, step) == request_id, request_id
+    return step
 
 
 @asynccontextmanager
@@ -389,7 +397,7 @@ class RedisStore:
             keys,
             call,
             [step, session_id, *extra],
-            keys.session_keys(session_id, call.request_id),
+            keys.session_keys(session_id, _session_step(session_id, call.request_id)),
         )
         if values == ["not_due"]:
             return None
@@ -448,13 +456,23 @@ class RedisStore:
         return int(values[0])
 
     async def restore_request(
-        self, keys: AccountKeys, request_id: str, fingerprint: str, reply: str, ttl_s: int
+        self,
+        keys: AccountKeys,
+        request_id: str,
+        fingerprint: str,
+        reply: str,
+        ttl_s: int,
+        session_id: str | None = None,
     ) -> None:
-        """Put back an idempotency record from its durable copy in the ledger."""
+        """Put back an idempotency record from its durable copy in the ledger (a call
+        session's step when `session_id` is given)."""
+        key = (
+            keys.idempotency_key(request_id)
+            if session_id is None
+            else keys.session_step_key(session_id, _session_step(session_id, request_id))
+        )
         async with _reachable():
-            await self.client.set(
-                keys.idempotency_key(request_id), f"{fingerprint}\n{reply}", ex=ttl_s
-            )
+            await self.client.set(key, f"{fingerprint}\n{reply}", ex=ttl_s)
 
     async def upgrade_layout(self) -> int:
         """Rename the keys an older release named differently (ids holding ':' or '%'),
@@ -465,11 +483,20 @@ class RedisStore:
                 return 0
             renamed = 0
             async for key in self.client.scan_iter(match=ALL_BUCKETS_PATTERN, count=1000):
-                parsed = parse(key)
-                if parsed is not None and key_of(parsed) == key:
-                    continue  # this layout's (or the same in both)
+                if await self._current(key):
+                    continue
                 kind = str(await self.client.type(key))
                 readings = [r for r in legacy(key) if KIND_TYPES[r.kind] == kind]
+                steps = [r for r in readings if r.session_step]
+                if steps:
+                    # A request id `<x>#<y>`: a session step's record if session <x> is
+                    # there (its record lives as long), else a client's request.
+                    session = steps[0].id.rpartition("#")[0]
+                    is_step = bool(await self.client.exists(steps[0].keys.session_key(session)))
+                    readings = [
+                        r for r in readings
+                        if r.session_step == is_step or r.keys != steps[0].keys
+                    ]  # fmt: skip
                 if len(readings) != 1:
                     if readings or kind != "none":
                         log.warning("layout upgrade: %d readings of a %s key; left as it is",
@@ -483,6 +510,18 @@ class RedisStore:
         if renamed:
             log.info("layout upgrade: renamed %d keys of ids holding ':' or '%%'", renamed)
         return renamed
+
+    async def _current(self, key: str) -> bool:
+        """Whether `key` is named as this layout names it (or the same in both). A session
+        step's record name is this layout's only while its session is there: without it,
+        it is a 0.1.0 client's request id holding a '#'."""
+        parsed = parse(key)
+        if parsed is None or key_of(parsed) != key:
+            return False
+        if not parsed.session_step:
+            return True
+        session = parsed.id.rpartition("#")[0]
+        return bool(await self.client.exists(parsed.keys.session_key(session)))
 
     async def account_seqs(self) -> dict[tuple[str, str], int]:
         """Every account in Redis and its event sequence number (SCAN, for audits)."""
