@@ -470,6 +470,11 @@ class RedisStore:
             fields=dict(zip(flat[::2], flat[1::2], strict=True)),
         )
 
+    async def account_exists(self, keys: AccountKeys) -> bool:
+        """Whether the account has state in Redis (its acct hash, as `snapshot` reads it)."""
+        async with _reachable():
+            return bool(await self.client.exists(keys.script_keys()[4]))
+
     async def session(self, keys: AccountKeys, session_id: str) -> dict[str, str]:
         """A session's fields; empty when there is no such session."""
         async with _reachable():
