@@ -157,6 +157,59 @@ async def test_reserved_credit_is_not_spendable_by_other_consumption(tenant: Ten
     assert ended.balance == 2  # 4 left, 2 still held by s2
 
 
+async def test_every_rpc_reports_the_spendable_balance_while_credit_is_held(
+    tenant: Tenant,
+) -> None:
+    """Held credit is not spendable, so no figure counts it: GetUsage.remaining and the
+    answers of Consume, ConsumeBatch, Grant, SetBalance, VoidGrant and the session steps
+    are all GetBalance.balance (once, GetUsage said 757 while GetBalance said 755)."""
+    await grant(tenant, "n", 760)
+    started = await start(tenant, "n", "call", requested_seconds=2 * MINUTE)
+    assert (started.session.reserved_amount, started.balance) == (2, 758)
+
+    async def figures() -> tuple[int, int, int]:
+        view = await balance(tenant, "n")
+        usage = await tenant.read.GetUsage(pb.GetUsageRequest(account_id="n"))
+        return view.balance, usage.remaining, view.reserved
+
+    consumed = await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id="n", feature="text", quantity=3, request_id=rid())
+    )
+    assert consumed.balance == 755
+    assert await figures() == (755, 755, 2)
+    batch = await tenant.meter.ConsumeBatch(
+        pb.ConsumeBatchRequest(
+            items=[pb.ConsumeRequest(account_id="n", feature="text", request_id=rid())]
+        )
+    )
+    assert batch.results[0].response.balance == 754
+    granted = await tenant.admin.Grant(
+        pb.GrantRequest(account_id="n", amount=10, request_id=rid())
+    )
+    assert granted.balance == 764
+    assert await figures() == (764, 764, 2)
+    added = await tenant.admin.SetBalance(
+        pb.SetBalanceRequest(account_id="n", amount=5, request_id=rid())
+    )
+    assert added.balance == 769
+    assert await figures() == (769, 769, 2)
+    voided = await tenant.admin.VoidGrant(
+        pb.VoidGrantRequest(
+            account_id="n", lot_id=granted.lot.lot_id, reason="test", request_id=rid()
+        )
+    )
+    assert (voided.voided, voided.balance) == (10, 759)
+    assert await figures() == (759, 759, 2)
+    # One increment charged, the default quota of three held again.
+    stepped = await update(tenant, "n", "call", 1, MINUTE)
+    assert (stepped.charged_amount, stepped.session.reserved_amount) == (1, 3)
+    assert stepped.balance == 757
+    assert await figures() == (757, 757, 3)
+    done = await end(tenant, "n", "call", 2, 0)
+    assert (done.charged_amount, done.released_amount, done.balance) == (0, 3, 760)
+    assert await figures() == (760, 760, 0)
+
+
 async def test_partial_quota_sets_the_final_unit_and_the_call_can_use_it(tenant: Tenant) -> None:
     await grant(tenant, "p", 4)
     started = await start(tenant, "p", "call")

@@ -17,7 +17,10 @@
 --   ARGV[1] now (ms since epoch)   ARGV[2] request fingerprint ('' = not idempotent)
 --   ARGV[3] idempotency TTL (s)    ARGV[4] transaction id (events are "<txn>:<n>")
 --   ARGV[5] tenant   ARGV[6] account   ARGV[7] request id
--- Replies are arrays of strings: {'OK', ...} or {'ERR', reason, key, value, ...}.
+-- Replies are arrays of strings: {'OK', ...} or {'ERR', reason, key, value, ...}. A reply
+-- that reports a balance carries the account's raw figures, `holdings` (credit in lots,
+-- reserved, unlimited): what of it is spendable is said in one place, the domain
+-- (creditmeter.domain.balances), not here.
 --
 -- Events: each carries event_id "<txn>:<n>" (n counts within its transaction, so the first
 -- event of a grant is always "<txn>:1"), the account's change sequence number `seq`
@@ -48,6 +51,19 @@ end
 
 local function acct_int(field)
   return tonumber(redis.call('HGET', KEYS[5], field) or '0')
+end
+
+local function acct_unlimited()
+  return redis.call('HGET', KEYS[5], 'unlimited') == '1'
+end
+
+-- Append the account's raw figures to a reply: credit in lots (reservations included),
+-- credit held by open sessions, unlimited ('1' or '0').
+local function add_holdings(reply)
+  reply[#reply + 1] = fmt(acct_int('balance'))
+  reply[#reply + 1] = fmt(acct_int('reserved'))
+  reply[#reply + 1] = acct_unlimited() and '1' or '0'
+  return reply
 end
 
 -- Append one event of transaction `txn` to the outbox. `fields` is a flat list of
@@ -197,7 +213,9 @@ local function lot_from_argv(first)
   }
 end
 
--- Spendable credit: the balance less what open call sessions hold.
+-- Credit a charge or a new hold may take: the balance less what open call sessions hold.
+-- The rule of creditmeter.domain.balances.spendable, enforced here because the check must
+-- be atomic with the change; replies report the raw figures (add_holdings), not this.
 local function available()
   return acct_int('balance') - acct_int('reserved')
 end

@@ -28,7 +28,8 @@
 -- session id), one transaction per step. Reservations move no credit: acct.reserved is
 -- the sum of the holds, and every spend (Consume, other sessions) sees only balance -
 -- reserved.
--- returns {'OK', charged, released, spendable balance after (-1 unlimited), field1, value1, ...}
+-- returns {'OK', charged, released, credit in lots after, reserved, unlimited ('1'/'0'),
+--          field1, value1, ...}
 --      or {'OK', 'not_due'} (close of a session that is not past its time)
 --      or {'ERR', reason, ...}: SESSION_NOT_FOUND, SESSION_CLOSED, SESSION_OUT_OF_SEQUENCE,
 --         SESSION_EXISTS, INSUFFICIENT_CREDITS (start only), IDEMPOTENCY_KEY_REUSED
@@ -57,7 +58,7 @@ local function num(s, field)
   return tonumber(s[field] or '0')
 end
 
-local unlimited = redis.call('HGET', KEYS[5], 'unlimited') == '1'
+local unlimited = acct_unlimited()
 
 -- The increments of `inc` seconds a step asks for: its seconds rounded up, or the default.
 local function quota(requested_s, default_units, inc)
@@ -75,13 +76,6 @@ local function holdable(want, rate, free)
   return math.max(0, math.min(want, math.floor(free / rate)))
 end
 
-local function spendable_after()
-  if unlimited then
-    return -1
-  end
-  return math.max(0, available())
-end
-
 local function finish(s, charged, released)
   local flat = {}
   for field, value in pairs(s) do
@@ -89,7 +83,7 @@ local function finish(s, charged, released)
     flat[#flat + 1] = value
   end
   redis.call('HSET', KEYS[9], unpack(flat))
-  local reply = {'OK', fmt(charged), fmt(released), fmt(spendable_after())}
+  local reply = add_holdings({'OK', fmt(charged), fmt(released)})
   for _, v in ipairs(flat) do
     reply[#reply + 1] = v
   end
