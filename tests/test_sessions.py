@@ -13,6 +13,7 @@ import pytest
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import Recovery
+from creditmeter.storage.ledger.base import TxnQuery
 from creditmeter.storage.redis_store import RedisStore, bucket_of, outbox_key
 from creditmeter.transport.server import App, Settings
 from tests.conftest import Tenant, rid
@@ -509,6 +510,44 @@ async def test_session_charges_reach_the_ledger_one_transaction_per_step(
         ("voice", 3, 3),
         ("text", 1, 1),
     }
+    assert app.metering is not None
+    checked, drifts = await Recovery(app.ledger, RedisStore(app.metering.store.client)).audit(
+        tenant.name, 1.0
+    )
+    assert checked == 1 and drifts == []
+
+
+@pytest.mark.flusher
+async def test_holds_go_to_watchers_but_never_to_the_ledger(
+    app: App, tenant: Tenant, redis_client: Any
+) -> None:
+    """A step that changes its hold appends one hold or release entry for balance watchers;
+    the flusher acknowledges it without writing it (holds are hot state) and it takes no
+    place in the account's sequence, so the audit still agrees."""
+    await grant(tenant, "hw", 10)
+    await start(tenant, "hw", "call")  # holds 3
+    await update(tenant, "hw", "call", 1, MINUTE)  # 1 charged, 3 held again: no change
+    await update(tenant, "hw", "call", 2, 0, requested_seconds=MINUTE)  # holds 1: 2 let go
+    await end(tenant, "hw", "call", 3, 0)  # lets the last 1 go
+    entries = [
+        f
+        for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "hw")))
+        if f["tenant"] == tenant.name and f["account"] == "hw"
+    ]
+    holds = [
+        (f["kind"], f["amount"], f["reserved"])
+        for f in entries
+        if f["kind"] in ("hold", "release")
+    ]
+    assert holds == [("hold", "3", "3"), ("release", "2", "1"), ("release", "1", "0")]
+    assert app.flusher is not None and app.ledger is not None
+    for _ in range(200):
+        if await app.flusher.backlog() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await app.flusher.backlog() == 0
+    txns = await app.ledger.transactions(tenant.name, "hw", TxnQuery(), 100, None)
+    assert {t.kind for t in txns} == {"grant", "session"}
     assert app.metering is not None
     checked, drifts = await Recovery(app.ledger, RedisStore(app.metering.store.client)).audit(
         tenant.name, 1.0

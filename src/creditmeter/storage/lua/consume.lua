@@ -35,7 +35,8 @@ end
 local reply = {'OK', TXN, ARGV[8], units, feature}
 local charges = {}
 if unlimited then
-  emit(TXN, 'consume', {'lot', '', 'amount', ARGV[8], 'balance', '-1', 'feature', feature, 'units', units})
+  emit(TXN, 'consume', {'lot', '', 'amount', ARGV[8], 'feature', feature, 'units', units},
+       balance_fields(acct_int('balance')))
 else
   local _
   _, charges = burn(amount, 'consume', feature, units, '')
