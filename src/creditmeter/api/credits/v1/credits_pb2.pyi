@@ -611,7 +611,9 @@ class GrantResponse(_message.Message):
     LOT_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """The account's spendable balance after the grant."""
+    """The account's spendable balance after the grant, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def lot(self) -> Global___Lot:
         """The lot created."""
@@ -701,7 +703,9 @@ class ConsumeResponse(_message.Message):
     feature: _builtins.str
     """The feature charged."""
     balance: _builtins.int
-    """The spendable balance after the charge (-1 for unlimited accounts)."""
+    """The account's spendable balance after the charge, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def charges(self) -> _containers.RepeatedCompositeFieldContainer[Global___LotCharge]:
         """How much each lot gave, in burn-down order. Empty for unlimited accounts."""
@@ -762,8 +766,9 @@ class GetBalanceResponse(_message.Message):
     UNLIMITED_FIELD_NUMBER: _builtins.int
     RESERVED_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """Spendable credits: the remaining credit of lots that have not expired
-    (-1 for unlimited accounts).
+    """Spendable credits: the remaining credit of lots that have not expired, less
+    `reserved` (never below 0), or -1 for unlimited accounts. Every balance this API
+    reports (the answers of changes, GetUsage's remaining, balance alerts) is this figure.
     """
     unlimited: _builtins.bool
     """Whether the account is unlimited."""
@@ -841,7 +846,9 @@ class SetBalanceResponse(_message.Message):
     REMOVED_FIELD_NUMBER: _builtins.int
     LOT_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """The spendable balance afterwards."""
+    """The account's spendable balance afterwards, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     removed: _builtins.int
     """Credits removed by the reset (0 without reset)."""
     @_builtins.property
@@ -934,7 +941,7 @@ class GetUsageResponse(_message.Message):
     used: _builtins.int
     """Credits consumed."""
     remaining: _builtins.int
-    """Spendable credits now (-1 for unlimited accounts)."""
+    """Spendable credits now, the balance GetBalance reports (-1 for unlimited accounts)."""
     expired: _builtins.int
     """Credits that expired unspent."""
     removed: _builtins.int
@@ -1217,7 +1224,10 @@ class Transaction(_message.Message):
     amount: _builtins.int
     """Credits moved: added for grants, taken for the other kinds (always >= 0)."""
     balance: _builtins.int
-    """The account's balance after the transaction (-1 for unlimited accounts)."""
+    """The account's credit in lots after the transaction (-1 for unlimited accounts). Unlike
+    every other balance of this API it includes credit held by open call sessions: holds
+    are hot state, not recorded in the ledger.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -1559,7 +1569,9 @@ class VoidGrantResponse(_message.Message):
     spent: _builtins.int
     """Credits of the lot already spent (or expired) before the void."""
     balance: _builtins.int
-    """The account's balance afterwards."""
+    """The account's spendable balance afterwards, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     def __init__(
         self,
         *,
@@ -1954,7 +1966,9 @@ class StartSessionResponse(_message.Message):
     final_unit: _builtins.bool
     """No further quota will follow: end the call when the granted seconds run out."""
     balance: _builtins.int
-    """The account's spendable balance afterwards (reservations excluded)."""
+    """The account's spendable balance afterwards (this session's reservation excluded),
+    as GetBalance reports it (-1 for unlimited accounts).
+    """
     @_builtins.property
     def session(self) -> Global___Session:
         """The session after the start."""
@@ -2041,7 +2055,9 @@ class UpdateSessionResponse(_message.Message):
     final_unit: _builtins.bool
     """No further quota will follow: end the call when the granted seconds run out."""
     balance: _builtins.int
-    """The account's spendable balance afterwards (reservations excluded)."""
+    """The account's spendable balance afterwards (this session's new reservation
+    excluded), as GetBalance reports it (-1 for unlimited accounts).
+    """
     @_builtins.property
     def session(self) -> Global___Session:
         """The session after the update."""
@@ -2117,7 +2133,9 @@ class EndSessionResponse(_message.Message):
     released_amount: _builtins.int
     """Credits of the reservation given back to the balance."""
     balance: _builtins.int
-    """The account's spendable balance afterwards."""
+    """The account's spendable balance afterwards, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def session(self) -> Global___Session:
         """The session after it ended."""
@@ -2243,9 +2261,9 @@ class WatchBalanceResponse(_message.Message):
     threshold: _builtins.int
     """The threshold crossed (0 for DEPLETED, and for TOPPED_UP from zero)."""
     previous_balance: _builtins.int
-    """The balance before the change."""
+    """The spendable balance before the change, as GetBalance would have reported it."""
     balance: _builtins.int
-    """The balance after the change."""
+    """The spendable balance after the change, as the RPC that made it answered."""
     transaction_id: _builtins.str
     """The transaction that changed it."""
     resume_token: _builtins.str

@@ -862,7 +862,9 @@ class PurchasePackResponse(_message.Message):
     PURCHASE_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """The account's balance after the grant."""
+    """The account's spendable balance after the grant, as Credits.GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def purchase(self) -> Global___Purchase:
         """The purchase (the first one, if the payment reference was redeemed before)."""
@@ -974,7 +976,9 @@ class CompletePurchaseResponse(_message.Message):
     PURCHASE_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """The account's balance after the grant."""
+    """The account's spendable balance after the grant, as Credits.GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def purchase(self) -> Global___Purchase:
         """The completed purchase."""
@@ -1199,7 +1203,9 @@ class RefundPurchaseResponse(_message.Message):
     decides what to give back in money.
     """
     balance: _builtins.int
-    """The account's balance afterwards."""
+    """The account's spendable balance afterwards, as Credits.GetBalance reports it (-1 for
+    unlimited accounts).
+    """
     @_builtins.property
     def purchase(self) -> Global___Purchase:
         """The purchase, refunded."""
