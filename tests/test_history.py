@@ -146,6 +146,69 @@ async def test_usage_report_per_day_and_month(app: App, tenant: Tenant, clock: M
     assert all(len(r.period) == 7 for r in tenant_wide.rows)
 
 
+async def test_history_of_an_unknown_account_is_not_found(
+    tenant: Tenant, clock: ManualClock
+) -> None:
+    """As GetBalance: an account with no state anywhere is NOT_FOUND (it once answered an
+    empty page); one that exists in Redis but has nothing in the ledger yet (no flusher
+    runs here) answers an empty page."""
+    now_s = clock.now_ms() // 1000
+    span = {
+        "start_time": timestamp_pb2.Timestamp(seconds=now_s - 86_400),
+        "end_time": timestamp_pb2.Timestamp(seconds=now_s + 86_400),
+    }
+    reads = {
+        "GetBalance": lambda a: tenant.read.GetBalance(pb.GetBalanceRequest(account_id=a)),
+        "ListTransactions": lambda a: tenant.read.ListTransactions(
+            pb.ListTransactionsRequest(account_id=a)
+        ),
+        "ListTransactions filtered": lambda a: tenant.read.ListTransactions(
+            pb.ListTransactionsRequest(
+                account_id=a, filter=pb.TransactionFilter(kinds=[pb.TRANSACTION_KIND_CONSUME])
+            )
+        ),
+        "GetUsageReport": lambda a: tenant.read.GetUsageReport(
+            pb.GetUsageReportRequest(account_id=a, **span)
+        ),
+    }
+    for name, read in reads.items():
+        f = await fails(read("ghost"))
+        assert (f.code, f.reason, f.metadata) == (
+            grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", {"account_id": "ghost"}
+        ), name  # fmt: skip
+
+    await tenant.admin.Grant(pb.GrantRequest(account_id="fresh", amount=5, request_id=rid()))
+    page = await tenant.read.ListTransactions(pb.ListTransactionsRequest(account_id="fresh"))
+    assert (list(page.transactions), page.next_page_token) == ([], "")
+    report = await tenant.read.GetUsageReport(pb.GetUsageReportRequest(account_id="fresh", **span))
+    assert list(report.rows) == []
+    # The whole tenant is never unknown.
+    everyone = await tenant.read.GetUsageReport(pb.GetUsageReportRequest(**span))
+    assert list(everyone.rows) == []
+
+
+@pytest.mark.flusher
+async def test_history_of_an_account_lost_from_redis_is_still_read(
+    app: App, tenant: Tenant, redis_client: Any
+) -> None:
+    """After a Redis loss (before a rebuild), the ledger still knows the account: its
+    history answers, and a filter that matches nothing answers an empty page."""
+    from creditmeter.storage.layout import AccountKeys
+
+    g = await tenant.admin.Grant(pb.GrantRequest(account_id="lost", amount=5, request_id=rid()))
+    await caught_up(app)
+    redis_client.delete(*AccountKeys(tenant.name, "lost").script_keys()[:5])
+    f = await fails(tenant.read.GetBalance(pb.GetBalanceRequest(account_id="lost")))
+    assert f.reason == "ACCOUNT_NOT_FOUND"  # gone from Redis
+    txns = await history(tenant, "lost")
+    assert [(t.kind, t.amount) for t in txns] == [(pb.TRANSACTION_KIND_GRANT, 5)]
+    assert txns[0].lots[0].lot_id == g.lot.lot_id
+    consumes = await history(
+        tenant, "lost", filter=pb.TransactionFilter(kinds=[pb.TRANSACTION_KIND_CONSUME])
+    )
+    assert consumes == []
+
+
 @pytest.mark.flusher
 async def test_ledger_status_reports_lag(app: App, tenant: Tenant) -> None:
     await tenant.admin.Grant(pb.GrantRequest(account_id="l", amount=10, request_id=rid()))

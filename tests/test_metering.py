@@ -187,6 +187,32 @@ async def test_unlimited_accounts(tenant: Tenant) -> None:
     assert (await fails(consume(tenant, "vip"))).reason == "INSUFFICIENT_CREDITS"
 
 
+async def test_unlimited_accounts_answer_minus_one_everywhere(tenant: Tenant) -> None:
+    """Unlimited reads as -1 in every answer, as GetBalance says, whatever the lots hold
+    (Grant once answered its credit in lots, 50)."""
+    await tenant.admin.SetAccountOptions(
+        pb.SetAccountOptionsRequest(account_id="vip", unlimited=True, request_id=rid())
+    )
+    g = await grant(tenant, "vip", 50)
+    assert g.balance == -1
+    assert (await tenant.read.GetBalance(pb.GetBalanceRequest(account_id="vip"))).balance == -1
+    assert (await consume(tenant, "vip", quantity=3)).balance == -1
+    added = await tenant.admin.SetBalance(
+        pb.SetBalanceRequest(account_id="vip", amount=5, request_id=rid())
+    )
+    assert added.balance == -1
+    reset = await tenant.admin.SetBalance(
+        pb.SetBalanceRequest(account_id="vip", amount=7, reset=True, request_id=rid())
+    )
+    assert (reset.balance, reset.removed) == (-1, 55)
+    voided = await tenant.admin.VoidGrant(
+        pb.VoidGrantRequest(account_id="vip", lot_id=reset.lot.lot_id, reason="x", request_id=rid())
+    )
+    assert (voided.voided, voided.balance) == (7, -1)
+    usage = await tenant.read.GetUsage(pb.GetUsageRequest(account_id="vip"))
+    assert (usage.remaining, usage.total) == (-1, -1)
+
+
 async def test_set_balance_add_and_reset(tenant: Tenant, redis_client: redis.Redis) -> None:
     a = await grant(tenant, "u", 30)
     b = await grant(tenant, "u", 20, source=pb.LOT_SOURCE_BONUS)

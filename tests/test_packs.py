@@ -295,6 +295,48 @@ async def test_refund_after_partial_spend(
     assert (usage.refunded, usage.remaining) == (80, 50)
 
 
+async def test_purchases_and_refunds_answer_the_spendable_balance(
+    packs: dict[str, Caller], tenant: Tenant
+) -> None:
+    """Credit held by a call session is not spendable: purchases and refunds answer the
+    balance GetBalance reports (once, the credit in lots, held credit included)."""
+    await tenant.admin.Grant(cpb.GrantRequest(account_id="held", amount=10, request_id=rid()))
+    started = await tenant.meter.StartSession(
+        cpb.StartSessionRequest(account_id="held", session_id="call", feature="voice")
+    )
+    assert (started.session.reserved_amount, started.balance) == (3, 7)
+    pack = await make_pack(packs["admin"], credits=100)
+    bought = await packs["admin"].PurchasePack(
+        pb.PurchasePackRequest(
+            account_id="held", pack_id=pack.pack_id, payment_reference="pay_h", request_id=rid()
+        )
+    )
+    assert bought.balance == 107 == (await balance(tenant, "held")).balance
+    pending = (
+        await packs["admin"].CreatePurchase(
+            pb.CreatePurchaseRequest(account_id="held", pack_id=pack.pack_id, request_id=rid())
+        )
+    ).purchase
+    done = await packs["admin"].CompletePurchase(
+        pb.CompletePurchaseRequest(
+            purchase_id=pending.purchase_id, payment_reference="pay_h2", request_id=rid()
+        )
+    )
+    assert done.balance == 207 == (await balance(tenant, "held")).balance
+    refund = await packs["admin"].RefundPurchase(
+        pb.RefundPurchaseRequest(
+            purchase_id=bought.purchase.purchase_id, reason="test", request_id=rid()
+        )
+    )
+    assert (refund.refunded_credits, refund.balance) == (100, 107)
+    twice = await packs["admin"].RefundPurchase(
+        pb.RefundPurchaseRequest(
+            purchase_id=bought.purchase.purchase_id, reason="again", request_id=rid()
+        )
+    )
+    assert twice.balance == 107 == (await balance(tenant, "held")).balance
+
+
 async def test_void_grant(tenant: Tenant) -> None:
     g = await tenant.admin.Grant(cpb.GrantRequest(account_id="v", amount=40, request_id=rid()))
     await tenant.meter.Consume(

@@ -14,6 +14,7 @@ from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import Recovery
 from creditmeter.storage.layout import bucket_of, outbox_key
+from creditmeter.storage.ledger.base import TxnQuery
 from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.server import App, Settings
 from tests.conftest import Tenant, rid
@@ -156,6 +157,59 @@ async def test_reserved_credit_is_not_spendable_by_other_consumption(tenant: Ten
     ended = await end(tenant, "r", "s1", 1, 30)  # one increment of the three held
     assert (ended.charged_amount, ended.released_amount) == (1, 2)
     assert ended.balance == 2  # 4 left, 2 still held by s2
+
+
+async def test_every_rpc_reports_the_spendable_balance_while_credit_is_held(
+    tenant: Tenant,
+) -> None:
+    """Held credit is not spendable, so no figure counts it: GetUsage.remaining and the
+    answers of Consume, ConsumeBatch, Grant, SetBalance, VoidGrant and the session steps
+    are all GetBalance.balance (once, GetUsage said 757 while GetBalance said 755)."""
+    await grant(tenant, "n", 760)
+    started = await start(tenant, "n", "call", requested_seconds=2 * MINUTE)
+    assert (started.session.reserved_amount, started.balance) == (2, 758)
+
+    async def figures() -> tuple[int, int, int]:
+        view = await balance(tenant, "n")
+        usage = await tenant.read.GetUsage(pb.GetUsageRequest(account_id="n"))
+        return view.balance, usage.remaining, view.reserved
+
+    consumed = await tenant.meter.Consume(
+        pb.ConsumeRequest(account_id="n", feature="text", quantity=3, request_id=rid())
+    )
+    assert consumed.balance == 755
+    assert await figures() == (755, 755, 2)
+    batch = await tenant.meter.ConsumeBatch(
+        pb.ConsumeBatchRequest(
+            items=[pb.ConsumeRequest(account_id="n", feature="text", request_id=rid())]
+        )
+    )
+    assert batch.results[0].response.balance == 754
+    granted = await tenant.admin.Grant(
+        pb.GrantRequest(account_id="n", amount=10, request_id=rid())
+    )
+    assert granted.balance == 764
+    assert await figures() == (764, 764, 2)
+    added = await tenant.admin.SetBalance(
+        pb.SetBalanceRequest(account_id="n", amount=5, request_id=rid())
+    )
+    assert added.balance == 769
+    assert await figures() == (769, 769, 2)
+    voided = await tenant.admin.VoidGrant(
+        pb.VoidGrantRequest(
+            account_id="n", lot_id=granted.lot.lot_id, reason="test", request_id=rid()
+        )
+    )
+    assert (voided.voided, voided.balance) == (10, 759)
+    assert await figures() == (759, 759, 2)
+    # One increment charged, the default quota of three held again.
+    stepped = await update(tenant, "n", "call", 1, MINUTE)
+    assert (stepped.charged_amount, stepped.session.reserved_amount) == (1, 3)
+    assert stepped.balance == 757
+    assert await figures() == (757, 757, 3)
+    done = await end(tenant, "n", "call", 2, 0)
+    assert (done.charged_amount, done.released_amount, done.balance) == (0, 3, 760)
+    assert await figures() == (760, 760, 0)
 
 
 async def test_partial_quota_sets_the_final_unit_and_the_call_can_use_it(tenant: Tenant) -> None:
@@ -457,6 +511,44 @@ async def test_session_charges_reach_the_ledger_one_transaction_per_step(
         ("voice", 3, 3),
         ("text", 1, 1),
     }
+    assert app.metering is not None
+    checked, drifts = await Recovery(app.ledger, RedisStore(app.metering.store.client)).audit(
+        tenant.name, 1.0
+    )
+    assert checked == 1 and drifts == []
+
+
+@pytest.mark.flusher
+async def test_holds_go_to_watchers_but_never_to_the_ledger(
+    app: App, tenant: Tenant, redis_client: Any
+) -> None:
+    """A step that changes its hold appends one hold or release entry for balance watchers;
+    the flusher acknowledges it without writing it (holds are hot state) and it takes no
+    place in the account's sequence, so the audit still agrees."""
+    await grant(tenant, "hw", 10)
+    await start(tenant, "hw", "call")  # holds 3
+    await update(tenant, "hw", "call", 1, MINUTE)  # 1 charged, 3 held again: no change
+    await update(tenant, "hw", "call", 2, 0, requested_seconds=MINUTE)  # holds 1: 2 let go
+    await end(tenant, "hw", "call", 3, 0)  # lets the last 1 go
+    entries = [
+        f
+        for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "hw")))
+        if f["tenant"] == tenant.name and f["account"] == "hw"
+    ]
+    holds = [
+        (f["kind"], f["amount"], f["reserved"])
+        for f in entries
+        if f["kind"] in ("hold", "release")
+    ]
+    assert holds == [("hold", "3", "3"), ("release", "2", "1"), ("release", "1", "0")]
+    assert app.flusher is not None and app.ledger is not None
+    for _ in range(200):
+        if await app.flusher.backlog() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await app.flusher.backlog() == 0
+    txns = await app.ledger.transactions(tenant.name, "hw", TxnQuery(), 100, None)
+    assert {t.kind for t in txns} == {"grant", "session"}
     assert app.metering is not None
     checked, drifts = await Recovery(app.ledger, RedisStore(app.metering.store.client)).audit(
         tenant.name, 1.0

@@ -242,6 +242,76 @@ async def test_unlimited_account_and_other_accounts_do_not_alert(tenant: Tenant)
     w.cancel()
 
 
+async def test_unlimited_account_does_not_alert_on_grants(tenant: Tenant) -> None:
+    """An unlimited account's balance reads -1 whatever it is granted: no alert (a grant
+    once alerted TOPPED_UP from its credit in lots)."""
+    await tenant.admin.SetAccountOptions(
+        pb.SetAccountOptionsRequest(account_id="uma", unlimited=True, request_id=rid())
+    )
+    w = await watch(tenant.read, account_id="uma", thresholds=[5])
+    assert (await grant(tenant, "uma", 10)).balance == -1
+    await tenant.admin.SetAccountOptions(
+        pb.SetAccountOptionsRequest(account_id="uma", unlimited=False, request_id=rid())
+    )
+    c = await consume(tenant, "uma", 6)  # 10 -> 4: the first alert of this watch
+    a = await next_alert(w)
+    assert short(a) == (LOW, "uma", 5, 10, 4) and a.transaction_id == c.transaction_id
+    w.cancel()
+
+
+# --- alerts follow the spendable balance ------------------------------------------------------
+async def start_session(
+    t: Tenant, account: str, session: str, **kw: Any
+) -> pb.StartSessionResponse:
+    return cast(
+        pb.StartSessionResponse,
+        await t.meter.StartSession(
+            pb.StartSessionRequest(account_id=account, session_id=session, feature="voice", **kw)
+        ),
+    )
+
+
+async def test_alert_balances_are_what_consume_answered_while_credit_is_held(
+    tenant: Tenant,
+) -> None:
+    """Reserved credit is not spendable: an alert's balances are the spendable ones, as
+    the RPCs answer them (once, Consume answered 755 -> 754 and its alert said 757 -> 756)."""
+    await grant(tenant, "held", 757)
+    w = await watch(tenant.read, account_id="held", thresholds=[754])
+    started = await start_session(tenant, "held", "call", requested_seconds=120)  # holds 2
+    assert started.balance == 755  # crosses nothing
+    c = await consume(tenant, "held", 1)
+    assert c.balance == 754
+    a = await next_alert(w)
+    assert short(a) == (LOW, "held", 754, 755, 754) and a.transaction_id == c.transaction_id
+    w.cancel()
+
+
+async def test_spendable_reaching_zero_through_reservations_is_depleted(tenant: Tenant) -> None:
+    await grant(tenant, "dee", 5)
+    w = await watch(tenant.read, account_id="dee", thresholds=[3])
+    # A session holding 3 of 5: the spendable balance falls 5 -> 2.
+    started = await start_session(tenant, "dee", "call")
+    assert started.balance == 2
+    assert short(await next_alert(w)) == (LOW, "dee", 3, 5, 2)
+    # Spending the rest of what is not held depletes the account, held credit or not.
+    c = await consume(tenant, "dee", 2)
+    assert c.balance == 0
+    a = await next_alert(w)
+    assert short(a) == (DEPLETED, "dee", 0, 2, 0) and a.transaction_id == c.transaction_id
+    # Ending the call charges one increment and gives back the other two held: 0 -> 2.
+    ended = await tenant.meter.EndSession(
+        pb.EndSessionRequest(account_id="dee", session_id="call", sequence=1, used_seconds=30)
+    )
+    assert (ended.charged_amount, ended.released_amount, ended.balance) == (1, 2, 2)
+    assert short(await next_alert(w)) == (TOPPED_UP, "dee", 0, 0, 2)
+    # A session that holds everything spendable depletes it by itself.
+    again = await start_session(tenant, "dee", "again")
+    assert (again.session.reserved_amount, again.balance) == (2, 0)
+    assert short(await next_alert(w)) == (DEPLETED, "dee", 0, 2, 0)
+    w.cancel()
+
+
 async def test_reader_completes_a_transaction_cut_by_its_read_count(
     tenant: Tenant, client: aioredis.Redis
 ) -> None:

@@ -93,6 +93,11 @@ class InsufficientCredits(CreditError):
 class AccountNotFound(CreditError):
     reason = "ACCOUNT_NOT_FOUND"
 
+    @classmethod
+    def of(cls, account_id: str) -> AccountNotFound:
+        """The error of every read of an account that has no state anywhere."""
+        return cls(f"account {account_id!r} not found", {"account_id": account_id})
+
 
 class ApiKeyInvalid(CreditError):
     reason = "API_KEY_INVALID"

@@ -1,8 +1,11 @@
 """Balance alerts: a balance falling to or below a threshold, reaching zero, or rising above
 a threshold again, computed from the outbox events every change appends.
 
-Every balance event carries its amount and the balance after it, so each transaction alone
-says where the balance was before and after (no state per account to keep). A watcher
+The balance is the spendable one (creditmeter.domain.balances), as every RPC answers it:
+credit held by open call sessions does not count, so taking or letting go of a hold moves
+it too. Every event that moves credit or a hold carries its amount and the figures after
+it (credit in lots, reserved), so each transaction alone says where the spendable balance
+was before and after (no state per account to keep). A watcher
 reads the outboxes from positions of its own; its resume token is those positions, so a
 reconnecting client resumes exactly after the last alert it received.
 
@@ -29,15 +32,20 @@ from creditmeter.constants import (
     MAX_RESUME_TOKEN_LENGTH,
     MAX_WATCH_THRESHOLDS,
 )
+from creditmeter.domain import balances
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import InvalidRequest, ResumeTokenExpired
 from creditmeter.storage.layout import bucket_of
+from creditmeter.storage.ledger.base import HOLD_KINDS
 from creditmeter.storage.outbox import STREAM_ID, OutboxReader, OutboxTxn
 
-#: Event kinds that take credit away (the event's balance is after the removal) and that
-#: add it. Anything else (options, request) moves no credit.
+#: Event kinds that take credit out of the lots (the event's balance is after the removal),
+#: that add it, and that take or let go of a hold. Anything else (options, request) moves
+#: nothing.
 _DECREASING = frozenset({"consume", "session", "expire", "reset", "refund"})
 _INCREASING = frozenset({"grant"})
+_HOLD, _RELEASE = HOLD_KINDS
+_MOVING = _DECREASING | _INCREASING | {_HOLD, _RELEASE}
 _TOKEN_VERSION = 1
 
 
@@ -59,23 +67,35 @@ class Alert:
     resume_token: str
 
 
+def _figures_before(kind: str, credit: int, reserved: int, amount: int) -> tuple[int, int]:
+    """Credit in lots and reserved credit before an event, from those after it."""
+    if kind in _DECREASING:
+        return credit + amount, reserved
+    if kind in _INCREASING:
+        return credit - amount, reserved
+    if kind == _HOLD:
+        return credit, reserved - amount
+    return credit, reserved + amount
+
+
 def balance_change(events: Sequence[Mapping[str, str]]) -> tuple[int, int] | None:
-    """The balance before and after a transaction's events, or None if they move no credit
-    (or the account is unlimited: its consumption events carry balance -1)."""
-    before: int | None = None
-    after = 0
-    for event in events:
-        kind = event.get("kind", "")
-        if kind not in _DECREASING and kind not in _INCREASING:
-            continue
-        balance = int(event["balance"])
-        if balance < 0:
-            continue
-        amount = int(event["amount"])
-        if before is None:
-            before = balance + amount if kind in _DECREASING else balance - amount
-        after = balance
-    return None if before is None else (before, after)
+    """The spendable balance before and after a transaction's events, or None if they move
+    nothing or the account is unlimited (its events carry balance -1: it never alerts)."""
+    moving = [e for e in events if e.get("kind", "") in _MOVING]
+    if not moving or any(int(e["balance"]) < 0 for e in moving):
+        return None
+    first, last = moving[0], moving[-1]
+    credit, reserved = _figures_before(
+        first["kind"],
+        int(first["balance"]),
+        int(first.get("reserved", "0")),  # entries of an earlier release carry none
+        int(first["amount"]),
+    )
+    before = balances.spendable(credit, reserved, unlimited=False)
+    after = balances.spendable(
+        int(last["balance"]), int(last.get("reserved", "0")), unlimited=False
+    )
+    return before, after
 
 
 def crossings(before: int, after: int, thresholds: Sequence[int]) -> list[tuple[AlertKind, int]]:

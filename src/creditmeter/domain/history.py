@@ -1,4 +1,10 @@
-"""Reading the ledger: transaction history with AIP-158 paging, and usage reports."""
+"""Reading the ledger: transaction history with AIP-158 paging, and usage reports.
+
+An account that has no state anywhere is NOT_FOUND here too, as GetBalance says. The
+ledger trails Redis by the flush, and Redis may have lost what the ledger holds (before a
+rebuild), so an account is known if either has it; the check runs only when the ledger
+has nothing to show, so a page with rows costs no more than the query.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from dataclasses import dataclass
 
 from creditmeter.constants import MAX_FILTER_FEATURES, MAX_FILTER_KINDS
 from creditmeter.domain.validation import Violations
+from creditmeter.errors import AccountNotFound
+from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import (
     EVENT_KINDS,
     Ledger,
@@ -18,6 +26,7 @@ from creditmeter.storage.ledger.base import (
     TxnQuery,
     UsageRow,
 )
+from creditmeter.storage.redis_store import RedisStore
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -54,8 +63,19 @@ def _decode_token(token: str, digest: str, v: Violations) -> int | None:
 
 
 class History:
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, store: RedisStore) -> None:
         self.ledger = ledger
+        #: Where an account with nothing flushed yet already exists.
+        self.store = store
+
+    async def _check_known(self, tenant: str, account_id: str, *, ask_ledger: bool) -> None:
+        """Raise AccountNotFound unless Redis or the ledger has the account; `ask_ledger`
+        False when an unfiltered query of the ledger just found nothing of it."""
+        if await self.store.account_exists(AccountKeys(tenant, account_id)):
+            return
+        if ask_ledger and await self.ledger.transactions(tenant, account_id, TxnQuery(), 1, None):
+            return
+        raise AccountNotFound.of(account_id)
 
     async def list_transactions(
         self,
@@ -90,6 +110,8 @@ class History:
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         # One extra row tells whether another page exists.
         rows = await self.ledger.transactions(tenant, account_id, query, size + 1, before)
+        if not rows and before is None:  # a page token follows a page that had rows
+            await self._check_known(tenant, account_id, ask_ledger=query != TxnQuery())
         page = rows[:size]
         token = _encode_token(page[-1].seq, digest) if len(rows) > size else ""
         return Page(page, token)
@@ -104,7 +126,8 @@ class History:
         feature: str | None,
         violations: Violations | None = None,
     ) -> list[UsageRow]:
-        """Credits and units consumed per period and feature."""
+        """Credits and units consumed per period and feature, for one account (None: the
+        whole tenant). An account that has no state anywhere is NOT_FOUND."""
         v = Violations(violations)
         if account_id is not None:
             v.account_id(account_id)
@@ -122,4 +145,7 @@ class History:
         v.raise_if_any()
         assert start_ms is not None and end_ms is not None
         rows = await self.ledger.usage(tenant, account_id, start_ms, end_ms, period, feature)
+        if not rows and account_id is not None:
+            # Usage rows are charges in the span only: any event at all makes it known.
+            await self._check_known(tenant, account_id, ask_ledger=True)
         return rows

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from creditmeter.constants import NEVER_EXPIRES_MS
+from creditmeter.storage.redis_store import LotRecord
 
 
 class LotSource(StrEnum):
@@ -47,6 +48,20 @@ class Lot:
     source: LotSource
     created_ms: int
     reference: str
+
+    @classmethod
+    def from_record(cls, record: LotRecord) -> Lot:
+        """The lot as storage read it."""
+        return cls(
+            lot_id=record.lot_id,
+            amount=record.amount,
+            remaining=record.remaining,
+            priority=record.priority,
+            expires_at_ms=record.expires_at_ms,
+            source=LotSource(record.source),
+            created_ms=record.created_ms,
+            reference=record.reference,
+        )
 
     def live(self, now_ms: int) -> bool:
         """Expired credit is never spendable, whether or not its expiry was swept yet."""

@@ -21,6 +21,7 @@ from creditmeter.constants import (
     MAX_EXPIRY_MS,
     MAX_PRIORITY,
 )
+from creditmeter.domain import balances
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
@@ -28,7 +29,6 @@ from creditmeter.domain.lots import Lot, LotSource, burn_key
 from creditmeter.domain.rates import Rate, RateBook, RateUnit, is_builtin
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
-    AccountNotFound,
     CreditError,
     InsufficientCredits,
     InvalidRequest,
@@ -43,7 +43,6 @@ from creditmeter.storage.redis_store import (
     ConsumeCall,
     ConsumeRecord,
     GrantRecord,
-    LotRecord,
     NewLot,
     RedisStore,
     SetBalanceRecord,
@@ -55,6 +54,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class GrantResult:
     lot: Lot
+    #: Spendable afterwards (see creditmeter.domain.balances), as every balance below.
     balance: int
 
 
@@ -91,7 +91,7 @@ def _counted(c: ConsumeCall, record: ConsumeRecord) -> ConsumeResult:
         units=record.units,
         feature=record.feature,
         charges=record.charges,
-        balance=record.balance,
+        balance=balances.after(record.holdings),
         time_ms=record.time_ms,
     )
 
@@ -130,19 +130,6 @@ class UsageView:
     refunded: int
     unlimited: bool
     features: list[FeatureUsage]
-
-
-def _lot(record: LotRecord) -> Lot:
-    return Lot(
-        lot_id=record.lot_id,
-        amount=record.amount,
-        remaining=record.remaining,
-        priority=record.priority,
-        expires_at_ms=record.expires_at_ms,
-        source=LotSource(record.source),
-        created_ms=record.created_ms,
-        reference=record.reference,
-    )
 
 
 def _staged(keys: AccountKeys, call: Call, lot: NewLot, operation: str) -> StagedGrant:
@@ -337,11 +324,12 @@ class Metering:
         keys = AccountKeys(tenant, account_id)
         if self.ledger is None:
             record = await _applied(self.store.grant(keys, call, lot))
-            return GrantResult(lot=_lot(record.lot), balance=record.balance)
-        staged = await _applied(self.ledger.stage_grant(_staged(keys, call, lot, "grant")))
-        applied = await apply_staged(self.store, self.ledger, staged, call.now_ms)
-        assert isinstance(applied, GrantRecord)
-        return GrantResult(lot=_lot(applied.lot), balance=applied.balance)
+        else:
+            staged = await _applied(self.ledger.stage_grant(_staged(keys, call, lot, "grant")))
+            applied = await apply_staged(self.store, self.ledger, staged, call.now_ms)
+            assert isinstance(applied, GrantRecord)
+            record = applied
+        return GrantResult(lot=Lot.from_record(record.lot), balance=balances.after(record.holdings))
 
     async def apply_staged(self, staged: StagedGrant, now_ms: int) -> None:
         """Apply a staged grant to Redis (the reconciler's retry); see `apply_staged`."""
@@ -494,9 +482,9 @@ class Metering:
             record = await _applied(self.store.set_balance(keys, call, reset, lot))
         assert isinstance(record, SetBalanceRecord)
         return SetBalanceResult(
-            balance=record.balance,
+            balance=balances.after(record.holdings),
             removed=record.removed,
-            lot=_lot(record.lot) if record.lot else None,
+            lot=Lot.from_record(record.lot) if record.lot else None,
         )
 
     # --- SetAccountOptions -----------------------------------------------------------
@@ -517,27 +505,29 @@ class Metering:
         )
 
     # --- reads -------------------------------------------------------------------------
-    async def _read(self, tenant: str, account_id: str) -> tuple[bool, list[Lot], dict[str, str]]:
+    async def _read(self, tenant: str, account_id: str) -> balances.AccountRead:
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        snap = await self.store.snapshot(AccountKeys(tenant, account_id))
-        if not snap.exists:
-            raise AccountNotFound(f"account {account_id!r} not found", {"account_id": account_id})
-        now = self.clock.now_ms()
-        lots = [lot for lot in map(_lot, snap.lots) if lot.live(now)]
-        return snap.fields.get("unlimited") == "1", lots, snap.fields
+        return await balances.read(
+            self.store, AccountKeys(tenant, account_id), self.clock.now_ms()
+        )
 
     async def get_balance(self, tenant: str, account_id: str) -> BalanceView:
         """The spendable balance and the live lots in burn-down order."""
-        unlimited, lots, fields = await self._read(tenant, account_id)
-        reserved = int(fields.get("reserved", "0"))
-        balance = -1 if unlimited else max(0, sum(lot.remaining for lot in lots) - reserved)
-        return BalanceView(balance=balance, lots=lots, unlimited=unlimited, reserved=reserved)
+        account = await self._read(tenant, account_id)
+        return BalanceView(
+            balance=account.balance,
+            lots=account.lots,
+            unlimited=account.unlimited,
+            reserved=account.reserved,
+        )
 
     async def get_usage(self, tenant: str, account_id: str) -> UsageView:
-        """Totals granted, used and remaining, overall and per feature."""
-        unlimited, lots, fields = await self._read(tenant, account_id)
+        """Totals granted, used and remaining (spendable, as GetBalance's balance), overall
+        and per feature."""
+        account = await self._read(tenant, account_id)
+        fields, unlimited = account.fields, account.unlimited
         features = sorted(
             (
                 FeatureUsage(name[5:], int(value), int(fields.get(f"units:{name[5:]}", "0")))
@@ -547,9 +537,9 @@ class Metering:
             key=lambda usage: usage.feature,
         )
         return UsageView(
-            total=-1 if unlimited else int(fields.get("granted", "0")),
+            total=balances.UNLIMITED if unlimited else int(fields.get("granted", "0")),
             used=int(fields.get("used", "0")),
-            remaining=-1 if unlimited else sum(lot.remaining for lot in lots),
+            remaining=account.balance,
             expired=int(fields.get("expired", "0")),
             removed=int(fields.get("removed", "0")),
             refunded=int(fields.get("refunded", "0")),

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, replace
 
 from creditmeter.constants import MAX_REFERENCE_LENGTH
+from creditmeter.domain import balances
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
@@ -154,7 +155,7 @@ class Purchases:
             except Rejected as rejected:
                 raise from_rejection(rejected) from None
             record = await apply_staged(self.store, self.ledger, staged, now_ms)
-            balance = record.balance
+            balance = balances.after(record.holdings)
         return balance
 
     async def _pack_for_sale(self, tenant: str, pack_id: str, v: Violations) -> PackRow:
@@ -380,10 +381,10 @@ class Purchases:
         v.raise_if_any()
         current = await self.get(tenant, purchase_id)
         if current.status == "refunded":
-            balance = (await self.store.snapshot(AccountKeys(tenant, current.account))).int_field(
-                "balance"
+            account = await balances.read(
+                self.store, AccountKeys(tenant, current.account), self.clock.now_ms()
             )
-            return RefundResult(current, 0, current.spent_credits, [], balance)
+            return RefundResult(current, 0, current.spent_credits, [], account.balance)
         if current.status != "completed":
             raise PurchaseNotCompleted(
                 f"purchase {purchase_id} is {current.status}",
@@ -407,7 +408,9 @@ class Purchases:
         )
         assert after is not None
         lots = [(lot, max(n, 0)) for lot, n, _ in record.lots]
-        return RefundResult(shown(after, now), refunded, spent, lots, record.balance)
+        return RefundResult(
+            shown(after, now), refunded, spent, lots, balances.after(record.holdings)
+        )
 
     async def void_grant(
         self, tenant: str, account: str, lot_id: str, reason: str, request_id: str
@@ -431,7 +434,7 @@ class Purchases:
         _, removed, granted = record.lots[0]
         if removed < 0:
             raise LotNotFound(f"lot {lot_id!r} is not on account {account!r}", {"lot_id": lot_id})
-        return VoidResult(removed, granted - removed, record.balance)
+        return VoidResult(removed, granted - removed, balances.after(record.holdings))
 
 
 def _encode(last: PurchaseRecord, key: str) -> str:

@@ -21,6 +21,7 @@ from creditmeter.constants import (
     MAX_SESSION_QUOTA_S,
     MAX_SESSION_REPORT_S,
 )
+from creditmeter.domain import balances
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import SESSION_TXN_PREFIX, fingerprint, new_id
@@ -159,7 +160,7 @@ class Sessions:
             session=SessionView.from_fields(keys.account, session_id, record.fields),
             charged=record.charged,
             released=record.released,
-            balance=record.balance,
+            balance=balances.after(record.holdings),
         )
 
     async def start(

@@ -82,9 +82,30 @@ class LotRecord:
 
 
 @dataclass(frozen=True)
+class Holdings:
+    """An account's raw figures as a script left them (the `add_holdings` of _lib.lua).
+
+    What of it is spendable is the domain's rule (creditmeter.domain.balances), not
+    storage's: these are only the facts it is computed from.
+    """
+
+    #: Credit in the account's lots, reservations included (acct.balance).
+    balance: int
+    #: Credit held by open call sessions (acct.reserved).
+    reserved: int
+    unlimited: bool
+
+
+def _holdings(values: Sequence[str]) -> Holdings:
+    """The three reply values of add_holdings: balance, reserved, unlimited."""
+    balance, reserved, unlimited = values
+    return Holdings(int(balance), int(reserved), unlimited == "1")
+
+
+@dataclass(frozen=True)
 class GrantRecord:
     lot: LotRecord
-    balance: int
+    holdings: Holdings
 
 
 @dataclass(frozen=True)
@@ -93,7 +114,7 @@ class ConsumeRecord:
     amount: int
     units: int
     feature: str
-    balance: int
+    holdings: Holdings
     time_ms: int
     charges: list[tuple[str, int]]
 
@@ -111,14 +132,14 @@ class ConsumeCall:
 
 @dataclass(frozen=True)
 class SetBalanceRecord:
-    balance: int
+    holdings: Holdings
     removed: int
     lot: LotRecord | None
 
 
 @dataclass(frozen=True)
 class RefundRecord:
-    balance: int
+    holdings: Holdings
     removed: int
     #: (lot id, credits removed, credits the lot was granted); -1, -1 for a lot no longer
     #: on the account.
@@ -127,12 +148,12 @@ class RefundRecord:
 
 @dataclass(frozen=True)
 class SessionRecord:
-    """A session step's outcome: credits charged and released by it, the spendable
-    balance afterwards, and the session's fields (see session.lua)."""
+    """A session step's outcome: credits charged and released by it, the account's
+    figures afterwards, and the session's fields (see session.lua)."""
 
     charged: int
     released: int
-    balance: int
+    holdings: Holdings
     fields: dict[str, str]
 
 
@@ -179,14 +200,15 @@ def _lot_from_reply(values: Sequence[str]) -> LotRecord:
 
 
 def _consume_record(values: Sequence[str]) -> ConsumeRecord:
-    txn, charged, units_s, feature_s, balance, time_ms, *parts = values
+    txn, charged, units_s, feature_s = values[:4]
+    time_ms, *parts = values[7:]
     charges = [(lot, int(amt)) for lot, amt in zip(parts[::2], parts[1::2], strict=True)]
     return ConsumeRecord(
         txn=txn,
         amount=int(charged),
         units=int(units_s),
         feature=feature_s,
-        balance=int(balance),
+        holdings=_holdings(values[4:7]),
         time_ms=int(time_ms),
         charges=charges,
     )
@@ -306,7 +328,7 @@ class RedisStore:
 
     async def grant(self, keys: AccountKeys, call: Call, lot: NewLot) -> GrantRecord:
         values = await self._run("grant", keys, call, _lot_args(lot))
-        return GrantRecord(lot=_lot_from_reply(values), balance=int(values[7]))
+        return GrantRecord(lot=_lot_from_reply(values), holdings=_holdings(values[7:10]))
 
     async def consume(
         self, keys: AccountKeys, call: Call, amount: int, feature: str, units: int
@@ -352,8 +374,10 @@ class RedisStore:
         values = await self._run(
             "set_balance", keys, call, ["1" if reset else "0", *_lot_args(lot)]
         )
-        new_lot = _lot_from_reply(values[2:]) if len(values) > 2 else None
-        return SetBalanceRecord(balance=int(values[0]), removed=int(values[1]), lot=new_lot)
+        new_lot = _lot_from_reply(values[4:]) if len(values) > 4 else None
+        return SetBalanceRecord(
+            holdings=_holdings(values[:3]), removed=int(values[3]), lot=new_lot
+        )
 
     async def set_options(self, keys: AccountKeys, call: Call, unlimited: bool | None) -> bool:
         flag = "" if unlimited is None else ("1" if unlimited else "0")
@@ -373,19 +397,19 @@ class RedisStore:
         values = await self._run(
             "renew", keys, call, [*_lot_args(lot), str(cap), rollover.lot_id, rollover.burn_key]
         )
-        return GrantRecord(lot=_lot_from_reply(values), balance=int(values[7]))
+        return GrantRecord(lot=_lot_from_reply(values), holdings=_holdings(values[7:10]))
 
     async def refund(
         self, keys: AccountKeys, call: Call, reason: str, lot_ids: Sequence[str]
     ) -> RefundRecord:
         """Remove what is left of the lots; lots not on the account report -1."""
         values = await self._run("refund", keys, call, [reason, *lot_ids])
-        balance, removed, *parts = values
+        removed, *parts = values[3:]
         lots = [
             (lot, int(n), int(granted))
             for lot, n, granted in zip(parts[::3], parts[1::3], parts[2::3], strict=True)
         ]
-        return RefundRecord(balance=int(balance), removed=int(removed), lots=lots)
+        return RefundRecord(holdings=_holdings(values[:3]), removed=int(removed), lots=lots)
 
     async def session_step(
         self, keys: AccountKeys, call: Call, step: str, session_id: str, extra: Sequence[str]
@@ -401,13 +425,19 @@ class RedisStore:
         )
         if values == ["not_due"]:
             return None
-        charged, released, balance, *flat = values
+        charged, released = values[:2]
+        flat = values[5:]
         return SessionRecord(
             charged=int(charged),
             released=int(released),
-            balance=int(balance),
+            holdings=_holdings(values[2:5]),
             fields=dict(zip(flat[::2], flat[1::2], strict=True)),
         )
+
+    async def account_exists(self, keys: AccountKeys) -> bool:
+        """Whether the account has state in Redis (its acct hash, as `snapshot` reads it)."""
+        async with _reachable():
+            return bool(await self.client.exists(keys.key("acct")))
 
     async def session(self, keys: AccountKeys, session_id: str) -> dict[str, str]:
         """A session's fields; empty when there is no such session."""

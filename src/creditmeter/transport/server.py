@@ -193,7 +193,8 @@ class App:
             functools.partial(OutboxReader.connect, url), self._closing, s.watch_retention_s
         )
         servicer = CreditsServicer(
-            metering, History(ledger), purchases, self.ledger_status, sessions, alerts
+            metering, History(ledger, metering.store), purchases, self.ledger_status, sessions,
+            alerts,
         )
         credits_pb2_grpc.add_CreditsServicer_to_server(servicer, self.server)
         self.subscriptions = Subscriptions(catalog, ledger, metering.store, s.clock, self.gate)

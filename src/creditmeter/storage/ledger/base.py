@@ -24,6 +24,10 @@ from creditmeter.errors import BackendUnavailable
 EVENT_KINDS = ("grant", "consume", "session", "expire", "reset", "refund", "options")
 #: Kinds that charge for usage: Consume, and the steps of call sessions.
 CHARGE_KINDS = ("consume", "session")
+#: Outbox entries that are not ledger events: a call session's hold on credit taken or let
+#: go. Holds are hot state (a rebuild restores no open session), so only balance watchers
+#: read these; the flusher acknowledges them without writing them.
+HOLD_KINDS = ("hold", "release")
 
 
 #: What a client is told while the ledger cannot be reached: no address, driver or error

@@ -38,7 +38,7 @@ from creditmeter.constants import (
     WATCH_RETENTION_S,
 )
 from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
-from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
+from creditmeter.storage.ledger.base import HOLD_KINDS, Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
 
 log = logging.getLogger(__name__)
@@ -118,13 +118,15 @@ class Flusher:
         requests: list[RequestRecord] = []
         for _stream, entries in batch:
             for _entry_id, fields in entries:
-                if fields.get("kind") == "request":
+                kind = fields.get("kind")
+                if kind == "request":
                     requests.append(RequestRecord.from_fields(fields))
-                else:
+                elif kind not in HOLD_KINDS:
                     events.append(Event.from_fields(fields))
-        if not events and not requests:
+        if not batch:
             return 0
-        await self.ledger.append(events, requests)
+        if events or requests:  # a batch of holds alone is only acknowledged
+            await self.ledger.append(events, requests)
         oldest = min(_ms_of(entries[0][0]) for _s, entries in batch)
         now_ms = int(time.time() * 1000)
         self.stats.events += len(events)

@@ -17,7 +17,10 @@
 --   ARGV[1] now (ms since epoch)   ARGV[2] request fingerprint ('' = not idempotent)
 --   ARGV[3] idempotency TTL (s)    ARGV[4] transaction id (events are "<txn>:<n>")
 --   ARGV[5] tenant   ARGV[6] account   ARGV[7] request id
--- Replies are arrays of strings: {'OK', ...} or {'ERR', reason, key, value, ...}.
+-- Replies are arrays of strings: {'OK', ...} or {'ERR', reason, key, value, ...}. A reply
+-- that reports a balance carries the account's raw figures, `holdings` (credit in lots,
+-- reserved, unlimited): what of it is spendable is said in one place, the domain
+-- (creditmeter.domain.balances), not here.
 --
 -- Events: each carries event_id "<txn>:<n>" (n counts within its transaction, so the first
 -- event of a grant is always "<txn>:1"), the account's change sequence number `seq`
@@ -25,6 +28,12 @@
 -- form their own transaction "<txn>x", the lots a reset removes "<txn>r". A mutating
 -- request ends with a `request` event carrying its fingerprint and reply, the durable
 -- copy of the idempotency record.
+-- Every event that moves credit carries `balance` (the credit in lots after it; -1 on an
+-- unlimited account) and `reserved` (what open sessions hold then), so a balance watcher
+-- sees each transaction's spendable balance before and after it. A session step that
+-- changes what it holds appends `hold` / `release` events (amount = credits held or
+-- let go): reservations are hot state, so these go to watchers only, never to the ledger,
+-- and take no seq.
 --
 -- Numbers: Lua numbers are doubles, exact for integers up to 2^53-1 (callers keep every
 -- amount and balance below that). Never concatenate a number with `..` or cjson-encode it:
@@ -50,14 +59,38 @@ local function acct_int(field)
   return tonumber(redis.call('HGET', KEYS[5], field) or '0')
 end
 
+local function acct_unlimited()
+  return redis.call('HGET', KEYS[5], 'unlimited') == '1'
+end
+
+-- Event kinds that record a call or a change of hot state, not a change of the ledger:
+-- they take no seq of their own.
+local NO_SEQ_KINDS = {request = true, hold = true, release = true}
+
+-- The figures every credit-moving event carries, for `balance` credits in lots after it.
+local function balance_fields(balance)
+  return {
+    'balance', acct_unlimited() and '-1' or fmt(balance),
+    'reserved', fmt(acct_int('reserved')),
+  }
+end
+
+-- Append the account's raw figures to a reply: credit in lots (reservations included),
+-- credit held by open sessions, unlimited ('1' or '0').
+local function add_holdings(reply)
+  reply[#reply + 1] = fmt(acct_int('balance'))
+  reply[#reply + 1] = fmt(acct_int('reserved'))
+  reply[#reply + 1] = acct_unlimited() and '1' or '0'
+  return reply
+end
+
 -- Append one event of transaction `txn` to the outbox. `fields` is a flat list of
--- name, value (strings).
-local function emit(txn, kind, fields)
+-- name, value (strings), then `more` (optional, another such list).
+local function emit(txn, kind, fields, more)
   local n = (event_counts[txn] or 0) + 1
   event_counts[txn] = n
-  -- A request event is a record of the call, not a change: it takes no seq of its own.
   local seq
-  if kind == 'request' then
+  if NO_SEQ_KINDS[kind] then
     seq = tonumber(redis.call('HGET', KEYS[5], 'seq') or '0')
   else
     seq = redis.call('HINCRBY', KEYS[5], 'seq', 1)
@@ -68,6 +101,9 @@ local function emit(txn, kind, fields)
   }
   for i = 1, #fields do
     args[#args + 1] = fields[i]
+  end
+  for i = 1, #(more or {}) do
+    args[#args + 1] = more[i]
   end
   redis.call('XADD', KEYS[7], '*', unpack(args))
 end
@@ -121,9 +157,8 @@ local function remove_lot(lot, txn, kind, total_field, reference)
       -- A subscription period's credits ran out unused: remember them for its rollover.
       redis.call('HINCRBY', KEYS[5], 'carry:' .. meta.reference, rem)
     end
-    emit(txn, kind, {
-      'lot', lot, 'amount', fmt(rem), 'balance', fmt(balance), 'reference', reference or '',
-    })
+    emit(txn, kind, {'lot', lot, 'amount', fmt(rem), 'reference', reference or ''},
+         balance_fields(balance))
   end
   return rem
 end
@@ -169,9 +204,9 @@ local function add_lot(lot)
   redis.call('HINCRBY', KEYS[5], 'granted', amount)
   local balance = redis.call('HINCRBY', KEYS[5], 'balance', amount)
   emit(TXN, 'grant', {
-    'lot', lot.id, 'amount', lot.amount, 'balance', fmt(balance), 'priority', lot.priority,
+    'lot', lot.id, 'amount', lot.amount, 'priority', lot.priority,
     'expires_at', lot.expires_at, 'source', lot.source, 'reference', lot.reference,
-  })
+  }, balance_fields(balance))
   return balance
 end
 
@@ -197,7 +232,9 @@ local function lot_from_argv(first)
   }
 end
 
--- Spendable credit: the balance less what open call sessions hold.
+-- Credit a charge or a new hold may take: the balance less what open call sessions hold.
+-- The rule of creditmeter.domain.balances.spendable, enforced here because the check must
+-- be atomic with the change; replies report the raw figures (add_holdings), not this.
 local function available()
   return acct_int('balance') - acct_int('reserved')
 end
@@ -240,14 +277,13 @@ local function burn(amount, kind, feature, units, reference)
     end
     balance = redis.call('HINCRBY', KEYS[5], 'balance', -p.take)
     local fields = {
-      'lot', p.lot, 'amount', fmt(p.take), 'balance', fmt(balance), 'feature', feature,
-      'units', i == 1 and units or '0',
+      'lot', p.lot, 'amount', fmt(p.take), 'feature', feature, 'units', i == 1 and units or '0',
     }
     if reference ~= '' then
       fields[#fields + 1] = 'reference'
       fields[#fields + 1] = reference
     end
-    emit(TXN, kind, fields)
+    emit(TXN, kind, fields, balance_fields(balance))
     charges[#charges + 1] = p.lot
     charges[#charges + 1] = fmt(p.take)
   end

@@ -5,7 +5,8 @@
 -- `consume` event (lot, amount, balance after); the transaction's units are recorded on
 -- its first event only, so summing units over events counts each transaction once.
 -- Unlimited accounts append one event with no lot and balance -1.
--- returns {'OK', txn, amount, units, feature, spendable balance after (-1 unlimited), time (ms), lot1, amount1, ...}
+-- returns {'OK', txn, amount, units, feature, credit in lots after, reserved, unlimited ('1'/'0'),
+--          time (ms), lot1, amount1, ...}
 --      or {'ERR', 'INSUFFICIENT_CREDITS', 'balance', spendable, 'required', a}
 --      or {'ERR', 'IDEMPOTENCY_KEY_REUSED' | 'BALANCE_LIMIT_EXCEEDED', ...}
 -- Refusals are not stored under the request id: nothing changed, so a retry is judged afresh.
@@ -17,7 +18,7 @@ sweep()
 local amount = tonumber(ARGV[8])
 local feature = ARGV[9]
 local units = ARGV[10]
-local unlimited = redis.call('HGET', KEYS[5], 'unlimited') == '1'
+local unlimited = acct_unlimited()
 local spendable = available()
 
 -- Checks, before any write of the charge.
@@ -32,18 +33,17 @@ end
 
 -- Writes.
 local reply = {'OK', TXN, ARGV[8], units, feature}
-local balance = -1
 local charges = {}
 if unlimited then
-  emit(TXN, 'consume', {'lot', '', 'amount', ARGV[8], 'balance', '-1', 'feature', feature, 'units', units})
+  emit(TXN, 'consume', {'lot', '', 'amount', ARGV[8], 'feature', feature, 'units', units},
+       balance_fields(acct_int('balance')))
 else
   local _
   _, charges = burn(amount, 'consume', feature, units, '')
-  balance = available()
 end
 count_usage(amount, feature, tonumber(units))
 update_due()
-reply[#reply + 1] = fmt(balance)
+add_holdings(reply)
 reply[#reply + 1] = ARGV[1]
 for _, v in ipairs(charges) do
   reply[#reply + 1] = v

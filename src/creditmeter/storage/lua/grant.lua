@@ -2,7 +2,8 @@
 -- KEYS and ARGV[1..7]: see _lib.lua.
 -- ARGV[8] lot id   ARGV[9] amount (credits)   ARGV[10] priority   ARGV[11] expires_at (ms, '0' = never)
 -- ARGV[12] source  ARGV[13] reference         ARGV[14] burn key
--- returns {'OK', lot id, amount, priority, expires_at, source, reference, created (ms), balance}
+-- returns {'OK', lot id, amount, priority, expires_at, source, reference, created (ms),
+--          credit in lots, reserved, unlimited ('1'/'0')}
 --      or {'ERR', 'IDEMPOTENCY_KEY_REUSED' | 'BALANCE_LIMIT_EXCEEDED', ...}
 local replay = idem_lookup()
 if replay then
@@ -15,12 +16,12 @@ if refused then
   update_due()
   return refused
 end
-local balance = add_lot(lot)
+add_lot(lot)
 update_due()
 local reply = {'OK'}
 for _, v in ipairs(lot_reply(lot)) do
   reply[#reply + 1] = v
 end
-reply[#reply + 1] = fmt(balance)
+add_holdings(reply)
 idem_store(reply)
 return reply

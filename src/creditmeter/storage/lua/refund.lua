@@ -3,7 +3,8 @@
 -- expired, refunded before) are reported with -1 and change nothing.
 -- KEYS and ARGV[1..7]: see _lib.lua.
 -- ARGV[8] reason (kept on the events)   ARGV[9..] lot ids
--- returns {'OK', balance after, credits removed, lot1, removed1, granted1, ...}
+-- returns {'OK', credit in lots after, reserved, unlimited ('1'/'0'), credits removed,
+--          lot1, removed1, granted1, ...}
 --   (removed and granted -1 for a lot not on the account)
 --      or {'ERR', 'IDEMPOTENCY_KEY_REUSED', ...}
 local replay = idem_lookup()
@@ -27,7 +28,8 @@ for i = 9, #ARGV do
   parts[#parts + 1] = fmt(granted)
 end
 update_due()
-local reply = {'OK', fmt(acct_int('balance')), fmt(total)}
+local reply = add_holdings({'OK'})
+reply[#reply + 1] = fmt(total)
 for _, v in ipairs(parts) do
   reply[#reply + 1] = v
 end

@@ -4,8 +4,8 @@
 -- KEYS and ARGV[1..7]: see _lib.lua.
 -- ARGV[8..14] the period's lot as in grant.lua ARGV[8..14]
 -- ARGV[15] rollover cap (credits)   ARGV[16] rollover lot id   ARGV[17] its burn key
--- returns {'OK', lot id, amount, priority, expires_at, source, reference, created, balance,
---          carried}
+-- returns {'OK', lot id, amount, priority, expires_at, source, reference, created,
+--          credit in lots, reserved, unlimited ('1'/'0'), carried}
 --      or {'ERR', 'IDEMPOTENCY_KEY_REUSED' | 'BALANCE_LIMIT_EXCEEDED', ...}
 local replay = idem_lookup()
 if replay then
@@ -21,9 +21,9 @@ if refused then
   return refused
 end
 redis.call('HDEL', KEYS[5], carry_field)
-local balance = add_lot(lot)
+add_lot(lot)
 if carried > 0 then
-  balance = add_lot({
+  add_lot({
     id = ARGV[16], amount = fmt(carried), priority = lot.priority, expires_at = lot.expires_at,
     source = 'rollover', reference = lot.reference, burn_key = ARGV[17],
   })
@@ -33,7 +33,7 @@ local reply = {'OK'}
 for _, v in ipairs(lot_reply(lot)) do
   reply[#reply + 1] = v
 end
-reply[#reply + 1] = fmt(balance)
+add_holdings(reply)
 reply[#reply + 1] = fmt(carried)
 idem_store(reply)
 return reply

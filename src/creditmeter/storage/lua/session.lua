@@ -27,8 +27,10 @@
 -- its own. Charges burn lots like Consume and append `session` events (reference = the
 -- session id), one transaction per step. Reservations move no credit: acct.reserved is
 -- the sum of the holds, and every spend (Consume, other sessions) sees only balance -
--- reserved.
--- returns {'OK', charged, released, spendable balance after (-1 unlimited), field1, value1, ...}
+-- reserved. A step that changes what it holds appends one `hold` or `release` event (the
+-- change, after the step's charge) for balance watchers.
+-- returns {'OK', charged, released, credit in lots after, reserved, unlimited ('1'/'0'),
+--          field1, value1, ...}
 --      or {'OK', 'not_due'} (close of a session that is not past its time)
 --      or {'ERR', reason, ...}: SESSION_NOT_FOUND, SESSION_CLOSED, SESSION_OUT_OF_SEQUENCE,
 --         SESSION_EXISTS, INSUFFICIENT_CREDITS (start only), IDEMPOTENCY_KEY_REUSED
@@ -57,7 +59,7 @@ local function num(s, field)
   return tonumber(s[field] or '0')
 end
 
-local unlimited = redis.call('HGET', KEYS[5], 'unlimited') == '1'
+local unlimited = acct_unlimited()
 
 -- The increments of `inc` seconds a step asks for: its seconds rounded up, or the default.
 local function quota(requested_s, default_units, inc)
@@ -75,11 +77,14 @@ local function holdable(want, rate, free)
   return math.max(0, math.min(want, math.floor(free / rate)))
 end
 
-local function spendable_after()
-  if unlimited then
-    return -1
+-- Change the account's reserved credit by `delta` and tell watchers (hold or release).
+local function reserve(delta)
+  if delta == 0 then
+    return
   end
-  return math.max(0, available())
+  redis.call('HINCRBY', KEYS[5], 'reserved', fmt(delta))
+  emit(TXN, delta > 0 and 'hold' or 'release', {'amount', fmt(math.abs(delta)), 'reference', sid},
+       balance_fields(acct_int('balance')))
 end
 
 local function finish(s, charged, released)
@@ -89,7 +94,7 @@ local function finish(s, charged, released)
     flat[#flat + 1] = value
   end
   redis.call('HSET', KEYS[9], unpack(flat))
-  local reply = {'OK', fmt(charged), fmt(released), fmt(spendable_after())}
+  local reply = add_holdings({'OK', fmt(charged), fmt(released)})
   for _, v in ipairs(flat) do
     reply[#reply + 1] = v
   end
@@ -114,7 +119,7 @@ if step == 'start' then
     return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(available(), 0)), 'required', fmt(rate)}
   end
   local hold = unlimited and 0 or units * rate
-  redis.call('HINCRBY', KEYS[5], 'reserved', fmt(hold))
+  reserve(hold)
   local valid_until = NOW + units * inc * 1000
   redis.call('ZADD', KEYS[10], valid_until + grace, member)
   return finish({
@@ -165,20 +170,20 @@ local due_units = math.ceil(used / inc)
 local new_units = due_units - num(s, 'units')
 local cost = new_units * rate
 
--- Writes: release this session's hold, then charge what is due from the credit not held
--- by other sessions.
-redis.call('HINCRBY', KEYS[5], 'reserved', fmt(-held))
+-- Writes: charge what is due from the credit not held by other sessions (this session's
+-- own hold is its to use), then replace the hold. The hold changes once, after the
+-- charge, so the step's events say the balance before and after it (see _lib.lua).
 local collect = cost
 if not unlimited then
-  collect = math.min(cost, math.max(0, available()))
+  collect = math.min(cost, math.max(0, available() + held))
 end
 if collect > 0 then
   local txn_units = fmt(new_units)
   if unlimited then
     emit(TXN, 'session', {
-      'lot', '', 'amount', fmt(collect), 'balance', '-1', 'feature', s.feature,
-      'units', txn_units, 'reference', sid,
-    })
+      'lot', '', 'amount', fmt(collect), 'feature', s.feature, 'units', txn_units,
+      'reference', sid,
+    }, balance_fields(acct_int('balance')))
   else
     burn(collect, 'session', s.feature, txn_units, sid)
   end
@@ -194,9 +199,9 @@ end
 
 if step == 'update' then
   local want = quota(ARGV[12], ARGV[13], inc)
-  local units = holdable(want, rate, available())
+  local units = holdable(want, rate, available() + held)
   local hold = unlimited and 0 or units * rate
-  redis.call('HINCRBY', KEYS[5], 'reserved', fmt(hold))
+  reserve(hold - held)
   -- What the charged increments still cover, plus the new quota.
   local granted = due_units * inc - used + units * inc
   local valid_until = NOW + granted * 1000
@@ -210,6 +215,7 @@ if step == 'update' then
 end
 
 -- end or close: give back the rest of the hold and retire the session.
+reserve(-held)
 s.state = (step == 'end') and 'ended' or 'timed_out'
 s.reserved = '0'
 s.runits = '0'

@@ -3,7 +3,8 @@
 -- KEYS and ARGV[1..7]: see _lib.lua.
 -- ARGV[8] reset ('1' or '0')   ARGV[9..15] the new lot as in grant.lua ARGV[8..14];
 -- an amount of '0' (allowed only with reset) adds no lot.
--- returns {'OK', balance, removed, [lot id, amount, priority, expires_at, source, reference, created]}
+-- returns {'OK', credit in lots, reserved, unlimited ('1'/'0'), removed,
+--          [lot id, amount, priority, expires_at, source, reference, created]}
 --      or {'ERR', 'IDEMPOTENCY_KEY_REUSED' | 'BALANCE_LIMIT_EXCEEDED', ...}
 local replay = idem_lookup()
 if replay then
@@ -30,17 +31,17 @@ if reset then
     removed = removed + remove_lot(lot_id, TXN .. 'r', 'reset', 'removed')
   end
 end
-local balance = acct_int('balance')
 local lot_fields = {}
 if amount > 0 then
-  balance = add_lot(lot)
+  add_lot(lot)
   lot_fields = lot_reply(lot)
 elseif redis.call('EXISTS', KEYS[5]) == 0 then
   -- A reset to zero of an unknown account still brings the account into being.
   redis.call('HSET', KEYS[5], 'balance', 0)
 end
 update_due()
-local reply = {'OK', fmt(balance), fmt(removed)}
+local reply = add_holdings({'OK'})
+reply[#reply + 1] = fmt(removed)
 for _, v in ipairs(lot_fields) do
   reply[#reply + 1] = v
 end

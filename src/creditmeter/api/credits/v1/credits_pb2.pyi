@@ -122,7 +122,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ErrorInfo metadata: {"request_id": "r-1"}. Status: INVALID_ARGUMENT.
     """
     ERROR_REASON_INVALID_REQUEST: _ErrorReason.ValueType  # 3
-    """One or more fields are invalid; a google.rpc.BadRequest lists them.
+    """One or more fields are invalid; a google.rpc.BadRequest lists them (at most 20, then
+    one violation with an empty field, "and N more"; metadata "violations" then holds the
+    count), or the request's bytes are not a valid message (no BadRequest).
     ErrorInfo metadata: {"fields": "amount,account_id"}. Status: INVALID_ARGUMENT.
     """
     ERROR_REASON_BALANCE_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 4
@@ -224,7 +226,9 @@ ERROR_REASON_IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 2
 ErrorInfo metadata: {"request_id": "r-1"}. Status: INVALID_ARGUMENT.
 """
 ERROR_REASON_INVALID_REQUEST: ErrorReason.ValueType  # 3
-"""One or more fields are invalid; a google.rpc.BadRequest lists them.
+"""One or more fields are invalid; a google.rpc.BadRequest lists them (at most 20, then
+one violation with an empty field, "and N more"; metadata "violations" then holds the
+count), or the request's bytes are not a valid message (no BadRequest).
 ErrorInfo metadata: {"fields": "amount,account_id"}. Status: INVALID_ARGUMENT.
 """
 ERROR_REASON_BALANCE_LIMIT_EXCEEDED: ErrorReason.ValueType  # 4
@@ -645,7 +649,9 @@ class GrantResponse(_message.Message):
     LOT_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """The account's spendable balance after the grant."""
+    """The account's spendable balance after the grant, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def lot(self) -> Global___Lot:
         """The lot created."""
@@ -735,7 +741,9 @@ class ConsumeResponse(_message.Message):
     feature: _builtins.str
     """The feature charged."""
     balance: _builtins.int
-    """The spendable balance after the charge (-1 for unlimited accounts)."""
+    """The account's spendable balance after the charge, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def charges(self) -> _containers.RepeatedCompositeFieldContainer[Global___LotCharge]:
         """How much each lot gave, in burn-down order. Empty for unlimited accounts."""
@@ -796,8 +804,9 @@ class GetBalanceResponse(_message.Message):
     UNLIMITED_FIELD_NUMBER: _builtins.int
     RESERVED_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """Spendable credits: the remaining credit of lots that have not expired
-    (-1 for unlimited accounts).
+    """Spendable credits: the remaining credit of lots that have not expired, less
+    `reserved` (never below 0), or -1 for unlimited accounts. Every balance this API
+    reports (the answers of changes, GetUsage's remaining, balance alerts) is this figure.
     """
     unlimited: _builtins.bool
     """Whether the account is unlimited."""
@@ -875,7 +884,9 @@ class SetBalanceResponse(_message.Message):
     REMOVED_FIELD_NUMBER: _builtins.int
     LOT_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """The spendable balance afterwards."""
+    """The account's spendable balance afterwards, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     removed: _builtins.int
     """Credits removed by the reset (0 without reset)."""
     @_builtins.property
@@ -968,7 +979,7 @@ class GetUsageResponse(_message.Message):
     used: _builtins.int
     """Credits consumed."""
     remaining: _builtins.int
-    """Spendable credits now (-1 for unlimited accounts)."""
+    """Spendable credits now, the balance GetBalance reports (-1 for unlimited accounts)."""
     expired: _builtins.int
     """Credits that expired unspent."""
     removed: _builtins.int
@@ -1251,7 +1262,10 @@ class Transaction(_message.Message):
     amount: _builtins.int
     """Credits moved: added for grants, taken for the other kinds (always >= 0)."""
     balance: _builtins.int
-    """The account's balance after the transaction (-1 for unlimited accounts)."""
+    """The account's credit in lots after the transaction (-1 for unlimited accounts). Unlike
+    every other balance of this API it includes credit held by open call sessions: holds
+    are hot state, not recorded in the ledger.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -1294,11 +1308,11 @@ class TransactionFilter(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___TransactionKind.ValueType]:
-        """Only these kinds."""
+        """Only these kinds; at most 16."""
 
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only charges for these features (text, voice, video, or the tenant's own)."""
+        """Only charges for these features (text, voice, video, or the tenant's own); at most 64."""
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -1607,7 +1621,9 @@ class VoidGrantResponse(_message.Message):
     spent: _builtins.int
     """Credits of the lot already spent (or expired) before the void."""
     balance: _builtins.int
-    """The account's balance afterwards."""
+    """The account's spendable balance afterwards, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     def __init__(
         self,
         *,
@@ -2002,7 +2018,9 @@ class StartSessionResponse(_message.Message):
     final_unit: _builtins.bool
     """No further quota will follow: end the call when the granted seconds run out."""
     balance: _builtins.int
-    """The account's spendable balance afterwards (reservations excluded)."""
+    """The account's spendable balance afterwards (this session's reservation excluded),
+    as GetBalance reports it (-1 for unlimited accounts).
+    """
     @_builtins.property
     def session(self) -> Global___Session:
         """The session after the start."""
@@ -2089,7 +2107,9 @@ class UpdateSessionResponse(_message.Message):
     final_unit: _builtins.bool
     """No further quota will follow: end the call when the granted seconds run out."""
     balance: _builtins.int
-    """The account's spendable balance afterwards (reservations excluded)."""
+    """The account's spendable balance afterwards (this session's new reservation
+    excluded), as GetBalance reports it (-1 for unlimited accounts).
+    """
     @_builtins.property
     def session(self) -> Global___Session:
         """The session after the update."""
@@ -2165,7 +2185,9 @@ class EndSessionResponse(_message.Message):
     released_amount: _builtins.int
     """Credits of the reservation given back to the balance."""
     balance: _builtins.int
-    """The account's spendable balance afterwards."""
+    """The account's spendable balance afterwards, as GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def session(self) -> Global___Session:
         """The session after it ended."""
@@ -2291,9 +2313,9 @@ class WatchBalanceResponse(_message.Message):
     threshold: _builtins.int
     """The threshold crossed (0 for DEPLETED, and for TOPPED_UP from zero)."""
     previous_balance: _builtins.int
-    """The balance before the change."""
+    """The spendable balance before the change, as GetBalance would have reported it."""
     balance: _builtins.int
-    """The balance after the change."""
+    """The spendable balance after the change, as the RPC that made it answered."""
     transaction_id: _builtins.str
     """The transaction that changed it."""
     resume_token: _builtins.str

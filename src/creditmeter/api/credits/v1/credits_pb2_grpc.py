@@ -182,8 +182,9 @@ class CreditsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """GetUsage returns total granted, used and remaining credit, overall and per feature.
-        Unlimited accounts report total and remaining as -1. Requires any key of the tenant.
+        """GetUsage returns total granted, used and remaining (spendable) credit, overall and per
+        feature. Unlimited accounts report total and remaining as -1. Requires any key of the
+        tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,7 +217,9 @@ class CreditsServicer:
     def ListTransactions(self, request, context):
         """ListTransactions returns an account's history from the durable ledger, newest first,
         paged (AIP-158). A charge that spanned several lots is one transaction with its lot
-        breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+        breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
+        an account with nothing flushed yet has an empty history; one with no state anywhere
+        fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as GetBalance does.
         Requires any key of the tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -225,7 +228,9 @@ class CreditsServicer:
 
     def GetUsageReport(self, request, context):
         """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
-        one account or the whole tenant, from the ledger. Requires any key of the tenant.
+        one account or the whole tenant, from the ledger. For one account with no state
+        anywhere it fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as ListTransactions
+        does. Requires any key of the tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -298,8 +303,10 @@ class CreditsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchBalance(self, request, context):
-        """WatchBalance streams balance alerts of one account or of the whole tenant: a balance
-        falling to or below a threshold, reaching zero, or rising above a threshold again.
+        """WatchBalance streams balance alerts of one account or of the whole tenant: a spendable
+        balance (as GetBalance reports it: held credit does not count, so a call session
+        taking or letting go of a hold moves it too) falling to or below a threshold,
+        reaching zero, or rising above a threshold again. Unlimited accounts never alert.
         Every alert carries a resume token; a watcher that reconnects with it receives what it
         missed. Requires any key of the tenant.
         """

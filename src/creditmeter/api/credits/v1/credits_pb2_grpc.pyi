@@ -68,8 +68,9 @@ class CreditsStub:
     sets the balance to `amount`. Requires an admin key.
     """
     GetUsage: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetUsageRequest, _credits_pb2.GetUsageResponse]
-    """GetUsage returns total granted, used and remaining credit, overall and per feature.
-    Unlimited accounts report total and remaining as -1. Requires any key of the tenant.
+    """GetUsage returns total granted, used and remaining (spendable) credit, overall and per
+    feature. Unlimited accounts report total and remaining as -1. Requires any key of the
+    tenant.
     """
     SetRate: _grpc.UnaryUnaryMultiCallable[_credits_pb2.SetRateRequest, _credits_pb2.SetRateResponse]
     """SetRate creates or replaces the price of one feature on the tenant's rate card.
@@ -86,12 +87,16 @@ class CreditsStub:
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ListTransactionsRequest, _credits_pb2.ListTransactionsResponse]
     """ListTransactions returns an account's history from the durable ledger, newest first,
     paged (AIP-158). A charge that spanned several lots is one transaction with its lot
-    breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+    breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
+    an account with nothing flushed yet has an empty history; one with no state anywhere
+    fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as GetBalance does.
     Requires any key of the tenant.
     """
     GetUsageReport: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetUsageReportRequest, _credits_pb2.GetUsageReportResponse]
     """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
-    one account or the whole tenant, from the ledger. Requires any key of the tenant.
+    one account or the whole tenant, from the ledger. For one account with no state
+    anywhere it fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as ListTransactions
+    does. Requires any key of the tenant.
     """
     VoidGrant: _grpc.UnaryUnaryMultiCallable[_credits_pb2.VoidGrantRequest, _credits_pb2.VoidGrantResponse]
     """VoidGrant removes whatever is still unspent of a lot granted by mistake, and reports
@@ -132,8 +137,10 @@ class CreditsStub:
     Requires any key of the tenant.
     """
     WatchBalance: _grpc.UnaryStreamMultiCallable[_credits_pb2.WatchBalanceRequest, _credits_pb2.WatchBalanceResponse]
-    """WatchBalance streams balance alerts of one account or of the whole tenant: a balance
-    falling to or below a threshold, reaching zero, or rising above a threshold again.
+    """WatchBalance streams balance alerts of one account or of the whole tenant: a spendable
+    balance (as GetBalance reports it: held credit does not count, so a call session
+    taking or letting go of a hold moves it too) falling to or below a threshold,
+    reaching zero, or rising above a threshold again. Unlimited accounts never alert.
     Every alert carries a resume token; a watcher that reconnects with it receives what it
     missed. Requires any key of the tenant.
     """
@@ -169,8 +176,9 @@ class CreditsAsyncStub(CreditsStub):
     sets the balance to `amount`. Requires an admin key.
     """
     GetUsage: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetUsageRequest, _credits_pb2.GetUsageResponse]  # type: ignore[assignment]
-    """GetUsage returns total granted, used and remaining credit, overall and per feature.
-    Unlimited accounts report total and remaining as -1. Requires any key of the tenant.
+    """GetUsage returns total granted, used and remaining (spendable) credit, overall and per
+    feature. Unlimited accounts report total and remaining as -1. Requires any key of the
+    tenant.
     """
     SetRate: _aio.UnaryUnaryMultiCallable[_credits_pb2.SetRateRequest, _credits_pb2.SetRateResponse]  # type: ignore[assignment]
     """SetRate creates or replaces the price of one feature on the tenant's rate card.
@@ -187,12 +195,16 @@ class CreditsAsyncStub(CreditsStub):
     ListTransactions: _aio.UnaryUnaryMultiCallable[_credits_pb2.ListTransactionsRequest, _credits_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """ListTransactions returns an account's history from the durable ledger, newest first,
     paged (AIP-158). A charge that spanned several lots is one transaction with its lot
-    breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+    breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
+    an account with nothing flushed yet has an empty history; one with no state anywhere
+    fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as GetBalance does.
     Requires any key of the tenant.
     """
     GetUsageReport: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetUsageReportRequest, _credits_pb2.GetUsageReportResponse]  # type: ignore[assignment]
     """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
-    one account or the whole tenant, from the ledger. Requires any key of the tenant.
+    one account or the whole tenant, from the ledger. For one account with no state
+    anywhere it fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as ListTransactions
+    does. Requires any key of the tenant.
     """
     VoidGrant: _aio.UnaryUnaryMultiCallable[_credits_pb2.VoidGrantRequest, _credits_pb2.VoidGrantResponse]  # type: ignore[assignment]
     """VoidGrant removes whatever is still unspent of a lot granted by mistake, and reports
@@ -233,8 +245,10 @@ class CreditsAsyncStub(CreditsStub):
     Requires any key of the tenant.
     """
     WatchBalance: _aio.UnaryStreamMultiCallable[_credits_pb2.WatchBalanceRequest, _credits_pb2.WatchBalanceResponse]  # type: ignore[assignment]
-    """WatchBalance streams balance alerts of one account or of the whole tenant: a balance
-    falling to or below a threshold, reaching zero, or rising above a threshold again.
+    """WatchBalance streams balance alerts of one account or of the whole tenant: a spendable
+    balance (as GetBalance reports it: held credit does not count, so a call session
+    taking or letting go of a hold moves it too) falling to or below a threshold,
+    reaching zero, or rising above a threshold again. Unlimited accounts never alert.
     Every alert carries a resume token; a watcher that reconnects with it receives what it
     missed. Requires any key of the tenant.
     """
@@ -303,8 +317,9 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
         request: _credits_pb2.GetUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_credits_pb2.GetUsageResponse, _abc.Awaitable[_credits_pb2.GetUsageResponse]]:
-        """GetUsage returns total granted, used and remaining credit, overall and per feature.
-        Unlimited accounts report total and remaining as -1. Requires any key of the tenant.
+        """GetUsage returns total granted, used and remaining (spendable) credit, overall and per
+        feature. Unlimited accounts report total and remaining as -1. Requires any key of the
+        tenant.
         """
 
     @_abc_1.abstractmethod
@@ -345,7 +360,9 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_credits_pb2.ListTransactionsResponse, _abc.Awaitable[_credits_pb2.ListTransactionsResponse]]:
         """ListTransactions returns an account's history from the durable ledger, newest first,
         paged (AIP-158). A charge that spanned several lots is one transaction with its lot
-        breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+        breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
+        an account with nothing flushed yet has an empty history; one with no state anywhere
+        fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as GetBalance does.
         Requires any key of the tenant.
         """
 
@@ -356,7 +373,9 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_credits_pb2.GetUsageReportResponse, _abc.Awaitable[_credits_pb2.GetUsageReportResponse]]:
         """GetUsageReport returns credits and units consumed per period (UTC) and feature, for
-        one account or the whole tenant, from the ledger. Requires any key of the tenant.
+        one account or the whole tenant, from the ledger. For one account with no state
+        anywhere it fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as ListTransactions
+        does. Requires any key of the tenant.
         """
 
     @_abc_1.abstractmethod
@@ -445,8 +464,10 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
         request: _credits_pb2.WatchBalanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_credits_pb2.WatchBalanceResponse], _abc.AsyncIterator[_credits_pb2.WatchBalanceResponse]]:
-        """WatchBalance streams balance alerts of one account or of the whole tenant: a balance
-        falling to or below a threshold, reaching zero, or rising above a threshold again.
+        """WatchBalance streams balance alerts of one account or of the whole tenant: a spendable
+        balance (as GetBalance reports it: held credit does not count, so a call session
+        taking or letting go of a hold moves it too) falling to or below a threshold,
+        reaching zero, or rising above a threshold again. Unlimited accounts never alert.
         Every alert carries a resume token; a watcher that reconnects with it receives what it
         missed. Requires any key of the tenant.
         """

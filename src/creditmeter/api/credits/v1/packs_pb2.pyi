@@ -727,7 +727,7 @@ class UpdatePackRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: name, description, credits, bonus_credits, price, validity_days,
-        rollover_cap, priority, active. Recurrence and trial cannot change.
+        rollover_cap, priority, active (at most 16 paths). Recurrence and trial cannot change.
         """
 
     def __init__(
@@ -862,7 +862,9 @@ class PurchasePackResponse(_message.Message):
     PURCHASE_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """The account's balance after the grant."""
+    """The account's spendable balance after the grant, as Credits.GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def purchase(self) -> Global___Purchase:
         """The purchase (the first one, if the payment reference was redeemed before)."""
@@ -974,7 +976,9 @@ class CompletePurchaseResponse(_message.Message):
     PURCHASE_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """The account's balance after the grant."""
+    """The account's spendable balance after the grant, as Credits.GetBalance reports it
+    (-1 for unlimited accounts).
+    """
     @_builtins.property
     def purchase(self) -> Global___Purchase:
         """The completed purchase."""
@@ -1199,7 +1203,9 @@ class RefundPurchaseResponse(_message.Message):
     decides what to give back in money.
     """
     balance: _builtins.int
-    """The account's balance afterwards."""
+    """The account's spendable balance afterwards, as Credits.GetBalance reports it (-1 for
+    unlimited accounts).
+    """
     @_builtins.property
     def purchase(self) -> Global___Purchase:
         """The purchase, refunded."""
