@@ -4,6 +4,7 @@ and no id reaches another id's Redis keys."""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from creditmeter.storage.layout import (
     bucket_tag,
     component,
     legacy,
+    legacy_key,
     parse,
     uncomponent,
 )
@@ -394,14 +396,10 @@ async def test_adversarial_ids_against_the_server(
 
 # --- upgrading the keys of 0.1.0 ----------------------------------------------------------
 def legacy_name(key: str) -> str:
-    """What release 0.1.0 called a key of this layout: its ids joined with ':' as they are."""
+    """What release 0.1.0 called a key of this layout."""
     parsed = parse(key)
     assert parsed is not None
-    keys = parsed.keys
-    base = f"{bucket_tag(keys.bucket)}:{keys.tenant}:{keys.account}"
-    return f"{base}:{parsed.kind}:{parsed.id}" if parsed.kind in ("idem", "sess") else (
-        f"{base}:{parsed.kind}"
-    )
+    return legacy_key(parsed)
 
 
 async def test_keys_of_0_1_0_are_renamed_at_start(
@@ -505,3 +503,29 @@ async def test_client_request_ids_never_meet_session_steps(tenant: Tenant) -> No
         pb.ConsumeRequest(account_id=account, feature="text", request_id="call-9#1")
     )
     assert updated.charged_amount == 1 and again.balance == updated.balance - 1
+
+
+async def test_request_records_of_0_1_0_are_replayed(
+    tenant: Tenant, redis_client: redis.Redis
+) -> None:
+    """A request record written by 0.1.0 (status "OK", one balance where this release has
+    three figures) still answers its retry after the upgrade, with the balance it gave."""
+    account = f"v1-{uuid.uuid4().hex[:6]}"
+    grant = pb.GrantRequest(account_id=account, amount=50, request_id="g-1")
+    consume = pb.ConsumeRequest(account_id=account, feature="text", request_id="c-1")
+    granted = await tenant.admin.Grant(grant)
+    consumed = await tenant.meter.Consume(consume)
+    keys = AccountKeys(tenant.name, account)
+    for request_id, balance_at, old_balance in (("g-1", 8, 12_345), ("c-1", 5, 54_321)):
+        key = keys.idempotency_key(request_id)
+        fingerprint, _, body = redis_client.get(key).partition("\n")
+        reply = json.loads(body)
+        assert reply[0] == "OK2"
+        # 0.1.0's shape: "OK", and one balance in place of credit, reserved, unlimited.
+        old = ["OK", *reply[1:balance_at], str(old_balance), *reply[balance_at + 3 :]]
+        redis_client.set(key, f"{fingerprint}\n{json.dumps(old)}", ex=600)
+    replayed_grant = await tenant.admin.Grant(grant)
+    replayed_consume = await tenant.meter.Consume(consume)
+    assert replayed_grant.balance == 12_345 and replayed_grant.lot == granted.lot
+    assert replayed_consume.balance == 54_321
+    assert replayed_consume.charges == consumed.charges

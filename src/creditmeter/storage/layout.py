@@ -212,6 +212,15 @@ def key_of(parsed: ParsedKey) -> str:
     return parsed.keys.key(parsed.kind)
 
 
+def legacy_key(parsed: ParsedKey) -> str:
+    """What release 0.1.0 named the key `parsed` stands for (ids joined unencoded)."""
+    keys = parsed.keys
+    base = f"{bucket_tag(keys.bucket)}:{keys.tenant}:{keys.account}"
+    if parsed.kind in (IDEMPOTENCY_KIND, SESSION_KIND):
+        return f"{base}:{parsed.kind}:{parsed.id}"
+    return f"{base}:{parsed.kind}"
+
+
 def legacy(key: str) -> list[ParsedKey]:
     """Every reading of `key` as release 0.1.0 wrote it (ids joined with ':' unencoded)
     that lands in the bucket the key is in. More than one means 0.1.0 itself confused the

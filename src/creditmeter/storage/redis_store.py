@@ -37,10 +37,13 @@ from creditmeter.storage.layout import (
     KIND_TYPES,
     LAYOUT_KEY,
     LAYOUT_VERSION,
+    SESSION_KIND,
     AccountKeys,
+    ParsedKey,
     due_key,
     key_of,
     legacy,
+    legacy_key,
     parse,
     session_request_id,
     sessions_key,
@@ -214,11 +217,26 @@ def _consume_record(values: Sequence[str]) -> ConsumeRecord:
     )
 
 
-def _checked(reply: list[str]) -> list[str]:
+#: Replies that report a balance carry holdings (three figures) since 0.2 and say "OK2";
+#: a request record of 0.1.0 replayed after an upgrade says "OK" and has one balance (the
+#: balance it answered) at this place of its values.
+_V1_BALANCE_AT = {"consume": 4, "grant": 7, "renew": 7, "set_balance": 0, "refund": 0,
+                  "session": 2}  # fmt: skip
+
+
+def _checked(reply: list[str], script: str) -> list[str]:
+    """A script's reply values; raises Rejected for a refusal."""
     if reply[0] == "ERR":
         pairs = reply[2:]
         raise Rejected(reply[1], dict(zip(pairs[::2], pairs[1::2], strict=True)))
-    return reply[1:]
+    values = reply[1:]
+    at = _V1_BALANCE_AT.get(script)
+    if reply[0] == "OK" and at is not None and len(values) > at:
+        # The answer it gave then, as holdings: that balance, nothing held.
+        balance = int(values[at])
+        holdings = [str(max(balance, 0)), "0", "1" if balance == -1 else "0"]
+        values = [*values[:at], *holdings, *values[at + 1 :]]
+    return values
 
 
 def _session_step(session_id: str, request_id: str) -> str:
@@ -287,7 +305,7 @@ class RedisStore:
         finally:
             # Failures too: a timeout is the latency worth seeing.
             metrics.REDIS_DURATION.labels(name).observe(time.perf_counter() - start)
-        return _checked(reply)
+        return _checked(reply, name)
 
     async def _run_many(self, name: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run script `name` once per (keys, args), in order, in one pipeline; each reply
@@ -363,7 +381,7 @@ class RedisStore:
                 outcomes.append(reply)
                 continue
             try:
-                outcomes.append(_consume_record(_checked(reply)))
+                outcomes.append(_consume_record(_checked(reply, "consume")))
             except Rejected as rejected:
                 outcomes.append(rejected)
         return outcomes
@@ -513,16 +531,15 @@ class RedisStore:
                 return 0
             renamed = 0
             async for key in self.client.scan_iter(match=ALL_BUCKETS_PATTERN, count=1000):
-                if await self._current(key):
-                    continue
+                if key.count(":") < 4 or await self._current(key):
+                    continue  # a bucket's own key, or one of this layout
                 kind = str(await self.client.type(key))
                 readings = [r for r in legacy(key) if KIND_TYPES[r.kind] == kind]
                 steps = [r for r in readings if r.session_step]
                 if steps:
                     # A request id `<x>#<y>`: a session step's record if session <x> is
                     # there (its record lives as long), else a client's request.
-                    session = steps[0].id.rpartition("#")[0]
-                    is_step = bool(await self.client.exists(steps[0].keys.session_key(session)))
+                    is_step = await self._has_session(steps[0])
                     readings = [
                         r for r in readings
                         if r.session_step == is_step or r.keys != steps[0].keys
@@ -548,10 +565,13 @@ class RedisStore:
         parsed = parse(key)
         if parsed is None or key_of(parsed) != key:
             return False
-        if not parsed.session_step:
-            return True
-        session = parsed.id.rpartition("#")[0]
-        return bool(await self.client.exists(parsed.keys.session_key(session)))
+        return not parsed.session_step or await self._has_session(parsed)
+
+    async def _has_session(self, step: ParsedKey) -> bool:
+        """Whether the session of a step's record is there, under its name in this layout
+        or in 0.1.0's (the upgrade may not have renamed it yet)."""
+        session = ParsedKey(step.keys, SESSION_KIND, step.id.rpartition("#")[0])
+        return bool(await self.client.exists(key_of(session), legacy_key(session)))
 
     async def account_seqs(self) -> dict[tuple[str, str], int]:
         """Every account in Redis and its event sequence number (SCAN, for audits)."""

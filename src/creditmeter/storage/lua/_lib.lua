@@ -78,6 +78,9 @@ end
 -- Append the account's raw figures to a reply: credit in lots (reservations included),
 -- credit held by open sessions, unlimited ('1' or '0').
 local function add_holdings(reply)
+  -- 'OK2': replies of this format. Records of 0.1.0 (status 'OK', one balance where these
+  -- three figures are) are replayed for a day after an upgrade; storage reads both.
+  reply[1] = 'OK2'
   reply[#reply + 1] = fmt(acct_int('balance'))
   reply[#reply + 1] = fmt(acct_int('reserved'))
   reply[#reply + 1] = acct_unlimited() and '1' or '0'
