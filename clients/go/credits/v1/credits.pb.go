@@ -173,7 +173,9 @@ const (
 	// The request_id was used before with different parameters; nothing was changed.
 	// ErrorInfo metadata: {"request_id": "r-1"}. Status: INVALID_ARGUMENT.
 	ErrorReason_ERROR_REASON_IDEMPOTENCY_KEY_REUSED ErrorReason = 2
-	// One or more fields are invalid; a google.rpc.BadRequest lists them.
+	// One or more fields are invalid; a google.rpc.BadRequest lists them (at most 20, then
+	// one violation with an empty field, "and N more"; metadata "violations" then holds the
+	// count), or the request's bytes are not a valid message (no BadRequest).
 	// ErrorInfo metadata: {"fields": "amount,account_id"}. Status: INVALID_ARGUMENT.
 	ErrorReason_ERROR_REASON_INVALID_REQUEST ErrorReason = 3
 	// The change would take a balance or total past 2^53-1 credits.
@@ -993,7 +995,8 @@ type GrantResponse struct {
 
 	// The lot created.
 	Lot *Lot `protobuf:"bytes,1,opt,name=lot,proto3" json:"lot,omitempty"`
-	// The account's spendable balance after the grant.
+	// The account's spendable balance after the grant, as GetBalance reports it
+	// (-1 for unlimited accounts).
 	Balance int64 `protobuf:"varint,2,opt,name=balance,proto3" json:"balance,omitempty"`
 }
 
@@ -1146,7 +1149,8 @@ type ConsumeResponse struct {
 	Feature string `protobuf:"bytes,4,opt,name=feature,proto3" json:"feature,omitempty"`
 	// How much each lot gave, in burn-down order. Empty for unlimited accounts.
 	Charges []*LotCharge `protobuf:"bytes,5,rep,name=charges,proto3" json:"charges,omitempty"`
-	// The spendable balance after the charge (-1 for unlimited accounts).
+	// The account's spendable balance after the charge, as GetBalance reports it
+	// (-1 for unlimited accounts).
 	Balance int64 `protobuf:"varint,6,opt,name=balance,proto3" json:"balance,omitempty"`
 	// When the charge was made.
 	ConsumeTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=consume_time,json=consumeTime,proto3" json:"consume_time,omitempty"`
@@ -1288,8 +1292,9 @@ type GetBalanceResponse struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Spendable credits: the remaining credit of lots that have not expired
-	// (-1 for unlimited accounts).
+	// Spendable credits: the remaining credit of lots that have not expired, less
+	// `reserved` (never below 0), or -1 for unlimited accounts. Every balance this API
+	// reports (the answers of changes, GetUsage's remaining, balance alerts) is this figure.
 	Balance int64 `protobuf:"varint,1,opt,name=balance,proto3" json:"balance,omitempty"`
 	// The live lots in burn-down order (the order the next charge will use).
 	Lots []*Lot `protobuf:"bytes,2,rep,name=lots,proto3" json:"lots,omitempty"`
@@ -1452,7 +1457,8 @@ type SetBalanceResponse struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The spendable balance afterwards.
+	// The account's spendable balance afterwards, as GetBalance reports it
+	// (-1 for unlimited accounts).
 	Balance int64 `protobuf:"varint,1,opt,name=balance,proto3" json:"balance,omitempty"`
 	// Credits removed by the reset (0 without reset).
 	Removed int64 `protobuf:"varint,2,opt,name=removed,proto3" json:"removed,omitempty"`
@@ -1639,7 +1645,7 @@ type GetUsageResponse struct {
 	Total int64 `protobuf:"varint,1,opt,name=total,proto3" json:"total,omitempty"`
 	// Credits consumed.
 	Used int64 `protobuf:"varint,2,opt,name=used,proto3" json:"used,omitempty"`
-	// Spendable credits now (-1 for unlimited accounts).
+	// Spendable credits now, the balance GetBalance reports (-1 for unlimited accounts).
 	Remaining int64 `protobuf:"varint,3,opt,name=remaining,proto3" json:"remaining,omitempty"`
 	// Credits that expired unspent.
 	Expired int64 `protobuf:"varint,4,opt,name=expired,proto3" json:"expired,omitempty"`
@@ -2218,7 +2224,9 @@ type Transaction struct {
 	Units int64 `protobuf:"varint,7,opt,name=units,proto3" json:"units,omitempty"`
 	// Credits moved: added for grants, taken for the other kinds (always >= 0).
 	Amount int64 `protobuf:"varint,8,opt,name=amount,proto3" json:"amount,omitempty"`
-	// The account's balance after the transaction (-1 for unlimited accounts).
+	// The account's credit in lots after the transaction (-1 for unlimited accounts). Unlike
+	// every other balance of this API it includes credit held by open call sessions: holds
+	// are hot state, not recorded in the ledger.
 	Balance int64 `protobuf:"varint,9,opt,name=balance,proto3" json:"balance,omitempty"`
 	// The lots it touched and how much of each, in burn-down order.
 	Lots []*LotCharge `protobuf:"bytes,10,rep,name=lots,proto3" json:"lots,omitempty"`
@@ -2332,9 +2340,9 @@ type TransactionFilter struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Only these kinds.
+	// Only these kinds; at most 16.
 	Kinds []TransactionKind `protobuf:"varint,1,rep,packed,name=kinds,proto3,enum=credits.v1.TransactionKind" json:"kinds,omitempty"`
-	// Only charges for these features (text, voice, video, or the tenant's own).
+	// Only charges for these features (text, voice, video, or the tenant's own); at most 64.
 	Features []string `protobuf:"bytes,2,rep,name=features,proto3" json:"features,omitempty"`
 	// Only transactions at or after this time.
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
@@ -2976,7 +2984,8 @@ type VoidGrantResponse struct {
 	Voided int64 `protobuf:"varint,1,opt,name=voided,proto3" json:"voided,omitempty"`
 	// Credits of the lot already spent (or expired) before the void.
 	Spent int64 `protobuf:"varint,2,opt,name=spent,proto3" json:"spent,omitempty"`
-	// The account's balance afterwards.
+	// The account's spendable balance afterwards, as GetBalance reports it
+	// (-1 for unlimited accounts).
 	Balance int64 `protobuf:"varint,3,opt,name=balance,proto3" json:"balance,omitempty"`
 }
 
@@ -3717,7 +3726,8 @@ type StartSessionResponse struct {
 	ValidUntil *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=valid_until,json=validUntil,proto3" json:"valid_until,omitempty"`
 	// No further quota will follow: end the call when the granted seconds run out.
 	FinalUnit bool `protobuf:"varint,4,opt,name=final_unit,json=finalUnit,proto3" json:"final_unit,omitempty"`
-	// The account's spendable balance afterwards (reservations excluded).
+	// The account's spendable balance afterwards (this session's reservation excluded),
+	// as GetBalance reports it (-1 for unlimited accounts).
 	Balance int64 `protobuf:"varint,5,opt,name=balance,proto3" json:"balance,omitempty"`
 }
 
@@ -3890,7 +3900,8 @@ type UpdateSessionResponse struct {
 	ValidUntil *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=valid_until,json=validUntil,proto3" json:"valid_until,omitempty"`
 	// No further quota will follow: end the call when the granted seconds run out.
 	FinalUnit bool `protobuf:"varint,5,opt,name=final_unit,json=finalUnit,proto3" json:"final_unit,omitempty"`
-	// The account's spendable balance afterwards (reservations excluded).
+	// The account's spendable balance afterwards (this session's new reservation
+	// excluded), as GetBalance reports it (-1 for unlimited accounts).
 	Balance int64 `protobuf:"varint,6,opt,name=balance,proto3" json:"balance,omitempty"`
 }
 
@@ -4056,7 +4067,8 @@ type EndSessionResponse struct {
 	ChargedAmount int64 `protobuf:"varint,2,opt,name=charged_amount,json=chargedAmount,proto3" json:"charged_amount,omitempty"`
 	// Credits of the reservation given back to the balance.
 	ReleasedAmount int64 `protobuf:"varint,3,opt,name=released_amount,json=releasedAmount,proto3" json:"released_amount,omitempty"`
-	// The account's spendable balance afterwards.
+	// The account's spendable balance afterwards, as GetBalance reports it
+	// (-1 for unlimited accounts).
 	Balance int64 `protobuf:"varint,4,opt,name=balance,proto3" json:"balance,omitempty"`
 }
 
@@ -4307,9 +4319,9 @@ type WatchBalanceResponse struct {
 	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
 	// The threshold crossed (0 for DEPLETED, and for TOPPED_UP from zero).
 	Threshold int64 `protobuf:"varint,3,opt,name=threshold,proto3" json:"threshold,omitempty"`
-	// The balance before the change.
+	// The spendable balance before the change, as GetBalance would have reported it.
 	PreviousBalance int64 `protobuf:"varint,4,opt,name=previous_balance,json=previousBalance,proto3" json:"previous_balance,omitempty"`
-	// The balance after the change.
+	// The spendable balance after the change, as the RPC that made it answered.
 	Balance int64 `protobuf:"varint,5,opt,name=balance,proto3" json:"balance,omitempty"`
 	// The transaction that changed it.
 	TransactionId string `protobuf:"bytes,6,opt,name=transaction_id,json=transactionId,proto3" json:"transaction_id,omitempty"`

@@ -37,8 +37,9 @@ type CreditsClient interface {
 	// SetBalance adds credits, or with `reset` first removes all existing credit and then
 	// sets the balance to `amount`. Requires an admin key.
 	SetBalance(ctx context.Context, in *SetBalanceRequest, opts ...grpc.CallOption) (*SetBalanceResponse, error)
-	// GetUsage returns total granted, used and remaining credit, overall and per feature.
-	// Unlimited accounts report total and remaining as -1. Requires any key of the tenant.
+	// GetUsage returns total granted, used and remaining (spendable) credit, overall and per
+	// feature. Unlimited accounts report total and remaining as -1. Requires any key of the
+	// tenant.
 	GetUsage(ctx context.Context, in *GetUsageRequest, opts ...grpc.CallOption) (*GetUsageResponse, error)
 	// SetRate creates or replaces the price of one feature on the tenant's rate card.
 	// Requires an admin key.
@@ -51,11 +52,15 @@ type CreditsClient interface {
 	SetAccountOptions(ctx context.Context, in *SetAccountOptionsRequest, opts ...grpc.CallOption) (*SetAccountOptionsResponse, error)
 	// ListTransactions returns an account's history from the durable ledger, newest first,
 	// paged (AIP-158). A charge that spanned several lots is one transaction with its lot
-	// breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+	// breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
+	// an account with nothing flushed yet has an empty history; one with no state anywhere
+	// fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as GetBalance does.
 	// Requires any key of the tenant.
 	ListTransactions(ctx context.Context, in *ListTransactionsRequest, opts ...grpc.CallOption) (*ListTransactionsResponse, error)
 	// GetUsageReport returns credits and units consumed per period (UTC) and feature, for
-	// one account or the whole tenant, from the ledger. Requires any key of the tenant.
+	// one account or the whole tenant, from the ledger. For one account with no state
+	// anywhere it fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as ListTransactions
+	// does. Requires any key of the tenant.
 	GetUsageReport(ctx context.Context, in *GetUsageReportRequest, opts ...grpc.CallOption) (*GetUsageReportResponse, error)
 	// VoidGrant removes whatever is still unspent of a lot granted by mistake, and reports
 	// what was already spent. Voiding twice changes nothing. Requires an admin key.
@@ -88,8 +93,10 @@ type CreditsClient interface {
 	// GetSession returns a session's state: what it has used, charged and holds.
 	// Requires any key of the tenant.
 	GetSession(ctx context.Context, in *GetSessionRequest, opts ...grpc.CallOption) (*GetSessionResponse, error)
-	// WatchBalance streams balance alerts of one account or of the whole tenant: a balance
-	// falling to or below a threshold, reaching zero, or rising above a threshold again.
+	// WatchBalance streams balance alerts of one account or of the whole tenant: a spendable
+	// balance (as GetBalance reports it: held credit does not count, so a call session
+	// taking or letting go of a hold moves it too) falling to or below a threshold,
+	// reaching zero, or rising above a threshold again. Unlimited accounts never alert.
 	// Every alert carries a resume token; a watcher that reconnects with it receives what it
 	// missed. Requires any key of the tenant.
 	WatchBalance(ctx context.Context, in *WatchBalanceRequest, opts ...grpc.CallOption) (Credits_WatchBalanceClient, error)
@@ -343,8 +350,9 @@ type CreditsServer interface {
 	// SetBalance adds credits, or with `reset` first removes all existing credit and then
 	// sets the balance to `amount`. Requires an admin key.
 	SetBalance(context.Context, *SetBalanceRequest) (*SetBalanceResponse, error)
-	// GetUsage returns total granted, used and remaining credit, overall and per feature.
-	// Unlimited accounts report total and remaining as -1. Requires any key of the tenant.
+	// GetUsage returns total granted, used and remaining (spendable) credit, overall and per
+	// feature. Unlimited accounts report total and remaining as -1. Requires any key of the
+	// tenant.
 	GetUsage(context.Context, *GetUsageRequest) (*GetUsageResponse, error)
 	// SetRate creates or replaces the price of one feature on the tenant's rate card.
 	// Requires an admin key.
@@ -357,11 +365,15 @@ type CreditsServer interface {
 	SetAccountOptions(context.Context, *SetAccountOptionsRequest) (*SetAccountOptionsResponse, error)
 	// ListTransactions returns an account's history from the durable ledger, newest first,
 	// paged (AIP-158). A charge that spanned several lots is one transaction with its lot
-	// breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+	// breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
+	// an account with nothing flushed yet has an empty history; one with no state anywhere
+	// fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as GetBalance does.
 	// Requires any key of the tenant.
 	ListTransactions(context.Context, *ListTransactionsRequest) (*ListTransactionsResponse, error)
 	// GetUsageReport returns credits and units consumed per period (UTC) and feature, for
-	// one account or the whole tenant, from the ledger. Requires any key of the tenant.
+	// one account or the whole tenant, from the ledger. For one account with no state
+	// anywhere it fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as ListTransactions
+	// does. Requires any key of the tenant.
 	GetUsageReport(context.Context, *GetUsageReportRequest) (*GetUsageReportResponse, error)
 	// VoidGrant removes whatever is still unspent of a lot granted by mistake, and reports
 	// what was already spent. Voiding twice changes nothing. Requires an admin key.
@@ -394,8 +406,10 @@ type CreditsServer interface {
 	// GetSession returns a session's state: what it has used, charged and holds.
 	// Requires any key of the tenant.
 	GetSession(context.Context, *GetSessionRequest) (*GetSessionResponse, error)
-	// WatchBalance streams balance alerts of one account or of the whole tenant: a balance
-	// falling to or below a threshold, reaching zero, or rising above a threshold again.
+	// WatchBalance streams balance alerts of one account or of the whole tenant: a spendable
+	// balance (as GetBalance reports it: held credit does not count, so a call session
+	// taking or letting go of a hold moves it too) falling to or below a threshold,
+	// reaching zero, or rising above a threshold again. Unlimited accounts never alert.
 	// Every alert carries a resume token; a watcher that reconnects with it receives what it
 	// missed. Requires any key of the tenant.
 	WatchBalance(*WatchBalanceRequest, Credits_WatchBalanceServer) error

@@ -1435,7 +1435,7 @@ type UpdatePackRequest struct {
 	// The pack with its pack_id and the new values of the fields in update_mask.
 	Pack *Pack `protobuf:"bytes,1,opt,name=pack,proto3" json:"pack,omitempty"`
 	// Fields to change: name, description, credits, bonus_credits, price, validity_days,
-	// rollover_cap, priority, active. Recurrence and trial cannot change.
+	// rollover_cap, priority, active (at most 16 paths). Recurrence and trial cannot change.
 	UpdateMask *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	// Idempotency key (AIP-155).
 	RequestId string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
@@ -1734,7 +1734,8 @@ type PurchasePackResponse struct {
 
 	// The purchase (the first one, if the payment reference was redeemed before).
 	Purchase *Purchase `protobuf:"bytes,1,opt,name=purchase,proto3" json:"purchase,omitempty"`
-	// The account's balance after the grant.
+	// The account's spendable balance after the grant, as Credits.GetBalance reports it
+	// (-1 for unlimited accounts).
 	Balance int64 `protobuf:"varint,2,opt,name=balance,proto3" json:"balance,omitempty"`
 }
 
@@ -1975,7 +1976,8 @@ type CompletePurchaseResponse struct {
 
 	// The completed purchase.
 	Purchase *Purchase `protobuf:"bytes,1,opt,name=purchase,proto3" json:"purchase,omitempty"`
-	// The account's balance after the grant.
+	// The account's spendable balance after the grant, as Credits.GetBalance reports it
+	// (-1 for unlimited accounts).
 	Balance int64 `protobuf:"varint,2,opt,name=balance,proto3" json:"balance,omitempty"`
 }
 
@@ -2446,7 +2448,8 @@ type RefundPurchaseResponse struct {
 	SpentCredits int64 `protobuf:"varint,3,opt,name=spent_credits,json=spentCredits,proto3" json:"spent_credits,omitempty"`
 	// How much each lot gave up.
 	Lots []*LotCharge `protobuf:"bytes,4,rep,name=lots,proto3" json:"lots,omitempty"`
-	// The account's balance afterwards.
+	// The account's spendable balance afterwards, as Credits.GetBalance reports it (-1 for
+	// unlimited accounts).
 	Balance int64 `protobuf:"varint,5,opt,name=balance,proto3" json:"balance,omitempty"`
 }
 

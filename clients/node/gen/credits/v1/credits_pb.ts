@@ -216,7 +216,8 @@ export type GrantResponse = Message<"credits.v1.GrantResponse"> & {
   lot?: Lot;
 
   /**
-   * The account's spendable balance after the grant.
+   * The account's spendable balance after the grant, as GetBalance reports it
+   * (-1 for unlimited accounts).
    *
    * @generated from field: int64 balance = 2;
    */
@@ -323,7 +324,8 @@ export type ConsumeResponse = Message<"credits.v1.ConsumeResponse"> & {
   charges: LotCharge[];
 
   /**
-   * The spendable balance after the charge (-1 for unlimited accounts).
+   * The account's spendable balance after the charge, as GetBalance reports it
+   * (-1 for unlimited accounts).
    *
    * @generated from field: int64 balance = 6;
    */
@@ -372,8 +374,9 @@ export const GetBalanceRequestSchema: GenMessage<GetBalanceRequest> = /*@__PURE_
  */
 export type GetBalanceResponse = Message<"credits.v1.GetBalanceResponse"> & {
   /**
-   * Spendable credits: the remaining credit of lots that have not expired
-   * (-1 for unlimited accounts).
+   * Spendable credits: the remaining credit of lots that have not expired, less
+   * `reserved` (never below 0), or -1 for unlimited accounts. Every balance this API
+   * reports (the answers of changes, GetUsage's remaining, balance alerts) is this figure.
    *
    * @generated from field: int64 balance = 1;
    */
@@ -466,7 +469,8 @@ export const SetBalanceRequestSchema: GenMessage<SetBalanceRequest> = /*@__PURE_
  */
 export type SetBalanceResponse = Message<"credits.v1.SetBalanceResponse"> & {
   /**
-   * The spendable balance afterwards.
+   * The account's spendable balance afterwards, as GetBalance reports it
+   * (-1 for unlimited accounts).
    *
    * @generated from field: int64 balance = 1;
    */
@@ -571,7 +575,7 @@ export type GetUsageResponse = Message<"credits.v1.GetUsageResponse"> & {
   used: bigint;
 
   /**
-   * Spendable credits now (-1 for unlimited accounts).
+   * Spendable credits now, the balance GetBalance reports (-1 for unlimited accounts).
    *
    * @generated from field: int64 remaining = 3;
    */
@@ -902,7 +906,9 @@ export type Transaction = Message<"credits.v1.Transaction"> & {
   amount: bigint;
 
   /**
-   * The account's balance after the transaction (-1 for unlimited accounts).
+   * The account's credit in lots after the transaction (-1 for unlimited accounts). Unlike
+   * every other balance of this API it includes credit held by open call sessions: holds
+   * are hot state, not recorded in the ledger.
    *
    * @generated from field: int64 balance = 9;
    */
@@ -930,14 +936,14 @@ export const TransactionSchema: GenMessage<Transaction> = /*@__PURE__*/
  */
 export type TransactionFilter = Message<"credits.v1.TransactionFilter"> & {
   /**
-   * Only these kinds.
+   * Only these kinds; at most 16.
    *
    * @generated from field: repeated credits.v1.TransactionKind kinds = 1;
    */
   kinds: TransactionKind[];
 
   /**
-   * Only charges for these features (text, voice, video, or the tenant's own).
+   * Only charges for these features (text, voice, video, or the tenant's own); at most 64.
    *
    * @generated from field: repeated string features = 2;
    */
@@ -1290,7 +1296,8 @@ export type VoidGrantResponse = Message<"credits.v1.VoidGrantResponse"> & {
   spent: bigint;
 
   /**
-   * The account's balance afterwards.
+   * The account's spendable balance afterwards, as GetBalance reports it
+   * (-1 for unlimited accounts).
    *
    * @generated from field: int64 balance = 3;
    */
@@ -1712,7 +1719,8 @@ export type StartSessionResponse = Message<"credits.v1.StartSessionResponse"> & 
   finalUnit: boolean;
 
   /**
-   * The account's spendable balance afterwards (reservations excluded).
+   * The account's spendable balance afterwards (this session's reservation excluded),
+   * as GetBalance reports it (-1 for unlimited accounts).
    *
    * @generated from field: int64 balance = 5;
    */
@@ -1818,7 +1826,8 @@ export type UpdateSessionResponse = Message<"credits.v1.UpdateSessionResponse"> 
   finalUnit: boolean;
 
   /**
-   * The account's spendable balance afterwards (reservations excluded).
+   * The account's spendable balance afterwards (this session's new reservation
+   * excluded), as GetBalance reports it (-1 for unlimited accounts).
    *
    * @generated from field: int64 balance = 6;
    */
@@ -1902,7 +1911,8 @@ export type EndSessionResponse = Message<"credits.v1.EndSessionResponse"> & {
   releasedAmount: bigint;
 
   /**
-   * The account's spendable balance afterwards.
+   * The account's spendable balance afterwards, as GetBalance reports it
+   * (-1 for unlimited accounts).
    *
    * @generated from field: int64 balance = 4;
    */
@@ -2029,14 +2039,14 @@ export type WatchBalanceResponse = Message<"credits.v1.WatchBalanceResponse"> & 
   threshold: bigint;
 
   /**
-   * The balance before the change.
+   * The spendable balance before the change, as GetBalance would have reported it.
    *
    * @generated from field: int64 previous_balance = 4;
    */
   previousBalance: bigint;
 
   /**
-   * The balance after the change.
+   * The spendable balance after the change, as the RPC that made it answered.
    *
    * @generated from field: int64 balance = 5;
    */
@@ -2207,7 +2217,9 @@ export enum ErrorReason {
   IDEMPOTENCY_KEY_REUSED = 2,
 
   /**
-   * One or more fields are invalid; a google.rpc.BadRequest lists them.
+   * One or more fields are invalid; a google.rpc.BadRequest lists them (at most 20, then
+   * one violation with an empty field, "and N more"; metadata "violations" then holds the
+   * count), or the request's bytes are not a valid message (no BadRequest).
    * ErrorInfo metadata: {"fields": "amount,account_id"}. Status: INVALID_ARGUMENT.
    *
    * @generated from enum value: ERROR_REASON_INVALID_REQUEST = 3;
@@ -2708,8 +2720,9 @@ export const Credits: GenService<{
     output: typeof SetBalanceResponseSchema;
   },
   /**
-   * GetUsage returns total granted, used and remaining credit, overall and per feature.
-   * Unlimited accounts report total and remaining as -1. Requires any key of the tenant.
+   * GetUsage returns total granted, used and remaining (spendable) credit, overall and per
+   * feature. Unlimited accounts report total and remaining as -1. Requires any key of the
+   * tenant.
    *
    * @generated from rpc credits.v1.Credits.GetUsage
    */
@@ -2754,7 +2767,9 @@ export const Credits: GenService<{
   /**
    * ListTransactions returns an account's history from the durable ledger, newest first,
    * paged (AIP-158). A charge that spanned several lots is one transaction with its lot
-   * breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus).
+   * breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
+   * an account with nothing flushed yet has an empty history; one with no state anywhere
+   * fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as GetBalance does.
    * Requires any key of the tenant.
    *
    * @generated from rpc credits.v1.Credits.ListTransactions
@@ -2766,7 +2781,9 @@ export const Credits: GenService<{
   },
   /**
    * GetUsageReport returns credits and units consumed per period (UTC) and feature, for
-   * one account or the whole tenant, from the ledger. Requires any key of the tenant.
+   * one account or the whole tenant, from the ledger. For one account with no state
+   * anywhere it fails with NOT_FOUND and reason ACCOUNT_NOT_FOUND, as ListTransactions
+   * does. Requires any key of the tenant.
    *
    * @generated from rpc credits.v1.Credits.GetUsageReport
    */
@@ -2863,8 +2880,10 @@ export const Credits: GenService<{
     output: typeof GetSessionResponseSchema;
   },
   /**
-   * WatchBalance streams balance alerts of one account or of the whole tenant: a balance
-   * falling to or below a threshold, reaching zero, or rising above a threshold again.
+   * WatchBalance streams balance alerts of one account or of the whole tenant: a spendable
+   * balance (as GetBalance reports it: held credit does not count, so a call session
+   * taking or letting go of a hold moves it too) falling to or below a threshold,
+   * reaching zero, or rising above a threshold again. Unlimited accounts never alert.
    * Every alert carries a resume token; a watcher that reconnects with it receives what it
    * missed. Requires any key of the tenant.
    *

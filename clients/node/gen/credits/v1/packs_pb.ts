@@ -712,7 +712,7 @@ export type UpdatePackRequest = Message<"credits.v1.UpdatePackRequest"> & {
 
   /**
    * Fields to change: name, description, credits, bonus_credits, price, validity_days,
-   * rollover_cap, priority, active. Recurrence and trial cannot change.
+   * rollover_cap, priority, active (at most 16 paths). Recurrence and trial cannot change.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
@@ -859,7 +859,8 @@ export type PurchasePackResponse = Message<"credits.v1.PurchasePackResponse"> & 
   purchase?: Purchase;
 
   /**
-   * The account's balance after the grant.
+   * The account's spendable balance after the grant, as Credits.GetBalance reports it
+   * (-1 for unlimited accounts).
    *
    * @generated from field: int64 balance = 2;
    */
@@ -978,7 +979,8 @@ export type CompletePurchaseResponse = Message<"credits.v1.CompletePurchaseRespo
   purchase?: Purchase;
 
   /**
-   * The account's balance after the grant.
+   * The account's spendable balance after the grant, as Credits.GetBalance reports it
+   * (-1 for unlimited accounts).
    *
    * @generated from field: int64 balance = 2;
    */
@@ -1224,7 +1226,8 @@ export type RefundPurchaseResponse = Message<"credits.v1.RefundPurchaseResponse"
   lots: LotCharge[];
 
   /**
-   * The account's balance afterwards.
+   * The account's spendable balance afterwards, as Credits.GetBalance reports it (-1 for
+   * unlimited accounts).
    *
    * @generated from field: int64 balance = 5;
    */
