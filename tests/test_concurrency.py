@@ -24,7 +24,7 @@ async def test_overdraft_race(app: App, tenant: Tenant, redis_client: redis.Redi
     await tenant.admin.Grant(
         pb.GrantRequest(account_id="race", amount=START_BALANCE, request_id=rid())
     )
-    acct_key = AccountKeys(tenant.name, "race").script_keys()[4]
+    acct_key = AccountKeys(tenant.name, "race").account_key
     lowest = START_BALANCE
     done = asyncio.Event()
 

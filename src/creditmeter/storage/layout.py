@@ -1,10 +1,7 @@
 """The Redis key layout: the one place that turns ids into key names and back.
 
-    cm:{bNN}:<tenant>:<account>:lots            HASH   lot id -> lot metadata (JSON)
-    cm:{bNN}:<tenant>:<account>:rem             HASH   lot id -> remaining credits
-    cm:{bNN}:<tenant>:<account>:order           ZSET   burn keys, lexicographic burn-down order
-    cm:{bNN}:<tenant>:<account>:exp             ZSET   lot id by expiry (ms)
-    cm:{bNN}:<tenant>:<account>:acct            HASH   balance, totals, per-feature usage, options
+    cm:{bNN}:<tenant>:<account>:a               HASH   the whole account: balance, totals,
+                                                       usage, options, lots, next expiry
     cm:{bNN}:<tenant>:<account>:idem:<req id>   STRING idempotency record (TTL)
     cm:{bNN}:<tenant>:<account>:sess:<id>       HASH   a call session (TTL once closed)
     cm:{bNN}:outbox                             STREAM the bucket's event outbox
@@ -13,16 +10,18 @@
     cm:{bNN}:flushed                            STRING outbox entries acknowledged, ever
     cm:{bNN}:trimmed                            STRING the outbox's greatest trimmed entry id
 
-Every id in a key name is one *component*: `%` and `:` in it are percent-encoded (`%25`,
-`%3A`), so a key splits on `:` into exactly the components it was made of, and two
-different (tenant, account, request id, session id) tuples never share a key: the mapping
-is injective by construction (`parse` inverts it; tests/test_keys.py checks the round trip
-over adversarial ids). Ids without `%` or `:` -- nearly all of them -- are written as they
-are, so their keys are those of release 0.1.0. Tenants are `[a-z0-9_-]` and never need it.
+Every id in a key name is one *component*: `%`, `:` and `#` in it are percent-encoded
+(`%25`, `%3A`, `%23`; a raw `#` marks a call-session step's record), so a key splits on
+`:` into exactly the components it was made of, and two different (tenant, account,
+request id, session id) tuples never share a key: the mapping is injective by
+construction (`parse` inverts it; tests/test_hardening.py checks the round trip over
+adversarial ids). Ids without `%`, `:` or `#` -- nearly all of them -- are written as
+they are. Tenants are `[a-z0-9_-]` and never need it.
 
-Upgrading from 0.1.0: its keys joined ids with ':' as they were. `legacy` reads such a key
-(every split that makes sense and lands in the key's own bucket), and the store renames the
-few keys whose name changed (ids with ':' or '%') once, at start (`RedisStore.upgrade_layout`).
+Upgrading from 0.1.0: its keys joined ids unencoded, and kept an account in five keys.
+`legacy` reads such a key name (every split that makes sense and lands in the key's own
+bucket); the store renames the few keys whose name changed, then converts each account
+into its one hash, once, at start (`RedisStore.upgrade_layout`).
 
 Hash tags: the first `{...}` of a key decides its slot, and every key starts with its bucket's
 `cm:{bNN}`, so braces inside later components cannot move a key to another slot.
@@ -39,9 +38,19 @@ from dataclasses import dataclass
 
 from creditmeter.constants import BUCKETS, KEY_PREFIX
 
-#: The per-account keys every account script takes, in KEYS order (then the idempotency
-#: record, the outbox and the expiry index).
-ACCOUNT_KINDS = ("lots", "rem", "order", "exp", "acct")
+#: The account's one hash (layout 3): every account script takes it first, then the
+#: idempotency record, the outbox and the expiry index (see _lib.lua).
+ACCOUNT_KIND = "a"
+ACCOUNT_KINDS = (ACCOUNT_KIND,)
+#: The five keys of an account in layout 2 (release 0.1.0's, with ids encoded): lot
+#: metadata, remaining credits, burn order, expiries, and the account's figures. Found at
+#: start and converted into the one hash (`RedisStore.upgrade_layout`).
+V2_ACCOUNT_KINDS = ("lots", "rem", "order", "exp", "acct")
+#: Field prefixes and names of the account hash that are not figures (_lib.lua): a lot's
+#: metadata `m:<lot id>`, its remaining credits `q:<burn key>`, and the soonest expiry.
+LOT_META = "m:"
+LOT_REMAINING = "q:"
+NEXT_EXPIRY = "next_expiry"
 IDEMPOTENCY_KIND = "idem"
 SESSION_KIND = "sess"
 
@@ -102,12 +111,16 @@ def trimmed_key(bucket: int) -> str:
 
 #: The layout version, set once the keys of an older layout have been renamed.
 LAYOUT_KEY = f"{KEY_PREFIX}:layout"
-LAYOUT_VERSION = "2"
+LAYOUT_VERSION = "3"
+#: The version after the renaming of 0.1.0's names, before the one-hash conversion.
+RENAMED_VERSION = "2"
 #: SCAN pattern of every key of every bucket.
 ALL_BUCKETS_PATTERN = f"{KEY_PREFIX}:{{b*}}:*"
 
 #: SCAN pattern of every account's `acct` hash (and, rarely, other keys: `parse` tells).
-ACCOUNT_SCAN_PATTERN = f"{KEY_PREFIX}:{{b*}}:*:acct"
+ACCOUNT_SCAN_PATTERN = f"{KEY_PREFIX}:{{b*}}:*:{ACCOUNT_KIND}"
+#: SCAN pattern of the layout-2 accounts (their `acct` hash) to convert.
+V2_ACCOUNT_SCAN_PATTERN = f"{KEY_PREFIX}:{{b*}}:*:acct"
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,15 @@ class AccountKeys:
     @property
     def bucket(self) -> int:
         return bucket_of(self.tenant, self.account)
+
+    @property
+    def account_key(self) -> str:
+        """The account's one hash."""
+        return f"{self.base}:{ACCOUNT_KIND}"
+
+    def v2_keys(self) -> list[str]:
+        """The account's five keys of layout 2 (`V2_ACCOUNT_KINDS` order), to convert."""
+        return [f"{self.base}:{kind}" for kind in V2_ACCOUNT_KINDS]
 
     @property
     def base(self) -> str:
@@ -145,7 +167,7 @@ class AccountKeys:
         bucket = self.bucket
         base = self.base
         return [
-            *(f"{base}:{kind}" for kind in ACCOUNT_KINDS),
+            f"{base}:{ACCOUNT_KIND}",
             f"{base}:{IDEMPOTENCY_KIND}:{component(request_id)}",
             outbox_key(bucket),
             due_key(bucket),
@@ -155,7 +177,7 @@ class AccountKeys:
         """The keys of session.lua: the account's (with the step's idempotency record),
         then the session and the bucket's index."""
         keys = self.script_keys()
-        keys[5] = self.session_step_key(session_id, step)
+        keys[1] = self.session_step_key(session_id, step)
         return [*keys, self.session_key(session_id), sessions_key(self.bucket)]
 
 
@@ -178,7 +200,7 @@ def parse(key: str) -> ParsedKey | None:
     if len(parts) not in (5, 6) or parts[0] != KEY_PREFIX:
         return None
     _prefix, tag, tenant, account, kind, *rest = parts
-    if len(rest) == 0 and kind not in ACCOUNT_KINDS:
+    if len(rest) == 0 and kind not in ACCOUNT_KINDS and kind not in V2_ACCOUNT_KINDS:
         return None
     if rest and kind not in (IDEMPOTENCY_KIND, SESSION_KIND):
         return None
@@ -195,8 +217,8 @@ def parse(key: str) -> ParsedKey | None:
 
 #: The Redis type of each kind of per-account key.
 KIND_TYPES = {
+    ACCOUNT_KIND: "hash", IDEMPOTENCY_KIND: "string", SESSION_KIND: "hash",
     "lots": "hash", "rem": "hash", "acct": "hash", "order": "zset", "exp": "zset",
-    IDEMPOTENCY_KIND: "string", SESSION_KIND: "hash",
 }  # fmt: skip
 
 
@@ -235,7 +257,7 @@ def legacy(key: str) -> list[ParsedKey]:
     for i in range(1, len(rest)):
         keys = AccountKeys(tenant, ":".join(rest[:i]))
         tail = rest[i:]
-        if len(tail) == 1 and tail[0] in ACCOUNT_KINDS:
+        if len(tail) == 1 and tail[0] in V2_ACCOUNT_KINDS:
             reading = ParsedKey(keys, tail[0])
         elif len(tail) >= 2 and tail[0] in (IDEMPOTENCY_KIND, SESSION_KIND):
             reading = ParsedKey(keys, tail[0], ":".join(tail[1:]))

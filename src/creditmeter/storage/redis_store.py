@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -32,12 +32,18 @@ from creditmeter.errors import BackendUnavailable, Rejected
 from creditmeter.storage import scripts
 from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.layout import (
+    ACCOUNT_KIND,
     ACCOUNT_SCAN_PATTERN,
     ALL_BUCKETS_PATTERN,
     KIND_TYPES,
     LAYOUT_KEY,
     LAYOUT_VERSION,
+    LOT_META,
+    LOT_REMAINING,
+    NEXT_EXPIRY,
+    RENAMED_VERSION,
     SESSION_KIND,
+    V2_ACCOUNT_SCAN_PATTERN,
     AccountKeys,
     ParsedKey,
     due_key,
@@ -453,9 +459,9 @@ class RedisStore:
         )
 
     async def account_exists(self, keys: AccountKeys) -> bool:
-        """Whether the account has state in Redis (its acct hash, as `snapshot` reads it)."""
+        """Whether the account has state in Redis (its hash, as `snapshot` reads it)."""
         async with _reachable():
-            return bool(await self.client.exists(keys.key("acct")))
+            return bool(await self.client.exists(keys.account_key))
 
     async def session(self, keys: AccountKeys, session_id: str) -> dict[str, str]:
         """A session's fields; empty when there is no such session."""
@@ -523,37 +529,62 @@ class RedisStore:
             await self.client.set(key, f"{fingerprint}\n{reply}", ex=ttl_s)
 
     async def upgrade_layout(self) -> int:
-        """Rename the keys an older release named differently (ids holding ':' or '%'),
-        once; returns how many were renamed. Safe to run again, and beside a running
-        server of this release: a key of this layout is never touched."""
+        """Bring the keys of older releases to this layout, once (marker `cm:layout`):
+        rename the keys 0.1.0 named differently (ids holding ':' or '%'), then convert
+        every account of layout 2 (five keys) into its one hash. Returns the keys renamed
+        plus the accounts converted. Safe to run again: a key of this layout is never
+        touched."""
         async with _reachable():
-            if await self.client.get(LAYOUT_KEY) == LAYOUT_VERSION:
+            version = await self.client.get(LAYOUT_KEY)
+            if version == LAYOUT_VERSION:
                 return 0
-            renamed = 0
-            async for key in self.client.scan_iter(match=ALL_BUCKETS_PATTERN, count=1000):
-                if key.count(":") < 4 or await self._current(key):
-                    continue  # a bucket's own key, or one of this layout
-                kind = str(await self.client.type(key))
-                readings = [r for r in legacy(key) if KIND_TYPES[r.kind] == kind]
-                steps = [r for r in readings if r.session_step]
-                if steps:
-                    # A request id `<x>#<y>`: a session step's record if session <x> is
-                    # there (its record lives as long), else a client's request.
-                    is_step = await self._has_session(steps[0])
-                    readings = [
-                        r for r in readings
-                        if r.session_step == is_step or r.keys != steps[0].keys
-                    ]  # fmt: skip
-                if len(readings) != 1:
-                    if readings or kind != "none":
-                        log.warning("layout upgrade: %d readings of a %s key; left as it is",
-                                    len(readings), kind)  # fmt: skip
-                    continue
-                if await self.client.renamenx(key, key_of(readings[0])):
-                    renamed += 1
-                else:
-                    log.warning("layout upgrade: a key's new name is taken; left as it is")
+            done = 0
+            if version != RENAMED_VERSION:
+                done += await self._rename_legacy()
+                await self.client.set(LAYOUT_KEY, RENAMED_VERSION)
+            done += await self._convert_v2()
             await self.client.set(LAYOUT_KEY, LAYOUT_VERSION)
+        return done
+
+    async def _convert_v2(self) -> int:
+        """Every layout-2 account into its one hash (convert.lua, atomic per account)."""
+        script = scripts.standalone("convert")
+        converted = 0
+        async for key in self.client.scan_iter(match=V2_ACCOUNT_SCAN_PATTERN, count=1000):
+            parsed = parse(key)
+            if parsed is None or parsed.kind != "acct":
+                continue  # a request's record whose id ends in ":acct"
+            keys = parsed.keys
+            converted += int(await self.client.eval(script, 6, *keys.v2_keys(), keys.account_key))
+        if converted:
+            log.info("layout upgrade: %d accounts moved into one hash each", converted)
+        return converted
+
+    async def _rename_legacy(self) -> int:
+        renamed = 0
+        async for key in self.client.scan_iter(match=ALL_BUCKETS_PATTERN, count=1000):
+            if key.count(":") < 4 or await self._current(key):
+                continue  # a bucket's own key, or one of this layout
+            kind = str(await self.client.type(key))
+            readings = [r for r in legacy(key) if KIND_TYPES[r.kind] == kind]
+            steps = [r for r in readings if r.session_step]
+            if steps:
+                # A request id `<x>#<y>`: a session step's record if session <x> is
+                # there (its record lives as long), else a client's request.
+                is_step = await self._has_session(steps[0])
+                readings = [
+                    r for r in readings
+                    if r.session_step == is_step or r.keys != steps[0].keys
+                ]  # fmt: skip
+            if len(readings) != 1:
+                if readings or kind != "none":
+                    log.warning("layout upgrade: %d readings of a %s key; left as it is",
+                                len(readings), kind)  # fmt: skip
+                continue
+            if await self.client.renamenx(key, key_of(readings[0])):
+                renamed += 1
+            else:
+                log.warning("layout upgrade: a key's new name is taken; left as it is")
         if renamed:
             log.info("layout upgrade: renamed %d keys of ids holding ':' or '%%'", renamed)
         return renamed
@@ -578,10 +609,10 @@ class RedisStore:
         found: dict[tuple[str, str], int] = {}
         async with _reachable():
             async for key in self.client.scan_iter(match=ACCOUNT_SCAN_PATTERN, count=1000):
-                # The pattern also matches a request's record whose id ends in ":acct":
+                # The pattern also matches a request's record whose id ends in ":a":
                 # only the layout can tell the two apart.
                 parsed = parse(key)
-                if parsed is None or parsed.kind != "acct":
+                if parsed is None or parsed.kind != ACCOUNT_KIND:
                     continue
                 seq = await self.client.hget(key, "seq")
                 found[(parsed.keys.tenant, parsed.keys.account)] = int(seq or 0)
@@ -601,27 +632,33 @@ class RedisStore:
         return due
 
     async def snapshot(self, keys: AccountKeys) -> AccountSnapshot:
-        """Read an account's fields and lots atomically (MULTI/EXEC, no writes)."""
-        lots_key, rem_key, order_key, _exp, acct_key, *_ = keys.script_keys()
+        """Read an account's figures and lots (one HGETALL of its hash: atomic)."""
         start = time.perf_counter()
         try:
-            async with _reachable(), self.client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(acct_key)
-                pipe.zrange(order_key, 0, -1)
-                pipe.hgetall(lots_key)
-                pipe.hgetall(rem_key)
-                fields, order, metas, remaining = await pipe.execute()
+            async with _reachable():
+                stored = cast(dict[str, str], await self.client.hgetall(keys.account_key))
         finally:
             metrics.REDIS_DURATION.labels("snapshot").observe(time.perf_counter() - start)
+        fields: dict[str, str] = {}
+        remaining: dict[str, str] = {}  # burn key -> remaining
+        metas: dict[str, str] = {}
+        for name, value in stored.items():
+            prefix = name[:2]
+            if prefix == LOT_REMAINING:
+                remaining[name[2:]] = value
+            elif prefix == LOT_META:
+                metas[name[2:]] = value
+            elif name != NEXT_EXPIRY:
+                fields[name] = value
         lots = []
-        for burn_key in order:
+        for burn_key in sorted(remaining):
             lot_id = burn_key.split("|", 4)[4]
             meta = json.loads(metas[lot_id])
             lots.append(
                 LotRecord(
                     lot_id=lot_id,
                     amount=int(meta["amount"]),
-                    remaining=int(remaining[lot_id]),
+                    remaining=int(remaining[burn_key]),
                     priority=int(meta["priority"]),
                     expires_at_ms=None if meta["expires_at"] == "0" else int(meta["expires_at"]),
                     source=meta["source"],

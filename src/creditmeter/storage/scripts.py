@@ -18,7 +18,12 @@ def source(name: str) -> str:
     folder = resources.files("creditmeter.storage") / "lua"
     prelude = (folder / _PRELUDE).read_text(encoding="utf-8")
     body = (folder / f"{name}.lua").read_text(encoding="utf-8")
-    return f"{prelude}\n-- ---- {name}.lua ----\n{body}"
+    # The body runs as a function so that the account it changed is written back once
+    # (flush_account), whichever `return` it ends by.
+    return (
+        f"{prelude}\n-- ---- {name}.lua ----\nlocal function script_body()\n{body}\nend\n"
+        "local reply = script_body()\nflush_account()\nreturn reply\n"
+    )
 
 
 SCRIPT_NAMES = (
@@ -32,3 +37,11 @@ SCRIPT_NAMES = (
     "renew",
     "session",
 )
+
+
+@cache
+def standalone(name: str) -> str:
+    """The text of a script that runs without the prelude (ack.lua, convert.lua)."""
+    return (resources.files("creditmeter.storage") / "lua" / f"{name}.lua").read_text(
+        encoding="utf-8"
+    )

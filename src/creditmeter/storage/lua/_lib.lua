@@ -1,18 +1,20 @@
 -- Shared prelude, prepended to every account script by creditmeter.storage.scripts.
 --
 -- Every account script takes the same KEYS, all in one hash slot (the account's bucket):
---   KEYS[1] lots   HASH  lot_id -> lot metadata (cjson object of strings, immutable)
---   KEYS[2] rem    HASH  lot_id -> remaining credits (integer)
---   KEYS[3] order  ZSET  score 0, member = burn key (lexicographic burn-down order, see
---                        creditmeter.domain.lots.burn_key; the lot id is its last field)
---   KEYS[4] exp    ZSET  lot_id scored by expiry (ms since epoch); never-expiring lots absent
---   KEYS[5] acct   HASH  balance, granted, used, expired, removed, refunded, unlimited, seq,
---                        reserved (credits held by open call sessions; in balance, not spendable),
---                        used:<feature>, units:<feature>,
---                        carry:<subscription> (credits of its periods that expired unused)
---   KEYS[6] idem   STRING  "<fingerprint>\n<cjson reply>" for this request id, with a TTL
---   KEYS[7] outbox STREAM  the bucket's event outbox drained into the ledger
---   KEYS[8] due    ZSET  the bucket's expiry index: "<tenant>:<account>" scored by next expiry
+--   KEYS[1] account HASH  the whole account (layout 3), read with one HGETALL on first use
+--                         and written back with one HSET (and HDEL) when the script ends:
+--     balance, granted, used, expired, removed, refunded, unlimited, seq,
+--     reserved (credits held by open call sessions; in balance, not spendable),
+--     used:<feature>, units:<feature>, carry:<subscription> (credits of its periods that
+--     expired unused),
+--     m:<lot id>     the lot's metadata (cjson object of strings, immutable),
+--     q:<burn key>   the lot's remaining credits; the burn key (creditmeter.domain.lots
+--                    .burn_key, the lot id its last field) sorts lots in burn-down order,
+--     next_expiry    the soonest expiry of any lot (ms), absent when none expires: a
+--                    script sweeps only when it has come.
+--   KEYS[2] idem    STRING  "<fingerprint>\n<cjson reply>" for this request id, with a TTL
+--   KEYS[3] outbox  STREAM  the bucket's event outbox drained into the ledger
+--   KEYS[4] due     ZSET  the bucket's expiry index: "<tenant>:<account>" scored by next expiry
 -- and the same leading ARGV:
 --   ARGV[1] now (ms since epoch)   ARGV[2] request fingerprint ('' = not idempotent)
 --   ARGV[3] idempotency TTL (s)    ARGV[4] transaction id (events are "<txn>:<n>")
@@ -55,12 +57,78 @@ local function fmt(n)
   return string.format('%d', n)
 end
 
+-- The account, as the script sees it (one HGETALL), and what it changed (one HSET and
+-- one HDEL in flush_account, run after the script body by scripts.py).
+local account = nil
+local changed = {}
+local deleted = {}
+
+local function acct()
+  if account == nil then
+    account = {}
+    local flat = redis.call('HGETALL', KEYS[1])
+    for i = 1, #flat, 2 do
+      account[flat[i]] = flat[i + 1]
+    end
+  end
+  return account
+end
+
+local function acct_get(field)
+  return acct()[field]
+end
+
 local function acct_int(field)
-  return tonumber(redis.call('HGET', KEYS[5], field) or '0')
+  return tonumber(acct()[field] or '0')
+end
+
+local function acct_set(field, value)
+  acct()[field] = value
+  changed[field] = true
+  deleted[field] = nil
+end
+
+local function acct_incr(field, n)
+  local v = acct_int(field) + n
+  acct_set(field, fmt(v))
+  return v
+end
+
+local function acct_del(field)
+  acct()[field] = nil
+  changed[field] = nil
+  deleted[field] = true
+end
+
+local function acct_exists()
+  return next(acct()) ~= nil
 end
 
 local function acct_unlimited()
-  return redis.call('HGET', KEYS[5], 'unlimited') == '1'
+  return acct_get('unlimited') == '1'
+end
+
+-- Write `items` with `command` in chunks (unpack has a limit on its arguments).
+local function call_chunked(command, items)
+  for i = 1, #items, 1000 do
+    redis.call(command, KEYS[1], unpack(items, i, math.min(i + 999, #items)))
+  end
+end
+
+local function flush_account()
+  if account == nil then
+    return
+  end
+  local sets, dels = {}, {}
+  for field in pairs(changed) do
+    sets[#sets + 1] = field
+    sets[#sets + 1] = account[field]
+  end
+  for field in pairs(deleted) do
+    dels[#dels + 1] = field
+  end
+  call_chunked('HSET', sets)
+  call_chunked('HDEL', dels)
 end
 
 -- Event kinds that record a call or a change of hot state, not a change of the ledger:
@@ -94,9 +162,9 @@ local function emit(txn, kind, fields, more)
   event_counts[txn] = n
   local seq
   if NO_SEQ_KINDS[kind] then
-    seq = tonumber(redis.call('HGET', KEYS[5], 'seq') or '0')
+    seq = acct_int('seq')
   else
-    seq = redis.call('HINCRBY', KEYS[5], 'seq', 1)
+    seq = acct_incr('seq', 1)
   end
   local args = {
     'event_id', txn .. ':' .. fmt(n), 'txn', txn, 'kind', kind, 'seq', fmt(seq),
@@ -108,7 +176,7 @@ local function emit(txn, kind, fields, more)
   for i = 1, #(more or {}) do
     args[#args + 1] = more[i]
   end
-  redis.call('XADD', KEYS[7], '*', unpack(args))
+  redis.call('XADD', KEYS[3], '*', unpack(args))
 end
 
 -- The stored reply of an earlier call with this request id, an error reply if the id
@@ -117,7 +185,7 @@ local function idem_lookup()
   if FINGERPRINT == '' then
     return nil
   end
-  local stored = redis.call('GET', KEYS[6])
+  local stored = redis.call('GET', KEYS[2])
   if not stored then
     return nil
   end
@@ -131,18 +199,57 @@ end
 local function idem_store(reply)
   if FINGERPRINT ~= '' then
     local encoded = cjson.encode(reply)
-    redis.call('SET', KEYS[6], FINGERPRINT .. '\n' .. encoded, 'EX', ARGV[3])
+    redis.call('SET', KEYS[2], FINGERPRINT .. '\n' .. encoded, 'EX', ARGV[3])
     emit(TXN, 'request', {'fp', FINGERPRINT, 'reply', encoded})
+  end
+end
+
+local NEVER = '9999999999999' -- the expiry field of a burn key that never expires
+
+-- The expiry (ms string) in a burn key: `pppp|eeeeeeeeeeeee|...`.
+local function burn_key_expiry(burn_key)
+  return string.sub(burn_key, 6, 18)
+end
+
+-- The account's lots in burn-down order: their `q:<burn key>` field names.
+local function lots_in_order()
+  local names = {}
+  for field in pairs(acct()) do
+    if string.sub(field, 1, 2) == 'q:' then
+      names[#names + 1] = field
+    end
+  end
+  table.sort(names)
+  return names
+end
+
+-- Point next_expiry (and, at the end, the bucket's expiry index) at the soonest expiry.
+local function refresh_next_expiry()
+  local soonest = nil
+  for field in pairs(acct()) do
+    if string.sub(field, 1, 2) == 'q:' then
+      local e = burn_key_expiry(string.sub(field, 3))
+      if e ~= NEVER and (soonest == nil or e < soonest) then
+        soonest = e
+      end
+    end
+  end
+  if soonest ~= acct_get('next_expiry') then
+    if soonest == nil then
+      acct_del('next_expiry')
+    else
+      acct_set('next_expiry', soonest)
+    end
+    due_changed = true
   end
 end
 
 -- Remove a lot entirely (its remaining credit must already be accounted for).
 local function drop_lot(lot, burn_key)
-  redis.call('ZREM', KEYS[3], burn_key)
-  redis.call('HDEL', KEYS[2], lot)
-  redis.call('HDEL', KEYS[1], lot)
-  if redis.call('ZREM', KEYS[4], lot) == 1 then
-    due_changed = true
+  acct_del('q:' .. burn_key)
+  acct_del('m:' .. lot)
+  if burn_key_expiry(burn_key) ~= NEVER then
+    refresh_next_expiry()
   end
 end
 
@@ -150,15 +257,15 @@ end
 -- transaction `txn` and adding to the total field. `reference` (optional) goes on the
 -- event. Returns the credits removed.
 local function remove_lot(lot, txn, kind, total_field, reference)
-  local meta = cjson.decode(redis.call('HGET', KEYS[1], lot))
-  local rem = tonumber(redis.call('HGET', KEYS[2], lot))
+  local meta = cjson.decode(acct_get('m:' .. lot))
+  local rem = tonumber(acct_get('q:' .. meta.burn_key))
   drop_lot(lot, meta.burn_key)
   if rem > 0 then
-    local balance = redis.call('HINCRBY', KEYS[5], 'balance', -rem)
-    redis.call('HINCRBY', KEYS[5], total_field, rem)
+    local balance = acct_incr('balance', -rem)
+    acct_incr(total_field, rem)
     if kind == 'expire' and string.match(meta.reference, '^sub_[%w]+$') then
       -- A subscription period's credits ran out unused: remember them for its rollover.
-      redis.call('HINCRBY', KEYS[5], 'carry:' .. meta.reference, rem)
+      acct_incr('carry:' .. meta.reference, rem)
     end
     emit(txn, kind, {'lot', lot, 'amount', fmt(rem), 'reference', reference or ''},
          balance_fields(balance))
@@ -167,12 +274,35 @@ local function remove_lot(lot, txn, kind, total_field, reference)
 end
 
 -- Expire every lot whose expiry is at or before now. Expired credit is never spendable,
--- so every script that reads or changes a balance calls this first.
+-- so every script that reads or changes a balance calls this first. Costs nothing until
+-- next_expiry has come.
 local function sweep()
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', NOW)
+  local soonest = acct_get('next_expiry')
+  if soonest == nil or tonumber(soonest) > NOW then
+    return 0
+  end
+  local expired = {}
+  for _, field in ipairs(lots_in_order()) do
+    local burn_key = string.sub(field, 3)
+    local e = burn_key_expiry(burn_key)
+    if e ~= NEVER and tonumber(e) <= NOW then
+      expired[#expired + 1] = {e, string.sub(burn_key, BURN_KEY_LOT_OFFSET)}
+    end
+  end
+  -- In expiry order, then by lot id (the order of an expiry index).
+  table.sort(expired, function(a, b)
+    if a[1] ~= b[1] then
+      return a[1] < b[1]
+    end
+    return a[2] < b[2]
+  end)
+  for i, item in ipairs(expired) do
+    expired[i] = item[2]
+  end
   for _, lot in ipairs(expired) do
     remove_lot(lot, TXN .. 'x', 'expire', 'expired')
   end
+  refresh_next_expiry()
   return #expired
 end
 
@@ -182,11 +312,11 @@ local function update_due()
     return
   end
   local member = TENANT .. ':' .. ACCOUNT
-  local nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-  if #nxt == 0 then
-    redis.call('ZREM', KEYS[8], member)
+  local soonest = acct_get('next_expiry')
+  if soonest == nil then
+    redis.call('ZREM', KEYS[4], member)
   else
-    redis.call('ZADD', KEYS[8], nxt[2], member)
+    redis.call('ZADD', KEYS[4], soonest, member)
   end
 end
 
@@ -194,18 +324,20 @@ end
 -- source, reference, burn_key. Returns the balance afterwards.
 local function add_lot(lot)
   local amount = tonumber(lot.amount)
-  redis.call('HSET', KEYS[1], lot.id, cjson.encode({
+  acct_set('m:' .. lot.id, cjson.encode({
     amount = lot.amount, priority = lot.priority, expires_at = lot.expires_at,
     source = lot.source, reference = lot.reference, created = ARGV[1], burn_key = lot.burn_key,
   }))
-  redis.call('HSET', KEYS[2], lot.id, lot.amount)
-  redis.call('ZADD', KEYS[3], 0, lot.burn_key)
+  acct_set('q:' .. lot.burn_key, lot.amount)
   if lot.expires_at ~= '0' then
-    redis.call('ZADD', KEYS[4], lot.expires_at, lot.id)
-    due_changed = true
+    local soonest = acct_get('next_expiry')
+    if soonest == nil or tonumber(lot.expires_at) < tonumber(soonest) then
+      acct_set('next_expiry', lot.expires_at)
+      due_changed = true
+    end
   end
-  redis.call('HINCRBY', KEYS[5], 'granted', amount)
-  local balance = redis.call('HINCRBY', KEYS[5], 'balance', amount)
+  acct_incr('granted', amount)
+  local balance = acct_incr('balance', amount)
   emit(TXN, 'grant', {
     'lot', lot.id, 'amount', lot.amount, 'priority', lot.priority,
     'expires_at', lot.expires_at, 'source', lot.source, 'reference', lot.reference,
@@ -250,24 +382,20 @@ end
 local function burn(amount, kind, feature, units, reference)
   local plan = {}
   local need = amount
-  local start = 0
-  local page_size = 16
-  while need > 0 do
-    local page = redis.call('ZRANGE', KEYS[3], start, start + page_size - 1)
-    if #page == 0 then
-      return redis.error_reply('creditmeter: lots do not cover the recorded balance')
+  for _, field in ipairs(lots_in_order()) do
+    local burn_key = string.sub(field, 3)
+    local rem = tonumber(acct_get(field))
+    local take = math.min(rem, need)
+    plan[#plan + 1] = {
+      burn_key = burn_key, lot = string.sub(burn_key, BURN_KEY_LOT_OFFSET), take = take, rem = rem,
+    }
+    need = need - take
+    if need == 0 then
+      break
     end
-    for _, burn_key in ipairs(page) do
-      local lot = string.sub(burn_key, BURN_KEY_LOT_OFFSET)
-      local rem = tonumber(redis.call('HGET', KEYS[2], lot))
-      local take = math.min(rem, need)
-      plan[#plan + 1] = {burn_key = burn_key, lot = lot, take = take, rem = rem}
-      need = need - take
-      if need == 0 then
-        break
-      end
-    end
-    start = start + page_size
+  end
+  if need > 0 then
+    return redis.error_reply('creditmeter: lots do not cover the recorded balance')
   end
   -- Writes, once the plan covers the amount.
   local balance = acct_int('balance')
@@ -276,9 +404,9 @@ local function burn(amount, kind, feature, units, reference)
     if p.take == p.rem then
       drop_lot(p.lot, p.burn_key)
     else
-      redis.call('HINCRBY', KEYS[2], p.lot, -p.take)
+      acct_set('q:' .. p.burn_key, fmt(p.rem - p.take))
     end
-    balance = redis.call('HINCRBY', KEYS[5], 'balance', -p.take)
+    balance = acct_incr('balance', -p.take)
     local fields = {
       'lot', p.lot, 'amount', fmt(p.take), 'feature', feature, 'units', i == 1 and units or '0',
     }
@@ -295,7 +423,7 @@ end
 
 -- Count a charge in the account's usage totals.
 local function count_usage(amount, feature, units)
-  redis.call('HINCRBY', KEYS[5], 'used', amount)
-  redis.call('HINCRBY', KEYS[5], 'used:' .. feature, amount)
-  redis.call('HINCRBY', KEYS[5], 'units:' .. feature, units)
+  acct_incr('used', amount)
+  acct_incr('used:' .. feature, amount)
+  acct_incr('units:' .. feature, units)
 end

@@ -17,7 +17,7 @@ local parts = {}
 for i = 9, #ARGV do
   local lot = ARGV[i]
   local removed, granted = -1, -1
-  local meta = redis.call('HGET', KEYS[1], lot)
+  local meta = acct_get('m:' .. lot)
   if meta then
     granted = tonumber(cjson.decode(meta).amount)
     removed = remove_lot(lot, TXN, 'refund', 'refunded', ARGV[8])

@@ -20,7 +20,7 @@ if refused then
   update_due()
   return refused
 end
-redis.call('HDEL', KEYS[5], carry_field)
+acct_del(carry_field)
 add_lot(lot)
 if carried > 0 then
   add_lot({

@@ -1,8 +1,8 @@
 -- Session: one step of a call session on a time feature, with a reservation held on the
 -- account (Diameter credit control: initial, update, termination; RFC 4006).
 -- KEYS and ARGV[1..7]: see _lib.lua (the request id is "<session id>#<sequence>").
--- KEYS[9]  session HASH  the session's state (fields below)
--- KEYS[10] index   ZSET  the bucket's open sessions, "<tenant>:<account>|<session id>"
+-- KEYS[5]  session HASH  the session's state (fields below)
+-- KEYS[6] index   ZSET  the bucket's open sessions, "<tenant>:<account>|<session id>"
 --                        scored by the time (ms) past which the server closes them
 -- ARGV[8] step: start | update | end | close       ARGV[9] session id
 -- start:         ARGV[10] feature   ARGV[11] credits per increment   ARGV[12] increment (s)
@@ -44,7 +44,7 @@ if replay then
 end
 
 local function load()
-  local flat = redis.call('HGETALL', KEYS[9])
+  local flat = redis.call('HGETALL', KEYS[5])
   if #flat == 0 then
     return nil
   end
@@ -82,7 +82,7 @@ local function reserve(delta)
   if delta == 0 then
     return
   end
-  redis.call('HINCRBY', KEYS[5], 'reserved', fmt(delta))
+  acct_incr('reserved', delta)
   emit(TXN, delta > 0 and 'hold' or 'release', {'amount', fmt(math.abs(delta)), 'reference', sid},
        balance_fields(acct_int('balance')))
 end
@@ -93,7 +93,7 @@ local function finish(s, charged, released)
     flat[#flat + 1] = field
     flat[#flat + 1] = value
   end
-  redis.call('HSET', KEYS[9], unpack(flat))
+  redis.call('HSET', KEYS[5], unpack(flat))
   local reply = add_holdings({'OK', fmt(charged), fmt(released)})
   for _, v in ipairs(flat) do
     reply[#reply + 1] = v
@@ -105,7 +105,7 @@ end
 
 -- ---- start ----
 if step == 'start' then
-  if redis.call('EXISTS', KEYS[9]) == 1 then
+  if redis.call('EXISTS', KEYS[5]) == 1 then
     return {'ERR', 'SESSION_EXISTS', 'session_id', sid}
   end
   sweep()
@@ -121,7 +121,7 @@ if step == 'start' then
   local hold = unlimited and 0 or units * rate
   reserve(hold)
   local valid_until = NOW + units * inc * 1000
-  redis.call('ZADD', KEYS[10], valid_until + grace, member)
+  redis.call('ZADD', KEYS[6], valid_until + grace, member)
   return finish({
     feature = ARGV[10], rate = ARGV[11], inc = ARGV[12], policy = ARGV[15], grace = ARGV[16],
     state = 'open', seq = '0', used = '0', units = '0', charged = '0', reserved = fmt(hold),
@@ -134,7 +134,7 @@ end
 local s = load()
 if not s or s.state ~= 'open' then
   if step == 'close' then
-    redis.call('ZREM', KEYS[10], member) -- ended meanwhile: nothing left to close
+    redis.call('ZREM', KEYS[6], member) -- ended meanwhile: nothing left to close
   end
   if not s then
     return {'ERR', 'SESSION_NOT_FOUND', 'session_id', sid}
@@ -205,7 +205,7 @@ if step == 'update' then
   -- What the charged increments still cover, plus the new quota.
   local granted = due_units * inc - used + units * inc
   local valid_until = NOW + granted * 1000
-  redis.call('ZADD', KEYS[10], valid_until + num(s, 'grace'), member)
+  redis.call('ZADD', KEYS[6], valid_until + num(s, 'grace'), member)
   s.reserved = fmt(hold)
   s.runits = fmt(units)
   s.final = (units < want) and '1' or '0'
@@ -221,7 +221,7 @@ s.reserved = '0'
 s.runits = '0'
 s.granted = '0'
 s.ended = ARGV[1]
-redis.call('ZREM', KEYS[10], member)
+redis.call('ZREM', KEYS[6], member)
 local reply = finish(s, collect, math.max(0, held - collect))
-redis.call('EXPIRE', KEYS[9], ARGV[3])
+redis.call('EXPIRE', KEYS[5], ARGV[3])
 return reply

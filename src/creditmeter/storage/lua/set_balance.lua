@@ -27,7 +27,14 @@ end
 
 local removed = 0
 if reset then
-  for _, lot_id in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local lot_ids = {}
+  for field in pairs(acct()) do
+    if string.sub(field, 1, 2) == 'm:' then
+      lot_ids[#lot_ids + 1] = string.sub(field, 3)
+    end
+  end
+  table.sort(lot_ids)
+  for _, lot_id in ipairs(lot_ids) do
     removed = removed + remove_lot(lot_id, TXN .. 'r', 'reset', 'removed')
   end
 end
@@ -35,9 +42,9 @@ local lot_fields = {}
 if amount > 0 then
   add_lot(lot)
   lot_fields = lot_reply(lot)
-elseif redis.call('EXISTS', KEYS[5]) == 0 then
+elseif not acct_exists() or acct_get('balance') == nil then
   -- A reset to zero of an unknown account still brings the account into being.
-  redis.call('HSET', KEYS[5], 'balance', 0)
+  acct_set('balance', '0')
 end
 update_due()
 local reply = add_holdings({'OK'})

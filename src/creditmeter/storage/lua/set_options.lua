@@ -7,11 +7,11 @@ if replay then
   return replay
 end
 if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[5], 'unlimited', ARGV[8])
-elseif redis.call('HEXISTS', KEYS[5], 'unlimited') == 0 then
-  redis.call('HSET', KEYS[5], 'unlimited', '0')
+  acct_set('unlimited', ARGV[8])
+elseif acct_get('unlimited') == nil then
+  acct_set('unlimited', '0')
 end
-local unlimited = redis.call('HGET', KEYS[5], 'unlimited')
+local unlimited = acct_get('unlimited')
 emit(TXN, 'options', {'unlimited', unlimited})
 local reply = {'OK', unlimited}
 idem_store(reply)
