@@ -196,6 +196,9 @@ BENCH_REDIS_IDEM_TTL_S = 30
 BENCH_REDIS_KEYSPACE = 2_000_000_000
 BENCH_REDIS_CALIBRATION_CALLS = 20_000
 BENCH_OUT_DIR = "./bench-results"
+#: lua-cost scenario: calls counted per script under callgrind, over this many accounts.
+BENCH_LUA_COST_CALLS = 1000
+BENCH_LUA_COST_ACCOUNTS = 50
 #: Latency histograms: 1 us to 60 s at 3 significant digits.
 BENCH_HISTOGRAM_MAX_US = 60_000_000
 BENCH_HISTOGRAM_DIGITS = 3

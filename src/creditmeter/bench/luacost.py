@@ -1,0 +1,148 @@
+"""Instructions Redis executes per script call, counted by callgrind: a deterministic
+figure beside the reference script, where time per call moves 30 % between runs on a
+shared machine (`creditmeter bench --scenario lua-cost`; needs valgrind).
+
+A private redis-server runs under `valgrind --tool=callgrind --instr-atstart=no`;
+instrumentation is switched on around N pipelined calls of each script only, so
+start-up, loading and warm-up are not counted. Everything Redis does for a call is in
+the figure: reading the command, running the script and its commands, replying.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from creditmeter.constants import BENCH_LUA_COST_ACCOUNTS, BENCH_LUA_COST_CALLS
+from creditmeter.storage import scripts
+from creditmeter.storage.layout import AccountKeys
+
+#: The reference: a minimal check-and-decrement and one XADD (what any atomic metering in
+#: Redis has to do at least).
+REFERENCE = (
+    "local b = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0') "
+    "if b < tonumber(ARGV[8]) then return 0 end "
+    "redis.call('HINCRBY', KEYS[1], 'balance', -tonumber(ARGV[8])) "
+    "redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'a', ARGV[8]) return 1"
+)
+_LOT = "lot_00000000000000000000000000"
+_BURN_KEY = f"0050|9999999999999|1|0000000000001|{_LOT}"
+
+
+@dataclass(frozen=True)
+class LuaCost:
+    """Instructions per call of each script, and the ratio of each to the reference."""
+
+    per_call: dict[str, float]
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        ref = self.per_call["reference"]
+        return {name: n / ref for name, n in self.per_call.items() if name != "reference"}
+
+
+def available() -> bool:
+    return all(shutil.which(b) for b in ("valgrind", "callgrind_control", "redis-server"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scripts() -> dict[str, tuple[str, bool]]:
+    """name -> (source, with a request id)."""
+    consume = scripts.source("consume")
+    prelude = consume.split("-- ---- consume.lua ----")[0]
+    return {
+        "reference": (REFERENCE, False),
+        "empty script": ("return 1", False),
+        "prelude alone": (prelude + "\nreturn 1", False),
+        "consume, no request id": (consume, False),
+        "consume, request id": (consume, True),
+    }
+
+
+def _seed(client: redis.Redis, accounts: list[AccountKeys]) -> None:
+    """One-lot accounts in the current layout (credit for every call)."""
+    meta = (
+        '{"amount":"1000000000000","priority":"50","expires_at":"0","source":"manual",'
+        f'"reference":"","created":"1","burn_key":"{_BURN_KEY}"}}'
+    )
+    for keys in accounts:
+        client.hset(keys.account_key, mapping={
+            "balance": 10**12, "granted": 10**12, "seq": 1, f"m:{_LOT}": meta,
+            f"q:{_BURN_KEY}": 10**12,
+        })  # fmt: skip
+
+
+def _count(source: str, with_request_id: bool, calls: int, workdir: Path) -> float:
+    out = workdir / "callgrind.out"
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--instr-atstart=no",
+         "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        accounts = [AccountKeys("bench", f"a{i}") for i in range(BENCH_LUA_COST_ACCOUNTS)]
+        _seed(client, accounts)
+        sha = client.script_load(source)
+        now = str(int(time.time() * 1000))
+
+        def run(n: int, tag: str) -> None:
+            pipe = client.pipeline(transaction=False)
+            for i in range(n):
+                keys = accounts[i % len(accounts)]
+                rid = f"{tag}{i}" if with_request_id else ""
+                names = keys.script_keys(rid)
+                pipe.evalsha(
+                    sha, len(names), *names, now, "f" * 32 if rid else "", "60",
+                    f"txn_{tag}{i}", keys.tenant, keys.account, rid, "1", "text", "1",
+                )  # fmt: skip
+            pipe.execute()
+
+        run(min(calls, 200), "w")  # warm: the script compiled, the accounts' pages touched
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        run(calls, "m")
+        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(120)
+    total = 0
+    for path in workdir.glob("callgrind.out*"):
+        for line in path.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = max(total, int(line.split()[1]))
+    return total / calls
+
+
+def measure(calls: int = BENCH_LUA_COST_CALLS) -> LuaCost:
+    """Instructions per call of each script (a private redis-server per script)."""
+    per_call = {}
+    for name, (source, with_request_id) in _scripts().items():
+        with tempfile.TemporaryDirectory(prefix="cm-lua-cost-") as tmp:
+            per_call[name] = _count(source, with_request_id, calls, Path(tmp))
+    return LuaCost(per_call)
