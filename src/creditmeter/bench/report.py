@@ -600,6 +600,6 @@ def _plot_memory(ax: Any, results: dict[str, Any]) -> None:
     title = "Redis memory"
     drain = _ok(results, "drain")
     if drain:
-        title += (f"; flusher drain {drain['entries_per_s']:,.0f} entries/s"
-                  f" ({drain['outbox_entries']:,} into SQLite)")  # fmt: skip
+        title += (f"\nflusher drain into SQLite: {drain['entries_per_s']:,.0f} entries/s"
+                  f" ({drain['outbox_entries']:,} entries)")  # fmt: skip
     ax.set_title(title)
