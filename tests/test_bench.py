@@ -1,5 +1,7 @@
 """`creditmeter bench` end to end: a short run of unary Consume and the empty-call ceiling
-against the bench's own embedded server, and the honesty of the target verdicts."""
+against the bench's own embedded server, with Redis's time per deduction beside the
+reference script's; the memory, PostgreSQL peer and flusher drain figures on servers of
+their own; the accounting of Redis's time; and the honesty of the target verdicts."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from creditmeter.bench import report
+import pytest
+
+from creditmeter.bench import peer, report
+from creditmeter.bench.redis_cost import script_called_commands, time_per_deduction
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("CREDITMETER_")}
 BENCH_TIMEOUT_S = 90
@@ -21,19 +26,25 @@ def _ok_scenario(calls_per_s: float, **extra: Any) -> dict[str, Any]:
     return {"status": "ok", "calls_per_s": calls_per_s, "deductions_per_s": calls_per_s, **extra}
 
 
-def test_short_run_writes_sane_figures_and_a_plot(tmp_path: Path) -> None:
+def _bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """Run `creditmeter bench` with `args`: its JSON figures (the plot checked) and stdout."""
     out = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "creditmeter", "bench", "--scenario", "consume",
-         "--scenario", "empty", "--duration", "1.5", "--processes", "1", "--concurrency", "8",
-         "--accounts", "10", "--out", str(out)],
+        [sys.executable, "-m", "creditmeter", "bench", *args, "--out", str(out)],
         capture_output=True, text=True, env=ENV, timeout=BENCH_TIMEOUT_S, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     [json_path] = out.glob("bench-*.json")
     [png_path] = out.glob("bench-*.png")
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    figures = json.loads(json_path.read_text())
+    return json.loads(json_path.read_text()), done.stdout
+
+
+def test_short_run_writes_sane_figures_and_a_plot(tmp_path: Path) -> None:
+    figures, stdout = _bench(
+        tmp_path, "--scenario", "consume", "--scenario", "empty", "--duration", "1.5",
+        "--processes", "1", "--concurrency", "8", "--accounts", "10",
+    )  # fmt: skip
 
     for name in ("consume", "empty"):
         r = figures["scenarios"][name]
@@ -53,10 +64,102 @@ def test_short_run_writes_sane_figures_and_a_plot(tmp_path: Path) -> None:
     assert ratio == consume["calls_per_s"] / figures["scenarios"]["empty"]["calls_per_s"]
     [unary] = [t for t in figures["targets"] if t["target"] == "unary Consume throughput"]
     assert unary["verdict"] == ("met" if ratio >= 0.8 else "missed")
+
+    # Redis's time per deduction: measured by commandstats over the scenario, every
+    # Consume one EVALSHA of the consume script (plus the flusher's acks), beside the
+    # reference script run under redis-benchmark in the same Redis.
+    redis = consume["redis"]
+    assert redis["status"] == "ok"
+    assert redis["deductions"] == consume["deductions"]
+    assert redis["commands"]["evalsha"]["calls"] >= consume["deductions"]
+    assert redis["commands"]["evalsha"]["runs"] == "script"
+    assert redis["commands"]["xadd"]["runs"] == "inside scripts"
+    assert 0 < redis["scripts_us_per_deduction"] <= redis["all_us_per_deduction"]
+    assert redis["scripts_us_per_deduction"] == redis["scripts_usec"] / consume["deductions"]
+    assert redis["cpu_us_per_deduction"] > 0
+    assert redis["cpu_wait_us_per_deduction"] is not None  # the embedded Redis is local
+    reference = figures["scenarios"]["reference"]
+    assert reference["status"] == "ok", reference
+    assert reference["evalsha_calls"] >= reference["calls"] > 0
+    assert 0 < reference["usec_per_call"] < redis["scripts_us_per_deduction"]
+    # Every reference call charged its credit (calibration and measured run).
+    assert reference["charged"] >= reference["calls"]
+    ratio = figures["ratios"]["consume_redis_us_vs_reference"]
+    assert ratio == redis["scripts_us_per_deduction"] / reference["usec_per_call"]
+    [target] = [t for t in figures["targets"] if t["target"].endswith("unary Consume")]
+    assert target["verdict"] == ("met" if ratio <= 2 else "missed")
+    assert "Redis time per deduction" in stdout and "where Redis's time goes" in stdout
+
     # Nothing the bench started is left running: no process names its data directory.
-    match = re.search(r"serve \(.*\) in (\S+)", done.stdout)
-    assert match, done.stdout
+    match = re.search(r"serve \(.*\) in (\S+)", stdout)
+    assert match, stdout
     assert not _processes_naming(match[1])
+
+
+@pytest.mark.skipif(peer.find_bindir() is None, reason="PostgreSQL is not installed")
+def test_memory_peer_and_drain_figures(tmp_path: Path) -> None:
+    figures, stdout = _bench(
+        tmp_path, "--scenario", "memory", "--scenario", "peer", "--scenario", "drain",
+        "--duration", "1", "--accounts", "10", "--peer-clients", "4",
+        "--memory-accounts", "300", "--drain-backlog", "6000",
+    )  # fmt: skip
+    scenarios = figures["scenarios"]
+    # No Redis scenario: no reference run either.
+    assert set(scenarios) == {"memory", "peer", "drain"}
+
+    mem = scenarios["memory"]
+    assert mem["status"] == "ok", mem
+    assert mem["accounts"] == mem["idempotency_records"] == 300
+    # One grant = one grant event and its request record.
+    assert mem["outbox_entries"] == 600
+    # An account holds a few keys of a few hundred bytes: plausible, not a fixed figure.
+    assert 100 < mem["bytes_per_account"] < 20_000
+    assert 0 < mem["sample_bytes_per_account"] < 20_000
+    assert 0 < mem["bytes_per_outbox_entry"] < 5_000
+    assert 0 < mem["bytes_per_idempotency_record"] < 5_000
+    [target] = [t for t in figures["targets"] if t["target"] == "Redis bytes per one-lot account"]
+    assert target["verdict"] == ("met" if mem["bytes_per_account"] <= 600 else "missed")
+
+    p = scenarios["peer"]
+    assert p["status"] == "ok", p
+    variants = {v["variant"]: v for v in p["variants"]}
+    assert set(variants) == {"update+insert", "update"}
+    for v in variants.values():
+        assert v["failed"] == 0 and v["transactions"] > 0 and v["calls_per_s"] > 0
+        assert 0 < v["latency_ms"]["p50"] <= v["latency_ms"]["p99"]
+    # Every committed update+insert transaction left one ledger row.
+    assert p["ledger_rows"] == variants["update+insert"]["transactions"]
+    assert "PostgreSQL" in stdout and not list(Path("/tmp").glob("cm-bench-pg-*/data"))
+
+    drain = scenarios["drain"]
+    assert drain["status"] == "ok", drain
+    assert drain["outbox_entries"] >= 6000 and drain["buckets"] == 64
+    assert drain["entries_per_s"] == drain["outbox_entries"] / drain["seconds"]
+    [target] = [t for t in figures["targets"] if t["target"] == "flusher drain into SQLite"]
+    assert target["verdict"].startswith("not judged")  # 6,000 is no backlog of a million
+
+
+def test_redis_time_counts_each_microsecond_once() -> None:
+    """Redis counts a script's commands in its own time and under their names: `all`
+    adds only what clients sent directly."""
+    assert {"hget", "hincrby", "xadd", "xack"} <= script_called_commands()
+    commands = {
+        "evalsha": (10, 1000),  # 100 us per script call, its redis.calls included
+        "hget": (90, 300),  # inside the scripts
+        "xadd": (20, 200),  # inside the scripts
+        "xreadgroup": (2, 100),  # the flusher, directly
+        "config|resetstat": (1, 50),  # the bench itself
+    }
+    figures = time_per_deduction(commands, cpu_s=0.002, deductions=10, cpu_wait_s=0.001)
+    assert figures["scripts_us_per_deduction"] == 100
+    assert figures["all_us_per_deduction"] == 110
+    assert figures["inside_scripts_us_per_deduction"] == 50
+    assert figures["script_code_us_per_deduction"] == 50
+    assert figures["cpu_us_per_deduction"] == 200
+    assert figures["cpu_wait_us_per_deduction"] == 100
+    assert "config|resetstat" not in figures["commands"]
+    assert figures["commands"]["hget"]["calls_per_deduction"] == 9
+    assert time_per_deduction(commands, 0.0, 0) == {"status": "no deductions"}
 
 
 def _processes_naming(text: str) -> list[str]:
@@ -73,7 +176,7 @@ def _processes_naming(text: str) -> list[str]:
 
 def test_targets_are_judged_only_on_what_was_measured() -> None:
     results = {
-        "consume": _ok_scenario(700.0),
+        "consume": _ok_scenario(700.0, redis={"status": "ok", "scripts_us_per_deduction": 30.0}),
         "empty": _ok_scenario(1000.0),
         # Fast enough and drained, but only 10 s: the 60 s target is not judged as met.
         "batch": _ok_scenario(
@@ -81,16 +184,52 @@ def test_targets_are_judged_only_on_what_was_measured() -> None:
             duration_s=10.0,
             elapsed_s=10.0,
             ledger={"flush_lag_ms_p99": 100, "drained": True},
+            redis={"status": "ok", "scripts_us_per_deduction": 12.0},
         ),
         "meter": {"status": "unimplemented"},
         "latency": _ok_scenario(350.0, open_loop_rate_per_s=350.0, latency_ms={"p99": 5.0}),
+        "reference": {"status": "ok", "usec_per_call": 10.0},
+        "memory": {"status": "ok", "bytes_per_account": 600.0, "accounts": 100},
+        "peer": {"status": "skipped", "reason": "no PostgreSQL"},
+        # As fast as asked, but of a backlog too small to judge.
+        "drain": {"status": "ok", "entries_per_s": 150_000.0, "outbox_entries": 5_000},
     }
     ratios = report._ratios(results)
     verdicts = {t["target"]: t["verdict"] for t in report._targets(results, ratios)}
     assert ratios["consume_vs_empty_call"] == 0.7
+    assert ratios["consume_redis_us_vs_reference"] == 3.0
+    assert ratios["batch_redis_us_vs_reference"] == 1.2
+    assert "batch_vs_peer" not in ratios
     assert verdicts == {
         "unary Consume throughput": "missed",
         "batch sustained": "not judged (run < 60 s; would be met)",
         "meter sustained": "missed",
+        "Redis time per deduction, unary Consume": "missed",  # 3 x, not <= 2 x
+        "Redis time per deduction, ConsumeBatch": "met",  # 1.2 x is <= 1.2 x
+        "Redis time per deduction, Meter": "missed",
         "unary latency at load": "missed",  # 5.0 ms is not below 5 ms
+        "Redis bytes per one-lot account": "met",
+        "ConsumeBatch vs the PostgreSQL peer": "not measured",  # skipped: no peer figure
+        "Meter vs the PostgreSQL peer": "not measured",
+        "flusher drain into SQLite": "not judged (backlog < 1,000,000; would be met)",
     }
+
+    # Without the reference, no Redis ratio and no verdict on it.
+    del results["reference"]
+    ratios = report._ratios(results)
+    verdicts = {t["target"]: t["verdict"] for t in report._targets(results, ratios)}
+    assert verdicts["Redis time per deduction, unary Consume"] == "not measured"
+
+
+def test_lua_cost_counts_instructions_beside_the_reference() -> None:
+    """Instructions per call under callgrind: deterministic, so the order is certain (the
+    empty script under the reference, the consume script far above it)."""
+    from creditmeter.bench import luacost
+
+    assert luacost.available(), "valgrind is not installed: run ./scripts/test, which installs it"
+    cost = luacost.measure(calls=100)
+    n = cost.per_call
+    assert 0 < n["empty script"] < n["reference"] < n["consume, no request id"]
+    assert n["prelude alone"] > n["empty script"]
+    assert n["consume, request id"] > n["consume, no request id"]
+    assert cost.ratios["consume, request id"] == n["consume, request id"] / n["reference"]

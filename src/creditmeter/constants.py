@@ -196,6 +196,33 @@ BENCH_REDIS_IDEM_TTL_S = 30
 BENCH_REDIS_KEYSPACE = 2_000_000_000
 BENCH_REDIS_CALIBRATION_CALLS = 20_000
 BENCH_OUT_DIR = "./bench-results"
+#: Every scenario in the order a full run takes them (the empty ceiling first; the peer,
+#: memory and drain figures on servers of their own; the Redis ceiling last: its millions
+#: of outbox entries must not weigh on the others). `reference` runs whenever a scenario
+#: with Redis figures does: their ratios need it.
+BENCH_SCENARIOS = (
+    "empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "reference",
+    "memory", "peer", "drain", "lua-cost", "redis",
+)  # fmt: skip
+#: The reference script (bench/reference.lua) under redis-benchmark: pipelining depth.
+#: commandstats times a call inside Redis, so the depth barely moves its usec_per_call.
+BENCH_REFERENCE_PIPELINE = 16
+#: Its MAXLEN ~ on the reference stream, so millions of calls keep a bounded stream.
+BENCH_REFERENCE_STREAM_MAXLEN = 100_000
+#: The reference script's keys: a slot of their own, no creditmeter key (`cm:`).
+BENCH_REFERENCE_KEY_PREFIX = "cmbench:{reference}"
+#: Memory figure: one-lot accounts granted on a server of its own, and how many of them
+#: are granted at once; their keys are measured one by one on this many sample accounts.
+BENCH_MEMORY_ACCOUNTS = 20_000
+BENCH_SEED_IN_FLIGHT = 256
+BENCH_MEMORY_SAMPLE_ACCOUNTS = 20
+#: The PostgreSQL peer: pgbench connections (the issue's hand-rolled deduction).
+BENCH_PEER_CLIENTS = 32
+#: Flusher drain figure: outbox entries written with no flusher, then drained into SQLite;
+#: the consume scripts that write them go in pipelines of this many, this many at once.
+BENCH_DRAIN_BACKLOG = 1_000_000
+BENCH_DRAIN_PIPELINE = 500
+BENCH_DRAIN_WRITERS = 4
 #: lua-cost scenario: calls counted per script under callgrind, over this many accounts.
 BENCH_LUA_COST_CALLS = 1000
 BENCH_LUA_COST_ACCOUNTS = 50
@@ -208,6 +235,19 @@ TARGET_BULK_DEDUCTIONS_PER_S = 100_000
 TARGET_BULK_SUSTAINED_S = 60.0
 TARGET_FLUSH_LAG_P99_MS = 1000.0
 TARGET_LATENCY_AT_LOAD_P99_MS = 5.0
+#: Redis time per deduction (commandstats of the scripts / deductions) as a multiple of
+#: the reference script's usec_per_call: unary Consume with a request id, and inside
+#: batches (ConsumeBatch, Meter).
+TARGET_REDIS_UNARY_VS_REFERENCE = 2.0
+TARGET_REDIS_BATCH_VS_REFERENCE = 1.2
+#: Redis memory of an account holding one lot (bytes; outbox entries and idempotency
+#: records apart).
+TARGET_ACCOUNT_BYTES = 600
+#: ConsumeBatch and Meter deductions/s as a multiple of the PostgreSQL peer's transactions/s.
+TARGET_BULK_VS_PEER = 5.0
+#: Flusher drain rate into SQLite (outbox entries/s), judged on a backlog of at least this.
+TARGET_DRAIN_ENTRIES_PER_S = 100_000
+TARGET_DRAIN_BACKLOG = 1_000_000
 
 # --- metrics and logs ---------------------------------------------------------------
 #: RPC latency histogram buckets (s): a Consume is one script call (about a millisecond);

@@ -1,6 +1,11 @@
 """Measures the flusher: sustained flush rate and flush lag while Consume runs at full
 speed, and the drain rate of a backlog with no load. Starts its own server (embedded
-Redis, default SQLite ledger or --ledger-url) in a temporary data directory."""
+Redis, default SQLite ledger or --ledger-url) in a temporary data directory.
+
+Also the servers and accounts `creditmeter bench` starts and grants, and its `drain`
+scenario: a backlog of a given number of outbox entries, written by the consume script
+with no flusher running, then drained into the ledger with nothing else running.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +25,25 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
+from creditmeter.constants import (
+    BENCH_DRAIN_PIPELINE,
+    BENCH_DRAIN_WRITERS,
+    BENCH_GRANT,
+    BENCH_REDIS_IDEM_TTL_S,
+    BENCH_SEED_IN_FLIGHT,
+    BUCKETS,
+)
+from creditmeter.domain.ids import new_id
+from creditmeter.storage.embedded_redis import endpoint_file
+from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
+from creditmeter.storage.redis_store import Call, ConsumeCall, RedisStore
 from creditmeter.transport.admin import open_stores
 
 ACCOUNTS = 200
@@ -114,6 +132,119 @@ def create_admin_key(data: Path, tenant: str = "bench") -> str:
     return out.stdout.strip()
 
 
+def grant_accounts(address: str, api_key: str, prefix: str, count: int,
+                   amount: int = BENCH_GRANT) -> None:  # fmt: skip
+    """Grant accounts `<prefix>0` .. `<prefix><count - 1>` `amount` credits each (one lot),
+    through the server's Grant, BENCH_SEED_IN_FLIGHT at a time."""
+    md = (("authorization", f"Bearer {api_key}"),)
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.CreditsStub(channel)
+        for start in range(0, count, BENCH_SEED_IN_FLIGHT):
+            futures = [
+                stub.Grant.future(
+                    pb.GrantRequest(
+                        account_id=f"{prefix}{i}", amount=amount, request_id=uuid.uuid4().hex
+                    ),
+                    metadata=md,
+                    timeout=30,
+                )
+                for i in range(start, min(count, start + BENCH_SEED_IN_FLIGHT))
+            ]
+            for future in futures:
+                future.result()
+
+
+def one_account_per_bucket(tenant: str, prefix: str) -> list[str]:
+    """Account ids `<prefix><n>`, the first of each bucket: a backlog written to them
+    lies in every bucket's outbox, as a real one does."""
+    chosen: dict[int, str] = {}
+    n = 0
+    while len(chosen) < BUCKETS:
+        account = f"{prefix}{n}"
+        chosen.setdefault(AccountKeys(tenant, account).bucket, account)
+        n += 1
+    return list(chosen.values())
+
+
+async def write_backlog(redis_url: str, tenant: str, accounts: list[str], entries: int) -> int:
+    """Charge 1 credit at a time to `accounts` (each holding enough) through the consume
+    script, as the server's pipelines do, until the outboxes hold at least `entries`
+    entries not yet flushed. Returns the consume calls made."""
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    store = RedisStore(client, idempotency_ttl_s=BENCH_REDIS_IDEM_TTL_S)
+    made = 0
+
+    def calls() -> list[ConsumeCall]:
+        batch = []
+        for i in range(BENCH_DRAIN_PIPELINE):
+            account = accounts[i % len(accounts)]
+            request_id = uuid.uuid4().hex
+            now = int(time.time() * 1000)
+            # Any 32 hex digits will do for the fingerprint of a request id used once
+            # (a digest of the parameters would only cost the writer time).
+            call = Call(now_ms=now, txn=new_id("txn", now), request_id=request_id,
+                        fingerprint=request_id)  # fmt: skip
+            batch.append(ConsumeCall(AccountKeys(tenant, account), call, 1, "text", 1))
+        return batch
+
+    async def writer(rounds: int) -> None:
+        nonlocal made
+        for _ in range(rounds):
+            for reply in await store.consume_many(calls()):
+                if isinstance(reply, Exception):
+                    raise RuntimeError(f"a backlog consume failed: {reply}")
+            made += BENCH_DRAIN_PIPELINE
+
+    try:
+        await writer(1)  # to learn how many entries a call writes
+        while (backlog := await outbox_backlog(client)) < entries:
+            # Entries per call as measured so far (2 for a one-lot account: the charge and
+            # the request record), to size the next round without overshooting much.
+            calls_left = (entries - backlog) / max(backlog / made, 1.0)
+            rounds = int(calls_left / (BENCH_DRAIN_PIPELINE * BENCH_DRAIN_WRITERS))
+            if rounds == 0:
+                await writer(1)
+            else:
+                await asyncio.gather(*(writer(rounds) for _ in range(BENCH_DRAIN_WRITERS)))
+    finally:
+        await client.aclose()
+    return made
+
+
+def drain_backlog(entries: int, console: Console) -> dict[str, Any]:
+    """The `drain` scenario of `creditmeter bench`: on a server of its own (embedded Redis,
+    SQLite ledger, no flusher), a backlog of at least `entries` outbox entries, then the
+    flusher's drain of it with nothing else running."""
+    with tempfile.TemporaryDirectory(prefix="cm-bench-drain-") as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        key = create_admin_key(data)
+        server = Server(data, None, flusher=False)
+        try:
+            accounts = one_account_per_bucket("bench", "drain-")
+            count = int(accounts[-1].removeprefix("drain-")) + 1
+            grant_accounts(server.address, key, "drain-", count)
+            url = endpoint_file(data).read_text().strip()
+            with console.status(f"drain: writing a backlog of {entries:,} outbox entries ..."):
+                t0 = time.monotonic()
+                consumes = asyncio.run(write_backlog(url, "bench", accounts, entries))
+                written_s = time.monotonic() - t0
+            with console.status(f"drain: flushing {entries:,} entries into SQLite ..."):
+                backlog, took = asyncio.run(_drain(data, None))
+        finally:
+            server.stop()
+    return {
+        "status": "ok",
+        "ledger": "sqlite",
+        "consumes": consumes,
+        "write_s": written_s,
+        "outbox_entries": backlog,
+        "buckets": len(accounts),
+        "seconds": took,
+        "entries_per_s": backlog / took if took else 0.0,
+    }
+
+
 async def _drain(data: Path, ledger_url: str | None) -> tuple[int, float]:
     """Flush a backlog with nothing else running: (entries, seconds)."""
     async with open_stores(str(data), None, ledger_url) as stores:
@@ -127,7 +258,10 @@ async def _drain(data: Path, ledger_url: str | None) -> tuple[int, float]:
 
 
 def run(seconds: float, processes: int, concurrency: int, ledger_url: str | None,
-        json_out: str | None) -> int:  # fmt: skip
+        json_out: str | None, backlog_entries: int | None = None) -> int:  # fmt: skip
+    """`backlog_entries`: the drain figure's backlog is that many outbox entries written by
+    the consume script directly (see `write_backlog`), instead of what `Consume` calls make
+    in `seconds / 2`."""
     console = Console()
     results: dict[str, Any] = {
         "seconds": seconds,
@@ -189,14 +323,22 @@ def run(seconds: float, processes: int, concurrency: int, ledger_url: str | None
 
         # Drain rate: a backlog written with no flusher, then flushed with no load.
         server = Server(data, ledger_url, flusher=False)
-        procs = [ctx.Process(target=_run_consumer,
-                             args=((server.address, key, seconds / 2, concurrency), out))
-                 for _ in range(processes)]  # fmt: skip
-        for p in procs:
-            p.start()
-        backlog_consumes = sum(out.get() for _ in procs)
-        for p in procs:
-            p.join()
+        if backlog_entries is None:
+            procs = [ctx.Process(target=_run_consumer,
+                                 args=((server.address, key, seconds / 2, concurrency), out))
+                     for _ in range(processes)]  # fmt: skip
+            for p in procs:
+                p.start()
+            backlog_consumes = sum(out.get() for _ in procs)
+            for p in procs:
+                p.join()
+        else:
+            url = endpoint_file(data).read_text().strip()
+            accounts = [f"acct{i}" for i in range(ACCOUNTS)]
+            with console.status(f"writing a backlog of {backlog_entries:,} outbox entries..."):
+                backlog_consumes = asyncio.run(
+                    write_backlog(url, "bench", accounts, backlog_entries)
+                )
         server.stop()
         backlog, took = asyncio.run(_drain(data, ledger_url))
         results["drain"] = {"outbox_entries": backlog, "seconds": took,

@@ -49,6 +49,29 @@ def new_histogram() -> HdrHistogram:
     return HdrHistogram(1, BENCH_HISTOGRAM_MAX_US, BENCH_HISTOGRAM_DIGITS)
 
 
+def _percentile_ms(h: HdrHistogram, p: float) -> float:
+    return float(h.get_value_at_percentile(p)) / 1000.0
+
+
+def latency_figures(h: HdrHistogram) -> dict[str, Any]:
+    """Percentiles, maximum, mean and the percentile curve of a latency histogram (ms)."""
+    if not h.get_total_count():
+        return {}
+    return {
+        "p50": _percentile_ms(h, 50),
+        "p95": _percentile_ms(h, 95),
+        "p99": _percentile_ms(h, 99),
+        "p999": _percentile_ms(h, 99.9),
+        "max": float(h.get_max_value()) / 1000.0,
+        "mean": float(h.get_mean_value()) / 1000.0,
+        # For the plot: latency at each percentile, out to five nines.
+        "curve": [
+            [p, _percentile_ms(h, p)]
+            for p in (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 99.999)
+        ],
+    }
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     """What every load process runs (picklable: it crosses a spawn)."""

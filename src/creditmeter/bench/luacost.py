@@ -123,10 +123,10 @@ def _count(source: str, with_request_id: bool, calls: int, workdir: Path) -> flo
 
         run(min(calls, 200), "w")  # warm: the script compiled, the accounts' pages touched
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         run(calls, "m")
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     finally:
         client.close()
         proc.terminate()

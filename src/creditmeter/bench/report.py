@@ -1,5 +1,7 @@
-"""What `creditmeter bench` prints and writes: the figures table, the ratios to the
-ceilings, the targets with an honest met/missed, the JSON file and the latency plot."""
+"""What `creditmeter bench` prints and writes: the figures table, Redis's time per
+deduction beside the reference script's, memory, the PostgreSQL peer and the flusher's
+drain, the ratios to the ceilings, the targets with an honest met/missed, the JSON file and
+the plot."""
 
 from __future__ import annotations
 
@@ -13,12 +15,19 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from creditmeter.bench.peer import PEER_VARIANT
 from creditmeter.constants import (
     BENCH_LATENCY_LOAD_SHARE,
+    TARGET_ACCOUNT_BYTES,
     TARGET_BULK_DEDUCTIONS_PER_S,
     TARGET_BULK_SUSTAINED_S,
+    TARGET_BULK_VS_PEER,
+    TARGET_DRAIN_BACKLOG,
+    TARGET_DRAIN_ENTRIES_PER_S,
     TARGET_FLUSH_LAG_P99_MS,
     TARGET_LATENCY_AT_LOAD_P99_MS,
+    TARGET_REDIS_BATCH_VS_REFERENCE,
+    TARGET_REDIS_UNARY_VS_REFERENCE,
     TARGET_UNARY_SHARE_OF_EMPTY,
 )
 
@@ -29,6 +38,36 @@ if TYPE_CHECKING:
 def _ok(results: dict[str, Any], name: str) -> dict[str, Any] | None:
     r = results.get(name)
     return r if r and r.get("status") == "ok" else None
+
+
+def _reference_usec(results: dict[str, Any]) -> float | None:
+    ref = _ok(results, "reference")
+    return ref["usec_per_call"] if ref and ref.get("usec_per_call") else None
+
+
+def _peer_tps(results: dict[str, Any]) -> float | None:
+    r = _ok(results, "peer")
+    if not r:
+        return None
+    variant = next(v for v in r["variants"] if v["variant"] == PEER_VARIANT)
+    return float(variant["calls_per_s"]) or None
+
+
+def _redis_figures(r: dict[str, Any] | None) -> dict[str, Any] | None:
+    redis = (r or {}).get("redis")
+    return redis if redis and redis.get("status") == "ok" else None
+
+
+def _with_redis_figures(
+    results: dict[str, Any],
+) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(name, summary, Redis figures) of every scenario that has Redis figures."""
+    rows = []
+    for name, r in results.items():
+        figures = _redis_figures(r)
+        if figures is not None:
+            rows.append((name, r, figures))
+    return rows
 
 
 def _ratios(results: dict[str, Any]) -> dict[str, float]:
@@ -45,6 +84,22 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
             bulk = _ok(results, name)
             if bulk and best:
                 ratios[f"{name}_vs_redis_evalsha_pipelined"] = bulk["deductions_per_s"] / best
+    reference = _reference_usec(results)
+    if reference:
+        for name, r in results.items():
+            figures = _redis_figures(r)
+            if figures and r.get("status") == "ok":
+                ratios[f"{name}_redis_us_vs_reference"] = (
+                    figures["scripts_us_per_deduction"] / reference
+                )
+        if redis and redis.get("usec_per_call"):
+            ratios["consume_script_us_vs_reference"] = redis["usec_per_call"] / reference
+    peer_tps = _peer_tps(results)
+    if peer_tps:
+        for name in ("consume", "batch", "meter"):
+            r = _ok(results, name)
+            if r:
+                ratios[f"{name}_vs_peer"] = r["deductions_per_s"] / peer_tps
     return ratios
 
 
@@ -92,6 +147,7 @@ def _targets(results: dict[str, Any], ratios: dict[str, float]) -> list[dict[str
         else:
             verdict = "met" if met else "missed"
         targets.append(_target(f"{name} sustained", goal, value, verdict))
+    targets.extend(_redis_targets(results, ratios))
     goal = f"p99 < {TARGET_LATENCY_AT_LOAD_P99_MS:g} ms at {BENCH_LATENCY_LOAD_SHARE:.0%} of max"
     latency = _ok(results, "latency")
     if latency and latency["latency_ms"]:
@@ -105,6 +161,98 @@ def _targets(results: dict[str, Any], ratios: dict[str, float]) -> list[dict[str
         status = results["latency"].get("status", "-") if "latency" in results else "-"
         verdict = "not measured" if "latency" not in results else "missed"
         targets.append(_target("unary latency at load", goal, status, verdict))
+    targets.extend(_other_targets(results, ratios))
+    return targets
+
+
+def _not_measured(results: dict[str, Any], name: str) -> bool:
+    """Whether scenario `name` did not run, or skipped (a failure is a miss)."""
+    r = results.get(name)
+    return r is None or r.get("status") == "skipped"
+
+
+def _unmeasured(results: dict[str, Any], name: str) -> str:
+    """What to show for a figure that needs scenario `name`: its status, or '-'."""
+    r = results.get(name)
+    if r is None:
+        return "-"
+    return str(r.get("reason") or r.get("status", "-"))
+
+
+def _redis_targets(results: dict[str, Any], ratios: dict[str, float]) -> list[dict[str, str]]:
+    """Redis time per deduction (scripts) against the reference script's."""
+    targets = []
+    wanted = (
+        ("consume", "unary Consume", TARGET_REDIS_UNARY_VS_REFERENCE),
+        ("batch", "ConsumeBatch", TARGET_REDIS_BATCH_VS_REFERENCE),
+        ("meter", "Meter", TARGET_REDIS_BATCH_VS_REFERENCE),
+    )
+    reference = _reference_usec(results)
+    for name, label, limit in wanted:
+        title = f"Redis time per deduction, {label}"
+        goal = f"<= {limit:g} x the reference script"
+        r = results.get(name)
+        ratio = ratios.get(f"{name}_redis_us_vs_reference")
+        if r is None:
+            targets.append(_target(title, goal, "-", "not measured"))
+        elif r.get("status") != "ok":
+            targets.append(_target(title, goal, r.get("status", "-"), "missed"))
+        elif reference is None:
+            why = f"reference {_unmeasured(results, 'reference')}"
+            targets.append(_target(title, goal, why, "not measured"))
+        elif ratio is None:
+            why = str(r.get("redis", {}).get("reason") or r.get("redis", {}).get("status"))
+            targets.append(_target(title, goal, why, "not measured"))
+        else:
+            us = r["redis"]["scripts_us_per_deduction"]
+            value = f"{us:.1f} us vs {reference:.1f} us: {ratio:.2f} x"
+            targets.append(_target(title, goal, value, "met" if ratio <= limit else "missed"))
+    return targets
+
+
+def _other_targets(results: dict[str, Any], ratios: dict[str, float]) -> list[dict[str, str]]:
+    """Memory per account, the PostgreSQL peer and the flusher's drain rate."""
+    targets = []
+    title, goal = "Redis bytes per one-lot account", f"<= {TARGET_ACCOUNT_BYTES:,} B"
+    mem = _ok(results, "memory")
+    if mem:
+        value = f"{mem['bytes_per_account']:,.0f} B ({mem['accounts']:,} accounts)"
+        verdict = "met" if mem["bytes_per_account"] <= TARGET_ACCOUNT_BYTES else "missed"
+        targets.append(_target(title, goal, value, verdict))
+    else:
+        verdict = "not measured" if _not_measured(results, "memory") else "missed"
+        targets.append(_target(title, goal, _unmeasured(results, "memory"), verdict))
+    peer_tps = _peer_tps(results)
+    for name, label in (("batch", "ConsumeBatch"), ("meter", "Meter")):
+        title = f"{label} vs the PostgreSQL peer"
+        goal = f">= {TARGET_BULK_VS_PEER:g} x the peer's transactions/s"
+        ratio = ratios.get(f"{name}_vs_peer")
+        if ratio is None or peer_tps is None:
+            missing = "peer" if peer_tps is None else name
+            verdict = "not measured" if _not_measured(results, missing) else "missed"
+            targets.append(_target(title, goal, f"{missing}: {_unmeasured(results, missing)}",
+                                   verdict))  # fmt: skip
+            continue
+        value = f"{results[name]['deductions_per_s']:,.0f} vs {peer_tps:,.0f}/s: {ratio:.2f} x"
+        verdict = "met" if ratio >= TARGET_BULK_VS_PEER else "missed"
+        targets.append(_target(title, goal, value, verdict))
+    title = "flusher drain into SQLite"
+    goal = f">= {TARGET_DRAIN_ENTRIES_PER_S:,} entries/s (backlog of {TARGET_DRAIN_BACKLOG:,})"
+    drain = _ok(results, "drain")
+    if drain:
+        rate = drain["entries_per_s"]
+        value = f"{rate:,.0f}/s ({drain['outbox_entries']:,} entries)"
+        met = rate >= TARGET_DRAIN_ENTRIES_PER_S
+        if drain["outbox_entries"] < TARGET_DRAIN_BACKLOG:
+            verdict = f"not judged (backlog < {TARGET_DRAIN_BACKLOG:,}; would be " + (
+                "met)" if met else "missed)"
+            )
+        else:
+            verdict = "met" if met else "missed"
+        targets.append(_target(title, goal, value, verdict))
+    else:
+        verdict = "not measured" if _not_measured(results, "drain") else "missed"
+        targets.append(_target(title, goal, _unmeasured(results, "drain"), verdict))
     return targets
 
 
@@ -123,6 +271,10 @@ def build(
             "duration_s": opts.duration_s,
             "batch_size": opts.batch_size,
             "accounts": opts.accounts,
+            "redis_clients": opts.redis_clients,
+            "memory_accounts": opts.memory_accounts,
+            "peer_clients": opts.peer_clients,
+            "drain_backlog": opts.drain_backlog,
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg(),
         },
@@ -136,32 +288,77 @@ def _ms(latency: dict[str, Any], key: str) -> str:
     return f"{latency[key]:.2f}" if key in latency else "-"
 
 
-def show(figures: dict[str, Any], console: Console) -> None:
+#: Scenario labels in the tables and the plot.
+LABELS = {
+    "empty": "empty call (ceiling)",
+    "consume": "Consume",
+    "batch": "ConsumeBatch",
+    "meter": "Meter",
+}
+#: Commands shown per scenario in the table of where Redis's time goes (JSON: all).
+TOP_COMMANDS = 12
+
+
+def _label(name: str, r: dict[str, Any]) -> str:
+    if name == "latency":
+        return f"latency (open loop {r.get('open_loop_rate_per_s') or 0:,.0f}/s)"
+    return LABELS.get(name, name)
+
+
+def _times_reference(us: float | None, reference: float | None) -> str:
+    return f"{us / reference:.2f} x" if us is not None and reference else "-"
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _main_table(figures: dict[str, Any]) -> Table:
+    results = figures["scenarios"]
+    reference = _reference_usec(results)
     table = Table(title="creditmeter bench", show_lines=False)
     for column in ("scenario", "status", "calls/s", "deductions/s", "p50 ms", "p95 ms",
-                   "p99 ms", "errors", "flush lag p99", "drained"):  # fmt: skip
+                   "p99 ms", "errors", "flush lag p99", "drained", "Redis us/deduction",
+                   "x reference"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("scenario", "errors") else "right")
-    for name, r in figures["scenarios"].items():
-        if name == "redis":
+    for name, r in results.items():
+        if name in ("redis", "reference"):
             drained = str(r.get("ledger", {}).get("drained", "-"))
-            for v in r.get("variants", []):
-                table.add_row(f"redis EVALSHA -P {v['pipeline']}", r["status"],
+            title = "redis EVALSHA consume" if name == "redis" else "reference EVALSHA"
+            variants = r.get("variants", []) if name == "redis" else [r] if "rps" in r else []
+            for v in variants:
+                table.add_row(f"{title} -P {v['pipeline']}", r["status"],
                               f"{v['rps']:,.0f}", f"{v['rps']:,.0f}", f"{v['p50_ms']:.2f}",
-                              "-", f"{v['p99_ms']:.2f}", "", "-", drained)  # fmt: skip
+                              "-", f"{v['p99_ms']:.2f}", "", "-", drained,
+                              _us(v["usec_per_call"]),
+                              _times_reference(v["usec_per_call"], reference))  # fmt: skip
             if r["status"] != "ok":
-                table.add_row(
-                    "redis EVALSHA", r["status"], *["-"] * 5, r.get("reason", ""), "-", ""
-                )
+                table.add_row(title, r["status"], *["-"] * 5, r.get("reason", ""),
+                              *["-"] * 4)  # fmt: skip
             continue
+        if name == "peer":
+            for v in r.get("variants", []):
+                latency = v["latency_ms"]
+                table.add_row(f"peer: PostgreSQL {v['variant']} (pgbench x {v['clients']})",
+                              v["status"], f"{v['calls_per_s']:,.0f}",
+                              f"{v['deductions_per_s']:,.0f}", _ms(latency, "p50"),
+                              _ms(latency, "p95"), _ms(latency, "p99"),
+                              f"failed {v['failed']:,}" if v["failed"] else "",
+                              "-", "-", "-", "-")  # fmt: skip
+            if r["status"] != "ok":
+                table.add_row("peer: PostgreSQL", r["status"], *["-"] * 5, r.get("reason", ""),
+                              *["-"] * 4)  # fmt: skip
+            continue
+        if name in ("memory", "drain"):
+            continue  # their own table
         latency = r.get("latency_ms", {})
         ledger = r.get("ledger", {})
         lag = ledger.get("flush_lag_ms_p99")
         errors = ", ".join(f"{k} {v:,}" for k, v in sorted(r.get("errors", {}).items()))
-        label = {"empty": "empty call (ceiling)"}.get(name, name)
-        if name == "latency":
-            label = f"latency (open loop {r.get('open_loop_rate_per_s') or 0:,.0f}/s)"
+        redis = _redis_figures(r)
+        us = redis["scripts_us_per_deduction"] if redis else None
         table.add_row(
-            label,
+            _label(name, r),
             r.get("status", "-"),
             f"{r.get('calls_per_s', 0):,.0f}",
             f"{r.get('deductions_per_s', 0):,.0f}",
@@ -171,8 +368,119 @@ def show(figures: dict[str, Any], console: Console) -> None:
             errors or r.get("reason", ""),
             "-" if lag is None else f"{lag:,} ms",
             str(ledger.get("drained", "-")),
+            _us(us),
+            _times_reference(us, reference),
         )
-    console.print(table)
+    return table
+
+
+def _redis_table(figures: dict[str, Any]) -> Table | None:
+    """Redis's time per deduction, each way of counting it, beside the reference."""
+    results = figures["scenarios"]
+    reference = _reference_usec(results)
+    rows = _with_redis_figures(results)
+    if not rows:
+        return None
+    table = Table(
+        title="Redis time per deduction (us, INFO commandstats; reference script "
+        + (f"{reference:.1f} us per call)" if reference else "not measured)")
+    )
+    for column in ("scenario", "deductions", "scripts", "x ref", "inside scripts",
+                   "Lua code", "direct", "all commands", "x ref", "Redis CPU",
+                   "waiting for a CPU"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for name, r, f in rows:
+        table.add_row(
+            _label(name, r),
+            f"{f['deductions']:,}",
+            _us(f["scripts_us_per_deduction"]),
+            _times_reference(f["scripts_us_per_deduction"], reference),
+            _us(f["inside_scripts_us_per_deduction"]),
+            _us(f["script_code_us_per_deduction"]),
+            _us(f["direct_us_per_deduction"]),
+            _us(f["all_us_per_deduction"]),
+            _times_reference(f["all_us_per_deduction"], reference),
+            _us(f["cpu_us_per_deduction"]),
+            _us(f.get("cpu_wait_us_per_deduction")),
+        )
+    return table
+
+
+def _commands_table(figures: dict[str, Any]) -> Table | None:
+    """Where Redis's time per deduction goes, command by command."""
+    results = figures["scenarios"]
+    rows = _with_redis_figures(results)
+    if not rows:
+        return None
+    table = Table(title="where Redis's time goes: us per deduction (calls per deduction)")
+    table.add_column("command")
+    table.add_column("runs")
+    for name, r, _f in rows:
+        table.add_column(_label(name, r), justify="right")
+    ranked: dict[str, float] = {}
+    for _name, _r, f in rows:
+        for command, c in list(f["commands"].items())[:TOP_COMMANDS]:
+            ranked[command] = max(ranked.get(command, 0.0), c["us_per_deduction"])
+    for command in sorted(ranked, key=lambda c: -ranked[c]):
+        runs = next(f["commands"][command]["runs"] for _n, _r, f in rows
+                    if command in f["commands"])  # fmt: skip
+        cells = []
+        for _name, _r, f in rows:
+            c = f["commands"].get(command)
+            cells.append(
+                f"{c['us_per_deduction']:.2f} ({c['calls_per_deduction']:.2f})" if c else "-"
+            )
+        table.add_row(command, runs, *cells)
+    return table
+
+
+def _other_table(figures: dict[str, Any]) -> Table | None:
+    """Memory per account and the flusher's drain rate."""
+    results = figures["scenarios"]
+    table = Table("figure", "value", title="Redis memory and the flusher")
+    mem = results.get("memory")
+    if mem is not None:
+        if mem.get("status") == "ok":
+            by_key = ", ".join(f"{k} {v:,.0f}" for k, v in mem["sample_bytes_by_key"].items())
+            table.add_row(f"Redis bytes per one-lot account ({mem['accounts']:,} accounts)",
+                          f"{mem['bytes_per_account']:,.0f} B")  # fmt: skip
+            table.add_row(f"  its keys (MEMORY USAGE, {mem['sample_accounts']} accounts)",
+                          f"{mem['sample_bytes_per_account']:,.0f} B: {by_key}")  # fmt: skip
+            encodings = ", ".join(f"{k} {v}" for k, v in mem["encodings"].items())
+            table.add_row("  their encodings", encodings)
+            table.add_row(f"Redis bytes per outbox entry kept ({mem['outbox_entries']:,})",
+                          f"{mem['bytes_per_outbox_entry']:,.0f} B")  # fmt: skip
+            table.add_row("Redis bytes per idempotency record",
+                          f"{mem['bytes_per_idempotency_record']:,.0f} B")  # fmt: skip
+        else:
+            table.add_row("memory", str(mem.get("reason") or mem.get("status")))
+    drain = results.get("drain")
+    if drain is not None:
+        if drain.get("status") == "ok":
+            table.add_row(
+                f"flusher drain into SQLite ({drain['outbox_entries']:,} entries, "
+                f"{drain['buckets']} buckets)",
+                f"{drain['entries_per_s']:,.0f} entries/s ({drain['seconds']:.1f} s)",
+            )
+        else:
+            table.add_row("drain", str(drain.get("reason") or drain.get("status")))
+    cost = results.get("lua-cost")
+    if cost is not None:
+        if cost.get("status") == "ok":
+            ratios = cost["vs_reference"]
+            for script, n in cost["instructions_per_call"].items():
+                ratio = f" ({ratios[script]:.2f}x the reference)" if script in ratios else ""
+                table.add_row(f"instructions per call (callgrind): {script}", f"{n:,.0f}{ratio}")
+        else:
+            table.add_row("lua-cost", str(cost.get("reason") or cost.get("status")))
+    return table if table.row_count else None
+
+
+def show(figures: dict[str, Any], console: Console) -> None:
+    console.print(_main_table(figures))
+    for extra in (_redis_table(figures), _commands_table(figures), _other_table(figures)):
+        if extra is not None:
+            console.print(extra)
     for name, value in figures["ratios"].items():
         console.print(f"ratio {name.replace('_', ' ')}: {value:.2f}")
     targets = Table("target", "goal", "measured", "verdict", title="targets")
@@ -206,21 +514,36 @@ def _plot(figures: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")  # no display: write a file
     import matplotlib.pyplot as plt
 
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, ((curves, bars), (redis_bars, memory_bars)) = plt.subplots(2, 2, figsize=(14, 10))
+    results = figures["scenarios"]
     names, rates = [], []
-    for name, r in figures["scenarios"].items():
-        curve = r.get("latency_ms", {}).get("curve") if r.get("status") == "ok" else None
-        if curve:
+
+    def curve(label: str, latency: dict[str, Any]) -> None:
+        points = latency.get("curve")
+        if points:
             # x: 1 / (1 - percentile), so the tail (99, 99.9, 99.99) spreads out evenly.
-            xs = [1 / (1 - p / 100) if p < 100 else 1e6 for p, _ in curve]
-            curves.plot(xs, [ms for _, ms in curve], marker=".", label=name)
+            xs = [1 / (1 - p / 100) if p < 100 else 1e6 for p, _ in points]
+            curves.plot(xs, [ms for _, ms in points], marker=".", label=label)
+
+    for name, r in results.items():
+        if r.get("status") != "ok":
+            continue
         if name == "redis":
-            for v in r.get("variants", []):
-                names.append(f"redis -P{v['pipeline']}")
+            for v in r["variants"]:
+                names.append(f"redis consume -P{v['pipeline']}")
                 rates.append(v["rps"])
-        elif r.get("status") == "ok":
+        elif name == "reference":
+            names.append(f"reference -P{r['pipeline']}")
+            rates.append(r["rps"])
+        elif name == "peer":
+            for v in r["variants"]:
+                names.append(f"peer {v['variant']}")
+                rates.append(v["deductions_per_s"])
+                curve(f"peer {v['variant']}", v["latency_ms"])
+        elif "deductions_per_s" in r:
             names.append(name)
             rates.append(r["deductions_per_s"] if name != "empty" else r["calls_per_s"])
+            curve(name, r.get("latency_ms", {}))
     curves.set_xscale("log")
     curves.set_yscale("log")
     ticks = [2, 10, 100, 1000, 10000, 100000]
@@ -232,8 +555,60 @@ def _plot(figures: dict[str, Any], path: Path) -> None:
     if curves.has_data():
         curves.legend()
     bars.barh(names, rates)
-    bars.set_xlabel("deductions/s (empty call: calls/s)")
+    bars.set_xlabel("deductions/s (empty call: calls/s; redis-benchmark: calls/s)")
     bars.set_title("throughput")
+    _plot_redis_time(redis_bars, results)
+    _plot_memory(memory_bars, results)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_redis_time(ax: Any, results: dict[str, Any]) -> None:
+    """Redis us per deduction (scripts, all commands) against the reference's lines."""
+    labels, scripts, everything = [], [], []
+    for name, r in results.items():
+        f = _redis_figures(r)
+        if f is not None:
+            labels.append(name)
+            scripts.append(f["scripts_us_per_deduction"])
+            everything.append(f["all_us_per_deduction"])
+    redis = _ok(results, "redis")
+    if redis and redis.get("usec_per_call"):
+        labels.append("redis consume")
+        scripts.append(redis["usec_per_call"])
+        everything.append(redis["usec_per_call"])
+    ys = list(range(len(labels)))
+    ax.barh([y - 0.2 for y in ys], scripts, height=0.4, label="scripts")
+    ax.barh([y + 0.2 for y in ys], everything, height=0.4, label="all commands")
+    ax.set_yticks(ys, labels)
+    reference = _reference_usec(results)
+    if reference:
+        for share, style in ((1.0, "-"), (TARGET_REDIS_BATCH_VS_REFERENCE, "--"),
+                             (TARGET_REDIS_UNARY_VS_REFERENCE, ":")):  # fmt: skip
+            ax.axvline(reference * share, color="black", linestyle=style,
+                       label=f"{share:g} x reference ({reference * share:.1f} us)")  # fmt: skip
+    ax.set_xlabel("Redis us per deduction (INFO commandstats)")
+    ax.set_title("Redis time per deduction")
+    if ax.has_data():
+        ax.legend(loc="lower right", fontsize="small")
+
+
+def _plot_memory(ax: Any, results: dict[str, Any]) -> None:
+    """Redis bytes per account, outbox entry and idempotency record; the drain rate."""
+    mem = _ok(results, "memory")
+    if mem:
+        labels = ["one-lot account", "outbox entry", "idempotency record"]
+        values = [mem["bytes_per_account"], mem["bytes_per_outbox_entry"],
+                  mem["bytes_per_idempotency_record"]]  # fmt: skip
+        ax.barh(labels, values)
+        ax.axvline(TARGET_ACCOUNT_BYTES, color="black", linestyle="--",
+                   label=f"target per account ({TARGET_ACCOUNT_BYTES} B)")  # fmt: skip
+        ax.legend()
+    ax.set_xlabel("Redis bytes")
+    title = "Redis memory"
+    drain = _ok(results, "drain")
+    if drain:
+        title += (f"\nflusher drain into SQLite: {drain['entries_per_s']:,.0f} entries/s"
+                  f" ({drain['outbox_entries']:,} entries)")  # fmt: skip
+    ax.set_title(title)

@@ -1,7 +1,10 @@
 """`creditmeter bench`: throughput and latency of the metering RPCs, side by side with the
 ceilings measured in the same run (an empty grpc.aio call, and redis-benchmark running the
 consume script itself), the flush lag of the ledger under load, and unary latency at half
-the measured maximum.
+the measured maximum. For each scenario, Redis's time per deduction (INFO commandstats)
+beside the reference script's, measured in the same Redis; and, each on a server or
+cluster of its own, Redis bytes per one-lot account (`memory`), the hand-rolled
+PostgreSQL deduction (`peer`) and the flusher's drain rate of a backlog (`drain`).
 
 Against `--server` it drives that server (the key must be an admin key: it grants the
 bench accounts and reads GetLedgerStatus); without it, it starts `creditmeter serve` on
@@ -11,11 +14,7 @@ the embedded default in a temporary data directory and stops it at the end.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import queue
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import grpc
 import redis
@@ -36,35 +34,44 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.bench import report
-from creditmeter.bench.ledger import Server, create_admin_key
+from creditmeter.bench import luacost, memory, peer, report
+from creditmeter.bench.ledger import Server, create_admin_key, drain_backlog, grant_accounts
 from creditmeter.bench.load import (
     LoadSpec,
     WorkerResult,
     empty_server_main,
+    latency_figures,
     new_histogram,
     spawn_context,
     worker_main,
+)
+from creditmeter.bench.redis_cost import (
+    RedisMeter,
+    benchmark_binary,
+    redis_args,
+    reference_run,
+    timed_evalsha,
 )
 from creditmeter.constants import (
     BENCH_GRANT,
     BENCH_LATENCY_LOAD_SHARE,
     BENCH_LEDGER_SAMPLE_S,
-    BENCH_REDIS_CALIBRATION_CALLS,
     BENCH_REDIS_IDEM_TTL_S,
-    BENCH_REDIS_KEYSPACE,
     BENCH_REDIS_PIPELINES,
+    BENCH_SCENARIOS,
     IDEMPOTENCY_TTL_S,
 )
 from creditmeter.storage import scripts
 from creditmeter.storage.embedded_redis import endpoint_file
 from creditmeter.storage.layout import AccountKeys
 
-#: Every scenario in the order a full run takes them (the empty ceiling first, the Redis
-#: ceiling last: its millions of outbox entries must not weigh on the others).
-SCENARIOS = ("empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "redis")
-#: Scenarios whose events go through the ledger: their flush lag and drain are reported.
+#: Every scenario in the order a full run takes them (see BENCH_SCENARIOS).
+SCENARIOS = BENCH_SCENARIOS
+#: Scenarios whose events go through the ledger: their flush lag and drain are reported,
+#: and Redis's time per deduction.
 LEDGER_SCENARIOS = ("consume", "batch", "meter", "sessions", "mixed", "latency")
+#: Scenarios whose Redis figures are judged against the reference script's.
+REFERENCED_SCENARIOS = (*LEDGER_SCENARIOS, "redis")
 #: Startup of the load processes (spawn, imports, connecting) may take this long.
 PROCESS_START_TIMEOUT_S = 120.0
 EMPTY_SERVER_START_TIMEOUT_S = 60.0
@@ -86,6 +93,9 @@ class Options:
     redis_clients: int
     drain_timeout_s: float
     out_dir: Path
+    memory_accounts: int
+    peer_clients: int
+    drain_backlog: int
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,7 @@ class Target:
     address: str
     api_key: str
     embedded: bool
-    #: The key's tenant and the server's Redis, needed only by the Redis ceiling.
+    #: The key's tenant and the server's Redis, needed by the Redis ceiling and figures.
     tenant: str | None
     redis_url: str | None
 
@@ -158,47 +168,6 @@ class _Ledger:
 
     def close(self) -> None:
         self.channel.close()
-
-
-def _seed(target: Target, prefix: str, accounts: int) -> None:
-    """Grant every bench account enough credit never to run out."""
-    with grpc.insecure_channel(target.address) as channel:
-        stub = pb_grpc.CreditsStub(channel)
-        md = (("authorization", f"Bearer {target.api_key}"),)
-        futures = [
-            stub.Grant.future(
-                pb.GrantRequest(
-                    account_id=f"{prefix}{i}", amount=BENCH_GRANT, request_id=uuid.uuid4().hex
-                ),
-                metadata=md,
-                timeout=30,
-            )
-            for i in range(accounts)
-        ]
-        for future in futures:
-            future.result()
-
-
-def _percentile_ms(h: HdrHistogram, p: float) -> float:
-    return float(h.get_value_at_percentile(p)) / 1000.0
-
-
-def _latency(h: HdrHistogram) -> dict[str, Any]:
-    if not h.get_total_count():
-        return {}
-    return {
-        "p50": _percentile_ms(h, 50),
-        "p95": _percentile_ms(h, 95),
-        "p99": _percentile_ms(h, 99),
-        "p999": _percentile_ms(h, 99.9),
-        "max": float(h.get_max_value()) / 1000.0,
-        "mean": float(h.get_mean_value()) / 1000.0,
-        # For the plot: latency at each percentile, out to five nines.
-        "curve": [
-            [p, _percentile_ms(h, p)]
-            for p in (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 99.999)
-        ],
-    }
 
 
 def run_load(
@@ -310,7 +279,7 @@ def _summarise(
         "deductions_per_s": deductions / elapsed if elapsed else 0.0,
         "errors": dict(errors),
         "error_details": details,
-        "latency_ms": _latency(histogram),
+        "latency_ms": latency_figures(histogram),
     }
     if crashes:
         summary["crashes"] = crashes
@@ -345,45 +314,11 @@ def _empty_ceiling(spec: LoadSpec, console: Console) -> dict[str, Any]:
         server.join(timeout=10)
 
 
-def _redis_args(url: str) -> list[str]:
-    parsed = urlparse(url)
-    if parsed.scheme == "unix":
-        args = ["-s", parsed.path]
-    elif parsed.scheme == "redis":
-        args = ["-h", parsed.hostname or "127.0.0.1", "-p", str(parsed.port or 6379)]
-        db = parsed.path.strip("/")
-        if db and db != "0":
-            args += ["--dbnum", db]
-    else:
-        raise ValueError(f"redis-benchmark cannot reach {parsed.scheme}:// URLs")
-    if parsed.password:
-        args += ["-a", parsed.password]
-    return args
-
-
-def _redis_benchmark(
-    base: list[str], command: list[str], calls: int, pipeline: int
-) -> dict[str, float]:
-    out = subprocess.run(
-        [*base, "-n", str(calls), "-P", str(pipeline), "-r", str(BENCH_REDIS_KEYSPACE),
-         "--csv", *command],
-        capture_output=True, text=True, check=True, timeout=600,
-    )  # fmt: skip
-    rows = list(csv.DictReader(io.StringIO(out.stdout)))
-    if not rows:
-        raise RuntimeError(f"redis-benchmark printed no figures: {out.stderr.strip()}")
-    row = rows[-1]
-    return {
-        "rps": float(row["rps"]),
-        "p50_ms": float(row["p50_latency_ms"]),
-        "p99_ms": float(row["p99_latency_ms"]),
-    }
-
-
 def redis_ceiling(target: Target, account: str, opts: Options, console: Console) -> dict[str, Any]:
     """redis-benchmark running EVALSHA of the consume script, with the KEYS and ARGV a
-    unary Consume of one text message sends, at several pipelining depths."""
-    binary = shutil.which("redis-benchmark")
+    unary Consume of one text message sends, at several pipelining depths; with each,
+    the script's usec_per_call from INFO commandstats."""
+    binary = benchmark_binary()
     if binary is None:
         reason = "redis-benchmark not installed (apt-get install redis-tools)"
         return {"status": "skipped", "reason": reason}
@@ -392,38 +327,61 @@ def redis_ceiling(target: Target, account: str, opts: Options, console: Console)
     client = redis.Redis.from_url(target.redis_url)
     try:
         sha = client.script_load(scripts.source("consume"))
+        # redis-benchmark replaces every __rand_int__ with its own random number: each
+        # call gets a fresh request id and transaction id (two numbers each, so they
+        # never repeat).
+        rand = "__rand_int__-__rand_int__"
+        keys = AccountKeys(target.tenant, account).script_keys(request_id=rand)
+        fingerprint = uuid.uuid4().hex
+        argv = [str(int(time.time() * 1000)), fingerprint, str(BENCH_REDIS_IDEM_TTL_S), rand,
+                target.tenant, account, rand, "1", "text", "1"]  # fmt: skip
+        command = ["EVALSHA", sha, str(len(keys)), *keys, *argv]
+        base = [binary, *redis_args(target.redis_url), "-c", str(opts.redis_clients)]
+        variants = []
+        for pipeline in BENCH_REDIS_PIPELINES:
+            with console.status(f"redis-benchmark EVALSHA consume -P {pipeline} ..."):
+                variants.append(timed_evalsha(client, base, command, pipeline, opts.duration_s))
     finally:
         client.close()
-    # redis-benchmark replaces every __rand_int__ with its own random number: each call
-    # gets a fresh request id and transaction id (two numbers each, so they never repeat).
-    rand = "__rand_int__-__rand_int__"
-    keys = AccountKeys(target.tenant, account).script_keys(request_id=rand)
-    fingerprint = uuid.uuid4().hex
-    argv = [str(int(time.time() * 1000)), fingerprint, str(BENCH_REDIS_IDEM_TTL_S), rand,
-            target.tenant, account, rand, "1", "text", "1"]  # fmt: skip
-    command = ["EVALSHA", sha, str(len(keys)), *keys, *argv]
-    base = [binary, *_redis_args(target.redis_url), "-c", str(opts.redis_clients)]
-    variants = []
-    for pipeline in BENCH_REDIS_PIPELINES:
-        with console.status(f"redis-benchmark EVALSHA consume -P {pipeline} ..."):
-            calibration = _redis_benchmark(base, command, BENCH_REDIS_CALIBRATION_CALLS, pipeline)
-            calls = max(BENCH_REDIS_CALIBRATION_CALLS, int(calibration["rps"] * opts.duration_s))
-            figures = _redis_benchmark(base, command, calls, pipeline)
-        variants.append({"pipeline": pipeline, "calls": calls, **figures})
+    calls = sum(v["evalsha_calls"] for v in variants)
     return {
         "status": "ok",
         "clients": opts.redis_clients,
         "idempotency_ttl_s": BENCH_REDIS_IDEM_TTL_S,
         "server_idempotency_ttl_s": IDEMPOTENCY_TTL_S,
         "variants": variants,
+        # Over every variant: the consume script's Redis time per call (one deduction each).
+        "usec_per_call": (
+            sum(v["usec_per_call"] * v["evalsha_calls"] for v in variants) / calls if calls else 0.0
+        ),
     }
+
+
+def reference(target: Target, opts: Options, console: Console) -> dict[str, Any]:
+    """The reference script under redis-benchmark, in the server's Redis."""
+    if not target.redis_url:
+        return {"status": "skipped", "reason": "needs --redis-url with --server"}
+    with console.status("redis-benchmark EVALSHA of the reference script ..."):
+        return reference_run(target.redis_url, opts.redis_clients, opts.duration_s)
+
+
+def _lua_cost(console: Console) -> dict[str, Any]:
+    """Instructions per script call under callgrind (deterministic), beside the reference."""
+    if not luacost.available():
+        return {"status": "skipped", "reason": "needs valgrind (apt-get install valgrind)"}
+    with console.status("lua-cost: counting instructions per script call under callgrind ..."):
+        cost = luacost.measure()
+    return {"status": "ok", "instructions_per_call": cost.per_call, "vs_reference": cost.ratios}
 
 
 # --- the run ---------------------------------------------------------------------------
 def run(opts: Options) -> int:
     # Piped output keeps the table whole rather than folded at 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 160)
-    selected = [s for s in SCENARIOS if s in opts.scenarios]
+    wanted = set(opts.scenarios)
+    if wanted & set(REFERENCED_SCENARIOS):
+        wanted.add("reference")  # their Redis figures are ratios to it
+    selected = [s for s in SCENARIOS if s in wanted]
     results: dict[str, Any] = {}
     started_at = datetime.now(UTC)
     prefix = f"bench-{uuid.uuid4().hex[:8]}-"
@@ -441,9 +399,10 @@ def run(opts: Options) -> int:
             accounts=opts.accounts,
             batch_size=opts.batch_size,
         )
-        if any(s != "empty" for s in selected):
+        if any(s in REFERENCED_SCENARIOS for s in selected):
             with console.status(f"granting {opts.accounts + 1} bench accounts ..."):
-                _seed(target, prefix, opts.accounts + 1)  # the last one is Redis's
+                # The last one is the Redis ceiling's.
+                grant_accounts(target.address, target.api_key, prefix, opts.accounts + 1)
         ledger = _Ledger(target)
         try:
             for name in selected:
@@ -453,20 +412,36 @@ def run(opts: Options) -> int:
                     results[name] = redis_ceiling(target, f"{prefix}{opts.accounts}", opts, console)
                     if results[name]["status"] == "ok":
                         results[name]["ledger"] = ledger.drain(opts.drain_timeout_s)
+                elif name == "reference":
+                    results[name] = reference(target, opts, console)
+                elif name == "memory":
+                    with console.status(f"memory: granting {opts.memory_accounts:,} accounts ..."):
+                        results[name] = memory.run(opts.memory_accounts)
+                elif name == "peer":
+                    with console.status(f"peer: PostgreSQL, pgbench x {opts.peer_clients} ..."):
+                        results[name] = peer.run(
+                            opts.accounts, opts.peer_clients, opts.duration_s, BENCH_GRANT
+                        )
+                elif name == "drain":
+                    results[name] = drain_backlog(opts.drain_backlog, console)
+                elif name == "lua-cost":
+                    results[name] = _lua_cost(console)
                 elif name == "latency":
                     if "consume" not in results:
-                        results["consume"] = _scenario(spec, "consume", console, ledger, opts)
+                        results["consume"] = _scenario(
+                            spec, "consume", console, ledger, opts, target
+                        )
                     best = results["consume"]["calls_per_s"]
                     rate = BENCH_LATENCY_LOAD_SHARE * best / opts.processes
                     if rate <= 0:
                         results[name] = {"status": "failed", "reason": "consume measured 0 calls/s"}
                         continue
                     results[name] = _scenario(
-                        replace(spec, rate=rate), "consume", console, ledger, opts, label=name
+                        replace(spec, rate=rate), "consume", console, ledger, opts, target, name
                     )
                     results[name]["share_of_max"] = BENCH_LATENCY_LOAD_SHARE
                 else:
-                    results[name] = _scenario(spec, name, console, ledger, opts)
+                    results[name] = _scenario(spec, name, console, ledger, opts, target)
         finally:
             ledger.close()
         figures = report.build(results, opts, target.embedded, started_at)
@@ -482,10 +457,25 @@ def _scenario(
     console: Console,
     ledger: _Ledger,
     opts: Options,
+    target: Target,
     label: str | None = None,
 ) -> dict[str, Any]:
-    summary = run_load(replace(spec, scenario=name), label or name, console, ledger)
-    if summary["status"] == "ok":
-        with console.status(f"{label or name}: waiting for the ledger to catch up ..."):
-            summary.setdefault("ledger", {}).update(ledger.drain(opts.drain_timeout_s))
+    """One load scenario, then the ledger's drain; Redis's statistics are reset before it
+    and read once the drain is over, so they hold what the scenario's load and the flush
+    of its events cost."""
+    meter = RedisMeter(target.redis_url) if target.redis_url else None
+    try:
+        if meter is not None:
+            meter.start()
+        summary = run_load(replace(spec, scenario=name), label or name, console, ledger)
+        if summary["status"] == "ok":
+            with console.status(f"{label or name}: waiting for the ledger to catch up ..."):
+                summary.setdefault("ledger", {}).update(ledger.drain(opts.drain_timeout_s))
+        if meter is None:
+            summary["redis"] = {"status": "skipped", "reason": "needs --redis-url with --server"}
+        else:
+            summary["redis"] = meter.finish(summary["deductions"])
+    finally:
+        if meter is not None:
+            meter.close()
     return summary

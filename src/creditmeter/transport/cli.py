@@ -24,10 +24,14 @@ from creditmeter.constants import (
     BENCH_BATCH_SIZE,
     BENCH_CHANNELS_PER_PROCESS,
     BENCH_CONCURRENCY,
+    BENCH_DRAIN_BACKLOG,
     BENCH_DRAIN_TIMEOUT_S,
     BENCH_DURATION_S,
+    BENCH_MEMORY_ACCOUNTS,
     BENCH_OUT_DIR,
+    BENCH_PEER_CLIENTS,
     BENCH_REDIS_CLIENTS,
+    BENCH_SCENARIOS,
     CONFIG_DB_NAME,
     DEFAULT_BACKLOG_CAP,
     DEFAULT_DATA_DIR,
@@ -324,7 +328,9 @@ def cmd_ledger_status(args: argparse.Namespace) -> int:
 def cmd_bench_ledger(args: argparse.Namespace) -> int:
     from creditmeter.bench.ledger import run
 
-    return run(args.seconds, args.processes, args.concurrency, args.ledger_url, args.json)
+    return run(
+        args.seconds, args.processes, args.concurrency, args.ledger_url, args.json, args.backlog
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -345,6 +351,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         redis_clients=args.redis_clients,
         drain_timeout_s=args.drain_timeout,
         out_dir=Path(args.out),
+        memory_accounts=args.memory_accounts,
+        peer_clients=args.peer_clients,
+        drain_backlog=args.drain_backlog,
     )
     return run(options)
 
@@ -687,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=32, help="calls in flight per process")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--backlog", type=int, default=None, metavar="N",
+                   help="drain figure: a backlog of N outbox entries written by the consume "
+                   "script directly (default: what Consume calls make in seconds/2)")  # fmt: skip
     _ledger_flag(p)
     p.set_defaults(func=cmd_bench_ledger)
 
@@ -701,9 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenario",
         action="append",
-        choices=["empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "redis"],
+        choices=BENCH_SCENARIOS,
         help="repeatable; default all. empty and redis are the ceilings, latency is Consume "
-        "open-loop at half the measured maximum",
+        "open-loop at half the measured maximum, reference the minimal Lua deduction (run "
+        "with any scenario that has Redis figures), memory Redis bytes per one-lot account, "
+        "peer the PostgreSQL deduction (pgbench), drain the flusher's drain of a backlog",
     )
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="load processes")
     p.add_argument(
@@ -716,13 +730,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="items per ConsumeBatch, requests in flight per Meter stream")  # fmt: skip
     p.add_argument("--accounts", type=int, default=BENCH_ACCOUNTS)
     p.add_argument("--redis-url", default=None,
-                   help="with --server: its Redis, for the redis-benchmark ceiling")  # fmt: skip
+                   help="with --server: its Redis, for its time per deduction (INFO "
+                   "commandstats), the reference script and the redis-benchmark "
+                   "ceiling")  # fmt: skip
     p.add_argument("--tenant", default=None, help="with --server: the tenant of --api-key")
     p.add_argument("--redis-clients", type=int, default=BENCH_REDIS_CLIENTS,
                    help="redis-benchmark connections")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=BENCH_DRAIN_TIMEOUT_S,
                    help="seconds the ledger backlog may take to reach 0 after load")  # fmt: skip
     p.add_argument("--out", default=BENCH_OUT_DIR, help="where the JSON and the plot go")
+    p.add_argument("--memory-accounts", type=int, default=BENCH_MEMORY_ACCOUNTS,
+                   help="memory: one-lot accounts granted")  # fmt: skip
+    p.add_argument("--peer-clients", type=int, default=BENCH_PEER_CLIENTS,
+                   help="peer: pgbench connections")  # fmt: skip
+    p.add_argument("--drain-backlog", type=int, default=BENCH_DRAIN_BACKLOG,
+                   help="drain: outbox entries written, then drained into SQLite")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     packs = sub.add_parser("packs", help="the packs for sale").add_subparsers(
