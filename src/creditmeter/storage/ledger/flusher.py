@@ -212,6 +212,16 @@ class Flusher:
                 bound = min(bound, pending["min"], key=_id_key)
             if _id_key(bound) > (0, 0):
                 bounds[i] = bound
+        # Only streams with an entry below their bound have anything to trim. Asked first,
+        # with a forward read from the start (constant time): XREVRANGE from a bound below
+        # every entry walks the whole stream before it finds nothing (33 ms at 200,000
+        # entries, measured), and that is the usual case while an outbox is younger than
+        # the retention window.
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i, bound in bounds.items():
+                pipe.xrange(self.streams[i], min="-", max=f"({bound}", count=1)
+            firsts = await pipe.execute()
+        bounds = {i: b for (i, b), first in zip(bounds.items(), firsts, strict=True) if first}
         # The greatest entry each trim drops, recorded before it goes: a watcher's resume
         # position below it has lost entries. (No entry below a bound can appear meanwhile:
         # new ids are above every delivered one.)
