@@ -141,6 +141,8 @@ REDIS_DIR_NAME = "redis"
 REDIS_SOCKET_NAME = "redis.sock"
 #: Unix socket paths longer than this do not fit in sockaddr_un; fall back to TCP.
 MAX_UNIX_SOCKET_PATH = 100
+#: Verified authorization headers a server remembers (see KeyRing.authenticate).
+MAX_VERIFIED_KEYS = 10_000
 #: How often the server looks for new or revoked keys and changed rates.
 CONFIG_RELOAD_INTERVAL_S = 0.5
 #: How often the expiry sweeper looks for lots whose time has come.

@@ -12,7 +12,9 @@ scrape endpoint is not the place for one tenant's names to be seen beside anothe
 
 from __future__ import annotations
 
+import functools
 import threading
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -80,16 +82,41 @@ REDIS_DURATION = Histogram(
 )
 
 
+# The children of labelled metrics, found once per label set: `labels()` hashes and
+# locks on every call, which the hot path pays per RPC. Label sets are bounded (methods,
+# codes, configured features, script names), so are these caches.
+@functools.cache
+def _rpcs(service: str, method: str, code: str) -> Any:
+    return RPCS.labels(service, method, code)
+
+
+@functools.cache
+def _rpc_duration(service: str, method: str) -> Any:
+    return RPC_DURATION.labels(service, method)
+
+
+@functools.cache
+def _consumed(feature: str) -> tuple[Any, Any]:
+    return CREDITS_CONSUMED.labels(feature), UNITS_CONSUMED.labels(feature)
+
+
+@functools.cache
+def redis_duration(operation: str) -> Any:
+    """The Redis round-trip histogram of one operation (a script's name, or snapshot)."""
+    return REDIS_DURATION.labels(operation)
+
+
 def record_rpc(service: str, method: str, code: str, seconds: float) -> None:
     """Count one finished RPC with its status code name (OK, NOT_FOUND, ...)."""
-    RPCS.labels(service, method, code).inc()
-    RPC_DURATION.labels(service, method).observe(seconds)
+    _rpcs(service, method, code).inc()
+    _rpc_duration(service, method).observe(seconds)
 
 
 def record_consume(feature: str, credits: int, units: int) -> None:
     """A consumption that charged the account (not a replay of an earlier one)."""
-    CREDITS_CONSUMED.labels(feature).inc(credits)
-    UNITS_CONSUMED.labels(feature).inc(units)
+    credits_child, units_child = _consumed(feature)
+    credits_child.inc(credits)
+    units_child.inc(units)
 
 
 def record_insufficient(feature: str) -> None:

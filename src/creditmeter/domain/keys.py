@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 
+from creditmeter.constants import MAX_VERIFIED_KEYS
 from creditmeter.errors import ApiKeyInvalid, RoleNotAllowed
 
 _KEY_PREFIX = "cm"
@@ -106,9 +107,23 @@ class KeyRing:
 
     def __init__(self, keys: list[ApiKey] | None = None) -> None:
         self._by_id = {k.key_id: k for k in keys or [] if k.revoked_ms is None}
+        #: Headers already verified, so a caller's key is hashed once, not on every call.
+        #: The ring is replaced whole when keys change, and this with it: a revoked key
+        #: is refused as soon as the new ring is in place.
+        self._verified: dict[str, Principal] = {}
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal for an `authorization: Bearer <key>` header value."""
+        known = self._verified.get(authorization) if authorization else None
+        if known is not None:
+            return known
+        principal = self._verify(authorization)
+        if len(self._verified) >= MAX_VERIFIED_KEYS:
+            self._verified.clear()  # bounded: many keys in turn only cost their hashing
+        self._verified[str(authorization)] = principal
+        return principal
+
+    def _verify(self, authorization: str | None) -> Principal:
         if not authorization:
             raise ApiKeyInvalid("missing authorization: Bearer <api key> metadata")
         scheme, _, token = authorization.partition(" ")

@@ -310,7 +310,7 @@ class RedisStore:
                 )
         finally:
             # Failures too: a timeout is the latency worth seeing.
-            metrics.REDIS_DURATION.labels(name).observe(time.perf_counter() - start)
+            metrics.redis_duration(name).observe(time.perf_counter() - start)
         return _checked(reply, name)
 
     async def _run_many(self, name: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -336,7 +336,7 @@ class RedisStore:
                     results = await pipe.execute(raise_on_error=False)
             finally:
                 # One round trip, however many calls it carried.
-                metrics.REDIS_DURATION.labels(name).observe(time.perf_counter() - start)
+                metrics.redis_duration(name).observe(time.perf_counter() - start)
             missing = []
             for i, result in zip(pending, results, strict=True):
                 if isinstance(result, NoScriptError):
@@ -638,7 +638,7 @@ class RedisStore:
             async with _reachable():
                 stored = cast(dict[str, str], await self.client.hgetall(keys.account_key))
         finally:
-            metrics.REDIS_DURATION.labels("snapshot").observe(time.perf_counter() - start)
+            metrics.redis_duration("snapshot").observe(time.perf_counter() - start)
         fields: dict[str, str] = {}
         remaining: dict[str, str] = {}  # burn key -> remaining
         metas: dict[str, str] = {}
