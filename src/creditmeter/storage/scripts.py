@@ -18,11 +18,12 @@ def source(name: str) -> str:
     folder = resources.files("creditmeter.storage") / "lua"
     prelude = (folder / _PRELUDE).read_text(encoding="utf-8")
     body = (folder / f"{name}.lua").read_text(encoding="utf-8")
-    # The body runs as a function so that the account it changed is written back once
-    # (flush_account), whichever `return` it ends by.
+    # The body runs as a function so that the expiry index is kept (update_due) and the
+    # account it changed is written back once (flush_account), whichever `return` it
+    # ends by.
     return (
         f"{prelude}\n-- ---- {name}.lua ----\nlocal function script_body()\n{body}\nend\n"
-        "local reply = script_body()\nflush_account()\nreturn reply\n"
+        "local reply = script_body()\nupdate_due()\nflush_account()\nreturn reply\n"
     )
 
 

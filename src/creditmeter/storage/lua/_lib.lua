@@ -52,6 +52,8 @@ local BURN_KEY_LOT_OFFSET = 36 -- burn key: 4+1+13+1+1+1+13+1 characters, then t
 
 local event_counts = {}
 local due_changed = false
+-- A lot with an expiry was dropped: next_expiry is recomputed once, at the end.
+local expiry_stale = false
 
 local function fmt(n)
   return string.format('%d', n)
@@ -224,6 +226,7 @@ local function lots_in_order()
 end
 
 -- Point next_expiry (and, at the end, the bucket's expiry index) at the soonest expiry.
+-- Run once per script, by update_due, when a drop made it stale (or by restore).
 local function refresh_next_expiry()
   local soonest = nil
   for field in pairs(acct()) do
@@ -249,7 +252,7 @@ local function drop_lot(lot, burn_key)
   acct_del('q:' .. burn_key)
   acct_del('m:' .. lot)
   if burn_key_expiry(burn_key) ~= NEVER then
-    refresh_next_expiry()
+    expiry_stale = true
   end
 end
 
@@ -302,15 +305,20 @@ local function sweep()
   for _, lot in ipairs(expired) do
     remove_lot(lot, TXN .. 'x', 'expire', 'expired')
   end
-  refresh_next_expiry()
   return #expired
 end
 
--- Keep the bucket's expiry index pointing at this account's next expiry.
+-- Keep next_expiry and the bucket's expiry index pointing at this account's next expiry.
+-- scripts.py runs it after every script body, before flush_account.
 local function update_due()
+  if expiry_stale then
+    expiry_stale = false
+    refresh_next_expiry()
+  end
   if not due_changed then
     return
   end
+  due_changed = false
   local member = TENANT .. ':' .. ACCOUNT
   local soonest = acct_get('next_expiry')
   if soonest == nil then

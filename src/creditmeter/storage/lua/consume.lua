@@ -23,11 +23,9 @@ local spendable = available()
 
 -- Checks, before any write of the charge.
 if not unlimited and spendable < amount then
-  update_due()
   return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(spendable, 0)), 'required', fmt(amount)}
 end
 if acct_int('used') + amount > MAX_CREDITS then
-  update_due()
   return {'ERR', 'BALANCE_LIMIT_EXCEEDED', 'balance', fmt(spendable), 'amount', fmt(amount)}
 end
 
@@ -42,7 +40,6 @@ else
   _, charges = burn(amount, 'consume', feature, units, '')
 end
 count_usage(amount, feature, tonumber(units))
-update_due()
 add_holdings(reply)
 reply[#reply + 1] = ARGV[1]
 for _, v in ipairs(charges) do

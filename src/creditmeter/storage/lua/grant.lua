@@ -13,11 +13,9 @@ sweep()
 local lot = lot_from_argv(8)
 local refused = check_room(tonumber(lot.amount))
 if refused then
-  update_due()
   return refused
 end
 add_lot(lot)
-update_due()
 local reply = {'OK'}
 for _, v in ipairs(lot_reply(lot)) do
   reply[#reply + 1] = v

@@ -27,7 +27,6 @@ for i = 9, #ARGV do
   parts[#parts + 1] = fmt(removed)
   parts[#parts + 1] = fmt(granted)
 end
-update_due()
 local reply = add_holdings({'OK'})
 reply[#reply + 1] = fmt(total)
 for _, v in ipairs(parts) do

@@ -17,7 +17,6 @@ local carry_field = 'carry:' .. lot.reference
 local carried = math.min(acct_int(carry_field), tonumber(ARGV[15]))
 local refused = check_room(tonumber(lot.amount) + carried)
 if refused then
-  update_due()
   return refused
 end
 acct_del(carry_field)
@@ -28,7 +27,6 @@ if carried > 0 then
     source = 'rollover', reference = lot.reference, burn_key = ARGV[17],
   })
 end
-update_due()
 local reply = {'OK'}
 for _, v in ipairs(lot_reply(lot)) do
   reply[#reply + 1] = v

@@ -23,7 +23,6 @@ for _, lot in ipairs(lots) do
   acct_set('m:' .. lot.id, lot.meta)
   acct_set('q:' .. lot.burn_key, lot.remaining)
 end
-refresh_next_expiry()
+expiry_stale = true
 due_changed = true
-update_due()
 return {'OK', fmt(#lots)}

@@ -98,7 +98,6 @@ local function finish(s, charged, released)
   for _, v in ipairs(flat) do
     reply[#reply + 1] = v
   end
-  update_due()
   idem_store(reply)
   return reply
 end
@@ -115,7 +114,6 @@ if step == 'start' then
   local grace = tonumber(ARGV[16])
   local units = holdable(want, rate, available())
   if units == 0 then
-    update_due()
     return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(available(), 0)), 'required', fmt(rate)}
   end
   local hold = unlimited and 0 or units * rate

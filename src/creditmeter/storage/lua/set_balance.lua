@@ -17,11 +17,9 @@ local amount = tonumber(lot.amount)
 if not reset then
   local refused = check_room(amount)
   if refused then
-    update_due()
     return refused
   end
 elseif acct_int('granted') + amount > MAX_CREDITS then
-  update_due()
   return {'ERR', 'BALANCE_LIMIT_EXCEEDED', 'balance', fmt(acct_int('balance')), 'amount', lot.amount}
 end
 
@@ -46,7 +44,6 @@ elseif not acct_exists() or acct_get('balance') == nil then
   -- A reset to zero of an unknown account still brings the account into being.
   acct_set('balance', '0')
 end
-update_due()
 local reply = add_holdings({'OK'})
 reply[#reply + 1] = fmt(removed)
 for _, v in ipairs(lot_fields) do

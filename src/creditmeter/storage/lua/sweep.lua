@@ -5,6 +5,5 @@
 -- and need not be: a lot expires once, because it is gone afterwards).
 -- returns {'OK', lots expired}
 local n = sweep()
-due_changed = true
-update_due()
+due_changed = true -- the sweeper found it in the index: re-point or drop its entry
 return {'OK', fmt(n)}
