@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 from creditmeter.constants import BUCKETS, KEY_PREFIX
 
@@ -117,7 +118,7 @@ RENAMED_VERSION = "2"
 #: SCAN pattern of every key of every bucket.
 ALL_BUCKETS_PATTERN = f"{KEY_PREFIX}:{{b*}}:*"
 
-#: SCAN pattern of every account's `acct` hash (and, rarely, other keys: `parse` tells).
+#: SCAN pattern of every account's hash (and, rarely, other keys: `parse` tells).
 ACCOUNT_SCAN_PATTERN = f"{KEY_PREFIX}:{{b*}}:*:{ACCOUNT_KIND}"
 #: SCAN pattern of the layout-2 accounts (their `acct` hash) to convert.
 V2_ACCOUNT_SCAN_PATTERN = f"{KEY_PREFIX}:{{b*}}:*:acct"
@@ -130,7 +131,8 @@ class AccountKeys:
     tenant: str
     account: str
 
-    @property
+    # Computed once per instance (a CRC32 and a few strings): every key below uses them.
+    @cached_property
     def bucket(self) -> int:
         return bucket_of(self.tenant, self.account)
 
@@ -143,7 +145,7 @@ class AccountKeys:
         """The account's five keys of layout 2 (`V2_ACCOUNT_KINDS` order), to convert."""
         return [f"{self.base}:{kind}" for kind in V2_ACCOUNT_KINDS]
 
-    @property
+    @cached_property
     def base(self) -> str:
         return f"{bucket_tag(self.bucket)}:{self.tenant}:{component(self.account)}"
 
@@ -164,13 +166,11 @@ class AccountKeys:
         return f"{self.base}:{IDEMPOTENCY_KIND}:{component(session_id)}#{step}"
 
     def script_keys(self, request_id: str = "") -> list[str]:
-        bucket = self.bucket
-        base = self.base
         return [
-            f"{base}:{ACCOUNT_KIND}",
-            f"{base}:{IDEMPOTENCY_KIND}:{component(request_id)}",
-            outbox_key(bucket),
-            due_key(bucket),
+            self.account_key,
+            self.idempotency_key(request_id),
+            outbox_key(self.bucket),
+            due_key(self.bucket),
         ]
 
     def session_keys(self, session_id: str, step: str) -> list[str]:
@@ -205,7 +205,7 @@ def parse(key: str) -> ParsedKey | None:
     if rest and kind not in (IDEMPOTENCY_KIND, SESSION_KIND):
         return None
     keys = AccountKeys(tenant, uncomponent(account))
-    if tag != f"{{b{keys.bucket:02d}}}":
+    if f"{KEY_PREFIX}:{tag}" != bucket_tag(keys.bucket):
         return None
     if not rest:
         return ParsedKey(keys, kind)
@@ -263,7 +263,7 @@ def legacy(key: str) -> list[ParsedKey]:
             reading = ParsedKey(keys, tail[0], ":".join(tail[1:]))
         else:
             continue
-        if tag != f"{{b{keys.bucket:02d}}}":
+        if f"{KEY_PREFIX}:{tag}" != bucket_tag(keys.bucket):
             continue
         readings.append(reading)
         session, hashed, _ = reading.id.rpartition("#")
