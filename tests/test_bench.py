@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from creditmeter.bench import peer, report
+from creditmeter.bench import postgres, report
 from creditmeter.bench.redis_cost import script_called_commands, time_per_deduction
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("CREDITMETER_")}
@@ -96,7 +96,9 @@ def test_short_run_writes_sane_figures_and_a_plot(tmp_path: Path) -> None:
     assert not _processes_naming(match[1])
 
 
-@pytest.mark.skipif(peer.find_bindir() is None, reason="PostgreSQL is not installed")
+@pytest.mark.skipif(
+    postgres.find_bindir("pgbench") is None, reason="PostgreSQL is not installed"
+)
 def test_memory_peer_and_drain_figures(tmp_path: Path) -> None:
     figures, stdout = _bench(
         tmp_path, "--scenario", "memory", "--scenario", "peer", "--scenario", "drain",

@@ -16,21 +16,16 @@ PostgreSQL fixture does.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from creditmeter.bench.ledger import free_port
 from creditmeter.bench.load import latency_figures, new_histogram
-
-START_TIMEOUT_S = 60
-DATABASE = "postgres"
+from creditmeter.bench.postgres import INITIAL_DATABASE, PostgresCluster, find_bindir
 
 SCHEMA = """
 CREATE TABLE accounts (id text PRIMARY KEY, balance bigint NOT NULL);
@@ -61,80 +56,8 @@ UPDATE accounts SET balance = balance - 1 WHERE id = :n AND balance >= 1;
 PEER_VARIANT = "update+insert"
 
 
-def find_bindir() -> Path | None:
-    """The newest Debian PostgreSQL server's bin directory with pgbench, or None."""
-    found = [
-        Path(p).parent
-        for p in glob.glob("/usr/lib/postgresql/*/bin/postgres")
-        if (Path(p).parent / "pgbench").exists()
-    ]
-    return max(found, key=lambda d: int(d.parent.name), default=None)
-
-
-class Cluster:
-    """A throwaway PostgreSQL cluster, owned by `postgres` when we are root."""
-
-    def __init__(self, bindir: Path, root: Path) -> None:
-        self.bindir = bindir
-        self.root = root
-        self.data = root / "data"
-        self.sockets = root / "run"
-        self.log = root / "postgres.log"
-        self.port = free_port()
-        self.sockets.mkdir()
-        if os.geteuid() == 0:
-            for path in (root, self.sockets):
-                shutil.chown(path, "postgres", "postgres")
-        self._server("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                     "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync")  # fmt: skip
-
-    def _server(self, tool: str, *args: str) -> None:
-        argv = [str(self.bindir / tool), *args]
-        if os.geteuid() == 0:
-            argv = ["runuser", "-u", "postgres", "--", *argv]
-        done = subprocess.run(argv, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{tool} failed: {done.stderr or done.stdout}\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    @property
-    def connection(self) -> list[str]:
-        return ["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
-
-    def start(self) -> None:
-        options = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1"
-                   " -c fsync=on -c synchronous_commit=on -c max_connections=200")  # fmt: skip
-        self._server("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-o",
-                     options, "-w", "-t", str(START_TIMEOUT_S))  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT_S
-        ready = [str(self.bindir / "pg_isready"), "-q", *self.connection, "-d", DATABASE]
-        while subprocess.run(ready).returncode != 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"PostgreSQL did not accept connections\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def psql(self, sql: str) -> str:
-        done = subprocess.run(
-            [str(self.bindir / "psql"), *self.connection, "-d", DATABASE, "-v",
-             "ON_ERROR_STOP=1", "-q", "-At"],
-            input=sql, capture_output=True, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"psql failed: {done.stderr}")
-        return done.stdout
-
-    def destroy(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            self._server("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w")
-
-
 def _pgbench(
-    cluster: Cluster, name: str, accounts: int, clients: int, duration_s: float
+    cluster: PostgresCluster, name: str, accounts: int, clients: int, duration_s: float
 ) -> dict[str, Any]:
     script = cluster.root / f"{name.replace('+', '_')}.sql"
     script.write_text(SCRIPTS[name])
@@ -146,7 +69,7 @@ def _pgbench(
         [str(cluster.bindir / "pgbench"), *cluster.connection, "-n", "-M", "prepared",
          "-c", str(clients), "-j", str(threads), "-T", str(max(1, round(duration_s))),
          "-D", f"accounts={accounts}", "-f", str(script), "--log",
-         f"--log-prefix={logs / 'tx'}", DATABASE],
+         f"--log-prefix={logs / 'tx'}", INITIAL_DATABASE],
         capture_output=True, text=True, timeout=duration_s + 120,
     )  # fmt: skip
     if done.returncode != 0:
@@ -178,15 +101,15 @@ def _pgbench(
 
 def run(accounts: int, clients: int, duration_s: float, grant: int) -> dict[str, Any]:
     """Both pgbench variants on a private cluster, torn down afterwards."""
-    bindir = find_bindir()
+    bindir = find_bindir("pgbench")
     if bindir is None:
         return {"status": "skipped", "reason": "no PostgreSQL (apt-get install postgresql)"}
     # Under /tmp: the postgres user must be able to reach it.
     root = Path(tempfile.mkdtemp(prefix="cm-bench-pg-", dir="/tmp"))
     root.chmod(0o755)
-    cluster: Cluster | None = None
+    cluster: PostgresCluster | None = None
     try:
-        cluster = Cluster(bindir, root)
+        cluster = PostgresCluster(bindir, root)
         cluster.start()
         cluster.psql(SCHEMA.format(accounts=int(accounts), grant=int(grant)))
         variants = [_pgbench(cluster, name, accounts, clients, duration_s) for name in SCRIPTS]
