@@ -215,8 +215,8 @@ class Flusher:
         # Only streams with an entry below their bound have anything to trim. Asked first,
         # with a forward read from the start (constant time): XREVRANGE from a bound below
         # every entry walks the whole stream before it finds nothing (18 to 33 ms at
-        # 200,000 entries, measured twice; the XRANGE 1.9 us), and that is the usual case while an outbox is younger than
-        # the retention window.
+        # 200,000 entries, measured twice; the XRANGE 1.9 us), and that is the usual case
+        # while an outbox is younger than the retention window.
         async with self.client.pipeline(transaction=False) as pipe:
             for i, bound in bounds.items():
                 pipe.xrange(self.streams[i], min="-", max=f"({bound}", count=1)
