@@ -1,5 +1,5 @@
-"""ConsumeBatch (per-item outcomes, one pipelined round trip, NOSCRIPT) and the coalescing
-of concurrent Consume calls."""
+"""ConsumeBatch (per-item outcomes, one pipelined round trip, a flushed library) and the
+coalescing of concurrent Consume calls."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.constants import COALESCE_MAX_BATCH, MAX_CONSUME_BATCH
 from creditmeter.errors import BackendUnavailable, InsufficientCredits
+from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import AccountKeys, bucket_of, outbox_key
 from creditmeter.storage.redis_store import Call, ConsumeCall, RedisStore
 from creditmeter.transport.server import App
@@ -87,7 +88,7 @@ async def test_batch_of_1000_mixed_items(app: App, tenant: Tenant) -> None:
     assert kinds == {
         "ok", "replay", "INVALID_REQUEST", "INSUFFICIENT_CREDITS", "IDEMPOTENCY_KEY_REUSED"
     }  # fmt: skip
-    # Load the script (a fresh Redis has none: the first pipeline would meet NOSCRIPT).
+    # Warm up (the server loaded the library at start; this is the first round trip).
     await tenant.meter.ConsumeBatch(pb.ConsumeBatchRequest(items=[text("warm-up")]))
     pipelines = store(app).pipelines
 
@@ -140,11 +141,11 @@ async def test_item_error_is_what_consume_returns(tenant: Tenant) -> None:
 async def test_batch_after_script_flush(
     app: App, tenant: Tenant, redis_client: redis.Redis
 ) -> None:
-    """SCRIPT FLUSH before a batch: NOSCRIPT, the script is loaded, the items are sent
+    """FUNCTION FLUSH before a batch: the library is missing, it is loaded, the items are sent
     again in order; each charged once."""
     await grant(tenant, "f", 10)
     items = [text("f", quantity=3) for _ in range(4)]
-    redis_client.script_flush()
+    redis_client.function_flush()
     pipelines = store(app).pipelines
     reply = await tenant.meter.ConsumeBatch(pb.ConsumeBatchRequest(items=items))
     assert store(app).pipelines == pipelines + 2  # the refused one, then the resend
@@ -153,12 +154,13 @@ async def test_batch_after_script_flush(
     assert (await tenant.read.GetUsage(pb.GetUsageRequest(account_id="f"))).used == 9
     charges = [
         f
-        for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "f")))
+        for _, fields in redis_client.xrange(outbox_key(bucket_of(tenant.name, "f")))
+        for f in entry_events(fields)
         if f["tenant"] == tenant.name and f["kind"] == "consume"
     ]
     assert len(charges) == 3
     # Single calls still work after the pipeline's reload, and after another flush.
-    redis_client.script_flush()
+    redis_client.function_flush()
     c = await tenant.meter.Consume(text("f"))
     assert c.balance == 0
 
@@ -222,7 +224,8 @@ async def test_concurrent_calls_share_round_trips(
     assert (await tenant.read.GetBalance(pb.GetBalanceRequest(account_id="co"))).balance == 0
     charges = [
         f
-        for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "co")))
+        for _, fields in redis_client.xrange(outbox_key(bucket_of(tenant.name, "co")))
+        for f in entry_events(fields)
         if f["tenant"] == tenant.name and f["account"] == "co" and f["kind"] == "consume"
     ]
     assert len(charges) == 500

@@ -9,6 +9,7 @@ import redis
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
+from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import AccountKeys, bucket_of, outbox_key
 from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, rid
@@ -70,7 +71,8 @@ async def test_overdraft_race(app: App, tenant: Tenant, redis_client: redis.Redi
     assert usage.used == START_BALANCE
     charged = [
         int(f["amount"])
-        for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "race")))
+        for _, fields in redis_client.xrange(outbox_key(bucket_of(tenant.name, "race")))
+        for f in entry_events(fields)
         if f["tenant"] == tenant.name and f["kind"] == "consume"
     ]
     assert sum(charged) == START_BALANCE and len(charged) == START_BALANCE
@@ -88,7 +90,8 @@ async def test_idempotency_storm(tenant: Tenant, redis_client: redis.Redis) -> N
     assert balance.balance == 93
     consumes = [
         f
-        for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "storm")))
+        for _, fields in redis_client.xrange(outbox_key(bucket_of(tenant.name, "storm")))
+        for f in entry_events(fields)
         if f["tenant"] == tenant.name and f["kind"] == "consume"
     ]
     assert len(consumes) == 1
@@ -100,7 +103,7 @@ async def test_idempotency_storm(tenant: Tenant, redis_client: redis.Redis) -> N
 
 
 async def test_script_flush_mid_run(tenant: Tenant, redis_client: redis.Redis) -> None:
-    """SCRIPT FLUSH while calls run: redis-py reloads on NOSCRIPT, every call succeeds."""
+    """FUNCTION FLUSH while calls run: the library is loaded again, every call succeeds."""
     await tenant.admin.Grant(pb.GrantRequest(account_id="flush", amount=1000, request_id=rid()))
 
     async def consumer() -> int:
@@ -114,12 +117,12 @@ async def test_script_flush_mid_run(tenant: Tenant, redis_client: redis.Redis) -
 
     async def flusher() -> None:
         for _ in range(10):
-            await asyncio.to_thread(redis_client.script_flush)
+            await asyncio.to_thread(redis_client.function_flush)
             await asyncio.sleep(0.01)
 
     *counts, _ = await asyncio.gather(*(consumer() for _ in range(8)), flusher())
     assert sum(counts) == 320
-    redis_client.script_flush()
+    redis_client.function_flush()
     await tenant.admin.SetBalance(
         pb.SetBalanceRequest(account_id="flush", amount=1, request_id=rid())
     )

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
+from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import bucket_of, outbox_key
 from tests.conftest import Tenant, rid
 
@@ -60,7 +61,8 @@ async def test_events_rebuild_every_balance(
         stream = outbox_key(bucket_of(tenant.name, account))
         events = [
             f
-            for _, f in redis_client.xrange(stream)
+            for _, fields in redis_client.xrange(stream)
+            for f in entry_events(fields)
             if f["tenant"] == tenant.name and f["account"] == account
         ]
         assert len({e["event_id"] for e in events}) == len(events)

@@ -10,6 +10,7 @@ from google.protobuf import duration_pb2
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
+from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import bucket_of, outbox_key
 from creditmeter.transport.convert import timestamp
 from creditmeter.transport.server import App
@@ -34,7 +35,8 @@ def events(r: redis.Redis, tenant: str, account: str) -> list[dict[str, str]]:
     entries = r.xrange(outbox_key(bucket_of(tenant, account)))
     return [
         f
-        for _, f in entries
+        for _, fields in entries
+        for f in entry_events(fields)
         if f["tenant"] == tenant and f["account"] == account and f["kind"] != "request"
     ]
 

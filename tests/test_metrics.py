@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from creditmeter import errors
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
-from creditmeter.storage import scripts
 from creditmeter.transport import logs
 from creditmeter.transport.cli import build_parser
 from creditmeter.transport.interceptors import Gatekeeper
@@ -83,10 +82,8 @@ async def new_feature(t: Tenant, credits_per_unit: int) -> str:
 
 @METRICS
 async def test_workload_counts_rpcs_consumption_and_refusals(app: App, tenant: Tenant) -> None:
-    # The consume script loaded first: on a fresh Redis the first charge also takes the
-    # round trip that loads it, which would count twice below.
-    assert app.redis is not None
-    await app.redis.script_load(scripts.source("consume"))
+    # The server loaded the scripts' library at start: no charge below takes a second
+    # round trip to load it.
     before = await scrape(app)
     feature = await new_feature(tenant, 3)
     await tenant.admin.Grant(pb.GrantRequest(account_id="alice", amount=20, request_id=rid()))

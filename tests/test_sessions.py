@@ -13,6 +13,7 @@ import pytest
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import Recovery
+from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import bucket_of, outbox_key
 from creditmeter.storage.ledger.base import TxnQuery
 from creditmeter.storage.redis_store import RedisStore
@@ -448,7 +449,8 @@ async def test_silent_session_is_closed_once_by_racing_servers(
     # Exactly one close charged "gone": one transaction of session events in the outbox.
     closes = {
         f["txn"]
-        for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "quiet")))
+        for _, fields in redis_client.xrange(outbox_key(bucket_of(tenant.name, "quiet")))
+        for f in entry_events(fields)
         if f["tenant"] == tenant.name and f["request_id"] == "gone#timeout"
     }
     assert len(closes) == 1
@@ -532,7 +534,8 @@ async def test_holds_go_to_watchers_but_never_to_the_ledger(
     await end(tenant, "hw", "call", 3, 0)  # lets the last 1 go
     entries = [
         f
-        for _, f in redis_client.xrange(outbox_key(bucket_of(tenant.name, "hw")))
+        for _, fields in redis_client.xrange(outbox_key(bucket_of(tenant.name, "hw")))
+        for f in entry_events(fields)
         if f["tenant"] == tenant.name and f["account"] == "hw"
     ]
     holds = [

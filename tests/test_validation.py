@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
+from creditmeter.storage.entries import header as entry_header
 from creditmeter.storage.layout import bucket_of, outbox_key
 from tests.conftest import Tenant, rid
 from tests.helpers import Failure, fails
@@ -380,7 +381,7 @@ async def assert_unchanged(tenant: Tenant, r: redis.Redis, before: State) -> Non
     assert after.keys == before.keys
     for stream, (length, last_id) in before.outboxes.items():
         new = r.xrange(stream, min=f"({last_id}", max="+") or []
-        mine = [f for _id, f in new if f is not None and f.get("tenant") == tenant.name]
+        mine = [f for _id, f in new if f is not None and entry_header(f)[1] == tenant.name]
         assert mine == [], f"the refused call appended to {stream}: {mine}"
         # The length is unchanged (up to other tenants' expiry sweeps in the shared Redis).
         assert after.outboxes[stream][0] == length + len(new)

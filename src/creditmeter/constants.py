@@ -227,6 +227,8 @@ BENCH_DRAIN_PIPELINE = 500
 BENCH_DRAIN_WRITERS = 4
 #: lua-cost scenario: calls counted per script under callgrind, over this many accounts.
 BENCH_LUA_COST_CALLS = 1000
+#: Charges per consume_batch call in the lua-cost scenario.
+BENCH_LUA_COST_BATCH = 64
 BENCH_LUA_COST_ACCOUNTS = 50
 #: Latency histograms: 1 us to 60 s at 3 significant digits.
 BENCH_HISTOGRAM_MAX_US = 60_000_000
@@ -279,5 +281,6 @@ METER_WINDOW = 256
 METER_MAX_BATCH = 64
 #: Largest batch of concurrent Consume calls sharing one pipeline.
 COALESCE_MAX_BATCH = 256
-#: NOSCRIPT retries of one pipeline (a SCRIPT FLUSH between the load and the pipeline).
+#: Sends of one pipeline whose functions were missing (a FUNCTION FLUSH between the load and
+#: the calls).
 SCRIPT_LOAD_ATTEMPTS = 3

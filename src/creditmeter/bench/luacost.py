@@ -20,7 +20,11 @@ from pathlib import Path
 
 import redis
 
-from creditmeter.constants import BENCH_LUA_COST_ACCOUNTS, BENCH_LUA_COST_CALLS
+from creditmeter.constants import (
+    BENCH_LUA_COST_ACCOUNTS,
+    BENCH_LUA_COST_BATCH,
+    BENCH_LUA_COST_CALLS,
+)
 from creditmeter.storage import scripts
 from creditmeter.storage.layout import AccountKeys
 
@@ -58,16 +62,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _scripts() -> dict[str, tuple[str, bool]]:
-    """name -> (source, with a request id)."""
-    consume = scripts.source("consume")
-    prelude = consume.split("-- ---- consume.lua ----")[0]
+#: A library of one function that does nothing: what FCALL itself costs.
+_EMPTY_LIBRARY = (
+    "#!lua name=cm_bench_empty\n"
+    "redis.register_function('cm_bench_empty', function(keys, args) return 1 end)"
+)
+
+
+@dataclass(frozen=True)
+class _Variant:
+    #: EVALSHA of this script, or (None) FCALL of `function` once `library` is loaded.
+    script: str | None
+    with_request_id: bool
+    library: str = ""
+    function: str = ""
+    #: Charges per call of the consume_batch function (0: one charge per call).
+    batch: int = 0
+
+
+def _variants() -> dict[str, _Variant]:
+    library = scripts.library()
+    consume = scripts.function_name("consume")
     return {
-        "reference": (REFERENCE, False),
-        "empty script": ("return 1", False),
-        "prelude alone": (prelude + "\nreturn 1", False),
-        "consume, no request id": (consume, False),
-        "consume, request id": (consume, True),
+        "reference": _Variant(REFERENCE, False),
+        "empty script": _Variant("return 1", False),
+        "empty function": _Variant(None, False, _EMPTY_LIBRARY, "cm_bench_empty"),
+        "consume, no request id": _Variant(None, False, library, consume),
+        "consume, request id": _Variant(None, True, library, consume),
+        f"consume in batches of {BENCH_LUA_COST_BATCH}, request id, per charge": _Variant(
+            None, True, library, scripts.function_name(scripts.CONSUME_BATCH),
+            BENCH_LUA_COST_BATCH,
+        ),
     }
 
 
@@ -84,7 +109,7 @@ def _seed(client: redis.Redis, accounts: list[AccountKeys]) -> None:
         })  # fmt: skip
 
 
-def _count(source: str, with_request_id: bool, calls: int, workdir: Path) -> float:
+def _count(variant: _Variant, calls: int, workdir: Path) -> float:
     out = workdir / "callgrind.out"
     port = _free_port()
     proc = subprocess.Popen(
@@ -106,19 +131,42 @@ def _count(source: str, with_request_id: bool, calls: int, workdir: Path) -> flo
                 time.sleep(0.1)
         accounts = [AccountKeys("bench", f"a{i}") for i in range(BENCH_LUA_COST_ACCOUNTS)]
         _seed(client, accounts)
-        sha = client.script_load(source)
+        if variant.script is not None:
+            sha = client.script_load(variant.script)
+        else:
+            client.function_load(variant.library)
         now = str(int(time.time() * 1000))
 
         def run(n: int, tag: str) -> None:
             pipe = client.pipeline(transaction=False)
+            if variant.batch:
+                for start in range(0, n, variant.batch):
+                    batch_keys: list[str] = []
+                    argv: list[str] = []
+                    for i in range(start, min(n, start + variant.batch)):
+                        acct = accounts[i % len(accounts)]
+                        rid = f"{tag}{i}"
+                        names = acct.script_keys(rid)
+                        batch_keys.extend(names[:2])
+                        argv.extend((now, "f" * 32, "60", f"txn_{tag}{i}", acct.tenant,
+                                     acct.account, rid, "1", "text", "1"))  # fmt: skip
+                    # All accounts in one bucket's keys: the bench Redis is no cluster.
+                    head = accounts[0].script_keys("")[2:]
+                    pipe.fcall(
+                        variant.function, len(batch_keys) + 2, *head, *batch_keys, *argv
+                    )
+                pipe.execute()
+                return
             for i in range(n):
                 keys = accounts[i % len(accounts)]
-                rid = f"{tag}{i}" if with_request_id else ""
+                rid = f"{tag}{i}" if variant.with_request_id else ""
                 names = keys.script_keys(rid)
-                pipe.evalsha(
-                    sha, len(names), *names, now, "f" * 32 if rid else "", "60",
-                    f"txn_{tag}{i}", keys.tenant, keys.account, rid, "1", "text", "1",
-                )  # fmt: skip
+                args = (now, "f" * 32 if rid else "", "60", f"txn_{tag}{i}", keys.tenant,
+                        keys.account, rid, "1", "text", "1")  # fmt: skip
+                if variant.script is not None:
+                    pipe.evalsha(sha, len(names), *names, *args)
+                else:
+                    pipe.fcall(variant.function, len(names), *names, *args)
             pipe.execute()
 
         run(min(calls, 200), "w")  # warm: the script compiled, the accounts' pages touched
@@ -142,7 +190,7 @@ def _count(source: str, with_request_id: bool, calls: int, workdir: Path) -> flo
 def measure(calls: int = BENCH_LUA_COST_CALLS) -> LuaCost:
     """Instructions per call of each script (a private redis-server per script)."""
     per_call = {}
-    for name, (source, with_request_id) in _scripts().items():
+    for name, variant in _variants().items():
         with tempfile.TemporaryDirectory(prefix="cm-lua-cost-") as tmp:
-            per_call[name] = _count(source, with_request_id, calls, Path(tmp))
+            per_call[name] = _count(variant, calls, Path(tmp))
     return LuaCost(per_call)

@@ -232,24 +232,25 @@ def redis_benchmark(
     }
 
 
-def timed_evalsha(
+def timed_script(
     client: redis.Redis, base: list[str], command: list[str], pipeline: int, duration_s: float
 ) -> dict[str, Any]:
-    """redis-benchmark running an EVALSHA for about `duration_s` (sized by a calibration
-    run), with the script's usec_per_call from INFO commandstats over that run alone."""
+    """redis-benchmark running a script call (EVALSHA or FCALL, `command`) for about
+    `duration_s` (sized by a calibration run), with the script's usec_per_call from INFO
+    commandstats over that run alone."""
     calibration = redis_benchmark(base, command, BENCH_REDIS_CALIBRATION_CALLS, pipeline)
     calls = max(BENCH_REDIS_CALIBRATION_CALLS, int(calibration["rps"] * duration_s))
     client.config_resetstat()
     figures = redis_benchmark(base, command, calls, pipeline)
-    evalsha_calls, usec = command_stats(client).get("evalsha", (0, 0))
+    script_calls, usec = command_stats(client).get(command[0].lower(), (0, 0))
     return {
         "pipeline": pipeline,
         "calls": calls,
         **figures,
-        # Every EVALSHA Redis ran meanwhile: redis-benchmark's, unless the server ran a
+        # Every such call Redis ran meanwhile: redis-benchmark's, unless the server ran a
         # script of its own (an expiry sweep) at the same time.
-        "evalsha_calls": evalsha_calls,
-        "usec_per_call": usec / evalsha_calls if evalsha_calls else 0.0,
+        "script_calls": script_calls,
+        "usec_per_call": usec / script_calls if script_calls else 0.0,
     }
 
 
@@ -279,7 +280,7 @@ def reference_run(url: str, clients: int, duration_s: float) -> dict[str, Any]:
         command = ["EVALSHA", sha, "2", keys.balance, keys.outbox, "1",
                    str(BENCH_REFERENCE_STREAM_MAXLEN)]  # fmt: skip
         base = [binary, *redis_args(url), "-c", str(clients)]
-        figures = timed_evalsha(client, base, command, BENCH_REFERENCE_PIPELINE, duration_s)
+        figures = timed_script(client, base, command, BENCH_REFERENCE_PIPELINE, duration_s)
         left = int(client.hget(keys.balance, "b") or 0)
     finally:
         client.delete(keys.balance, keys.outbox)

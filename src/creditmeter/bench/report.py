@@ -79,11 +79,11 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
         best = max(v["rps"] for v in redis["variants"])
         unpipelined = next(v["rps"] for v in redis["variants"] if v["pipeline"] == 1)
         if consume and unpipelined:
-            ratios["consume_vs_redis_evalsha"] = consume["deductions_per_s"] / unpipelined
+            ratios["consume_vs_redis_fcall"] = consume["deductions_per_s"] / unpipelined
         for name in ("batch", "meter"):
             bulk = _ok(results, name)
             if bulk and best:
-                ratios[f"{name}_vs_redis_evalsha_pipelined"] = bulk["deductions_per_s"] / best
+                ratios[f"{name}_vs_redis_fcall_pipelined"] = bulk["deductions_per_s"] / best
     reference = _reference_usec(results)
     if reference:
         for name, r in results.items():
@@ -324,7 +324,7 @@ def _main_table(figures: dict[str, Any]) -> Table:
     for name, r in results.items():
         if name in ("redis", "reference"):
             drained = str(r.get("ledger", {}).get("drained", "-"))
-            title = "redis EVALSHA consume" if name == "redis" else "reference EVALSHA"
+            title = "redis FCALL consume" if name == "redis" else "reference EVALSHA"
             variants = r.get("variants", []) if name == "redis" else [r] if "rps" in r else []
             for v in variants:
                 table.add_row(f"{title} -P {v['pipeline']}", r["status"],

@@ -183,19 +183,27 @@ class _Watch:
         return txn.tenant == self.tenant and (not self.account or txn.account == self.account)
 
     def process(self, txn: OutboxTxn) -> list[Alert]:
-        """The alerts of one transaction; advances the position past it."""
+        """The alerts of one call's events (each of its transactions in turn); advances the
+        position past them."""
         before = dict(self.positions)
         self.positions[txn.bucket] = txn.last_id
         skip = 0
         if self.skip is not None and self.skip[0] == txn.bucket:
-            skip, self.skip = self.skip[1], None  # only the first transaction read there
-        change = balance_change(txn.events) if self.relevant(txn) else None
-        if change is None:
+            skip, self.skip = self.skip[1], None  # only the first call read there
+        if not self.relevant(txn):
             return []
-        found = crossings(*change, self.thresholds)
-        last = next((e for e in reversed(txn.events) if "ts" in e), {"ts": "0"})
+        found: list[tuple[AlertKind, int, tuple[int, int], str, int]] = []
+        for txn_id, events in _transactions(txn.events):
+            change = balance_change(events)
+            if change is None:
+                continue
+            time_ms = int(next((e["ts"] for e in reversed(events) if "ts" in e), "0"))
+            found.extend(
+                (kind, threshold, change, txn_id, time_ms)
+                for kind, threshold in crossings(*change, self.thresholds)
+            )
         alerts = []
-        for i, (kind, threshold) in enumerate(found):
+        for i, (kind, threshold, change, txn_id, time_ms) in enumerate(found):
             if i < skip:
                 continue
             point = (
@@ -210,12 +218,26 @@ class _Watch:
                     threshold=threshold,
                     previous_balance=change[0],
                     balance=change[1],
-                    transaction_id=txn.txn,
-                    time_ms=int(last["ts"]),
+                    transaction_id=txn_id,
+                    time_ms=time_ms,
                     resume_token=point.encode(),
                 )
             )
         return alerts
+
+
+def _transactions(
+    events: Sequence[Mapping[str, str]],
+) -> list[tuple[str, list[Mapping[str, str]]]]:
+    """Events split into the runs of one transaction each, in order."""
+    runs: list[tuple[str, list[Mapping[str, str]]]] = []
+    for event in events:
+        txn = event.get("txn", "")
+        if runs and runs[-1][0] == txn:
+            runs[-1][1].append(event)
+        else:
+            runs.append((txn, [event]))
+    return runs
 
 
 class BalanceAlerts:

@@ -5,9 +5,8 @@ an account, in order per bucket. A watcher reads them with plain XREAD (no consu
 it takes nothing from the flusher) from positions of its own, on a connection of its own
 (a blocking read would hold a connection of the shared pool for its whole duration).
 
-Entries are returned grouped by transaction: a script appends all its events in one atomic
-step, so the events of one transaction on one account are consecutive in their outbox and
-all present as soon as any of them is.
+Entries are returned with their events (see `entries`): a script appends all its events in
+one entry, so they are all present as soon as any of them is.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from creditmeter.constants import WATCH_BLOCK_MS, WATCH_READ_COUNT
+from creditmeter.storage.entries import events as entry_events
+from creditmeter.storage.entries import header
 from creditmeter.storage.layout import outbox_key, trimmed_key
 from creditmeter.storage.redis_store import _reachable
 
@@ -39,7 +40,9 @@ def stream_id_key(entry_id: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class OutboxTxn:
-    """The consecutive entries of one transaction on one account, in one bucket's outbox."""
+    """What one call did to one account, in one bucket's outbox: one entry (or, written by
+    0.1.0, the consecutive entries of one transaction). Its events can belong to more than
+    one transaction: the expiries a call swept first are a transaction of their own."""
 
     bucket: int
     #: The id of its last entry: the position once it is processed.
@@ -47,16 +50,14 @@ class OutboxTxn:
     txn: str
     tenant: str
     account: str
-    #: The entries' fields, in outbox order (balance events and the closing `request`).
+    #: The events, in outbox order (balance events and the closing `request`).
     events: tuple[dict[str, str], ...]
 
 
 def _same_txn(a: dict[str, str], b: dict[str, str]) -> bool:
-    return (a.get("txn"), a.get("tenant"), a.get("account")) == (
-        b.get("txn"),
-        b.get("tenant"),
-        b.get("account"),
-    )
+    """Whether two entries hold events of one transaction (entries of 0.1.0, one event
+    each, follow each other; an entry of this release holds a whole call alone)."""
+    return "event_id" in a and "event_id" in b and header(a) == header(b)
 
 
 def _group(bucket: int, entries: Sequence[Entry]) -> list[OutboxTxn]:
@@ -66,17 +67,20 @@ def _group(bucket: int, entries: Sequence[Entry]) -> list[OutboxTxn]:
             groups[-1].append(entry)
         else:
             groups.append([entry])
-    return [
-        OutboxTxn(
-            bucket=bucket,
-            last_id=group[-1][0],
-            txn=group[0][1].get("txn", ""),
-            tenant=group[0][1].get("tenant", ""),
-            account=group[0][1].get("account", ""),
-            events=tuple(fields for _id, fields in group),
+    txns = []
+    for group in groups:
+        txn, tenant, account = header(group[0][1])
+        txns.append(
+            OutboxTxn(
+                bucket=bucket,
+                last_id=group[-1][0],
+                txn=txn,
+                tenant=tenant,
+                account=account,
+                events=tuple(e for _id, fields in group for e in entry_events(fields)),
+            )
         )
-        for group in groups
-    ]
+    return txns
 
 
 class OutboxReader:

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditmeter import metrics
@@ -50,6 +49,7 @@ from creditmeter.storage.layout import (
     key_of,
     legacy,
     legacy_key,
+    outbox_key,
     parse,
     session_request_id,
     sessions_key,
@@ -230,8 +230,12 @@ _V1_BALANCE_AT = {"consume": 4, "grant": 7, "renew": 7, "set_balance": 0, "refun
                   "session": 2}  # fmt: skip
 
 
-def _checked(reply: list[str], script: str) -> list[str]:
-    """A script's reply values; raises Rejected for a refusal."""
+def _checked(reply: list[str] | str, script: str) -> list[str]:
+    """A script's reply values; raises Rejected for a refusal. A reply is an array, or
+    the same array JSON-encoded (what a script stored for its request id, and consume's
+    every reply: encoding it once serves both)."""
+    if isinstance(reply, str):
+        reply = cast(list[str], json.loads(reply))
     if reply[0] == "ERR":
         pairs = reply[2:]
         raise Rejected(reply[1], dict(zip(pairs[::2], pairs[1::2], strict=True)))
@@ -243,6 +247,11 @@ def _checked(reply: list[str], script: str) -> list[str]:
         holdings = [str(max(balance, 0)), "0", "1" if balance == -1 else "0"]
         values = [*values[:at], *holdings, *values[at + 1 :]]
     return values
+
+
+def _function_missing(exc: ResponseError) -> bool:
+    """Whether Redis refused an FCALL because the library is not loaded."""
+    return "function not found" in str(exc).lower()
 
 
 def _session_step(session_id: str, request_id: str) -> str:
@@ -271,8 +280,9 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, idempotency_ttl_s: int = IDEMPOTENCY_TTL_S):
         self.client = client
         self.idempotency_ttl_s = idempotency_ttl_s
-        self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(scripts.source(name)) for name in scripts.SCRIPT_NAMES
+        self._functions = {
+            name: scripts.function_name(name)
+            for name in (*scripts.SCRIPT_NAMES, scripts.CONSUME_BATCH)
         }
         #: Concurrent single consumptions share pipelines through this (see coalescer).
         self.consume_coalescer: Coalescer[ConsumeCall, ConsumeRecord] = Coalescer(
@@ -293,6 +303,15 @@ class RedisStore:
             *extra,
         ]
 
+    async def load_library(self) -> None:
+        """Load the scripts' library into Redis (a no-op when it is there already)."""
+        async with _reachable():
+            try:
+                await self.client.function_load(scripts.library())
+            except ResponseError as exc:
+                if "already exists" not in str(exc):
+                    raise
+
     async def _run(
         self,
         name: str,
@@ -302,53 +321,71 @@ class RedisStore:
         script_keys: list[str] | None = None,
     ) -> list[str]:
         args = self._args(call, keys, extra)
+        names = script_keys or keys.script_keys(call.request_id)
+        function = self._functions[name]
         start = time.perf_counter()
         try:
             async with _reachable():
-                reply = await self._scripts[name](
-                    script_keys or keys.script_keys(call.request_id), args
-                )
+                reply = await self.client.fcall(function, len(names), *names, *args)
+        except ResponseError as exc:
+            if not _function_missing(exc):
+                raise
+            # The library was flushed (or Redis lost it): loaded again, then run.
+            [reply] = await self._run_many(name, [(names, args)], load_first=True)
+            if isinstance(reply, Exception):
+                raise reply from None
         finally:
             # Failures too: a timeout is the latency worth seeing.
             metrics.redis_duration(name).observe(time.perf_counter() - start)
-        return _checked(reply, name)
+        return _checked(cast(list[str] | str, reply), name)
 
-    async def _run_many(self, name: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Run script `name` once per (keys, args), in order, in one pipeline; each reply
+    async def _run_many(
+        self,
+        name: str,
+        calls: Sequence[tuple[list[str], list[Any]]],
+        load_first: bool = False,
+        operation: str | None = None,
+    ) -> list[Any]:
+        """Run function `name` once per (keys, args), in order, in one pipeline; each reply
         or the ResponseError of that call.
 
-        Not a transaction: each call is atomic on its own, as if sent alone. EVALSHA only,
-        so the common case is one round trip; calls refused with NOSCRIPT (after a SCRIPT
-        FLUSH or a restart) are sent again, in order, once the script is loaded.
-        (redis-py's own pipeline support would first ask SCRIPT EXISTS every time.)
+        Not a transaction: each call is atomic on its own, as if sent alone. Calls refused
+        because the library is missing (after a FUNCTION FLUSH, or a Redis that lost its
+        data) are sent again, in order, behind a FUNCTION LOAD in the same pipeline.
+        The round trip's latency is recorded under `operation` (default: `name`).
         """
-        script = self._scripts[name]
+        function = self._functions[name]
         replies: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for _ in range(SCRIPT_LOAD_ATTEMPTS):
             start = time.perf_counter()
             try:
                 async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+                    if load_first:
+                        pipe.function_load(scripts.library())
                     for i in pending:
                         keys, args = calls[i]
-                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                        pipe.fcall(function, len(keys), *keys, *args)
                     self.pipelines += 1
                     results = await pipe.execute(raise_on_error=False)
             finally:
                 # One round trip, however many calls it carried.
-                metrics.redis_duration(name).observe(time.perf_counter() - start)
+                metrics.redis_duration(operation or name).observe(time.perf_counter() - start)
+            if load_first:
+                loaded = results.pop(0)
+                if isinstance(loaded, ResponseError) and "already exists" not in str(loaded):
+                    raise loaded
             missing = []
             for i, result in zip(pending, results, strict=True):
-                if isinstance(result, NoScriptError):
+                if isinstance(result, ResponseError) and _function_missing(result):
                     missing.append(i)
                 else:
                     replies[i] = result
             if not missing:
                 return replies
-            async with _reachable():
-                script.sha = await self.client.script_load(script.script)
+            load_first = True
             pending = missing
-        raise NoScriptError(f"script {name} was flushed {SCRIPT_LOAD_ATTEMPTS} times in a row")
+        raise ResponseError(f"the library of {name} was flushed {SCRIPT_LOAD_ATTEMPTS} times")
 
     async def grant(self, keys: AccountKeys, call: Call, lot: NewLot) -> GrantRecord:
         values = await self._run("grant", keys, call, _lot_args(lot))
@@ -365,31 +402,42 @@ class RedisStore:
         return await self.consume_coalescer.submit(ConsumeCall(keys, call, amount, feature, units))
 
     async def consume_many(self, calls: Sequence[ConsumeCall]) -> list[ConsumeRecord | Exception]:
-        """Run the consume script for each call, in order, in one round trip.
+        """Run the consume script for each call, in order, in one round trip: one call of
+        the consume_batch function per bucket, carrying that bucket's charges.
 
         Each outcome is the call's record, or the Rejected (or ResponseError) that call
         alone would have raised. A lost Redis raises BackendUnavailable for the whole batch:
         some calls may have run, and a retry with the same request ids replays them.
+        Charges of one account are in one bucket, so they run in the order given; charges
+        of different buckets touch different accounts, so their relative order is moot.
         """
-        replies = await self._run_many(
-            "consume",
-            [
-                (
-                    c.keys.script_keys(c.call.request_id),
-                    self._args(c.call, c.keys, [str(c.amount), c.feature, str(c.units)]),
-                )
-                for c in calls
-            ],
-        )
-        outcomes: list[ConsumeRecord | Exception] = []
-        for reply in replies:
-            if isinstance(reply, Exception):
-                outcomes.append(reply)
-                continue
-            try:
-                outcomes.append(_consume_record(_checked(reply, "consume")))
-            except Rejected as rejected:
-                outcomes.append(rejected)
+        by_bucket: dict[int, list[int]] = {}
+        for i, c in enumerate(calls):
+            by_bucket.setdefault(c.keys.bucket, []).append(i)
+        batches: list[tuple[list[str], list[Any]]] = []
+        for indexes in by_bucket.values():
+            bucket = calls[indexes[0]].keys.bucket
+            keys = [outbox_key(bucket), due_key(bucket)]
+            args: list[Any] = []
+            for i in indexes:
+                c = calls[i]
+                keys.append(c.keys.account_key)
+                keys.append(c.keys.idempotency_key(c.call.request_id))
+                args.extend(self._args(c.call, c.keys, [str(c.amount), c.feature, str(c.units)]))
+            batches.append((keys, args))
+        replies = await self._run_many(scripts.CONSUME_BATCH, batches, operation="consume")
+        outcomes: list[ConsumeRecord | Exception] = [ResponseError("not run")] * len(calls)
+        for indexes, reply in zip(by_bucket.values(), replies, strict=True):
+            # A reply that is one error (not a list) failed the bucket's every charge.
+            items = reply if isinstance(reply, list) else [reply] * len(indexes)
+            for i, item in zip(indexes, items, strict=True):
+                if isinstance(item, Exception):
+                    outcomes[i] = item
+                    continue
+                try:
+                    outcomes[i] = _consume_record(_checked(item, "consume"))
+                except Rejected as rejected:
+                    outcomes[i] = rejected
         return outcomes
 
     async def set_balance(

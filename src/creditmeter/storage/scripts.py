@@ -1,31 +1,20 @@
-"""Loads the Lua scripts shipped in creditmeter/storage/lua as package data."""
+"""The Lua shipped in creditmeter/storage/lua (package data), as one Redis Functions library.
+
+Every account script (SCRIPT_NAMES) is a function of one library: `_lib.lua`, the shared
+prelude, is defined once when the library is loaded (FUNCTION LOAD), not run again on
+every call as a prepended prelude of EVALSHA would be, and the library is kept in Redis's
+own persistence (RDB and AOF) and replicated, so it survives a restart and a replica's
+promotion. Its name and its functions' names carry a digest of its text: servers of two
+releases sharing one Redis (a rolling upgrade) each call their own code.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from importlib import resources
 
 _PRELUDE = "_lib.lua"
-
-
-@cache
-def source(name: str) -> str:
-    """The full text of script `name` (without .lua): the shared prelude, then the script.
-
-    Redis has no `require`, so the helpers every account script needs (idempotency,
-    events, expiry sweep) are prepended here rather than copied into each file.
-    """
-    folder = resources.files("creditmeter.storage") / "lua"
-    prelude = (folder / _PRELUDE).read_text(encoding="utf-8")
-    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
-    # The body runs as a function so that the expiry index is kept (update_due) and the
-    # account it changed is written back once (flush_account), whichever `return` it
-    # ends by.
-    return (
-        f"{prelude}\n-- ---- {name}.lua ----\nlocal function script_body()\n{body}\nend\n"
-        "local reply = script_body()\nupdate_due()\nflush_account()\nreturn reply\n"
-    )
-
 
 SCRIPT_NAMES = (
     "grant",
@@ -40,9 +29,65 @@ SCRIPT_NAMES = (
 )
 
 
+#: The function that runs consume.lua for many charges of one bucket in one call.
+CONSUME_BATCH = "consume_batch"
+
+
+def _read(name: str) -> str:
+    return (resources.files("creditmeter.storage") / "lua" / name).read_text(encoding="utf-8")
+
+
+@cache
+def _code() -> str:
+    """The library's code below its shebang line (the part its digest is taken of)."""
+    parts = [_read(_PRELUDE)]
+    for name in SCRIPT_NAMES:
+        # Each script's text is the body of a function: `return` ends the call wherever
+        # it appears, and the wrapper (`run`) still keeps the expiry index (update_due) and
+        # writes the account (flush_account) and the events (flush_events) back once.
+        parts.append(f"-- ---- {name}.lua ----\nlocal function body_{name}()\n"
+                     f"{_read(f'{name}.lua')}\nend\n")  # fmt: skip
+    parts.append(
+        "local function run(body, keys, args)\n"
+        "  begin(keys, args)\n"
+        "  local reply = body()\n"
+        "  update_due()\n"
+        "  flush_account()\n"
+        "  flush_events()\n"
+        "  return reply\n"
+        "end\n"
+    )
+    parts.append(_read("consume_batch.lua"))
+    return "\n".join(parts)
+
+
+@cache
+def digest() -> str:
+    """A short digest of the library's code: the version in its and its functions' names."""
+    return hashlib.sha1(_code().encode()).hexdigest()[:12]
+
+
+def library_name() -> str:
+    return f"creditmeter_{digest()}"
+
+
+def function_name(script: str) -> str:
+    """The name to FCALL for script `script` (one of SCRIPT_NAMES, or CONSUME_BATCH)."""
+    return f"cm_{digest()}_{script}"
+
+
+@cache
+def library() -> str:
+    """The text to FUNCTION LOAD."""
+    registrations = "".join(
+        f"redis.register_function('{function_name(name)}', "
+        f"function(keys, args) return run(body_{name}, keys, args) end)\n"
+        for name in SCRIPT_NAMES
+    ) + (f"redis.register_function('{function_name(CONSUME_BATCH)}', consume_batch)\n")
+    return f"#!lua name={library_name()}\n{_code()}\n{registrations}"
+
+
 @cache
 def standalone(name: str) -> str:
-    """The text of a script that runs without the prelude (ack.lua, convert.lua)."""
-    return (resources.files("creditmeter.storage") / "lua" / f"{name}.lua").read_text(
-        encoding="utf-8"
-    )
+    """The text of a script that runs without the prelude (ack.lua, convert.lua), by EVAL."""
+    return _read(f"{name}.lua")

@@ -174,6 +174,7 @@ class App:
         )
         # Before any call: keys an older release named differently get their new names.
         await metering.store.upgrade_layout()
+        await metering.store.load_library()
         if s.flusher:
             flusher = Flusher(self.redis, ledger, retention_ms=s.watch_retention_s * 1000)
             await flusher.ensure_groups()

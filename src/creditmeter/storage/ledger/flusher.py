@@ -37,6 +37,7 @@ from creditmeter.constants import (
     FLUSHERS_KEY,
     WATCH_RETENTION_S,
 )
+from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
 from creditmeter.storage.ledger.base import HOLD_KINDS, Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
@@ -118,11 +119,12 @@ class Flusher:
         requests: list[RequestRecord] = []
         for _stream, entries in batch:
             for _entry_id, fields in entries:
-                kind = fields.get("kind")
-                if kind == "request":
-                    requests.append(RequestRecord.from_fields(fields))
-                elif kind not in HOLD_KINDS:
-                    events.append(Event.from_fields(fields))
+                for event in entry_events(fields):
+                    kind = event["kind"]
+                    if kind == "request":
+                        requests.append(RequestRecord.from_fields(event))
+                    elif kind not in HOLD_KINDS:
+                        events.append(Event.from_fields(event))
         if not batch:
             return 0
         if events or requests:  # a batch of holds alone is only acknowledged

@@ -1,4 +1,5 @@
--- Shared prelude, prepended to every account script by creditmeter.storage.scripts.
+-- Shared prelude of the scripts' Functions library (creditmeter.storage.scripts): defined
+-- once when the library is loaded; each script is a function of it, called with FCALL.
 --
 -- Every account script takes the same KEYS, all in one hash slot (the account's bucket):
 --   KEYS[1] account HASH  the whole account (layout 3), read with one HGETALL on first use
@@ -19,17 +20,20 @@
 --   ARGV[1] now (ms since epoch)   ARGV[2] request fingerprint ('' = not idempotent)
 --   ARGV[3] idempotency TTL (s)    ARGV[4] transaction id (events are "<txn>:<n>")
 --   ARGV[5] tenant   ARGV[6] account   ARGV[7] request id
--- Replies are arrays of strings: {'OK', ...} or {'ERR', reason, key, value, ...}. A reply
+-- Replies are arrays of strings, {'OK', ...} or {'ERR', reason, key, value, ...}, or such an
+-- array JSON-encoded (a replayed reply, as stored; every reply of consume). A reply
 -- that reports a balance carries the account's raw figures, `holdings` (credit in lots,
 -- reserved, unlimited): what of it is spendable is said in one place, the domain
 -- (creditmeter.domain.balances), not here.
 --
--- Events: each carries event_id "<txn>:<n>" (n counts within its transaction, so the first
--- event of a grant is always "<txn>:1"), the account's change sequence number `seq`
--- (1, 2, 3, ... over every change of the account; kept in acct.seq), and one kind. A transaction holds events of one kind: the expiries a script sweeps first
--- form their own transaction "<txn>x", the lots a reset removes "<txn>r". A mutating
--- request ends with a `request` event carrying its fingerprint and reply, the durable
--- copy of the idempotency record.
+-- Events: a call writes one outbox entry (flush_events; the format is in
+-- creditmeter.storage.entries). Each event has an id "<txn>:<n>" (n counts within its
+-- transaction, so the first event of a grant is always "<txn>:1"), the account's change
+-- sequence number `seq` (1, 2, 3, ... over every change of the account; kept in the
+-- account's seq), and one kind. A transaction holds events of one kind: the expiries a
+-- script sweeps first form their own transaction "<txn>x", the lots a reset removes
+-- "<txn>r". An idempotent request's entry also carries its fingerprint and reply, the
+-- durable copy of the idempotency record (the `request` event of the ledger).
 -- Every event that moves credit carries `balance` (the credit in lots after it; -1 on an
 -- unlimited account) and `reserved` (what open sessions hold then), so a balance watcher
 -- sees each transaction's spendable balance before and after it. A session step that
@@ -41,29 +45,40 @@
 -- amount and balance below that). Never concatenate a number with `..` or cjson-encode it:
 -- both format with %.14g and lose digits. Format with fmt().
 
-local NOW = tonumber(ARGV[1])
-local FINGERPRINT = ARGV[2]
-local TXN = ARGV[4]
-local TENANT = ARGV[5]
-local ACCOUNT = ARGV[6]
-local REQUEST_ID = ARGV[7]
+-- Per-call state. The library is loaded once (FUNCTION LOAD) and its functions are
+-- called many times: everything that belongs to one call is (re)set by begin(), never
+-- left over from the call before.
+local KEYS, ARGV
+local NOW, FINGERPRINT, TXN, TENANT, ACCOUNT, REQUEST_ID
 local MAX_CREDITS = 9007199254740991
 local BURN_KEY_LOT_OFFSET = 36 -- burn key: 4+1+13+1+1+1+13+1 characters, then the lot id
 
-local event_counts = {}
-local due_changed = false
+local due_changed
 -- A lot with an expiry was dropped: next_expiry is recomputed once, at the end.
-local expiry_stale = false
+local expiry_stale
+-- The account, as the call sees it (one HGETALL), and what it changed (one HSET and
+-- one HDEL in flush_account, run after the body by the library's wrapper).
+local account, changed, deleted
+-- The numbers among the account's fields, parsed on first use (acct_int).
+local numbers
+-- The events of the call, written as one outbox entry when it ends (flush_events).
+local events, request_fp, request_reply
+-- The encoded reply of a consume: its outbox entry carries it instead of its events.
+local consumed
+
+local function begin(keys, args)
+  KEYS, ARGV = keys, args
+  NOW = tonumber(args[1])
+  FINGERPRINT, TXN, TENANT, ACCOUNT, REQUEST_ID = args[2], args[4], args[5], args[6], args[7]
+  due_changed = false
+  expiry_stale = false
+  account, changed, deleted, numbers = nil, {}, {}, {}
+  events, request_fp, request_reply, consumed = {}, nil, nil, nil
+end
 
 local function fmt(n)
   return string.format('%d', n)
 end
-
--- The account, as the script sees it (one HGETALL), and what it changed (one HSET and
--- one HDEL in flush_account, run after the script body by scripts.py).
-local account = nil
-local changed = {}
-local deleted = {}
 
 local function acct()
   if account == nil then
@@ -80,24 +95,36 @@ local function acct_get(field)
   return acct()[field]
 end
 
+-- A field as a number (0 when absent), parsed once per call (tonumber is strtod: not free).
 local function acct_int(field)
-  return tonumber(acct()[field] or '0')
+  local n = numbers[field]
+  if n == nil then
+    n = tonumber(acct()[field] or '0')
+    numbers[field] = n
+  end
+  return n
 end
 
 local function acct_set(field, value)
   acct()[field] = value
+  numbers[field] = nil
   changed[field] = true
   deleted[field] = nil
 end
 
+-- Add n to a numeric field; returns the new value (the field holds it formatted).
 local function acct_incr(field, n)
   local v = acct_int(field) + n
-  acct_set(field, fmt(v))
+  account[field] = fmt(v)
+  numbers[field] = v
+  changed[field] = true
+  deleted[field] = nil
   return v
 end
 
 local function acct_del(field)
   acct()[field] = nil
+  numbers[field] = nil
   changed[field] = nil
   deleted[field] = true
 end
@@ -135,7 +162,7 @@ end
 
 -- Event kinds that record a call or a change of hot state, not a change of the ledger:
 -- they take no seq of their own.
-local NO_SEQ_KINDS = {request = true, hold = true, release = true}
+local NO_SEQ_KINDS = {hold = true, release = true}
 
 -- The figures every credit-moving event carries, for `balance` credits in lots after it.
 local function balance_fields(balance)
@@ -157,28 +184,59 @@ local function add_holdings(reply)
   return reply
 end
 
--- Append one event of transaction `txn` to the outbox. `fields` is a flat list of
--- name, value (strings), then `more` (optional, another such list).
+-- Record one event of transaction `txn` (TXN, or TXN and a suffix: 'x', 'r'). `fields`
+-- is a flat list of name, value (strings), then `more` (optional, another such list).
+-- The events of a call are written together, as one outbox entry, by flush_events.
 local function emit(txn, kind, fields, more)
-  local n = (event_counts[txn] or 0) + 1
-  event_counts[txn] = n
   local seq
   if NO_SEQ_KINDS[kind] then
-    seq = acct_int('seq')
+    seq = acct_get('seq') or '0'
   else
-    seq = acct_incr('seq', 1)
+    acct_incr('seq', 1)
+    seq = acct_get('seq')
   end
-  local args = {
-    'event_id', txn .. ':' .. fmt(n), 'txn', txn, 'kind', kind, 'seq', fmt(seq),
-    'tenant', TENANT, 'account', ACCOUNT, 'request_id', REQUEST_ID, 'ts', ARGV[1],
-  }
+  local e = {string.sub(txn, #TXN + 1), kind, seq}
   for i = 1, #fields do
-    args[#args + 1] = fields[i]
+    e[i + 3] = fields[i]
   end
-  for i = 1, #(more or {}) do
-    args[#args + 1] = more[i]
+  if more then
+    local at = #e
+    for i = 1, #more do
+      e[at + i] = more[i]
+    end
   end
-  redis.call('XADD', KEYS[3], '*', unpack(args))
+  events[#events + 1] = e
+end
+
+-- Write the call's events and its request record as one outbox entry (see
+-- creditmeter.storage.entries for the format): the header once, the events as one cjson
+-- array of [txn suffix, kind, seq, name, value, ...], the request record (fingerprint and
+-- the encoded reply, already made for the idempotency record) folded in.
+local function flush_events()
+  if consumed ~= nil then
+    -- A consume: its reply says its events; the events array holds the expiries only.
+    -- With a fingerprint, `c` is also the request record's reply.
+    local swept = #events == 0 and '[]' or cjson.encode(events)
+    if request_fp == nil then
+      redis.call('XADD', KEYS[3], '*', 't', TENANT, 'a', ACCOUNT, 'x', TXN, 'r', REQUEST_ID,
+                 'ts', ARGV[1], 'e', swept, 'c', consumed, 's', account.seq)
+    else
+      redis.call('XADD', KEYS[3], '*', 't', TENANT, 'a', ACCOUNT, 'x', TXN, 'r', REQUEST_ID,
+                 'ts', ARGV[1], 'e', swept, 'c', consumed, 's', account.seq, 'fp', request_fp)
+    end
+    return
+  end
+  if #events == 0 and request_fp == nil then
+    return
+  end
+  if request_fp == nil then
+    redis.call('XADD', KEYS[3], '*', 't', TENANT, 'a', ACCOUNT, 'x', TXN, 'r', REQUEST_ID,
+               'ts', ARGV[1], 'e', cjson.encode(events))
+  else
+    redis.call('XADD', KEYS[3], '*', 't', TENANT, 'a', ACCOUNT, 'x', TXN, 'r', REQUEST_ID,
+               'ts', ARGV[1], 'e', #events == 0 and '[]' or cjson.encode(events),
+               'fp', request_fp, 'reply', request_reply)
+  end
 end
 
 -- The stored reply of an earlier call with this request id, an error reply if the id
@@ -195,18 +253,25 @@ local function idem_lookup()
   if string.sub(stored, 1, sep - 1) ~= FINGERPRINT then
     return {'ERR', 'IDEMPOTENCY_KEY_REUSED', 'request_id', REQUEST_ID}
   end
-  return cjson.decode(string.sub(stored, sep + 1))
+  -- The reply as it was encoded: returned as it is (the caller decodes JSON replies).
+  return string.sub(stored, sep + 1)
 end
 
+-- Store the reply under the request id (an idempotent request) and return it encoded:
+-- storage decodes a reply that is a JSON string as it decodes one that is an array.
 local function idem_store(reply)
+  local encoded = cjson.encode(reply)
   if FINGERPRINT ~= '' then
-    local encoded = cjson.encode(reply)
     redis.call('SET', KEYS[2], FINGERPRINT .. '\n' .. encoded, 'EX', ARGV[3])
-    emit(TXN, 'request', {'fp', FINGERPRINT, 'reply', encoded})
+    request_fp, request_reply = FINGERPRINT, encoded
   end
+  return encoded
 end
 
 local NEVER = '9999999999999' -- the expiry field of a burn key that never expires
+-- The bytes of 'q:', the prefix of a lot's `q:<burn key>` field (string.byte, like every
+-- library but redis's, is not there while a Functions library is being loaded).
+local Q, COLON = 113, 58
 
 -- The expiry (ms string) in a burn key: `pppp|eeeeeeeeeeeee|...`.
 local function burn_key_expiry(burn_key)
@@ -217,11 +282,13 @@ end
 local function lots_in_order()
   local names = {}
   for field in pairs(acct()) do
-    if string.sub(field, 1, 2) == 'q:' then
+    if string.byte(field, 1) == Q and string.byte(field, 2) == COLON then
       names[#names + 1] = field
     end
   end
-  table.sort(names)
+  if #names > 1 then
+    table.sort(names)
+  end
   return names
 end
 
@@ -382,51 +449,72 @@ local function available()
   return acct_int('balance') - acct_int('reserved')
 end
 
--- Take `amount` credits out of the lots in burn-down order, one `kind` event (consume or
--- session) per lot touched in transaction TXN; the units go on the first event only, so
--- summing units over events counts each transaction once. The caller has checked that
--- the balance covers the amount. Returns the balance afterwards and the flat list
--- lot1, amount1, ...
-local function burn(amount, kind, feature, units, reference)
-  local plan = {}
-  local need = amount
-  for _, field in ipairs(lots_in_order()) do
-    local burn_key = string.sub(field, 3)
-    local rem = tonumber(acct_get(field))
-    local take = math.min(rem, need)
-    plan[#plan + 1] = {
-      burn_key = burn_key, lot = string.sub(burn_key, BURN_KEY_LOT_OFFSET), take = take, rem = rem,
-    }
-    need = need - take
-    if need == 0 then
+-- Take `amount` credits out of the lots in burn-down order and out of the balance.
+-- Returns the flat list lot1, amount1, ... of what it took from each lot, or nil (and
+-- changes nothing) if the lots do not cover the amount. The caller has checked that the
+-- balance covers it: nil means the lots and the recorded balance disagree.
+local function take(amount)
+  local names = lots_in_order()
+  local need, last = amount, 0
+  for i = 1, #names do
+    last = i
+    local rem = acct_int(names[i])
+    if rem >= need then
+      need = 0
       break
     end
+    need = need - rem
   end
   if need > 0 then
-    return redis.error_reply('creditmeter: lots do not cover the recorded balance')
+    return nil
   end
-  -- Writes, once the plan covers the amount.
-  local balance = acct_int('balance')
+  -- Writes, once the lots cover the amount.
   local charges = {}
-  for i, p in ipairs(plan) do
-    if p.take == p.rem then
-      drop_lot(p.lot, p.burn_key)
+  need = amount
+  for i = 1, last do
+    local field = names[i]
+    local rem = acct_int(field)
+    local t = math.min(rem, need)
+    local burn_key = string.sub(field, 3)
+    local lot = string.sub(burn_key, BURN_KEY_LOT_OFFSET)
+    if t == rem then
+      drop_lot(lot, burn_key)
     else
-      acct_set('q:' .. p.burn_key, fmt(p.rem - p.take))
+      acct_incr(field, -t)
     end
-    balance = acct_incr('balance', -p.take)
+    need = need - t
+    charges[#charges + 1] = lot
+    charges[#charges + 1] = fmt(t)
+  end
+  acct_incr('balance', -amount)
+  return charges
+end
+
+local LOTS_DISAGREE = 'creditmeter: lots do not cover the recorded balance'
+
+-- take(), recording one `kind` event (session) per lot touched in transaction TXN; the
+-- units go on the first event only, so summing units over events counts each
+-- transaction once. Returns the flat list lot1, amount1, ... (or an error reply).
+local function burn(amount, kind, feature, units, reference)
+  local balance = acct_int('balance')
+  local charges = take(amount)
+  if charges == nil then
+    return redis.error_reply(LOTS_DISAGREE)
+  end
+  for i = 1, #charges, 2 do
+    local taken = tonumber(charges[i + 1])
+    balance = balance - taken
     local fields = {
-      'lot', p.lot, 'amount', fmt(p.take), 'feature', feature, 'units', i == 1 and units or '0',
+      'lot', charges[i], 'amount', charges[i + 1], 'feature', feature,
+      'units', i == 1 and units or '0',
     }
     if reference ~= '' then
       fields[#fields + 1] = 'reference'
       fields[#fields + 1] = reference
     end
     emit(TXN, kind, fields, balance_fields(balance))
-    charges[#charges + 1] = p.lot
-    charges[#charges + 1] = fmt(p.take)
   end
-  return balance, charges
+  return charges
 end
 
 -- Count a charge in the account's usage totals.

@@ -12,6 +12,7 @@ if live_seq and ARGV[8] ~= '1' then
 end
 redis.call('DEL', KEYS[1])
 account = {}
+numbers = {}
 changed = {}
 deleted = {}
 local fields = cjson.decode(ARGV[9])

@@ -1,0 +1,113 @@
+"""The outbox entry format: one entry per script call, decoded into its events.
+
+A script call appends one entry to its bucket's outbox (flush_events in _lib.lua), with
+the fields
+
+    t  tenant   a  account   x  transaction id   r  request id ('' for none)   ts  time (ms)
+    e  the events: a cjson array of [txn suffix, kind, seq, name, value, ...]
+    fp, reply   the request record (present when the call was idempotent): the request's
+                fingerprint and the encoded reply, the durable copy of the idempotency record
+    c, s        a consume's encoded reply, which stands for its `consume` events (one per
+                lot it took from, see `_consume_events`), and the account's seq after them;
+                with `fp`, `c` is the request record's reply too (no `reply` field)
+
+Each event belongs to transaction `x` followed by its suffix ('' for the call's own
+transaction; 'x' for the expiries swept first, 'r' for the lots a reset removed), and its
+id is "<txn>:<n>", n counting the events of its transaction from 1; the request record is
+the call transaction's last event, "<x>:<n + 1>". Releases before 0.2 wrote one entry per
+event with those fields spelled out (`event_id`, `txn`, `kind`, ...): `events` reads both,
+so an outbox written by either is drained and watched alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+#: A field only the entries of 0.1.0 have (one event per entry, spelled out).
+_V1_FIELD = "event_id"
+
+
+def events(fields: Mapping[str, str]) -> list[dict[str, str]]:
+    """The events of one entry, each as its fields (event_id, txn, kind, seq, tenant,
+    account, request_id, ts, then its own), the request record last as kind `request`."""
+    if _V1_FIELD in fields:
+        return [dict(fields)]
+    txn = fields["x"]
+    header = {
+        "tenant": fields["t"],
+        "account": fields["a"],
+        "request_id": fields["r"],
+        "ts": fields["ts"],
+    }
+    counts: dict[str, int] = {}
+    out: list[dict[str, str]] = []
+    seq = "0"
+    for item in json.loads(fields["e"]) or ():  # an empty cjson table is "{}"
+        event_txn = txn + item[0]
+        n = counts[event_txn] = counts.get(event_txn, 0) + 1
+        seq = item[2]
+        event = {"event_id": f"{event_txn}:{n}", "txn": event_txn, "kind": item[1], "seq": seq}
+        event.update(header)
+        event.update(zip(item[3::2], item[4::2], strict=True))
+        out.append(event)
+    consumed = fields.get("c")
+    if consumed is not None:
+        charged = _consume_events(json.loads(consumed), int(fields["s"]), header)
+        out.extend(charged)
+        counts[txn] = counts.get(txn, 0) + len(charged)
+        seq = fields["s"]
+    if "fp" in fields:
+        n = counts.get(txn, 0) + 1
+        request = {"event_id": f"{txn}:{n}", "txn": txn, "kind": "request", "seq": seq}
+        request.update(header)
+        request["fp"] = fields["fp"]
+        request["reply"] = fields["reply"] if consumed is None else consumed
+        out.append(request)
+    return out
+
+
+def header(fields: Mapping[str, str]) -> tuple[str, str, str]:
+    """(transaction id, tenant, account) of an entry of either format."""
+    if _V1_FIELD in fields:
+        return fields.get("txn", ""), fields.get("tenant", ""), fields.get("account", "")
+    return fields["x"], fields["t"], fields["a"]
+
+
+#: The places in consume.lua's reply: txn, amount, units, feature, credit in lots after,
+#: reserved, unlimited, time, then lot, amount of each lot touched.
+CONSUME_CHARGES_AT = 9
+
+
+def _consume_events(
+    reply: list[str], last_seq: int, header: Mapping[str, str]
+) -> list[dict[str, str]]:
+    """The `consume` events a consume's reply stands for: one per lot touched, each with
+    the credit in lots after it (or one with no lot and balance -1 when unlimited)."""
+    txn, amount, units, feature, balance, reserved, unlimited = reply[1:8]
+    charges = reply[CONSUME_CHARGES_AT:]
+    if unlimited == "1":
+        pairs = [("", amount)]
+        after = [-1]
+    else:
+        pairs = list(zip(charges[::2], charges[1::2], strict=True))
+        left = int(balance)
+        after = []
+        for _lot, taken in reversed(pairs):
+            after.append(left)
+            left += int(taken)
+        after.reverse()
+    first_seq = last_seq - len(pairs) + 1
+    out = []
+    for i, ((lot, taken), credit) in enumerate(zip(pairs, after, strict=True)):
+        event = {
+            "event_id": f"{txn}:{i + 1}", "txn": txn, "kind": "consume",
+            "seq": str(first_seq + i),
+        }  # fmt: skip
+        event.update(header)
+        event.update(
+            lot=lot, amount=taken, feature=feature, units=units if i == 0 else "0",
+            balance=str(credit), reserved=reserved,
+        )  # fmt: skip
+        out.append(event)
+    return out
