@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -110,6 +111,26 @@ def record_rpc(service: str, method: str, code: str, seconds: float) -> None:
     """Count one finished RPC with its status code name (OK, NOT_FOUND, ...)."""
     _rpcs(service, method, code).inc()
     _rpc_duration(service, method).observe(seconds)
+
+
+def rpc_recorder(service: str, method: str) -> Callable[[str, float], None]:
+    """`record_rpc` for one method, its children found once (the interceptor keeps one
+    per method): a call then pays for the count and the observation only."""
+    # Children are found at the first call that needs them, as `record_rpc` would: no
+    # series shows before a call of its labels has finished.
+    children: dict[str, Any] = {}
+
+    def record(code: str, seconds: float) -> None:
+        count = children.get(code)
+        if count is None:
+            count = children[code] = _rpcs(service, method, code)
+        duration = children.get("")
+        if duration is None:
+            duration = children[""] = _rpc_duration(service, method)
+        count.inc()
+        duration.observe(seconds)
+
+    return record
 
 
 def record_consume(feature: str, credits: int, units: int) -> None:
