@@ -102,6 +102,11 @@ def _consumed(feature: str) -> tuple[Any, Any]:
 
 
 @functools.cache
+def _insufficient(feature: str) -> Any:
+    return INSUFFICIENT_CREDITS.labels(feature)
+
+
+@functools.cache
 def redis_duration(operation: str) -> Any:
     """The Redis round-trip histogram of one operation (a script's name, or snapshot)."""
     return REDIS_DURATION.labels(operation)
@@ -142,7 +147,7 @@ def record_consume(feature: str, credits: int, units: int) -> None:
 
 def record_insufficient(feature: str) -> None:
     """A consumption refused because the balance did not cover it."""
-    INSUFFICIENT_CREDITS.labels(feature).inc()
+    _insufficient(feature).inc()
 
 
 def record_backlog(backlog: int, cap: int, refusing: bool) -> None:
