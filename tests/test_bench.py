@@ -190,6 +190,7 @@ def test_targets_are_judged_only_on_what_was_measured() -> None:
         ),
         "meter": {"status": "unimplemented"},
         "latency": _ok_scenario(350.0, open_loop_rate_per_s=350.0, latency_ms={"p99": 5.0}),
+        "latency-empty": _ok_scenario(350.0, open_loop_rate_per_s=350.0, latency_ms={"p99": 2.5}),
         "reference": {"status": "ok", "usec_per_call": 10.0},
         "memory": {"status": "ok", "bytes_per_account": 600.0, "accounts": 100},
         "peer": {"status": "skipped", "reason": "no PostgreSQL"},
@@ -199,6 +200,7 @@ def test_targets_are_judged_only_on_what_was_measured() -> None:
     ratios = report._ratios(results)
     verdicts = {t["target"]: t["verdict"] for t in report._targets(results, ratios)}
     assert ratios["consume_vs_empty_call"] == 0.7
+    assert ratios["latency_p99_vs_empty_call_p99"] == 2.0
     assert ratios["consume_redis_us_vs_reference"] == 3.0
     assert ratios["batch_redis_us_vs_reference"] == 1.2
     assert "batch_vs_peer" not in ratios
@@ -210,6 +212,7 @@ def test_targets_are_judged_only_on_what_was_measured() -> None:
         "Redis time per deduction, ConsumeBatch": "met",  # 1.2 x is <= 1.2 x
         "Redis time per deduction, Meter": "missed",
         "unary latency at load": "missed",  # 5.0 ms is not below 5 ms
+        "unary latency at load vs empty call": "met",  # 2 x is <= 2 x
         "Redis bytes per one-lot account": "met",
         "ConsumeBatch vs the PostgreSQL peer": "not measured",  # skipped: no peer figure
         "Meter vs the PostgreSQL peer": "not measured",
@@ -221,6 +224,12 @@ def test_targets_are_judged_only_on_what_was_measured() -> None:
     ratios = report._ratios(results)
     verdicts = {t["target"]: t["verdict"] for t in report._targets(results, ratios)}
     assert verdicts["Redis time per deduction, unary Consume"] == "not measured"
+    # Without the empty call at the same rate, no latency ratio.
+    del results["latency-empty"]
+    ratios = report._ratios(results)
+    verdicts = {t["target"]: t["verdict"] for t in report._targets(results, ratios)}
+    assert "latency_p99_vs_empty_call_p99" not in ratios
+    assert verdicts["unary latency at load vs empty call"] == "not measured"
 
 
 def test_lua_cost_counts_instructions_beside_the_reference() -> None:

@@ -239,6 +239,9 @@ TARGET_BULK_DEDUCTIONS_PER_S = 100_000
 TARGET_BULK_SUSTAINED_S = 60.0
 TARGET_FLUSH_LAG_P99_MS = 1000.0
 TARGET_LATENCY_AT_LOAD_P99_MS = 5.0
+#: Unary Consume's p99 at BENCH_LATENCY_LOAD_SHARE of its maximum, as a multiple of the
+#: empty call's p99 at the same offered rate.
+TARGET_LATENCY_VS_EMPTY_P99 = 2.0
 #: Redis time per deduction (commandstats of the scripts / deductions) as a multiple of
 #: the reference script's usec_per_call: unary Consume with a request id, and inside
 #: batches (ConsumeBatch, Meter).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -101,6 +102,11 @@ def _consumed(feature: str) -> tuple[Any, Any]:
 
 
 @functools.cache
+def _insufficient(feature: str) -> Any:
+    return INSUFFICIENT_CREDITS.labels(feature)
+
+
+@functools.cache
 def redis_duration(operation: str) -> Any:
     """The Redis round-trip histogram of one operation (a script's name, or snapshot)."""
     return REDIS_DURATION.labels(operation)
@@ -112,6 +118,26 @@ def record_rpc(service: str, method: str, code: str, seconds: float) -> None:
     _rpc_duration(service, method).observe(seconds)
 
 
+def rpc_recorder(service: str, method: str) -> Callable[[str, float], None]:
+    """`record_rpc` for one method, its children found once (the interceptor keeps one
+    per method): a call then pays for the count and the observation only."""
+    # Children are found at the first call that needs them, as `record_rpc` would: no
+    # series shows before a call of its labels has finished.
+    children: dict[str, Any] = {}
+
+    def record(code: str, seconds: float) -> None:
+        count = children.get(code)
+        if count is None:
+            count = children[code] = _rpcs(service, method, code)
+        duration = children.get("")
+        if duration is None:
+            duration = children[""] = _rpc_duration(service, method)
+        count.inc()
+        duration.observe(seconds)
+
+    return record
+
+
 def record_consume(feature: str, credits: int, units: int) -> None:
     """A consumption that charged the account (not a replay of an earlier one)."""
     credits_child, units_child = _consumed(feature)
@@ -121,7 +147,7 @@ def record_consume(feature: str, credits: int, units: int) -> None:
 
 def record_insufficient(feature: str) -> None:
     """A consumption refused because the balance did not cover it."""
-    INSUFFICIENT_CREDITS.labels(feature).inc()
+    _insufficient(feature).inc()
 
 
 def record_backlog(backlog: int, cap: int, refusing: bool) -> None:

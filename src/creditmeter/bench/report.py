@@ -26,6 +26,7 @@ from creditmeter.constants import (
     TARGET_DRAIN_ENTRIES_PER_S,
     TARGET_FLUSH_LAG_P99_MS,
     TARGET_LATENCY_AT_LOAD_P99_MS,
+    TARGET_LATENCY_VS_EMPTY_P99,
     TARGET_REDIS_BATCH_VS_REFERENCE,
     TARGET_REDIS_UNARY_VS_REFERENCE,
     TARGET_UNARY_SHARE_OF_EMPTY,
@@ -33,6 +34,10 @@ from creditmeter.constants import (
 
 if TYPE_CHECKING:
     from creditmeter.bench.runner import Options
+
+
+#: The empty call, open loop at the `latency` scenario's rate (the runner runs it with it).
+LATENCY_EMPTY = "latency-empty"
 
 
 def _ok(results: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -75,6 +80,11 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
     consume, empty, redis = _ok(results, "consume"), _ok(results, "empty"), _ok(results, "redis")
     if consume and empty and empty["calls_per_s"]:
         ratios["consume_vs_empty_call"] = consume["calls_per_s"] / empty["calls_per_s"]
+    latency, latency_empty = _ok(results, "latency"), _ok(results, LATENCY_EMPTY)
+    if latency and latency_empty:
+        p99, empty_p99 = latency["latency_ms"].get("p99"), latency_empty["latency_ms"].get("p99")
+        if p99 and empty_p99:
+            ratios["latency_p99_vs_empty_call_p99"] = p99 / empty_p99
     if redis:
         best = max(v["rps"] for v in redis["variants"])
         unpipelined = next(v["rps"] for v in redis["variants"] if v["pipeline"] == 1)
@@ -161,8 +171,27 @@ def _targets(results: dict[str, Any], ratios: dict[str, float]) -> list[dict[str
         status = results["latency"].get("status", "-") if "latency" in results else "-"
         verdict = "not measured" if "latency" not in results else "missed"
         targets.append(_target("unary latency at load", goal, status, verdict))
+    targets.append(_latency_vs_empty(results, ratios))
     targets.extend(_other_targets(results, ratios))
     return targets
+
+
+def _latency_vs_empty(results: dict[str, Any], ratios: dict[str, float]) -> dict[str, str]:
+    """Consume's p99 at half its maximum against the empty call's at the same rate."""
+    title = "unary latency at load vs empty call"
+    goal = (
+        f"p99 <= {TARGET_LATENCY_VS_EMPTY_P99:g} x the empty call's p99 at the same rate "
+        f"({BENCH_LATENCY_LOAD_SHARE:.0%} of Consume's max)"
+    )
+    ratio = ratios.get("latency_p99_vs_empty_call_p99")
+    if ratio is None:
+        measured = "latency" in results and LATENCY_EMPTY in results
+        status = results["latency"].get("status", "-") if "latency" in results else "-"
+        return _target(title, goal, status, "missed" if measured else "not measured")
+    p99 = results["latency"]["latency_ms"]["p99"]
+    empty_p99 = results[LATENCY_EMPTY]["latency_ms"]["p99"]
+    value = f"{p99:.2f} ms vs {empty_p99:.2f} ms: {ratio:.2f} x"
+    return _target(title, goal, value, "met" if ratio <= TARGET_LATENCY_VS_EMPTY_P99 else "missed")
 
 
 def _not_measured(results: dict[str, Any], name: str) -> bool:
@@ -302,6 +331,8 @@ TOP_COMMANDS = 12
 def _label(name: str, r: dict[str, Any]) -> str:
     if name == "latency":
         return f"latency (open loop {r.get('open_loop_rate_per_s') or 0:,.0f}/s)"
+    if name == LATENCY_EMPTY:
+        return f"empty call (open loop {r.get('open_loop_rate_per_s') or 0:,.0f}/s)"
     return LABELS.get(name, name)
 
 
@@ -542,7 +573,9 @@ def _plot(figures: dict[str, Any], path: Path) -> None:
                 curve(f"peer {v['variant']}", v["latency_ms"])
         elif "deductions_per_s" in r:
             names.append(name)
-            rates.append(r["deductions_per_s"] if name != "empty" else r["calls_per_s"])
+            rates.append(
+                r["calls_per_s"] if name in ("empty", LATENCY_EMPTY) else r["deductions_per_s"]
+            )
             curve(name, r.get("latency_ms", {}))
     curves.set_xscale("log")
     curves.set_yscale("log")

@@ -297,6 +297,8 @@ def _summarise(
 
 # --- the ceilings ---------------------------------------------------------------------
 def _empty_ceiling(spec: LoadSpec, console: Console) -> dict[str, Any]:
+    """The empty call on a bare grpc.aio server of its own: closed loop as `spec` says,
+    or open loop at `spec.rate`."""
     ctx = spawn_context()
     ports = ctx.Queue()
     server = ctx.Process(target=empty_server_main, args=(ports,), daemon=True)
@@ -305,7 +307,7 @@ def _empty_ceiling(spec: LoadSpec, console: Console) -> dict[str, Any]:
         port = ports.get(timeout=EMPTY_SERVER_START_TIMEOUT_S)
         return run_load(
             replace(spec, address=f"127.0.0.1:{port}", scenario="empty"),
-            "empty call",
+            "empty call" if spec.rate is None else "empty call (open loop)",
             console,
             None,
         )
@@ -444,6 +446,10 @@ def run(opts: Options) -> int:
                         replace(spec, rate=rate), "consume", console, ledger, opts, target, name
                     )
                     results[name]["share_of_max"] = BENCH_LATENCY_LOAD_SHARE
+                    # The empty call at the same offered rate: what the latency is judged
+                    # against (the gRPC call alone, on the same machine, loaded alike).
+                    at_rate = replace(spec, rate=rate)
+                    results[report.LATENCY_EMPTY] = _empty_ceiling(at_rate, console)
                 else:
                     results[name] = _scenario(spec, name, console, ledger, opts, target)
         finally:

@@ -58,7 +58,7 @@ class GrantResult:
     balance: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConsumeResult:
     transaction_id: str
     amount: int
@@ -69,7 +69,7 @@ class ConsumeResult:
     time_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConsumeItem:
     """One consumption of a batch or stream: the parameters of `Metering.consume`."""
 
@@ -361,23 +361,31 @@ class Metering:
             v.add("quantity", "the charge would exceed 2^53-1 credits")
         return credits, units
 
-    def _consume_call(self, tenant: str, item: ConsumeItem) -> ConsumeCall:
+    def _consume_call(
+        self,
+        tenant: str,
+        account_id: str,
+        feature: str,
+        request_id: str,
+        quantity: int | None,
+        amount: int | None,
+    ) -> ConsumeCall:
         """Validate and price one consumption; raises InvalidRequest."""
         v = Violations()
-        v.account_id(item.account_id)
-        v.request_id(item.request_id)
-        credits, units = self.price(tenant, item.feature, item.quantity, item.amount, v)
+        v.account_id(account_id)
+        v.request_id(request_id)
+        credits, units = self.price(tenant, feature, quantity, amount, v)
         v.raise_if_any()
         call = self._call(
             "txn",
-            item.request_id,
+            request_id,
             "Consume",
-            account_id=item.account_id,
-            feature=item.feature,
-            quantity=item.quantity,
-            amount=item.amount,
+            account_id=account_id,
+            feature=feature,
+            quantity=quantity,
+            amount=amount,
         )
-        return ConsumeCall(AccountKeys(tenant, item.account_id), call, credits, item.feature, units)
+        return ConsumeCall(AccountKeys(tenant, account_id), call, credits, feature, units)
 
     async def consume(
         self,
@@ -390,17 +398,17 @@ class Metering:
         amount: int | None = None,
     ) -> ConsumeResult:
         """Charge an account, all or nothing."""
-        c = self._consume_call(
-            tenant, ConsumeItem(account_id, feature, request_id, quantity, amount)
-        )
+        # The unary hot path: the store is awaited directly (no `_applied` wrapper, no
+        # ConsumeItem), the refusal turned into its domain error here.
+        c = self._consume_call(tenant, account_id, feature, request_id, quantity, amount)
         self.gate.check()
         try:
-            record = await _applied(
-                self.store.consume(c.keys, c.call, c.amount, c.feature, c.units)
-            )
-        except InsufficientCredits:
-            metrics.record_insufficient(c.feature)
-            raise
+            record = await self.store.consume(c.keys, c.call, c.amount, c.feature, c.units)
+        except Rejected as rejected:
+            error = from_rejection(rejected)
+            if isinstance(error, InsufficientCredits):
+                metrics.record_insufficient(c.feature)
+            raise error from None
         return _counted(c, record)
 
     async def consume_many(
@@ -420,7 +428,11 @@ class Metering:
         calls: list[ConsumeCall] = []
         for item in items:
             try:
-                calls.append(self._consume_call(tenant, item))
+                call = self._consume_call(
+                    tenant, item.account_id, item.feature, item.request_id, item.quantity,
+                    item.amount,
+                )  # fmt: skip
+                calls.append(call)
                 outcomes.append(None)  # filled in from the store's reply below
             except InvalidRequest as invalid:
                 outcomes.append(invalid)

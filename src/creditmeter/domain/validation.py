@@ -35,8 +35,12 @@ class Violations:
     """
 
     def __init__(self, prior: Violations | None = None) -> None:
-        self.items: list[tuple[str, str]] = list(prior.items) if prior else []
-        self._fields = {f for f, _ in self.items}
+        if prior is None:  # the usual case, on every call: nothing to copy
+            self.items: list[tuple[str, str]] = []
+            self._fields: set[str] = set()
+        else:
+            self.items = list(prior.items)
+            self._fields = {f for f, _ in self.items}
 
     def add(self, field: str, why: str) -> None:
         if field not in self._fields:

@@ -4,6 +4,7 @@ person at a terminal."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import sys
@@ -94,6 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session_grace_s=float(args.session_grace),
         metrics_listen=args.metrics_listen or None,
     )
+    # What is imported by now (grpc, protobuf, redis, the server's modules) lives as long
+    # as the process: frozen, the collector's full passes no longer walk it (a py-spy
+    # profile under Consume load had about a tenth of the loop's time in gc).
+    gc.freeze()
     try:
         uvloop.run(serve(settings))
     except RedisNotInstalled as exc:

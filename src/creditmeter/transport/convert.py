@@ -184,15 +184,21 @@ def consume_item(request: pb.ConsumeRequest) -> ConsumeItem:
 
 
 def consume_response_pb(result: ConsumeResult) -> pb.ConsumeResponse:
-    return pb.ConsumeResponse(
+    # Submessages filled in place: the same message, built faster than from LotCharge
+    # and Timestamp objects (a Timestamp's construction is the slow part).
+    msg = pb.ConsumeResponse(
         transaction_id=result.transaction_id,
         amount=result.amount,
         units=result.units,
         feature=result.feature,
-        charges=[pb.LotCharge(lot_id=lot, amount=amount) for lot, amount in result.charges],
         balance=result.balance,
-        consume_time=timestamp(result.time_ms),
     )
+    add = msg.charges.add
+    for lot, amount in result.charges:
+        add(lot_id=lot, amount=amount)
+    ms = result.time_ms
+    msg.consume_time.seconds, msg.consume_time.nanos = ms // 1000, (ms % 1000) * 1_000_000
+    return msg
 
 
 def consume_error_pb(error: CreditError) -> pb.ConsumeError:

@@ -11,12 +11,11 @@ message and an incident id that the one log line about it carries too."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,48 +222,12 @@ async def _internal(
     )
 
 
-@dataclass
-class _Caller:
-    """Who made the call being observed, once the key is verified."""
-
-    who: Principal | None = None
-
-
-@contextlib.contextmanager
-def _observed(
-    service: str, method: str, context: grpc.aio.ServicerContext[Any, Any]
-) -> Iterator[_Caller]:
-    """Count and time one call, from its start to its status (a stream: to its end)."""
-    start = time.perf_counter()
-    escaped: BaseException | None = None
-    caller = _Caller()
-    try:
-        yield caller
-    except BaseException as exc:
-        escaped = exc
-        raise
-    finally:
-        seconds = time.perf_counter() - start
-        code = _code_of(escaped, context)
-        metrics.record_rpc(service, method, code, seconds)
-        who = caller.who
-        if log.isEnabledFor(logging.DEBUG):  # the hot path pays nothing when it is off
-            # Only names and numbers: never the request, its metadata or the API key.
-            log.debug(
-                "%s/%s %s %.1f ms",
-                service,
-                method,
-                code,
-                seconds * 1000,
-                extra={
-                    "rpc_service": service,
-                    "rpc_method": method,
-                    "code": code,
-                    "duration_ms": round(seconds * 1000, 3),
-                    "tenant": who.tenant if who else None,
-                    "key_id": who.key_id if who else None,
-                },
-            )
+def _authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The call's `authorization` metadata value, if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
 
 
 #: What escapes a handler on purpose: an abort already carries its status, and a
@@ -272,11 +235,162 @@ def _observed(
 _PASS_THROUGH = (grpc.aio.AbortError, asyncio.CancelledError)
 
 
+class _Guard:
+    """What the interceptor does around one method's calls: built once per method (its
+    names, decoder and metric children), so a call pays only for its own work."""
+
+    def __init__(
+        self,
+        keyring: Callable[[], KeyRing],
+        service: str,
+        operation: str,
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> None:
+        self.keyring = keyring
+        self.service = service
+        self.operation = operation
+        self.decode = _decoder(deserialize, service, operation)
+        self.record = metrics.rpc_recorder(service, operation)
+
+    def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        """The caller of a verified key (raises ApiKeyInvalid)."""
+        return self.keyring().authenticate(_authorization(context))
+
+    def observe(
+        self,
+        start: float,
+        escaped: BaseException | None,
+        context: grpc.aio.ServicerContext[Any, Any],
+        who: Principal | None,
+    ) -> None:
+        """Count and time one call, from its start to its status (a stream: to its end)."""
+        seconds = time.perf_counter() - start
+        code = _code_of(escaped, context)
+        self.record(code, seconds)
+        if log.isEnabledFor(logging.DEBUG):  # the hot path pays nothing when it is off
+            # Only names and numbers: never the request, its metadata or the API key.
+            log.debug(
+                "%s/%s %s %.1f ms",
+                self.service,
+                self.operation,
+                code,
+                seconds * 1000,
+                extra={
+                    "rpc_service": self.service,
+                    "rpc_method": self.operation,
+                    "code": code,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "tenant": who.tenant if who else None,
+                    "key_id": who.key_id if who else None,
+                },
+            )
+
+    async def decoded_stream(self, raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for item in raw:
+            try:
+                yield self.decode(item)
+            except errors.UndecodableRequest as error:
+                if self.operation not in ITEM_TOLERANT_STREAMS:
+                    raise
+                yield Undecodable(error)
+
+    def unary(
+        self, inner: Callable[..., Awaitable[Any]], streaming: bool
+    ) -> Callable[..., Awaitable[Any]]:
+        """The behaviour of a method with a single response around `inner`'s."""
+
+        async def behavior(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            start = time.perf_counter()
+            who: Principal | None = None
+            escaped: BaseException | None = None
+            try:
+                try:
+                    who = self.authenticate(context)  # known to the log line from here
+                    who.require(self.operation)
+                    token = _PRINCIPAL.set(who)
+                    try:
+                        request = self.decoded_stream(raw) if streaming else self.decode(raw)
+                        return await inner(request, context)
+                    finally:
+                        _PRINCIPAL.reset(token)
+                except errors.CreditError as error:
+                    await _abort(context, error)
+                except _PASS_THROUGH:
+                    raise
+                except Exception as exc:
+                    await _internal(context, self.service, self.operation, exc)
+            except BaseException as exc:
+                escaped = exc
+                raise
+            finally:
+                self.observe(start, escaped, context, who)
+
+        return behavior
+
+    def stream(
+        self, inner: Callable[..., AsyncIterator[Any]], streaming: bool
+    ) -> Callable[..., Any]:
+        """The behaviour of a method with a response stream around `inner`'s."""
+
+        async def behavior(
+            raw: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            who: Principal | None = None
+            escaped: BaseException | None = None
+            try:
+                try:
+                    who = self.authenticate(context)
+                    who.require(self.operation)
+                    token = _PRINCIPAL.set(who)
+                    try:
+                        request = self.decoded_stream(raw) if streaming else self.decode(raw)
+                        async for response in inner(request, context):
+                            yield response
+                    finally:
+                        _PRINCIPAL.reset(token)
+                except errors.CreditError as error:
+                    await _abort(context, error)
+                except _PASS_THROUGH:
+                    raise
+                except Exception as exc:
+                    await _internal(context, self.service, self.operation, exc)
+            except BaseException as exc:
+                escaped = exc
+                raise
+            finally:
+                self.observe(start, escaped, context, who)
+
+        return behavior
+
+    def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` behind the guard. Requests arrive as bytes (no deserializer) and are
+        decoded after the key is checked, inside the error mapping."""
+        kinds = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler, self.unary, False),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler, self.unary, True),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler, self.stream, False),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler, self.stream, True),
+        )
+        for attr, make, wrap, streaming in kinds:
+            inner = getattr(handler, attr)
+            if inner is not None:
+                return make(
+                    wrap(inner, streaming),
+                    request_deserializer=None,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
+
+
 class Gatekeeper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates, authorizes, maps errors, and counts and times every credits.v1 RPC."""
 
     def __init__(self, keyring: Callable[[], KeyRing]) -> None:
         self._keyring = keyring
+        #: method -> (the handler grpc found for it, that handler behind the guard). The
+        #: servicers register their handlers once, so each is wrapped once, not per call.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -285,89 +399,13 @@ class Gatekeeper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method: str = details.method
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
         if handler is None or not method.startswith("/" + PROTECTED_PACKAGE):
             return handler  # health checking and reflection are open
         service, _, operation = method.lstrip("/").rpartition("/")
-        authorization = next(
-            (str(v) for k, v in details.invocation_metadata or () if k == "authorization"), None
-        )
-
-        def enter(caller: _Caller) -> contextvars.Token[Principal]:
-            who = self._keyring().authenticate(authorization)
-            caller.who = who
-            who.require(operation)
-            return _PRINCIPAL.set(who)
-
-        decode = _decoder(handler.request_deserializer, service, operation)
-
-        async def decoded_stream(raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-            async for item in raw:
-                try:
-                    yield decode(item)
-                except errors.UndecodableRequest as error:
-                    if operation not in ITEM_TOLERANT_STREAMS:
-                        raise
-                    yield Undecodable(error)
-
-        def wrap_unary(
-            inner: Callable[..., Awaitable[Any]], streaming: bool
-        ) -> Callable[..., Awaitable[Any]]:
-            async def behavior(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                with _observed(service, operation, context) as caller:
-                    try:
-                        token = enter(caller)
-                        try:
-                            request = decoded_stream(raw) if streaming else decode(raw)
-                            return await inner(request, context)
-                        finally:
-                            _PRINCIPAL.reset(token)
-                    except errors.CreditError as error:
-                        await _abort(context, error)
-                    except _PASS_THROUGH:
-                        raise
-                    except Exception as exc:
-                        await _internal(context, service, operation, exc)
-
-            return behavior
-
-        def wrap_stream(
-            inner: Callable[..., AsyncIterator[Any]], streaming: bool
-        ) -> Callable[..., Any]:
-            async def behavior(
-                raw: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                with _observed(service, operation, context) as caller:
-                    try:
-                        token = enter(caller)
-                        try:
-                            request = decoded_stream(raw) if streaming else decode(raw)
-                            async for response in inner(request, context):
-                                yield response
-                        finally:
-                            _PRINCIPAL.reset(token)
-                    except errors.CreditError as error:
-                        await _abort(context, error)
-                    except _PASS_THROUGH:
-                        raise
-                    except Exception as exc:
-                        await _internal(context, service, operation, exc)
-
-            return behavior
-
-        kinds = (
-            ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary, False),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary, True),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_stream, False),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_stream, True),
-        )
-        for attr, make, wrap, streaming in kinds:
-            inner = getattr(handler, attr)
-            if inner is not None:
-                # Requests arrive as bytes (no deserializer) and are decoded after the key
-                # is checked, inside the error mapping.
-                return make(
-                    wrap(inner, streaming),
-                    request_deserializer=None,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        guard = _Guard(self._keyring, service, operation, handler.request_deserializer)
+        guarded = guard.wrap(handler)
+        self._guarded[method] = (handler, guarded)
+        return guarded
