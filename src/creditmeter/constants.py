@@ -150,6 +150,13 @@ EXPIRY_SWEEP_INTERVAL_S = 1.0
 EXPIRY_SWEEP_BATCH = 200
 #: How long SIGTERM waits for in-flight calls before cancelling them.
 SHUTDOWN_GRACE_S = 10.0
+#: `serve --workers N`: a worker that exits on its own is started again after this pause
+#: (after this many deaths within WORKER_CRASH_WINDOW_S the supervisor gives up and exits).
+WORKER_RESTART_DELAY_S = 1.0
+WORKER_MAX_RESTARTS = 5
+WORKER_CRASH_WINDOW_S = 60.0
+#: How long a worker may take from spawn to taking calls (imports, Redis, the ledger).
+WORKER_START_TIMEOUT_S = 60.0
 REDIS_START_TIMEOUT_S = 20.0
 #: The ErrorInfo domain of every error the server returns.
 ERROR_DOMAIN = "creditmeter"
@@ -263,6 +270,8 @@ REDIS_LATENCY_BUCKETS_S = (
 )  # fmt: skip
 LOG_FORMATS = ("text", "json")
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The same in a worker of `serve --workers N`: which worker wrote the line.
+TEXT_WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s worker %(worker)s %(name)s: %(message)s"
 
 # --- batching ------------------------------------------------------------------
 #: Items of one ConsumeBatch call (the proto documents 1 to 1000).
