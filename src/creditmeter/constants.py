@@ -210,9 +210,15 @@ BENCH_OUT_DIR = "./bench-results"
 #: of outbox entries must not weigh on the others). `reference` runs whenever a scenario
 #: with Redis figures does: their ratios need it.
 BENCH_SCENARIOS = (
-    "empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "reference",
-    "memory", "peer", "drain", "lua-cost", "redis",
+    "empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "workers",
+    "reference", "memory", "peer", "drain", "lua-cost", "redis",
 )  # fmt: skip
+#: The `workers` scenario: unary Consume against `serve --workers N` for each N here, each
+#: on a server of its own, in one run (the figure is the ratio of the last to the first).
+BENCH_WORKERS_COMPARED = (1, 2)
+#: Its channels per load process, at least: each channel is one TCP connection, and the
+#: kernel hashes connections over the workers, so a few per worker keep the split even.
+BENCH_WORKERS_CHANNELS = 8
 #: The reference script (bench/reference.lua) under redis-benchmark: pipelining depth.
 #: commandstats times a call inside Redis, so the depth barely moves its usec_per_call.
 BENCH_REFERENCE_PIPELINE = 16
