@@ -1,9 +1,9 @@
 """`creditmeter serve --workers 2` as real processes: a supervisor, two workers on one
 port, one embedded Redis, one flusher. Calls spread over both workers (seen in their
 access log lines, which name the worker), 64 clients racing one balance never overdraw
-it and the ledger audits clean, /metrics counts every worker's calls, a `kill -9`ed
-worker is started again on the same port, and SIGTERM or a `kill -9` of the supervisor
-leaves no process behind."""
+it and the ledger audits clean, /metrics counts every worker's calls, the expiry sweeper
+runs (in worker 0), a `kill -9`ed worker is started again on the same port, and SIGTERM
+or a `kill -9` of the supervisor leaves no process behind."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
@@ -210,6 +211,13 @@ async def test_racing_clients_spread_over_both_workers_never_overdraw(
             pb.GrantRequest(account_id="race", amount=RACE_CREDITS, request_id=rid()),
             metadata=md(key), timeout=10,
         )  # fmt: skip
+        # A lot that expires during the race and that nothing touches: only the expiry
+        # sweeper (worker 0's) records its expiry.
+        stub.Grant(
+            pb.GrantRequest(account_id="fading", amount=5, valid_for=Duration(seconds=1),
+                            request_id=rid()),
+            metadata=md(key), timeout=10,
+        )  # fmt: skip
 
         seen = await race(server.address, key, "race")
 
@@ -229,6 +237,14 @@ async def test_racing_clients_spread_over_both_workers_never_overdraw(
         )
         # The one flusher drains both workers' events; the ledger then equals Redis.
         eventually(lambda: ledger_backlog(stub, key) == 0, 20, 0.2)
+        # The sweep's event (a read never writes one) is in the ledger once.
+        kinds = lambda: [  # noqa: E731
+            t.kind for t in stub.ListTransactions(
+                pb.ListTransactionsRequest(account_id="fading"), metadata=md(key), timeout=10
+            ).transactions
+        ]  # fmt: skip
+        eventually(lambda: pb.TRANSACTION_KIND_EXPIRE in kinds(), 10, 0.2)
+        assert sorted(kinds()) == [pb.TRANSACTION_KIND_GRANT, pb.TRANSACTION_KIND_EXPIRE]
         history = stub.ListTransactions(
             pb.ListTransactionsRequest(account_id="race", page_size=1),
             metadata=md(key), timeout=10,
