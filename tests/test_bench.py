@@ -96,6 +96,24 @@ def test_short_run_writes_sane_figures_and_a_plot(tmp_path: Path) -> None:
     assert not _processes_naming(match[1])
 
 
+def test_workers_scenario_compares_one_and_two_workers(tmp_path: Path) -> None:
+    figures, stdout = _bench(
+        tmp_path, "--scenario", "workers", "--duration", "1.5", "--processes", "1",
+        "--concurrency", "8", "--accounts", "10",
+    )  # fmt: skip
+    r = figures["scenarios"]["workers"]
+    assert r["status"] == "ok", r
+    assert [v["workers"] for v in r["variants"]] == [1, 2]
+    for v in r["variants"]:
+        assert v["status"] == "ok" and v["errors"] == {}, v
+        assert v["calls"] > 10 and v["deductions"] == v["calls"]
+        assert v["ledger"]["drained"] is True  # the one flusher drained both workers' events
+    one, two = (v["calls_per_s"] for v in r["variants"])
+    assert r["ratio"] == figures["ratios"]["consume_workers_2_vs_1"] == two / one
+    assert "Consume, --workers 2" in stdout and "ratio consume workers 2 vs 1" in stdout
+    assert not list(Path("/tmp").glob("cm-bench-workers-*"))  # each server's dir removed
+
+
 @pytest.mark.skipif(
     postgres.find_bindir("pgbench") is None, reason="PostgreSQL is not installed"
 )

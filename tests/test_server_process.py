@@ -148,8 +148,10 @@ class ServerProcess:
         self._out: IO[bytes] = self.stdout_path.open("wb")
         self._err: IO[bytes] = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "creditmeter", "serve", "--listen", self.address,
-             "--data-dir", str(data_dir)],
+            # One process: these tests check its children (Redis, flusher) and its drain.
+            # `--workers N` has tests/test_workers.py.
+            [sys.executable, "-m", "creditmeter", "serve", "--workers", "1",
+             "--listen", self.address, "--data-dir", str(data_dir)],
             stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
             env=env or ENV, start_new_session=True,
         )

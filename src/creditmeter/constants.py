@@ -150,6 +150,13 @@ EXPIRY_SWEEP_INTERVAL_S = 1.0
 EXPIRY_SWEEP_BATCH = 200
 #: How long SIGTERM waits for in-flight calls before cancelling them.
 SHUTDOWN_GRACE_S = 10.0
+#: `serve --workers N`: a worker that exits on its own is started again after this pause
+#: (after this many deaths within WORKER_CRASH_WINDOW_S the supervisor gives up and exits).
+WORKER_RESTART_DELAY_S = 1.0
+WORKER_MAX_RESTARTS = 5
+WORKER_CRASH_WINDOW_S = 60.0
+#: How long a worker may take from spawn to taking calls (imports, Redis, the ledger).
+WORKER_START_TIMEOUT_S = 60.0
 REDIS_START_TIMEOUT_S = 20.0
 #: The ErrorInfo domain of every error the server returns.
 ERROR_DOMAIN = "creditmeter"
@@ -203,9 +210,15 @@ BENCH_OUT_DIR = "./bench-results"
 #: of outbox entries must not weigh on the others). `reference` runs whenever a scenario
 #: with Redis figures does: their ratios need it.
 BENCH_SCENARIOS = (
-    "empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "reference",
-    "memory", "peer", "drain", "lua-cost", "redis",
+    "empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "workers",
+    "reference", "memory", "peer", "drain", "lua-cost", "redis",
 )  # fmt: skip
+#: The `workers` scenario: unary Consume against `serve --workers N` for each N here, each
+#: on a server of its own, in one run (the figure is the ratio of the last to the first).
+BENCH_WORKERS_COMPARED = (1, 2)
+#: Its channels per load process, at least: each channel is one TCP connection, and the
+#: kernel hashes connections over the workers, so a few per worker keep the split even.
+BENCH_WORKERS_CHANNELS = 8
 #: The reference script (bench/reference.lua) under redis-benchmark: pipelining depth.
 #: commandstats times a call inside Redis, so the depth barely moves its usec_per_call.
 BENCH_REFERENCE_PIPELINE = 16
@@ -268,6 +281,8 @@ REDIS_LATENCY_BUCKETS_S = (
 )  # fmt: skip
 LOG_FORMATS = ("text", "json")
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The same in a worker of `serve --workers N`: which worker wrote the line.
+TEXT_WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s worker %(worker)s %(name)s: %(message)s"
 
 # --- batching ------------------------------------------------------------------
 #: Items of one ConsumeBatch call (the proto documents 1 to 1000).

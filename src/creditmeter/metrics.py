@@ -5,6 +5,14 @@ several `App`s in one process (the tests) share them instead of failing on a dup
 registration; values are per process, which is what a scrape of one server wants. Any
 layer may import this module; it imports nothing of the project but the constants.
 
+`serve --workers N` runs prometheus_client's multiprocess mode: each worker (and the
+flusher child) is started with PROMETHEUS_MULTIPROC_DIR set and writes its values to
+files there; the supervisor serves one /metrics over all of them
+(`multiprocess_registry`), counters and histograms summed over the processes (a dead
+worker's counts stay: a counter never goes back), gauges the value last set by any
+process (`mostrecent`: every gauge here is a figure of shared state, the same whichever
+process looks). The gauge modes are ignored in a single process.
+
 Labels never carry a tenant, an account or a request id: their number is unbounded and a
 scrape endpoint is not the place for one tenant's names to be seen beside another's.
 `feature` is bounded by the rate cards (features are configured, not free text).
@@ -18,7 +26,14 @@ from collections.abc import Callable
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
 
 from creditmeter.constants import REDIS_LATENCY_BUCKETS_S, RPC_LATENCY_BUCKETS_S
 
@@ -52,23 +67,30 @@ INSUFFICIENT_CREDITS = Counter(
     "Consumptions refused for insufficient credit, by feature",
     ["feature"],
 )
-SESSIONS_OPEN = Gauge("creditmeter_sessions_open", "Call sessions currently open")
+SESSIONS_OPEN = Gauge(
+    "creditmeter_sessions_open", "Call sessions currently open", multiprocess_mode="mostrecent"
+)
 
 # --- ledger ----------------------------------------------------------------------------
 OUTBOX_BACKLOG = Gauge(
     "creditmeter_outbox_backlog",
     "Outbox entries not yet acknowledged into the ledger (as the backlog monitor last saw)",
+    multiprocess_mode="mostrecent",
 )
 OUTBOX_BACKLOG_CAP = Gauge(
-    "creditmeter_outbox_backlog_cap", "Backlog at which changes are refused (--backlog-cap)"
+    "creditmeter_outbox_backlog_cap",
+    "Backlog at which changes are refused (--backlog-cap)",
+    multiprocess_mode="mostrecent",
 )
 ACCEPTING_CHANGES = Gauge(
     "creditmeter_accepting_changes",
     "1 while changes are accepted, 0 while the backlog refuses them",
+    multiprocess_mode="mostrecent",
 )
 FLUSH_LAG = Gauge(
     "creditmeter_flush_lag_seconds",
     "Age of the oldest event of the last batch the flusher committed, at its commit",
+    multiprocess_mode="mostrecent",
 )
 EVENTS_FLUSHED = Counter(
     "creditmeter_events_flushed", "Outbox events this process's flusher committed to the ledger"
@@ -172,21 +194,36 @@ def set_sessions_open(n: int) -> None:
     SESSIONS_OPEN.set(n)
 
 
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry of every process writing to `path` as its PROMETHEUS_MULTIPROC_DIR (the
+    workers of `serve --workers N` and their flusher), for the supervisor's endpoint."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
+    return registry
+
+
 class MetricsEndpoint:
     """The /metrics HTTP endpoint on its own thread (prometheus_client's WSGI server), so a
-    scrape never waits on the event loop; `stop()` closes the socket."""
+    scrape never waits on the event loop; `stop()` closes the socket. `registry`: the
+    default one (this process's metrics) unless given."""
 
-    def __init__(self, listen: str) -> None:
+    def __init__(self, listen: str, registry: CollectorRegistry | None = None) -> None:
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]") or "0.0.0.0"
         self._port = int(port)
+        self._registry = registry
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
 
     def start(self) -> int:
         """Bind and serve; returns the bound port (useful with port 0)."""
-        self._server, self._thread = start_http_server(self._port, self._host)
+        if self._registry is None:
+            self._server, self._thread = start_http_server(self._port, self._host)
+        else:
+            self._server, self._thread = start_http_server(
+                self._port, self._host, registry=self._registry
+            )
         self.port = int(self._server.server_port)
         return self.port
 

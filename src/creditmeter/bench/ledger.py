@@ -47,6 +47,7 @@ from creditmeter.storage.redis_store import Call, ConsumeCall, RedisStore
 from creditmeter.transport.admin import open_stores
 
 ACCOUNTS = 200
+SERVER_START_TIMEOUT_S = 60.0
 LEDGER_BENCH_BACKLOG_CAP = 100_000_000
 
 
@@ -90,7 +91,9 @@ class Server:
     """A `creditmeter serve` child in its own process group (with its embedded Redis).
 
     `backlog_cap` None keeps the server's default; the ledger bench raises it so that a
-    slow ledger shows as lag rather than as refused calls.
+    slow ledger shows as lag rather than as refused calls. `workers`: `--workers`, one
+    process unless asked (the figures of earlier runs are of one process); its log goes
+    to `<data>/serve.log`.
     """
 
     def __init__(
@@ -99,22 +102,32 @@ class Server:
         ledger_url: str | None,
         flusher: bool,
         backlog_cap: int | None = LEDGER_BENCH_BACKLOG_CAP,
+        workers: int = 1,
     ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "creditmeter", "serve", "--listen", self.address,
-               "--data-dir", str(data)]  # fmt: skip
+               "--data-dir", str(data), "--workers", str(workers)]  # fmt: skip
         if backlog_cap is not None:
             cmd += ["--backlog-cap", str(backlog_cap)]
         if ledger_url:
             cmd += ["--ledger-url", ledger_url]
         if not flusher:
             cmd.append("--no-flusher")
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+        log_path = data / "serve.log"
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+            )
+        if workers > 1:
+            # The port answers once the first worker does; the supervisor says when all do.
+            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+            while f"{workers} workers)" not in log_path.read_text(errors="replace"):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"creditmeter serve --workers {workers} did not start")
+                time.sleep(0.1)
         channel = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(channel).result(timeout=30)
+        grpc.channel_ready_future(channel).result(timeout=SERVER_START_TIMEOUT_S)
         channel.close()
 
     def stop(self) -> None:

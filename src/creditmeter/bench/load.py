@@ -72,6 +72,10 @@ def latency_figures(h: HdrHistogram) -> dict[str, Any]:
     }
 
 
+#: Channel options giving a channel a connection of its own.
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     """What every load process runs (picklable: it crosses a spawn)."""
@@ -140,7 +144,13 @@ class _Load:
         self.stats = stats
         self.rng = random.Random(seed)
         self.md = (("authorization", f"Bearer {spec.api_key}"),)
-        self.channels = [grpc.aio.insecure_channel(spec.address) for _ in range(spec.channels)]
+        # Each channel its own subchannel pool, so its own TCP connection: grpc otherwise
+        # shares one connection between channels to the same target in a process, and
+        # `serve --workers N` spreads connections, not calls, over its workers.
+        self.channels = [
+            grpc.aio.insecure_channel(spec.address, options=OWN_CONNECTION)
+            for _ in range(spec.channels)
+        ]
         self.stubs = [pb_grpc.CreditsStub(c) for c in self.channels]
         self.empties = [c.unary_unary(EMPTY_METHOD) for c in self.channels]
         self._next = 0

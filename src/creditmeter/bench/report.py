@@ -104,6 +104,10 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
                 )
         if redis and redis.get("usec_per_call"):
             ratios["consume_script_us_vs_reference"] = redis["usec_per_call"] / reference
+    workers = _ok(results, "workers")
+    if workers and workers.get("ratio"):
+        first, last = workers["variants"][0], workers["variants"][-1]
+        ratios[f"consume_workers_{last['workers']}_vs_{first['workers']}"] = workers["ratio"]
     peer_tps = _peer_tps(results)
     if peer_tps:
         for name in ("consume", "batch", "meter"):
@@ -380,6 +384,20 @@ def _main_table(figures: dict[str, Any]) -> Table:
                 table.add_row("peer: PostgreSQL", r["status"], *["-"] * 5, r.get("reason", ""),
                               *["-"] * 4)  # fmt: skip
             continue
+        if name == "workers":
+            for v in r.get("variants", []):
+                latency = v.get("latency_ms", {})
+                lag = v.get("ledger", {}).get("flush_lag_ms_p99")
+                errors = ", ".join(f"{k} {n:,}" for k, n in sorted(v.get("errors", {}).items()))
+                table.add_row(f"Consume, --workers {v['workers']}", v["status"],
+                              f"{v['calls_per_s']:,.0f}", f"{v['deductions_per_s']:,.0f}",
+                              _ms(latency, "p50"), _ms(latency, "p95"), _ms(latency, "p99"),
+                              errors, "-" if lag is None else f"{lag:,} ms",
+                              str(v.get("ledger", {}).get("drained", "-")), "-", "-")  # fmt: skip
+            if r["status"] != "ok" and not r.get("variants"):
+                table.add_row("Consume, --workers N", r["status"], *["-"] * 5,
+                              r.get("reason", ""), *["-"] * 4)  # fmt: skip
+            continue
         if name in ("memory", "drain"):
             continue  # their own table
         latency = r.get("latency_ms", {})
@@ -566,6 +584,11 @@ def _plot(figures: dict[str, Any], path: Path) -> None:
         elif name == "reference":
             names.append(f"reference -P{r['pipeline']}")
             rates.append(r["rps"])
+        elif name == "workers":
+            for v in r["variants"]:
+                names.append(f"consume --workers {v['workers']}")
+                rates.append(v["deductions_per_s"])
+                curve(f"consume --workers {v['workers']}", v["latency_ms"])
         elif name == "peer":
             for v in r["variants"]:
                 names.append(f"peer {v['variant']}")

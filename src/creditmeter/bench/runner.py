@@ -59,6 +59,8 @@ from creditmeter.constants import (
     BENCH_REDIS_IDEM_TTL_S,
     BENCH_REDIS_PIPELINES,
     BENCH_SCENARIOS,
+    BENCH_WORKERS_CHANNELS,
+    BENCH_WORKERS_COMPARED,
     IDEMPOTENCY_TTL_S,
 )
 from creditmeter.storage import scripts
@@ -371,6 +373,50 @@ def reference(target: Target, opts: Options, console: Console) -> dict[str, Any]
         return reference_run(target.redis_url, opts.redis_clients, opts.duration_s)
 
 
+def _workers(spec: LoadSpec, opts: Options, console: Console) -> dict[str, Any]:
+    """Unary Consume against `serve --workers N` for each N of BENCH_WORKERS_COMPARED,
+    each on a server of its own (embedded Redis, SQLite ledger, one flusher) started the
+    same way, with the same load: calls/s and latency per N, and the ratio of the last to
+    the first. Every process (load, workers, Redis, flusher) shares this machine's cores."""
+    if opts.server:
+        return {"status": "skipped", "reason": "starts servers of its own (not with --server)"}
+    load = replace(spec, scenario="consume", channels=max(spec.channels, BENCH_WORKERS_CHANNELS))
+    variants = []
+    for workers in BENCH_WORKERS_COMPARED:
+        with tempfile.TemporaryDirectory(prefix="cm-bench-workers-") as tmp:
+            data = Path(tmp) / "data"
+            data.mkdir()
+            key = create_admin_key(data)
+            with console.status(f"workers: starting creditmeter serve --workers {workers} ..."):
+                server = Server(data, None, flusher=True, backlog_cap=None, workers=workers)
+            try:
+                grant_accounts(server.address, key, spec.account_prefix, opts.accounts)
+                target = Target(server.address, key, True, "bench", None)
+                ledger = _Ledger(target)
+                try:
+                    label = f"Consume, --workers {workers}"
+                    summary = run_load(replace(load, address=server.address, api_key=key),
+                                       label, console, ledger)  # fmt: skip
+                    if summary["status"] == "ok":
+                        summary.setdefault("ledger", {}).update(
+                            ledger.drain(opts.drain_timeout_s)
+                        )
+                finally:
+                    ledger.close()
+            finally:
+                server.stop()
+        summary["workers"] = workers
+        variants.append(summary)
+    ok = all(v["status"] == "ok" for v in variants)
+    first, last = variants[0]["calls_per_s"], variants[-1]["calls_per_s"]
+    return {
+        "status": "ok" if ok else "failed",
+        "channels_per_process": load.channels,
+        "variants": variants,
+        "ratio": last / first if ok and first else None,
+    }
+
+
 def _lua_cost(console: Console) -> dict[str, Any]:
     """Instructions per script call under callgrind (deterministic), beside the reference."""
     if not luacost.available():
@@ -432,6 +478,8 @@ def run(opts: Options) -> int:
                     results[name] = drain_backlog(opts.drain_backlog, console)
                 elif name == "lua-cost":
                     results[name] = _lua_cost(console)
+                elif name == "workers":
+                    results[name] = _workers(spec, opts, console)
                 elif name == "latency":
                     if "consume" not in results:
                         results["consume"] = _scenario(

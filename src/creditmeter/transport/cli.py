@@ -4,6 +4,7 @@ person at a terminal."""
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import re
@@ -79,9 +80,22 @@ def _source(value: pb.LotSource.ValueType) -> str:
 
 # --- server and key administration ---------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    """One server process (`--workers 1`, or a worker of a supervisor), or the supervisor
+    of `--workers N` (transport/workers.py)."""
+    from creditmeter.storage.embedded_redis import die_with_parent
+    from creditmeter.transport import workers
     from creditmeter.transport.server import Settings, serve
 
+    if args.workers < 1:
+        err_console.print("creditmeter: --workers must be at least 1")
+        return 2
     os.environ[f"{ENV_PREFIX}LOG_FORMAT"] = args.log_format  # for the flusher child
+    worker = args.worker_index is not None
+    if worker:
+        die_with_parent()
+        if os.getppid() != args.parent_pid:  # the supervisor died before we asked
+            return 1
+        logs.tag_worker(args.worker_index)
     settings = Settings(
         listen=args.listen,
         data_dir=Path(args.data_dir),
@@ -93,14 +107,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backlog_cap=args.backlog_cap,
         pending_purchase_ttl_ms=args.pending_purchase_ttl * 1000,
         session_grace_s=float(args.session_grace),
-        metrics_listen=args.metrics_listen or None,
+        # A worker's metrics are served by its supervisor (multiprocess mode).
+        metrics_listen=None if worker else args.metrics_listen or None,
+        # The sweeper, closer, renewals and reconciler: in worker 0 only.
+        background_jobs=args.worker_index in (None, 0),
     )
     # What is imported by now (grpc, protobuf, redis, the server's modules) lives as long
     # as the process: frozen, the collector's full passes no longer walk it (a py-spy
     # profile under Consume load had about a tenth of the loop's time in gc).
     gc.freeze()
     try:
-        uvloop.run(serve(settings))
+        if args.workers > 1:
+            uvloop.run(workers.supervise(settings, args.workers))
+        elif worker:
+            ready = functools.partial(workers.tell_ready, args.ready_fd)
+            uvloop.run(serve(settings, on_ready=ready))
+        else:
+            uvloop.run(serve(settings))
+    except workers.WorkerFailed as exc:
+        err_console.print(f"creditmeter: {exc}", highlight=False)
+        return 1
+    except workers.ListenFailed as exc:
+        err_console.print(f"creditmeter: {exc}", highlight=False)
+        return 2
     except RedisNotInstalled as exc:
         err_console.print(f"creditmeter: {exc}", highlight=False)
         return 2
@@ -593,6 +622,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_FORMATS,
         help="text (readable) or json (one object per line) (env CREDITMETER_LOG_FORMAT)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("WORKERS") or os.cpu_count() or 1),
+        metavar="N",
+        help="server processes sharing the port, the Redis and the flusher"
+        " (env CREDITMETER_WORKERS; default one per core; 1: a single process)",
+    )
+    # Set by the supervisor of --workers N for each of its workers.
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)

@@ -15,7 +15,7 @@ from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
-from creditmeter.constants import LOG_FORMATS, TEXT_LOG_FORMAT
+from creditmeter.constants import LOG_FORMATS, TEXT_LOG_FORMAT, TEXT_WORKER_LOG_FORMAT
 
 #: `cm_<key id>_<secret>` (domain/keys.py): the id is kept, it names the key without
 #: granting anything; and whatever follows "Bearer " in an authorization header.
@@ -62,6 +62,26 @@ def formatter(fmt: str) -> logging.Formatter:
     if fmt == "text":
         return logging.Formatter(TEXT_LOG_FORMAT)
     raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}: {fmt!r}")
+
+
+class WorkerTag(logging.Filter):
+    """Puts the worker's index on every record (`worker`: a JSON field, or in the text)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def tag_worker(index: int) -> None:
+    """In a worker of `serve --workers N`: every line of this process names the worker."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WorkerTag(index))
+        if not isinstance(handler.formatter, JsonFormatter):
+            handler.setFormatter(logging.Formatter(TEXT_WORKER_LOG_FORMAT))
 
 
 def make_handler(fmt: str, stream: TextIO | None = None) -> logging.Handler:

@@ -103,6 +103,10 @@ class Settings:
     watch_retention_s: int = WATCH_RETENTION_S
     #: HOST:PORT of the Prometheus /metrics endpoint (port 0: any free port); None: off.
     metrics_listen: str | None = None
+    #: Run the loops that act on shared state: the expiry sweeper, the session closer, the
+    #: subscription renewals and the grant reconciler. Each is safe in several processes at
+    #: once; `serve --workers N` runs them in one worker only (see transport/workers.py).
+    background_jobs: bool = True
     clock: Clock = field(default_factory=SystemClock)
 
 
@@ -181,7 +185,12 @@ class App:
             if not s.flusher_process:
                 self.flusher = flusher
 
-        self.server = grpc.aio.server(interceptors=[Gatekeeper(lambda: live.keys)])
+        self.server = grpc.aio.server(
+            interceptors=[Gatekeeper(lambda: live.keys)],
+            # grpcio's default on Linux, said here because `serve --workers N` relies on
+            # it: N processes bind the one port and the kernel spreads connections.
+            options=[("grpc.so_reuseport", 1)],
+        )
         catalog = Catalog(config, s.clock, s.idempotency_ttl_s)
         purchases = Purchases(
             catalog, ledger, metering.store, s.clock, self.gate, s.pending_purchase_ttl_ms
@@ -223,31 +232,37 @@ class App:
         metrics.record_backlog(self.gate.backlog, self.gate.cap, self.gate.refusing)
         if self.flusher is None:  # flushed by another process: its figures are in Redis
             metrics.set_flush_lag((await flusher_stats(self.redis)).last_lag_ms)
+        # Per process: its view of the config, of the backlog and of the ledger.
         self.tasks = [
             asyncio.create_task(
                 self._every(CONFIG_RELOAD_INTERVAL_S, live.refresh), name="config-reload"
             ),
             asyncio.create_task(
-                self._every(self.settings.sweep_interval_s, metering.sweep_due),
-                name="expiry-sweeper",
-            ),
-            asyncio.create_task(
                 self._every(BACKLOG_CHECK_INTERVAL_S, self._check_backlog), name="backlog-monitor"
             ),
             asyncio.create_task(link.watch(self._stopping), name="ledger-link"),
-            asyncio.create_task(
-                self._every(RECONCILE_INTERVAL_S, self._reconcile, needs_ledger=True),
-                name="grant-reconciler",
-            ),
-            asyncio.create_task(
-                self._every(s.renew_interval_s, self.subscriptions.renew_due, needs_ledger=True),
-                name="subscription-renewals",
-            ),
-            asyncio.create_task(
-                self._every(s.session_close_interval_s, sessions.close_due),
-                name="session-closer",
-            ),
         ]
+        if s.background_jobs:
+            self.tasks += [
+                asyncio.create_task(
+                    self._every(self.settings.sweep_interval_s, metering.sweep_due),
+                    name="expiry-sweeper",
+                ),
+                asyncio.create_task(
+                    self._every(RECONCILE_INTERVAL_S, self._reconcile, needs_ledger=True),
+                    name="grant-reconciler",
+                ),
+                asyncio.create_task(
+                    self._every(
+                        s.renew_interval_s, self.subscriptions.renew_due, needs_ledger=True
+                    ),
+                    name="subscription-renewals",
+                ),
+                asyncio.create_task(
+                    self._every(s.session_close_interval_s, sessions.close_due),
+                    name="session-closer",
+                ),
+            ]
         if self.flusher is not None:
             self.tasks.append(asyncio.create_task(self._flush_inline(self.flusher), name="flusher"))
         elif s.flusher:
@@ -408,15 +423,19 @@ class App:
             self.metrics = None
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain in-flight calls and exit cleanly."""
+async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight calls and exit cleanly.
+    `on_ready` gets the bound port once the server takes calls (a worker tells its
+    supervisor so)."""
     app = App(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await app.start()
+        port = await app.start()
+        if on_ready is not None:
+            on_ready(port)
         await stop.wait()
         log.info("shutting down: draining in-flight calls")
     finally:
