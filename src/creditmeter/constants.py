@@ -299,6 +299,10 @@ METER_WINDOW = 256
 METER_MAX_BATCH = 64
 #: Largest batch of concurrent Consume calls sharing one pipeline.
 COALESCE_MAX_BATCH = 256
+#: The embedded Redis's hash-max-listpack-value: an account's hash stays a listpack while
+#: each field and value is at most this long (a lot's metadata with a reference of
+#: MAX_REFERENCE_LENGTH fits). The README asks the same of a Redis given by --redis-url.
+REDIS_HASH_MAX_LISTPACK_VALUE = 1024
 #: Sends of one pipeline whose functions were missing (a FUNCTION FLUSH between the load and
 #: the calls).
 SCRIPT_LOAD_ATTEMPTS = 3

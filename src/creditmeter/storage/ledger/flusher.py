@@ -14,6 +14,7 @@ a token (WatchBalance reads the outboxes).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from importlib import resources
 from typing import cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from creditmeter import metrics
 from creditmeter.constants import (
@@ -41,6 +42,7 @@ from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
 from creditmeter.storage.ledger.base import HOLD_KINDS, Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
+from creditmeter.storage.scripts import standalone
 
 log = logging.getLogger(__name__)
 
@@ -315,16 +317,20 @@ async def outbox_backlog(client: aioredis.Redis) -> int:
     """Entries of every outbox not yet acknowledged into the ledger: per bucket, the
     entries ever added (kept by Redis with the stream) less those acknowledged (ack.lua).
     Neither XLEN (the outboxes keep flushed entries for watchers) nor XINFO GROUPS' lag
-    (Redis 7.0 lets it fall behind the group) would do."""
-    async with client.pipeline(transaction=False) as pipe:
-        for bucket in range(BUCKETS):
-            pipe.xinfo_stream(outbox_key(bucket))
-            pipe.get(flushed_key(bucket))
-        replies = await pipe.execute(raise_on_error=False)
-    total = 0
-    for i in range(BUCKETS):
-        info, flushed = replies[2 * i], replies[2 * i + 1]
-        if isinstance(info, Exception):
-            continue  # no outbox yet: nothing was ever written to this bucket
-        total += max(0, int(info["entries-added"]) - int(flushed or 0))
-    return total
+    (Redis 7.0 lets it fall behind the group) would do. Each bucket's figure is worked
+    out in Redis (backlog.lua) and comes back as one integer: parsing 64 XINFO STREAM
+    replies in Python every BACKLOG_CHECK_INTERVAL_S cost a server a tenth of its time."""
+    source = standalone("backlog")
+    sha = hashlib.sha1(source.encode()).hexdigest()  # what SCRIPT LOAD would answer
+    for _ in range(2):
+        async with client.pipeline(transaction=False) as pipe:
+            for bucket in range(BUCKETS):
+                pipe.evalsha(sha, 2, outbox_key(bucket), flushed_key(bucket))
+            replies = await pipe.execute(raise_on_error=False)
+        if not any(isinstance(r, NoScriptError) for r in replies):
+            break
+        await client.script_load(source)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return sum(int(r) for r in replies)
