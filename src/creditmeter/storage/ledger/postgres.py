@@ -30,7 +30,6 @@ from creditmeter.storage.ledger.base import (
     TxnQuery,
     UsageRow,
     event_from_row,
-    event_row,
     grant_row,
     group_transactions,
     join_lot_ids,
@@ -38,7 +37,6 @@ from creditmeter.storage.ledger.base import (
     purchase_filters,
     purchase_from_row,
     purchase_row,
-    request_row,
     subscription_from_row,
     subscription_row,
     txn_filters,
@@ -336,8 +334,8 @@ class PostgresLedger(Ledger):
     async def append(self, events: Sequence[Event], requests: Sequence[RequestRecord]) -> int:
         # Rows in key order: two processes appending overlapping batches then take the row
         # locks in the same order and cannot deadlock.
-        rows = sorted((event_row(e) for e in events), key=lambda r: r[0])
-        reqs = sorted((request_row(r) for r in requests), key=lambda r: r[:3])
+        rows = sorted(events, key=lambda r: r[0])
+        reqs = sorted(requests, key=lambda r: r[:3])
 
         async def write(db: asyncpg.Pool) -> int:
             inserted = 0
