@@ -184,6 +184,11 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
 
 
 _SELECT_SUBSCRIPTION = f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions"
+#: The writer's page cache (KiB; SQLite's default is 2 MiB). A batch inserts request ids
+#: at random places in the requests key: with the default cache the pages it touches are
+#: read again for every batch once the ledger is a few hundred MB (10 % of the insert
+#: time at 320,000 entries, measured).
+WRITER_CACHE_KIB = 64 * 1024
 #: How long a write waits for another connection's lock before the ledger counts as down.
 BUSY_TIMEOUT_S = 5.0
 _UNAVAILABLE = ("locked", "busy", "disk", "I/O", "readonly", "unable to open", "full")
@@ -263,6 +268,7 @@ class _Worker:
             if self.query_only:
                 db.execute("PRAGMA query_only=ON")
             else:
+                db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
                 db.executescript(SCHEMA)
             self._db = db
 
