@@ -157,6 +157,12 @@ def test_memory_peer_and_drain_figures(tmp_path: Path) -> None:
     assert drain["status"] == "ok", drain
     assert drain["outbox_entries"] >= 6000 and drain["buckets"] == 64
     assert drain["entries_per_s"] == drain["outbox_entries"] / drain["seconds"]
+    # The same backlog again, into PostgreSQL.
+    pg = drain["postgres"]
+    assert pg["status"] == "ok", pg
+    assert pg["outbox_entries"] == drain["outbox_entries"]
+    assert pg["entries_per_s"] == pg["outbox_entries"] / pg["seconds"]
+    assert "drain into PostgreSQL" in stdout
     [target] = [t for t in figures["targets"] if t["target"] == "flusher drain into SQLite"]
     assert target["verdict"].startswith("not judged")  # 6,000 is no backlog of a million
 

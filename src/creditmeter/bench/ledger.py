@@ -13,6 +13,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -226,8 +227,9 @@ async def write_backlog(redis_url: str, tenant: str, accounts: list[str], entrie
 
 def drain_backlog(entries: int, console: Console) -> dict[str, Any]:
     """The `drain` scenario of `creditmeter bench`: on a server of its own (embedded Redis,
-    SQLite ledger, no flusher), a backlog of at least `entries` outbox entries, then the
-    flusher's drain of it with nothing else running."""
+    no flusher), a backlog of at least `entries` outbox entries, then the flusher's drain of
+    it with nothing else running, into SQLite and (the same backlog again) into a private
+    PostgreSQL cluster (`postgres`: skipped without PostgreSQL)."""
     with tempfile.TemporaryDirectory(prefix="cm-bench-drain-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
@@ -242,10 +244,15 @@ def drain_backlog(entries: int, console: Console) -> dict[str, Any]:
                 t0 = time.monotonic()
                 consumes = asyncio.run(write_backlog(url, "bench", accounts, entries))
                 written_s = time.monotonic() - t0
-            with console.status(f"drain: flushing {entries:,} entries into SQLite ..."):
-                backlog, took = asyncio.run(_drain(data, None))
         finally:
-            server.stop()
+            server.stop()  # its Redis writes the outboxes to its append-only file and exits
+        # The same backlog for PostgreSQL: a copy of the data directory, Redis's files with it.
+        copy = Path(tmp) / "data-postgres"
+        shutil.copytree(data, copy, ignore=shutil.ignore_patterns("*.sock"))
+        with console.status(f"drain: flushing {entries:,} entries into SQLite ..."):
+            backlog, took = asyncio.run(_drain(data, None))
+        with console.status(f"drain: flushing {entries:,} entries into PostgreSQL ..."):
+            postgres = _drain_postgres(copy)
     return {
         "status": "ok",
         "ledger": "sqlite",
@@ -253,6 +260,39 @@ def drain_backlog(entries: int, console: Console) -> dict[str, Any]:
         "write_s": written_s,
         "outbox_entries": backlog,
         "buckets": len(accounts),
+        "seconds": took,
+        "entries_per_s": backlog / took if took else 0.0,
+        "postgres": postgres,
+    }
+
+
+def _drain_postgres(data: Path) -> dict[str, Any]:
+    """The drain of the backlog in `data` into a private PostgreSQL cluster (fsync and
+    synchronous commit on), torn down afterwards."""
+    from creditmeter.bench import postgres  # it imports this module (free_port)
+
+    bindir = postgres.find_bindir()
+    if bindir is None:
+        return {"status": "skipped", "reason": "no PostgreSQL (apt-get install postgresql)"}
+    # Under /tmp: the postgres user must be able to reach it.
+    root = Path(tempfile.mkdtemp(prefix="cm-bench-pg-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        cluster = postgres.PostgresCluster(bindir, root)
+        try:
+            cluster.start()
+            cluster.create_database("ledger")
+            backlog, took = asyncio.run(_drain(data, cluster.url("ledger")))
+            version = cluster.psql("SHOW server_version;").strip()
+        finally:
+            cluster.destroy()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "status": "ok",
+        "ledger": "postgres",
+        "postgres": version,
+        "outbox_entries": backlog,
         "seconds": took,
         "entries_per_s": backlog / took if took else 0.0,
     }

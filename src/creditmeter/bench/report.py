@@ -511,6 +511,14 @@ def _other_table(figures: dict[str, Any]) -> Table | None:
                 f"{drain['buckets']} buckets)",
                 f"{drain['entries_per_s']:,.0f} entries/s ({drain['seconds']:.1f} s)",
             )
+            pg = drain.get("postgres", {})
+            if pg.get("status") == "ok":
+                table.add_row(
+                    f"flusher drain into PostgreSQL {pg['postgres']} (the same backlog)",
+                    f"{pg['entries_per_s']:,.0f} entries/s ({pg['seconds']:.1f} s)",
+                )
+            elif pg:
+                table.add_row("drain into PostgreSQL", str(pg.get("reason") or pg.get("status")))
         else:
             table.add_row("drain", str(drain.get("reason") or drain.get("status")))
     cost = results.get("lua-cost")
