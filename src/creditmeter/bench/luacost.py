@@ -27,6 +27,7 @@ from creditmeter.constants import (
 )
 from creditmeter.storage import scripts
 from creditmeter.storage.layout import AccountKeys
+from creditmeter.storage.redis_store import lot_meta
 
 #: The reference: a minimal check-and-decrement and one XADD (what any atomic metering in
 #: Redis has to do at least).
@@ -98,10 +99,7 @@ def _variants() -> dict[str, _Variant]:
 
 def _seed(client: redis.Redis, accounts: list[AccountKeys]) -> None:
     """One-lot accounts in the current layout (credit for every call)."""
-    meta = (
-        '{"amount":"1000000000000","priority":"50","expires_at":"0","source":"manual",'
-        f'"reference":"","created":"1","burn_key":"{_BURN_KEY}"}}'
-    )
+    meta = lot_meta(10**12, "manual", "", 1)
     for keys in accounts:
         client.hset(keys.account_key, mapping={
             "balance": 10**12, "granted": 10**12, "seq": 1, f"m:{_LOT}": meta,

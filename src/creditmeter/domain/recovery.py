@@ -8,7 +8,6 @@ data loss, along with the idempotency records of the last day.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from creditmeter.domain.metering import apply_staged
 from creditmeter.errors import CreditError, Rejected
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import CHARGE_KINDS, Event, Ledger
-from creditmeter.storage.redis_store import AccountSnapshot, Call, RedisStore
+from creditmeter.storage.redis_store import AccountSnapshot, Call, RedisStore, lot_meta
 
 #: A lot whose reference is a bare subscription id is a period's credits (they roll over).
 _SUBSCRIPTION = re.compile(r"sub_[0-9A-Za-z]+")
@@ -154,22 +153,13 @@ def restore_lots(state: AccountState) -> list[dict[str, str]]:
         key = burn_key(
             lot.priority, lot.expires_at_ms, LotSource(lot.source), lot.created_ms, lot_id
         )
-        meta = {
-            "amount": str(lot.amount),
-            "priority": str(lot.priority),
-            "expires_at": str(lot.expires_at_ms or 0),
-            "source": lot.source,
-            "reference": lot.reference,
-            "created": str(lot.created_ms),
-            "burn_key": key,
-        }
         lots.append(
             {
                 "id": lot_id,
                 "remaining": str(lot.remaining),
                 "expires_at": str(lot.expires_at_ms or 0),
                 "burn_key": key,
-                "meta": json.dumps(meta),
+                "meta": lot_meta(lot.amount, lot.source, lot.reference, lot.created_ms),
             }
         )
     return lots

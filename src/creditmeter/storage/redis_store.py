@@ -24,6 +24,7 @@ from creditmeter.constants import (
     COALESCE_MAX_BATCH,
     EXPIRY_SWEEP_BATCH,
     IDEMPOTENCY_TTL_S,
+    NEVER_EXPIRES_MS,
     SCRIPT_LOAD_ATTEMPTS,
     SESSION_CLOSE_BATCH,
 )
@@ -228,6 +229,40 @@ def _consume_record(values: Sequence[str]) -> ConsumeRecord:
 #: balance it answered) at this place of its values.
 _V1_BALANCE_AT = {"consume": 4, "grant": 7, "renew": 7, "set_balance": 0, "refund": 0,
                   "session": 2}  # fmt: skip
+
+
+def lot_meta(amount: int, source: str, reference: str, created_ms: int) -> str:
+    """A lot's `m:<lot id>` field as add_lot in _lib.lua writes it: its priority and expiry
+    are in its burn key, not repeated here."""
+    return json.dumps(
+        {"a": str(amount), "s": source, "r": reference, "c": str(created_ms)},
+        separators=(",", ":"),
+    )
+
+
+def _lot_record(burn_key: str, remaining: int, metas: dict[str, str]) -> LotRecord:
+    """A lot from its burn key, remaining credits and metadata (either form: see
+    lot_meta in _lib.lua)."""
+    priority, expiry, _rank, _created, lot_id = burn_key.split("|", 4)
+    meta = json.loads(metas[lot_id])
+    if "burn_key" in meta:  # the long form of 0.1.0, converted as it was
+        amount, source, reference, created = (
+            meta["amount"], meta["source"], meta["reference"], meta["created"]
+        )  # fmt: skip
+    else:
+        amount, source, reference, created = meta["a"], meta["s"], meta["r"], meta["c"]
+    expires = int(expiry)
+    return LotRecord(
+        lot_id=lot_id,
+        amount=int(amount),
+        remaining=remaining,
+        priority=int(priority),
+        expires_at_ms=None if expires == NEVER_EXPIRES_MS else expires,
+        source=source,
+        reference=reference,
+        created_ms=int(created),
+        burn_key=burn_key,
+    )
 
 
 def _checked(reply: list[str] | str, script: str) -> list[str]:
@@ -698,21 +733,8 @@ class RedisStore:
                 metas[name[2:]] = value
             elif name != NEXT_EXPIRY:
                 fields[name] = value
-        lots = []
-        for burn_key in sorted(remaining):
-            lot_id = burn_key.split("|", 4)[4]
-            meta = json.loads(metas[lot_id])
-            lots.append(
-                LotRecord(
-                    lot_id=lot_id,
-                    amount=int(meta["amount"]),
-                    remaining=int(remaining[burn_key]),
-                    priority=int(meta["priority"]),
-                    expires_at_ms=None if meta["expires_at"] == "0" else int(meta["expires_at"]),
-                    source=meta["source"],
-                    reference=meta["reference"],
-                    created_ms=int(meta["created"]),
-                    burn_key=burn_key,
-                )
-            )
+        lots = [
+            _lot_record(burn_key, int(remaining[burn_key]), metas)
+            for burn_key in sorted(remaining)
+        ]
         return AccountSnapshot(exists=bool(fields), fields=fields, lots=lots)

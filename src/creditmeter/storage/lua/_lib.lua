@@ -8,7 +8,9 @@
 --     reserved (credits held by open call sessions; in balance, not spendable),
 --     used:<feature>, units:<feature>, carry:<subscription> (credits of its periods that
 --     expired unused),
---     m:<lot id>     the lot's metadata (cjson object of strings, immutable),
+--     m:<lot id>     the lot's metadata (cjson object of strings, immutable): amount a,
+--                    source s, reference r, created c (lot_meta reads it; 0.1.0's
+--                    longer form too),
 --     q:<burn key>   the lot's remaining credits; the burn key (creditmeter.domain.lots
 --                    .burn_key, the lot id its last field) sorts lots in burn-down order,
 --     next_expiry    the soonest expiry of any lot (ms), absent when none expires: a
@@ -323,11 +325,35 @@ local function drop_lot(lot, burn_key)
   end
 end
 
+-- A lot's metadata by id, or nil when the lot is not on the account: amount, source,
+-- reference, created, burn_key (strings). Stored in one of two forms: the compact one this
+-- release writes ({a, s, r, c}: its priority and expiry are in its burn key, found by its
+-- q: field), or the long one of 0.1.0, converted as it was (with every field named).
+local function lot_meta(lot)
+  local raw = acct_get('m:' .. lot)
+  if raw == nil then
+    return nil
+  end
+  local m = cjson.decode(raw)
+  if m.burn_key ~= nil then
+    return m
+  end
+  local meta = {amount = m.a, source = m.s, reference = m.r, created = m.c}
+  for field in pairs(acct()) do
+    if string.byte(field, 1) == Q and string.byte(field, 2) == COLON
+        and string.sub(field, BURN_KEY_LOT_OFFSET + 2) == lot then
+      meta.burn_key = string.sub(field, 3)
+      break
+    end
+  end
+  return meta
+end
+
 -- Take a whole lot out of the balance, recording `kind` (expire, reset or refund) in
 -- transaction `txn` and adding to the total field. `reference` (optional) goes on the
 -- event. Returns the credits removed.
 local function remove_lot(lot, txn, kind, total_field, reference)
-  local meta = cjson.decode(acct_get('m:' .. lot))
+  local meta = lot_meta(lot)
   local rem = tonumber(acct_get('q:' .. meta.burn_key))
   drop_lot(lot, meta.burn_key)
   if rem > 0 then
@@ -400,8 +426,7 @@ end
 local function add_lot(lot)
   local amount = tonumber(lot.amount)
   acct_set('m:' .. lot.id, cjson.encode({
-    amount = lot.amount, priority = lot.priority, expires_at = lot.expires_at,
-    source = lot.source, reference = lot.reference, created = ARGV[1], burn_key = lot.burn_key,
+    a = lot.amount, s = lot.source, r = lot.reference, c = ARGV[1],
   }))
   acct_set('q:' .. lot.burn_key, lot.amount)
   if lot.expires_at ~= '0' then

@@ -17,9 +17,9 @@ local parts = {}
 for i = 9, #ARGV do
   local lot = ARGV[i]
   local removed, granted = -1, -1
-  local meta = acct_get('m:' .. lot)
+  local meta = lot_meta(lot)
   if meta then
-    granted = tonumber(cjson.decode(meta).amount)
+    granted = tonumber(meta.amount)
     removed = remove_lot(lot, TXN, 'refund', 'refunded', ARGV[8])
     total = total + removed
   end
