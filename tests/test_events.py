@@ -10,7 +10,9 @@ from google.protobuf import duration_pb2
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
 from creditmeter.storage.entries import events as entry_events
+from creditmeter.storage.entries import ledger_records
 from creditmeter.storage.layout import bucket_of, outbox_key
+from creditmeter.storage.ledger.base import Event, RequestRecord
 from tests.conftest import Tenant, rid
 
 
@@ -86,3 +88,39 @@ async def test_events_rebuild_every_balance(
         assert len(requests) == len({e["request_id"] for e in events})
         for e in requests:
             assert len(e["fp"]) == 32 and json.loads(e["reply"])[0] in ("OK", "OK2")
+
+
+async def test_the_flushers_decoding_is_the_watchers(
+    tenant: Tenant, redis_client: redis.Redis
+) -> None:
+    """The flusher builds a consume's ledger rows straight from its entry (no event dicts);
+    they are the rows the general decoding gives, for charges over one lot or several,
+    with or without a request id, and on an unlimited account."""
+    for amount, priority in ((5, 1), (100, 50)):
+        await tenant.admin.Grant(
+            pb.GrantRequest(account_id="dec", amount=amount, priority=priority,
+                            request_id=rid())
+        )  # fmt: skip
+    await tenant.admin.SetAccountOptions(
+        pb.SetAccountOptionsRequest(account_id="free", unlimited=True, request_id=rid())
+    )
+    for account, amount in (("dec", 3), ("dec", 4), ("dec", 1), ("free", 7)):
+        await tenant.meter.Consume(
+            pb.ConsumeRequest(account_id=account, feature="text", quantity=amount,
+                              request_id=rid())
+        )  # fmt: skip
+    seen = 0
+    for account in ("dec", "free"):
+        for _id, fields in redis_client.xrange(outbox_key(bucket_of(tenant.name, account))):
+            if fields.get("t") != tenant.name or "c" not in fields:
+                continue
+            general = entry_events(fields)
+            found, request = ledger_records(fields)
+            assert found == [Event.from_fields(e) for e in general if e["kind"] == "consume"]
+            [record] = [e for e in general if e["kind"] == "request"]
+            assert request == RequestRecord.from_fields(record)
+            # Without a request id: no request record, the same events.
+            anonymous = {k: v for k, v in fields.items() if k != "fp"}
+            assert ledger_records(anonymous) == (found, None)
+            seen += 1
+    assert seen == 4

@@ -194,6 +194,8 @@ BENCH_CALL_TIMEOUT_S = 10.0
 BENCH_LEDGER_SAMPLE_S = 0.1
 #: How long the backlog may take to reach 0 after the load stops.
 BENCH_DRAIN_TIMEOUT_S = 30.0
+#: How often the drain scenario asks whether the backlog is gone (its figure's resolution).
+BENCH_DRAIN_POLL_S = 0.2
 #: Open-loop rate of the latency-at-load run, as a share of the measured closed-loop maximum.
 BENCH_LATENCY_LOAD_SHARE = 0.5
 #: redis-benchmark: connections, pipelining depths, and the idempotency TTL of its records

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from creditmeter.storage.ledger.base import HOLD_KINDS, Event, RequestRecord
+
 #: A field only the entries of 0.1.0 have (one event per entry, spelled out).
 _V1_FIELD = "event_id"
 
@@ -43,7 +45,7 @@ def events(fields: Mapping[str, str]) -> list[dict[str, str]]:
     counts: dict[str, int] = {}
     out: list[dict[str, str]] = []
     seq = "0"
-    for item in json.loads(fields["e"]) or ():  # an empty cjson table is "{}"
+    for item in _event_items(fields["e"]):
         event_txn = txn + item[0]
         n = counts[event_txn] = counts.get(event_txn, 0) + 1
         seq = item[2]
@@ -65,6 +67,60 @@ def events(fields: Mapping[str, str]) -> list[dict[str, str]]:
         request["reply"] = fields["reply"] if consumed is None else consumed
         out.append(request)
     return out
+
+
+def _event_items(encoded: str) -> list[list[str]]:
+    """The `e` array (most entries have none: a consume's events are in its reply)."""
+    if encoded == "[]":
+        return []
+    return json.loads(encoded) or []  # an empty cjson table is "{}"
+
+
+def ledger_records(fields: Mapping[str, str]) -> tuple[list[Event], RequestRecord | None]:
+    """What of one entry goes to the ledger: its events (not the holds, which are hot
+    state) and its request record. The same as `events` gives, built without the dicts
+    for the flusher's common entry, a consume with nothing swept."""
+    consumed = fields.get("c")
+    if consumed is None or fields["e"] != "[]" or _V1_FIELD in fields:
+        found: list[Event] = []
+        request = None
+        for event in events(fields):
+            kind = event["kind"]
+            if kind == "request":
+                request = RequestRecord.from_fields(event)
+            elif kind not in HOLD_KINDS:
+                found.append(Event.from_fields(event))
+        return found, request
+    txn, tenant, account, request_id = fields["x"], fields["t"], fields["a"], fields["r"]
+    ts = int(fields["ts"])
+    reply = json.loads(consumed)
+    _txn, amount, units, feature, balance, reserved, unlimited = reply[1:8]
+    del reserved  # the ledger keeps no reservations
+    charges = reply[CONSUME_CHARGES_AT:]
+    if unlimited == "1":
+        pairs = [("", amount)]
+        after = [-1]
+    else:
+        pairs = list(zip(charges[::2], charges[1::2], strict=True))
+        left = int(balance)
+        after = []
+        for _lot, taken in reversed(pairs):
+            after.append(left)
+            left += int(taken)
+        after.reverse()
+    seq = int(fields["s"]) - len(pairs) + 1
+    unit_count = int(units)
+    found = [
+        Event(f"{txn}:{i + 1}", tenant, account, "consume", txn, seq + i, request_id, ts,
+              lot, int(taken), credit, feature, unit_count if i == 0 else 0)
+        for i, ((lot, taken), credit) in enumerate(zip(pairs, after, strict=True))
+    ]  # fmt: skip
+    request = (
+        RequestRecord(tenant, account, request_id, fields["fp"], consumed, txn, ts)
+        if "fp" in fields
+        else None
+    )
+    return found, request
 
 
 def header(fields: Mapping[str, str]) -> tuple[str, str, str]:

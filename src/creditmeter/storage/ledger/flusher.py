@@ -38,9 +38,9 @@ from creditmeter.constants import (
     FLUSHERS_KEY,
     WATCH_RETENTION_S,
 )
-from creditmeter.storage.entries import events as entry_events
+from creditmeter.storage.entries import ledger_records
 from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
-from creditmeter.storage.ledger.base import HOLD_KINDS, Event, Ledger, RequestRecord
+from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
 from creditmeter.storage.scripts import standalone
 
@@ -121,12 +121,10 @@ class Flusher:
         requests: list[RequestRecord] = []
         for _stream, entries in batch:
             for _entry_id, fields in entries:
-                for event in entry_events(fields):
-                    kind = event["kind"]
-                    if kind == "request":
-                        requests.append(RequestRecord.from_fields(event))
-                    elif kind not in HOLD_KINDS:
-                        events.append(Event.from_fields(event))
+                found, request = ledger_records(fields)
+                events.extend(found)
+                if request is not None:
+                    requests.append(request)
         if not batch:
             return 0
         if events or requests:  # a batch of holds alone is only acknowledged
