@@ -50,6 +50,8 @@ RACE_CREDITS = 1_000
 #: Channel options that give a channel its own connection: grpc otherwise shares one
 #: subchannel between channels to the same target in a process.
 OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+#: Tries of a call that meets a connection reset while a worker is down or starting.
+RESET_RETRIES = 5
 _LISTENING = re.compile(r"listening on (\S+):(\d+) \(redis .*, (\d+) workers\)")
 _METRICS = re.compile(r"metrics on http://\S+:(\d+)/metrics")
 
@@ -265,12 +267,22 @@ def test_a_killed_worker_is_started_again_on_the_same_port(
     # for the client to retry), worker 0 takes every new connection while worker 1 is down.
     eventually(lambda: not alive(before[1]), 5, 0.01)
     for amount in range(1, 9):
-        with grpc.insecure_channel(server.address, options=OWN_CONNECTION) as channel:
-            reply = pb_grpc.CreditsStub(channel).Grant(
-                pb.GrantRequest(account_id="k", amount=1, request_id=rid()),
-                metadata=md(key), timeout=10,
-            )  # fmt: skip
-            assert reply.balance == amount
+        request = pb.GrantRequest(account_id="k", amount=1, request_id=rid())
+        for attempt in range(RESET_RETRIES):
+            # A connection the kernel had already queued for the dead worker (or for its
+            # successor while it starts) is reset: UNAVAILABLE, which a client retries,
+            # with the same request id (so a grant that did go through is not doubled).
+            try:
+                with grpc.insecure_channel(server.address, options=OWN_CONNECTION) as channel:
+                    reply = pb_grpc.CreditsStub(channel).Grant(
+                        request, metadata=md(key), timeout=10
+                    )
+                break
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == RESET_RETRIES - 1:
+                    raise
+                time.sleep(0.2)
+        assert reply.balance == amount
 
     eventually(lambda: server.workers().get(1, before[1]) != before[1], 15, 0.1)
     after = server.workers()
