@@ -94,26 +94,14 @@ def ledger_records(fields: Mapping[str, str]) -> tuple[list[Event], RequestRecor
     txn, tenant, account, request_id = fields["x"], fields["t"], fields["a"], fields["r"]
     ts = int(fields["ts"])
     reply = json.loads(consumed)
-    _txn, amount, units, feature, balance, reserved, unlimited = reply[1:8]
-    del reserved  # the ledger keeps no reservations
-    charges = reply[CONSUME_CHARGES_AT:]
-    if unlimited == "1":
-        pairs = [("", amount)]
-        after = [-1]
-    else:
-        pairs = list(zip(charges[::2], charges[1::2], strict=True))
-        left = int(balance)
-        after = []
-        for _lot, taken in reversed(pairs):
-            after.append(left)
-            left += int(taken)
-        after.reverse()
-    seq = int(fields["s"]) - len(pairs) + 1
+    units, feature = reply[3], reply[4]
+    charges = _charges(reply)
+    seq = int(fields["s"]) - len(charges) + 1
     unit_count = int(units)
     found = [
         Event(f"{txn}:{i + 1}", tenant, account, "consume", txn, seq + i, request_id, ts,
               lot, int(taken), credit, feature, unit_count if i == 0 else 0)
-        for i, ((lot, taken), credit) in enumerate(zip(pairs, after, strict=True))
+        for i, (lot, taken, credit) in enumerate(charges)
     ]  # fmt: skip
     request = (
         RequestRecord(tenant, account, request_id, fields["fp"], consumed, txn, ts)
@@ -135,27 +123,32 @@ def header(fields: Mapping[str, str]) -> tuple[str, str, str]:
 CONSUME_CHARGES_AT = 9
 
 
+def _charges(reply: list[str]) -> list[tuple[str, str, int]]:
+    """What a consume's reply says it took: (lot, credits, credit in lots after it) per
+    lot touched, in burn order; one ("", amount, -1) on an unlimited account."""
+    amount, balance, unlimited = reply[2], reply[5], reply[7]
+    if unlimited == "1":
+        return [("", amount, -1)]
+    charges = reply[CONSUME_CHARGES_AT:]
+    left = int(balance)
+    taken_after: list[tuple[str, str, int]] = []
+    for lot, taken in reversed(list(zip(charges[::2], charges[1::2], strict=True))):
+        taken_after.append((lot, taken, left))
+        left += int(taken)
+    taken_after.reverse()
+    return taken_after
+
+
 def _consume_events(
     reply: list[str], last_seq: int, header: Mapping[str, str]
 ) -> list[dict[str, str]]:
     """The `consume` events a consume's reply stands for: one per lot touched, each with
     the credit in lots after it (or one with no lot and balance -1 when unlimited)."""
-    txn, amount, units, feature, balance, reserved, unlimited = reply[1:8]
-    charges = reply[CONSUME_CHARGES_AT:]
-    if unlimited == "1":
-        pairs = [("", amount)]
-        after = [-1]
-    else:
-        pairs = list(zip(charges[::2], charges[1::2], strict=True))
-        left = int(balance)
-        after = []
-        for _lot, taken in reversed(pairs):
-            after.append(left)
-            left += int(taken)
-        after.reverse()
-    first_seq = last_seq - len(pairs) + 1
+    txn, _amount, units, feature, _balance, reserved = reply[1:7]
+    charges = _charges(reply)
+    first_seq = last_seq - len(charges) + 1
     out = []
-    for i, ((lot, taken), credit) in enumerate(zip(pairs, after, strict=True)):
+    for i, (lot, taken, credit) in enumerate(charges):
         event = {
             "event_id": f"{txn}:{i + 1}", "txn": txn, "kind": "consume",
             "seq": str(first_seq + i),

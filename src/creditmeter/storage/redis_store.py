@@ -289,6 +289,11 @@ def _function_missing(exc: ResponseError) -> bool:
     return "function not found" in str(exc).lower()
 
 
+def _library_loaded(exc: ResponseError) -> bool:
+    """Whether Redis refused a FUNCTION LOAD because the library is there already."""
+    return "already exists" in str(exc)
+
+
 def _session_step(session_id: str, request_id: str) -> str:
     """The step part of a session step's request id (see `session_request_id`)."""
     step = request_id.rpartition("#")[2]
@@ -344,7 +349,7 @@ class RedisStore:
             try:
                 await self.client.function_load(scripts.library())
             except ResponseError as exc:
-                if "already exists" not in str(exc):
+                if not _library_loaded(exc):
                     raise
 
     async def _run(
@@ -408,7 +413,7 @@ class RedisStore:
                 metrics.redis_duration(operation or name).observe(time.perf_counter() - start)
             if load_first:
                 loaded = results.pop(0)
-                if isinstance(loaded, ResponseError) and "already exists" not in str(loaded):
+                if isinstance(loaded, ResponseError) and not _library_loaded(loaded):
                     raise loaded
             missing = []
             for i, result in zip(pending, results, strict=True):

@@ -14,6 +14,7 @@ a token (WatchBalance reads the outboxes).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -311,6 +312,13 @@ async def drain(flusher: Flusher, deadline_s: float) -> None:
         pass
 
 
+@functools.cache
+def _backlog_script() -> tuple[str, str]:
+    """backlog.lua and its SHA1 digest (what SCRIPT LOAD would answer), worked out once."""
+    source = standalone("backlog")
+    return source, hashlib.sha1(source.encode()).hexdigest()
+
+
 async def outbox_backlog(client: aioredis.Redis) -> int:
     """Entries of every outbox not yet acknowledged into the ledger: per bucket, the
     entries ever added (kept by Redis with the stream) less those acknowledged (ack.lua).
@@ -318,8 +326,7 @@ async def outbox_backlog(client: aioredis.Redis) -> int:
     (Redis 7.0 lets it fall behind the group) would do. Each bucket's figure is worked
     out in Redis (backlog.lua) and comes back as one integer: parsing 64 XINFO STREAM
     replies in Python every BACKLOG_CHECK_INTERVAL_S cost a server a tenth of its time."""
-    source = standalone("backlog")
-    sha = hashlib.sha1(source.encode()).hexdigest()  # what SCRIPT LOAD would answer
+    source, sha = _backlog_script()
     for _ in range(2):
         async with client.pipeline(transaction=False) as pipe:
             for bucket in range(BUCKETS):

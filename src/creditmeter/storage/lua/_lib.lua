@@ -339,9 +339,8 @@ local function lot_meta(lot)
     return m
   end
   local meta = {amount = m.a, source = m.s, reference = m.r, created = m.c}
-  for field in pairs(acct()) do
-    if string.byte(field, 1) == Q and string.byte(field, 2) == COLON
-        and string.sub(field, BURN_KEY_LOT_OFFSET + 2) == lot then
+  for _, field in ipairs(lots_in_order()) do
+    if string.sub(field, BURN_KEY_LOT_OFFSET + 2) == lot then
       meta.burn_key = string.sub(field, 3)
       break
     end
