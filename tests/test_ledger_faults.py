@@ -49,7 +49,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.constants import (
-    BUCKETS,
     FLUSH_GROUP,
     LEDGER_HEALTH_SERVICE,
     LEDGER_RETRY_INITIAL_S,
@@ -60,6 +59,7 @@ from creditmeter.constants import (
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import AccountState, Recovery, replay
 from creditmeter.errors import BackendUnavailable
+from creditmeter.storage import layout
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import AccountKeys, outbox_key
 from creditmeter.storage.ledger import open_ledger
@@ -275,7 +275,7 @@ async def consume_round(tenant: Tenant, accounts: list[str], count: int) -> None
 async def pending_by_consumer(client: aioredis.Redis) -> Counter[str]:
     """Entries delivered to each consumer of the group and not acknowledged, all outboxes."""
     pending: Counter[str] = Counter()
-    for bucket in range(BUCKETS):
+    for bucket in range(layout.buckets()):
         with suppress(redis.ResponseError):  # an outbox that never had an entry
             summary = await client.xpending(outbox_key(bucket), FLUSH_GROUP)
             for consumer in summary["consumers"] or []:
@@ -286,7 +286,7 @@ async def pending_by_consumer(client: aioredis.Redis) -> Counter[str]:
 async def outbox_entries(client: aioredis.Redis, tenant: str) -> list[dict[str, str]]:
     """The tenant's entries still in the outboxes (a client with decode_responses)."""
     entries: list[dict[str, str]] = []
-    for bucket in range(BUCKETS):
+    for bucket in range(layout.buckets()):
         stream = cast(list[tuple[str, dict[str, str]]], await client.xrange(outbox_key(bucket)))
         entries.extend(
             event
@@ -319,11 +319,12 @@ async def test_flusher_killed_between_commit_and_ack_delivers_every_event_once(
     try:
         # Two entries per outbox a read: three reads leave some of each account's eight
         # entries (two grants, six consumes) to read after the crashes.
+        # It takes every bucket's lease, for CLAIM_IDLE_MS at a time.
         dying = Flusher(
-            cast(aioredis.Redis, CrashBeforeAck(client)), ledger, consumer="fl-a", read_count=2
-        )
+            cast(aioredis.Redis, CrashBeforeAck(client)), ledger, consumer="fl-a", read_count=2,
+            lease_ms=CLAIM_IDLE_MS,
+        )  # fmt: skip
         await dying.ensure_groups()
-        assert await dying.flush_once() == 0  # a first start: its own pending list is empty
         for _ in range(3):
             with pytest.raises(SimulatedCrash):
                 await dying.flush_once()
@@ -337,33 +338,37 @@ async def test_flusher_killed_between_commit_and_ack_delivers_every_event_once(
         expected = await outbox_entries(client, tenant.name)
         expected_events = {f["event_id"]: f for f in expected if f["kind"] != "request"}
         expected_requests = {f["request_id"] for f in expected if f["kind"] == "request"}
-        entries_before = sum([await client.xlen(outbox_key(b)) for b in range(BUCKETS)])
+        entries_before = sum([await client.xlen(outbox_key(b)) for b in range(layout.buckets())])
 
         if recovery == "restart":
             # The same consumer name: it re-reads its own pending entries first.
             # No watchers' window (retention 0): the trim below must go down to the bound.
-            flusher = Flusher(client, ledger, consumer="fl-a", read_count=5, retention_ms=0)
+            # Its leases are still in its name: it takes them back at once.
+            flusher = Flusher(
+                client, ledger, consumer="fl-a", read_count=5, retention_ms=0,
+                lease_ms=CLAIM_IDLE_MS,
+            )  # fmt: skip
             await flusher.flush_once()
             left = (await pending_by_consumer(client))["fl-a"]
             assert left < stuck, "the restarted flusher did not re-read its pending entries"
-            # They were committed already: re-inserting them added nothing.
-            assert await tenant_events(ledger, tenant.name) == committed
+            # They were committed already: re-inserting them changed none of them (the
+            # same pass may also have flushed the buckets it had nothing pending in).
+            after = {e.event_id: e for e in await tenant_events(ledger, tenant.name)}
+            assert all(after[e.event_id] == e for e in committed)
         else:
-            # Another flusher: it takes fl-a's entries only once they have been idle long
-            # enough (fl-a might just be slow), then commits and acknowledges them itself.
+            # Another flusher: it takes fl-a's buckets, and the entries fl-a read, only
+            # once fl-a's leases lapse (fl-a might just be slow), then commits and
+            # acknowledges them itself.
             flusher = Flusher(
-                client, ledger, consumer="fl-b", read_count=5, claim_idle_ms=CLAIM_IDLE_MS,
-                retention_ms=0,
-            )
+                client, ledger, consumer="fl-b", read_count=5, retention_ms=0,
+                lease_ms=CLAIM_IDLE_MS,
+            )  # fmt: skip
             await flusher.ensure_groups()
-            assert await flusher.claim_dead() == 0
-            for _ in range(100):  # everything not pending on fl-a
-                await flusher.flush_once()
-                if await flusher.backlog() == stuck:
-                    break
+            assert await flusher.flush_once() == 0  # fl-a holds every bucket still
+            assert flusher.buckets() == []
             assert (await pending_by_consumer(client))["fl-a"] == stuck
+            assert await tenant_events(ledger, tenant.name) == committed
             await asyncio.sleep(CLAIM_IDLE_MS / 1000 + 0.1)
-            assert await flusher.claim_dead() == stuck
         for _ in range(100):
             await flusher.flush_once()
             if await flusher.backlog() == 0:
@@ -388,7 +393,7 @@ async def test_flusher_killed_between_commit_and_ack_delivers_every_event_once(
         assert Counter(r.request_id for r in requests) == Counter(expected_requests)
 
         # Trimmed: each outbox keeps at most its last delivered entry (the trim bound).
-        lengths = [await client.xlen(outbox_key(b)) for b in range(BUCKETS)]
+        lengths = [await client.xlen(outbox_key(b)) for b in range(layout.buckets())]
         assert max(lengths) <= 1, lengths
         assert sum(lengths) < entries_before
         checked, drifts = await Recovery(ledger, RedisStore(app.redis)).audit(tenant.name, 1.0)

@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aioredis
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
-from creditmeter.constants import BUCKETS, MAX_CREDITS, WATCH_RETENTION_S
+from creditmeter.constants import MAX_CREDITS, WATCH_RETENTION_S
 from creditmeter.domain.alerts import (
     AlertKind,
     ResumePoint,
@@ -28,6 +28,7 @@ from creditmeter.domain.alerts import (
 )
 from creditmeter.domain.clock import ManualClock
 from creditmeter.errors import InvalidRequest
+from creditmeter.storage import layout
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import bucket_of, outbox_key, trimmed_key
 from creditmeter.storage.ledger.flusher import Flusher
@@ -175,7 +176,7 @@ def test_crossings_follow_the_balance_in_order() -> None:
 
 def test_resume_token_round_trip_and_refusals() -> None:
     point = ResumePoint(watch_scope("t", ""), {b: f"{1_700_000_000_000 + b}-{b}" for b in
-                                               range(BUCKETS)}, (3, 2))  # fmt: skip
+                                               range(layout.buckets())}, (3, 2))  # fmt: skip
     token = point.encode()
     assert ResumePoint.decode(token) == point
     assert len(token) < 1000  # a tenant-wide token stays small

@@ -61,13 +61,21 @@ SESSION_CLOSE_BATCH = 200
 
 # --- Redis layout --------------------------------------------------------------
 KEY_PREFIX = "cm"
-#: Accounts are spread over this many hash-tag buckets; each bucket has its own outbox
-#: stream and expiry index in the same slot as its accounts. Changing it remaps every
-#: key, so it is fixed for the life of a deployment.
-BUCKETS = 64
+#: Accounts are spread over hash-tag buckets; each bucket has its own outbox stream and
+#: indexes in the same slot as its accounts. Changing the number remaps every key, so it is
+#: chosen when a deployment is initialised, stored, and read back by every process
+#: (storage/deployment.py). A single Redis defaults to 64 (release 0.1.0's fixed number);
+#: a Redis Cluster to 1,024, so even 100 shards get about ten buckets each.
+DEFAULT_BUCKETS = 64
+CLUSTER_DEFAULT_BUCKETS = 1024
+#: At most one bucket per hash slot: more would only share slots.
+MAX_BUCKETS = 16384
 #: How long an idempotency record lives (at least 24 hours, as the API promises).
 IDEMPOTENCY_TTL_S = 24 * 3600
 
+#: How long a change waits for `--replica-acks N` replicas (WAIT) before its call fails
+#: UNAVAILABLE (the change is made; the retry with the same request id replays it).
+REPLICA_ACK_TIMEOUT_MS = 1000
 #: Connections to Redis per server process. When all are busy a call waits for one (up
 #: to the timeout) instead of failing: bursts queue rather than being shed.
 REDIS_POOL_SIZE = 128
@@ -82,7 +90,11 @@ FLUSH_READ_COUNT = 500
 FLUSH_BLOCK_MS = 100
 #: A pending entry idle this long belongs to a dead flusher and is claimed by a live one.
 FLUSH_CLAIM_IDLE_MS = 15_000
-#: How often a flusher trims flushed entries off the outboxes and looks for dead peers.
+#: A flusher's hold on a bucket (storage/leases.py), renewed every maintenance round: a
+#: flusher that dies leaves its buckets to its peers this long after its last renewal.
+FLUSH_LEASE_MS = 5_000
+#: How often a flusher renews its leases, trims flushed entries off the outboxes and looks
+#: for dead peers.
 FLUSH_MAINTENANCE_INTERVAL_S = 1.0
 #: Every flusher's figures (events committed, lag of its last batch, when), one field per
 #: flusher, so the server reports them whichever process flushes.
@@ -126,11 +138,16 @@ MAX_WATCH_THRESHOLDS = 16
 #: XREAD BLOCK of a watcher: a change arrives at once; this only bounds how long a watcher
 #: takes to notice that its client left or the server is stopping.
 WATCH_BLOCK_MS = 250
+#: A tenant-wide watch on a Redis Cluster reads each outbox on its own (no blocking read
+#: spans slots): this often while nothing comes.
+WATCH_POLL_MS = 50
 #: Entries read per outbox per XREAD of a watcher.
 WATCH_READ_COUNT = 500
-#: A resume token longer than this is refused before it is decoded (a tenant-wide token,
-#: 64 positions, compresses to a few hundred characters).
+#: A resume token longer than this is refused before it is decoded: this much, plus
+#: RESUME_TOKEN_BYTES_PER_BUCKET per bucket of the deployment (a tenant-wide token holds a
+#: position per bucket: 622 characters at 64 buckets, 9,072 at 1,024, measured).
 MAX_RESUME_TOKEN_LENGTH = 4096
+RESUME_TOKEN_BYTES_PER_BUCKET = 12
 
 # --- server --------------------------------------------------------------------
 DEFAULT_LISTEN = "127.0.0.1:50051"

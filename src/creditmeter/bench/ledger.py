@@ -39,11 +39,10 @@ from creditmeter.constants import (
     BENCH_GRANT,
     BENCH_REDIS_IDEM_TTL_S,
     BENCH_SEED_IN_FLIGHT,
-    BUCKETS,
 )
 from creditmeter.domain.ids import new_id
 from creditmeter.storage.embedded_redis import endpoint_file
-from creditmeter.storage.layout import AccountKeys
+from creditmeter.storage.layout import AccountKeys, buckets
 from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
 from creditmeter.storage.redis_store import Call, ConsumeCall, RedisStore
 from creditmeter.transport.admin import open_stores
@@ -174,7 +173,7 @@ def one_account_per_bucket(tenant: str, prefix: str) -> list[str]:
     lies in every bucket's outbox, as a real one does."""
     chosen: dict[int, str] = {}
     n = 0
-    while len(chosen) < BUCKETS:
+    while len(chosen) < buckets():
         account = f"{prefix}{n}"
         chosen.setdefault(AccountKeys(tenant, account).bucket, account)
         n += 1

@@ -27,10 +27,15 @@ from creditmeter.constants import (
     BENCH_GRANT,
     BENCH_LEDGER_SAMPLE_S,
     BENCH_MEMORY_SAMPLE_ACCOUNTS,
-    BUCKETS,
 )
 from creditmeter.storage.embedded_redis import endpoint_file
-from creditmeter.storage.layout import ACCOUNT_KINDS, IDEMPOTENCY_KIND, AccountKeys, outbox_key
+from creditmeter.storage.layout import (
+    ACCOUNT_KINDS,
+    IDEMPOTENCY_KIND,
+    AccountKeys,
+    buckets,
+    outbox_key,
+)
 
 TENANT = "bench"
 PREFIX = "mem-"
@@ -48,7 +53,7 @@ def _memory_usage(client: redis.Redis, keys: list[str]) -> list[int]:
 
 def _outboxes(client: redis.Redis) -> tuple[int, int]:
     """(bytes, entries ever added) of every bucket's outbox."""
-    streams = [outbox_key(b) for b in range(BUCKETS)]
+    streams = [outbox_key(b) for b in range(buckets())]
     with client.pipeline(transaction=False) as pipe:
         for stream in streams:
             pipe.xinfo_stream(stream)

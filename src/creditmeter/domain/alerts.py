@@ -27,14 +27,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from creditmeter.constants import (
-    BUCKETS,
     MAX_CREDITS,
     MAX_RESUME_TOKEN_LENGTH,
     MAX_WATCH_THRESHOLDS,
+    RESUME_TOKEN_BYTES_PER_BUCKET,
 )
 from creditmeter.domain import balances
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import InvalidRequest, ResumeTokenExpired
+from creditmeter.storage import layout
 from creditmeter.storage.layout import bucket_of
 from creditmeter.storage.ledger.base import HOLD_KINDS
 from creditmeter.storage.outbox import STREAM_ID, OutboxReader, OutboxTxn
@@ -137,11 +138,12 @@ class ResumePoint:
     def decode(cls, token: str) -> ResumePoint:
         """Parse a token; InvalidRequest on `resume_token` if it is not one of ours."""
         try:
-            if len(token) > MAX_RESUME_TOKEN_LENGTH:
+            longest = MAX_RESUME_TOKEN_LENGTH + RESUME_TOKEN_BYTES_PER_BUCKET * layout.buckets()
+            if len(token) > longest:
                 raise ValueError("too long")
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             inflate = zlib.decompressobj()
-            text = inflate.decompress(raw, MAX_RESUME_TOKEN_LENGTH * 8)
+            text = inflate.decompress(raw, longest * 8)
             if inflate.unconsumed_tail or not inflate.eof or inflate.unused_data:
                 raise ValueError("too long, cut short, or trailing data")
             data = json.loads(text)
@@ -149,7 +151,7 @@ class ResumePoint:
                 raise ValueError("version")
             positions = {int(b): str(p) for b, p in data["p"].items()}
             if not positions or not all(
-                0 <= b < BUCKETS and STREAM_ID.fullmatch(p) for b, p in positions.items()
+                0 <= b < layout.buckets() and STREAM_ID.fullmatch(p) for b, p in positions.items()
             ):
                 raise ValueError("positions")
             skip = None
@@ -276,7 +278,7 @@ class BalanceAlerts:
                 v.items.extend(error.violations)
         v.raise_if_any()
         scope = watch_scope(tenant, account)
-        buckets = [bucket_of(tenant, account)] if account else list(range(BUCKETS))
+        buckets = [bucket_of(tenant, account)] if account else list(range(layout.buckets()))
         if point is not None and (point.scope != scope or set(point.positions) != set(buckets)):
             raise InvalidRequest([("resume_token", "issued for another watch")])
         reader = self._open_reader(buckets)

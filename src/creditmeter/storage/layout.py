@@ -9,6 +9,9 @@
     cm:{bNN}:sessions                           ZSET   open sessions by when to close them
     cm:{bNN}:flushed                            STRING outbox entries acknowledged, ever
     cm:{bNN}:trimmed                            STRING the outbox's greatest trimmed entry id
+    cm:{bNN}:acks                               STRING written before a WAIT (--replica-acks)
+    cm:{bNN}:lease:<role>                       STRING which process works on the bucket
+    cm:buckets                                  STRING the deployment's number of buckets
 
 Every id in a key name is one *component*: `%`, `:` and `#` in it are percent-encoded
 (`%25`, `%3A`, `%23`; a raw `#` marks a call-session step's record), so a key splits on
@@ -37,7 +40,7 @@ import zlib
 from dataclasses import dataclass
 from functools import cached_property
 
-from creditmeter.constants import BUCKETS, KEY_PREFIX
+from creditmeter.constants import DEFAULT_BUCKETS, KEY_PREFIX, MAX_BUCKETS
 
 #: The account's one hash (layout 3): every account script takes it first, then the
 #: idempotency record, the outbox and the expiry index (see _lib.lua).
@@ -78,9 +81,28 @@ def session_request_id(session_id: str, step: str) -> str:
     return f"{session_id}#{step}"
 
 
+#: The deployment's number of buckets: set once at start from what the deployment stored
+#: (`use_buckets`, called by storage/deployment.py), before any key is made.
+_buckets = DEFAULT_BUCKETS
+
+
+def buckets() -> int:
+    """How many buckets this deployment's accounts are spread over."""
+    return _buckets
+
+
+def use_buckets(count: int) -> None:
+    """Make keys for a deployment of `count` buckets (the number it was initialised with).
+    Process-wide: every process of a deployment uses the one stored number."""
+    global _buckets
+    if not 1 <= count <= MAX_BUCKETS:
+        raise ValueError(f"buckets must be from 1 to {MAX_BUCKETS}, not {count}")
+    _buckets = count
+
+
 def bucket_of(tenant: str, account: str) -> int:
     """The bucket an account's keys live in."""
-    return zlib.crc32(f"{tenant}\x00{account}".encode()) % BUCKETS
+    return zlib.crc32(f"{tenant}\x00{account}".encode()) % _buckets
 
 
 def bucket_tag(bucket: int) -> str:
@@ -108,6 +130,12 @@ def trimmed_key(bucket: int) -> str:
     """The greatest entry id trimmed off the bucket's outbox. XINFO STREAM has it as
     max-deleted-entry-id, but Redis 7.0 updates that on XDEL only, not on XTRIM."""
     return f"{bucket_tag(bucket)}:trimmed"
+
+
+def acks_key(key: str) -> str:
+    """The counter `--replica-acks` writes before its WAIT, in the bucket of `key` (any key
+    of the layout): a write on the node that holds that bucket."""
+    return f"{key[: key.index('}') + 1]}:acks"
 
 
 #: The layout version, set once the keys of an older layout have been renamed.

@@ -11,17 +11,18 @@ one entry, so they are all present as soon as any of them is.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-import redis.asyncio as aioredis
-
-from creditmeter.constants import WATCH_BLOCK_MS, WATCH_READ_COUNT
+from creditmeter.constants import WATCH_BLOCK_MS, WATCH_POLL_MS, WATCH_READ_COUNT
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.entries import header
 from creditmeter.storage.layout import outbox_key, trimmed_key
+from creditmeter.storage.redis_client import Client, connect, is_cluster_client
 from creditmeter.storage.redis_store import _reachable
 
 Entry = tuple[str, dict[str, str]]
@@ -88,7 +89,7 @@ class OutboxReader:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         buckets: Sequence[int],
         block_ms: int = WATCH_BLOCK_MS,
         count: int = WATCH_READ_COUNT,
@@ -101,11 +102,9 @@ class OutboxReader:
 
     @classmethod
     def connect(cls, redis_url: str, buckets: Sequence[int]) -> OutboxReader:
-        """A reader on a dedicated connection to `redis_url` (closed by `aclose`)."""
-        client = aioredis.Redis.from_url(
-            redis_url, decode_responses=True, single_connection_client=True
-        )
-        return cls(client, buckets)
+        """A reader on a dedicated connection to `redis_url` (a cluster client of its own
+        for a cluster), closed by `aclose`."""
+        return cls(connect(redis_url, single_connection=True), buckets)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -150,14 +149,21 @@ class OutboxReader:
 
     async def read(self, positions: Mapping[int, str]) -> list[OutboxTxn]:
         """The transactions after `positions` (exclusive), waiting up to `block_ms` for the
-        first; ordered by entry id across buckets (each bucket's own order is kept)."""
-        streams: dict[bytes | str | memoryview[int], int | bytes | str | memoryview[int]] = {
-            outbox_key(b): positions[b] for b in self.buckets
-        }
+        first; ordered by entry id across buckets (each bucket's own order is kept).
+
+        One outbox, or several on a single Redis: one blocking XREAD. Several on a cluster,
+        which refuses a read of streams in several slots: one XREAD per outbox, in one
+        pipeline (a batch per node), every `WATCH_POLL_MS` until something comes."""
         async with _reachable():
-            reply = await self.client.xread(streams, count=self.count, block=self.block_ms)
+            if len(self.buckets) == 1 or not is_cluster_client(self.client):
+                streams: dict[bytes | str | memoryview[int], int | bytes | str | memoryview[int]]
+                streams = {outbox_key(b): positions[b] for b in self.buckets}
+                reply = await self.client.xread(streams, count=self.count, block=self.block_ms)
+                found = cast(list[tuple[str, list[Entry]]], reply or [])
+            else:
+                found = await self._poll(positions)
             txns: list[OutboxTxn] = []
-            for stream, entries in cast(list[tuple[str, list[Entry]]], reply or []):
+            for stream, entries in found:
                 if not entries:
                     continue
                 if len(entries) >= self.count:
@@ -165,6 +171,18 @@ class OutboxReader:
                 txns.extend(_group(self._bucket_of[stream], entries))
         txns.sort(key=lambda t: stream_id_key(t.last_id))
         return txns
+
+    async def _poll(self, positions: Mapping[int, str]) -> list[tuple[str, list[Entry]]]:
+        deadline = time.monotonic() + self.block_ms / 1000
+        while True:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for bucket in self.buckets:
+                    pipe.xread({outbox_key(bucket): positions[bucket]}, count=self.count)
+                replies = await pipe.execute()
+            found = [cast(tuple[str, list[Entry]], r[0]) for r in replies if r]
+            if found or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(WATCH_POLL_MS / 1000)
 
     async def _rest_of_txn(self, stream: str, last: Entry) -> list[Entry]:
         """The entries after `last` of its transaction, when a read stopped at its count in

@@ -13,18 +13,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditmeter import metrics
 from creditmeter.constants import (
-    BUCKETS,
     COALESCE_MAX_BATCH,
     EXPIRY_SWEEP_BATCH,
     IDEMPOTENCY_TTL_S,
     NEVER_EXPIRES_MS,
+    REPLICA_ACK_TIMEOUT_MS,
     SCRIPT_LOAD_ATTEMPTS,
     SESSION_CLOSE_BATCH,
 )
@@ -46,6 +45,8 @@ from creditmeter.storage.layout import (
     V2_ACCOUNT_SCAN_PATTERN,
     AccountKeys,
     ParsedKey,
+    acks_key,
+    buckets,
     due_key,
     key_of,
     legacy,
@@ -55,6 +56,7 @@ from creditmeter.storage.layout import (
     session_request_id,
     sessions_key,
 )
+from creditmeter.storage.redis_client import Client, on_every_primary
 
 
 @dataclass(frozen=True)
@@ -317,9 +319,16 @@ log = logging.getLogger(__name__)
 class RedisStore:
     """Account state in Redis. Every change goes through one Lua script call."""
 
-    def __init__(self, client: aioredis.Redis, idempotency_ttl_s: int = IDEMPOTENCY_TTL_S):
+    def __init__(
+        self,
+        client: Client,
+        idempotency_ttl_s: int = IDEMPOTENCY_TTL_S,
+        replica_acks: int = 0,
+    ) -> None:
         self.client = client
         self.idempotency_ttl_s = idempotency_ttl_s
+        #: Replicas every change must reach before it is answered (`WAIT`); 0: none.
+        self.replica_acks = replica_acks
         self._functions = {
             name: scripts.function_name(name)
             for name in (*scripts.SCRIPT_NAMES, scripts.CONSUME_BATCH)
@@ -344,13 +353,17 @@ class RedisStore:
         ]
 
     async def load_library(self) -> None:
-        """Load the scripts' library into Redis (a no-op when it is there already)."""
+        """Load the scripts' library into Redis -- into every primary of a cluster (a
+        no-op where it is there already)."""
         async with _reachable():
-            try:
-                await self.client.function_load(scripts.library())
-            except ResponseError as exc:
-                if not _library_loaded(exc):
-                    raise
+            replies = await on_every_primary(self.client, "FUNCTION", "LOAD", scripts.library())
+        for reply in replies:
+            if isinstance(reply, ResponseError) and _library_loaded(reply):
+                continue
+            if isinstance(reply, (RedisConnectionError, RedisTimeoutError, OSError)):
+                raise BackendUnavailable(f"redis unavailable: {reply}", {"backend": "redis"})
+            if isinstance(reply, Exception):
+                raise reply
 
     async def _run(
         self,
@@ -362,21 +375,24 @@ class RedisStore:
     ) -> list[str]:
         args = self._args(call, keys, extra)
         names = script_keys or keys.script_keys(call.request_id)
-        function = self._functions[name]
-        start = time.perf_counter()
-        try:
-            async with _reachable():
-                reply = await self.client.fcall(function, len(names), *names, *args)
-        except ResponseError as exc:
-            if not _function_missing(exc):
-                raise
-            # The library was flushed (or Redis lost it): loaded again, then run.
-            [reply] = await self._run_many(name, [(names, args)], load_first=True)
-            if isinstance(reply, Exception):
-                raise reply from None
-        finally:
-            # Failures too: a timeout is the latency worth seeing.
-            metrics.redis_duration(name).observe(time.perf_counter() - start)
+        if self.replica_acks:  # the call and its WAIT go in one pipeline
+            [reply] = await self._run_many(name, [(names, args)])
+        else:
+            start = time.perf_counter()
+            function = self._functions[name]
+            try:
+                async with _reachable():
+                    reply = await self.client.fcall(function, len(names), *names, *args)
+            except ResponseError as exc:
+                if not _function_missing(exc):
+                    raise
+                # The library was flushed (or Redis lost it): loaded again, then run.
+                [reply] = await self._run_many(name, [(names, args)], load_first=True)
+            finally:
+                # Failures too: a timeout is the latency worth seeing.
+                metrics.redis_duration(name).observe(time.perf_counter() - start)
+        if isinstance(reply, Exception):
+            raise reply
         return _checked(cast(list[str] | str, reply), name)
 
     async def _run_many(
@@ -386,35 +402,39 @@ class RedisStore:
         load_first: bool = False,
         operation: str | None = None,
     ) -> list[Any]:
-        """Run function `name` once per (keys, args), in order, in one pipeline; each reply
-        or the ResponseError of that call.
+        """Run function `name` once per (keys, args), in order, in one pipeline (one batch
+        per node of a cluster, sent in parallel); each reply or the ResponseError of that
+        call. Each call's keys are in one slot (the first is its bucket's).
 
         Not a transaction: each call is atomic on its own, as if sent alone. Calls refused
-        because the library is missing (after a FUNCTION FLUSH, or a Redis that lost its
-        data) are sent again, in order, behind a FUNCTION LOAD in the same pipeline.
-        The round trip's latency is recorded under `operation` (default: `name`).
+        because the library is missing (after a FUNCTION FLUSH, a failover to a replica
+        that lacks it, or a Redis that lost its data) are sent again, in order, once the
+        library is loaded again. The round trip's latency is recorded under `operation`
+        (default: `name`).
         """
         function = self._functions[name]
         replies: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for _ in range(SCRIPT_LOAD_ATTEMPTS):
+            if load_first:
+                await self.load_library()
             start = time.perf_counter()
             try:
                 async with _reachable(), self.client.pipeline(transaction=False) as pipe:
-                    if load_first:
-                        pipe.function_load(scripts.library())
                     for i in pending:
                         keys, args = calls[i]
                         pipe.fcall(function, len(keys), *keys, *args)
+                    first_keys = [calls[i][0][0] for i in pending]
+                    nodes = set(self._ack_targets(first_keys)) if self.replica_acks else set()
+                    acks = self._ask_acks(pipe, first_keys)
                     self.pipelines += 1
                     results = await pipe.execute(raise_on_error=False)
+                    if acks:
+                        await self._check_acks(first_keys, nodes, results[-acks:])
+                        results = results[:-acks]
             finally:
                 # One round trip, however many calls it carried.
                 metrics.redis_duration(operation or name).observe(time.perf_counter() - start)
-            if load_first:
-                loaded = results.pop(0)
-                if isinstance(loaded, ResponseError) and not _library_loaded(loaded):
-                    raise loaded
             missing = []
             for i, result in zip(pending, results, strict=True):
                 if isinstance(result, ResponseError) and _function_missing(result):
@@ -426,6 +446,62 @@ class RedisStore:
             load_first = True
             pending = missing
         raise ResponseError(f"the library of {name} was flushed {SCRIPT_LOAD_ATTEMPTS} times")
+
+    # --- replica acknowledgements (--replica-acks N) ----------------------------------
+    def _ack_targets(self, first_keys: Sequence[str]) -> dict[str, tuple[str, Any]]:
+        """The nodes calls with these first keys go to: per node name, one of its buckets'
+        `acks` key and the node (name "" and node None on a single Redis)."""
+        locate = getattr(self.client, "get_node_from_key", None)
+        targets: dict[str, tuple[str, Any]] = {}
+        for key in first_keys:
+            counter = acks_key(key)
+            node = locate(counter) if locate is not None else None
+            targets.setdefault("" if node is None else node.name, (counter, node))
+        return targets
+
+    def _ask_acks(self, pipe: Any, first_keys: Sequence[str]) -> int:
+        """With replica acks, end the pipeline with, per node the calls go to, a write and
+        a `WAIT`; returns how many commands that added.
+
+        The write (`INCR` of a bucket's `acks` key) puts the connection's replication
+        offset past every change its node made before -- the calls just sent, and the
+        first run of a call now only replayed -- so WAIT counts the replicas that hold
+        them all."""
+        if not self.replica_acks:
+            return 0
+        targets = self._ack_targets(first_keys)
+        for counter, node in targets.values():
+            pipe.incr(counter)
+            wait = ("WAIT", self.replica_acks, REPLICA_ACK_TIMEOUT_MS)
+            if node is None:
+                pipe.execute_command(*wait)
+            else:
+                pipe.execute_command(*wait, target_nodes=node)
+        return 2 * len(targets)
+
+    def _short(self, results: Sequence[Any]) -> bool:
+        """Whether a WAIT of `_ask_acks`'s (every second result) counted too few."""
+        return any(
+            isinstance(r, Exception) or int(r) < self.replica_acks for r in results[1::2]
+        )
+
+    async def _check_acks(
+        self, first_keys: Sequence[str], before: set[str], results: Sequence[Any]
+    ) -> None:
+        """Raise BackendUnavailable unless the replicas acknowledged; a retry with the same
+        request ids replays the calls and waits again. A call redirected (MOVED, ASK) ran
+        on a node its batch's WAIT did not cover: then every node is asked again."""
+        short = self._short(results)
+        if not short and self._ack_targets(first_keys).keys() != before:
+            async with self.client.pipeline(transaction=False) as pipe:
+                self._ask_acks(pipe, first_keys)
+                short = self._short(await pipe.execute(raise_on_error=False))
+        if short:
+            raise BackendUnavailable(
+                f"the change is not yet on {self.replica_acks} replica(s) after "
+                f"{REPLICA_ACK_TIMEOUT_MS} ms; retry with the same request id",
+                {"backend": "redis", "replica_acks": str(self.replica_acks)},
+            )
 
     async def grant(self, keys: AccountKeys, call: Call, lot: NewLot) -> GrantRecord:
         values = await self._run("grant", keys, call, _lot_args(lot))
@@ -562,7 +638,7 @@ class RedisStore:
     ) -> list[tuple[AccountKeys, str]]:
         """Open sessions past their validity time and grace, from every bucket's index."""
         async with _reachable(), self.client.pipeline(transaction=False) as pipe:
-            for bucket in range(BUCKETS):
+            for bucket in range(buckets()):
                 pipe.zrangebyscore(sessions_key(bucket), "-inf", now_ms, start=0, num=limit)
             results: list[list[str]] = await pipe.execute()
         due = []
@@ -576,7 +652,7 @@ class RedisStore:
     async def open_sessions(self) -> int:
         """How many call sessions are open, over every bucket's index."""
         async with _reachable(), self.client.pipeline(transaction=False) as pipe:
-            for bucket in range(BUCKETS):
+            for bucket in range(buckets()):
                 pipe.zcard(sessions_key(bucket))
             counts: list[int] = await pipe.execute()
         return sum(counts)
@@ -709,7 +785,7 @@ class RedisStore:
     async def due_accounts(self, now_ms: int, limit: int = EXPIRY_SWEEP_BATCH) -> list[AccountKeys]:
         """Accounts with a lot expiring at or before `now_ms`, from every bucket's index."""
         async with _reachable(), self.client.pipeline(transaction=False) as pipe:
-            for bucket in range(BUCKETS):
+            for bucket in range(buckets()):
                 pipe.zrangebyscore(due_key(bucket), "-inf", now_ms, start=0, num=limit)
             results: list[list[str]] = await pipe.execute()
         due: list[AccountKeys] = []

@@ -12,23 +12,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.console import Console
 from rich.table import Table
 
 from creditmeter.constants import SHUTDOWN_GRACE_S
 from creditmeter.domain.clock import SystemClock
 from creditmeter.domain.recovery import Recovery
+from creditmeter.storage.deployment import resolve_buckets
 from creditmeter.storage.embedded_redis import EmbeddedRedis, endpoint_file
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Ledger
 from creditmeter.storage.ledger.connection import LedgerLink
 from creditmeter.storage.ledger.flusher import Flusher, drain, outbox_backlog
+from creditmeter.storage.redis_client import Client, connect
 from creditmeter.storage.redis_store import RedisStore
 
 
 @dataclass
 class Stores:
-    redis: aioredis.Redis
+    redis: Client
     ledger: Ledger
 
 
@@ -36,16 +39,16 @@ async def _answers(url: str) -> bool:
     client = aioredis.from_url(url, socket_connect_timeout=1.0)
     try:
         return bool(await client.ping())
-    except (aioredis.ConnectionError, OSError):
+    except (RedisConnectionError, OSError):
         return False
     finally:
         await client.aclose()
 
 
 @contextlib.asynccontextmanager
-async def open_redis(data_dir: str, redis_url: str | None) -> AsyncIterator[aioredis.Redis]:
+async def open_redis(data_dir: str, redis_url: str | None) -> AsyncIterator[Client]:
     """The server's Redis: given, the running embedded one, or the embedded one started
-    just for this command."""
+    just for this command; with the deployment's number of buckets in force."""
     directory = Path(data_dir)
     embedded: EmbeddedRedis | None = None
     url = redis_url
@@ -56,8 +59,9 @@ async def open_redis(data_dir: str, redis_url: str | None) -> AsyncIterator[aior
         else:
             embedded = EmbeddedRedis(directory)
             url = await embedded.start()
-    client = aioredis.from_url(url, decode_responses=True)
+    client = connect(url)
     try:
+        await resolve_buckets(client)
         yield client
     finally:
         await client.aclose()
@@ -98,6 +102,7 @@ async def run_flusher(data_dir: str, redis_url: str | None, ledger_url: str | No
             # What was written up to the stop still goes in (a stopping server's last calls).
             with contextlib.suppress(Exception):
                 await drain(flusher, SHUTDOWN_GRACE_S)
+                await flusher.release()
         finally:
             await ledger.close()
     return 0

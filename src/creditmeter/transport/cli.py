@@ -82,12 +82,16 @@ def _source(value: pb.LotSource.ValueType) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     """One server process (`--workers 1`, or a worker of a supervisor), or the supervisor
     of `--workers N` (transport/workers.py)."""
+    from creditmeter.storage.deployment import BucketsMismatch
     from creditmeter.storage.embedded_redis import die_with_parent
     from creditmeter.transport import workers
     from creditmeter.transport.server import Settings, serve
 
     if args.workers < 1:
         err_console.print("creditmeter: --workers must be at least 1")
+        return 2
+    if args.replica_acks < 0:
+        err_console.print("creditmeter: --replica-acks must be 0 or more")
         return 2
     os.environ[f"{ENV_PREFIX}LOG_FORMAT"] = args.log_format  # for the flusher child
     worker = args.worker_index is not None
@@ -100,6 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         data_dir=Path(args.data_dir),
         redis_url=args.redis_url or None,
+        buckets=args.buckets,
+        replica_acks=args.replica_acks,
         appendfsync=args.appendfsync,
         ledger_url=args.ledger_url or None,
         flusher=not args.no_flusher,
@@ -130,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except workers.ListenFailed as exc:
         err_console.print(f"creditmeter: {exc}", highlight=False)
         return 2
-    except RedisNotInstalled as exc:
+    except (RedisNotInstalled, BucketsMismatch) as exc:
         err_console.print(f"creditmeter: {exc}", highlight=False)
         return 2
     except RedisStartFailed as exc:
@@ -541,7 +547,8 @@ def _store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url",
         default=_env("REDIS_URL"),
-        help="the server's Redis (default: the embedded one of --data-dir)",
+        help="the server's Redis, redis://... or redis+cluster://SEEDS "
+        "(default: the embedded one of --data-dir)",
     )
 
 
@@ -571,7 +578,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--redis-url",
         default=_env("REDIS_URL"),
-        help="use this Redis instead of the embedded one (env CREDITMETER_REDIS_URL)",
+        help="use this Redis instead of the embedded one: redis://HOST:PORT, or "
+        "redis+cluster://HOST:PORT[,HOST:PORT...] for a Redis Cluster (env CREDITMETER_REDIS_URL)",
+    )
+    p.add_argument(
+        "--buckets",
+        type=int,
+        default=int(_env("BUCKETS") or 0) or None,
+        help="buckets a NEW deployment spreads accounts over (default 64 on one Redis, 1024 on "
+        "a cluster); an initialised deployment keeps its own (env CREDITMETER_BUCKETS)",
+    )
+    p.add_argument(
+        "--replica-acks",
+        type=int,
+        default=int(_env("REPLICA_ACKS") or 0),
+        help="answer a change only once this many Redis replicas have it (WAIT); "
+        "0: as soon as the primary has it (env CREDITMETER_REPLICA_ACKS)",
     )
     p.add_argument(
         "--appendfsync",

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -35,8 +34,6 @@ from creditmeter.constants import (
     IDEMPOTENCY_TTL_S,
     LEDGER_HEALTH_SERVICE,
     RECONCILE_INTERVAL_S,
-    REDIS_POOL_SIZE,
-    REDIS_POOL_TIMEOUT_S,
     RENEW_INTERVAL_S,
     SESSION_CLOSE_INTERVAL_S,
     SHUTDOWN_GRACE_S,
@@ -55,12 +52,14 @@ from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.subscriptions import Subscriptions
 from creditmeter.errors import BackendUnavailable
 from creditmeter.storage.config_store import ConfigStore
+from creditmeter.storage.deployment import resolve_buckets
 from creditmeter.storage.embedded_redis import EmbeddedRedis
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Ledger
 from creditmeter.storage.ledger.connection import LedgerLink, failure_text
 from creditmeter.storage.ledger.flusher import Flusher, drain, flusher_stats, outbox_backlog
 from creditmeter.storage.outbox import OutboxReader
+from creditmeter.storage.redis_client import Client, connect
 from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.credits_servicer import CreditsServicer, LedgerStatus
 from creditmeter.transport.interceptors import Gatekeeper
@@ -76,8 +75,14 @@ PACKS_SERVICE = packs_pb2.DESCRIPTOR.services_by_name["Packs"].full_name
 class Settings:
     listen: str = DEFAULT_LISTEN
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    #: An existing Redis; None starts the embedded one under data_dir.
+    #: An existing Redis (redis://, or redis+cluster://SEEDS for a cluster); None starts
+    #: the embedded one under data_dir.
     redis_url: str | None = None
+    #: Buckets of a new deployment (None: the default for its kind of Redis); an
+    #: initialised deployment keeps its own (storage/deployment.py).
+    buckets: int | None = None
+    #: Replicas each change must reach before it is answered (Redis WAIT); 0: none.
+    replica_acks: int = 0
     #: The embedded Redis's fsync policy: always (no acknowledged change lost), everysec, no.
     appendfsync: str = "always"
     #: postgresql://... for PostgreSQL; None for SQLite in data_dir.
@@ -116,7 +121,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.embedded: EmbeddedRedis | None = None
-        self.redis: aioredis.Redis | None = None
+        self.redis: Client | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.tasks: list[asyncio.Task[None]] = []
@@ -150,14 +155,10 @@ class App:
         if url is None:
             self.embedded = EmbeddedRedis(s.data_dir, s.appendfsync)
             url = await self.embedded.start()
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            decode_responses=True,
-            max_connections=REDIS_POOL_SIZE,
-            timeout=REDIS_POOL_TIMEOUT_S,
-        )
-        self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        self.redis = connect(url)
         await self.redis.ping()
+        # Before any key is made: the deployment's number of buckets.
+        await resolve_buckets(self.redis, s.buckets)
 
         self.ledger = ledger = open_ledger(s.ledger_url, s.data_dir)
         # A ledger that does not answer is no reason not to start: metering goes on into
@@ -169,7 +170,7 @@ class App:
         self.live = live = LiveConfig(config)
         await live.refresh()
         self.metering = metering = Metering(
-            RedisStore(self.redis, s.idempotency_ttl_s),
+            RedisStore(self.redis, s.idempotency_ttl_s, s.replica_acks),
             config,
             live.rates,
             s.clock,
@@ -404,6 +405,7 @@ class App:
         if self.flusher is not None and self.ledger_link and self.ledger_link.reachable:
             with contextlib.suppress(Exception):
                 await drain(self.flusher, self.settings.shutdown_grace_s)
+                await self.flusher.release()
         if self.tasks:
             # The flusher child gets twice the grace: it drains after the calls did.
             _, late = await asyncio.wait(self.tasks, timeout=self.settings.shutdown_grace_s * 3)

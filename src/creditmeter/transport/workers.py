@@ -147,6 +147,8 @@ def worker_command(
         "--listen", listen, "--data-dir", str(s.data_dir), "--redis-url", redis_url,
         *(["--ledger-url", s.ledger_url] if s.ledger_url else []),
         *flusher,
+        *(["--buckets", str(s.buckets)] if s.buckets else []),
+        "--replica-acks", str(s.replica_acks),
         "--backlog-cap", str(s.backlog_cap),
         "--pending-purchase-ttl", f"{s.pending_purchase_ttl_ms // 1000}s",
         "--session-grace", f"{round(s.session_grace_s)}s",

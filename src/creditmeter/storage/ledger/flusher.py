@@ -1,11 +1,16 @@
 """The flusher: drains the Redis Stream outboxes into the ledger.
 
-Every flusher reads all bucket outboxes through one consumer group, so several flushers
-(in `serve` and in `creditmeter flush` processes) share the work. A batch is inserted in
-one ledger transaction (idempotent on event id) and acknowledged only after the commit,
-so a crash between the two re-delivers the batch and the ledger still holds each event
-once. A restarted flusher first re-reads its own pending entries; entries pending on a
-consumer that has been idle too long (a dead flusher) are claimed with XAUTOCLAIM.
+Each bucket's outbox is read on its own (a cluster refuses one read of streams in several
+slots), through one consumer group. Several flushers (in `serve`, `creditmeter flush`, on
+several machines) share the buckets by leases (storage/leases.py): each reads the buckets
+it holds, one XREADGROUP per bucket in one pipeline (one batch per node of a cluster),
+polling every `block_ms` while there is nothing to read. A bucket taken over from a
+flusher that died or gave it up comes with the entries it had read and not acknowledged:
+they are claimed at once and flushed first. A batch is inserted in one ledger transaction
+(idempotent on event id) and acknowledged only after the commit, so a crash between the
+two re-delivers the batch and the ledger still holds each event once. A restarted flusher
+first re-reads its own pending entries; entries pending on a consumer that has been idle
+too long are claimed with XAUTOCLAIM.
 Outboxes are trimmed only below the oldest entry not yet acknowledged, never by length,
 and keep the flushed entries of the last `retention_ms` for balance watchers resuming from
 a token (WatchBalance reads the outboxes).
@@ -17,37 +22,42 @@ import asyncio
 import functools
 import hashlib
 import logging
+import math
 import os
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from creditmeter import metrics
 from creditmeter.constants import (
-    BUCKETS,
     FLUSH_BLOCK_MS,
     FLUSH_CLAIM_IDLE_MS,
     FLUSH_GROUP,
+    FLUSH_LEASE_MS,
     FLUSH_MAINTENANCE_INTERVAL_S,
     FLUSH_READ_COUNT,
     FLUSHERS_KEY,
     WATCH_RETENTION_S,
 )
+from creditmeter.storage import layout
+from creditmeter.storage.deployment import restore_buckets
 from creditmeter.storage.entries import ledger_records
 from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
+from creditmeter.storage.leases import BucketLeases
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
+from creditmeter.storage.redis_client import Client, on_every_primary
 from creditmeter.storage.scripts import standalone
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[str, dict[str, str]]
+#: A bucket and entries read from its outbox.
+Read = tuple[int, list[Entry]]
 
 
 def consumer_name() -> str:
@@ -70,14 +80,18 @@ class FlushStats:
 class Flusher:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         ledger: Ledger,
         consumer: str | None = None,
         read_count: int = FLUSH_READ_COUNT,
         block_ms: int = FLUSH_BLOCK_MS,
         claim_idle_ms: int = FLUSH_CLAIM_IDLE_MS,
         retention_ms: int = WATCH_RETENTION_S * 1000,
+        lease_ms: int = FLUSH_LEASE_MS,
+        leases: bool = True,
     ) -> None:
+        """`leases=False` reads every bucket, sharing each with any other flusher through
+        the consumer group alone (what tests that drive two flushers by hand want)."""
         self.client = client
         self.ledger = ledger
         self.consumer = consumer or consumer_name()
@@ -85,43 +99,94 @@ class Flusher:
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.retention_ms = retention_ms
-        self.streams = [outbox_key(b) for b in range(BUCKETS)]
-        self._bucket = {stream: b for b, stream in enumerate(self.streams)}
+        self.leases = BucketLeases(client, "flush", self.consumer, lease_ms) if leases else None
         # Not one of scripts.SCRIPT_NAMES (those take an account's keys and the prelude).
         # Sent with EVAL: Redis caches it by digest, and a SCRIPT FLUSH cannot fail an ack.
-        self._ack = (resources.files("creditmeter.storage") / "lua" / "ack.lua").read_text(
-            "utf-8"
-        )
+        self._ack = standalone("ack")
         self.stats = FlushStats()
-        self._own_pending_done = False
+        #: Buckets whose entries delivered to this consumer and not acknowledged (after a
+        #: start, an error, or a takeover) are read again before new ones.
+        self._pending_first: set[int] = set()
+        self._started = False
+        self._leases_at = -math.inf
+
+    def buckets(self) -> list[int]:
+        """The buckets this flusher reads: those it holds a lease on (or all)."""
+        if self.leases is None:
+            return list(range(layout.buckets()))
+        return sorted(self.leases.owned)
 
     async def ensure_groups(self) -> None:
+        """The consumer group on every bucket's outbox (any flusher may create them)."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xgroup_create(stream, FLUSH_GROUP, id="0", mkstream=True)
+            for bucket in range(layout.buckets()):
+                pipe.xgroup_create(outbox_key(bucket), FLUSH_GROUP, id="0", mkstream=True)
             results = await pipe.execute(raise_on_error=False)
         for result in results:
             if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
                 raise result
+        await restore_buckets(self.client)
 
-    async def _read(self, new: bool) -> list[tuple[str, list[Entry]]]:
-        start = ">" if new else "0"
-        reply = await self.client.xreadgroup(
-            FLUSH_GROUP,
-            self.consumer,
-            {s: start for s in self.streams},
-            count=self.read_count,
-            block=self.block_ms if new else None,
-        )
-        streams = cast(list[tuple[str, list[Entry]]], reply or [])
-        return [(stream, entries) for stream, entries in streams if entries]
+    async def refresh_leases(self) -> None:
+        """Renew this flusher's leases, take or give up buckets (see storage/leases.py); a
+        bucket taken over comes with the entries its last holder read and did not
+        acknowledge, claimed now and flushed first."""
+        self._leases_at = time.monotonic()
+        if not self._started:
+            self._started = True
+            if self.leases is None:
+                self._pending_first = set(self.buckets())
+        if self.leases is None:
+            return
+        changes = await self.leases.refresh()
+        self._pending_first.difference_update(changes.lost)
+        for bucket in changes.gained:
+            self._pending_first.add(bucket)  # its own, from before a restart
+            claimed = await self._claim(bucket, 0)
+            if claimed:
+                await self.commit([(bucket, claimed)])
 
-    async def commit(self, batch: Sequence[tuple[str, list[Entry]]]) -> int:
+    async def _claim(self, bucket: int, idle_ms: int) -> list[Entry]:
+        """XAUTOCLAIM a bucket's entries pending on any consumer for `idle_ms`: those still
+        in the outbox (a trimmed one is only taken off the pending list)."""
+        stream, start = outbox_key(bucket), "0-0"
+        found: list[Entry] = []
+        while True:
+            next_start, entries, *_ = await self.client.xautoclaim(
+                stream, FLUSH_GROUP, self.consumer, idle_ms, start, count=self.read_count
+            )
+            found.extend((i, f) for i, f in entries if f is not None)
+            if next_start in ("0-0", b"0-0"):
+                return found
+            start = next_start
+
+    async def _read(self, buckets: Sequence[int], pending: bool) -> list[Read]:
+        """One XREADGROUP per bucket, in one pipeline: their own pending entries, or new."""
+        if not buckets:
+            return []
+        start = "0" if pending else ">"
+        async with self.client.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                pipe.xreadgroup(FLUSH_GROUP, self.consumer, {outbox_key(bucket): start},
+                                count=self.read_count)  # fmt: skip
+            replies = await pipe.execute()
+        read = []
+        for bucket, reply in zip(buckets, replies, strict=True):
+            entries = cast(list[Entry], reply[0][1]) if reply else []
+            if entries:
+                read.append((bucket, entries))
+            elif pending:
+                self._pending_first.discard(bucket)
+        return read
+
+    async def commit(self, batch: Sequence[Read]) -> int:
         """Write a batch to the ledger, then acknowledge it. Returns events written."""
         events: list[Event] = []
         requests: list[RequestRecord] = []
-        for _stream, entries in batch:
+        for _bucket, entries in batch:
             for _entry_id, fields in entries:
+                if fields is None:
+                    continue  # pending, but trimmed off meanwhile: nothing left to write
                 found, request = ledger_records(fields)
                 events.extend(found)
                 if request is not None:
@@ -130,18 +195,18 @@ class Flusher:
             return 0
         if events or requests:  # a batch of holds alone is only acknowledged
             await self.ledger.append(events, requests)
-        oldest = min(_ms_of(entries[0][0]) for _s, entries in batch)
+        oldest = min(_ms_of(entries[0][0]) for _b, entries in batch)
         now_ms = int(time.time() * 1000)
         self.stats.events += len(events)
         self.stats.batches += 1
         self.stats.last_lag_ms = max(0, now_ms - oldest)
         async with self.client.pipeline(transaction=False) as pipe:
-            for stream, entries in batch:
+            for bucket, entries in batch:
                 pipe.eval(
                     self._ack,
                     2,
-                    stream,
-                    flushed_key(self._bucket[stream]),
+                    outbox_key(bucket),
+                    flushed_key(bucket),
                     FLUSH_GROUP,
                     *(entry_id for entry_id, _ in entries),
                 )
@@ -157,50 +222,49 @@ class Flusher:
         return len(events)
 
     async def flush_once(self) -> int:
-        """Read one batch (own pending entries first after a start) and commit it."""
-        if not self._own_pending_done:
-            batch = await self._read(new=False)
-            if not batch:
-                self._own_pending_done = True
-                return 0
-        else:
-            batch = await self._read(new=True)
-        return await self.commit(batch)
+        """Read one batch from the buckets held (own pending entries first after a start
+        or a takeover) and commit it; returns the entries read. Leases are renewed first
+        when they are due."""
+        if time.monotonic() - self._leases_at > FLUSH_MAINTENANCE_INTERVAL_S:
+            await self.refresh_leases()
+        held = self.buckets()
+        again = [b for b in held if b in self._pending_first]
+        batch = await self._read(again, pending=True)
+        busy = {b for b, _ in batch} | self._pending_first
+        batch += await self._read([b for b in held if b not in busy], pending=False)
+        await self.commit(batch)
+        return sum(len(entries) for _, entries in batch)
 
     async def claim_dead(self) -> int:
-        """Take over entries left pending by flushers that stopped; returns entries claimed."""
+        """Take over entries left pending, in the buckets held, by flushers that stopped
+        (idle for `claim_idle_ms`); returns entries claimed."""
         claimed = 0
-        for stream in self.streams:
-            start = "0-0"
-            while True:
-                next_start, entries, *_ = await self.client.xautoclaim(
-                    stream, FLUSH_GROUP, self.consumer, self.claim_idle_ms, start,
-                    count=self.read_count,
-                )  # fmt: skip
-                entries = [(i, f) for i, f in entries if f is not None]
-                if entries:
-                    await self.commit([(stream, entries)])
-                    claimed += len(entries)
-                if next_start in ("0-0", b"0-0"):
-                    break
-                start = next_start
+        for bucket in self.buckets():
+            entries = await self._claim(bucket, self.claim_idle_ms)
+            if entries:
+                await self.commit([(bucket, entries)])
+                claimed += len(entries)
         return claimed
 
     async def trim(self) -> None:
-        """Drop flushed entries older than the retention window: everything below both the
-        oldest pending or undelivered entry and `now - retention_ms`."""
+        """Drop flushed entries older than the retention window from the buckets held:
+        everything below both the oldest pending or undelivered entry and
+        `now - retention_ms`."""
+        held = self.buckets()
+        if not held:
+            return
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.time()  # Redis's clock: stream ids are its milliseconds, not ours
-            for stream in self.streams:
-                pipe.xinfo_groups(stream)
-                pipe.xpending(stream, FLUSH_GROUP)
+            for bucket in held:
+                pipe.xinfo_groups(outbox_key(bucket))
+                pipe.xpending(outbox_key(bucket), FLUSH_GROUP)
             now, *replies = await pipe.execute(raise_on_error=False)
         if isinstance(now, Exception):
             return
         seconds, micros = now
         window_start = f"{max(0, seconds * 1000 + micros // 1000 - self.retention_ms)}-0"
         bounds: dict[int, str] = {}
-        for i in range(len(self.streams)):
+        for i, bucket in enumerate(held):
             groups, pending = replies[2 * i], replies[2 * i + 1]
             if isinstance(groups, Exception) or isinstance(pending, Exception):
                 continue
@@ -214,30 +278,38 @@ class Flusher:
             if pending["pending"]:
                 bound = min(bound, pending["min"], key=_id_key)
             if _id_key(bound) > (0, 0):
-                bounds[i] = bound
+                bounds[bucket] = bound
         # Only streams with an entry below their bound have anything to trim. Asked first,
         # with a forward read from the start (constant time): XREVRANGE from a bound below
         # every entry walks the whole stream before it finds nothing (18 to 33 ms at
         # 200,000 entries, measured twice; the XRANGE 1.9 us), and that is the usual case
         # while an outbox is younger than the retention window.
         async with self.client.pipeline(transaction=False) as pipe:
-            for i, bound in bounds.items():
-                pipe.xrange(self.streams[i], min="-", max=f"({bound}", count=1)
+            for bucket, bound in bounds.items():
+                pipe.xrange(outbox_key(bucket), min="-", max=f"({bound}", count=1)
             firsts = await pipe.execute()
-        bounds = {i: b for (i, b), first in zip(bounds.items(), firsts, strict=True) if first}
+        bounds = {b: bound for (b, bound), first in zip(bounds.items(), firsts, strict=True)
+                  if first}  # fmt: skip
         # The greatest entry each trim drops, recorded before it goes: a watcher's resume
         # position below it has lost entries. (No entry below a bound can appear meanwhile:
         # new ids are above every delivered one.)
         async with self.client.pipeline(transaction=False) as pipe:
-            for i, bound in bounds.items():
-                pipe.xrevrange(self.streams[i], max=f"({bound}", min="-", count=1)
+            for bucket, bound in bounds.items():
+                pipe.xrevrange(outbox_key(bucket), max=f"({bound}", min="-", count=1)
             lasts = await pipe.execute()
         async with self.client.pipeline(transaction=False) as pipe:
-            for (i, bound), last in zip(bounds.items(), lasts, strict=True):
+            for (bucket, bound), last in zip(bounds.items(), lasts, strict=True):
                 if last:
-                    pipe.set(trimmed_key(i), last[0][0])
-                    pipe.xtrim(self.streams[i], minid=bound, approximate=False)
+                    pipe.set(trimmed_key(bucket), last[0][0])
+                    pipe.xtrim(outbox_key(bucket), minid=bound, approximate=False)
             await pipe.execute()
+
+    async def release(self) -> None:
+        """Give up this flusher's leases (a clean stop: its peers take the buckets at once,
+        not after the leases lapse)."""
+        if self.leases is not None:
+            self.leases.owned.difference_update(self._pending_first)  # keep nothing half read
+            await self.leases.release_all()
 
     async def backlog(self) -> int:
         """Outbox entries not yet acknowledged into the ledger (undelivered + pending)."""
@@ -254,9 +326,11 @@ class Flusher:
             try:
                 if time.monotonic() - last_maintenance > FLUSH_MAINTENANCE_INTERVAL_S:
                     last_maintenance = time.monotonic()
+                    await self.refresh_leases()
                     await self.claim_dead()
                     await self.trim()
-                await self.flush_once()
+                if not await self.flush_once():
+                    await stopped_within(stop, self.block_ms / 1000)
             except asyncio.CancelledError:
                 raise
             except ResponseError as error:
@@ -265,7 +339,7 @@ class Flusher:
                     continue
                 await _pause(stop, backoff, error)
             except Exception as error:  # ledger or Redis down: keep the entries, retry
-                self._own_pending_done = False  # re-read what was delivered but not acked
+                self._pending_first.update(self.buckets())  # re-read what was not acked
                 await _pause(stop, backoff, error)
             else:
                 backoff.reset()
@@ -290,7 +364,7 @@ class FlushFigures:
     last_lag_ms: int
 
 
-async def flusher_stats(client: aioredis.Redis) -> FlushFigures:
+async def flusher_stats(client: Client) -> FlushFigures:
     """What the flushers (in this process, children, or `creditmeter flush` elsewhere)
     last published with their acknowledgements."""
     published = await client.hgetall(FLUSHERS_KEY)
@@ -319,7 +393,7 @@ def _backlog_script() -> tuple[str, str]:
     return source, hashlib.sha1(source.encode()).hexdigest()
 
 
-async def outbox_backlog(client: aioredis.Redis) -> int:
+async def outbox_backlog(client: Client) -> int:
     """Entries of every outbox not yet acknowledged into the ledger: per bucket, the
     entries ever added (kept by Redis with the stream) less those acknowledged (ack.lua).
     Neither XLEN (the outboxes keep flushed entries for watchers) nor XINFO GROUPS' lag
@@ -329,12 +403,12 @@ async def outbox_backlog(client: aioredis.Redis) -> int:
     source, sha = _backlog_script()
     for _ in range(2):
         async with client.pipeline(transaction=False) as pipe:
-            for bucket in range(BUCKETS):
+            for bucket in range(layout.buckets()):
                 pipe.evalsha(sha, 2, outbox_key(bucket), flushed_key(bucket))
             replies = await pipe.execute(raise_on_error=False)
         if not any(isinstance(r, NoScriptError) for r in replies):
             break
-        await client.script_load(source)
+        await on_every_primary(client, "SCRIPT", "LOAD", source)
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply

@@ -1,0 +1,136 @@
+"""The deployment's number of buckets (storage/deployment.py) and the leases by which
+flushers share the buckets (storage/leases.py), on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from creditmeter.constants import DEFAULT_BUCKETS
+from creditmeter.storage import layout
+from creditmeter.storage.deployment import BUCKETS_KEY, BucketsMismatch, resolve_buckets
+from creditmeter.storage.leases import BucketLeases, lease_key
+from creditmeter.storage.redis_client import cluster_seeds, connect, is_cluster_url
+from creditmeter.transport.server import App, Settings
+
+PRIVATE_REDIS_DB = 9
+
+
+@pytest.fixture
+def private_redis_url(redis_url: str) -> Iterator[str]:
+    url = f"{redis_url.rsplit('/', 1)[0]}/{PRIVATE_REDIS_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+    layout.use_buckets(DEFAULT_BUCKETS)  # what the other tests' deployments have
+
+
+@pytest.fixture
+async def client(private_redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(private_redis_url, decode_responses=True)
+    yield c
+    await c.aclose()
+
+
+def test_cluster_urls() -> None:
+    url = "redis+cluster://10.0.0.1:7000,[::1]:7001, node-3:7002"
+    assert is_cluster_url(url) and not is_cluster_url("redis://10.0.0.1:7000")
+    assert cluster_seeds(url) == [("10.0.0.1", 7000), ("::1", 7001), ("node-3", 7002)]
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        cluster_seeds("redis+cluster://10.0.0.1")
+
+
+async def test_a_new_deployment_stores_its_number_and_every_process_reads_it(
+    client: aioredis.Redis, private_redis_url: str
+) -> None:
+    assert await resolve_buckets(client, 16) == 16
+    assert await client.get(BUCKETS_KEY) == "16"
+    assert layout.buckets() == 16
+    assert {layout.bucket_of("t", f"a{i}") for i in range(500)} == set(range(16))
+    layout.use_buckets(DEFAULT_BUCKETS)
+    # Another process: no number asked, the stored one holds.
+    other = connect(private_redis_url)
+    try:
+        assert await resolve_buckets(other) == 16
+        assert layout.buckets() == 16
+        # Asking an initialised deployment for another number is refused.
+        with pytest.raises(BucketsMismatch, match="initialised with 16 buckets"):
+            await resolve_buckets(other, 32)
+    finally:
+        await other.aclose()
+
+
+async def test_data_of_a_release_before_the_number_was_stored_has_64(
+    client: aioredis.Redis,
+) -> None:
+    await client.hset("cm:{b07}:t:a:a", "seq", "1")  # an account, no cm:buckets
+    assert await resolve_buckets(client) == DEFAULT_BUCKETS
+    assert await client.get(BUCKETS_KEY) == str(DEFAULT_BUCKETS)
+
+
+async def test_bad_numbers_are_refused_before_they_are_stored(client: aioredis.Redis) -> None:
+    for bad in (0, 16385):
+        with pytest.raises(ValueError, match="buckets must be from 1 to 16384"):
+            await resolve_buckets(client, bad)
+    assert await client.get(BUCKETS_KEY) is None
+
+
+async def test_a_server_on_a_deployment_of_16_buckets(
+    private_redis_url: str, tmp_path: Path
+) -> None:
+    """A whole server with a non-default number: its flusher's groups and its backlog cover
+    exactly those buckets."""
+    app = App(Settings(listen="127.0.0.1:0", data_dir=tmp_path / "d", redis_url=private_redis_url,
+                       buckets=16, shutdown_grace_s=1.0))  # fmt: skip
+    await app.start()
+    try:
+        assert layout.buckets() == 16
+        assert app.redis is not None
+        streams = [k async for k in app.redis.scan_iter(match="cm:{b*}:outbox")]
+        assert sorted(streams) == sorted(layout.outbox_key(b) for b in range(16))
+    finally:
+        await app.stop()
+
+
+# --- leases ---------------------------------------------------------------------------
+async def rounds(*holders: BucketLeases, n: int = 3) -> None:
+    for _ in range(n):
+        for h in holders:
+            await h.refresh()
+
+
+async def test_flushers_share_the_buckets_and_take_over_a_dead_ones(
+    client: aioredis.Redis,
+) -> None:
+    layout.use_buckets(64)
+    a = BucketLeases(client, "flush", "a", lease_ms=600)
+    await a.refresh()
+    assert a.owned == set(range(64))  # alone: every bucket
+    b = BucketLeases(client, "flush", "b", lease_ms=600)
+    await rounds(b, a, b)
+    assert len(a.owned) == len(b.owned) == 32 and not a.owned & b.owned
+    c = BucketLeases(client, "flush", "c", lease_ms=600)
+    await rounds(c, a, b, c)
+    assert max(len(h.owned) for h in (a, b, c)) == 22  # at most ceil(64 / 3) each
+    assert a.owned | b.owned | c.owned == set(range(64))
+    assert not (a.owned & b.owned or a.owned & c.owned or b.owned & c.owned)
+    # c dies: it stops renewing; once its leases and its word lapse, a and b take its buckets.
+    await asyncio.sleep(0.7)
+    await rounds(a, b)
+    assert a.owned | b.owned == set(range(64)) and not a.owned & b.owned
+    # b stops cleanly: a takes everything at once.
+    await b.release_all()
+    await a.refresh()
+    assert a.owned == set(range(64))
+    # A holder in the same name (a restart before the leases lapsed) has them again.
+    again = BucketLeases(client, "flush", "a", lease_ms=600)
+    await again.refresh()
+    assert again.owned == set(range(64))
+    assert await client.get(lease_key(5, "flush")) == "a"
