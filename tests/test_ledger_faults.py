@@ -59,7 +59,7 @@ from creditmeter.constants import (
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import AccountState, Recovery, replay
 from creditmeter.errors import BackendUnavailable
-from creditmeter.storage import layout
+from creditmeter.storage import layout, scripts
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import AccountKeys, outbox_key
 from creditmeter.storage.ledger import open_ledger
@@ -239,11 +239,11 @@ class _AckFails:
     def xack(self, *args: object, **kwargs: object) -> None:
         raise SimulatedCrash("killed after the ledger commit, before XACK")
 
-    def eval(self, script: str, *args: object) -> None:
+    def fcall(self, function: str, *args: object) -> None:
         """The flusher acknowledges through ack.lua (XACK and the flushed count)."""
-        if "XACK" in script:
+        if function == scripts.function_name("ack"):
             raise SimulatedCrash("killed after the ledger commit, before XACK")
-        self._pipe.eval(script, *args)
+        self._pipe.fcall(function, *args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipe, name)

@@ -15,7 +15,6 @@ another now holds. The work must be idempotent (the ledger's writes are, by even
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from collections.abc import Sequence
@@ -23,8 +22,8 @@ from dataclasses import dataclass, field
 
 from creditmeter.constants import KEY_PREFIX
 from creditmeter.storage import layout
+from creditmeter.storage.functions import call, call_each
 from creditmeter.storage.redis_client import Client
-from creditmeter.storage.scripts import standalone
 
 
 def lease_key(bucket: int, role: str) -> str:
@@ -33,11 +32,6 @@ def lease_key(bucket: int, role: str) -> str:
 
 def peers_key(role: str) -> str:
     return f"{KEY_PREFIX}:peers:{role}"
-
-
-@functools.cache
-def _script(name: str) -> str:
-    return standalone(name)
 
 
 @dataclass
@@ -61,10 +55,8 @@ class BucketLeases:
     async def refresh(self) -> Changes:
         """One round: renew, give up or take leases towards this process's fair share."""
         changes = Changes()
-        self.peers = max(
-            1, int(await self.client.eval(_script("peers"), 1, peers_key(self.role),
-                                          self.owner, self.lease_ms))
-        )  # fmt: skip
+        word = [self.owner, self.lease_ms]
+        self.peers = max(1, int(await call(self.client, "peers", [peers_key(self.role)], word)))
         count = layout.buckets()
         share = math.ceil(count / self.peers)
         held = sorted(self.owned)
@@ -83,11 +75,15 @@ class BucketLeases:
     async def _each(self, op: str, buckets: Sequence[int]) -> list[bool]:
         if not buckets:
             return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for bucket in buckets:
-                pipe.eval(_script("lease"), 1, lease_key(bucket, self.role), op, self.owner,
-                          self.lease_ms)  # fmt: skip
-            return [reply == 1 for reply in await pipe.execute()]
+        replies = await call_each(
+            self.client,
+            "lease",
+            [((lease_key(b, self.role),), (op, self.owner, self.lease_ms)) for b in buckets],
+        )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [reply == 1 for reply in replies]
 
     async def _take(self, wanted: int) -> list[int]:
         """Take up to `wanted` free leases (in random order, so peers starting together
@@ -117,4 +113,4 @@ class BucketLeases:
         """Give up every lease and leave the peers (a clean stop: peers take over at once)."""
         await self._each("release", sorted(self.owned))
         self.owned.clear()
-        await self.client.eval(_script("peers"), 1, peers_key(self.role), self.owner, 0)
+        await call(self.client, "peers", [peers_key(self.role)], [self.owner, 0])

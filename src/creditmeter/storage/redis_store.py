@@ -30,6 +30,7 @@ from creditmeter.constants import (
 from creditmeter.errors import BackendUnavailable, Rejected
 from creditmeter.storage import scripts
 from creditmeter.storage.coalescer import Coalescer
+from creditmeter.storage.functions import function_missing, load_library
 from creditmeter.storage.layout import (
     ACCOUNT_KIND,
     ACCOUNT_SCAN_PATTERN,
@@ -56,7 +57,7 @@ from creditmeter.storage.layout import (
     session_request_id,
     sessions_key,
 )
-from creditmeter.storage.redis_client import Client, on_every_primary
+from creditmeter.storage.redis_client import Client
 
 
 @dataclass(frozen=True)
@@ -286,16 +287,6 @@ def _checked(reply: list[str] | str, script: str) -> list[str]:
     return values
 
 
-def _function_missing(exc: ResponseError) -> bool:
-    """Whether Redis refused an FCALL because the library is not loaded."""
-    return "function not found" in str(exc).lower()
-
-
-def _library_loaded(exc: ResponseError) -> bool:
-    """Whether Redis refused a FUNCTION LOAD because the library is there already."""
-    return "already exists" in str(exc)
-
-
 def _session_step(session_id: str, request_id: str) -> str:
     """The step part of a session step's request id (see `session_request_id`)."""
     step = request_id.rpartition("#")[2]
@@ -356,14 +347,7 @@ class RedisStore:
         """Load the scripts' library into Redis -- into every primary of a cluster (a
         no-op where it is there already)."""
         async with _reachable():
-            replies = await on_every_primary(self.client, "FUNCTION", "LOAD", scripts.library())
-        for reply in replies:
-            if isinstance(reply, ResponseError) and _library_loaded(reply):
-                continue
-            if isinstance(reply, (RedisConnectionError, RedisTimeoutError, OSError)):
-                raise BackendUnavailable(f"redis unavailable: {reply}", {"backend": "redis"})
-            if isinstance(reply, Exception):
-                raise reply
+            await load_library(self.client)
 
     async def _run(
         self,
@@ -384,7 +368,7 @@ class RedisStore:
                 async with _reachable():
                     reply = await self.client.fcall(function, len(names), *names, *args)
             except ResponseError as exc:
-                if not _function_missing(exc):
+                if not function_missing(exc):
                     raise
                 # The library was flushed (or Redis lost it): loaded again, then run.
                 [reply] = await self._run_many(name, [(names, args)], load_first=True)
@@ -437,7 +421,7 @@ class RedisStore:
                 metrics.redis_duration(operation or name).observe(time.perf_counter() - start)
             missing = []
             for i, result in zip(pending, results, strict=True):
-                if isinstance(result, ResponseError) and _function_missing(result):
+                if isinstance(result, ResponseError) and function_missing(result):
                     missing.append(i)
                 else:
                     replies[i] = result

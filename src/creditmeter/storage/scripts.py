@@ -32,6 +32,11 @@ SCRIPT_NAMES = (
 #: The function that runs consume.lua for many charges of one bucket in one call.
 CONSUME_BATCH = "consume_batch"
 
+#: Scripts of the flusher and its leases, without the prelude: functions of the library
+#: too, their text taking `KEYS` and `ARGV` as parameters. (A cluster pipeline cannot
+#: carry EVALSHA, and EVAL would send a script's whole text per bucket.)
+PLAIN_NAMES = ("ack", "backlog", "lease", "peers")
+
 
 def _read(name: str) -> str:
     return (resources.files("creditmeter.storage") / "lua" / name).read_text(encoding="utf-8")
@@ -58,6 +63,9 @@ def _code() -> str:
         "end\n"
     )
     parts.append(_read("consume_batch.lua"))
+    for name in PLAIN_NAMES:
+        parts.append(f"-- ---- {name}.lua ----\nlocal function plain_{name}(KEYS, ARGV)\n"
+                     f"{_read(f'{name}.lua')}\nend\n")  # fmt: skip
     return "\n".join(parts)
 
 
@@ -72,7 +80,7 @@ def library_name() -> str:
 
 
 def function_name(script: str) -> str:
-    """The name to FCALL for script `script` (one of SCRIPT_NAMES, or CONSUME_BATCH)."""
+    """The name to FCALL for script `script` (of SCRIPT_NAMES, CONSUME_BATCH, PLAIN_NAMES)."""
     return f"cm_{digest()}_{script}"
 
 
@@ -83,11 +91,14 @@ def library() -> str:
         f"redis.register_function('{function_name(name)}', "
         f"function(keys, args) return run(body_{name}, keys, args) end)\n"
         for name in SCRIPT_NAMES
-    ) + (f"redis.register_function('{function_name(CONSUME_BATCH)}', consume_batch)\n")
+    ) + (f"redis.register_function('{function_name(CONSUME_BATCH)}', consume_batch)\n") + "".join(
+        f"redis.register_function('{function_name(name)}', plain_{name})\n" for name in PLAIN_NAMES
+    )
     return f"#!lua name={library_name()}\n{_code()}\n{registrations}"
 
 
 @cache
 def standalone(name: str) -> str:
-    """The text of a script that runs without the prelude (ack.lua, convert.lua), by EVAL."""
+    """The text of a script that runs alone, by EVAL (convert.lua, once per account of an
+    older release)."""
     return _read(f"{name}.lua")

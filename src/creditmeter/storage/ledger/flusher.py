@@ -19,8 +19,6 @@ a token (WatchBalance reads the outboxes).
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
 import logging
 import math
 import os
@@ -30,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from creditmeter import metrics
 from creditmeter.constants import (
@@ -46,12 +44,12 @@ from creditmeter.constants import (
 from creditmeter.storage import layout
 from creditmeter.storage.deployment import restore_buckets
 from creditmeter.storage.entries import ledger_records
+from creditmeter.storage.functions import call_each
 from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
 from creditmeter.storage.leases import BucketLeases
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
-from creditmeter.storage.redis_client import Client, on_every_primary
-from creditmeter.storage.scripts import standalone
+from creditmeter.storage.redis_client import Client
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +98,6 @@ class Flusher:
         self.claim_idle_ms = claim_idle_ms
         self.retention_ms = retention_ms
         self.leases = BucketLeases(client, "flush", self.consumer, lease_ms) if leases else None
-        # Not one of scripts.SCRIPT_NAMES (those take an account's keys and the prelude).
-        # Sent with EVAL: Redis caches it by digest, and a SCRIPT FLUSH cannot fail an ack.
-        self._ack = standalone("ack")
         self.stats = FlushStats()
         #: Buckets whose entries delivered to this consumer and not acknowledged (after a
         #: start, an error, or a takeover) are read again before new ones.
@@ -200,24 +195,18 @@ class Flusher:
         self.stats.events += len(events)
         self.stats.batches += 1
         self.stats.last_lag_ms = max(0, now_ms - oldest)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for bucket, entries in batch:
-                pipe.eval(
-                    self._ack,
-                    2,
-                    outbox_key(bucket),
-                    flushed_key(bucket),
-                    FLUSH_GROUP,
-                    *(entry_id for entry_id, _ in entries),
-                )
-            # The figures go with the acknowledgement: whichever process flushes, the
-            # server reads them from here (flusher_stats).
-            pipe.hset(
-                FLUSHERS_KEY,
-                self.consumer,
-                f"{self.stats.events} {self.stats.last_lag_ms} {now_ms}",
-            )
-            await pipe.execute()
+        acks = [
+            ((outbox_key(bucket), flushed_key(bucket)), (FLUSH_GROUP, *(i for i, _ in entries)))
+            for bucket, entries in batch
+        ]
+        for reply in await call_each(self.client, "ack", acks):
+            if isinstance(reply, Exception):
+                raise reply
+        # The figures: whichever process flushes, the server reads them from here
+        # (flusher_stats).
+        await self.client.hset(
+            FLUSHERS_KEY, self.consumer, f"{self.stats.events} {self.stats.last_lag_ms} {now_ms}"
+        )
         metrics.record_flush(len(events), self.stats.last_lag_ms)
         return len(events)
 
@@ -253,15 +242,14 @@ class Flusher:
         held = self.buckets()
         if not held:
             return
+        # Redis's clock: stream ids are its milliseconds, not ours. (Not in the pipeline: a
+        # cluster pipeline carries only commands with keys.)
+        seconds, micros = await self.client.time()
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.time()  # Redis's clock: stream ids are its milliseconds, not ours
             for bucket in held:
                 pipe.xinfo_groups(outbox_key(bucket))
                 pipe.xpending(outbox_key(bucket), FLUSH_GROUP)
-            now, *replies = await pipe.execute(raise_on_error=False)
-        if isinstance(now, Exception):
-            return
-        seconds, micros = now
+            replies = await pipe.execute(raise_on_error=False)
         window_start = f"{max(0, seconds * 1000 + micros // 1000 - self.retention_ms)}-0"
         bounds: dict[int, str] = {}
         for i, bucket in enumerate(held):
@@ -386,13 +374,6 @@ async def drain(flusher: Flusher, deadline_s: float) -> None:
         pass
 
 
-@functools.cache
-def _backlog_script() -> tuple[str, str]:
-    """backlog.lua and its SHA1 digest (what SCRIPT LOAD would answer), worked out once."""
-    source = standalone("backlog")
-    return source, hashlib.sha1(source.encode()).hexdigest()
-
-
 async def outbox_backlog(client: Client) -> int:
     """Entries of every outbox not yet acknowledged into the ledger: per bucket, the
     entries ever added (kept by Redis with the stream) less those acknowledged (ack.lua).
@@ -400,15 +381,11 @@ async def outbox_backlog(client: Client) -> int:
     (Redis 7.0 lets it fall behind the group) would do. Each bucket's figure is worked
     out in Redis (backlog.lua) and comes back as one integer: parsing 64 XINFO STREAM
     replies in Python every BACKLOG_CHECK_INTERVAL_S cost a server a tenth of its time."""
-    source, sha = _backlog_script()
-    for _ in range(2):
-        async with client.pipeline(transaction=False) as pipe:
-            for bucket in range(layout.buckets()):
-                pipe.evalsha(sha, 2, outbox_key(bucket), flushed_key(bucket))
-            replies = await pipe.execute(raise_on_error=False)
-        if not any(isinstance(r, NoScriptError) for r in replies):
-            break
-        await on_every_primary(client, "SCRIPT", "LOAD", source)
+    replies = await call_each(
+        client,
+        "backlog",
+        [((outbox_key(b), flushed_key(b)), ()) for b in range(layout.buckets())],
+    )
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
