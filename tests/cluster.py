@@ -98,8 +98,10 @@ class RedisNode:
     node_timeout_ms: int
     process: subprocess.Popen[bytes] | None = None
     node_id: str = ""
-    #: time.monotonic() of the last kill(), for wait_failover's measure, and the ids of
-    #: the node's replicas just before it (one of them is to take over).
+    #: Stopped by freeze() (SIGSTOP): the process lives but answers nothing.
+    frozen: bool = False
+    #: time.monotonic() of the last kill() or freeze(), for wait_failover's measure, and
+    #: the ids of the node's replicas just before it (one of them is to take over).
     killed_at: float | None = None
     replicas_at_kill: frozenset[str] = frozenset()
     _client: redis.Redis | None = field(default=None, repr=False)
@@ -110,7 +112,12 @@ class RedisNode:
 
     @property
     def running(self) -> bool:
+        """The process is alive (frozen or not)."""
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def answering(self) -> bool:
+        return self.running and not self.frozen
 
     @property
     def log(self) -> Path:
@@ -283,11 +290,36 @@ class RedisClusterNodes:
     def kill(self, node: RedisNode) -> None:
         """SIGKILL: no AOF fsync, no goodbye to the cluster, as a crashed host."""
         assert node.process is not None and node.running, f"{node.address} is not running"
-        node.replicas_at_kill = frozenset(self._replicas_of(node))
+        if not node.frozen:
+            node.replicas_at_kill = frozenset(self._replicas_of(node))
         node.close_client()
         node.process.send_signal(signal.SIGKILL)
         node.process.wait(10)
+        node.frozen = False
         node.killed_at = time.monotonic()
+
+    def freeze(self, node: RedisNode) -> None:
+        """SIGSTOP: the node keeps its sockets open but answers nothing (clients time out
+        rather than being refused), as a hung host or a partition; thaw() resumes it."""
+        assert node.process is not None and node.answering, f"{node.address} is not answering"
+        node.replicas_at_kill = frozenset(self._replicas_of(node))
+        node.close_client()
+        node.process.send_signal(signal.SIGSTOP)
+        node.frozen = True
+        node.killed_at = time.monotonic()
+
+    def thaw(self, node: RedisNode, timeout: float = START_TIMEOUT_S) -> None:
+        """SIGCONT a frozen node and wait until the cluster is whole again (a primary that
+        was failed over meanwhile rejoins as a replica)."""
+        assert node.process is not None and node.frozen, f"{node.address} is not frozen"
+        node.process.send_signal(signal.SIGCONT)
+        node.frozen = False
+        self.wait_settled(timeout)
+
+    def wait_settled(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Wait until every answering node has cluster_state:ok, they agree on 3 primaries
+        and every replica's link is up."""
+        self._wait(time.monotonic() + timeout, "the cluster to settle", self._settled)
 
     def restart(self, node: RedisNode, timeout: float = START_TIMEOUT_S) -> None:
         """Start a stopped node again on its port, directory and nodes.conf, and wait until
@@ -300,18 +332,18 @@ class RedisClusterNodes:
         self._wait(deadline, f"{node.address} to rejoin", self._settled)
 
     def wait_failover(self, old_primary: RedisNode, timeout: float = FAILOVER_TIMEOUT_S) -> float:
-        """Wait until a replica of `old_primary` (killed by kill()) is a primary that every
-        running node sees as such, with cluster_state:ok everywhere; the seconds from the kill
-        to then."""
-        assert old_primary.killed_at is not None, "kill() the primary first"
-        replicas = [n for n in self._running() if n.node_id in old_primary.replicas_at_kill]
-        assert replicas, f"{old_primary.address} had no running replica to fail over to"
+        """Wait until a replica of `old_primary` (stopped by kill() or freeze()) is a primary
+        that every answering node sees as such, with cluster_state:ok everywhere; the seconds
+        from the kill to then."""
+        assert old_primary.killed_at is not None, "kill() or freeze() the primary first"
+        replicas = [n for n in self._answering() if n.node_id in old_primary.replicas_at_kill]
+        assert replicas, f"{old_primary.address} had no answering replica to fail over to"
 
         def promoted() -> bool:
             winners = [n for n in replicas if n.role() == "master"]
             if not winners:
                 return False
-            for node in self._running():
+            for node in self._answering():
                 if node.cluster_state() != "ok":
                     return False
                 view = self._views(node)
@@ -326,7 +358,7 @@ class RedisClusterNodes:
         return time.monotonic() - old_primary.killed_at
 
     def flushall(self) -> None:
-        """FLUSHALL on every running primary (function libraries stay loaded)."""
+        """FLUSHALL on every answering primary (function libraries stay loaded)."""
         for node in self.primaries():
             node.client().flushall()
 
@@ -343,8 +375,8 @@ class RedisClusterNodes:
         return [("127.0.0.1", n.port) for n in self.nodes[:PRIMARIES]]
 
     def roles(self) -> list[tuple[RedisNode, str]]:
-        """Every running node and its role ('master' or 'slave'), as it says itself."""
-        return [(n, n.role()) for n in self._running()]
+        """Every answering node and its role ('master' or 'slave'), as it says itself."""
+        return [(n, n.role()) for n in self._answering()]
 
     def primaries(self) -> list[RedisNode]:
         return [n for n, role in self.roles() if role == "master"]
@@ -358,8 +390,8 @@ class RedisClusterNodes:
         return [n for n in self.nodes if n.node_id in ids]
 
     def primary_of_slot(self, slot: int) -> RedisNode:
-        """The primary serving `slot`, from CLUSTER SHARDS of a running node."""
-        asker = self._running()[0]
+        """The primary serving `slot`, from CLUSTER SHARDS of an answering node."""
+        asker = self._answering()[0]
         for raw in asker.client().execute_command("CLUSTER", "SHARDS"):
             shard = _pairs(raw)
             ranges = shard["slots"]  # [first, last, first, last, ...]
@@ -370,7 +402,7 @@ class RedisClusterNodes:
         raise LookupError(f"{asker.address} knows no online primary for slot {slot}")
 
     def primary_for_key(self, key: str | bytes) -> RedisNode:
-        slot = int(self._running()[0].client().execute_command("CLUSTER", "KEYSLOT", key))
+        slot = int(self._answering()[0].client().execute_command("CLUSTER", "KEYSLOT", key))
         return self.primary_of_slot(slot)
 
     # -- internals
@@ -413,8 +445,9 @@ class RedisClusterNodes:
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
             return False
 
-    def _running(self) -> list[RedisNode]:
-        return [n for n in self.nodes if n.running]
+    def _answering(self) -> list[RedisNode]:
+        """The nodes that answer (alive and not frozen)."""
+        return [n for n in self.nodes if n.answering]
 
     def _by_port(self, port: int) -> RedisNode:
         return next(n for n in self.nodes if n.port == port)
@@ -424,7 +457,7 @@ class RedisClusterNodes:
 
     def _replicas_of(self, primary: RedisNode) -> set[str]:
         ids: set[str] = set()
-        for node in self._running():
+        for node in self._answering():
             if node is not primary:
                 ids |= {
                     v.node_id for v in self._views(node).values() if v.master_id == primary.node_id
@@ -432,10 +465,10 @@ class RedisClusterNodes:
         return ids
 
     def _settled(self) -> bool:
-        """Every running node has cluster_state:ok, sees every running node as healthy and
-        the same 3 primaries serving slots; every running replica's link to its primary is
+        """Every answering node has cluster_state:ok, sees every answering node as healthy and
+        the same 3 primaries serving slots; every answering replica's link to its primary is
         up."""
-        running = self._running()
+        running = self._answering()
         seen: set[frozenset[str]] = set()
         for node in running:
             if node.cluster_state() != "ok":
@@ -467,8 +500,8 @@ class RedisClusterNodes:
         """One line per node: what it says of itself, as far as it answers."""
         lines = []
         for node in self.nodes:
-            if not node.running:
-                lines.append(f"{node.address}: not running")
+            if not node.answering:
+                lines.append(f"{node.address}: {'frozen' if node.frozen else 'not running'}")
                 continue
             try:
                 replication = node.info("replication")
@@ -493,29 +526,31 @@ def _pairs(flat: list[Any] | dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_cluster(node_timeout_ms: int) -> Iterator[RedisClusterNodes]:
-    """A started cluster in a fresh directory, torn down (processes and files) however the
-    block ends, a failed start included."""
-    root = Path(tempfile.mkdtemp(prefix="creditmeter-cluster-"))
-    cluster = RedisClusterNodes(root, node_timeout_ms)
+def running_cluster(node_timeout_ms: int, root: Path | None = None) -> Iterator[RedisClusterNodes]:
+    """A started cluster in `root` (or a fresh temporary directory, removed afterwards),
+    its processes stopped however the block ends, a failed start included."""
+    owned = root is None
+    directory = Path(tempfile.mkdtemp(prefix="creditmeter-cluster-")) if root is None else root
+    cluster = RedisClusterNodes(directory, node_timeout_ms)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if owned:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisClusterNodes]:
-    """A Redis Cluster for the whole session. Tests must not kill its nodes (use
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    """A Redis Cluster for the whole session. Tests must not kill or freeze its nodes (use
     failover_cluster) and should flushall() or use their own keys for isolation."""
-    with running_cluster(SESSION_NODE_TIMEOUT_MS) as cluster:
+    with running_cluster(SESSION_NODE_TIMEOUT_MS, tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
 
 
 @pytest.fixture
-def failover_cluster() -> Iterator[RedisClusterNodes]:
+def failover_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
     """A test's own Redis Cluster with a short node timeout, for killing nodes."""
-    with running_cluster(FAILOVER_NODE_TIMEOUT_MS) as cluster:
+    with running_cluster(FAILOVER_NODE_TIMEOUT_MS, tmp_path / "cluster") as cluster:
         yield cluster

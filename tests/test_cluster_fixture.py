@@ -102,3 +102,20 @@ def test_failover_and_rejoin(failover_cluster: RedisClusterNodes) -> None:
         assert reader.get("survivor") == "2"
     finally:
         reader.close()
+
+
+def test_frozen_primary_fails_over_and_rejoins(failover_cluster: RedisClusterNodes) -> None:
+    cluster = failover_cluster
+    primary = cluster.primaries()[0]
+    (replica,) = cluster.replicas_of(primary)
+
+    cluster.freeze(primary)
+    took = cluster.wait_failover(primary, timeout=FAILOVER_BOUND_S * 2)
+    print(f"\nfailover after SIGSTOP (node timeout {cluster.node_timeout_ms} ms): {took:.2f} s")
+    assert took < FAILOVER_BOUND_S
+    assert replica.role() == "master"
+
+    # Resumed, it learns it was replaced and follows its successor.
+    cluster.thaw(primary)
+    assert primary.role() == "slave"
+    assert primary.info("replication")["master_port"] == replica.port
