@@ -1,5 +1,9 @@
 """Fixtures: a real redis-server on a free port, the gRPC server in-process on port 0, and a
-fresh tenant per test (with one key of each role) so tests never see each other's data."""
+fresh tenant per test (with one key of each role) so tests never see each other's data.
+
+A test module that sets `ON_CLUSTER = True` runs each of its tests that uses `redis_url`
+twice: on the single redis-server and on the session's Redis Cluster (tests/cluster.py,
+3 primaries + 3 replicas), as the ledger suites run on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,17 +15,20 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 import redis
+from redis.cluster import ClusterNode
 
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.constants import CONFIG_DB_NAME
+from creditmeter.constants import CONFIG_DB_NAME, DEFAULT_BUCKETS
 from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import ManualClock
 from creditmeter.storage.config_store import ConfigStore, KeyRow
+from creditmeter.storage.deployment import BUCKETS_KEY
+from creditmeter.storage.redis_client import cluster_seeds, is_cluster_url
 from creditmeter.transport.server import App, Settings
 from tests.cluster import failover_cluster, redis_cluster  # noqa: F401
 from tests.pg import postgres_server, postgres_url  # noqa: F401
@@ -33,8 +40,63 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: What `redis_url` is in the modules that run on both (`ON_CLUSTER`).
+REDIS_BACKENDS = ("standalone", "cluster")
+#: Buckets of the tests' cluster deployment: the single Redis's number, so a test's keys
+#: and indexes are the same on both (the bench runs the cluster's default, 1,024).
+TEST_CLUSTER_BUCKETS = DEFAULT_BUCKETS
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if getattr(metafunc.module, "ON_CLUSTER", False) and "redis_url" in metafunc.fixturenames:
+        metafunc.parametrize("redis_url", REDIS_BACKENDS, indirect=True, scope="session")
+
+
+def sync_client(url: str) -> redis.Redis | redis.RedisCluster:
+    """A blocking client of a single Redis or of a cluster, decoding replies."""
+    if is_cluster_url(url):
+        return redis.RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in cluster_seeds(url)],
+            decode_responses=True,
+        )
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def empty_redis(url: str) -> None:
+    """Remove every key (of the database of a single Redis; of every primary of a cluster,
+    which is then a deployment of TEST_CLUSTER_BUCKETS buckets again)."""
+    client = sync_client(url)
+    try:
+        if isinstance(client, redis.RedisCluster):
+            client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+            client.set(BUCKETS_KEY, str(TEST_CLUSTER_BUCKETS))
+        else:
+            client.flushdb()
+    finally:
+        client.close()
+
+
+def private_redis(url: str, db: int) -> str:
+    """A Redis only this module uses, emptied: database `db` of the single Redis, or the
+    cluster itself (a cluster has one database; tests run one at a time)."""
+    private = url if is_cluster_url(url) else f"{url.rsplit('/', 1)[0]}/{db}"
+    empty_redis(private)
+    return private
+
+
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_url(request: pytest.FixtureRequest, standalone_redis_url: str) -> str:
+    """The tests' Redis: the single redis-server, or (parametrized, `ON_CLUSTER`) the
+    session's Redis Cluster."""
+    if getattr(request, "param", "standalone") == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        empty_redis(cluster.url)
+        return str(cluster.url)
+    return standalone_redis_url
+
+
+@pytest.fixture(scope="session")
+def standalone_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server for the whole session, on a free loopback port."""
     binary = shutil.which("redis-server")
     assert binary, "redis-server is not installed: run ./scripts/test, which installs it"
@@ -76,8 +138,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
+    """A blocking client of the tests' Redis (a cluster client on the cluster: the commands
+    tests send are the same)."""
+    client = sync_client(redis_url)
+    yield cast(redis.Redis, client)
     client.close()
 
 
@@ -99,9 +163,7 @@ async def app(
         # Redis is shared by the session but the ledger is this test's own: without a flush,
         # the flusher would drain other tests' leftovers (an expiry whose grant went to an
         # earlier test's ledger) into it, and a rebuild from it could not replay them.
-        client = redis.Redis.from_url(redis_url)
-        client.flushdb()
-        client.close()
+        empty_redis(redis_url)
     extra = request.node.get_closest_marker("settings")
     app = App(
         Settings(

@@ -23,6 +23,9 @@ from creditmeter.transport.server import App
 from tests.conftest import Tenant, free_port, rid
 from tests.helpers import ConsumeModel, assert_outcomes, fails, failure
 
+#: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 
 def store(app: App) -> RedisStore:
     assert app.metering is not None

@@ -15,6 +15,9 @@ from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, rid
 from tests.helpers import failure
 
+#: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 CLIENTS = 64
 CALLS_PER_CLIENT = 500
 START_BALANCE = 10_000

@@ -65,10 +65,11 @@ from creditmeter.storage.layout import AccountKeys, outbox_key
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import UNAVAILABLE_MESSAGE, Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.flusher import Flusher
+from creditmeter.storage.redis_client import connect
 from creditmeter.storage.redis_store import Call, RedisStore
 from creditmeter.transport.server import App, Settings
 from tests import test_server_process
-from tests.conftest import Tenant, make_tenant, rid
+from tests.conftest import Tenant, empty_redis, make_tenant, private_redis, rid
 from tests.helpers import Failure, fails, failure
 from tests.pg import PostgresServer, find_bindir
 from tests.test_server_process import (
@@ -90,6 +91,8 @@ from tests.test_server_process import (
 launch = test_server_process.launch
 
 #: The Redis database (of the session's redis-server) the in-process server uses here.
+#: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
 PRIVATE_REDIS_DB = 7
 T = TypeVar("T")
 
@@ -113,12 +116,9 @@ def ledger_url(request: pytest.FixtureRequest) -> str | None:
 def private_redis_url(redis_url: str) -> Iterator[str]:
     """A database of the session's redis-server that only this module uses, emptied
     before and after each test."""
-    url = f"{redis_url.rsplit('/', 1)[0]}/{PRIVATE_REDIS_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+    url = private_redis(redis_url, PRIVATE_REDIS_DB)
     yield url
-    client.flushdb()
-    client.close()
+    empty_redis(url)
 
 
 @pytest.fixture
@@ -315,7 +315,7 @@ async def test_flusher_killed_between_commit_and_ack_delivers_every_event_once(
         await tenant.admin.Grant(pb.GrantRequest(account_id=account, amount=1000, request_id=rid()))
     await consume_round(tenant, accounts, 6)
 
-    client = aioredis.Redis.from_url(private_redis_url, decode_responses=True)
+    client = cast(aioredis.Redis, connect(private_redis_url))
     try:
         # Two entries per outbox a read: three reads leave some of each account's eight
         # entries (two grants, six consumes) to read after the crashes.

@@ -17,6 +17,9 @@ from creditmeter.transport.server import App
 from tests.conftest import Tenant, rid
 from tests.helpers import fails
 
+#: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 HOUR_MS = 3_600_000
 
 

@@ -21,6 +21,9 @@ from creditmeter.transport.server import App, Settings
 from tests.conftest import Tenant, rid
 from tests.helpers import fails
 
+#: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 MINUTE = 60
 
 

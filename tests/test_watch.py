@@ -14,7 +14,6 @@ from typing import Any, cast
 
 import grpc
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
@@ -33,10 +32,13 @@ from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import bucket_of, outbox_key, trimmed_key
 from creditmeter.storage.ledger.flusher import Flusher
 from creditmeter.storage.outbox import OutboxReader
+from creditmeter.storage.redis_client import cluster_seeds, connect, is_cluster_url
 from creditmeter.transport.server import App, Settings
-from tests.conftest import Caller, Tenant, make_tenant, rid
+from tests.conftest import Caller, Tenant, empty_redis, make_tenant, private_redis, rid
 from tests.helpers import Failure, failure
 
+#: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
 PRIVATE_REDIS_DB = 8
 #: The API promises an alert within a second of the change.
 ALERT_WITHIN_S = 1.0
@@ -48,12 +50,9 @@ TOPPED_UP = pb.BALANCE_ALERT_KIND_TOPPED_UP
 
 @pytest.fixture
 def private_redis_url(redis_url: str) -> Iterator[str]:
-    url = f"{redis_url.rsplit('/', 1)[0]}/{PRIVATE_REDIS_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+    url = private_redis(redis_url, PRIVATE_REDIS_DB)
     yield url
-    client.flushdb()
-    client.close()
+    empty_redis(url)
 
 
 def settings(url: str, tmp_path: Path, clock: ManualClock, **extra: Any) -> Settings:
@@ -79,7 +78,7 @@ async def app(private_redis_url: str, tmp_path: Path, clock: ManualClock) -> Asy
 
 @pytest.fixture
 async def client(private_redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(private_redis_url, decode_responses=True)
+    c = cast(aioredis.Redis, connect(private_redis_url))
     yield c
     await c.aclose()
 
@@ -189,9 +188,7 @@ def test_resume_token_round_trip_and_refusals() -> None:
 
 
 # --- alerts of one account -------------------------------------------------------------------
-async def test_account_watch_low_depleted_topped_up(
-    tenant: Tenant, client: aioredis.Redis
-) -> None:
+async def test_account_watch_low_depleted_topped_up(tenant: Tenant, client: aioredis.Redis) -> None:
     await grant(tenant, "alice", 100)
     w = await watch(tenant.read, account_id="alice", thresholds=[50, 20, 50])
     c1 = await consume(tenant, "alice", 60)  # 100 -> 40: below 50
@@ -531,28 +528,43 @@ async def test_every_role_may_watch_and_keys_are_checked(tenant: Tenant, role: s
 
 
 # --- ending ------------------------------------------------------------------------------------
-async def watch_connections(client: aioredis.Redis) -> int:
-    """Connections to this database whose last command was a watcher's XREAD."""
-    clients = await client.client_list()
-    return sum(1 for c in clients if c["cmd"] == "xread" and c["db"] == str(PRIVATE_REDIS_DB))
+async def watch_connections(url: str) -> int:
+    """Connections to this database whose last command was a watcher's XREAD (on every
+    node of a cluster)."""
+    if is_cluster_url(url):
+        nodes = [
+            aioredis.Redis(host=h, port=p, decode_responses=True) for h, p in cluster_seeds(url)
+        ]
+        db = "0"
+    else:
+        nodes = [aioredis.Redis.from_url(url, decode_responses=True)]
+        db = str(PRIVATE_REDIS_DB)
+    found = 0
+    for node in nodes:
+        try:
+            clients = await node.client_list()
+        finally:
+            await node.aclose()
+        found += sum(1 for c in clients if c["cmd"] == "xread" and c["db"] == db)
+    return found
 
 
 async def test_cancelled_watch_releases_its_connection(
-    tenant: Tenant, client: aioredis.Redis
+    tenant: Tenant, private_redis_url: str
 ) -> None:
     watches = [await watch(tenant.read, account_id=f"j{i}") for i in range(3)]
-    assert await watch_connections(client) == 3  # one dedicated connection each
+    assert await watch_connections(private_redis_url) == 3  # one dedicated connection each
     for w in watches:
         w.cancel()
     for _ in range(40):  # up to 2 s
-        if not await watch_connections(client):
+        if not await watch_connections(private_redis_url):
             break
         await asyncio.sleep(0.05)
-    assert await watch_connections(client) == 0
+    assert await watch_connections(private_redis_url) == 0
 
 
 async def test_server_stop_ends_watches_promptly(
-    private_redis_url: str, tmp_path: Path, clock: ManualClock, client: aioredis.Redis
+    private_redis_url: str, tmp_path: Path, clock: ManualClock
 ) -> None:
     server = App(settings(private_redis_url, tmp_path, clock))
     await server.start()
@@ -564,6 +576,6 @@ async def test_server_stop_ends_watches_promptly(
         assert time.monotonic() - started < 2.0  # well within the 5 s grace
         assert await asyncio.wait_for(w.read(), 1) is grpc.aio.EOF
         assert await w.code() == grpc.StatusCode.OK
-        assert await watch_connections(client) == 0
+        assert await watch_connections(private_redis_url) == 0
     finally:
         await t.channel.close()

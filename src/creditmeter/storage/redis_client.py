@@ -15,6 +15,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
 
 from creditmeter.constants import REDIS_POOL_SIZE, REDIS_POOL_TIMEOUT_S
@@ -30,6 +32,14 @@ CLUSTER_CONNECTIONS_PER_NODE = 4 * REDIS_POOL_SIZE
 #: node timeout rather than a TCP timeout.
 CLUSTER_SOCKET_TIMEOUT_S = 2.0
 CLUSTER_CONNECT_TIMEOUT_S = 0.5
+
+#: redis-py retries a command that met a timeout or a lost connection, by default: a
+#: script that ran, but whose reply was lost or late, would run again (a helper saw one
+#: slow function run 11 times). Nothing is retried here: the caller gets UNAVAILABLE and
+#: retries with its request id, which replays a change that was made.
+def _no_retries() -> Retry:
+    return Retry(NoBackoff(), 0)
+
 
 #: A client of either kind: the commands creditmeter sends exist on both.
 Client = aioredis.Redis | RedisCluster
@@ -63,15 +73,18 @@ class Cluster(RedisCluster):
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         name = str(command).upper()
-        keys: list[Any] | None = None
+        keys: list[Any] = []
         if name in ("FCALL", "FCALL_RO") and len(args) >= 2:
             keys = list(args[2 : 2 + int(args[1])])
         elif name in ("XREAD", "XREADGROUP"):
+            # ... STREAMS key... id...; XREADGROUP's group and consumer (GROUP g c) come
+            # first and might themselves be called "streams".
             words = [a.upper() if isinstance(a, str) else a for a in args]
+            first = 3 if name == "XREADGROUP" else 0
             for marker in ("STREAMS", b"STREAMS"):
-                if marker in words:
-                    at = words.index(marker) + 1
-                    keys = list(args[at : at + (len(args) - at) // 2])
+                if marker in words[first:]:
+                    rest = args[words.index(marker, first) + 1 :]
+                    keys = list(rest[: len(rest) // 2])
                     break
         if not keys:
             return await super()._determine_slot(command, *args)
@@ -102,11 +115,18 @@ def connect(
             max_connections=CLUSTER_CONNECTIONS_PER_NODE,
             socket_timeout=CLUSTER_SOCKET_TIMEOUT_S,
             socket_connect_timeout=CLUSTER_CONNECT_TIMEOUT_S,
+            retry=_no_retries(),
         )
     if single_connection:
-        return aioredis.Redis.from_url(url, decode_responses=True, single_connection_client=True)
+        return aioredis.Redis.from_url(
+            url, decode_responses=True, single_connection_client=True, retry=_no_retries()
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, decode_responses=True, max_connections=pool_size, timeout=pool_timeout_s
+        url,
+        decode_responses=True,
+        max_connections=pool_size,
+        timeout=pool_timeout_s,
+        retry=_no_retries(),
     )
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
 
