@@ -18,7 +18,6 @@ import pytest
 import redis
 
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.constants import CONFIG_DB_NAME
 from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import ManualClock
 from creditmeter.storage.config_store import ConfigStore, KeyRow
@@ -146,10 +145,10 @@ class Tenant:
     channel: grpc.aio.Channel
 
 
-def add_key(data_dir: Path, tenant: str, role: api_keys.Role) -> str:
-    """Create an API key in the config store (as `creditmeter keys create` does)."""
+def add_key(store: ConfigStore, tenant: str, role: api_keys.Role) -> str:
+    """Create an API key in a config store (as `creditmeter keys create` does)."""
     plaintext, rec = api_keys.generate(tenant, role, "test", int(time.time() * 1000))
-    ConfigStore(data_dir / CONFIG_DB_NAME).add_key(
+    store.add_key(
         KeyRow(
             rec.key_id, rec.tenant, str(rec.role), rec.secret_hash, rec.label, rec.created_ms, None
         )
@@ -157,9 +156,21 @@ def add_key(data_dir: Path, tenant: str, role: api_keys.Role) -> str:
     return plaintext
 
 
-async def make_tenant(app: App) -> Tenant:
+def tenant_keys(store: ConfigStore) -> tuple[str, dict[api_keys.Role, str]]:
+    """A fresh tenant name and one key of each role for it, created in `store`."""
     name = f"t{uuid.uuid4().hex[:12]}"
-    keys = {role: add_key(app.settings.data_dir, name, role) for role in api_keys.Role}
+    return name, {role: add_key(store, name, role) for role in api_keys.Role}
+
+
+async def make_tenant(app: App) -> Tenant:
+    """A fresh tenant with one key of each role, in the app's own config store."""
+    assert app.live is not None
+    name, keys = tenant_keys(app.live.store)
+    return await tenant_of(app, name, keys)
+
+
+async def tenant_of(app: App, name: str, keys: dict[api_keys.Role, str]) -> Tenant:
+    """The tenant `name` on the app, calling with `keys` (which the app reloads first)."""
     assert app.live is not None
     await app.live.refresh()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")

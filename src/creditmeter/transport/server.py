@@ -24,7 +24,6 @@ from creditmeter import metrics
 from creditmeter.api.credits.v1 import credits_pb2, credits_pb2_grpc, packs_pb2, packs_pb2_grpc
 from creditmeter.constants import (
     BACKLOG_CHECK_INTERVAL_S,
-    CONFIG_DB_NAME,
     CONFIG_RELOAD_INTERVAL_S,
     DEFAULT_BACKLOG_CAP,
     DEFAULT_DATA_DIR,
@@ -54,7 +53,7 @@ from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
 from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.subscriptions import Subscriptions
 from creditmeter.errors import BackendUnavailable
-from creditmeter.storage.config_store import ConfigStore
+from creditmeter.storage.config_store import open_config_store
 from creditmeter.storage.embedded_redis import EmbeddedRedis
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Ledger
@@ -145,7 +144,7 @@ class App:
     async def start(self) -> int:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        config = ConfigStore(s.data_dir / CONFIG_DB_NAME)
+        config = open_config_store(s.ledger_url, s.data_dir)
         url = s.redis_url
         if url is None:
             self.embedded = EmbeddedRedis(s.data_dir, s.appendfsync)
