@@ -22,7 +22,7 @@ from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import ManualClock
 from creditmeter.storage.config_store import ConfigStore, KeyRow
 from creditmeter.transport.server import App, Settings
-from tests.pg import postgres_server, postgres_url  # noqa: F401
+from tests.pg import fresh_postgres_url, postgres_server, postgres_url  # noqa: F401
 
 
 def free_port() -> int:

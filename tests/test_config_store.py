@@ -38,7 +38,6 @@ from creditmeter.storage.config_store.postgres import PostgresConfigStore
 from creditmeter.storage.config_store.sqlite import SqliteConfigStore, read_dump
 from creditmeter.transport.server import App, Settings
 from tests.conftest import free_port
-from tests.pg import PostgresServer
 from tests.test_server_process import ENV, cli
 
 T = TypeVar("T")
@@ -50,12 +49,9 @@ TTL_MS = DAY_MS
 
 # --- fixtures ----------------------------------------------------------------------------
 @pytest.fixture
-def fresh_pg(postgres_server: PostgresServer) -> str:
-    """A new, empty database on the session's PostgreSQL server: its tables are this
-    test's alone (the import happens only into an empty store)."""
-    name = f"config_{uuid.uuid4().hex[:12]}"
-    postgres_server.create_database(name)
-    return postgres_server.url(name)
+def fresh_pg(fresh_postgres_url: str) -> str:
+    """A database of this test's own: the import happens only into an empty store."""
+    return fresh_postgres_url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
