@@ -5,10 +5,12 @@ the import of a deployment's SQLite store on upgrade, and starting while it is d
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -428,6 +430,48 @@ def test_schema_is_migrated_once_and_a_newer_one_is_refused(fresh_pg: str, tmp_p
     with PostgresConfigStore(fresh_pg, tmp_path) as store, pytest.raises(RuntimeError) as newer:
         store.version()
     assert "schema version 99" in str(newer.value)
+
+
+def store_threads() -> int:
+    return sum(t.name == "config-store" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_closed_or_dropped_store_leaves_no_thread_or_connection(
+    fresh_pg: str, tmp_path: Path
+) -> None:
+    before = store_threads()
+    store = PostgresConfigStore(fresh_pg, tmp_path)
+    store.add_key(key(fresh()))
+    assert store_threads() == before + 1
+    store.close()
+    assert store_threads() == before
+    with pytest.raises(RuntimeError, match="closed"):
+        store.version()
+    store.close()  # again: nothing to do
+    dropped = PostgresConfigStore(fresh_pg, tmp_path)
+    assert dropped.version() == 1
+    del dropped  # a server that never closed its store: the finalizer does
+    gc.collect()
+    assert store_threads() == before
+    # Closed from the client's side; the server's backends exit a moment later.
+    deadline = time.monotonic() + 5
+    while asyncio.run(connections(fresh_pg)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert asyncio.run(connections(fresh_pg)) == 0
+
+
+async def connections(url: str) -> int:
+    """The config stores' connections to the database (not this one's)."""
+    conn = await asyncpg.connect(url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'creditmeter-config' AND datname = current_database()"
+            )
+        )
+    finally:
+        await conn.close()
 
 
 def test_an_unreachable_store_is_backend_unavailable(tmp_path: Path) -> None:

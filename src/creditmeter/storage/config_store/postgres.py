@@ -213,6 +213,12 @@ class _LoopThread:
         try:
             self.loop.run_forever()
         finally:
+            # A call still in flight (the store closed under it) ends CancelledError in
+            # its caller's thread rather than leaving that thread waiting for ever.
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             if self.pool is not None:
                 self.pool.terminate()
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
@@ -380,7 +386,11 @@ class PostgresConfigStore(ConfigStore):
 
         snapshot = self._call(read)
         if snapshot.version != self._cached:
-            self._remember(snapshot)
+            try:
+                self._remember(snapshot)
+            except OSError as error:  # only a later start during an outage needs it
+                log.warning("cannot keep the configuration in %s: %s", self.cache_path, error)
+                self._cached = snapshot.version
         return snapshot
 
     def api_keys(self, tenant: str | None = None) -> list[KeyRow]:
