@@ -23,7 +23,7 @@ import redis
 from redis.cluster import ClusterNode
 
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.constants import CONFIG_DB_NAME, DEFAULT_BUCKETS
+from creditmeter.constants import DEFAULT_BUCKETS
 from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import ManualClock
 from creditmeter.storage.config_store import ConfigStore, KeyRow
@@ -31,7 +31,7 @@ from creditmeter.storage.deployment import BUCKETS_KEY
 from creditmeter.storage.redis_client import cluster_seeds, is_cluster_url
 from creditmeter.transport.server import App, Settings
 from tests.cluster import failover_cluster, redis_cluster  # noqa: F401
-from tests.pg import postgres_server, postgres_url  # noqa: F401
+from tests.pg import fresh_postgres_url, postgres_server, postgres_url  # noqa: F401
 
 
 def free_port() -> int:
@@ -209,10 +209,10 @@ class Tenant:
     channel: grpc.aio.Channel
 
 
-def add_key(data_dir: Path, tenant: str, role: api_keys.Role) -> str:
-    """Create an API key in the config store (as `creditmeter keys create` does)."""
+def add_key(store: ConfigStore, tenant: str, role: api_keys.Role) -> str:
+    """Create an API key in a config store (as `creditmeter keys create` does)."""
     plaintext, rec = api_keys.generate(tenant, role, "test", int(time.time() * 1000))
-    ConfigStore(data_dir / CONFIG_DB_NAME).add_key(
+    store.add_key(
         KeyRow(
             rec.key_id, rec.tenant, str(rec.role), rec.secret_hash, rec.label, rec.created_ms, None
         )
@@ -220,9 +220,21 @@ def add_key(data_dir: Path, tenant: str, role: api_keys.Role) -> str:
     return plaintext
 
 
-async def make_tenant(app: App) -> Tenant:
+def tenant_keys(store: ConfigStore) -> tuple[str, dict[api_keys.Role, str]]:
+    """A fresh tenant name and one key of each role for it, created in `store`."""
     name = f"t{uuid.uuid4().hex[:12]}"
-    keys = {role: add_key(app.settings.data_dir, name, role) for role in api_keys.Role}
+    return name, {role: add_key(store, name, role) for role in api_keys.Role}
+
+
+async def make_tenant(app: App) -> Tenant:
+    """A fresh tenant with one key of each role, in the app's own config store."""
+    assert app.live is not None
+    name, keys = tenant_keys(app.live.store)
+    return await tenant_of(app, name, keys)
+
+
+async def tenant_of(app: App, name: str, keys: dict[api_keys.Role, str]) -> Tenant:
+    """The tenant `name` on the app, calling with `keys` (which the app reloads first)."""
     assert app.live is not None
     await app.live.refresh()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,3 +76,13 @@ def postgres_url(postgres_server: PostgresServer) -> str:
     """`postgresql://...` for the session's ledger database (trust auth on loopback)."""
     postgres_server.create_database(DATABASE)
     return postgres_server.url(DATABASE)
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server: PostgresServer) -> str:
+    """`postgresql://...` for a new, empty database of the test's own on the session's
+    server: tables nothing else writes (the config store imports only into empty ones;
+    a server's reconciler acts on every staged grant in its ledger)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres_server.create_database(name)
+    return postgres_server.url(name)

@@ -19,7 +19,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
-from creditmeter.storage.config_store import ConfigStore
 from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, rid
 from tests.helpers import Failure, fails
@@ -431,7 +430,7 @@ async def test_revoked_key_is_refused(
     revoked = caller(tenant, role)
     assert (await revoked.GetBalance(pb.GetBalanceRequest(account_id=ACCOUNT))).balance == SEED
     assert app.live is not None
-    store = ConfigStore(app.settings.data_dir / "config.db")
+    store = app.live.store
     assert store.revoke_key(key_id(revoked.key), clock.now_ms())
     await app.live.refresh()
     witness = tenant.read if role != "read" else tenant.meter

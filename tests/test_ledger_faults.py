@@ -49,6 +49,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.constants import (
+    CONFIG_DB_NAME,
     FLUSH_GROUP,
     LEDGER_HEALTH_SERVICE,
     LEDGER_RETRY_INITIAL_S,
@@ -60,6 +61,7 @@ from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import AccountState, Recovery, replay
 from creditmeter.errors import BackendUnavailable
 from creditmeter.storage import layout, scripts
+from creditmeter.storage.config_store.sqlite import SqliteConfigStore
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import AccountKeys, outbox_key
 from creditmeter.storage.ledger import open_ledger
@@ -69,7 +71,14 @@ from creditmeter.storage.redis_client import connect
 from creditmeter.storage.redis_store import Call, RedisStore
 from creditmeter.transport.server import App, Settings
 from tests import test_server_process
-from tests.conftest import Tenant, empty_redis, make_tenant, private_redis, rid
+from tests.conftest import (
+    Tenant,
+    empty_redis,
+    private_redis,
+    rid,
+    tenant_keys,
+    tenant_of,
+)
 from tests.helpers import Failure, fails, failure
 from tests.pg import PostgresServer, find_bindir
 from tests.test_server_process import (
@@ -1231,10 +1240,15 @@ async def test_flush_started_alone_while_the_ledger_is_down_waits_then_drains(
 ) -> None:
     """`creditmeter flush` started alone with nothing listening on the ledger's port stays
     up, retrying with backoff, and drains the outboxes once PostgreSQL starts. The server
-    beside it is the in-process App, started with the ledger down as well."""
+    beside it is the in-process App, started with the ledger down as well: its config
+    store (PostgreSQL's too) cannot be written, so the tenant's keys are in the data
+    directory's SQLite store beforehand, which the App serves from until PostgreSQL
+    answers and then imports (as after an upgrade)."""
     pg = cold_postgres
     url = pg.url("postgres")
     data = tmp_path / "data"
+    with SqliteConfigStore(data / CONFIG_DB_NAME) as before:
+        name, keys = tenant_keys(before)
     app = App(
         Settings(
             listen="127.0.0.1:0",
@@ -1246,7 +1260,7 @@ async def test_flush_started_alone_while_the_ledger_is_down_waits_then_drains(
         )
     )
     await app.start()
-    tenant = await make_tenant(app)
+    tenant = await tenant_of(app, name, keys)
     log_path = tmp_path / "flush.err"
     flush: subprocess.Popen[bytes] | None = None
     try:

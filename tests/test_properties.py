@@ -19,7 +19,7 @@ from creditmeter.domain.lots import PROMOTIONAL, LotSource
 from creditmeter.domain.metering import Metering
 from creditmeter.domain.rates import RateBook
 from creditmeter.errors import InsufficientCredits
-from creditmeter.storage.config_store import ConfigStore
+from creditmeter.storage.config_store.sqlite import SqliteConfigStore
 from creditmeter.storage.redis_store import RedisStore
 
 
@@ -58,7 +58,7 @@ def config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def run(redis_url: str, config_path: Path, ops: list[tuple[Any, ...]]) -> None:
     client = aioredis.from_url(redis_url, decode_responses=True)
     clock = ManualClock()
-    metering = Metering(RedisStore(client), ConfigStore(config_path), RateBook(), clock)
+    metering = Metering(RedisStore(client), SqliteConfigStore(config_path), RateBook(), clock)
     tenant, account = "prop", uuid.uuid4().hex
     model: list[ModelLot] = []
     try:

@@ -154,6 +154,9 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./data"
 ENV_PREFIX = "CREDITMETER_"
 CONFIG_DB_NAME = "config.db"
+#: On a PostgreSQL config store: the last configuration this data directory's servers
+#: loaded, served by a server that starts while PostgreSQL does not answer.
+CONFIG_CACHE_NAME = "config-cache.json"
 REDIS_DIR_NAME = "redis"
 REDIS_SOCKET_NAME = "redis.sock"
 #: Unix socket paths longer than this do not fit in sockaddr_un; fall back to TCP.

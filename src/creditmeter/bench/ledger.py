@@ -136,11 +136,13 @@ class Server:
         self.proc.wait(60)
 
 
-def create_admin_key(data: Path, tenant: str = "bench") -> str:
-    """An admin key of `tenant`, written to the config store of `data`."""
+def create_admin_key(data: Path, tenant: str = "bench", ledger_url: str | None = None) -> str:
+    """An admin key of `tenant`, written to the config store of `data` (with a PostgreSQL
+    `ledger_url`, the one in that database)."""
+    extra = ["--ledger-url", ledger_url] if ledger_url else []
     out = subprocess.run(
         [sys.executable, "-m", "creditmeter", "keys", "create", "--tenant", tenant,
-         "--role", "admin", "--data-dir", str(data)],
+         "--role", "admin", "--data-dir", str(data), *extra],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return out.stdout.strip()
@@ -335,7 +337,7 @@ def run(seconds: float, processes: int, concurrency: int, ledger_url: str | None
     with tempfile.TemporaryDirectory(prefix="cm-bench-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
-        key = create_admin_key(data)
+        key = create_admin_key(data, ledger_url=ledger_url)
         server = Server(data, ledger_url, flusher=True)
         md = (("authorization", f"Bearer {key}"),)
         channel = grpc.insecure_channel(server.address)

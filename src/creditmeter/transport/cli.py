@@ -34,7 +34,6 @@ from creditmeter.constants import (
     BENCH_PEER_CLIENTS,
     BENCH_REDIS_CLIENTS,
     BENCH_SCENARIOS,
-    CONFIG_DB_NAME,
     DEFAULT_BACKLOG_CAP,
     DEFAULT_DATA_DIR,
     DEFAULT_LISTEN,
@@ -44,8 +43,10 @@ from creditmeter.constants import (
 from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import SystemClock
 from creditmeter.domain.validation import valid_tenant_id
-from creditmeter.storage.config_store import ConfigStore, KeyRow
+from creditmeter.errors import BackendUnavailable
+from creditmeter.storage.config_store import ConfigStore, KeyRow, open_config_store
 from creditmeter.storage.embedded_redis import RedisNotInstalled, RedisStartFailed
+from creditmeter.storage.ledger.connection import failure_text
 from creditmeter.transport import logs
 
 # Piped output gets wide lines rather than ids folded at 80 columns.
@@ -146,7 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> ConfigStore:
-    return ConfigStore(Path(args.data_dir) / CONFIG_DB_NAME)
+    """The config store `serve` with the same --data-dir and --ledger-url uses."""
+    return open_config_store(args.ledger_url or None, Path(args.data_dir))
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
@@ -156,17 +158,18 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     plaintext, record = api_keys.generate(
         args.tenant, api_keys.Role(args.role), args.label, SystemClock().now_ms()
     )
-    _config(args).add_key(
-        KeyRow(
-            record.key_id,
-            record.tenant,
-            str(record.role),
-            record.secret_hash,
-            record.label,
-            record.created_ms,
-            None,
+    with _config(args) as store:
+        store.add_key(
+            KeyRow(
+                record.key_id,
+                record.tenant,
+                str(record.role),
+                record.secret_hash,
+                record.label,
+                record.created_ms,
+                None,
+            )
         )
-    )
     err_console.print(
         f"created {record.role} key {record.key_id} for tenant {record.tenant}; "
         "it is shown only once:",
@@ -178,7 +181,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     table = Table("key id", "tenant", "role", "label", "created", "revoked")
-    for row in _config(args).api_keys(args.tenant):
+    with _config(args) as store:
+        rows = store.api_keys(args.tenant)
+    for row in rows:
         created = datetime.fromtimestamp(row.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
         revoked = (
             datetime.fromtimestamp(row.revoked_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
@@ -191,7 +196,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    if not _config(args).revoke_key(args.key_id, SystemClock().now_ms()):
+    with _config(args) as store:
+        revoked = store.revoke_key(args.key_id, SystemClock().now_ms())
+    if not revoked:
         err_console.print(f"creditmeter: no live key {args.key_id}")
         return 1
     err_console.print(f"revoked {args.key_id}")
@@ -540,6 +547,13 @@ def _ledger_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of commands that open the config store: with a PostgreSQL ledger it is in the
+    ledger's database, otherwise in the data directory."""
+    _data_dir_flag(p)
+    _ledger_flag(p)
+
+
 def _store_flags(p: argparse.ArgumentParser) -> None:
     """Flags of commands that open the server's Redis and ledger directly."""
     _data_dir_flag(p)
@@ -663,15 +677,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True)
     p.add_argument("--role", required=True, choices=[r.value for r in api_keys.Role])
     p.add_argument("--label", default="")
-    _data_dir_flag(p)
+    _config_flags(p)
     p.set_defaults(func=cmd_keys_create)
     p = keys.add_parser("list", help="list keys (never their secrets)")
     p.add_argument("--tenant")
-    _data_dir_flag(p)
+    _config_flags(p)
     p.set_defaults(func=cmd_keys_list)
     p = keys.add_parser("revoke", help="revoke a key by id")
     p.add_argument("key_id")
-    _data_dir_flag(p)
+    _config_flags(p)
     p.set_defaults(func=cmd_keys_revoke)
 
     p = sub.add_parser("grant", help="add a lot of credits")
@@ -904,6 +918,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except sdk.CreditmeterError as error:
         return _report_error(error)
+    except BackendUnavailable as error:  # the config store (PostgreSQL) did not answer
+        err_console.print(f"creditmeter: {error.message} ({failure_text(error)})", highlight=False)
+        return 1
 
 
 if __name__ == "__main__":

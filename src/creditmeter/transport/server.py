@@ -23,7 +23,6 @@ from creditmeter import metrics
 from creditmeter.api.credits.v1 import credits_pb2, credits_pb2_grpc, packs_pb2, packs_pb2_grpc
 from creditmeter.constants import (
     BACKLOG_CHECK_INTERVAL_S,
-    CONFIG_DB_NAME,
     CONFIG_RELOAD_INTERVAL_S,
     DEFAULT_BACKLOG_CAP,
     DEFAULT_DATA_DIR,
@@ -51,7 +50,7 @@ from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
 from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.subscriptions import Subscriptions
 from creditmeter.errors import BackendUnavailable
-from creditmeter.storage.config_store import ConfigStore
+from creditmeter.storage.config_store import open_config_store
 from creditmeter.storage.deployment import resolve_buckets
 from creditmeter.storage.embedded_redis import EmbeddedRedis
 from creditmeter.storage.ledger import open_ledger
@@ -150,7 +149,7 @@ class App:
     async def start(self) -> int:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        config = ConfigStore(s.data_dir / CONFIG_DB_NAME)
+        config = open_config_store(s.ledger_url, s.data_dir)
         url = s.redis_url
         if url is None:
             self.embedded = EmbeddedRedis(s.data_dir, s.appendfsync)
@@ -415,6 +414,8 @@ class App:
                 await asyncio.wait(late, timeout=self.settings.shutdown_grace_s)
         if self.ledger is not None:
             await self.ledger.close()
+        if self.live is not None:
+            await asyncio.to_thread(self.live.store.close)
         if self.redis is not None:
             await self.redis.aclose()
         if self.embedded is not None:

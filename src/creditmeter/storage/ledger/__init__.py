@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeGuard
 
 from creditmeter.storage.ledger.base import Ledger
 
 
+def is_postgres(url: str | None) -> TypeGuard[str]:
+    """Whether a `--ledger-url` names a PostgreSQL database."""
+    return url is not None and url.startswith(("postgresql://", "postgres://"))
+
+
 def open_ledger(url: str | None, data_dir: Path) -> Ledger:
     """The ledger for a `--ledger-url` (postgresql://...), or SQLite in the data directory."""
-    if url and url.startswith(("postgresql://", "postgres://")):
+    if is_postgres(url):
         from creditmeter.storage.ledger.postgres import PostgresLedger
 
         return PostgresLedger(url)

@@ -1,10 +1,6 @@
-"""The durable configuration store: tenants, API keys, rate cards, config-change requests.
-
-Configuration is not hot state: it lives in SQLite in the data directory (WAL,
-synchronous=FULL) and survives the loss of Redis. The methods are blocking; the server
-calls them through `asyncio.to_thread`, the CLI directly. Every change bumps a version
-number that running servers poll to pick it up within a second.
-"""
+"""The SQLite configuration store: `<data dir>/config.db` (WAL, synchronous=FULL), the
+embedded default. One file, so one machine: servers that share a PostgreSQL ledger share
+its configuration store instead (`postgres.py`)."""
 
 from __future__ import annotations
 
@@ -12,10 +8,19 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, astuple
 from pathlib import Path
 
 from creditmeter.errors import Rejected
+from creditmeter.storage.config_store.base import (
+    ConfigDump,
+    ConfigSnapshot,
+    ConfigStore,
+    KeyRow,
+    PackRow,
+    RateRow,
+    Request,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -77,56 +82,7 @@ INSERT OR IGNORE INTO meta (name, value) VALUES ('config_version', 0);
 """
 
 
-@dataclass(frozen=True)
-class KeyRow:
-    key_id: str
-    tenant: str
-    role: str
-    secret_hash: str
-    label: str
-    created_ms: int
-    revoked_ms: int | None
-
-
-@dataclass(frozen=True)
-class PackRow:
-    """A pack as stored (columns of the packs table, in order)."""
-
-    tenant: str
-    pack_id: str
-    name: str
-    description: str
-    credits: int
-    bonus_credits: int
-    price_minor: int
-    currency: str
-    validity_days: int
-    recurrence: str
-    rollover_cap: int
-    priority: int
-    active: bool
-    trial: bool
-    archived: bool
-    create_ms: int
-    update_ms: int
-
-    def __post_init__(self) -> None:
-        # SQLite hands back 0/1 for the flags.
-        for flag in ("active", "trial", "archived"):
-            object.__setattr__(self, flag, bool(getattr(self, flag)))
-
-
-@dataclass(frozen=True)
-class RateRow:
-    tenant: str
-    feature: str
-    credits_per_unit: int
-    unit: str
-    increment_s: int
-    updated_ms: int
-
-
-class ConfigStore:
+class SqliteConfigStore(ConfigStore):
     """SQLite-backed configuration. Safe to use from several processes at once."""
 
     def __init__(self, path: Path) -> None:
@@ -162,8 +118,15 @@ class ConfigStore:
 
     def version(self) -> int:
         with self._connect() as db:
-            (value,) = db.execute("SELECT value FROM meta WHERE name = 'config_version'").fetchone()
-            return int(value)
+            return _version(db)
+
+    def snapshot(self) -> ConfigSnapshot:
+        with self._connect() as db:
+            db.execute("BEGIN")  # one read transaction: the rows of that version
+            try:
+                return ConfigSnapshot(_version(db), _keys(db), _rates(db))
+            finally:
+                db.execute("COMMIT")
 
     # --- keys ----------------------------------------------------------------------
     def add_key(self, row: KeyRow) -> None:
@@ -196,27 +159,12 @@ class ConfigStore:
 
     def api_keys(self, tenant: str | None = None) -> list[KeyRow]:
         with self._connect() as db:
-            query = "SELECT * FROM api_keys"
-            params: tuple[str, ...] = ()
-            if tenant is not None:
-                query += " WHERE tenant = ?"
-                params = (tenant,)
-            return [KeyRow(*r) for r in db.execute(query + " ORDER BY created_ms, key_id", params)]
+            return _keys(db, tenant)
 
     # --- rates ---------------------------------------------------------------------
     def rates(self) -> list[RateRow]:
         with self._connect() as db:
-            return [RateRow(*r) for r in db.execute("SELECT * FROM rates ORDER BY tenant, feature")]
-
-    @dataclass(frozen=True)
-    class Request:
-        """Who asks for a change: its idempotency key and the digest of its parameters."""
-
-        tenant: str
-        request_id: str
-        fingerprint: str
-        now_ms: int
-        ttl_ms: int
+            return _rates(db)
 
     def _idempotent(
         self, req: Request, change: Callable[[sqlite3.Connection], str]
@@ -306,3 +254,45 @@ class ConfigStore:
         params.append(limit)
         with self._connect() as db:
             return [PackRow(*r) for r in db.execute(sql, params)]
+
+
+def _version(db: sqlite3.Connection) -> int:
+    (value,) = db.execute("SELECT value FROM meta WHERE name = 'config_version'").fetchone()
+    return int(value)
+
+
+def _keys(db: sqlite3.Connection, tenant: str | None = None) -> list[KeyRow]:
+    query = "SELECT * FROM api_keys"
+    params: tuple[str, ...] = ()
+    if tenant is not None:
+        query += " WHERE tenant = ?"
+        params = (tenant,)
+    return [KeyRow(*r) for r in db.execute(query + " ORDER BY created_ms, key_id", params)]
+
+
+def _rates(db: sqlite3.Connection) -> list[RateRow]:
+    return [RateRow(*r) for r in db.execute("SELECT * FROM rates ORDER BY tenant, feature")]
+
+
+def read_dump(path: Path) -> ConfigDump:
+    """Every row of the config store in `path` (made by this release or 0.1.0, which share
+    the schema), read-only: the file is left exactly as it is."""
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+    try:
+        db.execute("BEGIN")
+        return ConfigDump(
+            tenants=[
+                (str(t), int(c)) for t, c in db.execute("SELECT tenant, created_ms FROM tenants")
+            ],
+            api_keys=_keys(db),
+            rates=_rates(db),
+            packs=[PackRow(*r) for r in db.execute("SELECT * FROM packs ORDER BY tenant, pack_id")],
+            requests=[
+                (str(t), str(r), str(f), str(s), int(c))
+                for t, r, f, s, c in db.execute(
+                    "SELECT tenant, request_id, fingerprint, response, created_ms FROM requests"
+                )
+            ],
+        )
+    finally:
+        db.close()

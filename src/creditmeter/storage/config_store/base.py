@@ -1,0 +1,196 @@
+"""The configuration store's interface and its rows.
+
+A backend stores tenants, API keys (digests of their secrets), rate cards, packs, and the
+records of config-change requests (idempotency: one change per request id, the same reply
+to every retry). Configuration is not hot state: it survives the loss of Redis.
+
+The methods are blocking: the server calls them through `asyncio.to_thread`, the CLI
+directly. Every change bumps a version number in its own transaction, which running
+servers poll (`domain/configuration.py`) to pick up new keys and prices within a second.
+
+Every backend runs the same test suite (tests/test_config_store.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    key_id: str
+    tenant: str
+    role: str
+    secret_hash: str
+    label: str
+    created_ms: int
+    revoked_ms: int | None
+
+
+@dataclass(frozen=True)
+class PackRow:
+    """A pack as stored (columns of the packs table, in order)."""
+
+    tenant: str
+    pack_id: str
+    name: str
+    description: str
+    credits: int
+    bonus_credits: int
+    price_minor: int
+    currency: str
+    validity_days: int
+    recurrence: str
+    rollover_cap: int
+    priority: int
+    active: bool
+    trial: bool
+    archived: bool
+    create_ms: int
+    update_ms: int
+
+    def __post_init__(self) -> None:
+        # SQLite hands back 0/1 for the flags.
+        for flag in ("active", "trial", "archived"):
+            object.__setattr__(self, flag, bool(getattr(self, flag)))
+
+
+@dataclass(frozen=True)
+class RateRow:
+    tenant: str
+    feature: str
+    credits_per_unit: int
+    unit: str
+    increment_s: int
+    updated_ms: int
+
+
+@dataclass(frozen=True)
+class ConfigSnapshot:
+    """What a running server holds of the configuration: the keys and rates of one version,
+    read in one transaction."""
+
+    version: int
+    api_keys: list[KeyRow]
+    rates: list[RateRow]
+
+
+@dataclass(frozen=True)
+class ConfigDump:
+    """Every row of a store, as tuples in its tables' column order (tenants: tenant,
+    created_ms; requests: tenant, request_id, fingerprint, response, created_ms): what
+    moves when a deployment's configuration moves from SQLite to PostgreSQL."""
+
+    tenants: list[tuple[str, int]]
+    api_keys: list[KeyRow]
+    rates: list[RateRow]
+    packs: list[PackRow]
+    requests: list[tuple[str, str, str, str, int]]
+
+    def is_empty(self) -> bool:
+        """No configuration at all (request records alone do not count)."""
+        return not (self.tenants or self.api_keys or self.rates or self.packs)
+
+    def counts(self) -> str:
+        return (
+            f"{len(self.tenants)} tenants, {len(self.api_keys)} API keys, {len(self.rates)}"
+            f" rates, {len(self.packs)} packs, {len(self.requests)} request records"
+        )
+
+
+class ConfigStore(ABC):
+    """The configuration of every tenant. Safe to use from several threads and processes
+    (and, for PostgreSQL, machines) at once."""
+
+    @dataclass(frozen=True)
+    class Request:
+        """Who asks for a change: its idempotency key and the digest of its parameters."""
+
+        tenant: str
+        request_id: str
+        fingerprint: str
+        now_ms: int
+        ttl_ms: int
+
+    @abstractmethod
+    def version(self) -> int:
+        """The configuration's version: it changes with every change."""
+
+    @abstractmethod
+    def snapshot(self) -> ConfigSnapshot:
+        """The version, keys and rates, read together."""
+
+    def last_known(self) -> ConfigSnapshot | None:
+        """The configuration this data directory last saw, for a server that starts while
+        the store does not answer; None where the store is always at hand (SQLite)."""
+        return None
+
+    # --- keys ----------------------------------------------------------------------
+    @abstractmethod
+    def add_key(self, row: KeyRow) -> None:
+        """Store a new key (and its tenant, if new)."""
+
+    @abstractmethod
+    def revoke_key(self, key_id: str, now_ms: int) -> bool:
+        """Revoke a key; False if no live key has that id."""
+
+    @abstractmethod
+    def api_keys(self, tenant: str | None = None) -> list[KeyRow]:
+        """Every key (of one tenant), by creation time then id."""
+
+    # --- rates ---------------------------------------------------------------------
+    @abstractmethod
+    def rates(self) -> list[RateRow]:
+        """Every tenant's rates, by tenant then feature."""
+
+    @abstractmethod
+    def set_rate(self, row: RateRow, req: Request) -> tuple[str, bool]:
+        """Store a rate once per request id, atomically with the record of the request.
+
+        Returns the response (the rate's update time) and whether the call was a replay
+        (then nothing changed and the first call's response is returned). Raises
+        Rejected(IDEMPOTENCY_KEY_REUSED) when the id was used with other parameters.
+        Request records older than the request's TTL are pruned."""
+
+    # --- packs ---------------------------------------------------------------------
+    @abstractmethod
+    def put_pack(
+        self, pack_id: str, req: Request, build: Callable[[PackRow | None], PackRow]
+    ) -> tuple[PackRow, bool]:
+        """Write the pack `build` makes of the stored one (None for a new pack id), inside
+        one write transaction, so concurrent changes of one pack never lose each other.
+        Returns the pack as stored by the first call with this request id, and whether
+        this call was a replay (idempotent as `set_rate`). Whatever `build` raises aborts
+        the change. `build` must not call the store."""
+
+    @abstractmethod
+    def pack(self, tenant: str, pack_id: str) -> PackRow | None:
+        """One pack, archived or not."""
+
+    @abstractmethod
+    def packs(
+        self, tenant: str, include_inactive: bool, limit: int, after: tuple[int, str] | None
+    ) -> list[PackRow]:
+        """Packs by creation (create_ms, pack_id), strictly after `after` if given."""
+
+    # --- lifetime ------------------------------------------------------------------
+    def close(self) -> None:  # noqa: B027 (a backend with nothing to release keeps it)
+        """Release connections and threads; the store is not used afterwards."""
+
+    def __enter__(self) -> ConfigStore:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+#: The request of a config change (`ConfigStore.Request`), by its own name.
+Request = ConfigStore.Request
