@@ -4,19 +4,24 @@ flushers share the buckets (storage/leases.py), on a real Redis."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
-from creditmeter.constants import DEFAULT_BUCKETS
+from creditmeter.api.credits.v1 import credits_pb2 as pb
+from creditmeter.constants import CLUSTER_DEFAULT_BUCKETS, DEFAULT_BUCKETS
 from creditmeter.storage import layout
 from creditmeter.storage.deployment import BUCKETS_KEY, BucketsMismatch, resolve_buckets
 from creditmeter.storage.leases import BucketLeases, lease_key
 from creditmeter.storage.redis_client import cluster_seeds, connect, is_cluster_url
 from creditmeter.transport.server import App, Settings
+from tests.cluster import RedisClusterNodes
+from tests.conftest import empty_redis, make_tenant, rid
 
 PRIVATE_REDIS_DB = 9
 
@@ -134,3 +139,66 @@ async def test_flushers_share_the_buckets_and_take_over_a_dead_ones(
     await again.refresh()
     assert again.owned == set(range(64))
     assert await client.get(lease_key(5, "flush")) == "a"
+
+
+# --- on a Redis Cluster ---------------------------------------------------------------
+def test_a_clusters_1024_buckets_spread_evenly_over_its_primaries(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    """The cluster default: each of 3 primaries holds within 15 % of a third of the buckets
+    (the slots of their hash tags, as the cluster itself assigns them)."""
+    held: Counter[int] = Counter()
+    for bucket in range(CLUSTER_DEFAULT_BUCKETS):
+        tag = layout.bucket_tag(bucket)
+        held[redis_cluster.primary_of_slot(key_slot(tag.encode())).port] += 1
+    mean = CLUSTER_DEFAULT_BUCKETS / 3
+    assert len(held) == 3 and all(abs(n - mean) <= 0.15 * mean for n in held.values()), held
+
+
+async def test_nothing_asks_the_cluster_for_keys_and_nothing_crosses_slots(
+    redis_cluster: RedisClusterNodes, tmp_path: Path
+) -> None:
+    """Calls of every kind on a cluster server: no `COMMAND GETKEYS` round trip (the keys of
+    FCALL and XREAD are found locally) and no command refused for crossing slots."""
+    empty_redis(redis_cluster.url)
+    for node in redis_cluster.primaries():
+        node.client().config_resetstat()
+    url = redis_cluster.url
+    settings = Settings(listen="127.0.0.1:0", data_dir=tmp_path / "d", redis_url=url,
+                        flusher=True, shutdown_grace_s=1.0)  # fmt: skip
+    app = App(settings)
+    await app.start()
+    t = await make_tenant(app)
+    try:
+        accounts = [f"spread{i}" for i in range(40)]
+        for a in accounts:
+            await t.admin.Grant(pb.GrantRequest(account_id=a, amount=10, request_id=rid()))
+            await t.meter.Consume(pb.ConsumeRequest(account_id=a, feature="text", request_id=rid()))
+        items = [
+            pb.ConsumeRequest(account_id=a, feature="text", request_id=rid()) for a in accounts
+        ]
+        batch = await t.meter.ConsumeBatch(pb.ConsumeBatchRequest(items=items))
+        assert {r.response.balance for r in batch.results} == {8}
+        assert app.flusher is not None
+        for _ in range(100):
+            if not await app.flusher.backlog():
+                break
+            await asyncio.sleep(0.05)
+        assert await app.flusher.backlog() == 0
+        history = await t.read.ListTransactions(pb.ListTransactionsRequest(account_id="spread3"))
+        assert len(history.transactions) == 3
+    finally:
+        await t.channel.close()
+        await app.stop()
+    stats = [node.info("commandstats") for node in redis_cluster.primaries()]
+    assert sum(s.get("cmdstat_fcall", {}).get("calls", 0) for s in stats) > 0
+    assert all(s.get("cmdstat_fcall", {}).get("calls", 0) > 0 for s in stats)  # every shard
+    assert sum(s.get("cmdstat_command|getkeys", {}).get("calls", 0) for s in stats) == 0
+    for s in stats:
+        # CROSSSLOT, MOVED and the like are rejections (refused before running); the
+        # failures expected are XGROUP CREATE's BUSYGROUP and FUNCTION LOAD's "already
+        # exists" (FLUSHALL keeps the groups' streams gone but the library loaded).
+        refused = {k: v for k, v in s.items() if int(v.get("rejected_calls", 0))}
+        failed = {k: v for k, v in s.items() if int(v.get("failed_calls", 0))}
+        assert not refused, refused
+        assert set(failed) <= {"cmdstat_xgroup|create", "cmdstat_function|load"}, failed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +15,7 @@ from creditmeter.domain.clock import ManualClock
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import bucket_of, outbox_key
 from creditmeter.transport.convert import timestamp
-from creditmeter.transport.server import App
+from creditmeter.transport.server import App, Settings
 from tests.conftest import Tenant, rid
 from tests.helpers import fails
 
@@ -125,6 +127,45 @@ async def test_sweeper_records_expiry_without_any_request(
     # A second sweep finds nothing more to do for this account.
     await app.metering.sweep_due()
     assert len([e for e in events(redis_client, tenant.name, "idle") if e["kind"] == "expire"]) == 1
+
+
+async def test_racing_sweepers_of_two_servers_record_each_expiry_once(
+    app: App,
+    tenant: Tenant,
+    clock: ManualClock,
+    redis_url: str,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """Every server sweeps every bucket's expiry index: the sweep script expires what is due
+    atomically, so servers racing over the same accounts record each expiry once."""
+    lots = [await grant(tenant, f"race{i}", 5, valid_for=duration_pb2.Duration(seconds=10))
+            for i in range(6)]  # fmt: skip
+    second = App(
+        Settings(
+            listen="127.0.0.1:0",
+            data_dir=tmp_path / "second",
+            redis_url=redis_url,
+            clock=clock,
+            flusher=False,
+            shutdown_grace_s=1.0,
+        )
+    )
+    await second.start()
+    try:
+        assert app.metering is not None and second.metering is not None
+        clock.advance(10_001)
+        swept = await asyncio.gather(
+            *(m.sweep_due() for m in (app.metering, second.metering, app.metering, second.metering))
+        )
+    finally:
+        await second.stop()
+    assert sum(swept) >= 6
+    for i, lot in enumerate(lots):
+        expiries = [
+            e for e in events(redis_client, tenant.name, f"race{i}") if e["kind"] == "expire"
+        ]
+        assert [(e["lot"], e["amount"]) for e in expiries] == [(lot.lot.lot_id, "5")]
 
 
 async def test_time_features_round_up_per_billing_increment(tenant: Tenant) -> None:

@@ -18,6 +18,9 @@ from creditmeter.transport.server import App, Settings
 from tests.conftest import Caller, Tenant, rid
 from tests.helpers import fails
 
+#: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 
 @pytest.fixture
 def packs(tenant: Tenant) -> Caller:

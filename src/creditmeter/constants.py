@@ -90,6 +90,9 @@ FLUSH_READ_COUNT = 500
 FLUSH_BLOCK_MS = 100
 #: A pending entry idle this long belongs to a dead flusher and is claimed by a live one.
 FLUSH_CLAIM_IDLE_MS = 15_000
+#: The run loop reads an idle bucket again after twice its last wait, from FLUSH_BLOCK_MS
+#: up to this: an entry in a bucket idle for a while reaches the ledger within it.
+FLUSH_IDLE_POLL_MAX_MS = 1000
 #: A flusher's hold on a bucket (storage/leases.py), renewed every maintenance round: a
 #: flusher that dies leaves its buckets to its peers this long after its last renewal.
 FLUSH_LEASE_MS = 5_000
@@ -106,6 +109,8 @@ DEFAULT_BACKLOG_CAP = 1_000_000
 #: Metering resumes once the backlog is back under this fraction of the cap.
 BACKLOG_RESUME_FRACTION = 0.9
 BACKLOG_CHECK_INTERVAL_S = 0.2
+#: Buckets whose backlog a server works out per check (in turn: see BacklogMeter).
+BACKLOG_CHECK_BUCKETS = 64
 #: A ledger that does not answer (at start or later) is tried again after a pause that
 #: starts here and doubles per failed attempt up to the cap; a success resets it. Opening
 #: (which creates or checks the schema), the server's ping and the flusher's retries all

@@ -56,7 +56,7 @@ from creditmeter.storage.embedded_redis import EmbeddedRedis
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import Ledger
 from creditmeter.storage.ledger.connection import LedgerLink, failure_text
-from creditmeter.storage.ledger.flusher import Flusher, drain, flusher_stats, outbox_backlog
+from creditmeter.storage.ledger.flusher import BacklogMeter, Flusher, drain, flusher_stats
 from creditmeter.storage.outbox import OutboxReader
 from creditmeter.storage.redis_client import Client, connect
 from creditmeter.storage.redis_store import RedisStore
@@ -121,6 +121,7 @@ class App:
         self.settings = settings
         self.embedded: EmbeddedRedis | None = None
         self.redis: Client | None = None
+        self.backlog_meter: BacklogMeter | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.tasks: list[asyncio.Task[None]] = []
@@ -155,6 +156,7 @@ class App:
             self.embedded = EmbeddedRedis(s.data_dir, s.appendfsync)
             url = await self.embedded.start()
         self.redis = connect(url)
+        self.backlog_meter = BacklogMeter(self.redis)
         await self.redis.ping()
         # Before any key is made: the deployment's number of buckets.
         await resolve_buckets(self.redis, s.buckets)
@@ -319,8 +321,8 @@ class App:
 
     async def _check_backlog(self) -> None:
         """Fail closed when the ledger falls too far behind, and say so in health."""
-        assert self.redis is not None
-        changed = self.gate.update(await outbox_backlog(self.redis))
+        assert self.backlog_meter is not None
+        changed = self.gate.update(await self.backlog_meter.check())
         metrics.record_backlog(self.gate.backlog, self.gate.cap, self.gate.refusing)
         if not changed:
             return
