@@ -18,10 +18,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from creditmeter.constants import WATCH_BLOCK_MS, WATCH_POLL_MS, WATCH_READ_COUNT
+from creditmeter.constants import (
+    WATCH_BLOCK_MS,
+    WATCH_IDLE_POLL_MAX_MS,
+    WATCH_POLL_MS,
+    WATCH_READ_COUNT,
+)
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.entries import header
 from creditmeter.storage.layout import outbox_key, trimmed_key
+from creditmeter.storage.polling import IdleBackoff
 from creditmeter.storage.redis_client import Client, connect, is_cluster_client
 from creditmeter.storage.redis_store import _reachable
 
@@ -99,6 +105,8 @@ class OutboxReader:
         self.block_ms = block_ms
         self.count = count
         self._bucket_of = {outbox_key(b): b for b in self.buckets}
+        #: When a read of several buckets on a cluster reads each again (see _poll).
+        self._idle = IdleBackoff(WATCH_POLL_MS / 1000, WATCH_IDLE_POLL_MAX_MS / 1000)
 
     @classmethod
     def connect(cls, redis_url: str, buckets: Sequence[int]) -> OutboxReader:
@@ -173,13 +181,20 @@ class OutboxReader:
         return txns
 
     async def _poll(self, positions: Mapping[int, str]) -> list[tuple[str, list[Entry]]]:
+        """One XREAD per bucket that is due (see IdleBackoff: an idle bucket is read once
+        a second, a busy one every WATCH_POLL_MS), until something comes or `block_ms`."""
         deadline = time.monotonic() + self.block_ms / 1000
         while True:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for bucket in self.buckets:
-                    pipe.xread({outbox_key(bucket): positions[bucket]}, count=self.count)
-                replies = await pipe.execute()
-            found = [cast(tuple[str, list[Entry]], r[0]) for r in replies if r]
+            now = time.monotonic()
+            due = self._idle.due(self.buckets, now)
+            found: list[tuple[str, list[Entry]]] = []
+            if due:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for bucket in due:
+                        pipe.xread({outbox_key(bucket): positions[bucket]}, count=self.count)
+                    replies = await pipe.execute()
+                found = [cast(tuple[str, list[Entry]], r[0]) for r in replies if r]
+                self._idle.record(due, {self._bucket_of[stream] for stream, _ in found}, now)
             if found or time.monotonic() >= deadline:
                 return found
             await asyncio.sleep(WATCH_POLL_MS / 1000)

@@ -51,6 +51,7 @@ from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
 from creditmeter.storage.leases import BucketLeases
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
+from creditmeter.storage.polling import IdleBackoff
 from creditmeter.storage.redis_client import Client
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ class Flusher:
         self._pending_first: set[int] = set()
         self._started = False
         self._leases_at = -math.inf
-        #: Per idle bucket: when to read it next, and the wait before that (run loop).
-        self._idle: dict[int, tuple[float, float]] = {}
+        #: When the run loop reads each bucket again.
+        self._idle = IdleBackoff(block_ms / 1000, FLUSH_IDLE_POLL_MAX_MS / 1000)
 
     def buckets(self) -> list[int]:
         """The buckets this flusher reads: those it holds a lease on (or all)."""
@@ -228,21 +229,14 @@ class Flusher:
         held = self.buckets()
         now = time.monotonic()
         if idle_backoff:
-            held = [b for b in held if self._idle.get(b, (0.0, 0.0))[0] <= now]
+            held = self._idle.due(held, now)
         again = [b for b in held if b in self._pending_first]
         batch = await self._read(again, pending=True)
         busy = {b for b, _ in batch} | self._pending_first
         batch += await self._read([b for b in held if b not in busy], pending=False)
         await self.commit(batch)
         if idle_backoff:
-            found = {b for b, _ in batch}
-            for bucket in held:
-                if bucket in found:
-                    self._idle.pop(bucket, None)
-                else:
-                    _, last = self._idle.get(bucket, (0.0, 0.0))
-                    wait = min(max(self.block_ms / 1000, 2 * last), FLUSH_IDLE_POLL_MAX_MS / 1000)
-                    self._idle[bucket] = (now + wait, wait)
+            self._idle.record(held, {b for b, _ in batch}, now)
         return sum(len(entries) for _, entries in batch)
 
     async def claim_dead(self) -> int:
