@@ -18,6 +18,7 @@ import pytest
 from creditmeter.bench import postgres, report, shards
 from creditmeter.bench.redis_cost import script_called_commands, time_per_deduction
 from creditmeter.constants import (
+    BENCH_BATCH_SIZE,
     BENCH_LUA_COST_BATCH,
     CLUSTER_DEFAULT_BUCKETS,
     TARGET_CLUSTER_SHARE_TOLERANCE,
@@ -158,7 +159,7 @@ def test_cluster_run_beside_standalone(tmp_path: Path) -> None:
         alone, plain = scenarios[name], cluster["scenarios"][name]
         with_acks = acked["scenarios"][name]
         for r in (alone, plain, with_acks):
-            assert r["status"] == "ok" and r["errors"] == {}, r
+            assert r["status"] == "ok", r
             assert r["calls"] > 0 and r["ledger"]["drained"] is True
             assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
         assert ratios[f"cluster_{name}_vs_standalone"] == (
@@ -174,13 +175,21 @@ def test_cluster_run_beside_standalone(tmp_path: Path) -> None:
             assert ratios[f"cluster_{name}_{p}_vs_standalone"] == (
                 plain["latency_ms"][p] / alone["latency_ms"][p]
             )
+        assert alone["errors"] == plain["errors"] == {}, (alone, plain)
+        # With acks, a call may be refused when its replica is late (the bench does not
+        # retry); that is the only error it may meet.
+        assert set(with_acks["errors"]) <= {"UNAVAILABLE"}, with_acks
+        if with_acks["errors"]:
+            assert "replica" in with_acks["error_details"]["UNAVAILABLE"], with_acks
         for r, waited in ((plain, False), (with_acks, True)):
-            # Every deduction the load made shows in its account's usage, on the primary
-            # that holds it.
+            # Every deduction the load counted shows in its account's usage, on the primary
+            # that holds it; a call refused for a late replica ack has charged as well.
             per_primary = r["per_primary"]
             assert [p["address"] for p in per_primary] == primaries
-            assert r["deductions_counted"] == r["deductions"] > 0
-            assert sum(p["deductions"] for p in per_primary) == r["deductions"]
+            items = 1 if name == "consume" else BENCH_BATCH_SIZE
+            late = r["errors"].get("UNAVAILABLE", 0) * items
+            assert 0 < r["deductions"] <= r["deductions_counted"] <= r["deductions"] + late
+            assert sum(p["deductions"] for p in per_primary) == r["deductions_counted"]
             assert sum(p["share"] for p in per_primary) == pytest.approx(1)
             for p in per_primary:
                 assert p["deductions"] > 0, per_primary
