@@ -15,24 +15,33 @@ from typing import Any
 
 import pytest
 
-from creditmeter.bench import postgres, report
+from creditmeter.bench import postgres, report, shards
 from creditmeter.bench.redis_cost import script_called_commands, time_per_deduction
-from creditmeter.constants import BENCH_LUA_COST_BATCH
+from creditmeter.constants import (
+    BENCH_BATCH_SIZE,
+    BENCH_LUA_COST_BATCH,
+    CLUSTER_DEFAULT_BUCKETS,
+    TARGET_CLUSTER_SHARE_TOLERANCE,
+)
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("CREDITMETER_")}
 BENCH_TIMEOUT_S = 90
+#: `bench --cluster` starts a cluster and three servers, and runs each scenario three times.
+CLUSTER_BENCH_TIMEOUT_S = 240
 
 
 def _ok_scenario(calls_per_s: float, **extra: Any) -> dict[str, Any]:
     return {"status": "ok", "calls_per_s": calls_per_s, "deductions_per_s": calls_per_s, **extra}
 
 
-def _bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+def _bench(
+    tmp_path: Path, *args: str, timeout: float = BENCH_TIMEOUT_S
+) -> tuple[dict[str, Any], str]:
     """Run `creditmeter bench` with `args`: its JSON figures (the plot checked) and stdout."""
     out = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, "-m", "creditmeter", "bench", *args, "--out", str(out)],
-        capture_output=True, text=True, env=ENV, timeout=BENCH_TIMEOUT_S, cwd=tmp_path,
+        capture_output=True, text=True, env=ENV, timeout=timeout, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     [json_path] = out.glob("bench-*.json")
@@ -115,6 +124,140 @@ def test_workers_scenario_compares_one_and_two_workers(tmp_path: Path) -> None:
     assert r["ratio"] == figures["ratios"]["consume_workers_2_vs_1"] == two / one
     assert "Consume, --workers 2" in stdout and "ratio consume workers 2 vs 1" in stdout
     assert not list(Path("/tmp").glob("cm-bench-workers-*"))  # each server's dir removed
+
+
+@pytest.mark.timeout(CLUSTER_BENCH_TIMEOUT_S + 30)
+def test_cluster_run_beside_standalone(tmp_path: Path) -> None:
+    accounts = 60
+    figures, stdout = _bench(
+        tmp_path, "--cluster", "--scenario", "consume", "--scenario", "batch", "--duration", "1",
+        "--processes", "1", "--concurrency", "8", "--accounts", str(accounts),
+        timeout=CLUSTER_BENCH_TIMEOUT_S,
+    )  # fmt: skip
+    scenarios = figures["scenarios"]
+    # The standalone peers under their usual names, everything of the cluster apart.
+    assert set(scenarios) == {"consume", "batch", "cluster"}
+    cluster = scenarios["cluster"]
+    assert cluster["status"] == "ok", cluster
+    assert cluster["buckets"] == CLUSTER_DEFAULT_BUCKETS
+    primaries = cluster["primaries"]
+    assert len(primaries) == 3
+    assert set(cluster["replicas"]) == set(primaries)
+    assert all(len(replicas) == 1 for replicas in cluster["replicas"].values())
+    nodes = [*primaries, *(r for replicas in cluster["replicas"].values() for r in replicas)]
+    ports = [int(address.rsplit(":", 1)[1]) for address in nodes]
+    assert len(set(ports)) == 6 and all(port < 65535 - 10000 for port in ports)
+    # Where the accounts live: computed from their keys' slots, and found there by SCAN.
+    placed = cluster["accounts_per_primary"]
+    assert sum(p["accounts"] for p in placed.values()) == accounts
+    assert all(p["account_keys_found"] == p["accounts"] > 0 for p in placed.values()), placed
+
+    ratios = figures["ratios"]
+    acked = cluster["replica_acks"]
+    assert acked["acks"] == 1
+    for name in ("consume", "batch"):
+        alone, plain = scenarios[name], cluster["scenarios"][name]
+        with_acks = acked["scenarios"][name]
+        for r in (alone, plain, with_acks):
+            assert r["status"] == "ok", r
+            assert r["calls"] > 0 and r["ledger"]["drained"] is True
+            assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+        assert ratios[f"cluster_{name}_vs_standalone"] == (
+            plain["calls_per_s"] / alone["calls_per_s"]
+        )
+        assert ratios[f"cluster_{name}_replica_acks_vs_without"] == (
+            with_acks["calls_per_s"] / plain["calls_per_s"]
+        )
+        for p in ("p50", "p99"):
+            assert ratios[f"cluster_{name}_replica_acks_{p}_vs_without"] == (
+                with_acks["latency_ms"][p] / plain["latency_ms"][p]
+            )
+            assert ratios[f"cluster_{name}_{p}_vs_standalone"] == (
+                plain["latency_ms"][p] / alone["latency_ms"][p]
+            )
+        assert alone["errors"] == plain["errors"] == {}, (alone, plain)
+        # With acks, a call may be refused when its replica is late (the bench does not
+        # retry); that is the only error it may meet.
+        assert set(with_acks["errors"]) <= {"UNAVAILABLE"}, with_acks
+        if with_acks["errors"]:
+            assert "replica" in with_acks["error_details"]["UNAVAILABLE"], with_acks
+        for r, waited in ((plain, False), (with_acks, True)):
+            # Every deduction the load counted shows in its account's usage, on the primary
+            # that holds it; a call refused for a late replica ack has charged as well.
+            per_primary = r["per_primary"]
+            assert [p["address"] for p in per_primary] == primaries
+            items = 1 if name == "consume" else BENCH_BATCH_SIZE
+            late = r["errors"].get("UNAVAILABLE", 0) * items
+            assert 0 < r["deductions"] <= r["deductions_counted"] <= r["deductions"] + late
+            assert sum(p["deductions"] for p in per_primary) == r["deductions_counted"]
+            assert sum(p["share"] for p in per_primary) == pytest.approx(1)
+            for p in per_primary:
+                assert p["deductions"] > 0, per_primary
+                assert p["deductions_per_s"] == p["deductions"] / r["elapsed_s"]
+                assert p["redis"]["status"] == "ok" and p["redis"]["deductions"] == p["deductions"]
+                assert p["redis"]["commands"]["fcall"]["calls"] > 0
+                # --replica-acks 1 is in force on its server only: a WAIT per node written to.
+                assert ("wait" in p["redis"]["commands"]) is waited
+                assert 0 < p["redis_cpu_busy"] < 2
+        mean = sum(p["deductions_per_s"] for p in plain["per_primary"]) / 3
+        assert ratios[f"cluster_{name}_per_primary_vs_standalone"] == pytest.approx(
+            mean / alone["deductions_per_s"]
+        )
+
+    shares = cluster["shares"]
+    assert shares["status"] == "ok"
+    assert sum(shares["share"].values()) == pytest.approx(1)
+    assert sum(shares["accounts"].values()) == pytest.approx(1)
+    runs = [*cluster["scenarios"].values(), *acked["scenarios"].values()]
+    for address, made in shares["deductions"].items():
+        assert made == sum(p["deductions"] for r in runs for p in r["per_primary"]
+                           if p["address"] == address)  # fmt: skip
+    assert shares["max_deviation"] == pytest.approx(
+        max(abs(share * 3 - 1) for share in shares["share"].values())
+    )
+    assert shares["balanced"] == (shares["max_deviation"] <= TARGET_CLUSTER_SHARE_TOLERANCE)
+    [target] = [t for t in figures["targets"] if t["target"].startswith("Redis Cluster")]
+    # 60 accounts are too few to judge the balance by.
+    assert target["verdict"].startswith("not judged"), target
+    for log in cluster["logs"].values():
+        assert log["lines"] > 0 and log["error"] == log["critical"] == 0, log
+    assert "beside the standalone server" in stdout and "balanced within" in stdout
+
+    # Everything it started is gone: the nodes, the servers and their directories.
+    match = re.search(r"and the servers in (\S+)", stdout)
+    assert match, stdout
+    assert not Path(match[1]).exists()
+    assert not _processes_naming(match[1])
+    assert not [a for port in ports for a in _processes_naming(f"127.0.0.1:{port}")]
+
+
+def test_cluster_shares_are_judged_against_the_mean() -> None:
+    addresses = ["a", "b", "c"]
+    placement = shards.Placement(["a"] * 400 + ["b"] * 300 + ["c"] * 300, {})
+
+    def run(*made: int) -> dict[str, Any]:
+        per_primary = zip(addresses, made, strict=True)
+        return {"per_primary": [{"address": a, "deductions": n} for a, n in per_primary]}
+
+    # 40 % is 20 % above the mean share: not balanced, over two runs as over one.
+    lopsided = shards.shares(addresses, [run(200, 150, 150), run(200, 150, 150)], placement, 1000)
+    assert lopsided["share"] == {"a": 0.4, "b": 0.3, "c": 0.3}
+    assert lopsided["max_deviation"] == pytest.approx(0.2)
+    assert lopsided["balanced"] is False
+    assert lopsided["accounts"] == {"a": 0.4, "b": 0.3, "c": 0.3}
+    even = shards.shares(addresses, [run(350, 330, 320)], placement, 1000)
+    assert even["balanced"] is True and even["max_deviation"] == pytest.approx(0.05)
+    assert shards.shares(addresses, [run(0, 0, 0)], placement, 1000)["balanced"] is None
+
+    def verdict(figures: dict[str, Any], accounts: int) -> str:
+        results = {"cluster": {"status": "ok", "accounts": accounts, "shares": figures}}
+        [target] = report._cluster_targets(results)
+        return target["verdict"]
+
+    assert verdict(lopsided, 1000) == "missed"
+    assert verdict(even, 1000) == "met"
+    assert verdict(even, 999) == "not judged (< 1,000 accounts; would be met)"
+    assert report._cluster_targets({}) == []
 
 
 @pytest.mark.skipif(

@@ -272,6 +272,15 @@ BENCH_LUA_COST_CALLS = 1000
 #: Charges per consume_batch call in the lua-cost scenario.
 BENCH_LUA_COST_BATCH = 64
 BENCH_LUA_COST_ACCOUNTS = 50
+#: `bench --cluster`: the scenarios it runs on the cluster and on the standalone peer (by
+#: default all of them), the accounts they spread over unless --accounts says otherwise
+#: (the issue judges the primaries' shares over 1,000), the replica acks of its third
+#: server, and the nodes' fsync policy: the standalone server's embedded Redis's, so that
+#: the two differ in sharding, not in durability.
+BENCH_CLUSTER_SCENARIOS = ("consume", "batch", "meter")
+BENCH_CLUSTER_ACCOUNTS = 1000
+BENCH_CLUSTER_REPLICA_ACKS = 1
+BENCH_CLUSTER_APPENDFSYNC = "always"
 #: Latency histograms: 1 us to 60 s at 3 significant digits.
 BENCH_HISTOGRAM_MAX_US = 60_000_000
 BENCH_HISTOGRAM_DIGITS = 3
@@ -297,6 +306,9 @@ TARGET_BULK_VS_PEER = 5.0
 #: Flusher drain rate into SQLite (outbox entries/s), judged on a backlog of at least this.
 TARGET_DRAIN_ENTRIES_PER_S = 100_000
 TARGET_DRAIN_BACKLOG = 1_000_000
+#: Redis Cluster: every primary's share of the deductions within this of the mean share
+#: (judged over BENCH_CLUSTER_ACCOUNTS accounts or more).
+TARGET_CLUSTER_SHARE_TOLERANCE = 0.15
 
 # --- metrics and logs ---------------------------------------------------------------
 #: RPC latency histogram buckets (s): a Consume is one script call (about a millisecond);

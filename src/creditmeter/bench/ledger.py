@@ -10,6 +10,7 @@ with no flusher running, then drained into the ledger with nothing else running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -41,7 +42,7 @@ from creditmeter.constants import (
     BENCH_SEED_IN_FLIGHT,
 )
 from creditmeter.domain.ids import new_id
-from creditmeter.storage.embedded_redis import endpoint_file
+from creditmeter.storage.embedded_redis import die_with_parent, endpoint_file
 from creditmeter.storage.layout import AccountKeys, buckets
 from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
 from creditmeter.storage.redis_store import Call, ConsumeCall, RedisStore
@@ -49,6 +50,8 @@ from creditmeter.transport.admin import open_stores
 
 ACCOUNTS = 200
 SERVER_START_TIMEOUT_S = 60.0
+#: How often a starting server is asked whether it is ready (and checked alive).
+SERVER_POLL_S = 0.5
 LEDGER_BENCH_BACKLOG_CAP = 100_000_000
 
 
@@ -89,12 +92,14 @@ def _run_consumer(args: tuple[str, str, float, int], out: Any) -> None:
 
 
 class Server:
-    """A `creditmeter serve` child in its own process group (with its embedded Redis).
+    """A `creditmeter serve` child in its own process group (with its embedded Redis, or on
+    `redis_url`).
 
     `backlog_cap` None keeps the server's default; the ledger bench raises it so that a
     slow ledger shows as lag rather than as refused calls. `workers`: `--workers`, one
-    process unless asked (the figures of earlier runs are of one process); its log goes
-    to `<data>/serve.log`.
+    process unless asked (the figures of earlier runs are of one process); `replica_acks`:
+    `--replica-acks`. Its log goes to `log` (default `<data>/serve.log`). A server that
+    does not come up is stopped before the error is raised.
     """
 
     def __init__(
@@ -104,36 +109,79 @@ class Server:
         flusher: bool,
         backlog_cap: int | None = LEDGER_BENCH_BACKLOG_CAP,
         workers: int = 1,
+        *,
+        redis_url: str | None = None,
+        replica_acks: int = 0,
+        log: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.log = data / "serve.log" if log is None else log
         cmd = [sys.executable, "-m", "creditmeter", "serve", "--listen", self.address,
                "--data-dir", str(data), "--workers", str(workers)]  # fmt: skip
         if backlog_cap is not None:
             cmd += ["--backlog-cap", str(backlog_cap)]
         if ledger_url:
             cmd += ["--ledger-url", ledger_url]
+        if redis_url:
+            cmd += ["--redis-url", redis_url]
+        if replica_acks:
+            cmd += ["--replica-acks", str(replica_acks)]
         if not flusher:
             cmd.append("--no-flusher")
-        log_path = data / "serve.log"
-        with log_path.open("wb") as log:
+        with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+                start_new_session=True,
+                # A bench killed outright stops its server too (SIGTERM: it drains and
+                # stops its Redis and flusher).
+                preexec_fn=die_with_parent,
             )
+        try:
+            self._wait_ready(workers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, workers: int) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         if workers > 1:
             # The port answers once the first worker does; the supervisor says when all do.
-            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-            while f"{workers} workers)" not in log_path.read_text(errors="replace"):
+            while f"{workers} workers)" not in self.log.read_text(errors="replace"):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"creditmeter serve --workers {workers} did not start")
                 time.sleep(0.1)
         channel = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(channel).result(timeout=SERVER_START_TIMEOUT_S)
-        channel.close()
+        try:
+            ready = grpc.channel_ready_future(channel)
+            while not _ready(ready, SERVER_POLL_S):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"creditmeter serve did not start:\n{self.log_tail()}")
+        finally:
+            channel.close()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        """SIGTERM to its process group (what is left of it, if the server died)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(60)
+
+
+def _ready(future: grpc.Future, timeout_s: float) -> bool:
+    """Whether a channel's readiness came within `timeout_s`."""
+    try:
+        future.result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
 
 
 def create_admin_key(data: Path, tenant: str = "bench", ledger_url: str | None = None) -> str:

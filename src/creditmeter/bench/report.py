@@ -17,11 +17,13 @@ from rich.table import Table
 
 from creditmeter.bench.peer import PEER_VARIANT
 from creditmeter.constants import (
+    BENCH_CLUSTER_ACCOUNTS,
     BENCH_LATENCY_LOAD_SHARE,
     TARGET_ACCOUNT_BYTES,
     TARGET_BULK_DEDUCTIONS_PER_S,
     TARGET_BULK_SUSTAINED_S,
     TARGET_BULK_VS_PEER,
+    TARGET_CLUSTER_SHARE_TOLERANCE,
     TARGET_DRAIN_BACKLOG,
     TARGET_DRAIN_ENTRIES_PER_S,
     TARGET_FLUSH_LAG_P99_MS,
@@ -114,6 +116,45 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
             r = _ok(results, name)
             if r:
                 ratios[f"{name}_vs_peer"] = r["deductions_per_s"] / peer_tps
+    ratios.update(_cluster_ratios(results))
+    return ratios
+
+
+def _compared(prefix: str, peer: str, r: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+    """`r` against `base`: calls/s, p50 and p99, each as `<prefix>[_pNN]_vs_<peer>`."""
+    ratios = {}
+    if base["calls_per_s"]:
+        ratios[f"{prefix}_vs_{peer}"] = r["calls_per_s"] / base["calls_per_s"]
+    for p in ("p50", "p99"):
+        mine, theirs = r["latency_ms"].get(p), base["latency_ms"].get(p)
+        if mine and theirs:
+            ratios[f"{prefix}_{p}_vs_{peer}"] = mine / theirs
+    return ratios
+
+
+def _cluster_ratios(results: dict[str, Any]) -> dict[str, float]:
+    """`bench --cluster`: each cluster scenario against its standalone peer (and the mean
+    primary's deductions/s against it), and with replica acks against without."""
+    cluster = results.get("cluster")
+    if not cluster:
+        return {}
+    ratios: dict[str, float] = {}
+    acked = cluster.get("replica_acks", {}).get("scenarios", {})
+    for name, r in cluster.get("scenarios", {}).items():
+        if r.get("status") != "ok":
+            continue
+        alone = _ok(results, name)
+        if alone:
+            ratios.update(_compared(f"cluster_{name}", "standalone", r, alone))
+            per_primary = [p["deductions_per_s"] for p in r.get("per_primary", [])]
+            if per_primary and alone["deductions_per_s"]:
+                mean = sum(per_primary) / len(per_primary)
+                ratios[f"cluster_{name}_per_primary_vs_standalone"] = (
+                    mean / alone["deductions_per_s"]
+                )
+        with_acks = acked.get(name)
+        if with_acks and with_acks.get("status") == "ok":
+            ratios.update(_compared(f"cluster_{name}_replica_acks", "without", with_acks, r))
     return ratios
 
 
@@ -177,7 +218,37 @@ def _targets(results: dict[str, Any], ratios: dict[str, float]) -> list[dict[str
         targets.append(_target("unary latency at load", goal, status, verdict))
     targets.append(_latency_vs_empty(results, ratios))
     targets.extend(_other_targets(results, ratios))
+    targets.extend(_cluster_targets(results))
     return targets
+
+
+def _cluster_targets(results: dict[str, Any]) -> list[dict[str, str]]:
+    """`bench --cluster`: every primary's share of the deductions near the mean (none
+    without a cluster run)."""
+    cluster = results.get("cluster")
+    if cluster is None:
+        return []
+    shares = cluster.get("shares", {})
+    tolerance = TARGET_CLUSTER_SHARE_TOLERANCE
+    title = "Redis Cluster: deductions per primary"
+    goal = (
+        f"every primary's share within ±{tolerance:.0%} of the mean "
+        f"({BENCH_CLUSTER_ACCOUNTS:,} accounts)"
+    )
+    if shares.get("status") != "ok":
+        return [_target(title, goal, str(shares.get("status", cluster.get("status"))), "missed")]
+    value = (
+        ", ".join(f"{share:.1%}" for share in shares["share"].values())
+        + f" (at most {shares['max_deviation']:.1%} from the mean)"
+    )
+    met = bool(shares["balanced"])
+    if cluster["accounts"] < BENCH_CLUSTER_ACCOUNTS:
+        verdict = f"not judged (< {BENCH_CLUSTER_ACCOUNTS:,} accounts; would be " + (
+            "met)" if met else "missed)"
+        )
+    else:
+        verdict = "met" if met else "missed"
+    return [_target(title, goal, value, verdict)]
 
 
 def _latency_vs_empty(results: dict[str, Any], ratios: dict[str, float]) -> dict[str, str]:
@@ -308,6 +379,7 @@ def build(
             "memory_accounts": opts.memory_accounts,
             "peer_clients": opts.peer_clients,
             "drain_backlog": opts.drain_backlog,
+            "cluster": opts.cluster,
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg(),
         },
@@ -398,8 +470,8 @@ def _main_table(figures: dict[str, Any]) -> Table:
                 table.add_row("Consume, --workers N", r["status"], *["-"] * 5,
                               r.get("reason", ""), *["-"] * 4)  # fmt: skip
             continue
-        if name in ("memory", "drain"):
-            continue  # their own table
+        if name in ("memory", "drain", "cluster"):
+            continue  # their own tables
         latency = r.get("latency_ms", {})
         ledger = r.get("ledger", {})
         lag = ledger.get("flush_lag_ms_p99")
@@ -533,11 +605,115 @@ def _other_table(figures: dict[str, Any]) -> Table | None:
     return table if table.row_count else None
 
 
+def _cluster_table(figures: dict[str, Any]) -> Table | None:
+    """`bench --cluster`: each scenario on the standalone server, on the cluster and on the
+    cluster with replica acks, each with its ratio to its peer."""
+    results = figures["scenarios"]
+    cluster = results.get("cluster")
+    if cluster is None:
+        return None
+    ratios = figures["ratios"]
+    acks = cluster["replica_acks"]["acks"]
+    table = Table(
+        title=f"Redis Cluster ({len(cluster['primaries'])} primaries + "
+        f"{sum(len(r) for r in cluster['replicas'].values())} replicas, "
+        f"{cluster['buckets']:,} buckets, appendfsync {cluster['appendfsync']}, "
+        f"{cluster['accounts']:,} accounts) beside the standalone server; acks: "
+        "--replica-acks, its peer the cluster without"
+    )
+    for column in ("scenario", "server", "status", "calls/s", "deductions/s", "p50 ms",
+                   "p99 ms", "errors", "flush lag p99", "drained", "peer", "x calls/s",
+                   "x p50", "x p99"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("scenario", "server", "errors",
+                                                              "peer") else "right")  # fmt: skip
+    for name, on_cluster in cluster["scenarios"].items():
+        rows = (
+            ("standalone", results.get(name, {}), None, "-"),
+            ("cluster", on_cluster, f"cluster_{name}", "standalone"),
+            (f"cluster, acks {acks}", cluster["replica_acks"]["scenarios"].get(name, {}),
+             f"cluster_{name}_replica_acks", "cluster"),
+        )  # fmt: skip
+        for server, r, prefix, peer in rows:
+            latency, ledger = r.get("latency_ms", {}), r.get("ledger", {})
+            lag = ledger.get("flush_lag_ms_p99")
+            errors = ", ".join(f"{k} {v:,}" for k, v in sorted(r.get("errors", {}).items()))
+            against = "without" if peer == "cluster" else peer
+
+            def ratio(kind: str, prefix: str | None = prefix, against: str = against) -> str:
+                value = ratios.get(f"{prefix}{kind}_vs_{against}") if prefix else None
+                return "-" if value is None else f"{value:.2f}"
+
+            table.add_row(
+                LABELS.get(name, name), server, r.get("status", "-"),
+                f"{r.get('calls_per_s', 0):,.0f}", f"{r.get('deductions_per_s', 0):,.0f}",
+                _ms(latency, "p50"), _ms(latency, "p99"), errors,
+                "-" if lag is None else f"{lag:,} ms", str(ledger.get("drained", "-")), peer,
+                ratio(""), ratio("_p50"), ratio("_p99"),
+            )  # fmt: skip
+    return table
+
+
+def _primaries_table(figures: dict[str, Any]) -> Table | None:
+    """`bench --cluster`: per primary and scenario, its accounts, deductions, share and
+    deductions/s, and Redis's time and CPU per deduction there."""
+    cluster = figures["scenarios"].get("cluster")
+    if cluster is None:
+        return None
+    table = Table(title="per primary: deductions (GetUsage of its accounts) and Redis per "
+                  "deduction there (us, INFO commandstats / cpu)")  # fmt: skip
+    for column in ("scenario", "primary", "accounts (keys found)", "deductions", "share",
+                   "deductions/s", "Redis scripts", "Redis CPU", "waiting for a CPU",
+                   "Redis CPU busy"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("scenario", "primary") else "right")
+    acks = cluster["replica_acks"]
+    runs = [(n, "", r) for n, r in cluster["scenarios"].items()]
+    runs += [(n, f", acks {acks['acks']}", r) for n, r in acks["scenarios"].items()]
+    placed = cluster["accounts_per_primary"]
+    for name, variant, r in runs:
+        for p in r.get("per_primary", []):
+            redis = p["redis"] if p["redis"].get("status") == "ok" else {}
+            share = p.get("share")
+            table.add_row(
+                f"{LABELS.get(name, name)}{variant}", p["address"],
+                f"{p['accounts']:,} ({placed[p['address']]['account_keys_found']:,})",
+                f"{p['deductions']:,}", "-" if share is None else f"{share:.1%}",
+                f"{p['deductions_per_s']:,.0f}", _us(redis.get("scripts_us_per_deduction")),
+                _us(redis.get("cpu_us_per_deduction")),
+                _us(redis.get("cpu_wait_us_per_deduction")),
+                "-" if p.get("redis_cpu_busy") is None else f"{p['redis_cpu_busy']:.0%}",
+            )  # fmt: skip
+    return table
+
+
+def _cluster_summary(figures: dict[str, Any], console: Console) -> None:
+    cluster = figures["scenarios"].get("cluster")
+    if cluster is None:
+        return
+    shares = cluster["shares"]
+    if shares.get("status") != "ok":
+        console.print(f"deductions per primary: {shares.get('status')}")
+        return
+    each = ", ".join(f"{a} {s:.1%}" for a, s in shares["share"].items())
+    verdict = "yes" if shares["balanced"] else "no"
+    console.print(
+        f"deductions per primary over every cluster run: {each}; balanced within "
+        f"±{shares['tolerance']:.0%} of the mean: {verdict} (at most "
+        f"{shares['max_deviation']:.1%} from it)"
+    )
+    for address, log in cluster["logs"].items():
+        if log.get("warning") or log.get("error") or log.get("critical"):
+            console.print(f"server log ({address}): {log['error']} errors, {log['warning']} "
+                          f"warnings; first: {log['first'][:1]}")  # fmt: skip
+
+
 def show(figures: dict[str, Any], console: Console) -> None:
     console.print(_main_table(figures))
-    for extra in (_redis_table(figures), _commands_table(figures), _other_table(figures)):
+    extras = (_redis_table(figures), _commands_table(figures), _other_table(figures),
+              _cluster_table(figures), _primaries_table(figures))  # fmt: skip
+    for extra in extras:
         if extra is not None:
             console.print(extra)
+    _cluster_summary(figures, console)
     for name, value in figures["ratios"].items():
         console.print(f"ratio {name.replace('_', ' ')}: {value:.2f}")
     targets = Table("target", "goal", "measured", "verdict", title="targets")
@@ -602,6 +778,15 @@ def _plot(figures: dict[str, Any], path: Path) -> None:
                 names.append(f"peer {v['variant']}")
                 rates.append(v["deductions_per_s"])
                 curve(f"peer {v['variant']}", v["latency_ms"])
+        elif name == "cluster":
+            acks = r["replica_acks"]
+            runs = [(f"cluster {n}", v) for n, v in r["scenarios"].items()]
+            runs += [(f"cluster {n} acks {acks['acks']}", v) for n, v in acks["scenarios"].items()]
+            for label, v in runs:
+                if v.get("status") == "ok":
+                    names.append(label)
+                    rates.append(v["deductions_per_s"])
+                    curve(label, v["latency_ms"])
         elif "deductions_per_s" in r:
             names.append(name)
             rates.append(

@@ -98,6 +98,9 @@ class Options:
     memory_accounts: int
     peer_clients: int
     drain_backlog: int
+    #: `--cluster`: the scenarios on a Redis Cluster beside the standalone server
+    #: (bench/shards.py) instead of the usual run.
+    cluster: bool = False
 
 
 @dataclass(frozen=True)
@@ -427,30 +430,54 @@ def _lua_cost(console: Console) -> dict[str, Any]:
 
 
 # --- the run ---------------------------------------------------------------------------
+def _spec(opts: Options, target: Target | None, prefix: str) -> LoadSpec:
+    """The load of every scenario (each sets its own scenario, and the open loop its rate);
+    without a target, for servers the caller starts (it sets address and key)."""
+    return LoadSpec(
+        address=target.address if target else "",
+        api_key=target.api_key if target else "",
+        scenario="consume",
+        processes=opts.processes,
+        concurrency=opts.concurrency,
+        channels=opts.channels,
+        duration_s=opts.duration_s,
+        rate=None,
+        account_prefix=prefix,
+        accounts=opts.accounts,
+        batch_size=opts.batch_size,
+    )
+
+
 def run(opts: Options) -> int:
     # Piped output keeps the table whole rather than folded at 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 160)
+    started_at = datetime.now(UTC)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}-"
+    if opts.cluster:
+        from creditmeter.bench import shards  # it imports this module
+
+        results = shards.run(opts, _spec(opts, None, prefix), console)
+        figures = report.build(results, opts, True, started_at)
+    else:
+        figures = _run_scenarios(opts, console, prefix, started_at)
+    report.show(figures, console)
+    json_path, png_path = report.write(figures, opts.out_dir)
+    console.print(f"figures: {json_path}\nplot:    {png_path}")
+    return 0
+
+
+def _run_scenarios(
+    opts: Options, console: Console, prefix: str, started_at: datetime
+) -> dict[str, Any]:
+    """The usual run: every selected scenario against one server (--server, or one of its
+    own); the figures as report.build makes them."""
     wanted = set(opts.scenarios)
     if wanted & set(REFERENCED_SCENARIOS):
         wanted.add("reference")  # their Redis figures are ratios to it
     selected = [s for s in SCENARIOS if s in wanted]
     results: dict[str, Any] = {}
-    started_at = datetime.now(UTC)
-    prefix = f"bench-{uuid.uuid4().hex[:8]}-"
     with _target(opts, console) as target:
-        spec = LoadSpec(
-            address=target.address,
-            api_key=target.api_key,
-            scenario="consume",
-            processes=opts.processes,
-            concurrency=opts.concurrency,
-            channels=opts.channels,
-            duration_s=opts.duration_s,
-            rate=None,
-            account_prefix=prefix,
-            accounts=opts.accounts,
-            batch_size=opts.batch_size,
-        )
+        spec = _spec(opts, target, prefix)
         if any(s in REFERENCED_SCENARIOS for s in selected):
             with console.status(f"granting {opts.accounts + 1} bench accounts ..."):
                 # The last one is the Redis ceiling's.
@@ -502,11 +529,7 @@ def run(opts: Options) -> int:
                     results[name] = _scenario(spec, name, console, ledger, opts, target)
         finally:
             ledger.close()
-        figures = report.build(results, opts, target.embedded, started_at)
-    report.show(figures, console)
-    json_path, png_path = report.write(figures, opts.out_dir)
-    console.print(f"figures: {json_path}\nplot:    {png_path}")
-    return 0
+        return report.build(results, opts, target.embedded, started_at)
 
 
 def _scenario(

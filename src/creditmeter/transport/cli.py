@@ -25,6 +25,9 @@ from creditmeter.constants import (
     BENCH_ACCOUNTS,
     BENCH_BATCH_SIZE,
     BENCH_CHANNELS_PER_PROCESS,
+    BENCH_CLUSTER_ACCOUNTS,
+    BENCH_CLUSTER_REPLICA_ACKS,
+    BENCH_CLUSTER_SCENARIOS,
     BENCH_CONCURRENCY,
     BENCH_DRAIN_BACKLOG,
     BENCH_DRAIN_TIMEOUT_S,
@@ -383,24 +386,27 @@ def cmd_bench_ledger(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from creditmeter.bench.runner import SCENARIOS, Options, run
 
+    default_scenarios = BENCH_CLUSTER_SCENARIOS if args.cluster else SCENARIOS
+    default_accounts = BENCH_CLUSTER_ACCOUNTS if args.cluster else BENCH_ACCOUNTS
     options = Options(
         server=args.server,
         api_key=args.api_key,
         redis_url=args.redis_url,
         tenant=args.tenant,
-        scenarios=tuple(args.scenario or SCENARIOS),
+        scenarios=tuple(args.scenario or default_scenarios),
         processes=args.processes,
         concurrency=args.concurrency,
         channels=args.channels,
         duration_s=args.duration,
         batch_size=args.batch_size,
-        accounts=args.accounts,
+        accounts=default_accounts if args.accounts is None else args.accounts,
         redis_clients=args.redis_clients,
         drain_timeout_s=args.drain_timeout,
         out_dir=Path(args.out),
         memory_accounts=args.memory_accounts,
         peer_clients=args.peer_clients,
         drain_backlog=args.drain_backlog,
+        cluster=args.cluster,
     )
     return run(options)
 
@@ -810,7 +816,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=BENCH_DURATION_S, help="seconds per scenario")
     p.add_argument("--batch-size", type=int, default=BENCH_BATCH_SIZE,
                    help="items per ConsumeBatch, requests in flight per Meter stream")  # fmt: skip
-    p.add_argument("--accounts", type=int, default=BENCH_ACCOUNTS)
+    p.add_argument("--accounts", type=int, default=None,
+                   help=f"accounts the load spreads over (default {BENCH_ACCOUNTS:,}; "
+                   f"{BENCH_CLUSTER_ACCOUNTS:,} with --cluster)")  # fmt: skip
     p.add_argument("--redis-url", default=None,
                    help="with --server: its Redis, for its time per deduction (INFO "
                    "commandstats), the reference script and the redis-benchmark "
@@ -827,6 +835,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peer: pgbench connections")  # fmt: skip
     p.add_argument("--drain-backlog", type=int, default=BENCH_DRAIN_BACKLOG,
                    help="drain: outbox entries written, then drained into SQLite")  # fmt: skip
+    p.add_argument("--cluster", action="store_true",
+                   help="start a Redis Cluster (3 primaries + 3 replicas) and run the "
+                   f"scenarios ({', '.join(BENCH_CLUSTER_SCENARIOS)} unless --scenario) on a "
+                   "server on it, without and with --replica-acks "
+                   f"{BENCH_CLUSTER_REPLICA_ACKS}, beside the standalone server: ratios, "
+                   "each primary's share of the deductions, deductions/s per primary")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     packs = sub.add_parser("packs", help="the packs for sale").add_subparsers(
