@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -17,11 +18,13 @@ from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.constants import CLUSTER_DEFAULT_BUCKETS, DEFAULT_BUCKETS
 from creditmeter.storage import layout
 from creditmeter.storage.deployment import BUCKETS_KEY, BucketsMismatch, resolve_buckets
+from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.leases import BucketLeases, lease_key
 from creditmeter.storage.redis_client import cluster_seeds, connect, is_cluster_url
 from creditmeter.transport.server import App, Settings
 from tests.cluster import RedisClusterNodes
 from tests.conftest import empty_redis, make_tenant, rid
+from tests.helpers import fails
 
 PRIVATE_REDIS_DB = 9
 
@@ -202,3 +205,52 @@ async def test_nothing_asks_the_cluster_for_keys_and_nothing_crosses_slots(
         failed = {k: v for k, v in s.items() if int(v.get("failed_calls", 0))}
         assert not refused, refused
         assert set(failed) <= {"cmdstat_xgroup|create", "cmdstat_function|load"}, failed
+
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_hung_primary_fails_batches_unavailable_not_internal(
+    failover_cluster: RedisClusterNodes, tmp_path: Path
+) -> None:
+    """A primary that stops answering: a cluster pipeline leaves its read timeouts in the
+    commands' results rather than raising them. A batch or a lone Consume on its slots
+    fails UNAVAILABLE (retry with the same request ids), never INTERNAL; once its replica
+    took over, the retries succeed, each charged once."""
+    empty_redis(failover_cluster.url)
+    settings = Settings(listen="127.0.0.1:0", data_dir=tmp_path / "d",
+                        redis_url=failover_cluster.url, shutdown_grace_s=1.0)  # fmt: skip
+    app = App(settings)
+    await app.start()
+    t = await make_tenant(app)
+    try:
+        await t.admin.Grant(pb.GrantRequest(account_id="hung", amount=10, request_id=rid()))
+        hung = failover_cluster.primary_for_key(AccountKeys(t.name, "hung").account_key)
+        # And accounts on the other primaries: the batch goes to every node, in parallel.
+        others = [a for a in (f"ok{i}" for i in range(40))
+                  if failover_cluster.primary_for_key(AccountKeys(t.name, a).account_key) != hung]
+        for account in others:
+            await t.admin.Grant(pb.GrantRequest(account_id=account, amount=10, request_id=rid()))
+        items = [pb.ConsumeRequest(account_id=a, feature="text", request_id=rid())
+                 for a in ("hung", *others[:5], "hung", "hung")]  # fmt: skip
+        failover_cluster.freeze(hung)
+        try:
+            # Some of a batch may have run before Redis was lost: the whole call fails.
+            whole = await fails(
+                t.meter.ConsumeBatch(pb.ConsumeBatchRequest(items=items), timeout=20)
+            )
+            lone = await fails(t.meter.Consume(items[0], timeout=20))
+            for failed in (whole, lone):
+                assert (failed.code, failed.reason) == (UNAVAILABLE, "BACKEND_UNAVAILABLE")
+            failover_cluster.wait_failover(hung)
+        finally:
+            failover_cluster.thaw(hung)
+        for _ in range(50):  # the client finds the new primary
+            batch = await t.meter.ConsumeBatch(pb.ConsumeBatchRequest(items=items), timeout=20)
+            if all(r.HasField("response") for r in batch.results):
+                break
+            await asyncio.sleep(0.2)
+        assert [r.response.balance for r in batch.results] == [9, 9, 9, 9, 9, 9, 8, 7]
+    finally:
+        await t.channel.close()
+        await app.stop()

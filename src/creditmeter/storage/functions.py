@@ -10,7 +10,7 @@ from redis.exceptions import ResponseError
 
 from creditmeter.constants import SCRIPT_LOAD_ATTEMPTS
 from creditmeter.storage import scripts
-from creditmeter.storage.redis_client import Client, on_every_primary
+from creditmeter.storage.redis_client import Client, check_reachable, on_every_primary
 
 
 def function_missing(exc: object) -> bool:
@@ -49,6 +49,7 @@ async def call_each(
                 keys, args = calls[i]
                 pipe.fcall(function, len(keys), *keys, *args)
             results = await pipe.execute(raise_on_error=False)
+        check_reachable(results)
         missing = []
         for i, result in zip(pending, results, strict=True):
             if function_missing(result):

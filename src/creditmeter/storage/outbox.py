@@ -28,8 +28,7 @@ from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.entries import header
 from creditmeter.storage.layout import outbox_key, trimmed_key
 from creditmeter.storage.polling import IdleBackoff
-from creditmeter.storage.redis_client import Client, connect, is_cluster_client
-from creditmeter.storage.redis_store import _reachable
+from creditmeter.storage.redis_client import Client, connect, is_cluster_client, reachable
 
 Entry = tuple[str, dict[str, str]]
 
@@ -119,7 +118,7 @@ class OutboxReader:
 
     async def _infos(self, buckets: Sequence[int]) -> dict[int, dict[str, object] | None]:
         """XINFO STREAM of each bucket's outbox; None for an outbox that does not exist."""
-        async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+        async with reachable(), self.client.pipeline(transaction=False) as pipe:
             for bucket in buckets:
                 pipe.xinfo_stream(outbox_key(bucket))
             replies = await pipe.execute(raise_on_error=False)
@@ -145,7 +144,7 @@ class OutboxReader:
         """The buckets whose outbox has dropped entries after the given position (trimmed
         by the flusher past its retention window): reading from there would miss them."""
         buckets = list(positions)
-        async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+        async with reachable(), self.client.pipeline(transaction=False) as pipe:
             for bucket in buckets:
                 pipe.get(trimmed_key(bucket))
             trimmed: list[str | None] = await pipe.execute()
@@ -162,7 +161,7 @@ class OutboxReader:
         One outbox, or several on a single Redis: one blocking XREAD. Several on a cluster,
         which refuses a read of streams in several slots: one XREAD per outbox, in one
         pipeline (a batch per node), every `WATCH_POLL_MS` until something comes."""
-        async with _reachable():
+        async with reachable():
             if len(self.buckets) == 1 or not is_cluster_client(self.client):
                 streams: dict[bytes | str | memoryview[int], int | bytes | str | memoryview[int]]
                 streams = {outbox_key(b): positions[b] for b in self.buckets}

@@ -10,6 +10,8 @@ bucket's hash tag, see `layout`), so nothing is ever sent across slots.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -17,9 +19,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditmeter.constants import REDIS_POOL_SIZE, REDIS_POOL_TIMEOUT_S
+from creditmeter.errors import BackendUnavailable
 
 #: The URL scheme of a Redis Cluster: the comma-separated nodes are seeds only.
 CLUSTER_SCHEME = "redis+cluster"
@@ -153,3 +158,31 @@ async def on_every_primary(client: Client, *command: Any) -> list[Any]:
         except Exception as exc:
             replies.append(exc)
     return replies
+
+
+#: What a Redis that is away (or too slow) raises.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _unavailable(exc: BaseException) -> BackendUnavailable:
+    return BackendUnavailable(f"redis unavailable: {exc}", {"backend": "redis"})
+
+
+@asynccontextmanager
+async def reachable() -> AsyncIterator[None]:
+    """Report a lost Redis as UNAVAILABLE: the caller retries with the same request id,
+    which is safe whether or not the script ran."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise _unavailable(exc) from exc
+
+
+def check_reachable(results: Iterable[Any]) -> None:
+    """Raise UNAVAILABLE if a pipeline's results hold a lost connection or a timeout: a
+    cluster pipeline (`raise_on_error=False`) leaves them there, one per command of the
+    node that failed, rather than raising. Some commands of the pipeline may have run:
+    a retry with the same request ids replays them."""
+    for result in results:
+        if isinstance(result, UNREACHABLE):
+            raise _unavailable(result) from result

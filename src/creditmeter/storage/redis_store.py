@@ -8,14 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditmeter import metrics
 from creditmeter.constants import (
@@ -57,7 +54,7 @@ from creditmeter.storage.layout import (
     session_request_id,
     sessions_key,
 )
-from creditmeter.storage.redis_client import Client
+from creditmeter.storage.redis_client import Client, check_reachable, reachable
 
 
 @dataclass(frozen=True)
@@ -294,16 +291,6 @@ def _session_step(session_id: str, request_id: str) -> str:
     return step
 
 
-@asynccontextmanager
-async def _reachable() -> AsyncIterator[None]:
-    """Report a lost Redis as UNAVAILABLE: the caller retries with the same request id,
-    which is safe whether or not the script ran."""
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise BackendUnavailable(f"redis unavailable: {exc}", {"backend": "redis"}) from exc
-
-
 log = logging.getLogger(__name__)
 
 
@@ -346,7 +333,7 @@ class RedisStore:
     async def load_library(self) -> None:
         """Load the scripts' library into Redis -- into every primary of a cluster (a
         no-op where it is there already)."""
-        async with _reachable():
+        async with reachable():
             await load_library(self.client)
 
     async def _run(
@@ -365,7 +352,7 @@ class RedisStore:
             start = time.perf_counter()
             function = self._functions[name]
             try:
-                async with _reachable():
+                async with reachable():
                     reply = await self.client.fcall(function, len(names), *names, *args)
             except ResponseError as exc:
                 if not function_missing(exc):
@@ -404,7 +391,7 @@ class RedisStore:
                 await self.load_library()
             start = time.perf_counter()
             try:
-                async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+                async with reachable(), self.client.pipeline(transaction=False) as pipe:
                     for i in pending:
                         keys, args = calls[i]
                         pipe.fcall(function, len(keys), *keys, *args)
@@ -413,6 +400,9 @@ class RedisStore:
                     acks = self._ask_acks(pipe, first_keys)
                     self.pipelines += 1
                     results = await pipe.execute(raise_on_error=False)
+                    # A cluster pipeline leaves a node's timeout or lost connection in its
+                    # commands' results rather than raising it.
+                    check_reachable(results)
                     if acks:
                         await self._check_acks(first_keys, nodes, results[-acks:])
                         results = results[:-acks]
@@ -608,12 +598,12 @@ class RedisStore:
 
     async def account_exists(self, keys: AccountKeys) -> bool:
         """Whether the account has state in Redis (its hash, as `snapshot` reads it)."""
-        async with _reachable():
+        async with reachable():
             return bool(await self.client.exists(keys.account_key))
 
     async def session(self, keys: AccountKeys, session_id: str) -> dict[str, str]:
         """A session's fields; empty when there is no such session."""
-        async with _reachable():
+        async with reachable():
             fields = await self.client.hgetall(keys.session_key(session_id))
         return {str(k): str(v) for k, v in fields.items()}
 
@@ -621,7 +611,7 @@ class RedisStore:
         self, now_ms: int, limit: int = SESSION_CLOSE_BATCH
     ) -> list[tuple[AccountKeys, str]]:
         """Open sessions past their validity time and grace, from every bucket's index."""
-        async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+        async with reachable(), self.client.pipeline(transaction=False) as pipe:
             for bucket in range(buckets()):
                 pipe.zrangebyscore(sessions_key(bucket), "-inf", now_ms, start=0, num=limit)
             results: list[list[str]] = await pipe.execute()
@@ -635,7 +625,7 @@ class RedisStore:
 
     async def open_sessions(self) -> int:
         """How many call sessions are open, over every bucket's index."""
-        async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+        async with reachable(), self.client.pipeline(transaction=False) as pipe:
             for bucket in range(buckets()):
                 pipe.zcard(sessions_key(bucket))
             counts: list[int] = await pipe.execute()
@@ -673,7 +663,7 @@ class RedisStore:
             if session_id is None
             else keys.session_step_key(session_id, _session_step(session_id, request_id))
         )
-        async with _reachable():
+        async with reachable():
             await self.client.set(key, f"{fingerprint}\n{reply}", ex=ttl_s)
 
     async def upgrade_layout(self) -> int:
@@ -682,7 +672,7 @@ class RedisStore:
         every account of layout 2 (five keys) into its one hash. Returns the keys renamed
         plus the accounts converted. Safe to run again: a key of this layout is never
         touched."""
-        async with _reachable():
+        async with reachable():
             version = await self.client.get(LAYOUT_KEY)
             if version == LAYOUT_VERSION:
                 return 0
@@ -755,7 +745,7 @@ class RedisStore:
     async def account_seqs(self) -> dict[tuple[str, str], int]:
         """Every account in Redis and its event sequence number (SCAN, for audits)."""
         found: dict[tuple[str, str], int] = {}
-        async with _reachable():
+        async with reachable():
             async for key in self.client.scan_iter(match=ACCOUNT_SCAN_PATTERN, count=1000):
                 # The pattern also matches a request's record whose id ends in ":a":
                 # only the layout can tell the two apart.
@@ -768,7 +758,7 @@ class RedisStore:
 
     async def due_accounts(self, now_ms: int, limit: int = EXPIRY_SWEEP_BATCH) -> list[AccountKeys]:
         """Accounts with a lot expiring at or before `now_ms`, from every bucket's index."""
-        async with _reachable(), self.client.pipeline(transaction=False) as pipe:
+        async with reachable(), self.client.pipeline(transaction=False) as pipe:
             for bucket in range(buckets()):
                 pipe.zrangebyscore(due_key(bucket), "-inf", now_ms, start=0, num=limit)
             results: list[list[str]] = await pipe.execute()
@@ -783,7 +773,7 @@ class RedisStore:
         """Read an account's figures and lots (one HGETALL of its hash: atomic)."""
         start = time.perf_counter()
         try:
-            async with _reachable():
+            async with reachable():
                 stored = cast(dict[str, str], await self.client.hgetall(keys.account_key))
         finally:
             metrics.redis_duration("snapshot").observe(time.perf_counter() - start)
