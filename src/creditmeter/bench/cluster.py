@@ -440,7 +440,9 @@ class RedisClusterNodes:
 
     def _wait_answers(self, node: RedisNode, taken: set[int]) -> None:
         """Wait for a new node to answer; if its port was taken meanwhile (it exits at
-        once), move it to another port."""
+        once), move it to another port. A node that exits at once leaving no log line
+        is started again too (seen once in a full run on a loaded machine, cause unknown);
+        any other early exit fails with its log."""
         deadline = time.monotonic() + START_TIMEOUT_S
         for _ in range(PORT_ATTEMPTS):
             while node.running and not self._answers(node):
@@ -450,8 +452,9 @@ class RedisClusterNodes:
             if node.running:
                 node.node_id = str(node.command("CLUSTER", "MYID"))
                 return
-            if "Address already in use" not in node.log_tail():
-                raise ClusterStartError(f"{node.address} exited\n{node.log_tail()}")
+            tail = node.log_tail()
+            if "Address already in use" not in tail and tail.strip().count("\n") > 0:
+                raise ClusterStartError(f"{node.address} exited\n{tail}")
             taken.discard(node.port)
             node.port = free_cluster_port(taken)
             taken.add(node.port)
