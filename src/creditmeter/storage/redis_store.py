@@ -13,8 +13,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditmeter import metrics
@@ -294,14 +294,26 @@ def _session_step(session_id: str, request_id: str) -> str:
     return step
 
 
+#: Redis away, or (a cluster) failing over: CLUSTERDOWN until a replica took over, TRYAGAIN
+#: and an uncovered slot meanwhile. Never an answer to the call itself.
+_UNREACHABLE = (
+    RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError,
+    SlotNotCoveredError,
+)  # fmt: skip
+
+
+def _unavailable(exc: BaseException) -> BackendUnavailable:
+    return BackendUnavailable(f"redis unavailable: {exc}", {"backend": "redis"})
+
+
 @asynccontextmanager
 async def _reachable() -> AsyncIterator[None]:
     """Report a lost Redis as UNAVAILABLE: the caller retries with the same request id,
     which is safe whether or not the script ran."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise BackendUnavailable(f"redis unavailable: {exc}", {"backend": "redis"}) from exc
+    except _UNREACHABLE as exc:
+        raise _unavailable(exc) from exc
 
 
 log = logging.getLogger(__name__)
@@ -423,6 +435,10 @@ class RedisStore:
             for i, result in zip(pending, results, strict=True):
                 if isinstance(result, ResponseError) and function_missing(result):
                     missing.append(i)
+                elif isinstance(result, _UNREACHABLE):
+                    # One node of a cluster lost (the others' calls stand): this call
+                    # fails UNAVAILABLE, as a lost single Redis fails them all.
+                    replies[i] = _unavailable(result)
                 else:
                     replies[i] = result
             if not missing:
