@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
@@ -138,7 +138,13 @@ class ServerProcess:
     """One `creditmeter serve` child in its own session (so its process group holds it and
     its redis-server, and teardown can kill both)."""
 
-    def __init__(self, data_dir: Path, log_dir: Path, env: dict[str, str] | None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_dir: Path,
+        env: dict[str, str] | None,
+        args: Sequence[str] = (),
+    ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -151,7 +157,7 @@ class ServerProcess:
             # One process: these tests check its children (Redis, flusher) and its drain.
             # `--workers N` has tests/test_workers.py.
             [sys.executable, "-m", "creditmeter", "serve", "--workers", "1",
-             "--listen", self.address, "--data-dir", str(data_dir)],
+             "--listen", self.address, "--data-dir", str(data_dir), *args],
             stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
             env=env or ENV, start_new_session=True,
         )
@@ -216,8 +222,11 @@ def launch(tmp_path: Path) -> Iterator[Launch]:
     group started is killed at teardown, whatever the test did."""
     started: list[ServerProcess] = []
 
-    def _launch(data_dir: Path, env: dict[str, str] | None = None) -> ServerProcess:
-        server = ServerProcess(data_dir, tmp_path / "logs", env)
+    def _launch(
+        data_dir: Path, env: dict[str, str] | None = None, args: Sequence[str] = ()
+    ) -> ServerProcess:
+        """`args`: more `serve` flags (say, --redis-url)."""
+        server = ServerProcess(data_dir, tmp_path / "logs", env, args)
         started.append(server)
         server.wait_ready()
         return server

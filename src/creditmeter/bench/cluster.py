@@ -47,6 +47,8 @@ POLL_S = 0.02
 #: Tries at a node whose port was taken between our check and its bind.
 PORT_ATTEMPTS = 5
 LOG_TAIL_LINES = 15
+#: util-linux's setpriv, to start nodes with a parent-death signal (see _spawn).
+SETPRIV = shutil.which("setpriv")
 #: The nodes' append-only file fsync policy unless told otherwise (as the tests run them).
 DEFAULT_APPENDFSYNC = "everysec"
 
@@ -329,25 +331,31 @@ class RedisClusterNodes:
         node.frozen = True
         node.killed_at = time.monotonic()
 
-    def thaw(self, node: RedisNode, timeout: float = START_TIMEOUT_S) -> None:
-        """SIGCONT a frozen node and wait until the cluster is whole again (a primary that
-        was failed over meanwhile rejoins as a replica)."""
+    def thaw(self, node: RedisNode, timeout: float = START_TIMEOUT_S, settle: bool = True) -> None:
+        """SIGCONT a frozen node and (unless not `settle`) wait until the cluster is whole
+        again (a primary that was failed over meanwhile rejoins as a replica)."""
         assert node.process is not None and node.frozen, f"{node.address} is not frozen"
         node.process.send_signal(signal.SIGCONT)
         node.frozen = False
-        self.wait_settled(timeout)
+        if settle:
+            self.wait_settled(timeout)
 
     def wait_settled(self, timeout: float = START_TIMEOUT_S) -> None:
         """Wait until every answering node has cluster_state:ok, they agree on 3 primaries
         and every replica's link is up."""
         self._wait(time.monotonic() + timeout, "the cluster to settle", self._settled)
 
-    def restart(self, node: RedisNode, timeout: float = START_TIMEOUT_S) -> None:
-        """Start a stopped node again on its port, directory and nodes.conf, and wait until
-        the cluster is whole: a primary that was failed over rejoins as a replica of its
-        successor and syncs from it."""
+    def restart(self, node: RedisNode, timeout: float = START_TIMEOUT_S, wait: bool = True) -> None:
+        """Start a stopped node again on its port, directory and nodes.conf, and (unless not
+        `wait`: then see wait_settled) wait until the cluster is whole: a primary that was
+        failed over rejoins as a replica of its successor and syncs from it.
+
+        The node dies with the thread that started it (its parent-death signal): under a
+        running event loop, call this from the loop's thread rather than a worker's."""
         assert not node.running, f"{node.address} is still running"
         self._spawn(node)
+        if not wait:
+            return
         deadline = time.monotonic() + timeout
         self._wait(deadline, f"{node.address} to answer", lambda: self._answers(node))
         self._wait(deadline, f"{node.address} to rejoin", self._settled)
@@ -429,19 +437,27 @@ class RedisClusterNodes:
     # -- internals
 
     def _spawn(self, node: RedisNode) -> None:
+        # A pytest killed outright takes its nodes with it: their parent-death signal.
+        # setpriv(1) sets it in the child, where it can: a preexec_fn runs Python in a
+        # forked child, which crashes if other threads (gRPC's) were busy at the fork (a
+        # node restarted under gRPC load segfaulted so).
+        options: dict[str, Any] = {}
+        if SETPRIV is not None:
+            command = [SETPRIV, "--pdeathsig", "TERM", *node.args(self.binary)]
+        else:
+            command, options = node.args(self.binary), {"preexec_fn": die_with_parent}
         node.process = subprocess.Popen(
-            node.args(self.binary),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            # A pytest killed outright takes its nodes with it.
-            preexec_fn=die_with_parent,
+            **options,
         )
 
     def _wait_answers(self, node: RedisNode, taken: set[int]) -> None:
         """Wait for a new node to answer; if its port was taken meanwhile (it exits at
         once), move it to another port. A node that exits at once leaving no log line
-        is started again too (seen once in a full run on a loaded machine, cause unknown);
+        is started again too (a preexec_fn that crashed in the forked child did that);
         any other early exit fails with its log."""
         deadline = time.monotonic() + START_TIMEOUT_S
         for _ in range(PORT_ATTEMPTS):

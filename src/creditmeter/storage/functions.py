@@ -10,7 +10,12 @@ from redis.exceptions import ResponseError
 
 from creditmeter.constants import SCRIPT_LOAD_ATTEMPTS
 from creditmeter.storage import scripts
-from creditmeter.storage.redis_client import Client, check_reachable, on_every_primary
+from creditmeter.storage.redis_client import (
+    Client,
+    check_reachable,
+    on_every_primary,
+    reachable,
+)
 
 
 def function_missing(exc: object) -> bool:
@@ -37,7 +42,14 @@ async def call_each(
     """FCALL function `name` once per (keys, args), in one pipeline (a batch per node);
     each reply, or the ResponseError of that call. Calls refused because the library is
     missing (a FUNCTION FLUSH, a Redis that lost its data) are sent again once it is
-    loaded."""
+    loaded. A Redis away (or a node of a cluster) raises BackendUnavailable."""
+    async with reachable():
+        return await _call_each(client, name, calls)
+
+
+async def _call_each(
+    client: Client, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+) -> list[Any]:
     function = scripts.function_name(name)
     replies: list[Any] = [None] * len(calls)
     pending = list(range(len(calls)))

@@ -16,11 +16,16 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditmeter.constants import REDIS_POOL_SIZE, REDIS_POOL_TIMEOUT_S
@@ -70,11 +75,51 @@ def cluster_seeds(url: str) -> list[tuple[str, int]]:
     return seeds
 
 
+#: Errors after which the client's slot map may be out of date: a node died or hangs, or
+#: the cluster is failing over (redis-py's own list of them).
+TOPOLOGY_ERRORS = RedisCluster.ERRORS_ALLOW_RETRY
+
+
+class _Pipeline(ClusterPipeline):
+    """redis-py's cluster pipeline, asking for a fresh slot map after a node failed it.
+
+    redis-py does that for a single command, but for a pipeline only when it retries, and
+    retries are off here: without this, every pipeline -- the charges, the flusher's reads
+    -- kept going to a dead primary's address after its replica had taken over, and that
+    shard never came back (tests/test_scale_out.py)."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        try:
+            results = await super().execute(raise_on_error, allow_redirections)
+        except TOPOLOGY_ERRORS:
+            self._stale()
+            raise
+        if any(isinstance(r, TOPOLOGY_ERRORS) for r in results):
+            self._stale()
+        return results
+
+    def _stale(self) -> None:
+        # What redis-py's single commands set on a lost node: the next command, of any
+        # caller, fetches the slot map first. (Its aclose() would also cut the other
+        # nodes' connections, in use by calls in flight.)
+        self.cluster_client._initialize = True
+
+
 class Cluster(RedisCluster):
     """redis-py's cluster client, finding the keys of FCALL, XREAD and XREADGROUP in their
     arguments, as it already does for EVAL and EVALSHA. Redis flags those commands
     'movablekeys', for which redis-py otherwise asks a node (COMMAND GETKEYS) on every
-    call: one extra round trip per FCALL, the hot path's every charge."""
+    call: one extra round trip per FCALL, the hot path's every charge. Its pipelines
+    follow a failover (`_Pipeline`)."""
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        # redis-py's own ClusterPipeline(...) call: its class declares an attribute that
+        # mypy takes for abstract (set by a base class's __init__).
+        return _Pipeline(self, transaction)  # type: ignore[abstract]
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         name = str(command).upper()
@@ -160,11 +205,16 @@ async def on_every_primary(client: Client, *command: Any) -> list[Any]:
     return replies
 
 
-#: What a Redis that is away (or too slow) raises.
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+#: What a Redis that is away (or too slow) raises, and a cluster failing over:
+#: CLUSTERDOWN until a replica took over, TRYAGAIN and an uncovered slot meanwhile. Never
+#: an answer to the call itself.
+UNREACHABLE = (
+    RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError,
+    SlotNotCoveredError,
+)  # fmt: skip
 
 
-def _unavailable(exc: BaseException) -> BackendUnavailable:
+def unavailable(exc: BaseException) -> BackendUnavailable:
     return BackendUnavailable(f"redis unavailable: {exc}", {"backend": "redis"})
 
 
@@ -175,7 +225,7 @@ async def reachable() -> AsyncIterator[None]:
     try:
         yield
     except UNREACHABLE as exc:
-        raise _unavailable(exc) from exc
+        raise unavailable(exc) from exc
 
 
 def check_reachable(results: Iterable[Any]) -> None:
@@ -185,4 +235,4 @@ def check_reachable(results: Iterable[Any]) -> None:
     a retry with the same request ids replays them."""
     for result in results:
         if isinstance(result, UNREACHABLE):
-            raise _unavailable(result) from result
+            raise unavailable(result) from result

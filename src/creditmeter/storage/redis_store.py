@@ -54,7 +54,7 @@ from creditmeter.storage.layout import (
     session_request_id,
     sessions_key,
 )
-from creditmeter.storage.redis_client import Client, check_reachable, reachable
+from creditmeter.storage.redis_client import UNREACHABLE, Client, reachable, unavailable
 
 
 @dataclass(frozen=True)
@@ -400,9 +400,6 @@ class RedisStore:
                     acks = self._ask_acks(pipe, first_keys)
                     self.pipelines += 1
                     results = await pipe.execute(raise_on_error=False)
-                    # A cluster pipeline leaves a node's timeout or lost connection in its
-                    # commands' results rather than raising it.
-                    check_reachable(results)
                     if acks:
                         await self._check_acks(first_keys, nodes, results[-acks:])
                         results = results[:-acks]
@@ -413,6 +410,12 @@ class RedisStore:
             for i, result in zip(pending, results, strict=True):
                 if isinstance(result, ResponseError) and function_missing(result):
                     missing.append(i)
+                elif isinstance(result, UNREACHABLE):
+                    # A cluster pipeline leaves a node's timeout or lost connection in its
+                    # commands' results rather than raising it. One node of a cluster lost
+                    # (the others' calls stand): this call fails UNAVAILABLE, as a lost
+                    # single Redis fails them all.
+                    replies[i] = unavailable(result)
                 else:
                     replies[i] = result
             if not missing:

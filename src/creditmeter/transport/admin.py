@@ -83,7 +83,9 @@ async def open_stores(
             await ledger.close()
 
 
-async def run_flusher(data_dir: str, redis_url: str | None, ledger_url: str | None) -> int:
+async def run_flusher(
+    data_dir: str, redis_url: str | None, ledger_url: str | None, replica_acks: int = 0
+) -> int:
     """Flush until SIGTERM/SIGINT. A ledger that does not answer is waited for (tried
     again with backoff, a WARNING line per attempt), not a reason to exit: the outboxes
     hold the events meanwhile."""
@@ -97,7 +99,7 @@ async def run_flusher(data_dir: str, redis_url: str | None, ledger_url: str | No
         try:
             if not await link.start() and not await link.keep_opening(stop):
                 return 0  # stopped before the ledger ever answered: nothing was read
-            flusher = Flusher(client, ledger)
+            flusher = Flusher(client, ledger, replica_acks=replica_acks)
             await flusher.run(stop)
             # What was written up to the stop still goes in (a stopping server's last calls).
             with contextlib.suppress(Exception):

@@ -419,7 +419,9 @@ def cmd_flush(args: argparse.Namespace) -> int:
         die_with_parent()
         if os.getppid() != args.parent_pid:  # it died before we asked
             return 1
-    return uvloop.run(run_flusher(args.data_dir, args.redis_url, args.ledger_url))
+    return uvloop.run(
+        run_flusher(args.data_dir, args.redis_url, args.ledger_url, args.replica_acks)
+    )
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -735,6 +737,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flush", help="drain the outboxes into the ledger (a flusher process)")
     _store_flags(p)
+    p.add_argument(
+        "--replica-acks",
+        type=int,
+        default=int(_env("REPLICA_ACKS") or 0),
+        help="flush an entry only once this many Redis replicas have it (WAIT), as serve's "
+        "--replica-acks answers a change (env CREDITMETER_REPLICA_ACKS)",
+    )
     # Set by `serve` for its flusher child: exit with that process.
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_flush)

@@ -182,7 +182,10 @@ class App:
         await metering.store.upgrade_layout()
         await metering.store.load_library()
         if s.flusher:
-            flusher = Flusher(self.redis, ledger, retention_ms=s.watch_retention_s * 1000)
+            flusher = Flusher(
+                self.redis, ledger, retention_ms=s.watch_retention_s * 1000,
+                replica_acks=s.replica_acks,
+            )  # fmt: skip
             await flusher.ensure_groups()
             if not s.flusher_process:
                 self.flusher = flusher
@@ -354,6 +357,7 @@ class App:
             sys.executable, "-m", "creditmeter", "flush",
             "--data-dir", str(s.data_dir), "--redis-url", redis_url,
             *(["--ledger-url", s.ledger_url] if s.ledger_url else []),
+            "--replica-acks", str(s.replica_acks),
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         while not self._stopping.is_set():

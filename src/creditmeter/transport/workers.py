@@ -164,6 +164,7 @@ def flusher_command(settings: Settings, redis_url: str) -> list[str]:
         sys.executable, "-m", "creditmeter", "flush",
         "--data-dir", str(s.data_dir), "--redis-url", redis_url,
         *(["--ledger-url", s.ledger_url] if s.ledger_url else []),
+        "--replica-acks", str(s.replica_acks),
         "--parent-pid", str(os.getpid()),
     ]  # fmt: skip
 

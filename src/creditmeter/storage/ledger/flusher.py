@@ -11,6 +11,9 @@ they are claimed at once and flushed first. A batch is inserted in one ledger tr
 two re-delivers the batch and the ledger still holds each event once. A restarted flusher
 first re-reads its own pending entries; entries pending on a consumer that has been idle
 too long are claimed with XAUTOCLAIM.
+With `replica_acks` (serve's `--replica-acks N`) a batch goes to the ledger only once its
+node has it on N replicas (WAIT): an entry a failover can still take back never reaches the
+ledger, where the retry of its call, charged again by the new primary, would make it twice.
 Outboxes are trimmed only below the oldest entry not yet acknowledged, never by length,
 and keep the flushed entries of the last `retention_ms` for balance watchers resuming from
 a token (WatchBalance reads the outboxes).
@@ -26,7 +29,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from redis.exceptions import ResponseError
 
@@ -41,13 +44,14 @@ from creditmeter.constants import (
     FLUSH_MAINTENANCE_INTERVAL_S,
     FLUSH_READ_COUNT,
     FLUSHERS_KEY,
+    REPLICA_ACK_TIMEOUT_MS,
     WATCH_RETENTION_S,
 )
 from creditmeter.storage import layout
 from creditmeter.storage.deployment import restore_buckets
 from creditmeter.storage.entries import ledger_records
 from creditmeter.storage.functions import call_each
-from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
+from creditmeter.storage.layout import acks_key, flushed_key, outbox_key, trimmed_key
 from creditmeter.storage.leases import BucketLeases
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
@@ -90,10 +94,13 @@ class Flusher:
         retention_ms: int = WATCH_RETENTION_S * 1000,
         lease_ms: int = FLUSH_LEASE_MS,
         leases: bool = True,
+        replica_acks: int = 0,
     ) -> None:
         """`leases=False` reads every bucket, sharing each with any other flusher through
-        the consumer group alone (what tests that drive two flushers by hand want)."""
+        the consumer group alone (what tests that drive two flushers by hand want).
+        `replica_acks`: the replicas an entry must be on before it is flushed."""
         self.client = client
+        self.replica_acks = replica_acks
         self.ledger = ledger
         self.consumer = consumer or consumer_name()
         self.read_count = read_count
@@ -179,8 +186,47 @@ class Flusher:
                 self._pending_first.discard(bucket)
         return read
 
+    async def _replicated(self, batch: Sequence[Read]) -> list[Read]:
+        """The reads of `batch` whose node has them on `replica_acks` replicas; the others
+        stay pending on this consumer and are read again first, next round.
+
+        As RedisStore's acknowledgements: per node, a write (INCR of a bucket's `acks`
+        key) and WAIT on one connection, so WAIT covers every write the node made before,
+        the entries read included."""
+        if not self.replica_acks or not batch:
+            return list(batch)
+        locate = getattr(self.client, "get_node_from_key", None)
+        targets: dict[str, tuple[str, Any]] = {}
+        names = []
+        for bucket, _entries in batch:
+            counter = acks_key(outbox_key(bucket))
+            node = locate(counter) if locate is not None else None
+            names.append("" if node is None else node.name)
+            targets.setdefault(names[-1], (counter, node))
+        wait = ("WAIT", self.replica_acks, REPLICA_ACK_TIMEOUT_MS)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for counter, node in targets.values():
+                pipe.incr(counter)
+                if node is None:
+                    pipe.execute_command(*wait)
+                else:
+                    pipe.execute_command(*wait, target_nodes=node)
+            replies = await pipe.execute(raise_on_error=False)
+        acked = {
+            name for name, reply in zip(targets, replies[1::2], strict=True)
+            if not isinstance(reply, Exception) and int(reply) >= self.replica_acks
+        }  # fmt: skip
+        kept = []
+        for read, name in zip(batch, names, strict=True):
+            if name in acked:
+                kept.append(read)
+            else:
+                self._pending_first.add(read[0])
+        return kept
+
     async def commit(self, batch: Sequence[Read]) -> int:
         """Write a batch to the ledger, then acknowledge it. Returns events written."""
+        batch = await self._replicated(batch)
         events: list[Event] = []
         requests: list[RequestRecord] = []
         for _bucket, entries in batch:
