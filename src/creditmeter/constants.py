@@ -96,9 +96,12 @@ FLUSH_IDLE_POLL_MAX_MS = 1000
 #: A flusher's hold on a bucket (storage/leases.py), renewed every maintenance round: a
 #: flusher that dies leaves its buckets to its peers this long after its last renewal.
 FLUSH_LEASE_MS = 5_000
-#: How often a flusher renews its leases, trims flushed entries off the outboxes and looks
-#: for dead peers.
+#: How often a flusher renews its leases (and takes or gives up buckets).
 FLUSH_MAINTENANCE_INTERVAL_S = 1.0
+#: How often it trims flushed entries off its buckets' outboxes and claims entries left
+#: pending by dead peers (both a pipeline per bucket: at 1,024 buckets, every second cost
+#: an idle flusher a tenth of a core).
+FLUSH_CLEANUP_INTERVAL_S = 5.0
 #: Every flusher's figures (events committed, lag of its last batch, when), one field per
 #: flusher, so the server reports them whichever process flushes.
 FLUSHERS_KEY = "cm:flushers"

@@ -38,6 +38,7 @@ from creditmeter.constants import (
     BACKLOG_CHECK_BUCKETS,
     FLUSH_BLOCK_MS,
     FLUSH_CLAIM_IDLE_MS,
+    FLUSH_CLEANUP_INTERVAL_S,
     FLUSH_GROUP,
     FLUSH_IDLE_POLL_MAX_MS,
     FLUSH_LEASE_MS,
@@ -147,25 +148,31 @@ class Flusher:
             return
         changes = await self.leases.refresh()
         self._pending_first.difference_update(changes.lost)
-        for bucket in changes.gained:
-            self._pending_first.add(bucket)  # its own, from before a restart
-            claimed = await self._claim(bucket, 0)
-            if claimed:
-                await self.commit([(bucket, claimed)])
+        self._pending_first.update(changes.gained)  # its own, from before a restart
+        for read in await self._claim(changes.gained, 0):
+            await self.commit([read])
 
-    async def _claim(self, bucket: int, idle_ms: int) -> list[Entry]:
-        """XAUTOCLAIM a bucket's entries pending on any consumer for `idle_ms`: those still
-        in the outbox (a trimmed one is only taken off the pending list)."""
-        stream, start = outbox_key(bucket), "0-0"
-        found: list[Entry] = []
-        while True:
-            next_start, entries, *_ = await self.client.xautoclaim(
-                stream, FLUSH_GROUP, self.consumer, idle_ms, start, count=self.read_count
-            )
-            found.extend((i, f) for i, f in entries if f is not None)
-            if next_start in ("0-0", b"0-0"):
-                return found
-            start = next_start
+    async def _claim(self, buckets: Sequence[int], idle_ms: int) -> list[Read]:
+        """XAUTOCLAIM the buckets' entries pending on any consumer for `idle_ms`, one
+        command per bucket in a pipeline (again for those with more): the entries still in
+        the outbox (a trimmed one is only taken off the pending list)."""
+        cursors = {bucket: "0-0" for bucket in buckets}
+        found: dict[int, list[Entry]] = {}
+        while cursors:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for bucket, start in cursors.items():
+                    pipe.xautoclaim(outbox_key(bucket), FLUSH_GROUP, self.consumer, idle_ms,
+                                    start, count=self.read_count)  # fmt: skip
+                replies = await pipe.execute()
+            more = {}
+            for bucket, (next_start, entries, *_) in zip(cursors, replies, strict=True):
+                kept = [(i, f) for i, f in entries if f is not None]
+                if kept:
+                    found.setdefault(bucket, []).extend(kept)
+                if next_start not in ("0-0", b"0-0"):
+                    more[bucket] = next_start
+            cursors = more
+        return list(found.items())
 
     async def _read(self, buckets: Sequence[int], pending: bool) -> list[Read]:
         """One XREADGROUP per bucket, in one pipeline: their own pending entries, or new."""
@@ -289,11 +296,9 @@ class Flusher:
         """Take over entries left pending, in the buckets held, by flushers that stopped
         (idle for `claim_idle_ms`); returns entries claimed."""
         claimed = 0
-        for bucket in self.buckets():
-            entries = await self._claim(bucket, self.claim_idle_ms)
-            if entries:
-                await self.commit([(bucket, entries)])
-                claimed += len(entries)
+        for read in await self._claim(self.buckets(), self.claim_idle_ms):
+            await self.commit([read])
+            claimed += len(read[1])
         return claimed
 
     async def trim(self) -> None:
@@ -369,13 +374,15 @@ class Flusher:
         exponential backoff and one WARNING line per failed attempt."""
         stop = stop or asyncio.Event()
         await self.ensure_groups()
-        last_maintenance = 0.0
+        last_leases = last_cleanup = -math.inf
         backoff = Backoff()
         while not stop.is_set():
             try:
-                if time.monotonic() - last_maintenance > FLUSH_MAINTENANCE_INTERVAL_S:
-                    last_maintenance = time.monotonic()
+                if time.monotonic() - last_leases > FLUSH_MAINTENANCE_INTERVAL_S:
+                    last_leases = time.monotonic()
                     await self.refresh_leases()
+                if time.monotonic() - last_cleanup > FLUSH_CLEANUP_INTERVAL_S:
+                    last_cleanup = time.monotonic()
                     await self.claim_dead()
                     await self.trim()
                 if not await self.flush_once(idle_backoff=True):
