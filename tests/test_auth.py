@@ -42,6 +42,10 @@ VALID_REQUESTS: dict[str, Callable[[], Message]] = {
     "ConsumeBatch": lambda: pb.ConsumeBatchRequest(
         items=[pb.ConsumeRequest(account_id=ACCOUNT, feature="text", request_id=rid())]
     ),
+    "Check": lambda: pb.CheckRequest(account_id=ACCOUNT, feature="text"),
+    "CheckBatch": lambda: pb.CheckBatchRequest(
+        items=[pb.CheckRequest(account_id=ACCOUNT, feature="voice", quantity=61)]
+    ),
     "Meter": lambda: pb.MeterRequest(
         consume=pb.ConsumeRequest(account_id=ACCOUNT, feature="text", request_id=rid())
     ),
@@ -94,6 +98,8 @@ READ_RPCS = frozenset(
         "GetUsageReport",
         "GetSession",
         "WatchBalance",
+        "Check",
+        "CheckBatch",
     }
 )
 METER_RPCS = frozenset(

@@ -444,6 +444,47 @@ async def test_iter_transactions_walks_every_page(app: App, tenant: Tenant) -> N
     assert await asyncio.to_thread(walk) == [4, 5, 4, 3, 2, 1]
 
 
+async def test_check_and_check_batch_through_the_async_client(app: App, tenant: Tenant) -> None:
+    async with sdk.AsyncClient(address(app), tenant.read.key, timeout=5) as reader:
+        async with sdk.AsyncClient(address(app), tenant.admin.key, timeout=5) as admin:
+            await admin.grant("asker", 5)
+        ok = await reader.check("asker", "voice", quantity=61)  # a read key may check
+        assert (ok.allowed, ok.amount, ok.units, ok.balance) == (True, 2, 2, 5)
+        no = await reader.check("asker", "text", amount=6)
+        assert not no.allowed and no.denial.reason == "INSUFFICIENT_CREDITS"
+        assert dict(no.denial.metadata) == {"balance": "5", "required": "6"}
+        batch = await reader.check_batch([
+            sdk.check_request("asker", "text", quantity=5),
+            sdk.check_request("has space", "text"),
+            sdk.check_request("asker", "text", amount=6),
+        ])  # fmt: skip
+        outcomes = [r.WhichOneof("outcome") for r in batch.results]
+        assert outcomes == ["response", "error", "response"]
+        assert batch.results[0].response.allowed and not batch.results[2].response.allowed
+        assert batch.results[1].error.reason == "INVALID_REQUEST"
+        assert "account_id" in batch.results[1].error.field_violations
+        with pytest.raises(sdk.InvalidRequest) as caught:
+            await reader.check("asker", "text", quantity=0)
+        assert set(caught.value.field_violations) == {"quantity"}
+        assert (await reader.get_balance("asker")).balance == 5  # nothing was charged
+
+
+async def test_check_and_check_batch_through_the_sync_client(app: App, tenant: Tenant) -> None:
+    def run() -> tuple[pb.CheckResponse, pb.CheckBatchResponse]:
+        with sdk.Client(address(app), tenant.admin.key) as client:
+            client.grant("sync-asker", 3)
+            with sdk.Client(address(app), tenant.meter.key) as meter:
+                one = meter.check("sync-asker", "text", quantity=3)
+                many = meter.check_batch([sdk.check_request("sync-asker", "text", amount=4)])
+            return one, many
+
+    one, many = await asyncio.to_thread(run)
+    assert (one.allowed, one.amount, one.balance) == (True, 3, 3)
+    [only] = many.results
+    assert not only.response.allowed
+    assert dict(only.response.denial.metadata) == {"balance": "3", "required": "4"}
+
+
 def test_sync_and_async_clients_offer_the_same_methods() -> None:
     def public(cls: type) -> set[str]:
         return {n for n in vars(cls) if not n.startswith("_")}

@@ -663,6 +663,14 @@ def test_cli_client_commands_against_the_running_server(launch: Launch, tmp_path
     assert consumed.returncode == 0, consumed.stderr
     assert "charged 3 credits (3 text units) to acct: balance 97" in consumed.stdout
 
+    checked = cli("check", "acct", "voice", "--quantity", "61", *flags)
+    assert checked.returncode == 0, checked.stderr
+    assert "acct: allowed; would cost 2 credits (2 voice units), balance 97" in checked.stdout
+    refused = cli("check", "acct", "text", "--amount", "98", *flags)
+    assert refused.returncode == 1, refused.stderr
+    assert "not allowed: INSUFFICIENT_CREDITS" in refused.stdout
+    assert "balance=97  required=98" in refused.stdout
+
     shown = cli("balance", "acct", *flags)
     assert shown.returncode == 0, shown.stderr
     assert "acct: balance 97" in shown.stdout

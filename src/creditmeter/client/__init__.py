@@ -48,6 +48,7 @@ from creditmeter.client.errors import (
     Unimplemented,
     from_rpc_error,
 )
+from creditmeter.client.requests import check as check_request
 from creditmeter.client.retry import NO_RETRY, RetryPolicy
 from creditmeter.client.sessions import AsyncCallSession, CallSession, SessionMeter
 from creditmeter.client.sync import Client
@@ -95,6 +96,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "check_request",
     "errors",
     "from_rpc_error",
 ]

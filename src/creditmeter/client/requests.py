@@ -86,6 +86,19 @@ def consume(
     return req
 
 
+def check(
+    account_id: str, feature: str, *, quantity: int | None = None, amount: int | None = None
+) -> pb.CheckRequest:
+    """A Check request (an item of check_batch): the consumption as `consume` takes it,
+    without a request id (a check changes nothing)."""
+    req = pb.CheckRequest(account_id=account_id, feature=feature)
+    if quantity is not None:
+        req.quantity = quantity
+    if amount is not None:
+        req.amount = amount
+    return req
+
+
 def set_balance(
     account_id: str, amount: int, *, reset: bool, reference: str, request_id: str | None
 ) -> pb.SetBalanceRequest:

@@ -137,6 +137,30 @@ class Client:
         )
         return self.call("Consume", req, pb.ConsumeResponse, timeout)
 
+    def check(
+        self,
+        account_id: str,
+        feature: str,
+        *,
+        quantity: int | None = None,
+        amount: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.CheckResponse:
+        """What `consume` of the same item would decide now, changing nothing: `allowed`,
+        the `amount` it would cost, the spendable `balance`, and when not allowed the
+        error Consume would give (`denial`: its reason and metadata)."""
+        req = rq.check(account_id, feature, quantity=quantity, amount=amount)
+        return self.call("Check", req, pb.CheckResponse, timeout)
+
+    def check_batch(
+        self, items: Iterable[pb.CheckRequest], *, timeout: float | None = None
+    ) -> pb.CheckBatchResponse:
+        """Check 1 to 1,000 items (build each with `creditmeter.client.check_request`) in
+        one call; one result per item, in order: its CheckResponse, or its error when the
+        item is invalid."""
+        req = pb.CheckBatchRequest(items=list(items))
+        return self.call("CheckBatch", req, pb.CheckBatchResponse, timeout)
+
     def get_balance(
         self, account_id: str, *, timeout: float | None = None
     ) -> pb.GetBalanceResponse:

@@ -39,6 +39,8 @@ _READS = frozenset(
         "GetSubscription",
         "GetSession",
         "WatchBalance",
+        "Check",  # changes nothing: a price enquiry and balance check
+        "CheckBatch",
     }
 )
 _METERING = frozenset(

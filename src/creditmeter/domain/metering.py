@@ -40,6 +40,8 @@ from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import Ledger, StagedGrant
 from creditmeter.storage.redis_store import (
     Call,
+    CheckCall,
+    CheckRecord,
     ConsumeCall,
     ConsumeRecord,
     GrantRecord,
@@ -93,6 +95,44 @@ def _counted(c: ConsumeCall, record: ConsumeRecord) -> ConsumeResult:
         charges=record.charges,
         balance=balances.after(record.holdings),
         time_ms=record.time_ms,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckItem:
+    """One check of a batch: the parameters of `Metering.check`."""
+
+    account_id: str
+    feature: str
+    quantity: int | None = None
+    amount: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """What a Consume of the same item would decide now, nothing changed."""
+
+    allowed: bool
+    #: Credits it would cost at the tenant's rate (or the explicit amount).
+    amount: int
+    #: Units it would charge (messages, or billing increments of a time feature).
+    units: int
+    feature: str
+    #: Spendable now (see creditmeter.domain.balances), expired credit left out.
+    balance: int
+    #: The error Consume would fail with (None when allowed).
+    denial: CreditError | None = None
+
+
+def _checked(c: CheckCall, feature: str, units: int, record: CheckRecord) -> CheckResult:
+    denial = None if record.refusal is None else from_rejection(record.refusal)
+    return CheckResult(
+        allowed=denial is None,
+        amount=c.amount,
+        units=units,
+        feature=feature,
+        balance=balances.after(record.holdings),
+        denial=denial,
     )
 
 
@@ -452,6 +492,71 @@ class Metering:
                 raise reply  # a script failure, not a refusal: a bug, as for `consume`
             else:
                 results.append(_counted(c, reply))
+        return results
+
+    # --- Check -----------------------------------------------------------------------
+    def _check_call(
+        self, tenant: str, account_id: str, feature: str, quantity: int | None,
+        amount: int | None,
+    ) -> tuple[CheckCall, int]:  # fmt: skip
+        """Validate and price one check as `_consume_call` does a consumption (the same
+        violations, but no request id: a check changes nothing); raises InvalidRequest."""
+        v = Violations()
+        v.account_id(account_id)
+        credits, units = self.price(tenant, feature, quantity, amount, v)
+        v.raise_if_any()
+        return CheckCall(AccountKeys(tenant, account_id), credits, self.clock.now_ms()), units
+
+    async def check(
+        self,
+        tenant: str,
+        account_id: str,
+        feature: str,
+        *,
+        quantity: int | None = None,
+        amount: int | None = None,
+    ) -> CheckResult:
+        """What `consume` of the same item would decide now: allowed, its price, the
+        spendable balance, and the refusal it would answer. Changes nothing; the ledger
+        backlog gate is not consulted (it refuses changes, and a check is none)."""
+        c, units = self._check_call(tenant, account_id, feature, quantity, amount)
+        record = await self.store.check(c.keys, c.amount, c.now_ms)
+        return _checked(c, feature, units, record)
+
+    async def check_many(
+        self, tenant: str, items: Sequence[CheckItem]
+    ) -> list[CheckResult | CreditError]:
+        """Check each item as `check` would; an invalid item gets its InvalidRequest.
+
+        The batch as a whole is refused (raises) only when it is empty or too large (the
+        limits of ConsumeBatch), or when Redis is unreachable. Valid items go to Redis in
+        one round trip; each is judged on its own against the current state (none is
+        spent, so two items of one account do not add up).
+        """
+        if not 1 <= len(items) <= MAX_CONSUME_BATCH:
+            raise InvalidRequest([("items", f"must hold 1 to {MAX_CONSUME_BATCH} items")])
+        outcomes: list[CreditError | None] = []
+        calls: list[tuple[CheckCall, str, int]] = []
+        for item in items:
+            try:
+                call, units = self._check_call(
+                    tenant, item.account_id, item.feature, item.quantity, item.amount
+                )
+                calls.append((call, item.feature, units))
+                outcomes.append(None)  # filled in from the store's reply below
+            except InvalidRequest as invalid:
+                outcomes.append(invalid)
+        records = await self.store.check_many([c for c, _, _ in calls]) if calls else []
+        replies = zip(calls, records, strict=True)
+        results: list[CheckResult | CreditError] = []
+        for outcome in outcomes:
+            if outcome is not None:
+                results.append(outcome)
+                continue
+            (c, feature, units), record = next(replies)
+            if isinstance(record, Exception):
+                raise record  # a script failure: a bug, as for `check`
+            results.append(_checked(c, feature, units, record))
         return results
 
     # --- SetBalance ------------------------------------------------------------------

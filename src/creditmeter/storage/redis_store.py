@@ -140,6 +140,35 @@ class ConsumeCall:
     units: int
 
 
+@dataclass(frozen=True, slots=True)
+class CheckCall:
+    """One check for `RedisStore.check_many`: an account, a charge, and the time of it."""
+
+    keys: AccountKeys
+    amount: int
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRecord:
+    """What consume would decide for a charge now: the account's raw figures (expired
+    credit not swept yet left out) and the refusal consume would answer (None: it would
+    charge)."""
+
+    holdings: Holdings
+    refusal: Rejected | None
+
+
+def _check_record(values: Sequence[str]) -> CheckRecord:
+    """check.lua's reply for one charge: 'OK2', holdings, then a refusal's reason and
+    metadata when consume would refuse."""
+    refusal = None
+    if len(values) > 4:
+        pairs = values[5:]
+        refusal = Rejected(values[4], dict(zip(pairs[::2], pairs[1::2], strict=True)))
+    return CheckRecord(_holdings(values[1:4]), refusal)
+
+
 @dataclass(frozen=True)
 class SetBalanceRecord:
     holdings: Holdings
@@ -309,11 +338,15 @@ class RedisStore:
         self.replica_acks = replica_acks
         self._functions = {
             name: scripts.function_name(name)
-            for name in (*scripts.SCRIPT_NAMES, scripts.CONSUME_BATCH)
+            for name in (*scripts.SCRIPT_NAMES, scripts.CONSUME_BATCH, scripts.CHECK)
         }
         #: Concurrent single consumptions share pipelines through this (see coalescer).
         self.consume_coalescer: Coalescer[ConsumeCall, ConsumeRecord] = Coalescer(
             self.consume_many, COALESCE_MAX_BATCH
+        )
+        #: Concurrent single checks share pipelines the same way.
+        self.check_coalescer: Coalescer[CheckCall, CheckRecord] = Coalescer(
+            self.check_many, COALESCE_MAX_BATCH
         )
         #: Script pipelines sent to Redis (round trips of `consume_many`), for tests.
         self.pipelines = 0
@@ -372,6 +405,7 @@ class RedisStore:
         calls: Sequence[tuple[list[str], list[Any]]],
         load_first: bool = False,
         operation: str | None = None,
+        read_only: bool = False,
     ) -> list[Any]:
         """Run function `name` once per (keys, args), in order, in one pipeline (one batch
         per node of a cluster, sent in parallel); each reply or the ResponseError of that
@@ -381,7 +415,8 @@ class RedisStore:
         because the library is missing (after a FUNCTION FLUSH, a failover to a replica
         that lacks it, or a Redis that lost its data) are sent again, in order, once the
         library is loaded again. The round trip's latency is recorded under `operation`
-        (default: `name`).
+        (default: `name`). A `read_only` function (registered no-writes) goes by FCALL_RO
+        and waits for no replica: it changed nothing.
         """
         function = self._functions[name]
         replies: list[Any] = [None] * len(calls)
@@ -392,12 +427,14 @@ class RedisStore:
             start = time.perf_counter()
             try:
                 async with reachable(), self.client.pipeline(transaction=False) as pipe:
+                    send = pipe.fcall_ro if read_only else pipe.fcall
                     for i in pending:
                         keys, args = calls[i]
-                        pipe.fcall(function, len(keys), *keys, *args)
+                        send(function, len(keys), *keys, *args)
                     first_keys = [calls[i][0][0] for i in pending]
-                    nodes = set(self._ack_targets(first_keys)) if self.replica_acks else set()
-                    acks = self._ask_acks(pipe, first_keys)
+                    waits = self.replica_acks and not read_only
+                    nodes = set(self._ack_targets(first_keys)) if waits else set()
+                    acks = self._ask_acks(pipe, first_keys) if waits else 0
                     self.pipelines += 1
                     results = await pipe.execute(raise_on_error=False)
                     if acks:
@@ -531,6 +568,34 @@ class RedisStore:
                     outcomes[i] = _consume_record(_checked(item, "consume"))
                 except Rejected as rejected:
                     outcomes[i] = rejected
+        return outcomes
+
+    async def check(self, keys: AccountKeys, amount: int, now_ms: int) -> CheckRecord:
+        """What consume would decide for charging `amount` now; changes nothing.
+
+        Goes through a coalescer, as consume does: concurrent checks share round trips.
+        """
+        return await self.check_coalescer.submit(CheckCall(keys, amount, now_ms))
+
+    async def check_many(self, calls: Sequence[CheckCall]) -> list[CheckRecord | Exception]:
+        """Run check.lua for each call in one round trip: one FCALL_RO per bucket, carrying
+        that bucket's checks (as consume_many does: one script call per bucket, not one
+        per item). Each outcome is the call's record, or the ResponseError of its bucket."""
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(calls):
+            # One `now` per script call: checks of one bucket at different times (a
+            # coalesced queue) go in separate calls.
+            by_bucket.setdefault((c.keys.bucket, c.now_ms), []).append(i)
+        batches: list[tuple[list[str], list[Any]]] = []
+        for (_, now_ms), indexes in by_bucket.items():
+            keys = [calls[i].keys.account_key for i in indexes]
+            batches.append((keys, [str(now_ms), *(str(calls[i].amount) for i in indexes)]))
+        replies = await self._run_many(scripts.CHECK, batches, read_only=True)
+        outcomes: list[CheckRecord | Exception] = [ResponseError("not run")] * len(calls)
+        for indexes, reply in zip(by_bucket.values(), replies, strict=True):
+            items = reply if isinstance(reply, list) else [reply] * len(indexes)
+            for i, item in zip(indexes, items, strict=True):
+                outcomes[i] = item if isinstance(item, Exception) else _check_record(item)
         return outcomes
 
     async def set_balance(

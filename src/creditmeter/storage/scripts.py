@@ -32,6 +32,10 @@ SCRIPT_NAMES = (
 #: The function that runs consume.lua for many charges of one bucket in one call.
 CONSUME_BATCH = "consume_batch"
 
+#: The read-only function answering what consume would decide (check.lua), registered
+#: with the `no-writes` flag: it is called with FCALL_RO, which a replica may serve.
+CHECK = "check"
+
 #: Scripts of the flusher and its leases, without the prelude: functions of the library
 #: too, their text taking `KEYS` and `ARGV` as parameters. (A cluster pipeline cannot
 #: carry EVALSHA, and EVAL would send a script's whole text per bucket.)
@@ -63,6 +67,7 @@ def _code() -> str:
         "end\n"
     )
     parts.append(_read("consume_batch.lua"))
+    parts.append(_read("check.lua"))
     for name in PLAIN_NAMES:
         parts.append(f"-- ---- {name}.lua ----\nlocal function plain_{name}(KEYS, ARGV)\n"
                      f"{_read(f'{name}.lua')}\nend\n")  # fmt: skip
@@ -80,7 +85,8 @@ def library_name() -> str:
 
 
 def function_name(script: str) -> str:
-    """The name to FCALL for script `script` (of SCRIPT_NAMES, CONSUME_BATCH, PLAIN_NAMES)."""
+    """The name to FCALL for script `script` (of SCRIPT_NAMES, CONSUME_BATCH, CHECK,
+    PLAIN_NAMES)."""
     return f"cm_{digest()}_{script}"
 
 
@@ -91,7 +97,10 @@ def library() -> str:
         f"redis.register_function('{function_name(name)}', "
         f"function(keys, args) return run(body_{name}, keys, args) end)\n"
         for name in SCRIPT_NAMES
-    ) + (f"redis.register_function('{function_name(CONSUME_BATCH)}', consume_batch)\n") + "".join(
+    ) + (f"redis.register_function('{function_name(CONSUME_BATCH)}', consume_batch)\n") + (
+        f"redis.register_function{{function_name='{function_name(CHECK)}', callback=check, "
+        "flags={'no-writes'}}\n"
+    ) + "".join(
         f"redis.register_function('{function_name(name)}', plain_{name})\n" for name in PLAIN_NAMES
     )
     return f"#!lua name={library_name()}\n{_code()}\n{registrations}"

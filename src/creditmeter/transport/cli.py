@@ -260,6 +260,20 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    resp = _client(args).check(args.account, args.feature, quantity=args.quantity,
+                               amount=args.amount)  # fmt: skip
+    verdict = "allowed" if resp.allowed else f"not allowed: {resp.denial.reason}"
+    console.print(
+        f"{args.account}: {verdict}; would cost {resp.amount} credits ({resp.units} "
+        f"{resp.feature} units), balance {resp.balance}"
+    )
+    if not resp.allowed and resp.denial.metadata:
+        console.print("  " + "  ".join(f"{k}={v}" for k, v in sorted(resp.denial.metadata.items())))
+    # Exit status 0 when Consume would charge it, 1 when it would refuse (as `consume` fails).
+    return 0 if resp.allowed else 1
+
+
 def cmd_balance(args: argparse.Namespace) -> int:
     resp = _client(args).get_balance(args.account)
     label = "unlimited" if resp.unlimited else str(resp.balance)
@@ -717,6 +731,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amount", type=int, help="charge exactly this many credits")
     _client_flags(p, mutating=True)
     p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser("check", help="what consume would decide and cost, changing nothing")
+    p.add_argument("account")
+    p.add_argument("feature")
+    p.add_argument("--quantity", type=int, help="messages, or seconds for voice/video")
+    p.add_argument("--amount", type=int, help="check exactly this many credits")
+    _client_flags(p)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("balance", help="show the balance and live lots")
     p.add_argument("account")

@@ -8,7 +8,7 @@ from google.protobuf.descriptor import EnumDescriptor
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.alerts import Alert, AlertKind
 from creditmeter.domain.lots import Lot, LotSource
-from creditmeter.domain.metering import ConsumeItem, ConsumeResult
+from creditmeter.domain.metering import CheckItem, CheckResult, ConsumeItem, ConsumeResult
 from creditmeter.domain.rates import Rate, RateUnit
 from creditmeter.domain.sessions import SessionView, TimeoutPolicy
 from creditmeter.domain.validation import Violations
@@ -221,3 +221,31 @@ def consume_result_pb(request_id: str, outcome: ConsumeResult | CreditError) -> 
     if isinstance(outcome, CreditError):
         return pb.ConsumeResult(request_id=request_id, error=consume_error_pb(outcome))
     return pb.ConsumeResult(request_id=request_id, response=consume_response_pb(outcome))
+
+
+def check_item(request: pb.CheckRequest) -> CheckItem:
+    return CheckItem(
+        account_id=request.account_id,
+        feature=request.feature,
+        quantity=request.quantity if request.HasField("quantity") else None,
+        amount=request.amount if request.HasField("amount") else None,
+    )
+
+
+def check_response_pb(result: CheckResult) -> pb.CheckResponse:
+    msg = pb.CheckResponse(
+        allowed=result.allowed,
+        amount=result.amount,
+        units=result.units,
+        feature=result.feature,
+        balance=result.balance,
+    )
+    if result.denial is not None:
+        msg.denial.CopyFrom(consume_error_pb(result.denial))
+    return msg
+
+
+def check_result_pb(outcome: CheckResult | CreditError) -> pb.CheckResult:
+    if isinstance(outcome, CreditError):
+        return pb.CheckResult(error=consume_error_pb(outcome))
+    return pb.CheckResult(response=check_response_pb(outcome))

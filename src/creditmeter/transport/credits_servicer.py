@@ -113,6 +113,24 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             ]
         )
 
+    async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
+        result = await self.metering.check(
+            principal().tenant,
+            request.account_id,
+            request.feature,
+            quantity=request.quantity if request.HasField("quantity") else None,
+            amount=request.amount if request.HasField("amount") else None,
+        )
+        return convert.check_response_pb(result)
+
+    async def CheckBatch(
+        self, request: pb.CheckBatchRequest, context: Context
+    ) -> pb.CheckBatchResponse:
+        outcomes = await self.metering.check_many(
+            principal().tenant, [convert.check_item(item) for item in request.items]
+        )
+        return pb.CheckBatchResponse(results=[convert.check_result_pb(o) for o in outcomes])
+
     async def _meter_batch(
         self, tenant: str, requests: Sequence[pb.ConsumeRequest | Undecodable]
     ) -> list[pb.ConsumeResult]:

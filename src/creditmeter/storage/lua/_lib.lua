@@ -473,6 +473,41 @@ local function available()
   return acct_int('balance') - acct_int('reserved')
 end
 
+-- Credit in lots whose expiry has come (at or before now) that no sweep has removed yet:
+-- 0 once sweep() has run. A read-only script (check.lua) leaves it out, as a sweep would.
+local function expired_unswept()
+  local soonest = acct_get('next_expiry')
+  if soonest == nil or tonumber(soonest) > NOW then
+    return 0
+  end
+  local total = 0
+  for field, value in pairs(acct()) do
+    if string.byte(field, 1) == Q and string.byte(field, 2) == COLON then
+      local e = burn_key_expiry(string.sub(field, 3))
+      if e ~= NEVER and tonumber(e) <= NOW then
+        total = total + tonumber(value)
+      end
+    end
+  end
+  return total
+end
+
+-- What consume decides for a charge of `amount` credits (`amount_s`: the same, as its
+-- argument string), `expired` credit of the lots being expired but not swept yet (0 after
+-- sweep()): nil when the charge goes ahead, else the refusal it answers. One decision for
+-- consume.lua, which charges on nil, and check.lua, which only reports it.
+local function charge_refusal(amount, amount_s, expired)
+  local spendable = available() - expired
+  if not acct_unlimited() and spendable < amount then
+    return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(spendable, 0)),
+            'required', amount_s}
+  end
+  if acct_int('used') + amount > MAX_CREDITS then
+    return {'ERR', 'BALANCE_LIMIT_EXCEEDED', 'balance', fmt(spendable), 'amount', amount_s}
+  end
+  return nil
+end
+
 -- Take `amount` credits out of the lots in burn-down order and out of the balance.
 -- Returns the flat list lot1, amount1, ... of what it took from each lot, or nil (and
 -- changes nothing) if the lots do not cover the amount. The caller has checked that the

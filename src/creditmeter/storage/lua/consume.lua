@@ -18,15 +18,10 @@ sweep()
 local amount = tonumber(ARGV[8])
 local unlimited = acct_unlimited()
 
--- Checks, before any write of the charge.
-if not unlimited then
-  local spendable = available()
-  if spendable < amount then
-    return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(spendable, 0)), 'required', ARGV[8]}
-  end
-end
-if acct_int('used') + amount > MAX_CREDITS then
-  return {'ERR', 'BALANCE_LIMIT_EXCEEDED', 'balance', fmt(available()), 'amount', ARGV[8]}
+-- Checks, before any write of the charge (the decision check.lua reports too).
+local refusal = charge_refusal(amount, ARGV[8], 0)
+if refusal then
+  return refusal
 end
 
 -- Writes.

@@ -1806,6 +1806,180 @@ class ConsumeBatchResponse(_message.Message):
 Global___ConsumeBatchResponse: _TypeAlias = ConsumeBatchResponse  # noqa: Y015
 
 @_typing.final
+class CheckRequest(_message.Message):
+    """Request for Credits.Check: a consumption as in ConsumeRequest, without request_id
+    (a check changes nothing).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account to check."""
+    feature: _builtins.str
+    """The feature, as in ConsumeRequest."""
+    quantity: _builtins.int
+    """How much of the feature, as in ConsumeRequest (messages, or seconds for time
+    features, rounded up to whole billing increments). Unset means 1.
+    """
+    amount: _builtins.int
+    """Check exactly this many credits instead of quantity x rate, as in ConsumeRequest."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        feature: _builtins.str = ...,
+        quantity: _builtins.int | None = ...,
+        amount: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "_quantity", b"_quantity", "amount", b"amount", "quantity", b"quantity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "_quantity", b"_quantity", "account_id", b"account_id", "amount", b"amount", "feature", b"feature", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__amount: _TypeAlias = _typing.Literal["amount"]  # noqa: Y015
+    _WhichOneofArgType__amount: _TypeAlias = _typing.Literal["_amount", b"_amount"]  # noqa: Y015
+    _WhichOneofReturnType__quantity: _TypeAlias = _typing.Literal["quantity"]  # noqa: Y015
+    _WhichOneofArgType__quantity: _TypeAlias = _typing.Literal["_quantity", b"_quantity"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__amount) -> _WhichOneofReturnType__amount | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quantity) -> _WhichOneofReturnType__quantity | None: ...
+
+Global___CheckRequest: _TypeAlias = CheckRequest  # noqa: Y015
+
+@_typing.final
+class CheckResponse(_message.Message):
+    """Response for Credits.Check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    DENIAL_FIELD_NUMBER: _builtins.int
+    allowed: _builtins.bool
+    """Whether Consume would charge the item now."""
+    amount: _builtins.int
+    """Credits it would cost at the tenant's rate (or the explicit amount)."""
+    units: _builtins.int
+    """Units it would charge (messages, or billing increments for time features)."""
+    feature: _builtins.str
+    """The feature checked."""
+    balance: _builtins.int
+    """The account's spendable balance now, as GetBalance reports it (-1 for unlimited
+    accounts, 0 for an account that has none).
+    """
+    @_builtins.property
+    def denial(self) -> Global___ConsumeError:
+        """When not allowed: the error Consume would fail with (code, reason, message and
+        metadata, e.g. INSUFFICIENT_CREDITS with {"balance": "7", "required": "10"}).
+        Unset when allowed.
+        """
+
+    def __init__(
+        self,
+        *,
+        allowed: _builtins.bool = ...,
+        amount: _builtins.int = ...,
+        units: _builtins.int = ...,
+        feature: _builtins.str = ...,
+        balance: _builtins.int = ...,
+        denial: Global___ConsumeError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["denial", b"denial"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "amount", b"amount", "balance", b"balance", "denial", b"denial", "feature", b"feature", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckResponse: _TypeAlias = CheckResponse  # noqa: Y015
+
+@_typing.final
+class CheckBatchRequest(_message.Message):
+    """Request for Credits.CheckBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckRequest]:
+        """The checks, 1 to 1000, each as in Check (its own account)."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___CheckRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckBatchRequest: _TypeAlias = CheckBatchRequest  # noqa: Y015
+
+@_typing.final
+class CheckResult(_message.Message):
+    """The outcome of one check of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___CheckResponse:
+        """The item was checked (allowed or not)."""
+
+    @_builtins.property
+    def error(self) -> Global___ConsumeError:
+        """The item is invalid (INVALID_REQUEST with its field violations), as Check would fail."""
+
+    def __init__(
+        self,
+        *,
+        response: Global___CheckResponse | None = ...,
+        error: Global___ConsumeError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___CheckResult: _TypeAlias = CheckResult  # noqa: Y015
+
+@_typing.final
+class CheckBatchResponse(_message.Message):
+    """Response for Credits.CheckBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckResult]:
+        """One result per item, in the order of the items."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CheckResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckBatchResponse: _TypeAlias = CheckBatchResponse  # noqa: Y015
+
+@_typing.final
 class MeterRequest(_message.Message):
     """One message of the Meter request stream."""
 

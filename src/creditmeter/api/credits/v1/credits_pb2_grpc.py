@@ -50,6 +50,16 @@ class CreditsStub:
                 request_serializer=credits_dot_v1_dot_credits__pb2.ConsumeBatchRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credits__pb2.ConsumeBatchResponse.FromString,
                 _registered_method=True)
+        self.Check = channel.unary_unary(
+                '/credits.v1.Credits/Check',
+                request_serializer=credits_dot_v1_dot_credits__pb2.CheckRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.CheckResponse.FromString,
+                _registered_method=True)
+        self.CheckBatch = channel.unary_unary(
+                '/credits.v1.Credits/CheckBatch',
+                request_serializer=credits_dot_v1_dot_credits__pb2.CheckBatchRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.CheckBatchResponse.FromString,
+                _registered_method=True)
         self.GetBalance = channel.unary_unary(
                 '/credits.v1.Credits/GetBalance',
                 request_serializer=credits_dot_v1_dot_credits__pb2.GetBalanceRequest.SerializeToString,
@@ -160,6 +170,27 @@ class CreditsServicer:
         as the same Consume would; the batch reaches Redis in one round trip. Items run in
         order, so a repeated request id in a batch replays the earlier item. Requires an admin
         or meter key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Check(self, request, context):
+        """Check answers what a Consume of the same item would decide now, changing nothing
+        (no charge, no history, no idempotency record): whether it would be allowed, the
+        amount it would cost at the tenant's rate, the spendable balance, and when it would
+        not be allowed the error Consume would fail with (e.g. INSUFFICIENT_CREDITS with its
+        balance and required). Invalid requests fail with INVALID_ARGUMENT and the field
+        violations Consume would report. Requires an admin, meter or read key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckBatch(self, request, context):
+        """CheckBatch checks up to 1,000 items (any accounts of the tenant) in one call, each as
+        Check would, against the same moment: nothing is spent, so items of one account do
+        not add up. An invalid item gets its own error. Requires an admin, meter or read key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -332,6 +363,16 @@ def add_CreditsServicer_to_server(servicer, server):
                     request_deserializer=credits_dot_v1_dot_credits__pb2.ConsumeBatchRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credits__pb2.ConsumeBatchResponse.SerializeToString,
             ),
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.CheckRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.CheckResponse.SerializeToString,
+            ),
+            'CheckBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckBatch,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.CheckBatchRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.CheckBatchResponse.SerializeToString,
+            ),
             'GetBalance': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBalance,
                     request_deserializer=credits_dot_v1_dot_credits__pb2.GetBalanceRequest.FromString,
@@ -495,6 +536,60 @@ class Credits:
             '/credits.v1.Credits/ConsumeBatch',
             credits_dot_v1_dot_credits__pb2.ConsumeBatchRequest.SerializeToString,
             credits_dot_v1_dot_credits__pb2.ConsumeBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/Check',
+            credits_dot_v1_dot_credits__pb2.CheckRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.CheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/CheckBatch',
+            credits_dot_v1_dot_credits__pb2.CheckBatchRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.CheckBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

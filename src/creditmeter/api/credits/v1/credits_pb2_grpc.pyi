@@ -59,6 +59,19 @@ class CreditsStub:
     order, so a repeated request id in a batch replays the earlier item. Requires an admin
     or meter key.
     """
+    Check: _grpc.UnaryUnaryMultiCallable[_credits_pb2.CheckRequest, _credits_pb2.CheckResponse]
+    """Check answers what a Consume of the same item would decide now, changing nothing
+    (no charge, no history, no idempotency record): whether it would be allowed, the
+    amount it would cost at the tenant's rate, the spendable balance, and when it would
+    not be allowed the error Consume would fail with (e.g. INSUFFICIENT_CREDITS with its
+    balance and required). Invalid requests fail with INVALID_ARGUMENT and the field
+    violations Consume would report. Requires an admin, meter or read key.
+    """
+    CheckBatch: _grpc.UnaryUnaryMultiCallable[_credits_pb2.CheckBatchRequest, _credits_pb2.CheckBatchResponse]
+    """CheckBatch checks up to 1,000 items (any accounts of the tenant) in one call, each as
+    Check would, against the same moment: nothing is spent, so items of one account do
+    not add up. An invalid item gets its own error. Requires an admin, meter or read key.
+    """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetBalanceRequest, _credits_pb2.GetBalanceResponse]
     """GetBalance returns the spendable balance and the live lots in burn-down order.
     Requires any key of the tenant.
@@ -166,6 +179,19 @@ class CreditsAsyncStub(CreditsStub):
     as the same Consume would; the batch reaches Redis in one round trip. Items run in
     order, so a repeated request id in a batch replays the earlier item. Requires an admin
     or meter key.
+    """
+    Check: _aio.UnaryUnaryMultiCallable[_credits_pb2.CheckRequest, _credits_pb2.CheckResponse]  # type: ignore[assignment]
+    """Check answers what a Consume of the same item would decide now, changing nothing
+    (no charge, no history, no idempotency record): whether it would be allowed, the
+    amount it would cost at the tenant's rate, the spendable balance, and when it would
+    not be allowed the error Consume would fail with (e.g. INSUFFICIENT_CREDITS with its
+    balance and required). Invalid requests fail with INVALID_ARGUMENT and the field
+    violations Consume would report. Requires an admin, meter or read key.
+    """
+    CheckBatch: _aio.UnaryUnaryMultiCallable[_credits_pb2.CheckBatchRequest, _credits_pb2.CheckBatchResponse]  # type: ignore[assignment]
+    """CheckBatch checks up to 1,000 items (any accounts of the tenant) in one call, each as
+    Check would, against the same moment: nothing is spent, so items of one account do
+    not add up. An invalid item gets its own error. Requires an admin, meter or read key.
     """
     GetBalance: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetBalanceRequest, _credits_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """GetBalance returns the spendable balance and the live lots in burn-down order.
@@ -289,6 +315,31 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
         as the same Consume would; the batch reaches Redis in one round trip. Items run in
         order, so a repeated request id in a batch replays the earlier item. Requires an admin
         or meter key.
+        """
+
+    @_abc_1.abstractmethod
+    def Check(
+        self,
+        request: _credits_pb2.CheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.CheckResponse, _abc.Awaitable[_credits_pb2.CheckResponse]]:
+        """Check answers what a Consume of the same item would decide now, changing nothing
+        (no charge, no history, no idempotency record): whether it would be allowed, the
+        amount it would cost at the tenant's rate, the spendable balance, and when it would
+        not be allowed the error Consume would fail with (e.g. INSUFFICIENT_CREDITS with its
+        balance and required). Invalid requests fail with INVALID_ARGUMENT and the field
+        violations Consume would report. Requires an admin, meter or read key.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckBatch(
+        self,
+        request: _credits_pb2.CheckBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.CheckBatchResponse, _abc.Awaitable[_credits_pb2.CheckBatchResponse]]:
+        """CheckBatch checks up to 1,000 items (any accounts of the tenant) in one call, each as
+        Check would, against the same moment: nothing is spent, so items of one account do
+        not add up. An invalid item gets its own error. Requires an admin, meter or read key.
         """
 
     @_abc_1.abstractmethod

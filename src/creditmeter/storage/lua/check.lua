@@ -1,0 +1,30 @@
+-- Check: what consume.lua would decide for charges now, changing nothing. Registered with
+-- the no-writes flag and called with FCALL_RO (so a replica may serve it): it writes no
+-- account field, outbox entry, idempotency record or seq. Expired lots not swept yet are
+-- left out of the balance, as consume's sweep would remove them first.
+-- KEYS[i] account hash of charge i (as KEYS[1] of _lib.lua; all of one bucket)
+-- ARGV[1] now (ms since epoch)   ARGV[1 + i] amount of charge i (credits, > 0)
+-- returns one reply per charge: {'OK2', credit in live lots, reserved, unlimited ('1'/'0')},
+-- followed, when consume would refuse the charge, by its refusal: reason, key, value, ...
+-- (INSUFFICIENT_CREDITS or BALANCE_LIMIT_EXCEEDED, with consume's metadata).
+-- Charges of one account are each judged against the same state: none is spent.
+local function check(keys, args)
+  local replies = {}
+  for i = 1, #keys do
+    begin({keys[i]}, {args[1]})
+    local amount_s = args[1 + i]
+    local expired = expired_unswept()
+    local reply = {
+      'OK2', fmt(acct_int('balance') - expired), fmt(acct_int('reserved')),
+      acct_unlimited() and '1' or '0',
+    }
+    local refusal = charge_refusal(tonumber(amount_s), amount_s, expired)
+    if refusal then
+      for j = 2, #refusal do
+        reply[#reply + 1] = refusal[j]
+      end
+    end
+    replies[i] = reply
+  end
+  return replies
+end
