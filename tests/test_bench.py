@@ -52,11 +52,11 @@ def _bench(
 
 def test_short_run_writes_sane_figures_and_a_plot(tmp_path: Path) -> None:
     figures, stdout = _bench(
-        tmp_path, "--scenario", "consume", "--scenario", "empty", "--duration", "1.5",
-        "--processes", "1", "--concurrency", "8", "--accounts", "10",
+        tmp_path, "--scenario", "consume", "--scenario", "empty", "--scenario", "check",
+        "--duration", "1.5", "--processes", "1", "--concurrency", "8", "--accounts", "10",
     )  # fmt: skip
 
-    for name in ("consume", "empty"):
+    for name in ("consume", "empty", "check"):
         r = figures["scenarios"][name]
         assert r["status"] == "ok", r
         assert r["errors"] == {}, r
@@ -70,6 +70,12 @@ def test_short_run_writes_sane_figures_and_a_plot(tmp_path: Path) -> None:
     assert consume["ledger"]["drained"] is True
     assert consume["ledger"]["samples"] > 0
     assert figures["scenarios"]["empty"]["deductions"] == 0
+    # Check deducts nothing, and every check of the granted bench accounts is allowed (a
+    # denial would count as an error); it is reported beside Consume.
+    check = figures["scenarios"]["check"]
+    assert check["deductions"] == 0
+    assert figures["ratios"]["check_vs_consume"] == check["calls_per_s"] / consume["calls_per_s"]
+    assert "Check" in stdout
     ratio = figures["ratios"]["consume_vs_empty_call"]
     assert ratio == consume["calls_per_s"] / figures["scenarios"]["empty"]["calls_per_s"]
     [unary] = [t for t in figures["targets"] if t["target"] == "unary Consume throughput"]

@@ -344,7 +344,8 @@ async def test_a_replica_answers_the_check_function(
     try:
         node.execute_command("READONLY")
         now = str(int(time.time() * 1000))
-        reply = node.fcall_ro(scripts.function_name(scripts.CHECK), 1, keys.account_key, now, "10")
+        function = scripts.function_name(scripts.CHECK)
+        reply = node.fcall_ro(function, 1, keys.account_key, now, "10")
         assert reply == [["OK2", "9", "0", "0", "INSUFFICIENT_CREDITS", "balance", "9",
                           "required", "10"]]  # fmt: skip
         with pytest.raises(redis.ResponseError):

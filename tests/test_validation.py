@@ -343,6 +343,37 @@ CASES = [
 ]
 
 
+def as_check(request: Message) -> pb.CheckRequest:
+    """The Check of a Consume request: the same item without its request id."""
+    assert isinstance(request, pb.ConsumeRequest)
+    check = pb.CheckRequest(account_id=request.account_id, feature=request.feature)
+    if request.HasField("quantity"):
+        check.quantity = request.quantity
+    if request.HasField("amount"):
+        check.amount = request.amount
+    return check
+
+
+def _check_case(param: Any) -> Any:
+    bad, id = param.values[0], param.id
+    build = bad.build
+    return case(f"check-{id.removeprefix('consume-')}", "Check",
+                lambda now: as_check(build(now)), bad.field, bad.setup)
+
+
+# Check validates as Consume does (every Consume case but the request id, which it has not).
+CASES += [
+    _check_case(p) for p in CASES
+    if p.values[0].method == "Consume" and p.values[0].field != "request_id"
+]
+CASES += [
+    case("check-batch-empty", "CheckBatch", lambda now: pb.CheckBatchRequest(), "items"),
+    case("check-batch-1001", "CheckBatch",
+         lambda now: pb.CheckBatchRequest(items=[as_check(consume()) for _ in range(1001)]),
+         "items"),
+]
+
+
 # --- state ------------------------------------------------------------------------------------
 @dataclass
 class State:

@@ -242,7 +242,7 @@ BENCH_OUT_DIR = "./bench-results"
 #: of outbox entries must not weigh on the others). `reference` runs whenever a scenario
 #: with Redis figures does: their ratios need it.
 BENCH_SCENARIOS = (
-    "empty", "consume", "batch", "meter", "sessions", "mixed", "latency", "workers",
+    "empty", "consume", "check", "batch", "meter", "sessions", "mixed", "latency", "workers",
     "reference", "memory", "peer", "drain", "lua-cost", "redis",
 )  # fmt: skip
 #: The `workers` scenario: unary Consume against `serve --workers N` for each N here, each

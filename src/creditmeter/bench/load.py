@@ -38,7 +38,7 @@ EMPTY_SERVICE = "creditmeter.bench.Empty"
 EMPTY_METHOD = f"/{EMPTY_SERVICE}/Call"
 
 #: Scenarios the load processes know (`empty` drives the empty-call ceiling server).
-LOAD_SCENARIOS = ("empty", "consume", "batch", "meter", "sessions", "mixed")
+LOAD_SCENARIOS = ("empty", "consume", "check", "batch", "meter", "sessions", "mixed")
 
 
 #: What _Load._timed returns for a call that failed (an empty call's reply is b"").
@@ -204,6 +204,20 @@ class _Load:
         if reply is not FAILED:
             self.stats.ok(t0, 1)
 
+    async def check(self, started: float | None = None) -> None:
+        """Check of one text message: Consume's price and decision, nothing deducted."""
+        stub = self._stub()
+        req = pb.CheckRequest(account_id=self._account(), feature="text")
+        reply, t0 = await self._timed(
+            lambda: stub.Check(req, metadata=self.md, timeout=BENCH_CALL_TIMEOUT_S), started
+        )
+        if reply is FAILED:
+            return
+        if not reply.allowed:  # the bench accounts hold 10^12 credits: a wrong answer
+            self.stats.errors[f"denied {reply.denial.reason}"] += 1
+            return
+        self.stats.ok(t0, 0)
+
     async def batch(self, started: float | None = None) -> None:
         stub = self._stub()
         req = pb.ConsumeBatchRequest(
@@ -336,6 +350,7 @@ def _operation(load: _Load, scenario: str) -> Callable[[float | None], Awaitable
     ops: dict[str, Callable[[float | None], Awaitable[None]]] = {
         "empty": load.empty,
         "consume": load.consume,
+        "check": load.check,
         "batch": load.batch,
         "sessions": load.session,
         "mixed": load.mixed,

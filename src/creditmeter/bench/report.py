@@ -82,6 +82,9 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
     consume, empty, redis = _ok(results, "consume"), _ok(results, "empty"), _ok(results, "redis")
     if consume and empty and empty["calls_per_s"]:
         ratios["consume_vs_empty_call"] = consume["calls_per_s"] / empty["calls_per_s"]
+    check = _ok(results, "check")
+    if consume and check:
+        ratios.update(_compared("check", "consume", check, consume))
     latency, latency_empty = _ok(results, "latency"), _ok(results, LATENCY_EMPTY)
     if latency and latency_empty:
         p99, empty_p99 = latency["latency_ms"].get("p99"), latency_empty["latency_ms"].get("p99")
@@ -397,6 +400,7 @@ def _ms(latency: dict[str, Any], key: str) -> str:
 LABELS = {
     "empty": "empty call (ceiling)",
     "consume": "Consume",
+    "check": "Check",
     "batch": "ConsumeBatch",
     "meter": "Meter",
 }

@@ -478,7 +478,7 @@ def _run_scenarios(
     results: dict[str, Any] = {}
     with _target(opts, console) as target:
         spec = _spec(opts, target, prefix)
-        if any(s in REFERENCED_SCENARIOS for s in selected):
+        if any(s in (*REFERENCED_SCENARIOS, "check") for s in selected):
             with console.status(f"granting {opts.accounts + 1} bench accounts ..."):
                 # The last one is the Redis ceiling's.
                 grant_accounts(target.address, target.api_key, prefix, opts.accounts + 1)

@@ -581,15 +581,16 @@ class RedisStore:
         """Run check.lua for each call in one round trip: one FCALL_RO per bucket, carrying
         that bucket's checks (as consume_many does: one script call per bucket, not one
         per item). Each outcome is the call's record, or the ResponseError of its bucket."""
-        by_bucket: dict[tuple[int, int], list[int]] = {}
+        by_bucket: dict[int, list[int]] = {}
         for i, c in enumerate(calls):
-            # One `now` per script call: checks of one bucket at different times (a
-            # coalesced queue) go in separate calls.
-            by_bucket.setdefault((c.keys.bucket, c.now_ms), []).append(i)
+            by_bucket.setdefault(c.keys.bucket, []).append(i)
         batches: list[tuple[list[str], list[Any]]] = []
-        for (_, now_ms), indexes in by_bucket.items():
+        for indexes in by_bucket.values():
             keys = [calls[i].keys.account_key for i in indexes]
-            batches.append((keys, [str(now_ms), *(str(calls[i].amount) for i in indexes)]))
+            args: list[Any] = []
+            for i in indexes:
+                args.extend((str(calls[i].now_ms), str(calls[i].amount)))
+            batches.append((keys, args))
         replies = await self._run_many(scripts.CHECK, batches, read_only=True)
         outcomes: list[CheckRecord | Exception] = [ResponseError("not run")] * len(calls)
         for indexes, reply in zip(by_bucket.values(), replies, strict=True):

@@ -3,7 +3,7 @@
 -- account field, outbox entry, idempotency record or seq. Expired lots not swept yet are
 -- left out of the balance, as consume's sweep would remove them first.
 -- KEYS[i] account hash of charge i (as KEYS[1] of _lib.lua; all of one bucket)
--- ARGV[1] now (ms since epoch)   ARGV[1 + i] amount of charge i (credits, > 0)
+-- ARGV[2i - 1] now of charge i (ms since epoch)   ARGV[2i] its amount (credits, > 0)
 -- returns one reply per charge: {'OK2', credit in live lots, reserved, unlimited ('1'/'0')},
 -- followed, when consume would refuse the charge, by its refusal: reason, key, value, ...
 -- (INSUFFICIENT_CREDITS or BALANCE_LIMIT_EXCEEDED, with consume's metadata).
@@ -11,8 +11,8 @@
 local function check(keys, args)
   local replies = {}
   for i = 1, #keys do
-    begin({keys[i]}, {args[1]})
-    local amount_s = args[1 + i]
+    begin({keys[i]}, {args[2 * i - 1]})
+    local amount_s = args[2 * i]
     local expired = expired_unswept()
     local reply = {
       'OK2', fmt(acct_int('balance') - expired), fmt(acct_int('reserved')),
