@@ -31,6 +31,17 @@ type CreditsClient interface {
 	// order, so a repeated request id in a batch replays the earlier item. Requires an admin
 	// or meter key.
 	ConsumeBatch(ctx context.Context, in *ConsumeBatchRequest, opts ...grpc.CallOption) (*ConsumeBatchResponse, error)
+	// Check answers what a Consume of the same item would decide now, changing nothing
+	// (no charge, no history, no idempotency record): whether it would be allowed, the
+	// amount it would cost at the tenant's rate, the spendable balance, and when it would
+	// not be allowed the error Consume would fail with (e.g. INSUFFICIENT_CREDITS with its
+	// balance and required). Invalid requests fail with INVALID_ARGUMENT and the field
+	// violations Consume would report. Requires an admin, meter or read key.
+	Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error)
+	// CheckBatch checks up to 1,000 items (any accounts of the tenant) in one call, each as
+	// Check would, against the same moment: nothing is spent, so items of one account do
+	// not add up. An invalid item gets its own error. Requires an admin, meter or read key.
+	CheckBatch(ctx context.Context, in *CheckBatchRequest, opts ...grpc.CallOption) (*CheckBatchResponse, error)
 	// GetBalance returns the spendable balance and the live lots in burn-down order.
 	// Requires any key of the tenant.
 	GetBalance(ctx context.Context, in *GetBalanceRequest, opts ...grpc.CallOption) (*GetBalanceResponse, error)
@@ -131,6 +142,24 @@ func (c *creditsClient) Consume(ctx context.Context, in *ConsumeRequest, opts ..
 func (c *creditsClient) ConsumeBatch(ctx context.Context, in *ConsumeBatchRequest, opts ...grpc.CallOption) (*ConsumeBatchResponse, error) {
 	out := new(ConsumeBatchResponse)
 	err := c.cc.Invoke(ctx, "/credits.v1.Credits/ConsumeBatch", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *creditsClient) Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error) {
+	out := new(CheckResponse)
+	err := c.cc.Invoke(ctx, "/credits.v1.Credits/Check", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *creditsClient) CheckBatch(ctx context.Context, in *CheckBatchRequest, opts ...grpc.CallOption) (*CheckBatchResponse, error) {
+	out := new(CheckBatchResponse)
+	err := c.cc.Invoke(ctx, "/credits.v1.Credits/CheckBatch", in, out, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -344,6 +373,17 @@ type CreditsServer interface {
 	// order, so a repeated request id in a batch replays the earlier item. Requires an admin
 	// or meter key.
 	ConsumeBatch(context.Context, *ConsumeBatchRequest) (*ConsumeBatchResponse, error)
+	// Check answers what a Consume of the same item would decide now, changing nothing
+	// (no charge, no history, no idempotency record): whether it would be allowed, the
+	// amount it would cost at the tenant's rate, the spendable balance, and when it would
+	// not be allowed the error Consume would fail with (e.g. INSUFFICIENT_CREDITS with its
+	// balance and required). Invalid requests fail with INVALID_ARGUMENT and the field
+	// violations Consume would report. Requires an admin, meter or read key.
+	Check(context.Context, *CheckRequest) (*CheckResponse, error)
+	// CheckBatch checks up to 1,000 items (any accounts of the tenant) in one call, each as
+	// Check would, against the same moment: nothing is spent, so items of one account do
+	// not add up. An invalid item gets its own error. Requires an admin, meter or read key.
+	CheckBatch(context.Context, *CheckBatchRequest) (*CheckBatchResponse, error)
 	// GetBalance returns the spendable balance and the live lots in burn-down order.
 	// Requires any key of the tenant.
 	GetBalance(context.Context, *GetBalanceRequest) (*GetBalanceResponse, error)
@@ -428,6 +468,12 @@ func (UnimplementedCreditsServer) Consume(context.Context, *ConsumeRequest) (*Co
 }
 func (UnimplementedCreditsServer) ConsumeBatch(context.Context, *ConsumeBatchRequest) (*ConsumeBatchResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ConsumeBatch not implemented")
+}
+func (UnimplementedCreditsServer) Check(context.Context, *CheckRequest) (*CheckResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Check not implemented")
+}
+func (UnimplementedCreditsServer) CheckBatch(context.Context, *CheckBatchRequest) (*CheckBatchResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CheckBatch not implemented")
 }
 func (UnimplementedCreditsServer) GetBalance(context.Context, *GetBalanceRequest) (*GetBalanceResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetBalance not implemented")
@@ -540,6 +586,42 @@ func _Credits_ConsumeBatch_Handler(srv interface{}, ctx context.Context, dec fun
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(CreditsServer).ConsumeBatch(ctx, req.(*ConsumeBatchRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Credits_Check_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CheckRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CreditsServer).Check(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/credits.v1.Credits/Check",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CreditsServer).Check(ctx, req.(*CheckRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Credits_CheckBatch_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CheckBatchRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CreditsServer).CheckBatch(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/credits.v1.Credits/CheckBatch",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CreditsServer).CheckBatch(ctx, req.(*CheckBatchRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -858,6 +940,14 @@ var _Credits_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ConsumeBatch",
 			Handler:    _Credits_ConsumeBatch_Handler,
+		},
+		{
+			MethodName: "Check",
+			Handler:    _Credits_Check_Handler,
+		},
+		{
+			MethodName: "CheckBatch",
+			Handler:    _Credits_CheckBatch_Handler,
 		},
 		{
 			MethodName: "GetBalance",
