@@ -43,7 +43,6 @@ from creditmeter.storage.layout import (
     V2_ACCOUNT_SCAN_PATTERN,
     AccountKeys,
     ParsedKey,
-    acks_key,
     buckets,
     due_key,
     key_of,
@@ -55,6 +54,7 @@ from creditmeter.storage.layout import (
     sessions_key,
 )
 from creditmeter.storage.redis_client import UNREACHABLE, Client, reachable, unavailable
+from creditmeter.storage.replicas import ReplicaAcks, Targets
 
 
 @dataclass(frozen=True)
@@ -336,6 +336,7 @@ class RedisStore:
         self.idempotency_ttl_s = idempotency_ttl_s
         #: Replicas every change must reach before it is answered (`WAIT`); 0: none.
         self.replica_acks = replica_acks
+        self._acks = ReplicaAcks(client, replica_acks)
         self._functions = {
             name: scripts.function_name(name)
             for name in (*scripts.SCRIPT_NAMES, scripts.CONSUME_BATCH, scripts.CHECK)
@@ -433,12 +434,12 @@ class RedisStore:
                         send(function, len(keys), *keys, *args)
                     first_keys = [calls[i][0][0] for i in pending]
                     waits = self.replica_acks and not read_only
-                    nodes = set(self._ack_targets(first_keys)) if waits else set()
-                    acks = self._ask_acks(pipe, first_keys) if waits else 0
+                    targets = self._acks.targets(first_keys) if waits else {}
+                    acks = self._acks.request(pipe, targets)
                     self.pipelines += 1
                     results = await pipe.execute(raise_on_error=False)
                     if acks:
-                        await self._check_acks(first_keys, nodes, results[-acks:])
+                        await self._check_acks(first_keys, targets, results[-acks:])
                         results = results[:-acks]
             finally:
                 # One round trip, however many calls it carried.
@@ -461,56 +462,20 @@ class RedisStore:
             pending = missing
         raise ResponseError(f"the library of {name} was flushed {SCRIPT_LOAD_ATTEMPTS} times")
 
-    # --- replica acknowledgements (--replica-acks N) ----------------------------------
-    def _ack_targets(self, first_keys: Sequence[str]) -> dict[str, tuple[str, Any]]:
-        """The nodes calls with these first keys go to: per node name, one of its buckets'
-        `acks` key and the node (name "" and node None on a single Redis)."""
-        locate = getattr(self.client, "get_node_from_key", None)
-        targets: dict[str, tuple[str, Any]] = {}
-        for key in first_keys:
-            counter = acks_key(key)
-            node = locate(counter) if locate is not None else None
-            targets.setdefault("" if node is None else node.name, (counter, node))
-        return targets
-
-    def _ask_acks(self, pipe: Any, first_keys: Sequence[str]) -> int:
-        """With replica acks, end the pipeline with, per node the calls go to, a write and
-        a `WAIT`; returns how many commands that added.
-
-        The write (`INCR` of a bucket's `acks` key) puts the connection's replication
-        offset past every change its node made before -- the calls just sent, and the
-        first run of a call now only replayed -- so WAIT counts the replicas that hold
-        them all."""
-        if not self.replica_acks:
-            return 0
-        targets = self._ack_targets(first_keys)
-        for counter, node in targets.values():
-            pipe.incr(counter)
-            wait = ("WAIT", self.replica_acks, REPLICA_ACK_TIMEOUT_MS)
-            if node is None:
-                pipe.execute_command(*wait)
-            else:
-                pipe.execute_command(*wait, target_nodes=node)
-        return 2 * len(targets)
-
-    def _short(self, results: Sequence[Any]) -> bool:
-        """Whether a WAIT of `_ask_acks`'s (every second result) counted too few."""
-        return any(
-            isinstance(r, Exception) or int(r) < self.replica_acks for r in results[1::2]
-        )
-
+    # --- replica acknowledgements (--replica-acks N: storage/replicas.py) --------------
     async def _check_acks(
-        self, first_keys: Sequence[str], before: set[str], results: Sequence[Any]
+        self, first_keys: Sequence[str], targets: Targets, results: Sequence[Any]
     ) -> None:
         """Raise BackendUnavailable unless the replicas acknowledged; a retry with the same
         request ids replays the calls and waits again. A call redirected (MOVED, ASK) ran
         on a node its batch's WAIT did not cover: then every node is asked again."""
-        short = self._short(results)
-        if not short and self._ack_targets(first_keys).keys() != before:
+        acked = self._acks.all_acked(targets, results)
+        now = self._acks.targets(first_keys)
+        if acked and now.keys() != targets.keys():
             async with self.client.pipeline(transaction=False) as pipe:
-                self._ask_acks(pipe, first_keys)
-                short = self._short(await pipe.execute(raise_on_error=False))
-        if short:
+                self._acks.request(pipe, now)
+                acked = self._acks.all_acked(now, await pipe.execute(raise_on_error=False))
+        if not acked:
             raise BackendUnavailable(
                 f"the change is not yet on {self.replica_acks} replica(s) after "
                 f"{REPLICA_ACK_TIMEOUT_MS} ms; retry with the same request id",

@@ -4,7 +4,8 @@ Each bucket's outbox is read on its own (a cluster refuses one read of streams i
 slots), through one consumer group. Several flushers (in `serve`, `creditmeter flush`, on
 several machines) share the buckets by leases (storage/leases.py): each reads the buckets
 it holds, one XREADGROUP per bucket in one pipeline (one batch per node of a cluster),
-polling every `block_ms` while there is nothing to read. A bucket taken over from a
+a bucket that had nothing again after `block_ms`, then less and less often up to once a
+second (storage/polling.py). A bucket taken over from a
 flusher that died or gave it up comes with the entries it had read and not acknowledged:
 they are claimed at once and flushed first. A batch is inserted in one ledger transaction
 (idempotent on event id) and acknowledged only after the commit, so a crash between the
@@ -29,7 +30,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from redis.exceptions import ResponseError
 
@@ -45,19 +46,19 @@ from creditmeter.constants import (
     FLUSH_MAINTENANCE_INTERVAL_S,
     FLUSH_READ_COUNT,
     FLUSHERS_KEY,
-    REPLICA_ACK_TIMEOUT_MS,
     WATCH_RETENTION_S,
 )
 from creditmeter.storage import layout
 from creditmeter.storage.deployment import restore_buckets
 from creditmeter.storage.entries import ledger_records
 from creditmeter.storage.functions import call_each
-from creditmeter.storage.layout import acks_key, flushed_key, outbox_key, trimmed_key
+from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
 from creditmeter.storage.leases import BucketLeases
 from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
 from creditmeter.storage.polling import IdleBackoff
 from creditmeter.storage.redis_client import Client
+from creditmeter.storage.replicas import ReplicaAcks
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Flusher:
         `replica_acks`: the replicas an entry must be on before it is flushed."""
         self.client = client
         self.replica_acks = replica_acks
+        self._acks = ReplicaAcks(client, replica_acks)
         self.ledger = ledger
         self.consumer = consumer or consumer_name()
         self.read_count = read_count
@@ -197,32 +199,16 @@ class Flusher:
         """The reads of `batch` whose node has them on `replica_acks` replicas; the others
         stay pending on this consumer and are read again first, next round.
 
-        As RedisStore's acknowledgements: per node, a write (INCR of a bucket's `acks`
-        key) and WAIT on one connection, so WAIT covers every write the node made before,
-        the entries read included."""
+        As RedisStore's acknowledgements (storage/replicas.py): per node, a write and a
+        WAIT, which covers every write the node made before, the entries read included."""
         if not self.replica_acks or not batch:
             return list(batch)
-        locate = getattr(self.client, "get_node_from_key", None)
-        targets: dict[str, tuple[str, Any]] = {}
-        names = []
-        for bucket, _entries in batch:
-            counter = acks_key(outbox_key(bucket))
-            node = locate(counter) if locate is not None else None
-            names.append("" if node is None else node.name)
-            targets.setdefault(names[-1], (counter, node))
-        wait = ("WAIT", self.replica_acks, REPLICA_ACK_TIMEOUT_MS)
+        keys = [outbox_key(bucket) for bucket, _entries in batch]
+        targets = self._acks.targets(keys)
         async with self.client.pipeline(transaction=False) as pipe:
-            for counter, node in targets.values():
-                pipe.incr(counter)
-                if node is None:
-                    pipe.execute_command(*wait)
-                else:
-                    pipe.execute_command(*wait, target_nodes=node)
-            replies = await pipe.execute(raise_on_error=False)
-        acked = {
-            name for name, reply in zip(targets, replies[1::2], strict=True)
-            if not isinstance(reply, Exception) and int(reply) >= self.replica_acks
-        }  # fmt: skip
+            self._acks.request(pipe, targets)
+            acked = self._acks.acked(targets, await pipe.execute(raise_on_error=False))
+        names = [self._acks.node_of(key)[0] for key in keys]
         kept = []
         for read, name in zip(batch, names, strict=True):
             if name in acked:
