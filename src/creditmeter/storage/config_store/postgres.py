@@ -50,6 +50,7 @@ from creditmeter.storage.config_store.base import (
 )
 from creditmeter.storage.config_store.sqlite import read_dump
 from creditmeter.storage.ledger.base import ledger_unavailable
+from creditmeter.storage.pg import CLOSE_TIMEOUT_S, DOWN, close_pool, on_pool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,17 +136,6 @@ _POOL_MAX_SIZE = 4
 _POOL_IDLE_S = 30.0
 _CONNECT_TIMEOUT_S = 10.0
 _COMMAND_TIMEOUT_S = 10.0
-_CLOSE_TIMEOUT_S = 10.0
-_DEAD_CONNECTION = (asyncpg.exceptions.ConnectionDoesNotExistError, ConnectionResetError)
-#: What a call raises while the server cannot be reached or is not accepting work.
-_DOWN = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.AdminShutdownError,
-)
 _CACHE_FORMAT = 1
 
 _VERSION = "SELECT value FROM config_meta WHERE name = 'config_version'"
@@ -236,12 +226,8 @@ class _LoopThread:
 
     async def _close_pool(self) -> None:
         pool, self.pool = self.pool, None
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), _CLOSE_TIMEOUT_S)
-        except TimeoutError:
-            pool.terminate()
+        if pool is not None:
+            await close_pool(pool)
 
     def stop(self) -> None:
         """Close the pool and end the thread; idempotent, from any thread."""
@@ -257,7 +243,7 @@ class _LoopThread:
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(self._close_pool(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(_CLOSE_TIMEOUT_S)
+        self.thread.join(CLOSE_TIMEOUT_S)
 
 
 class PostgresConfigStore(ConfigStore):
@@ -290,13 +276,9 @@ class PostgresConfigStore(ConfigStore):
         that does not answer is BackendUnavailable, as for the ledger: the same database."""
         try:
             pool = await self._pool()
-            try:
-                return await op(pool)
-            except _DEAD_CONNECTION:
-                await pool.expire_connections()
-                return await op(pool)
-        except _DOWN as error:
+        except DOWN as error:
             raise ledger_unavailable() from error
+        return await on_pool(pool, op)
 
     async def _pool(self) -> asyncpg.Pool:
         if self._loop.pool is not None:

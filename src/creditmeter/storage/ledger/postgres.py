@@ -6,7 +6,6 @@ as in SQLite, whatever the database's default collation is."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -41,6 +40,7 @@ from creditmeter.storage.ledger.base import (
     subscription_row,
     txn_filters,
 )
+from creditmeter.storage.pg import DOWN, close_pool, on_pool
 
 T = TypeVar("T")
 
@@ -159,19 +159,7 @@ _CONNECT_TIMEOUT_S = 10.0
 #: A statement that takes longer fails rather than stalling the flusher forever (a
 #: half-open connection to a vanished server never errors on its own).
 _COMMAND_TIMEOUT_S = 60.0
-_CLOSE_TIMEOUT_S = 10.0
-#: What a query on a pooled connection raises when the server closed it while idle.
-_DEAD_CONNECTION = (asyncpg.exceptions.ConnectionDoesNotExistError, ConnectionResetError)
 _SCAN_CHUNK = 5000
-#: What a call raises while the server cannot be reached or is not accepting work.
-_DOWN = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.AdminShutdownError,
-)
 _PERIOD_FORMAT = {Period.DAY: "YYYY-MM-DD", Period.MONTH: "YYYY-MM"}
 
 GRANT_COLUMNS = (
@@ -295,14 +283,7 @@ class PostgresLedger(Ledger):
         pool = self._pool
         if pool is None:
             raise ledger_unavailable()  # not open yet (the ledger did not answer) or closed
-        try:
-            try:
-                return await op(pool)
-            except _DEAD_CONNECTION:
-                await pool.expire_connections()  # the others are as stale: replace them all
-                return await op(pool)
-        except _DOWN as error:
-            raise ledger_unavailable() from error
+        return await on_pool(pool, op)
 
     async def open(self) -> None:
         pool = await asyncpg.create_pool(
@@ -322,19 +303,15 @@ class PostgresLedger(Ledger):
                 await conn.execute(SCHEMA)
         except BaseException as error:
             pool.terminate()
-            if isinstance(error, _DOWN):  # not a configuration error: worth trying again
+            if isinstance(error, DOWN):  # not a configuration error: worth trying again
                 raise ledger_unavailable() from error
             raise
         self._pool = pool
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), _CLOSE_TIMEOUT_S)
-        except TimeoutError:
-            pool.terminate()
+        if pool is not None:
+            await close_pool(pool)
 
     async def ping(self) -> None:
         # Connecting proves the server is up; a standby or read-only server is still down
