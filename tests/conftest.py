@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -180,6 +181,24 @@ async def app(
     await app.start()
     yield app
     await app.stop()
+
+
+@asynccontextmanager
+async def another_server(first: App, data_dir: Path, **settings: Any) -> AsyncIterator[App]:
+    """Another server process beside `first`, on its Redis, ledger URL and clock (and, with
+    its data_dir, its SQLite ledger and config store), without a flusher unless told:
+    started for the block, stopped after it."""
+    s = first.settings
+    options: dict[str, Any] = {
+        "redis_url": s.redis_url, "ledger_url": s.ledger_url, "clock": s.clock,
+        "flusher": False, "shutdown_grace_s": 1.0, **settings,
+    }  # fmt: skip
+    other = App(Settings(listen="127.0.0.1:0", data_dir=data_dir, **options))
+    await other.start()
+    try:
+        yield other
+    finally:
+        await other.stop()
 
 
 class Caller:

@@ -73,6 +73,7 @@ from creditmeter.transport.server import App, Settings
 from tests import test_server_process
 from tests.conftest import (
     Tenant,
+    another_server,
     empty_redis,
     private_redis,
     rid,
@@ -926,23 +927,8 @@ async def test_staged_grant_whose_redis_step_failed_is_applied_once(
     # ... then applies it, with the lot id staged for it: once, however many servers'
     # reconcilers race for it (another server's, twice, beside this one's own loop).
     clock.advance(STAGED_GRANT_RETRY_AFTER_MS + 1)
-    second = App(
-        Settings(
-            listen="127.0.0.1:0",
-            data_dir=app.settings.data_dir,
-            redis_url=private_redis_url,
-            ledger_url=ledger_url,
-            clock=clock,
-            flusher=False,
-            background_jobs=False,
-            shutdown_grace_s=1.0,
-        )
-    )
-    await second.start()
-    try:
+    async with another_server(app, app.settings.data_dir, background_jobs=False) as second:
         await asyncio.gather(second._reconcile(), second._reconcile(), app._reconcile())
-    finally:
-        await second.stop()
 
     async def applied() -> bool:
         return (await balance_of("late"), await balance_of("topup")) == (100, 25)

@@ -15,8 +15,8 @@ from creditmeter.domain.clock import ManualClock
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import bucket_of, outbox_key
 from creditmeter.transport.convert import timestamp
-from creditmeter.transport.server import App, Settings
-from tests.conftest import Tenant, rid
+from creditmeter.transport.server import App
+from tests.conftest import Tenant, another_server, rid
 from tests.helpers import fails
 
 #: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
@@ -133,7 +133,6 @@ async def test_racing_sweepers_of_two_servers_record_each_expiry_once(
     app: App,
     tenant: Tenant,
     clock: ManualClock,
-    redis_url: str,
     redis_client: redis.Redis,
     tmp_path: Path,
 ) -> None:
@@ -141,25 +140,12 @@ async def test_racing_sweepers_of_two_servers_record_each_expiry_once(
     atomically, so servers racing over the same accounts record each expiry once."""
     lots = [await grant(tenant, f"race{i}", 5, valid_for=duration_pb2.Duration(seconds=10))
             for i in range(6)]  # fmt: skip
-    second = App(
-        Settings(
-            listen="127.0.0.1:0",
-            data_dir=tmp_path / "second",
-            redis_url=redis_url,
-            clock=clock,
-            flusher=False,
-            shutdown_grace_s=1.0,
-        )
-    )
-    await second.start()
-    try:
+    async with another_server(app, tmp_path / "second") as second:
         assert app.metering is not None and second.metering is not None
         clock.advance(10_001)
         swept = await asyncio.gather(
             *(m.sweep_due() for m in (app.metering, second.metering, app.metering, second.metering))
         )
-    finally:
-        await second.stop()
     assert sum(swept) >= 6
     for i, lot in enumerate(lots):
         expiries = [

@@ -17,8 +17,8 @@ from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import bucket_of, outbox_key
 from creditmeter.storage.ledger.base import TxnQuery
 from creditmeter.storage.redis_store import RedisStore
-from creditmeter.transport.server import App, Settings
-from tests.conftest import Tenant, rid
+from creditmeter.transport.server import App
+from tests.conftest import Tenant, another_server, rid
 from tests.helpers import fails
 
 #: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
@@ -396,7 +396,6 @@ async def test_silent_session_is_closed_once_by_racing_servers(
     app: App,
     tenant: Tenant,
     clock: ManualClock,
-    redis_url: str,
     redis_client: Any,
     tmp_path: Path,
 ) -> None:
@@ -410,18 +409,7 @@ async def test_silent_session_is_closed_once_by_racing_servers(
     # RELEASE policy, valid for 180 s.
     await start(tenant, "quiet", "other", requested_seconds=180, timeout_policy=2)
 
-    second = App(
-        Settings(
-            listen="127.0.0.1:0",
-            data_dir=tmp_path / "second",
-            redis_url=redis_url,
-            clock=clock,
-            flusher=False,
-            shutdown_grace_s=1.0,
-        )
-    )
-    await second.start()
-    try:
+    async with another_server(app, tmp_path / "second") as second:
         assert app.sessions is not None and second.sessions is not None
         clock.advance(179_000)  # "gone" is silent past 150 s, but its 30 s grace is not over
         await app.sessions.close_due()
@@ -434,8 +422,6 @@ async def test_silent_session_is_closed_once_by_racing_servers(
         await asyncio.gather(
             *(s.close_due() for s in (app.sessions, second.sessions, app.sessions))
         )
-    finally:
-        await second.stop()
 
     gone = (
         await tenant.read.GetSession(pb.GetSessionRequest(account_id="quiet", session_id="gone"))

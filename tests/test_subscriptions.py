@@ -14,8 +14,8 @@ from creditmeter.api.credits.v1 import packs_pb2 as pb
 from creditmeter.api.credits.v1 import packs_pb2_grpc as pb_grpc
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.subscriptions import WEEK_MS, period_start
-from creditmeter.transport.server import App, Settings
-from tests.conftest import Caller, Tenant, rid
+from creditmeter.transport.server import App
+from tests.conftest import Caller, Tenant, another_server, rid
 from tests.helpers import fails
 
 #: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
@@ -103,14 +103,10 @@ async def test_cancel_lets_the_current_period_run_out(
 
 
 @pytest.fixture
-async def second_app(app: App, redis_url: str, clock: ManualClock) -> AsyncIterator[App]:
+async def second_app(app: App) -> AsyncIterator[App]:
     """Another server process on the same Redis, config store and ledger."""
-    other = App(Settings(listen="127.0.0.1:0", data_dir=app.settings.data_dir,
-                         redis_url=redis_url, clock=clock, shutdown_grace_s=1.0,
-                         renew_interval_s=0.05, flusher=False))  # fmt: skip
-    await other.start()
-    yield other
-    await other.stop()
+    async with another_server(app, app.settings.data_dir, renew_interval_s=0.05) as other:
+        yield other
 
 
 async def test_three_periods_with_two_processes_grant_exactly_three_times(
