@@ -87,6 +87,7 @@ LEDGER_DB_NAME = "ledger.db"
 FLUSH_GROUP = "ledger"
 #: Entries read per bucket per XREADGROUP; a batch is everything one read returns.
 FLUSH_READ_COUNT = 500
+#: The run loop's pause after a round that read nothing, and an idle bucket's first wait.
 FLUSH_BLOCK_MS = 100
 #: A pending entry idle this long belongs to a dead flusher and is claimed by a live one.
 FLUSH_CLAIM_IDLE_MS = 15_000
