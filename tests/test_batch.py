@@ -18,6 +18,7 @@ from creditmeter.constants import COALESCE_MAX_BATCH, MAX_CONSUME_BATCH
 from creditmeter.errors import BackendUnavailable, InsufficientCredits
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import AccountKeys, bucket_of, outbox_key
+from creditmeter.storage.limits import NO_LIMITS
 from creditmeter.storage.redis_store import Call, ConsumeCall, RedisStore
 from creditmeter.transport.server import App
 from tests.conftest import Tenant, free_port, rid
@@ -284,10 +285,11 @@ async def test_lost_redis_fails_every_coalesced_call() -> None:
     keys = AccountKeys("t", "a")
     calls = [Call(now_ms=1, txn=f"txn_{i}", request_id=f"r{i}", fingerprint="f") for i in range(5)]
     outcomes = await asyncio.gather(
-        *(dead.consume(keys, call, 1, "text", 1) for call in calls), return_exceptions=True
+        *(dead.consume(keys, call, 1, "text", 1, NO_LIMITS) for call in calls),
+        return_exceptions=True,
     )
     assert all(isinstance(o, BackendUnavailable) for o in outcomes), outcomes
     assert dead.consume_coalescer.items == 5
     with pytest.raises(BackendUnavailable):
-        await dead.consume_many([ConsumeCall(keys, calls[0], 1, "text", 1)])
+        await dead.consume_many([ConsumeCall(keys, calls[0], 1, "text", 1, NO_LIMITS)])
     await client.aclose()

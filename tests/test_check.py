@@ -16,8 +16,9 @@ from creditmeter.constants import MAX_CONSUME_BATCH, MAX_CREDITS
 from creditmeter.domain.clock import ManualClock
 from creditmeter.storage import scripts
 from creditmeter.storage.layout import AccountKeys, due_key, outbox_key, sessions_key
+from creditmeter.storage.limits import NO_LIMITS
 from creditmeter.storage.redis_client import is_cluster_url
-from creditmeter.storage.redis_store import RedisStore
+from creditmeter.storage.redis_store import CheckCall, RedisStore
 from creditmeter.transport.server import App
 from tests.conftest import Tenant, rid
 from tests.helpers import Failure, fails
@@ -174,15 +175,15 @@ async def test_expired_lot_not_yet_swept_is_left_out_without_sweeping(
     before = state(redis_client, tenant.name, "s")
     later = clock.now_ms() + 60_000
 
-    refused = await store(app).check(keys, 6, later)
+    refused = await store(app).check(CheckCall(keys, 6, later, "text", 6, NO_LIMITS))
     assert refused.refusal is not None
     assert (refused.refusal.reason, refused.refusal.metadata) == (
         "INSUFFICIENT_CREDITS", {"balance": "5", "required": "6"}
     )  # fmt: skip
     assert (refused.holdings.balance, refused.holdings.reserved) == (5, 0)
-    allowed = await store(app).check(keys, 5, later)
+    allowed = await store(app).check(CheckCall(keys, 5, later, "text", 5, NO_LIMITS))
     assert allowed.refusal is None and allowed.holdings.balance == 5
-    now = await store(app).check(keys, 105, clock.now_ms())
+    now = await store(app).check(CheckCall(keys, 105, clock.now_ms(), "text", 105, NO_LIMITS))
     assert now.refusal is None and now.holdings.balance == 105
 
     assert state(redis_client, tenant.name, "s") == before  # the lot is still there
@@ -345,7 +346,9 @@ async def test_a_replica_answers_the_check_function(
         node.execute_command("READONLY")
         now = str(int(time.time() * 1000))
         function = scripts.function_name(scripts.CHECK)
-        reply = node.fcall_ro(function, 1, keys.account_key, now, "10")
+        # A charge's arguments: now, amount, feature, units, and limit args (none here).
+        charge = (now, "10", "text", "10", *NO_LIMITS.argv())
+        reply = node.fcall_ro(function, 1, keys.account_key, *charge)
         assert reply == [["OK2", "9", "0", "0", "INSUFFICIENT_CREDITS", "balance", "9",
                           "required", "10"]]  # fmt: skip
         with pytest.raises(redis.ResponseError):

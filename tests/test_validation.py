@@ -52,6 +52,17 @@ def set_options(**fields: Any) -> pb.SetAccountOptionsRequest:
     )
 
 
+def set_limit(
+    account_id: str = ACCOUNT, request_id: str | None = None, **limit: Any
+) -> pb.SetUsageLimitRequest:
+    fields = {"feature": "text", "period": pb.USAGE_LIMIT_PERIOD_DAY, "limit": 5, **limit}
+    return pb.SetUsageLimitRequest(
+        account_id=account_id,
+        limit=pb.UsageLimit(**fields),
+        request_id=rid() if request_id is None else request_id,
+    )
+
+
 def set_rate(request_id: str | None = None, **rate: Any) -> pb.SetRateRequest:
     return pb.SetRateRequest(
         rate=pb.Rate(**{"feature": "sms", "credits_per_unit": 2, **rate}),
@@ -123,6 +134,30 @@ CASES = [
          lambda now: set_balance(account_id="{x}"), "account_id"),
     case("set-options-account-empty", "SetAccountOptions",
          lambda now: set_options(account_id=""), "account_id"),
+    case("set-options-time-zone-unknown", "SetAccountOptions",
+         lambda now: set_options(time_zone="Mars/Olympus_Mons"), "time_zone"),
+    case("set-options-time-zone-path", "SetAccountOptions",
+         lambda now: set_options(time_zone="../../etc/passwd"), "time_zone"),
+    case("set-usage-limit-account-brace", "SetUsageLimit",
+         lambda now: set_limit(account_id="{x}"), "account_id"),
+    case("set-usage-limit-feature-unknown", "SetUsageLimit",
+         lambda now: set_limit(feature="nope"), "limit.feature"),
+    case("set-usage-limit-feature-bad", "SetUsageLimit",
+         lambda now: set_limit(feature="Bad-Name"), "limit.feature"),
+    case("set-usage-limit-period-unset", "SetUsageLimit",
+         lambda now: set_limit(period=0), "limit.period"),
+    case("set-usage-limit-period-unknown", "SetUsageLimit",
+         lambda now: set_limit(period=9), "limit.period"),
+    case("set-usage-limit-negative", "SetUsageLimit",
+         lambda now: set_limit(limit=-1), "limit.limit"),
+    case("set-usage-limit-2^53", "SetUsageLimit",
+         lambda now: set_limit(limit=2**53), "limit.limit"),
+    case("set-usage-limit-unit-unknown", "SetUsageLimit",
+         lambda now: set_limit(unit=7), "limit.unit"),
+    case("set-usage-limit-request-id-empty", "SetUsageLimit",
+         lambda now: set_limit(request_id=""), "request_id"),
+    case("list-usage-limits-account-space", "ListUsageLimits",
+         lambda now: pb.ListUsageLimitsRequest(account_id="a b"), "account_id"),
     # request_id
     case("grant-request-id-empty", "Grant", lambda now: grant(request_id=""), "request_id"),
     case("grant-request-id-129", "Grant", lambda now: grant(request_id="r" * 129), "request_id"),

@@ -43,6 +43,13 @@ MAX_BILLING_INCREMENT_S = 86_400
 BUILTIN_COUNT_FEATURES = {"text": 1}
 BUILTIN_TIME_FEATURES = {"voice": 1, "video": 1}
 
+# --- usage limits -------------------------------------------------------------------
+#: Accounts whose time zone a server remembers (learned from the scripts: see
+#: domain/limits.py); one it forgot costs one more round trip on its next charge.
+LIMIT_ZONE_CACHE_SIZE = 100_000
+#: Longest time zone name accepted (IANA names are at most 32 characters today).
+MAX_TIME_ZONE_LENGTH = 64
+
 # --- call sessions ----------------------------------------------------------------
 #: Session ids: the characters of account ids, so SIP Call-IDs and URIs fit
 #: (`sip:call-1@pbx.example`); no '|' (the open-session index joins

@@ -4,6 +4,7 @@ ERROR_REASON_ prefix) and metadata; the transport maps each class to a gRPC stat
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 
 from creditmeter.constants import (
     MAX_REPORTED_VIOLATIONS,
@@ -88,6 +89,12 @@ class BalanceLimitExceeded(CreditError):
 
 class InsufficientCredits(CreditError):
     reason = "INSUFFICIENT_CREDITS"
+
+
+class UsageLimitExceeded(CreditError):
+    """The charge would pass one of the feature's usage limits for the period."""
+
+    reason = "USAGE_LIMIT_EXCEEDED"
 
 
 class AccountNotFound(CreditError):
@@ -190,6 +197,7 @@ _REJECTIONS: dict[str, type[CreditError]] = {
         IdempotencyKeyReused,
         BalanceLimitExceeded,
         InsufficientCredits,
+        UsageLimitExceeded,
         PackNotFound,
         PaymentReferenceUsed,
         SessionNotFound,
@@ -211,7 +219,20 @@ _MESSAGES = {
 }
 
 
+def _iso_ms(ms: str) -> str:
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
 def from_rejection(rejected: Rejected) -> CreditError:
     """The domain error for a storage refusal."""
+    if rejected.reason == UsageLimitExceeded.reason:
+        m = dict(rejected.metadata)
+        m["period_end"] = _iso_ms(m["period_end"])
+        return UsageLimitExceeded(
+            f"the charge would pass the usage limit of {m['feature']!r}: {m['limit']}"
+            f" {m['unit']} a {m['period']}, {m['used']} used, {m['reserved']} reserved by"
+            f" open sessions, {m['required']} more asked (the period ends {m['period_end']})",
+            m,
+        )
     cls = _REJECTIONS[rejected.reason]
     return cls(_MESSAGES[rejected.reason], rejected.metadata)

@@ -45,6 +45,7 @@ from creditmeter.domain.ids import new_id
 from creditmeter.storage.embedded_redis import die_with_parent, endpoint_file
 from creditmeter.storage.layout import AccountKeys, buckets
 from creditmeter.storage.ledger.flusher import Flusher, outbox_backlog
+from creditmeter.storage.limits import NO_LIMITS
 from creditmeter.storage.redis_store import Call, ConsumeCall, RedisStore
 from creditmeter.transport.admin import open_stores
 
@@ -248,7 +249,7 @@ async def write_backlog(redis_url: str, tenant: str, accounts: list[str], entrie
             # (a digest of the parameters would only cost the writer time).
             call = Call(now_ms=now, txn=new_id("txn", now), request_id=request_id,
                         fingerprint=request_id)  # fmt: skip
-            batch.append(ConsumeCall(AccountKeys(tenant, account), call, 1, "text", 1))
+            batch.append(ConsumeCall(AccountKeys(tenant, account), call, 1, "text", 1, NO_LIMITS))
         return batch
 
     async def writer(rounds: int) -> None:

@@ -46,6 +46,7 @@ from creditmeter.client.errors import (
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    UsageLimitExceeded,
     from_rpc_error,
 )
 from creditmeter.client.requests import check as check_request
@@ -96,6 +97,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "UsageLimitExceeded",
     "check_request",
     "errors",
     "from_rpc_error",

@@ -104,6 +104,40 @@ class InsufficientCredits(FailedPrecondition):
         return int(self.metadata.get("required", "0"))
 
 
+class UsageLimitExceeded(FailedPrecondition):
+    """The charge would pass a usage limit of the feature for the period; nothing was
+    deducted. More credit does not help: the limit resets at `period_end`."""
+
+    REASON = "USAGE_LIMIT_EXCEEDED"
+
+    @property
+    def feature(self) -> str:
+        return self.metadata.get("feature", "")
+
+    @property
+    def period(self) -> str:
+        """day, week or month."""
+        return self.metadata.get("period", "")
+
+    @property
+    def limit(self) -> int:
+        return int(self.metadata.get("limit", "0"))
+
+    @property
+    def used(self) -> int:
+        """Usage counted in the period, in the limit's unit (`unit`: units or credits)."""
+        return int(self.metadata.get("used", "0"))
+
+    @property
+    def unit(self) -> str:
+        return self.metadata.get("unit", "")
+
+    @property
+    def period_end(self) -> str:
+        """When the period ends and the limit resets (RFC 3339, UTC)."""
+        return self.metadata.get("period_end", "")
+
+
 class IdempotencyKeyReused(InvalidArgument):
     """The request id was used before with different parameters; nothing changed."""
 
@@ -204,7 +238,8 @@ class ResumeTokenExpired(OutOfRange):
 BY_REASON: dict[str, type[CreditmeterError]] = {
     cls.REASON: cls
     for cls in (
-        InsufficientCredits, IdempotencyKeyReused, InvalidRequest, BalanceLimitExceeded,
+        InsufficientCredits, UsageLimitExceeded, IdempotencyKeyReused, InvalidRequest,
+        BalanceLimitExceeded,
         AccountNotFound, ApiKeyInvalid, RoleNotAllowed, BackendUnavailable, LedgerBacklog,
         PackNotFound, PackNotActive, PurchaseNotFound, PurchaseNotPending, PurchaseNotCompleted,
         TrialAlreadyUsed, LotNotFound, PaymentReferenceUsed, SubscriptionNotFound,

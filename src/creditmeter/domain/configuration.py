@@ -1,4 +1,5 @@
-"""The running server's view of the config store: keys and rate cards, reloaded when the
+"""The running server's view of the config store: keys, rate cards and the tenants' usage
+limits, reloaded when the
 store's version changes (a key created or revoked by the CLI, or a rate set through
 another server sharing the store, takes effect within a second).
 
@@ -12,6 +13,7 @@ import asyncio
 import logging
 
 from creditmeter.domain.keys import ApiKey, KeyRing, Role
+from creditmeter.domain.limits import Limits, from_rows
 from creditmeter.domain.rates import Rate, RateBook, RateUnit, is_builtin
 from creditmeter.errors import BackendUnavailable
 from creditmeter.storage.config_store import ConfigSnapshot, ConfigStore
@@ -24,6 +26,7 @@ class LiveConfig:
         self.store = store
         self.keys = KeyRing()
         self.rates = RateBook()
+        self.limits = Limits()
         #: The store's version of what is loaded; None before the first load from the
         #: store itself (also after one from `last_known`: the next answer reloads).
         self._version: int | None = None
@@ -48,6 +51,7 @@ class LiveConfig:
             )
         self.keys = KeyRing(keys)
         self.rates.replace(cards)
+        self.limits.book.replace(from_rows(snapshot.limits))
 
     async def refresh(self) -> bool:
         """Reload if the store changed since the last load; True if it did. A store that

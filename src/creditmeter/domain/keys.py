@@ -41,6 +41,7 @@ _READS = frozenset(
         "WatchBalance",
         "Check",  # changes nothing: a price enquiry and balance check
         "CheckBatch",
+        "ListUsageLimits",
     }
 )
 _METERING = frozenset(

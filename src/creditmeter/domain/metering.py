@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from creditmeter import metrics
@@ -25,6 +25,17 @@ from creditmeter.domain import balances
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
+from creditmeter.domain.limits import (
+    LimitPeriod,
+    Limits,
+    LimitStatus,
+    LimitUnit,
+    UsageLimit,
+    check_limit,
+    check_time_zone,
+    period_bounds,
+    status,
+)
 from creditmeter.domain.lots import Lot, LotSource, burn_key
 from creditmeter.domain.rates import Rate, RateBook, RateUnit, is_builtin
 from creditmeter.domain.validation import Violations
@@ -35,7 +46,8 @@ from creditmeter.errors import (
     Rejected,
     from_rejection,
 )
-from creditmeter.storage.config_store import ConfigStore, RateRow
+from creditmeter.storage import limits as limit_fields
+from creditmeter.storage.config_store import ConfigStore, LimitRow, RateRow
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import Ledger, StagedGrant
 from creditmeter.storage.redis_store import (
@@ -170,6 +182,44 @@ class UsageView:
     refunded: int
     unlimited: bool
     features: list[FeatureUsage]
+    #: The usage limits that apply to the account, with what it used of each.
+    limits: list[LimitStatus] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AccountOptions:
+    unlimited: bool
+    #: The time zone of its usage limits' periods ('' = UTC).
+    time_zone: str
+    ignore_usage_limits: bool
+
+
+def _limit_statuses(
+    limits: Limits, tenant: str, account: balances.AccountRead, now_ms: int
+) -> list[LimitStatus]:
+    """The limits that apply to an account now (its own win over the tenant's), each with
+    its usage in the current period of the account's time zone."""
+    fields = account.fields
+    if limit_fields.exempt(fields):
+        return []
+    applying: dict[tuple[str, LimitPeriod], tuple[UsageLimit, bool]] = {
+        (limit.feature, limit.period): (limit, False) for limit in limits.book.of(tenant)
+    }
+    for own in limit_fields.own_limits(fields):
+        period = LimitPeriod(own.period)
+        applying[own.feature, period] = (
+            UsageLimit(own.feature, period, own.limit, LimitUnit(own.measure)),
+            True,
+        )
+    bounds = period_bounds(limit_fields.time_zone(fields), now_ms)
+    counters = limit_fields.counters(fields)
+    order = list(LimitPeriod)
+    return [
+        status(limit, own, counters.get((feature, str(period))), bounds)
+        for (feature, period), (limit, own) in sorted(
+            applying.items(), key=lambda item: (item[0][0], order.index(item[0][1]))
+        )
+    ]
 
 
 def _staged(keys: AccountKeys, call: Call, lot: NewLot, operation: str) -> StagedGrant:
@@ -262,8 +312,11 @@ class Metering:
         clock: Clock,
         ledger: Ledger | None = None,
         gate: Backpressure | None = None,
+        limits: Limits | None = None,
     ):
         self.idempotency_ttl_s = store.idempotency_ttl_s
+        #: The tenants' usage limits, and the limit args of each script call.
+        self.limits = limits or Limits()
         self.store = store
         #: Money-in is staged here before it reaches Redis (None: no ledger, unit tests).
         self.ledger = ledger
@@ -425,7 +478,21 @@ class Metering:
             quantity=quantity,
             amount=amount,
         )
-        return ConsumeCall(AccountKeys(tenant, account_id), call, credits, feature, units)
+        limits = self.limits.args(tenant, account_id, feature, call.now_ms)
+        return ConsumeCall(AccountKeys(tenant, account_id), call, credits, feature, units, limits)
+
+    def _refused(self, c: ConsumeCall, rejected: Rejected) -> CreditError:
+        error = from_rejection(rejected)
+        if isinstance(error, InsufficientCredits):
+            metrics.record_insufficient(c.feature)
+        return error
+
+    def _again(self, c: ConsumeCall) -> ConsumeCall:
+        """The call with limit args in the account's time zone, just learned."""
+        keys = c.keys
+        return replace(
+            c, limits=self.limits.args(keys.tenant, keys.account, c.feature, c.call.now_ms)
+        )
 
     async def consume(
         self,
@@ -442,13 +509,17 @@ class Metering:
         # ConsumeItem), the refusal turned into its domain error here.
         c = self._consume_call(tenant, account_id, feature, request_id, quantity, amount)
         self.gate.check()
+        store = self.store
         try:
-            record = await self.store.consume(c.keys, c.call, c.amount, c.feature, c.units)
+            try:
+                record = await store.consume(c.keys, c.call, c.amount, c.feature, c.units, c.limits)
+            except Rejected as rejected:
+                if not self.limits.learned(tenant, account_id, rejected):
+                    raise
+                c = self._again(c)
+                record = await store.consume(c.keys, c.call, c.amount, c.feature, c.units, c.limits)
         except Rejected as rejected:
-            error = from_rejection(rejected)
-            if isinstance(error, InsufficientCredits):
-                metrics.record_insufficient(c.feature)
-            raise error from None
+            raise self._refused(c, rejected) from None
         return _counted(c, record)
 
     async def consume_many(
@@ -476,7 +547,19 @@ class Metering:
                 outcomes.append(None)  # filled in from the store's reply below
             except InvalidRequest as invalid:
                 outcomes.append(invalid)
-        replies = zip(calls, await self.store.consume_many(calls) if calls else [], strict=True)
+        records = await self.store.consume_many(calls) if calls else []
+        # Charges of accounts found in another time zone than assumed: made again, in
+        # their order, with limit args in the account's zone (nothing of them ran).
+        again = [
+            i
+            for i, (c, r) in enumerate(zip(calls, records, strict=True))
+            if isinstance(r, Rejected) and self.limits.learned(c.keys.tenant, c.keys.account, r)
+        ]
+        if again:
+            retried = [self._again(calls[i]) for i in again]
+            for i, c, r in zip(again, retried, await self.store.consume_many(retried), strict=True):
+                calls[i], records[i] = c, r
+        replies = zip(calls, records, strict=True)
         results: list[ConsumeResult | CreditError] = []
         for outcome in outcomes:
             if outcome is not None:
@@ -484,10 +567,7 @@ class Metering:
                 continue
             c, reply = next(replies)
             if isinstance(reply, Rejected):
-                error = from_rejection(reply)
-                if isinstance(error, InsufficientCredits):
-                    metrics.record_insufficient(c.feature)
-                results.append(error)
+                results.append(self._refused(c, reply))
             elif isinstance(reply, Exception):
                 raise reply  # a script failure, not a refusal: a bug, as for `consume`
             else:
@@ -505,7 +585,21 @@ class Metering:
         v.account_id(account_id)
         credits, units = self.price(tenant, feature, quantity, amount, v)
         v.raise_if_any()
-        return CheckCall(AccountKeys(tenant, account_id), credits, self.clock.now_ms()), units
+        now = self.clock.now_ms()
+        limits = self.limits.args(tenant, account_id, feature, now)
+        keys = AccountKeys(tenant, account_id)
+        return CheckCall(keys, credits, now, feature, units, limits), units
+
+    def _check_again(self, c: CheckCall) -> CheckCall:
+        keys = c.keys
+        return replace(c, limits=self.limits.args(keys.tenant, keys.account, c.feature, c.now_ms))
+
+    def _wrong_zone(self, c: CheckCall, record: CheckRecord | Exception) -> bool:
+        return (
+            not isinstance(record, Exception)
+            and record.refusal is not None
+            and self.limits.learned(c.keys.tenant, c.keys.account, record.refusal)
+        )
 
     async def check(
         self,
@@ -520,7 +614,10 @@ class Metering:
         spendable balance, and the refusal it would answer. Changes nothing; the ledger
         backlog gate is not consulted (it refuses changes, and a check is none)."""
         c, units = self._check_call(tenant, account_id, feature, quantity, amount)
-        record = await self.store.check(c.keys, c.amount, c.now_ms)
+        record = await self.store.check(c)
+        if self._wrong_zone(c, record):
+            c = self._check_again(c)
+            record = await self.store.check(c)
         return _checked(c, feature, units, record)
 
     async def check_many(
@@ -546,7 +643,13 @@ class Metering:
                 outcomes.append(None)  # filled in from the store's reply below
             except InvalidRequest as invalid:
                 outcomes.append(invalid)
-        records = await self.store.check_many([c for c, _, _ in calls]) if calls else []
+        checks = [c for c, _, _ in calls]
+        records = await self.store.check_many(checks) if calls else []
+        again = [i for i, c in enumerate(checks) if self._wrong_zone(c, records[i])]
+        if again:
+            retried = [self._check_again(checks[i]) for i in again]
+            for i, r in zip(again, await self.store.check_many(retried), strict=True):
+                records[i] = r
         replies = zip(calls, records, strict=True)
         results: list[CheckResult | CreditError] = []
         for outcome in outcomes:
@@ -606,19 +709,98 @@ class Metering:
 
     # --- SetAccountOptions -----------------------------------------------------------
     async def set_account_options(
-        self, tenant: str, account_id: str, *, request_id: str, unlimited: bool | None
-    ) -> bool:
-        """Change account options; returns the unlimited flag afterwards."""
+        self,
+        tenant: str,
+        account_id: str,
+        *,
+        request_id: str,
+        unlimited: bool | None,
+        time_zone: str | None = None,
+        ignore_usage_limits: bool | None = None,
+    ) -> AccountOptions:
+        """Change account options (None leaves one as it is); returns them afterwards.
+        `time_zone` (an IANA name, '' for UTC) places the periods of its usage limits."""
         v = Violations()
         v.account_id(account_id)
         v.request_id(request_id)
+        if time_zone is not None:
+            time_zone = check_time_zone(time_zone, v)
         v.raise_if_any()
         self.gate.check()
-        call = self._call(
-            "txn", request_id, "SetAccountOptions", account_id=account_id, unlimited=unlimited
+        params: dict[str, object] = {"account_id": account_id, "unlimited": unlimited}
+        if time_zone is not None or ignore_usage_limits is not None:
+            # Only then: the fingerprint of a call without them stays that of 0.2.0.
+            params.update(time_zone=time_zone, ignore_usage_limits=ignore_usage_limits)
+        call = self._call("txn", request_id, "SetAccountOptions", **params)
+        keys = AccountKeys(tenant, account_id)
+        record = await _applied(
+            self.store.set_options(keys, call, unlimited, time_zone, ignore_usage_limits)
         )
-        return await _applied(
-            self.store.set_options(AccountKeys(tenant, account_id), call, unlimited)
+        self.limits.learn(tenant, account_id, record.time_zone)
+        return AccountOptions(record.unlimited, record.time_zone, record.exempt)
+
+    # --- usage limits ------------------------------------------------------------------
+    async def set_usage_limit(
+        self,
+        tenant: str,
+        account_id: str,
+        feature: str,
+        period: LimitPeriod | None,
+        limit: int | None,
+        unit: LimitUnit | None,
+        *,
+        request_id: str,
+        violations: Violations | None = None,
+    ) -> UsageLimit | None:
+        """Set the tenant's limit on (feature, period) -- or with an account id the
+        account's own, which wins over the tenant's -- or with `limit` None remove it.
+        Returns the limit as stored (None once removed). `unit` defaults to units."""
+        v = Violations(violations)
+        if account_id:
+            v.account_id(account_id)
+        v.request_id(request_id)
+        check_limit(feature, period, limit, v, "limit")
+        if feature and not v.items and self.rates.get(tenant, feature) is None:
+            v.add("limit.feature", f"unknown feature {feature!r}: set a rate for it first")
+        v.raise_if_any()
+        assert period is not None
+        unit = unit or LimitUnit.UNITS
+        params = {"account_id": account_id, "feature": feature, "period": str(period),
+                  "limit": limit, "unit": str(unit)}  # fmt: skip
+        if account_id:
+            self.gate.check()
+            call = self._call("txn", request_id, "SetUsageLimit", **params)
+            keys = AccountKeys(tenant, account_id)
+            await _applied(self.store.set_limit(keys, call, feature, str(period), limit, str(unit)))
+            return None if limit is None else UsageLimit(feature, period, limit, unit)
+        now = self.clock.now_ms()
+        row = None
+        if limit is not None:
+            row = LimitRow(tenant, feature, str(period), limit, str(unit), now)
+        fp = fingerprint("SetUsageLimit", params)
+        req = ConfigStore.Request(tenant, request_id, fp, now, self.idempotency_ttl_s * 1000)
+        stored, replayed = await _applied(
+            asyncio.to_thread(self.config.set_usage_limit, tenant, feature, str(period), row, req)
+        )
+        if limit is None:
+            if not replayed:
+                self.limits.book.remove(tenant, feature, period)
+            return None
+        result = UsageLimit(feature, period, limit, unit, int(stored))
+        if not replayed:
+            self.limits.book.put(tenant, result)
+        return result
+
+    async def usage_limits(self, tenant: str, account_id: str) -> list[LimitStatus]:
+        """The tenant's limits (account id empty: nothing counted) or those that apply to
+        an account now, its own winning over the tenant's, with what it used of each in
+        the current period; none for an exempt account."""
+        if not account_id:
+            now = self.clock.now_ms()
+            bounds = period_bounds("", now)
+            return [status(limit, False, None, bounds) for limit in self.limits.book.of(tenant)]
+        return _limit_statuses(
+            self.limits, tenant, await self._read(tenant, account_id), self.clock.now_ms()
         )
 
     # --- reads -------------------------------------------------------------------------
@@ -654,6 +836,7 @@ class Metering:
             key=lambda usage: usage.feature,
         )
         return UsageView(
+            limits=_limit_statuses(self.limits, tenant, account, self.clock.now_ms()),
             total=balances.UNLIMITED if unlimited else int(fields.get("granted", "0")),
             used=int(fields.get("used", "0")),
             remaining=account.balance,

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 from creditmeter.constants import DEFAULT_PRIORITY, IDEMPOTENCY_TTL_S
 from creditmeter.domain.ids import SESSION_TXN_PREFIX, new_id
+from creditmeter.domain.limits import LimitBook, LimitPeriod, UsageLimit, period_bounds
 from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.domain.metering import apply_staged
 from creditmeter.errors import CreditError, Rejected
+from creditmeter.storage import limits as limit_fields
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import CHARGE_KINDS, Event, Ledger
+from creditmeter.storage.limits import Counter, OwnLimit, limit_event, options_event
 from creditmeter.storage.redis_store import AccountSnapshot, Call, RedisStore, lot_meta
 
 #: A lot whose reference is a bare subscription id is a period's credits (they roll over).
@@ -55,6 +58,14 @@ class AccountState:
     #: Per subscription, credits of its periods that expired unused since its last renewal
     #: (renew.lua's carry:<subscription>, the base of the next rollover).
     carry: dict[str, int] = field(default_factory=dict)
+    #: Usage limits: the account's time zone and exemption, its own limits by (feature,
+    #: period), and the charges (time, feature, units, credits) since `recent_since_ms`
+    #: (None: not kept), of which the counters of the current periods are made.
+    time_zone: str = ""
+    exempt: bool = False
+    own_limits: dict[tuple[str, str], OwnLimit] = field(default_factory=dict)
+    recent_since_ms: int | None = None
+    charges: list[tuple[int, str, int, int]] = field(default_factory=list)
 
     def apply(self, e: Event) -> None:
         self.seq = max(self.seq, e.seq)
@@ -77,6 +88,8 @@ class AccountState:
             if e.lot:
                 self.lots[e.lot].remaining -= e.amount
                 self.lot_used += e.amount
+            if self.recent_since_ms is not None and e.ts_ms >= self.recent_since_ms:
+                self.charges.append((e.ts_ms, e.feature, e.units, e.amount))
         elif e.kind in _REMOVALS:
             lot = self.lots[e.lot]
             lot.remaining -= e.amount
@@ -85,6 +98,34 @@ class AccountState:
                 self.carry[lot.reference] = self.carry.get(lot.reference, 0) + e.amount
         elif e.kind == "options":
             self.unlimited = e.unlimited
+            self.time_zone, self.exempt = options_event(e.reference)
+        elif e.kind == "usage_limit":
+            feature, period, own = limit_event(e.feature, e.amount, e.reference)
+            if own is None:
+                self.own_limits.pop((feature, period), None)
+            else:
+                self.own_limits[feature, period] = own
+
+    def applying_limits(self, tenant_limits: Iterable[UsageLimit]) -> set[tuple[str, str]]:
+        """The (feature, period) of every limit that applies to the account."""
+        if self.exempt:
+            return set()
+        return {(lim.feature, str(lim.period)) for lim in tenant_limits} | set(self.own_limits)
+
+    def counters(self, now_ms: int, tenant_limits: Iterable[UsageLimit]) -> list[Counter]:
+        """The limit counters of the current periods, as the ledger's charges make them
+        (nothing held: a rebuild restores no open session)."""
+        bounds = period_bounds(self.time_zone, now_ms)
+        out = []
+        for feature, period in sorted(self.applying_limits(tenant_limits)):
+            start, end = bounds[LimitPeriod(period)]
+            units = credits = 0
+            for ts, charged, n, amount in self.charges:
+                if charged == feature and start <= ts < end:
+                    units += n
+                    credits += amount
+            out.append(Counter(feature, period, start, units, credits, 0, 0))
+        return out
 
     @property
     def balance(self) -> int:
@@ -101,17 +142,33 @@ class AccountState:
         if self.unlimited is not None:
             fields["unlimited"] = "1" if self.unlimited else "0"
         fields.update((f"carry:{sub}", str(n)) for sub, n in self.carry.items() if n)
+        if self.time_zone:
+            fields[limit_fields.TIME_ZONE] = self.time_zone
+        if self.exempt:
+            fields[limit_fields.EXEMPT] = "1"
+        if self.own_limits:
+            fields[limit_fields.OWN_LIMITS_COUNT] = str(len(self.own_limits))
+            fields.update(limit_fields.own_limit_field(own) for own in self.own_limits.values())
         return fields
 
+    def limit_fields(self, now_ms: int, tenant_limits: Iterable[UsageLimit]) -> dict[str, str]:
+        """The counters of the current periods as account fields (a rebuild's)."""
+        return dict(
+            limit_fields.counter_field(c) for c in self.counters(now_ms, tenant_limits) if c.units
+        )
 
-async def replay(events: AsyncIterator[Event]) -> AsyncIterator[AccountState]:
-    """Fold a scan (ordered by tenant, account, seq) into one state per account."""
+
+async def replay(
+    events: AsyncIterator[Event], recent_since_ms: int | None = None
+) -> AsyncIterator[AccountState]:
+    """Fold a scan (ordered by tenant, account, seq) into one state per account, keeping
+    the charges since `recent_since_ms` (for the usage limits' counters)."""
     state: AccountState | None = None
     async for e in events:
         if state is None or (state.tenant, state.account) != (e.tenant, e.account):
             if state is not None:
                 yield state
-            state = AccountState(e.tenant, e.account)
+            state = AccountState(e.tenant, e.account, recent_since_ms=recent_since_ms)
         state.apply(e)
     if state is not None:
         yield state
@@ -124,7 +181,12 @@ class Drift:
     problems: list[str]
 
 
-def compare(state: AccountState, snap: AccountSnapshot) -> list[str]:
+def compare(
+    state: AccountState,
+    snap: AccountSnapshot,
+    now_ms: int | None = None,
+    tenant_limits: list[UsageLimit] | None = None,
+) -> list[str]:
     """What differs between an account's ledger state and its Redis snapshot."""
     problems = []
     ledger_lots = state.live_lots()
@@ -141,6 +203,39 @@ def compare(state: AccountState, snap: AccountSnapshot) -> list[str]:
     for name in TOTALS:
         if state.totals[name] != snap.int_field(name):
             problems.append(f"{name}: ledger {state.totals[name]} != redis {snap.int_field(name)}")
+    problems.extend(_limit_drift(state, snap, now_ms, tenant_limits or []))
+    return problems
+
+
+def _limit_drift(
+    state: AccountState, snap: AccountSnapshot, now_ms: int | None, tenant_limits: list[UsageLimit]
+) -> list[str]:
+    """What differs in the usage limits: the account's options and own limits exactly;
+    a counter of the current period may count less than the ledger's charges (a limit
+    counts from when it applies) but never more."""
+    problems = []
+    zone, exempt = limit_fields.time_zone(snap.fields), limit_fields.exempt(snap.fields)
+    if (state.time_zone, state.exempt) != (zone, exempt):
+        problems.append(
+            f"limit options: ledger (time zone {state.time_zone!r}, exempt {state.exempt})"
+            f" != redis ({zone!r}, {exempt})"
+        )
+    own = {(o.feature, o.period): o for o in limit_fields.own_limits(snap.fields)}
+    if own != state.own_limits:
+        problems.append(f"own limits: ledger {state.own_limits} != redis {own}")
+    if now_ms is None:
+        return problems
+    held = limit_fields.counters(snap.fields)
+    for counted in state.counters(now_ms, tenant_limits):
+        c = held.get((counted.feature, counted.period))
+        if c is None or c.start_ms != counted.start_ms:
+            continue
+        if c.units > counted.units or c.credits > counted.credits:
+            problems.append(
+                f"limit counter {counted.feature}/{counted.period}: redis counted {c.units}"
+                f" units, {c.credits} credits; the ledger's charges in the period are"
+                f" {counted.units} units, {counted.credits} credits"
+            )
     return problems
 
 
@@ -165,22 +260,33 @@ def restore_lots(state: AccountState) -> list[dict[str, str]]:
     return lots
 
 
+#: How far back charges are kept for the usage limits' counters: the longest period (a
+#: month) and a time zone's offset, with room to spare.
+_LIMIT_LOOKBACK_MS = 35 * 86_400_000
+
+
 class Recovery:
-    def __init__(self, ledger: Ledger, store: RedisStore) -> None:
+    def __init__(self, ledger: Ledger, store: RedisStore, limits: LimitBook | None = None):
         self.ledger = ledger
         self.store = store
+        #: The tenants' usage limits (from the config store): their counters are checked
+        #: and rebuilt too. None: only the accounts' own limits.
+        self.limits = limits or LimitBook()
+        self._now_ms: int | None = None
 
     async def audit(
-        self, tenant: str | None = None, wait_s: float = 10.0
+        self, tenant: str | None = None, wait_s: float = 10.0, now_ms: int | None = None
     ) -> tuple[int, list[Drift]]:
-        """Check every account; returns (accounts checked, drifts).
+        """Check every account; returns (accounts checked, drifts). With `now_ms`, the
+        usage limits' counters of the periods then are checked against the charges.
 
         Works beside a running server: each account is compared at the seq its Redis
         snapshot has, waiting (up to `wait_s`) for the flusher to bring the ledger there.
         """
+        self._now_ms = now_ms
         seen: set[tuple[str, str]] = set()
         drifts: list[Drift] = []
-        async for state in replay(self.ledger.scan(tenant)):
+        async for state in replay(self.ledger.scan(tenant), self._since()):
             seen.add((state.tenant, state.account))
             problems = await self._check(state, wait_s)
             if problems:
@@ -189,15 +295,20 @@ class Recovery:
         for (t, account), seq in (await self.store.account_seqs()).items():
             if (t, account) in seen or (tenant is not None and t != tenant):
                 continue
-            state = await self._caught_up(AccountState(t, account), seq, wait_s)
+            state = await self._caught_up(
+                AccountState(t, account, recent_since_ms=self._since()), seq, wait_s
+            )
             seen.add((t, account))
             problems = await self._check(state, wait_s)
             if problems:
                 drifts.append(Drift(t, account, problems))
         return len(seen), drifts
 
+    def _since(self) -> int | None:
+        return None if self._now_ms is None else self._now_ms - _LIMIT_LOOKBACK_MS
+
     async def _account_state(self, tenant: str, account: str, upto: int) -> AccountState:
-        state = AccountState(tenant, account)
+        state = AccountState(tenant, account, recent_since_ms=self._since())
         async for e in self.ledger.scan(tenant, account):
             if e.seq <= upto:
                 state.apply(e)
@@ -222,18 +333,20 @@ class Recovery:
                 at = snap.int_field("seq")
                 return [f"seq: redis is at {at}, ledger at {state.seq} (flusher behind or lost)"]
             state = await self._account_state(state.tenant, state.account, snap.int_field("seq"))
-        return compare(state, snap)
+        return compare(state, snap, self._now_ms, self.limits.of(state.tenant))
 
     async def rebuild(self, now_ms: int, replace: bool = False) -> tuple[int, int, list[str]]:
         """Restore Redis from the ledger; returns (accounts, idempotency records, skipped)."""
         accounts = 0
         skipped: list[str] = []
-        async for state in replay(self.ledger.scan()):
+        async for state in replay(self.ledger.scan(), now_ms - _LIMIT_LOOKBACK_MS):
             lots = restore_lots(state)
             call = Call(now_ms=now_ms, txn=new_id("rst", now_ms))
+            fields = state.redis_fields()
+            fields.update(state.limit_fields(now_ms, self.limits.of(state.tenant)))
             try:
                 keys = AccountKeys(state.tenant, state.account)
-                await self.store.restore(keys, call, state.redis_fields(), lots, replace)
+                await self.store.restore(keys, call, fields, lots, replace)
                 accounts += 1
             except Rejected:
                 skipped.append(f"{state.tenant}/{state.account}")

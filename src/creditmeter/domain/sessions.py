@@ -11,6 +11,7 @@ process's closer gets to it first; the script's state check makes the close happ
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -25,6 +26,7 @@ from creditmeter.domain import balances
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import SESSION_TXN_PREFIX, fingerprint, new_id
+from creditmeter.domain.limits import Limits
 from creditmeter.domain.rates import RateBook, RateUnit
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
@@ -35,6 +37,7 @@ from creditmeter.errors import (
     from_rejection,
 )
 from creditmeter.storage.layout import AccountKeys, session_request_id
+from creditmeter.storage.limits import LimitArgs
 from creditmeter.storage.redis_store import Call, RedisStore, SessionRecord
 
 
@@ -121,9 +124,12 @@ class Sessions:
         clock: Clock,
         gate: Backpressure | None = None,
         grace_s: float = DEFAULT_SESSION_GRACE_S,
+        limits: Limits | None = None,
     ) -> None:
         self.store = store
         self.rates = rates
+        #: The tenants' usage limits: a quota is capped by what they leave.
+        self.limits = limits or Limits()
         self.clock = clock
         self.gate = gate or Backpressure()
         self.grace_ms = int(grace_s * 1000)
@@ -144,11 +150,34 @@ class Sessions:
         if requested_s is not None and not 1 <= requested_s <= MAX_SESSION_QUOTA_S:
             v.add("requested_seconds", f"must be from 1 to {MAX_SESSION_QUOTA_S} seconds")
 
+    async def _run(
+        self,
+        keys: AccountKeys,
+        call: Call,
+        step: str,
+        session_id: str,
+        extra: list[str],
+        feature: str | None = None,
+    ) -> SessionRecord | None:
+        """One session.lua call, with the limit args of `feature` (None: of every feature
+        of the tenant, for a step whose feature only the session knows)."""
+
+        def run(limits: LimitArgs) -> Awaitable[SessionRecord | None]:
+            return self.store.session_step(keys, call, step, session_id, limits, extra)
+
+        return await self.limits.run(keys.tenant, keys.account, feature, call.now_ms, run)
+
     async def _step(
-        self, keys: AccountKeys, call: Call, step: str, session_id: str, extra: list[str]
+        self,
+        keys: AccountKeys,
+        call: Call,
+        step: str,
+        session_id: str,
+        extra: list[str],
+        feature: str | None = None,
     ) -> SessionStep:
         try:
-            record = await self.store.session_step(keys, call, step, session_id, extra)
+            record = await self._run(keys, call, step, session_id, extra, feature)
         except Rejected as rejected:
             raise from_rejection(rejected) from None
         assert record is not None  # only a close can find a session not due
@@ -212,6 +241,7 @@ class Sessions:
                     str(policy),
                     str(self.grace_ms),
                 ],
+                feature,
             )
         except IdempotencyKeyReused:
             raise SessionExists(
@@ -301,7 +331,7 @@ class Sessions:
                 request_id=session_request_id(session_id, "timeout"),
             )
             try:
-                record = await self.store.session_step(keys, call, "close", session_id, [])
+                record = await self._run(keys, call, "close", session_id, [])
             except Rejected:
                 continue  # closed or ended meanwhile (by another process): nothing to do
             closed += record is not None

@@ -53,6 +53,7 @@ from creditmeter.storage.layout import (
     session_request_id,
     sessions_key,
 )
+from creditmeter.storage.limits import LimitArgs, own_limit_args
 from creditmeter.storage.redis_client import UNREACHABLE, Client, reachable, unavailable
 from creditmeter.storage.replicas import ReplicaAcks, Targets
 
@@ -138,6 +139,7 @@ class ConsumeCall:
     amount: int
     feature: str
     units: int
+    limits: LimitArgs
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,9 @@ class CheckCall:
     keys: AccountKeys
     amount: int
     now_ms: int
+    feature: str
+    units: int
+    limits: LimitArgs
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +172,17 @@ def _check_record(values: Sequence[str]) -> CheckRecord:
         pairs = values[5:]
         refusal = Rejected(values[4], dict(zip(pairs[::2], pairs[1::2], strict=True)))
     return CheckRecord(_holdings(values[1:4]), refusal)
+
+
+@dataclass(frozen=True)
+class OptionsRecord:
+    """An account's options after SetAccountOptions."""
+
+    unlimited: bool
+    #: The time zone of its usage limits' periods ('' = UTC).
+    time_zone: str
+    #: Exempt from usage limits.
+    exempt: bool
 
 
 @dataclass(frozen=True)
@@ -487,14 +503,24 @@ class RedisStore:
         return GrantRecord(lot=_lot_from_reply(values), holdings=_holdings(values[7:10]))
 
     async def consume(
-        self, keys: AccountKeys, call: Call, amount: int, feature: str, units: int
+        self,
+        keys: AccountKeys,
+        call: Call,
+        amount: int,
+        feature: str,
+        units: int,
+        limits: LimitArgs,
     ) -> ConsumeRecord:
-        """Charge an account (all or nothing); raises Rejected when the script refuses.
+        """Charge an account (all or nothing); raises Rejected when the script refuses
+        (reason WRONG_TIME_ZONE: the limit args assumed another time zone than the
+        account's; nothing changed, ask again with the zone in its metadata).
 
         Goes through the coalescer: alone when Redis is idle, in one pipeline with the
         other charges that queued meanwhile when it is busy.
         """
-        return await self.consume_coalescer.submit(ConsumeCall(keys, call, amount, feature, units))
+        return await self.consume_coalescer.submit(
+            ConsumeCall(keys, call, amount, feature, units, limits)
+        )
 
     async def consume_many(self, calls: Sequence[ConsumeCall]) -> list[ConsumeRecord | Exception]:
         """Run the consume script for each call, in order, in one round trip: one call of
@@ -518,7 +544,11 @@ class RedisStore:
                 c = calls[i]
                 keys.append(c.keys.account_key)
                 keys.append(c.keys.idempotency_key(c.call.request_id))
-                args.extend(self._args(c.call, c.keys, [str(c.amount), c.feature, str(c.units)]))
+                args.extend(
+                    self._args(
+                        c.call, c.keys, [str(c.amount), c.feature, str(c.units), *c.limits.argv()]
+                    )
+                )
             batches.append((keys, args))
         replies = await self._run_many(scripts.CONSUME_BATCH, batches, operation="consume")
         outcomes: list[ConsumeRecord | Exception] = [ResponseError("not run")] * len(calls)
@@ -535,12 +565,13 @@ class RedisStore:
                     outcomes[i] = rejected
         return outcomes
 
-    async def check(self, keys: AccountKeys, amount: int, now_ms: int) -> CheckRecord:
-        """What consume would decide for charging `amount` now; changes nothing.
+    async def check(self, call: CheckCall) -> CheckRecord:
+        """What consume would decide for the charge now; changes nothing. A refusal
+        WRONG_TIME_ZONE means what it means for `consume`.
 
         Goes through a coalescer, as consume does: concurrent checks share round trips.
         """
-        return await self.check_coalescer.submit(CheckCall(keys, amount, now_ms))
+        return await self.check_coalescer.submit(call)
 
     async def check_many(self, calls: Sequence[CheckCall]) -> list[CheckRecord | Exception]:
         """Run check.lua for each call in one round trip: one FCALL_RO per bucket, carrying
@@ -554,7 +585,9 @@ class RedisStore:
             keys = [calls[i].keys.account_key for i in indexes]
             args: list[Any] = []
             for i in indexes:
-                args.extend((str(calls[i].now_ms), str(calls[i].amount)))
+                c = calls[i]
+                args.extend((str(c.now_ms), str(c.amount), c.feature, str(c.units)))
+                args.extend(c.limits.argv())
             batches.append((keys, args))
         replies = await self._run_many(scripts.CHECK, batches, read_only=True)
         outcomes: list[CheckRecord | Exception] = [ResponseError("not run")] * len(calls)
@@ -575,10 +608,37 @@ class RedisStore:
             holdings=_holdings(values[:3]), removed=int(values[3]), lot=new_lot
         )
 
-    async def set_options(self, keys: AccountKeys, call: Call, unlimited: bool | None) -> bool:
-        flag = "" if unlimited is None else ("1" if unlimited else "0")
-        values = await self._run("set_options", keys, call, [flag])
-        return values[0] == "1"
+    async def set_options(
+        self,
+        keys: AccountKeys,
+        call: Call,
+        unlimited: bool | None,
+        time_zone: str | None = None,
+        exempt: bool | None = None,
+    ) -> OptionsRecord:
+        """Change the options given (None leaves one as it is; time zone '' is UTC)."""
+
+        def flag(value: bool | None) -> str:
+            return "" if value is None else ("1" if value else "0")
+
+        zone = "-" if time_zone is None else time_zone
+        values = await self._run("set_options", keys, call, [flag(unlimited), zone, flag(exempt)])
+        if len(values) < 3:  # a record of 0.2.0 replayed: only the unlimited flag
+            return OptionsRecord(values[0] == "1", "", False)
+        return OptionsRecord(values[0] == "1", values[1], values[2] == "1")
+
+    async def set_limit(
+        self,
+        keys: AccountKeys,
+        call: Call,
+        feature: str,
+        period: str,
+        limit: int | None,
+        measure: str,
+    ) -> None:
+        """Set (or with `limit` None remove) the account's own limit on `feature` for
+        `period` (a name of limits.PERIOD_CODES), counted in `measure` (units, credits)."""
+        await self._run("set_limit", keys, call, [feature, *own_limit_args(period, limit, measure)])
 
     async def sweep(self, keys: AccountKeys, call: Call) -> int:
         """Record the expiry of the account's lots whose time has come; returns how many."""
@@ -608,15 +668,22 @@ class RedisStore:
         return RefundRecord(holdings=_holdings(values[:3]), removed=int(removed), lots=lots)
 
     async def session_step(
-        self, keys: AccountKeys, call: Call, step: str, session_id: str, extra: Sequence[str]
+        self,
+        keys: AccountKeys,
+        call: Call,
+        step: str,
+        session_id: str,
+        limits: LimitArgs,
+        extra: Sequence[str],
     ) -> SessionRecord | None:
         """Run one step of a call session (start, update, end, close); None when a close
-        finds the session not yet due."""
+        finds the session not yet due. `limits` carries the tenant's rules for every
+        feature (a step after the start takes its feature from the session)."""
         values = await self._run(
             "session",
             keys,
             call,
-            [step, session_id, *extra],
+            [step, session_id, *limits.argv(), *extra],
             keys.session_keys(session_id, _session_step(session_id, call.request_id)),
         )
         if values == ["not_due"]:

@@ -26,6 +26,7 @@ SCRIPT_NAMES = (
     "refund",
     "renew",
     "session",
+    "set_limit",
 )
 
 

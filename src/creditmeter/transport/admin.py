@@ -18,7 +18,9 @@ from rich.table import Table
 
 from creditmeter.constants import SHUTDOWN_GRACE_S
 from creditmeter.domain.clock import SystemClock
+from creditmeter.domain.limits import LimitBook, from_rows
 from creditmeter.domain.recovery import Recovery
+from creditmeter.storage.config_store import open_config_store
 from creditmeter.storage.deployment import resolve_buckets
 from creditmeter.storage.embedded_redis import EmbeddedRedis, endpoint_file
 from creditmeter.storage.ledger import open_ledger
@@ -110,6 +112,13 @@ async def run_flusher(
     return 0
 
 
+def _tenant_limits(data_dir: str, ledger_url: str | None) -> LimitBook:
+    """The tenants' usage limits from the config store beside the ledger."""
+    with open_config_store(ledger_url, Path(data_dir)) as config:
+        rows = config.usage_limits()
+    return LimitBook(from_rows(rows))
+
+
 async def audit(
     data_dir: str,
     redis_url: str | None,
@@ -123,7 +132,8 @@ async def audit(
         backlog = await outbox_backlog(stores.redis)
         store = RedisStore(stores.redis)
         await store.upgrade_layout()  # an older release's keys, before reading them
-        checked, drifts = await Recovery(stores.ledger, store).audit(tenant, wait_s)
+        recovery = Recovery(stores.ledger, store, _tenant_limits(data_dir, ledger_url))
+        checked, drifts = await recovery.audit(tenant, wait_s, SystemClock().now_ms())
     if drifts:
         table = Table("tenant", "account", "drift")
         for d in drifts:
@@ -142,9 +152,8 @@ async def rebuild(
     async with open_stores(data_dir, redis_url, ledger_url) as stores:
         store = RedisStore(stores.redis)
         await store.upgrade_layout()
-        accounts, requests, skipped = await Recovery(stores.ledger, store).rebuild(
-            SystemClock().now_ms(), replace
-        )
+        recovery = Recovery(stores.ledger, store, _tenant_limits(data_dir, ledger_url))
+        accounts, requests, skipped = await recovery.rebuild(SystemClock().now_ms(), replace)
     console.print(f"restored {accounts} accounts and {requests} idempotency records")
     if skipped:
         console.print(

@@ -7,6 +7,7 @@ from google.protobuf.descriptor import EnumDescriptor
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.alerts import Alert, AlertKind
+from creditmeter.domain.limits import LimitPeriod, LimitStatus, LimitUnit, UsageLimit
 from creditmeter.domain.lots import Lot, LotSource
 from creditmeter.domain.metering import CheckItem, CheckResult, ConsumeItem, ConsumeResult
 from creditmeter.domain.rates import Rate, RateUnit
@@ -68,6 +69,40 @@ def lot_source_pb(source: LotSource) -> pb.LotSource.ValueType:
 def rate_unit(value: int, v: Violations, field: str = "rate.unit") -> RateUnit | None:
     name = enum_name(pb.RateUnit.DESCRIPTOR, value, "RATE_UNIT_", field, v)
     return None if name is None else RateUnit(name)
+
+
+def limit_period(value: int, v: Violations, field: str = "limit.period") -> LimitPeriod | None:
+    name = enum_name(pb.UsageLimitPeriod.DESCRIPTOR, value, "USAGE_LIMIT_PERIOD_", field, v)
+    return None if name is None else LimitPeriod(name)
+
+
+def limit_unit(value: int, v: Violations, field: str = "limit.unit") -> LimitUnit | None:
+    name = enum_name(pb.UsageLimitUnit.DESCRIPTOR, value, "USAGE_LIMIT_UNIT_", field, v)
+    return None if name is None else LimitUnit(name)
+
+
+def usage_limit_pb(limit: UsageLimit) -> pb.UsageLimit:
+    msg = pb.UsageLimit(
+        feature=limit.feature,
+        period=pb.UsageLimitPeriod.Value(f"USAGE_LIMIT_PERIOD_{limit.period.upper()}"),
+        limit=limit.limit,
+        unit=pb.UsageLimitUnit.Value(f"USAGE_LIMIT_UNIT_{limit.unit.upper()}"),
+    )
+    if limit.updated_ms is not None:
+        msg.update_time.CopyFrom(timestamp(limit.updated_ms))
+    return msg
+
+
+def limit_status_pb(s: LimitStatus) -> pb.UsageLimitStatus:
+    return pb.UsageLimitStatus(
+        limit=usage_limit_pb(s.limit),
+        account_override=s.own,
+        used=s.used,
+        reserved=s.reserved,
+        remaining=max(0, s.limit.limit - s.used - s.reserved),
+        period_start=timestamp(s.period_start_ms),
+        period_end=timestamp(s.period_end_ms),
+    )
 
 
 def lot_pb(lot: Lot) -> pb.Lot:

@@ -140,9 +140,11 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         were not a valid message (its result has no request id: none could be read)."""
         valid = [r for r in requests if not isinstance(r, Undecodable)]
         try:
-            charged: Sequence[ConsumeResult | CreditError] = await self.metering.consume_many(
-                tenant, [convert.consume_item(r) for r in valid]
-            ) if valid else []
+            charged: Sequence[ConsumeResult | CreditError] = (
+                await self.metering.consume_many(tenant, [convert.consume_item(r) for r in valid])
+                if valid
+                else []
+            )
         except CreditError as error:
             charged = [error] * len(valid)
         outcomes = iter(charged)
@@ -328,6 +330,7 @@ class CreditsServicer(pb_grpc.CreditsServicer):
                 pb.FeatureUsage(feature=f.feature, credits=f.credits, units=f.units)
                 for f in view.features
             ],
+            limits=[convert.limit_status_pb(s) for s in view.limits],
         )
 
     async def SetRate(self, request: pb.SetRateRequest, context: Context) -> pb.SetRateResponse:
@@ -362,13 +365,51 @@ class CreditsServicer(pb_grpc.CreditsServicer):
     async def SetAccountOptions(
         self, request: pb.SetAccountOptionsRequest, context: Context
     ) -> pb.SetAccountOptionsResponse:
-        unlimited = await self.metering.set_account_options(
+        options = await self.metering.set_account_options(
             principal().tenant,
             request.account_id,
             request_id=request.request_id,
             unlimited=request.unlimited if request.HasField("unlimited") else None,
+            time_zone=request.time_zone if request.HasField("time_zone") else None,
+            ignore_usage_limits=(
+                request.ignore_usage_limits if request.HasField("ignore_usage_limits") else None
+            ),
         )
-        return pb.SetAccountOptionsResponse(options=pb.AccountOptions(unlimited=unlimited))
+        return pb.SetAccountOptionsResponse(
+            options=pb.AccountOptions(
+                unlimited=options.unlimited,
+                time_zone=options.time_zone,
+                ignore_usage_limits=options.ignore_usage_limits,
+            )
+        )
+
+    async def SetUsageLimit(
+        self, request: pb.SetUsageLimitRequest, context: Context
+    ) -> pb.SetUsageLimitResponse:
+        v = Violations()
+        limit = request.limit
+        period = convert.limit_period(limit.period, v)
+        unit = convert.limit_unit(limit.unit, v)
+        stored = await self.metering.set_usage_limit(
+            principal().tenant,
+            request.account_id,
+            limit.feature,
+            period,
+            None if request.remove else limit.limit,
+            unit,
+            request_id=request.request_id,
+            violations=v,
+        )
+        response = pb.SetUsageLimitResponse()
+        if stored is not None:
+            response.limit.CopyFrom(convert.usage_limit_pb(stored))
+        return response
+
+    async def ListUsageLimits(
+        self, request: pb.ListUsageLimitsRequest, context: Context
+    ) -> pb.ListUsageLimitsResponse:
+        statuses = await self.metering.usage_limits(principal().tenant, request.account_id)
+        return pb.ListUsageLimitsResponse(limits=[convert.limit_status_pb(s) for s in statuses])
 
     async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: Context

@@ -41,6 +41,7 @@ _STATUS: dict[type[errors.CreditError], grpc.StatusCode] = {
     errors.IdempotencyKeyReused: grpc.StatusCode.INVALID_ARGUMENT,
     errors.BalanceLimitExceeded: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InsufficientCredits: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UsageLimitExceeded: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AccountNotFound: grpc.StatusCode.NOT_FOUND,
     errors.ApiKeyInvalid: grpc.StatusCode.UNAUTHENTICATED,
     errors.RoleNotAllowed: grpc.StatusCode.PERMISSION_DENIED,

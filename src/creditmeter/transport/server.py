@@ -177,6 +177,7 @@ class App:
             s.clock,
             ledger=ledger,
             gate=self.gate,
+            limits=live.limits,
         )
         # Before any call: keys an older release named differently get their new names.
         await metering.store.upgrade_layout()
@@ -201,7 +202,7 @@ class App:
             catalog, ledger, metering.store, s.clock, self.gate, s.pending_purchase_ttl_ms
         )
         self.sessions = sessions = Sessions(
-            metering.store, live.rates, s.clock, self.gate, s.session_grace_s
+            metering.store, live.rates, s.clock, self.gate, s.session_grace_s, live.limits
         )
         # Each watch gets its own connection: its blocking XREAD must not hold one of the pool's.
         alerts = BalanceAlerts(

@@ -1,4 +1,4 @@
-"""The configuration store: tenants, API keys, rate cards, packs and config-change
+"""The configuration store: tenants, API keys, rate cards, usage limits, packs and config-change
 requests, behind one interface (`base.ConfigStore`) with a SQLite and a PostgreSQL
 backend."""
 
@@ -12,6 +12,7 @@ from creditmeter.storage.config_store.base import (
     ConfigSnapshot,
     ConfigStore,
     KeyRow,
+    LimitRow,
     PackRow,
     RateRow,
     Request,
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigSnapshot",
     "ConfigStore",
     "KeyRow",
+    "LimitRow",
     "PackRow",
     "RateRow",
     "Request",

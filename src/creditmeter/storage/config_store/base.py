@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 
@@ -69,13 +69,27 @@ class RateRow:
 
 
 @dataclass(frozen=True)
+class LimitRow:
+    """A tenant's usage limit on a feature for a period (creditmeter.domain.limits):
+    period day, week or month; unit units or credits."""
+
+    tenant: str
+    feature: str
+    period: str
+    max_usage: int
+    unit: str
+    updated_ms: int
+
+
+@dataclass(frozen=True)
 class ConfigSnapshot:
-    """What a running server holds of the configuration: the keys and rates of one version,
-    read in one transaction."""
+    """What a running server holds of the configuration: the keys, rates and usage limits
+    of one version, read in one transaction."""
 
     version: int
     api_keys: list[KeyRow]
     rates: list[RateRow]
+    limits: list[LimitRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -89,15 +103,17 @@ class ConfigDump:
     rates: list[RateRow]
     packs: list[PackRow]
     requests: list[tuple[str, str, str, str, int]]
+    limits: list[LimitRow] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         """No configuration at all (request records alone do not count)."""
-        return not (self.tenants or self.api_keys or self.rates or self.packs)
+        return not (self.tenants or self.api_keys or self.rates or self.packs or self.limits)
 
     def counts(self) -> str:
         return (
             f"{len(self.tenants)} tenants, {len(self.api_keys)} API keys, {len(self.rates)}"
-            f" rates, {len(self.packs)} packs, {len(self.requests)} request records"
+            f" rates,{f' {len(self.limits)} usage limits,' if self.limits else ''}"
+            f" {len(self.packs)} packs, {len(self.requests)} request records"
         )
 
 
@@ -154,6 +170,19 @@ class ConfigStore(ABC):
         (then nothing changed and the first call's response is returned). Raises
         Rejected(IDEMPOTENCY_KEY_REUSED) when the id was used with other parameters.
         Request records older than the request's TTL are pruned."""
+
+    # --- usage limits --------------------------------------------------------------
+    @abstractmethod
+    def usage_limits(self) -> list[LimitRow]:
+        """Every tenant's usage limits, by tenant, feature, period."""
+
+    @abstractmethod
+    def set_usage_limit(
+        self, tenant: str, feature: str, period: str, row: LimitRow | None, req: Request
+    ) -> tuple[str, bool]:
+        """Store the tenant's limit on (feature, period), or with `row` None remove it,
+        once per request id, idempotent as `set_rate`. The response is the limit's update
+        time ('' for a removal)."""
 
     # --- packs ---------------------------------------------------------------------
     @abstractmethod

@@ -44,6 +44,7 @@ from creditmeter.storage.config_store.base import (
     ConfigSnapshot,
     ConfigStore,
     KeyRow,
+    LimitRow,
     PackRow,
     RateRow,
     Request,
@@ -125,6 +126,17 @@ _MIGRATIONS = (
     INSERT INTO config_meta (name, value)
       VALUES ('store_id', floor(random() * 9007199254740991)::bigint);
     """,
+    """
+    CREATE TABLE config_usage_limits (
+      tenant     TEXT COLLATE "C" NOT NULL,
+      feature    TEXT COLLATE "C" NOT NULL,
+      period     TEXT COLLATE "C" NOT NULL,
+      max_usage  BIGINT NOT NULL,
+      unit       TEXT COLLATE "C" NOT NULL,
+      updated_ms BIGINT NOT NULL,
+      PRIMARY KEY (tenant, feature, period)
+    );
+    """,
 )
 
 #: Serializes opening (migrations, the import) across processes; not the ledger's key, so
@@ -150,6 +162,14 @@ _PACK_COLUMNS = (
     " update_ms"
 )
 _REQUEST_COLUMNS = "tenant, request_id, fingerprint, response, created_ms"
+_LIMIT_COLUMNS = "tenant, feature, period, max_usage, unit, updated_ms"
+_LIMITS = f"SELECT {_LIMIT_COLUMNS} FROM config_usage_limits ORDER BY tenant, feature, period"
+_UPSERT_LIMIT = (
+    f"INSERT INTO config_usage_limits ({_LIMIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+    " ON CONFLICT (tenant, feature, period) DO UPDATE SET max_usage = excluded.max_usage,"
+    " unit = excluded.unit, updated_ms = excluded.updated_ms"
+)
+_DELETE_LIMIT = "DELETE FROM config_usage_limits WHERE tenant = $1 AND feature = $2 AND period = $3"
 _KEYS = f"SELECT {_KEY_COLUMNS} FROM config_api_keys"
 _RATES = f"SELECT {_RATE_COLUMNS} FROM config_rates ORDER BY tenant, feature"
 _PACK = f"SELECT {_PACK_COLUMNS} FROM config_packs WHERE tenant = $1 AND pack_id = $2"
@@ -364,7 +384,13 @@ class PostgresConfigStore(ConfigStore):
                 version = int(await conn.fetchval(_VERSION))
                 keys = await conn.fetch(f"{_KEYS} ORDER BY created_ms, key_id")
                 rates = await conn.fetch(_RATES)
-            return ConfigSnapshot(version, [KeyRow(*r) for r in keys], [RateRow(*r) for r in rates])
+                limits = await conn.fetch(_LIMITS)
+            return ConfigSnapshot(
+                version,
+                [KeyRow(*r) for r in keys],
+                [RateRow(*r) for r in rates],
+                [LimitRow(*r) for r in limits],
+            )
 
         snapshot = self._call(read)
         if snapshot.version != self._cached:
@@ -483,6 +509,21 @@ class PostgresConfigStore(ConfigStore):
 
         return self._idempotent(req, change)
 
+    def usage_limits(self) -> list[LimitRow]:
+        return [LimitRow(*r) for r in self._call(lambda db: db.fetch(_LIMITS))]
+
+    def set_usage_limit(
+        self, tenant: str, feature: str, period: str, row: LimitRow | None, req: Request
+    ) -> tuple[str, bool]:
+        async def change(conn: Any) -> str:
+            if row is None:
+                await conn.execute(_DELETE_LIMIT, tenant, feature, period)
+                return ""
+            await conn.execute(_UPSERT_LIMIT, *astuple(row))
+            return str(row.updated_ms)
+
+        return self._idempotent(req, change)
+
     def put_pack(
         self, pack_id: str, req: Request, build: Callable[[PackRow | None], PackRow]
     ) -> tuple[PackRow, bool]:
@@ -518,6 +559,7 @@ class PostgresConfigStore(ConfigStore):
                 "version": snapshot.version,
                 "api_keys": [astuple(k) for k in snapshot.api_keys],
                 "rates": [astuple(r) for r in snapshot.rates],
+                "limits": [astuple(r) for r in snapshot.limits],
             }
             # mkstemp makes it 0600: it holds the keys' digests, as config.db does.
             fd, tmp = tempfile.mkstemp(dir=self.cache_path.parent, prefix=".config-cache-")
@@ -543,7 +585,7 @@ class PostgresConfigStore(ConfigStore):
             # the SQLite store's, which the first open will import.
             dump = read_dump(self.sqlite_path)
             log.info("configuration from %s (not imported yet)", self.sqlite_path)
-            return ConfigSnapshot(-1, dump.api_keys, dump.rates)
+            return ConfigSnapshot(-1, dump.api_keys, dump.rates, dump.limits)
         return None
 
 
@@ -577,6 +619,7 @@ async def _insert_dump(conn: Any, dump: ConfigDump) -> None:
     await conn.executemany(_INSERT_KEY, [astuple(k) for k in dump.api_keys])
     await conn.executemany(_INSERT_RATE, [astuple(r) for r in dump.rates])
     await conn.executemany(_INSERT_PACK, [astuple(p) for p in dump.packs])
+    await conn.executemany(_UPSERT_LIMIT, [astuple(r) for r in dump.limits])
     await conn.executemany(_INSERT_REQUEST, dump.requests)
 
 
@@ -588,7 +631,8 @@ def _read_cache(path: Path) -> tuple[int | None, ConfigSnapshot] | None:
             return None
         keys = [KeyRow(*k) for k in body["api_keys"]]
         rates = [RateRow(*r) for r in body["rates"]]
-        return body.get("store_id"), ConfigSnapshot(int(body["version"]), keys, rates)
+        limits = [LimitRow(*r) for r in body.get("limits", ())]
+        return body.get("store_id"), ConfigSnapshot(int(body["version"]), keys, rates, limits)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as error:

@@ -17,6 +17,7 @@ from creditmeter.storage.config_store.base import (
     ConfigSnapshot,
     ConfigStore,
     KeyRow,
+    LimitRow,
     PackRow,
     RateRow,
     Request,
@@ -44,6 +45,15 @@ CREATE TABLE IF NOT EXISTS rates (
   increment_s      INTEGER NOT NULL,
   updated_ms       INTEGER NOT NULL,
   PRIMARY KEY (tenant, feature)
+);
+CREATE TABLE IF NOT EXISTS usage_limits (
+  tenant     TEXT NOT NULL,
+  feature    TEXT NOT NULL,
+  period     TEXT NOT NULL,
+  max_usage  INTEGER NOT NULL,
+  unit       TEXT NOT NULL,
+  updated_ms INTEGER NOT NULL,
+  PRIMARY KEY (tenant, feature, period)
 );
 CREATE TABLE IF NOT EXISTS requests (
   tenant      TEXT NOT NULL,
@@ -124,7 +134,7 @@ class SqliteConfigStore(ConfigStore):
         with self._connect() as db:
             db.execute("BEGIN")  # one read transaction: the rows of that version
             try:
-                return ConfigSnapshot(_version(db), _keys(db), _rates(db))
+                return ConfigSnapshot(_version(db), _keys(db), _rates(db), _limits(db))
             finally:
                 db.execute("COMMIT")
 
@@ -209,6 +219,30 @@ class SqliteConfigStore(ConfigStore):
 
         return self._idempotent(req, change)
 
+    # --- usage limits --------------------------------------------------------------
+    def usage_limits(self) -> list[LimitRow]:
+        with self._connect() as db:
+            return _limits(db)
+
+    def set_usage_limit(
+        self, tenant: str, feature: str, period: str, row: LimitRow | None, req: Request
+    ) -> tuple[str, bool]:
+        """Store or remove a tenant's limit. See `_idempotent`."""
+
+        def change(db: sqlite3.Connection) -> str:
+            if row is None:
+                db.execute(
+                    "DELETE FROM usage_limits WHERE tenant = ? AND feature = ? AND period = ?",
+                    (tenant, feature, period),
+                )
+                return ""
+            db.execute(
+                "INSERT OR REPLACE INTO usage_limits VALUES (?, ?, ?, ?, ?, ?)", astuple(row)
+            )
+            return str(row.updated_ms)
+
+        return self._idempotent(req, change)
+
     # --- packs ---------------------------------------------------------------------
     def put_pack(
         self, pack_id: str, req: Request, build: Callable[[PackRow | None], PackRow]
@@ -274,6 +308,13 @@ def _rates(db: sqlite3.Connection) -> list[RateRow]:
     return [RateRow(*r) for r in db.execute("SELECT * FROM rates ORDER BY tenant, feature")]
 
 
+def _limits(db: sqlite3.Connection) -> list[LimitRow]:
+    return [
+        LimitRow(*r)
+        for r in db.execute("SELECT * FROM usage_limits ORDER BY tenant, feature, period")
+    ]
+
+
 def read_dump(path: Path) -> ConfigDump:
     """Every row of the config store in `path` (made by this release or 0.1.0, which share
     the schema), read-only: the file is left exactly as it is."""
@@ -287,6 +328,8 @@ def read_dump(path: Path) -> ConfigDump:
             api_keys=_keys(db),
             rates=_rates(db),
             packs=[PackRow(*r) for r in db.execute("SELECT * FROM packs ORDER BY tenant, pack_id")],
+            # A store of 0.1.0 (or 0.2.0) has no usage limits yet.
+            limits=_limits(db) if _has_table(db, "usage_limits") else [],
             requests=[
                 (str(t), str(r), str(f), str(s), int(c))
                 for t, r, f, s, c in db.execute(
@@ -296,3 +339,8 @@ def read_dump(path: Path) -> ConfigDump:
         )
     finally:
         db.close()
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return found.fetchone() is not None

@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 from creditmeter.errors import BackendUnavailable
 
 #: Event kinds that change a balance or options (`request` events go to the requests table).
-EVENT_KINDS = ("grant", "consume", "session", "expire", "reset", "refund", "options")
+EVENT_KINDS = (
+    "grant", "consume", "session", "expire", "reset", "refund", "options", "usage_limit"
+)  # fmt: skip
 #: Kinds that charge for usage: Consume, and the steps of call sessions.
 CHARGE_KINDS = ("consume", "session")
 #: Outbox entries that are not ledger events: a call session's hold on credit taken or let

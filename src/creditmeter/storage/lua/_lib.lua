@@ -582,3 +582,128 @@ local function count_usage(amount, feature, units)
   acct_incr('used:' .. feature, amount)
   acct_incr('units:' .. feature, units)
 end
+
+-- ---- usage limits (creditmeter.domain.limits) --------------------------------------
+-- A limit caps a feature's usage in each calendar period of the account's time zone:
+-- day (d), week from Monday (w) or month (m), counted in units (u) or credits (c). The
+-- tenant's limits come from the server with each call, three arguments (`limit args`):
+--   rules    "<feature>:<period>:<max>:<measure>,..." ('' = none), e.g. "text:d:100:u"
+--   zone     the time zone the server assumed for the account ('' = UTC)
+--   windows  "<day start>,<day end>,<week start>,<week end>,<month start>,<month end>"
+--            (ms), the periods of now in that zone
+-- The account's own, in its hash (creditmeter.storage.limit_fields), win over the
+-- tenant's for their (feature, period):
+--   L:<feature>:<period>  "<max>:<measure>"     limits  how many L: fields there are
+--   tz                    the account's time zone (absent: UTC)
+--   nolimits              '1': the account is exempt from every limit
+--   U:<feature>:<period>  "<period start> <units> <credits> <held units> <held credits>":
+--                         usage counted in the period that starts there (a later period
+--                         reads as 0: usage resets at the boundary without a sweep), and
+--                         what open call sessions hold against the limit (kept across a
+--                         boundary: a hold is outstanding whatever the period).
+-- A limit counts usage from when it applies to the account: a counter is kept only for
+-- a (feature, period) with a limit.
+local PERIOD_INDEX = {d = 1, w = 2, m = 3}
+local PERIOD_NAMES = {d = 'day', w = 'week', m = 'month'}
+local PERIODS = {'d', 'w', 'm'}
+
+-- The limits on `feature` for this call, each {p, max, measure, counter field, period
+-- start, period end, units, credits, held units, held credits}; nil when none applies,
+-- or nil and a TIME_ZONE refusal when the server assumed another time zone (it asks
+-- again with the account's: nothing was changed).
+local function limit_state(feature, rules, zone, windows)
+  if acct_get('nolimits') == '1' then
+    return nil
+  end
+  local overrides = acct_get('limits') ~= nil
+  if not overrides and (rules == '' or not string.find(rules, feature .. ':', 1, true)) then
+    return nil
+  end
+  local list = {}
+  for _, p in ipairs(PERIODS) do
+    local max, measure
+    if overrides then
+      local own = acct_get('L:' .. feature .. ':' .. p)
+      if own then
+        max, measure = string.match(own, '^(%d+):(%a)$')
+      end
+    end
+    if max == nil and rules ~= '' then
+      max, measure = string.match(',' .. rules, ',' .. feature .. ':' .. p .. ':(%d+):(%a)')
+    end
+    if max then
+      list[#list + 1] = {p = p, max = tonumber(max), measure = measure,
+                         field = 'U:' .. feature .. ':' .. p}
+    end
+  end
+  if #list == 0 then
+    return nil
+  end
+  local tz = acct_get('tz') or ''
+  if tz ~= zone then
+    return nil, {'ERR', 'TIME_ZONE', 'time_zone', tz}
+  end
+  local bounds = {}
+  for n in string.gmatch(windows, '%d+') do
+    bounds[#bounds + 1] = n
+  end
+  for _, l in ipairs(list) do
+    local i = PERIOD_INDEX[l.p]
+    l.start, l.finish = bounds[2 * i - 1], bounds[2 * i]
+    l.uu, l.uc, l.hu, l.hc = 0, 0, 0, 0
+    local counted = acct_get(l.field)
+    if counted then
+      local s, uu, uc, hu, hc = string.match(counted, '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
+      if s == l.start then
+        l.uu, l.uc = tonumber(uu), tonumber(uc)
+      end
+      l.hu, l.hc = tonumber(hu), tonumber(hc)
+    end
+  end
+  return list
+end
+
+-- The refusal of a charge of `units` and `amount` credits that would pass a limit, or nil.
+-- Sessions' holds count as used: they are credit a call may still spend.
+local function limit_refusal(limits, feature, units, amount)
+  for _, l in ipairs(limits) do
+    local used, held, need = l.uu, l.hu, units
+    if l.measure == 'c' then
+      used, held, need = l.uc, l.hc, amount
+    end
+    if used + held + need > l.max then
+      return {'ERR', 'USAGE_LIMIT_EXCEEDED', 'feature', feature, 'period', PERIOD_NAMES[l.p],
+              'limit', fmt(l.max), 'used', fmt(used), 'reserved', fmt(held),
+              'required', fmt(need), 'unit', l.measure == 'c' and 'credits' or 'units',
+              'period_end', l.finish}
+    end
+  end
+  return nil
+end
+
+-- Count a charge (units, credits) and a change of what sessions hold (held units, held
+-- credits; negative to release) against every limit of `limits`.
+local function count_limits(limits, units, credits, held_units, held_credits)
+  for _, l in ipairs(limits) do
+    l.uu, l.uc = l.uu + units, l.uc + credits
+    l.hu, l.hc = math.max(0, l.hu + held_units), math.max(0, l.hc + held_credits)
+    acct_set(l.field, l.start .. ' ' .. fmt(l.uu) .. ' ' .. fmt(l.uc) .. ' ' .. fmt(l.hu)
+             .. ' ' .. fmt(l.hc))
+  end
+end
+
+-- How many increments of `rate` credits each the limits leave room for.
+local function limit_room(limits, rate)
+  local room = nil
+  for _, l in ipairs(limits) do
+    local r = l.max - l.uu - l.hu
+    if l.measure == 'c' then
+      r = math.floor((l.max - l.uc - l.hc) / rate)
+    end
+    r = math.max(r, 0)
+    if room == nil or r < room then
+      room = r
+    end
+  end
+  return room
+end

@@ -1,10 +1,13 @@
 -- Consume: charge an account, all or nothing, burning lots in burn-down order.
 -- KEYS and ARGV[1..7]: see _lib.lua.
 -- ARGV[8] amount (credits, > 0)   ARGV[9] feature   ARGV[10] units charged
+-- ARGV[11..13] the limit args (rules, zone, windows: see usage limits in _lib.lua)
 -- Credit reserved by open call sessions is not spendable.
 -- returns, JSON-encoded: ['OK2', txn, amount, units, feature, credit in lots after,
 --          reserved, unlimited ('1'/'0'), time (ms), lot1, amount1, ...]
 --      or {'ERR', 'INSUFFICIENT_CREDITS', 'balance', spendable, 'required', a}
+--      or {'ERR', 'USAGE_LIMIT_EXCEEDED', 'feature', f, 'period', p, 'limit', n, ...}
+--      or {'ERR', 'TIME_ZONE', 'time_zone', tz} (the limit args assumed another zone)
 --      or {'ERR', 'IDEMPOTENCY_KEY_REUSED' | 'BALANCE_LIMIT_EXCEEDED', ...}
 -- Refusals are not stored under the request id: nothing changed, so a retry is judged afresh.
 -- Its events (one `consume` per lot touched, or one with no lot on an unlimited account)
@@ -14,12 +17,19 @@ local replay = idem_lookup()
 if replay then
   return replay
 end
+local units = tonumber(ARGV[10])
+local limits, wrong_zone = limit_state(ARGV[9], ARGV[11], ARGV[12], ARGV[13])
+if wrong_zone then
+  return wrong_zone
+end
 sweep()
 local amount = tonumber(ARGV[8])
 local unlimited = acct_unlimited()
 
--- Checks, before any write of the charge (the decision check.lua reports too).
-local refusal = charge_refusal(amount, ARGV[8], 0)
+-- Checks, before any write of the charge (the decision check.lua reports too): a limit
+-- first (more credit would not help), then the balance.
+local refusal = limits and limit_refusal(limits, ARGV[9], units, amount)
+  or charge_refusal(amount, ARGV[8], 0)
 if refusal then
   return refusal
 end
@@ -40,7 +50,10 @@ else
   end
   events = #charges / 2
 end
-count_usage(amount, ARGV[9], tonumber(ARGV[10]))
+count_usage(amount, ARGV[9], units)
+if limits then
+  count_limits(limits, units, amount, 0, 0)
+end
 acct_incr('seq', events)
 reply[6] = acct_get('balance') or '0'
 reply[7] = acct_get('reserved') or '0'

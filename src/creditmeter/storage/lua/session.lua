@@ -5,14 +5,17 @@
 -- KEYS[6] index   ZSET  the bucket's open sessions, "<tenant>:<account>|<session id>"
 --                        scored by the time (ms) past which the server closes them
 -- ARGV[8] step: start | update | end | close       ARGV[9] session id
--- start:         ARGV[10] feature   ARGV[11] credits per increment   ARGV[12] increment (s)
---                ARGV[13] seconds of quota requested ('0' = the default)
---                ARGV[14] the default quota, in increments
---                ARGV[15] timeout policy (charge_quota | release)
---                ARGV[16] grace (ms) before a silent session is closed
--- update, end:   ARGV[10] sequence   ARGV[11] seconds used since the last report
---                ARGV[12] seconds of quota requested next (update; '0' = the default)
---                ARGV[13] the default quota, in increments (update)
+-- ARGV[10..12] the limit args (rules, zone, windows: see usage limits in _lib.lua); the
+--                rules of every feature of the tenant (a step past the start knows its
+--                feature from the session, the server does not)
+-- start:         ARGV[13] feature   ARGV[14] credits per increment   ARGV[15] increment (s)
+--                ARGV[16] seconds of quota requested ('0' = the default)
+--                ARGV[17] the default quota, in increments
+--                ARGV[18] timeout policy (charge_quota | release)
+--                ARGV[19] grace (ms) before a silent session is closed
+-- update, end:   ARGV[13] sequence   ARGV[14] seconds used since the last report
+--                ARGV[15] seconds of quota requested next (update; '0' = the default)
+--                ARGV[16] the default quota, in increments (update)
 -- close:         closes the session if it is open and past valid_until + grace; charges
 --                the granted quota (charge_quota) or nothing more (release).
 --
@@ -33,7 +36,14 @@
 --          field1, value1, ...}
 --      or {'OK', 'not_due'} (close of a session that is not past its time)
 --      or {'ERR', reason, ...}: SESSION_NOT_FOUND, SESSION_CLOSED, SESSION_OUT_OF_SEQUENCE,
---         SESSION_EXISTS, INSUFFICIENT_CREDITS (start only), IDEMPOTENCY_KEY_REUSED
+--         SESSION_EXISTS, INSUFFICIENT_CREDITS and USAGE_LIMIT_EXCEEDED (start only),
+--         TIME_ZONE (the limit args assumed another zone), IDEMPOTENCY_KEY_REUSED
+--
+-- Usage limits (_lib.lua): a quota is capped by what the feature's limits leave, and
+-- is held against them (held units and credits of the counters) until charged or let
+-- go, so concurrent sessions and charges never pass a limit together; final is set when
+-- a limit (or the balance) cut the quota short. What a call used past its quota is
+-- still charged and counted (it happened).
 local step = ARGV[8]
 local sid = ARGV[9]
 local member = TENANT .. ':' .. ACCOUNT .. '|' .. sid
@@ -107,21 +117,35 @@ if step == 'start' then
   if redis.call('EXISTS', KEYS[5]) == 1 then
     return {'ERR', 'SESSION_EXISTS', 'session_id', sid}
   end
+  local limits, wrong_zone = limit_state(ARGV[13], ARGV[10], ARGV[11], ARGV[12])
+  if wrong_zone then
+    return wrong_zone
+  end
   sweep()
-  local rate = tonumber(ARGV[11])
-  local inc = tonumber(ARGV[12])
-  local want = quota(ARGV[13], ARGV[14], inc)
-  local grace = tonumber(ARGV[16])
+  local rate = tonumber(ARGV[14])
+  local inc = tonumber(ARGV[15])
+  local want = quota(ARGV[16], ARGV[17], inc)
+  local grace = tonumber(ARGV[19])
   local units = holdable(want, rate, available())
+  if limits then
+    local room = limit_room(limits, rate)
+    if room == 0 then
+      return limit_refusal(limits, ARGV[13], 1, rate)
+    end
+    units = math.min(units, room)
+  end
   if units == 0 then
     return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(available(), 0)), 'required', fmt(rate)}
   end
   local hold = unlimited and 0 or units * rate
   reserve(hold)
+  if limits then
+    count_limits(limits, 0, 0, units, units * rate)
+  end
   local valid_until = NOW + units * inc * 1000
   redis.call('ZADD', KEYS[6], valid_until + grace, member)
   return finish({
-    feature = ARGV[10], rate = ARGV[11], inc = ARGV[12], policy = ARGV[15], grace = ARGV[16],
+    feature = ARGV[13], rate = ARGV[14], inc = ARGV[15], policy = ARGV[18], grace = ARGV[19],
     state = 'open', seq = '0', used = '0', units = '0', charged = '0', reserved = fmt(hold),
     runits = fmt(units), final = (units < want) and '1' or '0', granted = fmt(units * inc),
     started = ARGV[1], valid_until = fmt(valid_until), ended = '0', uncollected = '0',
@@ -144,9 +168,13 @@ if step == 'close' then
   if NOW < num(s, 'valid_until') + num(s, 'grace') then
     return {'OK', 'not_due'}
   end
-elseif tonumber(ARGV[10]) ~= seq + 1 then
+elseif tonumber(ARGV[13]) ~= seq + 1 then
   return {'ERR', 'SESSION_OUT_OF_SEQUENCE', 'session_id', sid, 'expected', fmt(seq + 1),
-          'sequence', ARGV[10]}
+          'sequence', ARGV[13]}
+end
+local limits, wrong_zone = limit_state(s.feature, ARGV[10], ARGV[11], ARGV[12])
+if wrong_zone then
+  return wrong_zone
 end
 sweep()
 
@@ -162,7 +190,7 @@ if step == 'close' then
     used = num(s, 'used')
   end
 else
-  used = num(s, 'used') + tonumber(ARGV[11])
+  used = num(s, 'used') + tonumber(ARGV[14])
 end
 local due_units = math.ceil(used / inc)
 local new_units = due_units - num(s, 'units')
@@ -187,17 +215,27 @@ if collect > 0 then
   end
   count_usage(collect, s.feature, new_units)
 end
+if limits then
+  -- The increments due are counted (and this session's hold let go) whatever could be
+  -- collected: they were used.
+  local runits = num(s, 'runits')
+  count_limits(limits, math.max(new_units, 0), collect, -runits, -runits * rate)
+end
 s.used = fmt(used)
 s.units = fmt(due_units)
 s.charged = fmt(num(s, 'charged') + collect)
 s.uncollected = fmt(num(s, 'uncollected') + cost - collect)
 if step ~= 'close' then
-  s.seq = ARGV[10]
+  s.seq = ARGV[13]
 end
 
 if step == 'update' then
-  local want = quota(ARGV[12], ARGV[13], inc)
+  local want = quota(ARGV[15], ARGV[16], inc)
   local units = holdable(want, rate, available() + held)
+  if limits then
+    units = math.min(units, limit_room(limits, rate))
+    count_limits(limits, 0, 0, units, units * rate)
+  end
   local hold = unlimited and 0 or units * rate
   reserve(hold - held)
   -- What the charged increments still cover, plus the new quota.

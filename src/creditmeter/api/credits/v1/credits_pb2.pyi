@@ -211,6 +211,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     balance afresh and watch again without a token.
     ErrorInfo metadata: {"retention_seconds": "300"}. Status: OUT_OF_RANGE.
     """
+    ERROR_REASON_USAGE_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 24
+    """The charge would pass a usage limit of the feature (SetUsageLimit) for the current
+    period; nothing was deducted. More credit does not help: the limit resets when the
+    period ends. "used" is the usage counted in the period, "reserved" what open call
+    sessions hold against the limit, "required" what the charge needs, all in "unit"
+    (units or credits); "period" is day, week or month; "period_end" is RFC 3339, UTC.
+    ErrorInfo metadata: {"feature": "text", "period": "day", "limit": "100", "used": "100",
+    "reserved": "0", "required": "1", "unit": "units", "period_end": "2026-12-03T00:00:00Z"}.
+    Status: FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons the server puts in `google.rpc.ErrorInfo.reason`."""
@@ -314,6 +324,16 @@ ERROR_REASON_RESUME_TOKEN_EXPIRED: ErrorReason.ValueType  # 23
 """The resume token of WatchBalance is older than what the server still keeps; read the
 balance afresh and watch again without a token.
 ErrorInfo metadata: {"retention_seconds": "300"}. Status: OUT_OF_RANGE.
+"""
+ERROR_REASON_USAGE_LIMIT_EXCEEDED: ErrorReason.ValueType  # 24
+"""The charge would pass a usage limit of the feature (SetUsageLimit) for the current
+period; nothing was deducted. More credit does not help: the limit resets when the
+period ends. "used" is the usage counted in the period, "reserved" what open call
+sessions hold against the limit, "required" what the charge needs, all in "unit"
+(units or credits); "period" is day, week or month; "period_end" is RFC 3339, UTC.
+ErrorInfo metadata: {"feature": "text", "period": "day", "limit": "100", "used": "100",
+"reserved": "0", "required": "1", "unit": "units", "period_end": "2026-12-03T00:00:00Z"}.
+Status: FAILED_PRECONDITION.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -421,6 +441,10 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """Credits charged by a call session."""
     TRANSACTION_KIND_OPTIONS: _TransactionKind.ValueType  # 7
     """Account options changed (no credits move)."""
+    TRANSACTION_KIND_USAGE_LIMIT: _TransactionKind.ValueType  # 10
+    """The account's own usage limit set or removed (SetUsageLimit with account_id; no
+    credits move): `feature` is the limit's feature.
+    """
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """What a transaction did."""
@@ -441,6 +465,10 @@ TRANSACTION_KIND_SESSION: TransactionKind.ValueType  # 6
 """Credits charged by a call session."""
 TRANSACTION_KIND_OPTIONS: TransactionKind.ValueType  # 7
 """Account options changed (no credits move)."""
+TRANSACTION_KIND_USAGE_LIMIT: TransactionKind.ValueType  # 10
+"""The account's own usage limit set or removed (SetUsageLimit with account_id; no
+credits move): `feature` is the limit's feature.
+"""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 class _UsagePeriod:
@@ -466,6 +494,58 @@ USAGE_PERIOD_DAY: UsagePeriod.ValueType  # 1
 USAGE_PERIOD_MONTH: UsagePeriod.ValueType  # 2
 """Calendar months, UTC."""
 Global___UsagePeriod: _TypeAlias = UsagePeriod  # noqa: Y015
+
+class _UsageLimitPeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageLimitPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageLimitPeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_LIMIT_PERIOD_UNSPECIFIED: _UsageLimitPeriod.ValueType  # 0
+    """Not set: invalid in SetUsageLimit."""
+    USAGE_LIMIT_PERIOD_DAY: _UsageLimitPeriod.ValueType  # 1
+    """A day, from midnight."""
+    USAGE_LIMIT_PERIOD_WEEK: _UsageLimitPeriod.ValueType  # 2
+    """A week, from Monday midnight."""
+    USAGE_LIMIT_PERIOD_MONTH: _UsageLimitPeriod.ValueType  # 3
+    """A month, from the first at midnight."""
+
+class UsageLimitPeriod(_UsageLimitPeriod, metaclass=_UsageLimitPeriodEnumTypeWrapper):
+    """The calendar period of a usage limit, in the account's time zone (UTC by default)."""
+
+USAGE_LIMIT_PERIOD_UNSPECIFIED: UsageLimitPeriod.ValueType  # 0
+"""Not set: invalid in SetUsageLimit."""
+USAGE_LIMIT_PERIOD_DAY: UsageLimitPeriod.ValueType  # 1
+"""A day, from midnight."""
+USAGE_LIMIT_PERIOD_WEEK: UsageLimitPeriod.ValueType  # 2
+"""A week, from Monday midnight."""
+USAGE_LIMIT_PERIOD_MONTH: UsageLimitPeriod.ValueType  # 3
+"""A month, from the first at midnight."""
+Global___UsageLimitPeriod: _TypeAlias = UsageLimitPeriod  # noqa: Y015
+
+class _UsageLimitUnit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageLimitUnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageLimitUnit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_LIMIT_UNIT_UNSPECIFIED: _UsageLimitUnit.ValueType  # 0
+    """Not set: SetUsageLimit counts units."""
+    USAGE_LIMIT_UNIT_UNITS: _UsageLimitUnit.ValueType  # 1
+    """Units charged: messages, or billing increments of a time feature."""
+    USAGE_LIMIT_UNIT_CREDITS: _UsageLimitUnit.ValueType  # 2
+    """Credits charged."""
+
+class UsageLimitUnit(_UsageLimitUnit, metaclass=_UsageLimitUnitEnumTypeWrapper):
+    """What a usage limit counts."""
+
+USAGE_LIMIT_UNIT_UNSPECIFIED: UsageLimitUnit.ValueType  # 0
+"""Not set: SetUsageLimit counts units."""
+USAGE_LIMIT_UNIT_UNITS: UsageLimitUnit.ValueType  # 1
+"""Units charged: messages, or billing increments of a time feature."""
+USAGE_LIMIT_UNIT_CREDITS: UsageLimitUnit.ValueType  # 2
+"""Credits charged."""
+Global___UsageLimitUnit: _TypeAlias = UsageLimitUnit  # noqa: Y015
 
 class _LedgerState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -974,6 +1054,7 @@ class GetUsageResponse(_message.Message):
     UNLIMITED_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     REFUNDED_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     """Credits ever granted to the account (-1 for unlimited accounts)."""
     used: _builtins.int
@@ -992,6 +1073,12 @@ class GetUsageResponse(_message.Message):
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureUsage]:
         """Usage per feature, by feature name."""
 
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageLimitStatus]:
+        """The usage limits that apply to the account now, with its usage in the current
+        period of each (none for an account that ignores usage limits).
+        """
+
     def __init__(
         self,
         *,
@@ -1003,10 +1090,11 @@ class GetUsageResponse(_message.Message):
         unlimited: _builtins.bool = ...,
         features: _abc.Iterable[Global___FeatureUsage] | None = ...,
         refunded: _builtins.int = ...,
+        limits: _abc.Iterable[Global___UsageLimitStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired", "features", b"features", "refunded", b"refunded", "remaining", b"remaining", "removed", b"removed", "total", b"total", "unlimited", b"unlimited", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired", "features", b"features", "limits", b"limits", "refunded", b"refunded", "remaining", b"remaining", "removed", b"removed", "total", b"total", "unlimited", b"unlimited", "used", b"used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1160,16 +1248,28 @@ class AccountOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     UNLIMITED_FIELD_NUMBER: _builtins.int
+    IGNORE_USAGE_LIMITS_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     unlimited: _builtins.bool
-    """Consumption is always accepted and counted; balances and totals read as -1."""
+    """Consumption is always accepted and counted; balances and totals read as -1.
+    Usage limits still apply unless ignore_usage_limits is set.
+    """
+    ignore_usage_limits: _builtins.bool
+    """Usage limits do not apply to the account (neither the tenant's nor its own)."""
+    time_zone: _builtins.str
+    """The IANA time zone (e.g. "Europe/Paris") whose calendar days, weeks and months the
+    account's usage limits count in; empty for UTC.
+    """
     def __init__(
         self,
         *,
         unlimited: _builtins.bool = ...,
+        ignore_usage_limits: _builtins.bool = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["unlimited", b"unlimited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_usage_limits", b"ignore_usage_limits", "time_zone", b"time_zone", "unlimited", b"unlimited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1184,25 +1284,44 @@ class SetAccountOptionsRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     UNLIMITED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IGNORE_USAGE_LIMITS_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account to change."""
     unlimited: _builtins.bool
     """New value of the unlimited flag; unset leaves it as it is."""
     request_id: _builtins.str
     """Idempotency key (AIP-155), as in GrantRequest."""
+    ignore_usage_limits: _builtins.bool
+    """New value of ignore_usage_limits; unset leaves it as it is."""
+    time_zone: _builtins.str
+    """New time zone of the usage limits' periods: an IANA name, or empty (or "UTC") for
+    UTC; unset leaves it as it is. Usage counted in the current periods stays counted.
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         unlimited: _builtins.bool | None = ...,
         request_id: _builtins.str = ...,
+        ignore_usage_limits: _builtins.bool | None = ...,
+        time_zone: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_unlimited", b"_unlimited", "unlimited", b"unlimited"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ignore_usage_limits", b"_ignore_usage_limits", "_time_zone", b"_time_zone", "_unlimited", b"_unlimited", "ignore_usage_limits", b"ignore_usage_limits", "time_zone", b"time_zone", "unlimited", b"unlimited"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_unlimited", b"_unlimited", "account_id", b"account_id", "request_id", b"request_id", "unlimited", b"unlimited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ignore_usage_limits", b"_ignore_usage_limits", "_time_zone", b"_time_zone", "_unlimited", b"_unlimited", "account_id", b"account_id", "ignore_usage_limits", b"ignore_usage_limits", "request_id", b"request_id", "time_zone", b"time_zone", "unlimited", b"unlimited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ignore_usage_limits: _TypeAlias = _typing.Literal["ignore_usage_limits"]  # noqa: Y015
+    _WhichOneofArgType__ignore_usage_limits: _TypeAlias = _typing.Literal["_ignore_usage_limits", b"_ignore_usage_limits"]  # noqa: Y015
+    _WhichOneofReturnType__time_zone: _TypeAlias = _typing.Literal["time_zone"]  # noqa: Y015
+    _WhichOneofArgType__time_zone: _TypeAlias = _typing.Literal["_time_zone", b"_time_zone"]  # noqa: Y015
     _WhichOneofReturnType__unlimited: _TypeAlias = _typing.Literal["unlimited"]  # noqa: Y015
     _WhichOneofArgType__unlimited: _TypeAlias = _typing.Literal["_unlimited", b"_unlimited"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ignore_usage_limits) -> _WhichOneofReturnType__ignore_usage_limits | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__time_zone) -> _WhichOneofReturnType__time_zone | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__unlimited) -> _WhichOneofReturnType__unlimited | None: ...
 
 Global___SetAccountOptionsRequest: _TypeAlias = SetAccountOptionsRequest  # noqa: Y015
@@ -2517,3 +2636,205 @@ class WatchBalanceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchBalanceResponse: _TypeAlias = WatchBalanceResponse  # noqa: Y015
+
+@_typing.final
+class UsageLimit(_message.Message):
+    """A usage limit: at most `limit` units (or credits) of a feature per period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    """The feature limited (one with a rate)."""
+    period: Global___UsageLimitPeriod.ValueType
+    """The calendar period the limit counts in."""
+    limit: _builtins.int
+    """The most the feature may use in one period, 0 to 2^53-1 (0 blocks the feature)."""
+    unit: Global___UsageLimitUnit.ValueType
+    """What the limit counts; unset in SetUsageLimit means units."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the tenant's limit was last set; unset for an account's own limit (its history
+        has it: a TRANSACTION_KIND_USAGE_LIMIT transaction). Ignored in SetUsageLimit.
+        """
+
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        period: Global___UsageLimitPeriod.ValueType = ...,
+        limit: _builtins.int = ...,
+        unit: Global___UsageLimitUnit.ValueType = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "limit", b"limit", "period", b"period", "unit", b"unit", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageLimit: _TypeAlias = UsageLimit  # noqa: Y015
+
+@_typing.final
+class UsageLimitStatus(_message.Message):
+    """A usage limit as it applies to one account now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ACCOUNT_OVERRIDE_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    account_override: _builtins.bool
+    """True for the account's own limit, false for the tenant's."""
+    used: _builtins.int
+    """Usage counted in the current period, in the limit's unit (0 in the tenant's list)."""
+    reserved: _builtins.int
+    """What open call sessions hold against the limit, in its unit."""
+    remaining: _builtins.int
+    """What is left: limit - used - reserved, never below 0."""
+    @_builtins.property
+    def limit(self) -> Global___UsageLimit:
+        """The limit."""
+
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """The current period, in the account's time zone (UTC in the tenant's list): when it
+        started, and when it ends and usage resets.
+        """
+
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        limit: Global___UsageLimit | None = ...,
+        account_override: _builtins.bool = ...,
+        used: _builtins.int = ...,
+        reserved: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_override", b"account_override", "limit", b"limit", "period_end", b"period_end", "period_start", b"period_start", "remaining", b"remaining", "reserved", b"reserved", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageLimitStatus: _TypeAlias = UsageLimitStatus  # noqa: Y015
+
+@_typing.final
+class SetUsageLimitRequest(_message.Message):
+    """Request for Credits.SetUsageLimit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose own limit to set; empty for the tenant's default limit."""
+    remove: _builtins.bool
+    """Remove the limit on (feature, period) instead: for an account, its own (the tenant's
+    applies again); for the tenant, its default.
+    """
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), as in GrantRequest."""
+    @_builtins.property
+    def limit(self) -> Global___UsageLimit:
+        """The limit: feature and period say which, limit and unit its value (ignored with remove)."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        limit: Global___UsageLimit | None = ...,
+        remove: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "limit", b"limit", "remove", b"remove", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUsageLimitRequest: _TypeAlias = SetUsageLimitRequest  # noqa: Y015
+
+@_typing.final
+class SetUsageLimitResponse(_message.Message):
+    """Response for Credits.SetUsageLimit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> Global___UsageLimit:
+        """The limit as stored; unset once removed."""
+
+    def __init__(
+        self,
+        *,
+        limit: Global___UsageLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUsageLimitResponse: _TypeAlias = SetUsageLimitResponse  # noqa: Y015
+
+@_typing.final
+class ListUsageLimitsRequest(_message.Message):
+    """Request for Credits.ListUsageLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose limits to report; empty for the tenant's default limits."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsageLimitsRequest: _TypeAlias = ListUsageLimitsRequest  # noqa: Y015
+
+@_typing.final
+class ListUsageLimitsResponse(_message.Message):
+    """Response for Credits.ListUsageLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageLimitStatus]:
+        """By feature, then period (day, week, month)."""
+
+    def __init__(
+        self,
+        *,
+        limits: _abc.Iterable[Global___UsageLimitStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsageLimitsResponse: _TypeAlias = ListUsageLimitsResponse  # noqa: Y015

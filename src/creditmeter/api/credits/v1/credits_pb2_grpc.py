@@ -90,6 +90,16 @@ class CreditsStub:
                 request_serializer=credits_dot_v1_dot_credits__pb2.SetAccountOptionsRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credits__pb2.SetAccountOptionsResponse.FromString,
                 _registered_method=True)
+        self.SetUsageLimit = channel.unary_unary(
+                '/credits.v1.Credits/SetUsageLimit',
+                request_serializer=credits_dot_v1_dot_credits__pb2.SetUsageLimitRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.SetUsageLimitResponse.FromString,
+                _registered_method=True)
+        self.ListUsageLimits = channel.unary_unary(
+                '/credits.v1.Credits/ListUsageLimits',
+                request_serializer=credits_dot_v1_dot_credits__pb2.ListUsageLimitsRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.ListUsageLimitsResponse.FromString,
+                _registered_method=True)
         self.ListTransactions = channel.unary_unary(
                 '/credits.v1.Credits/ListTransactions',
                 request_serializer=credits_dot_v1_dot_credits__pb2.ListTransactionsRequest.SerializeToString,
@@ -240,6 +250,29 @@ class CreditsServicer:
     def SetAccountOptions(self, request, context):
         """SetAccountOptions changes per-account options such as the unlimited flag, creating
         the account if it does not exist yet. Requires an admin key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetUsageLimit(self, request, context):
+        """SetUsageLimit sets, changes or removes a usage limit: a cap on one feature's usage
+        per calendar day, week or month (in the account's time zone, UTC by default), in
+        units or credits. Without account_id it is the tenant's default for every account;
+        with one, the account's own limit for that feature and period, which wins over the
+        tenant's. Consume, ConsumeBatch, Meter and call sessions enforce limits atomically
+        with the balance: a charge that would pass one fails with FAILED_PRECONDITION and
+        reason USAGE_LIMIT_EXCEEDED and changes nothing; a session's quota is cut to what
+        the limits leave (final_unit set). A limit counts usage from when it applies to the
+        account. Requires an admin key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsageLimits(self, request, context):
+        """ListUsageLimits returns the tenant's limits, or with account_id those that apply to
+        the account now with its usage in the current period. Requires any key of the tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -402,6 +435,16 @@ def add_CreditsServicer_to_server(servicer, server):
                     servicer.SetAccountOptions,
                     request_deserializer=credits_dot_v1_dot_credits__pb2.SetAccountOptionsRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credits__pb2.SetAccountOptionsResponse.SerializeToString,
+            ),
+            'SetUsageLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUsageLimit,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.SetUsageLimitRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.SetUsageLimitResponse.SerializeToString,
+            ),
+            'ListUsageLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsageLimits,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.ListUsageLimitsRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.ListUsageLimitsResponse.SerializeToString,
             ),
             'ListTransactions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTransactions,
@@ -752,6 +795,60 @@ class Credits:
             '/credits.v1.Credits/SetAccountOptions',
             credits_dot_v1_dot_credits__pb2.SetAccountOptionsRequest.SerializeToString,
             credits_dot_v1_dot_credits__pb2.SetAccountOptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUsageLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/SetUsageLimit',
+            credits_dot_v1_dot_credits__pb2.SetUsageLimitRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.SetUsageLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsageLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/ListUsageLimits',
+            credits_dot_v1_dot_credits__pb2.ListUsageLimitsRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.ListUsageLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -97,6 +97,21 @@ class CreditsStub:
     """SetAccountOptions changes per-account options such as the unlimited flag, creating
     the account if it does not exist yet. Requires an admin key.
     """
+    SetUsageLimit: _grpc.UnaryUnaryMultiCallable[_credits_pb2.SetUsageLimitRequest, _credits_pb2.SetUsageLimitResponse]
+    """SetUsageLimit sets, changes or removes a usage limit: a cap on one feature's usage
+    per calendar day, week or month (in the account's time zone, UTC by default), in
+    units or credits. Without account_id it is the tenant's default for every account;
+    with one, the account's own limit for that feature and period, which wins over the
+    tenant's. Consume, ConsumeBatch, Meter and call sessions enforce limits atomically
+    with the balance: a charge that would pass one fails with FAILED_PRECONDITION and
+    reason USAGE_LIMIT_EXCEEDED and changes nothing; a session's quota is cut to what
+    the limits leave (final_unit set). A limit counts usage from when it applies to the
+    account. Requires an admin key.
+    """
+    ListUsageLimits: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ListUsageLimitsRequest, _credits_pb2.ListUsageLimitsResponse]
+    """ListUsageLimits returns the tenant's limits, or with account_id those that apply to
+    the account now with its usage in the current period. Requires any key of the tenant.
+    """
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ListTransactionsRequest, _credits_pb2.ListTransactionsResponse]
     """ListTransactions returns an account's history from the durable ledger, newest first,
     paged (AIP-158). A charge that spanned several lots is one transaction with its lot
@@ -217,6 +232,21 @@ class CreditsAsyncStub(CreditsStub):
     SetAccountOptions: _aio.UnaryUnaryMultiCallable[_credits_pb2.SetAccountOptionsRequest, _credits_pb2.SetAccountOptionsResponse]  # type: ignore[assignment]
     """SetAccountOptions changes per-account options such as the unlimited flag, creating
     the account if it does not exist yet. Requires an admin key.
+    """
+    SetUsageLimit: _aio.UnaryUnaryMultiCallable[_credits_pb2.SetUsageLimitRequest, _credits_pb2.SetUsageLimitResponse]  # type: ignore[assignment]
+    """SetUsageLimit sets, changes or removes a usage limit: a cap on one feature's usage
+    per calendar day, week or month (in the account's time zone, UTC by default), in
+    units or credits. Without account_id it is the tenant's default for every account;
+    with one, the account's own limit for that feature and period, which wins over the
+    tenant's. Consume, ConsumeBatch, Meter and call sessions enforce limits atomically
+    with the balance: a charge that would pass one fails with FAILED_PRECONDITION and
+    reason USAGE_LIMIT_EXCEEDED and changes nothing; a session's quota is cut to what
+    the limits leave (final_unit set). A limit counts usage from when it applies to the
+    account. Requires an admin key.
+    """
+    ListUsageLimits: _aio.UnaryUnaryMultiCallable[_credits_pb2.ListUsageLimitsRequest, _credits_pb2.ListUsageLimitsResponse]  # type: ignore[assignment]
+    """ListUsageLimits returns the tenant's limits, or with account_id those that apply to
+    the account now with its usage in the current period. Requires any key of the tenant.
     """
     ListTransactions: _aio.UnaryUnaryMultiCallable[_credits_pb2.ListTransactionsRequest, _credits_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """ListTransactions returns an account's history from the durable ledger, newest first,
@@ -401,6 +431,33 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_credits_pb2.SetAccountOptionsResponse, _abc.Awaitable[_credits_pb2.SetAccountOptionsResponse]]:
         """SetAccountOptions changes per-account options such as the unlimited flag, creating
         the account if it does not exist yet. Requires an admin key.
+        """
+
+    @_abc_1.abstractmethod
+    def SetUsageLimit(
+        self,
+        request: _credits_pb2.SetUsageLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.SetUsageLimitResponse, _abc.Awaitable[_credits_pb2.SetUsageLimitResponse]]:
+        """SetUsageLimit sets, changes or removes a usage limit: a cap on one feature's usage
+        per calendar day, week or month (in the account's time zone, UTC by default), in
+        units or credits. Without account_id it is the tenant's default for every account;
+        with one, the account's own limit for that feature and period, which wins over the
+        tenant's. Consume, ConsumeBatch, Meter and call sessions enforce limits atomically
+        with the balance: a charge that would pass one fails with FAILED_PRECONDITION and
+        reason USAGE_LIMIT_EXCEEDED and changes nothing; a session's quota is cut to what
+        the limits leave (final_unit set). A limit counts usage from when it applies to the
+        account. Requires an admin key.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUsageLimits(
+        self,
+        request: _credits_pb2.ListUsageLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.ListUsageLimitsResponse, _abc.Awaitable[_credits_pb2.ListUsageLimitsResponse]]:
+        """ListUsageLimits returns the tenant's limits, or with account_id those that apply to
+        the account now with its usage in the current period. Requires any key of the tenant.
         """
 
     @_abc_1.abstractmethod
