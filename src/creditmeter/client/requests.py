@@ -15,7 +15,11 @@ from creditmeter.api.credits.v1 import packs_pb2
 
 LotSourceName = Literal["purchase", "bonus", "promotion", "trial", "manual", "refund", "rollover"]
 RateUnitName = Literal["count", "time"]
-TransactionKindName = Literal["grant", "consume", "expire", "reset", "refund", "session", "options"]
+TransactionKindName = Literal[
+    "grant", "consume", "expire", "reset", "refund", "session", "options", "usage_limit"
+]
+LimitPeriodName = Literal["day", "week", "month"]
+LimitUnitName = Literal["units", "credits"]
 TimeoutPolicyName = Literal["charge_quota", "release"]
 
 #: Requests idempotent by the session's id and sequence rather than by a request id.
@@ -128,12 +132,45 @@ def set_rate(
 
 
 def set_account_options(
-    account_id: str, *, unlimited: bool | None, request_id: str | None
+    account_id: str,
+    *,
+    unlimited: bool | None,
+    request_id: str | None,
+    time_zone: str | None = None,
+    ignore_usage_limits: bool | None = None,
 ) -> pb.SetAccountOptionsRequest:
     req = pb.SetAccountOptionsRequest(account_id=account_id, request_id=request_id or "")
     if unlimited is not None:
         req.unlimited = unlimited
+    if time_zone is not None:
+        req.time_zone = time_zone
+    if ignore_usage_limits is not None:
+        req.ignore_usage_limits = ignore_usage_limits
     return req
+
+
+def set_usage_limit(
+    feature: str,
+    period: LimitPeriodName,
+    limit: int | None,
+    *,
+    unit: LimitUnitName,
+    account_id: str,
+    request_id: str | None,
+) -> pb.SetUsageLimitRequest:
+    """A limit on `feature` per `period` (None removes it), the tenant's or, with an
+    account id, the account's own."""
+    return pb.SetUsageLimitRequest(
+        account_id=account_id,
+        limit=pb.UsageLimit(
+            feature=feature,
+            period=pb.UsageLimitPeriod.Value(f"USAGE_LIMIT_PERIOD_{period.upper()}"),
+            limit=limit or 0,
+            unit=pb.UsageLimitUnit.Value(f"USAGE_LIMIT_UNIT_{unit.upper()}"),
+        ),
+        remove=limit is None,
+        request_id=request_id or "",
+    )
 
 
 def list_transactions(
