@@ -27,6 +27,7 @@ from creditmeter.constants import (
 )
 from creditmeter.storage import scripts
 from creditmeter.storage.layout import AccountKeys
+from creditmeter.storage.limits import NO_LIMITS
 from creditmeter.storage.redis_store import lot_meta
 
 #: The reference: a minimal check-and-decrement and one XADD (what any atomic metering in
@@ -147,7 +148,8 @@ def _count(variant: _Variant, calls: int, workdir: Path) -> float:
                         names = acct.script_keys(rid)
                         batch_keys.extend(names[:2])
                         argv.extend((now, "f" * 32, "60", f"txn_{tag}{i}", acct.tenant,
-                                     acct.account, rid, "1", "text", "1"))  # fmt: skip
+                                     acct.account, rid, "1", "text", "1",
+                                     *NO_LIMITS.argv()))  # fmt: skip
                     # All accounts in one bucket's keys: the bench Redis is no cluster.
                     head = accounts[0].script_keys("")[2:]
                     pipe.fcall(
@@ -160,7 +162,7 @@ def _count(variant: _Variant, calls: int, workdir: Path) -> float:
                 rid = f"{tag}{i}" if variant.with_request_id else ""
                 names = keys.script_keys(rid)
                 args = (now, "f" * 32 if rid else "", "60", f"txn_{tag}{i}", keys.tenant,
-                        keys.account, rid, "1", "text", "1")  # fmt: skip
+                        keys.account, rid, "1", "text", "1", *NO_LIMITS.argv())  # fmt: skip
                 if variant.script is not None:
                     pipe.evalsha(sha, len(names), *names, *args)
                 else:

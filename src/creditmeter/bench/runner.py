@@ -66,6 +66,7 @@ from creditmeter.constants import (
 from creditmeter.storage import scripts
 from creditmeter.storage.embedded_redis import endpoint_file
 from creditmeter.storage.layout import AccountKeys
+from creditmeter.storage.limits import NO_LIMITS
 
 #: Every scenario in the order a full run takes them (see BENCH_SCENARIOS).
 SCENARIOS = BENCH_SCENARIOS
@@ -345,7 +346,7 @@ def redis_ceiling(target: Target, account: str, opts: Options, console: Console)
         keys = AccountKeys(target.tenant, account).script_keys(request_id=rand)
         fingerprint = uuid.uuid4().hex
         argv = [str(int(time.time() * 1000)), fingerprint, str(BENCH_REDIS_IDEM_TTL_S), rand,
-                target.tenant, account, rand, "1", "text", "1"]  # fmt: skip
+                target.tenant, account, rand, "1", "text", "1", *NO_LIMITS.argv()]  # fmt: skip
         command = ["FCALL", scripts.function_name("consume"), str(len(keys)), *keys, *argv]
         base = [binary, *redis_args(target.redis_url), "-c", str(opts.redis_clients)]
         variants = []
