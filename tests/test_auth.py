@@ -59,6 +59,11 @@ VALID_REQUESTS: dict[str, Callable[[], Message]] = {
     "SetAccountOptions": lambda: pb.SetAccountOptionsRequest(
         account_id=ACCOUNT, unlimited=False, request_id=rid()
     ),
+    "SetUsageLimit": lambda: pb.SetUsageLimitRequest(
+        limit=pb.UsageLimit(feature="text", period=pb.USAGE_LIMIT_PERIOD_DAY, limit=1000),
+        request_id=rid(),
+    ),
+    "ListUsageLimits": lambda: pb.ListUsageLimitsRequest(account_id=ACCOUNT),
     "ListTransactions": lambda: pb.ListTransactionsRequest(account_id=ACCOUNT),
     "GetUsageReport": lambda: pb.GetUsageReportRequest(
         account_id=ACCOUNT,
@@ -100,6 +105,7 @@ READ_RPCS = frozenset(
         "WatchBalance",
         "Check",
         "CheckBatch",
+        "ListUsageLimits",
     }
 )
 METER_RPCS = frozenset(
