@@ -39,6 +39,7 @@ from creditmeter.storage.limits import (
     WRONG_TIME_ZONE,
     Counter,
     LimitArgs,
+    OwnLimit,
     encode_rules,
     encode_windows,
 )
@@ -151,6 +152,32 @@ class _Windows:
         return encoded
 
 
+_PERIOD_ORDER = {period: i for i, period in enumerate(LimitPeriod)}
+
+
+def _in_order(limit: UsageLimit) -> tuple[str, int]:
+    """Limits by feature, then period (day, week, month)."""
+    return limit.feature, _PERIOD_ORDER[limit.period]
+
+
+def applying(
+    tenant_limits: Iterable[UsageLimit], own: Iterable[OwnLimit], exempt: bool
+) -> list[tuple[UsageLimit, bool]]:
+    """The limits that apply to an account, each with whether it is the account's own: the
+    rule limit_state of _lib.lua enforces (none when exempt; an own limit wins over the
+    tenant's for its feature and period), by feature then period."""
+    if exempt:
+        return []
+    found: dict[tuple[str, LimitPeriod], tuple[UsageLimit, bool]] = {
+        (limit.feature, limit.period): (limit, False) for limit in tenant_limits
+    }
+    for o in own:
+        period = LimitPeriod(o.period)
+        limit = UsageLimit(o.feature, period, o.limit, LimitUnit(o.measure))
+        found[o.feature, period] = (limit, True)
+    return sorted(found.values(), key=lambda item: _in_order(item[0]))
+
+
 # --- the tenant's limits ---------------------------------------------------------------
 class LimitBook:
     """Every tenant's limits, held in memory and replaced whole on reload."""
@@ -177,11 +204,7 @@ class LimitBook:
 
     def of(self, tenant: str) -> list[UsageLimit]:
         """The tenant's limits, by feature then period."""
-        order = list(LimitPeriod)
-        return sorted(
-            self._limits.get(tenant, {}).values(),
-            key=lambda limit: (limit.feature, order.index(limit.period)),
-        )
+        return sorted(self._limits.get(tenant, {}).values(), key=_in_order)
 
     def get(self, tenant: str, feature: str, period: LimitPeriod) -> UsageLimit | None:
         return self._limits.get(tenant, {}).get((feature, period))

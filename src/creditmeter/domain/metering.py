@@ -31,6 +31,7 @@ from creditmeter.domain.limits import (
     LimitStatus,
     LimitUnit,
     UsageLimit,
+    applying,
     check_limit,
     check_time_zone,
     period_bounds,
@@ -63,6 +64,8 @@ from creditmeter.storage.redis_store import (
 )
 
 T = TypeVar("T")
+#: A consume or a check: what `_again` gives new limit args.
+Charge = TypeVar("Charge", ConsumeCall, CheckCall)
 
 
 @dataclass(frozen=True)
@@ -200,25 +203,14 @@ def _limit_statuses(
     """The limits that apply to an account now (its own win over the tenant's), each with
     its usage in the current period of the account's time zone."""
     fields = account.fields
-    if limit_fields.exempt(fields):
-        return []
-    applying: dict[tuple[str, LimitPeriod], tuple[UsageLimit, bool]] = {
-        (limit.feature, limit.period): (limit, False) for limit in limits.book.of(tenant)
-    }
-    for own in limit_fields.own_limits(fields):
-        period = LimitPeriod(own.period)
-        applying[own.feature, period] = (
-            UsageLimit(own.feature, period, own.limit, LimitUnit(own.measure)),
-            True,
-        )
+    found = applying(
+        limits.book.of(tenant), limit_fields.own_limits(fields), limit_fields.exempt(fields)
+    )
     bounds = period_bounds(limit_fields.time_zone(fields), now_ms)
     counters = limit_fields.counters(fields)
-    order = list(LimitPeriod)
     return [
-        status(limit, own, counters.get((feature, str(period))), bounds)
-        for (feature, period), (limit, own) in sorted(
-            applying.items(), key=lambda item: (item[0][0], order.index(item[0][1]))
-        )
+        status(limit, own, counters.get((limit.feature, str(limit.period))), bounds)
+        for limit, own in found
     ]
 
 
@@ -487,12 +479,11 @@ class Metering:
             metrics.record_insufficient(c.feature)
         return error
 
-    def _again(self, c: ConsumeCall) -> ConsumeCall:
-        """The call with limit args in the account's time zone, just learned."""
+    def _again(self, c: Charge, now_ms: int) -> Charge:
+        """The consume or check with limit args in the account's time zone, just learned
+        (nothing of it ran: the script refused before any write)."""
         keys = c.keys
-        return replace(
-            c, limits=self.limits.args(keys.tenant, keys.account, c.feature, c.call.now_ms)
-        )
+        return replace(c, limits=self.limits.args(keys.tenant, keys.account, c.feature, now_ms))
 
     async def consume(
         self,
@@ -516,7 +507,7 @@ class Metering:
             except Rejected as rejected:
                 if not self.limits.learned(tenant, account_id, rejected):
                     raise
-                c = self._again(c)
+                c = self._again(c, c.call.now_ms)
                 record = await store.consume(c.keys, c.call, c.amount, c.feature, c.units, c.limits)
         except Rejected as rejected:
             raise self._refused(c, rejected) from None
@@ -556,7 +547,7 @@ class Metering:
             if isinstance(r, Rejected) and self.limits.learned(c.keys.tenant, c.keys.account, r)
         ]
         if again:
-            retried = [self._again(calls[i]) for i in again]
+            retried = [self._again(calls[i], calls[i].call.now_ms) for i in again]
             for i, c, r in zip(again, retried, await self.store.consume_many(retried), strict=True):
                 calls[i], records[i] = c, r
         replies = zip(calls, records, strict=True)
@@ -590,10 +581,6 @@ class Metering:
         keys = AccountKeys(tenant, account_id)
         return CheckCall(keys, credits, now, feature, units, limits), units
 
-    def _check_again(self, c: CheckCall) -> CheckCall:
-        keys = c.keys
-        return replace(c, limits=self.limits.args(keys.tenant, keys.account, c.feature, c.now_ms))
-
     def _wrong_zone(self, c: CheckCall, record: CheckRecord | Exception) -> bool:
         return (
             not isinstance(record, Exception)
@@ -616,7 +603,7 @@ class Metering:
         c, units = self._check_call(tenant, account_id, feature, quantity, amount)
         record = await self.store.check(c)
         if self._wrong_zone(c, record):
-            c = self._check_again(c)
+            c = self._again(c, c.now_ms)
             record = await self.store.check(c)
         return _checked(c, feature, units, record)
 
@@ -647,7 +634,7 @@ class Metering:
         records = await self.store.check_many(checks) if calls else []
         again = [i for i, c in enumerate(checks) if self._wrong_zone(c, records[i])]
         if again:
-            retried = [self._check_again(checks[i]) for i in again]
+            retried = [self._again(checks[i], checks[i].now_ms) for i in again]
             for i, r in zip(again, await self.store.check_many(retried), strict=True):
                 records[i] = r
         replies = zip(calls, records, strict=True)

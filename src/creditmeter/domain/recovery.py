@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 from creditmeter.constants import DEFAULT_PRIORITY, IDEMPOTENCY_TTL_S
 from creditmeter.domain.ids import SESSION_TXN_PREFIX, new_id
-from creditmeter.domain.limits import LimitBook, LimitPeriod, UsageLimit, period_bounds
+from creditmeter.domain.limits import (
+    LimitBook,
+    LimitPeriod,
+    UsageLimit,
+    applying,
+    period_bounds,
+)
 from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.domain.metering import apply_staged
 from creditmeter.errors import CreditError, Rejected
@@ -108,9 +114,8 @@ class AccountState:
 
     def applying_limits(self, tenant_limits: Iterable[UsageLimit]) -> set[tuple[str, str]]:
         """The (feature, period) of every limit that applies to the account."""
-        if self.exempt:
-            return set()
-        return {(lim.feature, str(lim.period)) for lim in tenant_limits} | set(self.own_limits)
+        found = applying(tenant_limits, self.own_limits.values(), self.exempt)
+        return {(limit.feature, str(limit.period)) for limit, _ in found}
 
     def counters(self, now_ms: int, tenant_limits: Iterable[UsageLimit]) -> list[Counter]:
         """The limit counters of the current periods, as the ledger's charges make them
