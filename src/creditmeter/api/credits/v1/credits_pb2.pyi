@@ -221,6 +221,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     "reserved": "0", "required": "1", "unit": "units", "period_end": "2026-12-03T00:00:00Z"}.
     Status: FAILED_PRECONDITION.
     """
+    ERROR_REASON_WEBHOOK_ENDPOINT_NOT_FOUND: _ErrorReason.ValueType  # 26
+    """No webhook endpoint of the tenant has this id (Webhooks service).
+    ErrorInfo metadata: {"endpoint_id": "whe_..."}. Status: NOT_FOUND.
+    """
+    ERROR_REASON_WEBHOOK_DELIVERY_NOT_FOUND: _ErrorReason.ValueType  # 27
+    """No webhook delivery of the tenant has this id (Webhooks.ResendWebhookDelivery).
+    ErrorInfo metadata: {"delivery_id": "whd_..."}. Status: NOT_FOUND.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons the server puts in `google.rpc.ErrorInfo.reason`."""
@@ -334,6 +342,14 @@ sessions hold against the limit, "required" what the charge needs, all in "unit"
 ErrorInfo metadata: {"feature": "text", "period": "day", "limit": "100", "used": "100",
 "reserved": "0", "required": "1", "unit": "units", "period_end": "2026-12-03T00:00:00Z"}.
 Status: FAILED_PRECONDITION.
+"""
+ERROR_REASON_WEBHOOK_ENDPOINT_NOT_FOUND: ErrorReason.ValueType  # 26
+"""No webhook endpoint of the tenant has this id (Webhooks service).
+ErrorInfo metadata: {"endpoint_id": "whe_..."}. Status: NOT_FOUND.
+"""
+ERROR_REASON_WEBHOOK_DELIVERY_NOT_FOUND: ErrorReason.ValueType  # 27
+"""No webhook delivery of the tenant has this id (Webhooks.ResendWebhookDelivery).
+ErrorInfo metadata: {"delivery_id": "whd_..."}. Status: NOT_FOUND.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
