@@ -358,3 +358,27 @@ REDIS_HASH_MAX_LISTPACK_VALUE = 1024
 #: Sends of one pipeline whose functions were missing (a FUNCTION FLUSH between the load and
 #: the calls).
 SCRIPT_LOAD_ATTEMPTS = 3
+
+# --- webhooks (creditmeter.domain.webhooks, transport/webhooks.py) ---------------------
+#: How often the delivery worker looks for notices to fan out and deliveries due.
+WEBHOOK_POLL_S = 0.5
+#: Notices fanned out, and deliveries claimed, per round.
+WEBHOOK_BATCH = 100
+#: A failed attempt is retried after base * 2^(attempts - 1), capped, with full jitter
+#: (a delay drawn from [cap / 2, cap]).
+WEBHOOK_RETRY_BASE_S = 10.0
+WEBHOOK_RETRY_MAX_S = 3600.0
+#: A delivery still failing this long after it was made is given up.
+WEBHOOK_RETRY_WINDOW_S = 3 * 86_400
+#: How long an endpoint has to answer one attempt.
+WEBHOOK_TIMEOUT_S = 10.0
+#: Attempts in flight to one endpoint at once (per server process).
+WEBHOOK_ENDPOINT_CONCURRENCY = 4
+#: An endpoint every attempt to which has failed for this long is disabled.
+WEBHOOK_DISABLE_AFTER_S = 3 * 86_400
+#: How often pending purchases past their expiry are marked expired (purchase.expired).
+WEBHOOK_EXPIRY_SWEEP_S = 10.0
+#: Webhook endpoints per tenant.
+MAX_WEBHOOK_ENDPOINTS = 20
+#: Longest endpoint URL.
+MAX_WEBHOOK_URL = 2048

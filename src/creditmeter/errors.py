@@ -122,6 +122,14 @@ class PackNotFound(CreditError):
     reason = "PACK_NOT_FOUND"
 
 
+class WebhookEndpointNotFound(CreditError):
+    reason = "WEBHOOK_ENDPOINT_NOT_FOUND"
+
+
+class WebhookDeliveryNotFound(CreditError):
+    reason = "WEBHOOK_DELIVERY_NOT_FOUND"
+
+
 class PackNotActive(CreditError):
     reason = "PACK_NOT_ACTIVE"
 

@@ -96,6 +96,21 @@ EVENTS_FLUSHED = Counter(
     "creditmeter_events_flushed", "Outbox events this process's flusher committed to the ledger"
 )
 
+# --- webhooks (the delivery worker) ------------------------------------------------------
+WEBHOOK_ATTEMPTS = Counter(
+    "creditmeter_webhook_attempts",
+    "Webhook delivery attempts, by outcome (delivered, http_error, timeout, network_error)",
+    ["outcome"],
+)
+WEBHOOK_ENDPOINTS_DISABLED = Counter(
+    "creditmeter_webhook_endpoints_disabled",
+    "Webhook endpoints the server disabled after failing for WEBHOOK_DISABLE_AFTER_S",
+)
+WEBHOOK_DELIVERIES_FAILED = Counter(
+    "creditmeter_webhook_deliveries_failed",
+    "Webhook deliveries given up (retry window over, or the endpoint gone or disabled)",
+)
+
 # --- Redis -----------------------------------------------------------------------------
 REDIS_DURATION = Histogram(
     "creditmeter_redis_duration_seconds",
@@ -192,6 +207,18 @@ def set_flush_lag(lag_ms: int) -> None:
 def set_sessions_open(n: int) -> None:
     """The number of open call sessions (set by the sessions service)."""
     SESSIONS_OPEN.set(n)
+
+
+def record_webhook_attempt(outcome: str) -> None:
+    WEBHOOK_ATTEMPTS.labels(outcome).inc()
+
+
+def record_webhook_endpoint_disabled() -> None:
+    WEBHOOK_ENDPOINTS_DISABLED.inc()
+
+
+def record_webhook_delivery_failed() -> None:
+    WEBHOOK_DELIVERIES_FAILED.inc()
 
 
 def multiprocess_registry(path: str) -> CollectorRegistry:

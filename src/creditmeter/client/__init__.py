@@ -47,6 +47,8 @@ from creditmeter.client.errors import (
     Unavailable,
     Unimplemented,
     UsageLimitExceeded,
+    WebhookDeliveryNotFound,
+    WebhookEndpointNotFound,
     from_rpc_error,
 )
 from creditmeter.client.requests import check as check_request
@@ -98,6 +100,8 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "UsageLimitExceeded",
+    "WebhookDeliveryNotFound",
+    "WebhookEndpointNotFound",
     "check_request",
     "errors",
     "from_rpc_error",

@@ -182,6 +182,14 @@ class PackNotFound(NotFound):
     REASON = "PACK_NOT_FOUND"
 
 
+class WebhookEndpointNotFound(NotFound):
+    REASON = "WEBHOOK_ENDPOINT_NOT_FOUND"
+
+
+class WebhookDeliveryNotFound(NotFound):
+    REASON = "WEBHOOK_DELIVERY_NOT_FOUND"
+
+
 class PackNotActive(FailedPrecondition):
     REASON = "PACK_NOT_ACTIVE"
 
@@ -244,6 +252,7 @@ BY_REASON: dict[str, type[CreditmeterError]] = {
         PackNotFound, PackNotActive, PurchaseNotFound, PurchaseNotPending, PurchaseNotCompleted,
         TrialAlreadyUsed, LotNotFound, PaymentReferenceUsed, SubscriptionNotFound,
         SessionNotFound, SessionClosed, SessionOutOfSequence, SessionExists, ResumeTokenExpired,
+        WebhookEndpointNotFound, WebhookDeliveryNotFound,
     )
 }  # fmt: skip
 

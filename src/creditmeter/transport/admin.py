@@ -20,6 +20,7 @@ from creditmeter.constants import SHUTDOWN_GRACE_S
 from creditmeter.domain.clock import SystemClock
 from creditmeter.domain.limits import LimitBook, from_rows
 from creditmeter.domain.recovery import Recovery
+from creditmeter.domain.webhooks import notices_of
 from creditmeter.storage.config_store import open_config_store
 from creditmeter.storage.deployment import resolve_buckets
 from creditmeter.storage.embedded_redis import EmbeddedRedis, endpoint_file
@@ -101,7 +102,7 @@ async def run_flusher(
         try:
             if not await link.start() and not await link.keep_opening(stop):
                 return 0  # stopped before the ledger ever answered: nothing was read
-            flusher = Flusher(client, ledger, replica_acks=replica_acks)
+            flusher = Flusher(client, ledger, replica_acks=replica_acks, notices=notices_of)
             await flusher.run(stop)
             # What was written up to the stop still goes in (a stopping server's last calls).
             with contextlib.suppress(Exception):

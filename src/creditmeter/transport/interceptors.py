@@ -48,6 +48,8 @@ _STATUS: dict[type[errors.CreditError], grpc.StatusCode] = {
     errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.LedgerBacklog: grpc.StatusCode.UNAVAILABLE,
     errors.PackNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.WebhookEndpointNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.WebhookDeliveryNotFound: grpc.StatusCode.NOT_FOUND,
     errors.PurchaseNotFound: grpc.StatusCode.NOT_FOUND,
     errors.LotNotFound: grpc.StatusCode.NOT_FOUND,
     errors.SubscriptionNotFound: grpc.StatusCode.NOT_FOUND,

@@ -20,7 +20,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from creditmeter import metrics
-from creditmeter.api.credits.v1 import credits_pb2, credits_pb2_grpc, packs_pb2, packs_pb2_grpc
+from creditmeter.api.credits.v1 import (
+    credits_pb2,
+    credits_pb2_grpc,
+    packs_pb2,
+    packs_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
+)
 from creditmeter.constants import (
     BACKLOG_CHECK_INTERVAL_S,
     CONFIG_RELOAD_INTERVAL_S,
@@ -49,6 +56,7 @@ from creditmeter.domain.packs import Catalog
 from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
 from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.subscriptions import Subscriptions
+from creditmeter.domain.webhooks import Webhooks, notices_of
 from creditmeter.errors import BackendUnavailable
 from creditmeter.storage.config_store import open_config_store
 from creditmeter.storage.deployment import resolve_buckets
@@ -63,11 +71,15 @@ from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.credits_servicer import CreditsServicer, LedgerStatus
 from creditmeter.transport.interceptors import Gatekeeper
 from creditmeter.transport.packs_servicer import PacksServicer
+from creditmeter.transport.webhooks import WebhooksServicer, WebhookTimings, WebhookWorker
 
 log = logging.getLogger(__name__)
 
 CREDITS_SERVICE = credits_pb2.DESCRIPTOR.services_by_name["Credits"].full_name
 PACKS_SERVICE = packs_pb2.DESCRIPTOR.services_by_name["Packs"].full_name
+WEBHOOKS_SERVICE = webhooks_pb2.DESCRIPTOR.services_by_name["Webhooks"].full_name
+#: The services that take calls (health follows the backlog for each).
+SERVICES = (CREDITS_SERVICE, PACKS_SERVICE, WEBHOOKS_SERVICE)
 
 
 @dataclass
@@ -111,6 +123,8 @@ class Settings:
     #: subscription renewals and the grant reconciler. Each is safe in several processes at
     #: once; `serve --workers N` runs them in one worker only (see transport/workers.py).
     background_jobs: bool = True
+    #: The webhook delivery worker's delays and limits (a background job).
+    webhook: WebhookTimings = field(default_factory=WebhookTimings)
     clock: Clock = field(default_factory=SystemClock)
 
 
@@ -133,6 +147,8 @@ class App:
         self.ledger_link: LedgerLink | None = None
         self.subscriptions: Subscriptions | None = None
         self.sessions: Sessions | None = None
+        #: The webhook delivery worker (None without background jobs).
+        self.webhook_worker: WebhookWorker | None = None
         #: The in-process flusher (None when a child process flushes, or none does).
         self.flusher: Flusher | None = None
         self.flusher_child: subprocess.Popen[bytes] | None = None
@@ -185,7 +201,7 @@ class App:
         if s.flusher:
             flusher = Flusher(
                 self.redis, ledger, retention_ms=s.watch_retention_s * 1000,
-                replica_acks=s.replica_acks,
+                replica_acks=s.replica_acks, notices=notices_of,
             )  # fmt: skip
             await flusher.ensure_groups()
             if not s.flusher_process:
@@ -217,10 +233,12 @@ class App:
         packs_pb2_grpc.add_PacksServicer_to_server(
             PacksServicer(catalog, purchases, self.subscriptions), self.server
         )
+        webhooks_pb2_grpc.add_WebhooksServicer_to_server(
+            WebhooksServicer(Webhooks(config, ledger, s.clock, s.idempotency_ttl_s)), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (CREDITS_SERVICE, PACKS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            self.server,
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = self.server.add_insecure_port(s.listen)
         if self.port == 0:
@@ -269,13 +287,20 @@ class App:
                     name="session-closer",
                 ),
             ]
+            self.webhook_worker = WebhookWorker(ledger, config, s.clock, s.webhook)
+            self.tasks.append(
+                asyncio.create_task(
+                    self.webhook_worker.run(self._stopping, lambda: link.reachable),
+                    name="webhook-worker",
+                )
+            )
         if self.flusher is not None:
             self.tasks.append(asyncio.create_task(self._flush_inline(self.flusher), name="flusher"))
         elif s.flusher:
             self.tasks.append(
                 asyncio.create_task(self._supervise_flusher(url), name="flusher-process")
             )
-        for service in ("", CREDITS_SERVICE, PACKS_SERVICE):
+        for service in ("", *SERVICES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         await self._ledger_health(link.reachable)
         log.info(
@@ -338,7 +363,7 @@ class App:
             self.gate.cap,
             "refusing changes" if self.gate.refusing else "accepting changes again",
         )
-        for service in ("", CREDITS_SERVICE, PACKS_SERVICE):
+        for service in ("", *SERVICES):
             await self.health.set(service, state)
 
     async def _reconcile(self) -> None:

@@ -1,6 +1,6 @@
-"""The configuration store: tenants, API keys, rate cards, usage limits, packs and config-change
-requests, behind one interface (`base.ConfigStore`) with a SQLite and a PostgreSQL
-backend."""
+"""The configuration store: tenants, API keys, rate cards, usage limits, packs, webhook
+endpoints and config-change requests, behind one interface (`base.ConfigStore`) with a
+SQLite and a PostgreSQL backend."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from creditmeter.storage.config_store.base import (
     PackRow,
     RateRow,
     Request,
+    WebhookRow,
 )
 from creditmeter.storage.ledger import is_postgres
 
@@ -28,6 +29,7 @@ __all__ = [
     "PackRow",
     "RateRow",
     "Request",
+    "WebhookRow",
     "open_config_store",
 ]
 

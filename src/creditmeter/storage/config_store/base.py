@@ -82,6 +82,30 @@ class LimitRow:
 
 
 @dataclass(frozen=True)
+class WebhookRow:
+    """A tenant's webhook endpoint (creditmeter.domain.webhooks): event types and
+    thresholds comma-joined; the signing secret in clear (the server signs with it)."""
+
+    tenant: str
+    endpoint_id: str
+    url: str
+    event_types: str
+    thresholds: str
+    description: str
+    secret: str
+    disabled: bool
+    #: Why the server disabled it ("" when enabled, or disabled by the tenant).
+    disabled_reason: str
+    #: Since when every attempt to deliver to it failed (None while it answers).
+    failing_since_ms: int | None
+    create_ms: int
+    update_ms: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disabled", bool(self.disabled))  # SQLite's 0/1
+
+
+@dataclass(frozen=True)
 class ConfigSnapshot:
     """What a running server holds of the configuration: the keys, rates and usage limits
     of one version, read in one transaction."""
@@ -204,6 +228,32 @@ class ConfigStore(ABC):
         self, tenant: str, include_inactive: bool, limit: int, after: tuple[int, str] | None
     ) -> list[PackRow]:
         """Packs by creation (create_ms, pack_id), strictly after `after` if given."""
+
+    # --- webhook endpoints ---------------------------------------------------------
+    @abstractmethod
+    def put_webhook_endpoint(
+        self, endpoint_id: str, req: Request, build: Callable[[WebhookRow | None], WebhookRow]
+    ) -> tuple[WebhookRow, bool]:
+        """Write the endpoint `build` makes of the stored one (None for a new id), in one
+        write transaction, idempotent as `put_pack`; returns it as the first call stored
+        it, and whether this call was a replay."""
+
+    @abstractmethod
+    def delete_webhook_endpoint(self, endpoint_id: str, req: Request) -> tuple[bool, bool]:
+        """Remove the tenant's endpoint once per request id: (whether there was one, as
+        the first call found it; whether this call was a replay)."""
+
+    @abstractmethod
+    def webhook_endpoints(self, tenant: str | None = None) -> list[WebhookRow]:
+        """Every endpoint (of one tenant), by creation time then id."""
+
+    @abstractmethod
+    def set_webhook_health(
+        self, tenant: str, endpoint_id: str, failing_since_ms: int | None, disable_reason: str
+    ) -> None:
+        """Record since when deliveries to an endpoint fail (None: it answers again); a
+        non-empty `disable_reason` also disables it. Not a request: the delivery worker's
+        own bookkeeping."""
 
     # --- lifetime ------------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 (a backend with nothing to release keeps it)

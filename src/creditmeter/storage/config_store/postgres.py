@@ -48,6 +48,7 @@ from creditmeter.storage.config_store.base import (
     PackRow,
     RateRow,
     Request,
+    WebhookRow,
 )
 from creditmeter.storage.config_store.sqlite import read_dump
 from creditmeter.storage.ledger.base import ledger_unavailable
@@ -137,6 +138,23 @@ _MIGRATIONS = (
       PRIMARY KEY (tenant, feature, period)
     );
     """,
+    """
+    CREATE TABLE config_webhook_endpoints (
+      tenant           TEXT COLLATE "C" NOT NULL,
+      endpoint_id      TEXT COLLATE "C" NOT NULL,
+      url              TEXT COLLATE "C" NOT NULL,
+      event_types      TEXT COLLATE "C" NOT NULL,
+      thresholds       TEXT COLLATE "C" NOT NULL,
+      description      TEXT COLLATE "C" NOT NULL,
+      secret           TEXT COLLATE "C" NOT NULL,
+      disabled         BOOLEAN NOT NULL,
+      disabled_reason  TEXT COLLATE "C" NOT NULL,
+      failing_since_ms BIGINT,
+      create_ms        BIGINT NOT NULL,
+      update_ms        BIGINT NOT NULL,
+      PRIMARY KEY (tenant, endpoint_id)
+    );
+    """,
 )
 
 #: Serializes opening (migrations, the import) across processes; not the ledger's key, so
@@ -170,6 +188,20 @@ _UPSERT_LIMIT = (
     " unit = excluded.unit, updated_ms = excluded.updated_ms"
 )
 _DELETE_LIMIT = "DELETE FROM config_usage_limits WHERE tenant = $1 AND feature = $2 AND period = $3"
+_WEBHOOK_COLUMNS = (
+    "tenant, endpoint_id, url, event_types, thresholds, description, secret, disabled,"
+    " disabled_reason, failing_since_ms, create_ms, update_ms"
+)
+_WEBHOOKS = f"SELECT {_WEBHOOK_COLUMNS} FROM config_webhook_endpoints"
+_UPSERT_WEBHOOK = (
+    f"INSERT INTO config_webhook_endpoints ({_WEBHOOK_COLUMNS})"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    " ON CONFLICT (tenant, endpoint_id) DO UPDATE SET url = excluded.url,"
+    " event_types = excluded.event_types, thresholds = excluded.thresholds,"
+    " description = excluded.description, secret = excluded.secret,"
+    " disabled = excluded.disabled, disabled_reason = excluded.disabled_reason,"
+    " failing_since_ms = excluded.failing_since_ms, update_ms = excluded.update_ms"
+)
 _KEYS = f"SELECT {_KEY_COLUMNS} FROM config_api_keys"
 _RATES = f"SELECT {_RATE_COLUMNS} FROM config_rates ORDER BY tenant, feature"
 _PACK = f"SELECT {_PACK_COLUMNS} FROM config_packs WHERE tenant = $1 AND pack_id = $2"
@@ -536,6 +568,60 @@ class PostgresConfigStore(ConfigStore):
 
         response, replayed = self._idempotent(req, change)
         return PackRow(**json.loads(response)), replayed
+
+    def put_webhook_endpoint(
+        self, endpoint_id: str, req: Request, build: Callable[[WebhookRow | None], WebhookRow]
+    ) -> tuple[WebhookRow, bool]:
+        async def change(conn: Any) -> str:
+            found = await conn.fetchrow(
+                f"{_WEBHOOKS} WHERE tenant = $1 AND endpoint_id = $2 FOR UPDATE",
+                req.tenant,
+                endpoint_id,
+            )
+            row = build(None if found is None else WebhookRow(*found))
+            await conn.execute(_UPSERT_WEBHOOK, *astuple(row))
+            return json.dumps(asdict(row))
+
+        response, replayed = self._idempotent(req, change)
+        return WebhookRow(**json.loads(response)), replayed
+
+    def delete_webhook_endpoint(self, endpoint_id: str, req: Request) -> tuple[bool, bool]:
+        async def change(conn: Any) -> str:
+            status = await conn.execute(
+                "DELETE FROM config_webhook_endpoints WHERE tenant = $1 AND endpoint_id = $2",
+                req.tenant,
+                endpoint_id,
+            )
+            return "1" if _rows_changed(status) else ""
+
+        response, replayed = self._idempotent(req, change)
+        return bool(response), replayed
+
+    def webhook_endpoints(self, tenant: str | None = None) -> list[WebhookRow]:
+        order = " ORDER BY create_ms, endpoint_id"
+        if tenant is None:
+            rows = self._call(lambda db: db.fetch(_WEBHOOKS + order))
+        else:
+            rows = self._call(lambda db: db.fetch(f"{_WEBHOOKS} WHERE tenant = $1{order}", tenant))
+        return [WebhookRow(*r) for r in rows]
+
+    def set_webhook_health(
+        self, tenant: str, endpoint_id: str, failing_since_ms: int | None, disable_reason: str
+    ) -> None:
+        async def change(conn: Any) -> tuple[None, bool]:
+            status = await conn.execute(
+                "UPDATE config_webhook_endpoints SET failing_since_ms = $3,"
+                " disabled = disabled OR $4 <> '',"
+                " disabled_reason = CASE WHEN $4 <> '' THEN $4 ELSE disabled_reason END"
+                " WHERE tenant = $1 AND endpoint_id = $2",
+                tenant,
+                endpoint_id,
+                failing_since_ms,
+                disable_reason,
+            )
+            return None, _rows_changed(status) > 0
+
+        self._write(change)
 
     # --- the last configuration seen --------------------------------------------------
     def _remember(self, snapshot: ConfigSnapshot) -> None:

@@ -21,6 +21,7 @@ from creditmeter.storage.config_store.base import (
     PackRow,
     RateRow,
     Request,
+    WebhookRow,
 )
 
 _SCHEMA = """
@@ -84,6 +85,21 @@ CREATE TABLE IF NOT EXISTS packs (
   PRIMARY KEY (tenant, pack_id)
 );
 CREATE INDEX IF NOT EXISTS packs_by_creation ON packs (tenant, create_ms, pack_id);
+CREATE TABLE IF NOT EXISTS webhook_endpoints (
+  tenant           TEXT NOT NULL,
+  endpoint_id      TEXT NOT NULL,
+  url              TEXT NOT NULL,
+  event_types      TEXT NOT NULL,
+  thresholds       TEXT NOT NULL,
+  description      TEXT NOT NULL,
+  secret           TEXT NOT NULL,
+  disabled         INTEGER NOT NULL,
+  disabled_reason  TEXT NOT NULL,
+  failing_since_ms INTEGER,
+  create_ms        INTEGER NOT NULL,
+  update_ms        INTEGER NOT NULL,
+  PRIMARY KEY (tenant, endpoint_id)
+);
 CREATE TABLE IF NOT EXISTS meta (
   name  TEXT PRIMARY KEY,
   value INTEGER NOT NULL
@@ -288,6 +304,62 @@ class SqliteConfigStore(ConfigStore):
         params.append(limit)
         with self._connect() as db:
             return [PackRow(*r) for r in db.execute(sql, params)]
+
+    # --- webhook endpoints ---------------------------------------------------------
+    def put_webhook_endpoint(
+        self, endpoint_id: str, req: Request, build: Callable[[WebhookRow | None], WebhookRow]
+    ) -> tuple[WebhookRow, bool]:
+        """See ConfigStore.put_webhook_endpoint (and `_idempotent`)."""
+
+        def change(db: sqlite3.Connection) -> str:
+            found = db.execute(
+                "SELECT * FROM webhook_endpoints WHERE tenant = ? AND endpoint_id = ?",
+                (req.tenant, endpoint_id),
+            ).fetchone()
+            row = build(None if found is None else WebhookRow(*found))
+            values = astuple(row)
+            db.execute(
+                f"INSERT OR REPLACE INTO webhook_endpoints VALUES ({', '.join('?' * len(values))})",
+                values,
+            )
+            return json.dumps(asdict(row))
+
+        response, replayed = self._idempotent(req, change)
+        return WebhookRow(**json.loads(response)), replayed
+
+    def delete_webhook_endpoint(self, endpoint_id: str, req: Request) -> tuple[bool, bool]:
+        def change(db: sqlite3.Connection) -> str:
+            cur = db.execute(
+                "DELETE FROM webhook_endpoints WHERE tenant = ? AND endpoint_id = ?",
+                (req.tenant, endpoint_id),
+            )
+            return "1" if cur.rowcount else ""
+
+        response, replayed = self._idempotent(req, change)
+        return bool(response), replayed
+
+    def webhook_endpoints(self, tenant: str | None = None) -> list[WebhookRow]:
+        sql = "SELECT * FROM webhook_endpoints"
+        params: tuple[str, ...] = ()
+        if tenant is not None:
+            sql += " WHERE tenant = ?"
+            params = (tenant,)
+        with self._connect() as db:
+            rows = db.execute(f"{sql} ORDER BY create_ms, endpoint_id", params)
+            return [WebhookRow(*r) for r in rows]
+
+    def set_webhook_health(
+        self, tenant: str, endpoint_id: str, failing_since_ms: int | None, disable_reason: str
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE webhook_endpoints SET failing_since_ms = ?,"
+                " disabled = CASE WHEN ? <> '' THEN 1 ELSE disabled END,"
+                " disabled_reason = CASE WHEN ? <> '' THEN ? ELSE disabled_reason END"
+                " WHERE tenant = ? AND endpoint_id = ?",
+                (failing_since_ms, disable_reason, disable_reason, disable_reason, tenant,
+                 endpoint_id),
+            )  # fmt: skip
 
 
 def _version(db: sqlite3.Connection) -> int:

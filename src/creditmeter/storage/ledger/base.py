@@ -5,16 +5,21 @@ A backend stores:
   event id, inserted idempotently (a replayed batch inserts nothing twice);
 - requests: the durable copy of every idempotency record (fingerprint and reply);
 - staged grants: money-in written before it reaches Redis (ledger first). A staged grant
-  counts as applied once its grant event, `<txn>:1`, is in the events table.
+  counts as applied once its grant event, `<txn>:1`, is in the events table;
+- webhook notices: the changes webhooks report (a balance moved, a purchase completed,
+  refunded or expired, a subscription period granted, a session closed by the server),
+  each written in the transaction of its change (an outbox), until the webhook worker
+  fans it out into deliveries: one per endpoint that wants it, attempted until delivered.
 
 Every backend runs the same test suite (tests/test_ledger_backends.py).
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -228,6 +233,100 @@ class Transaction:
     lines: list[tuple[str, int]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Notice:
+    """A change webhooks report, stored in the transaction that made it: `kind` says what
+    (NoticeKind), `data` its figures as JSON. Its id is made of the change's own ids, so a
+    change written twice (a replayed batch, a retried call) leaves one notice."""
+
+    notice_id: str
+    tenant: str
+    kind: str
+    created_ms: int
+    data: str
+
+
+class NoticeKind(StrEnum):
+    #: A transaction moved an account's spendable balance: {account, txn, before, after}.
+    BALANCE = "balance"
+    #: The server closed a silent call session: {account, session_id, txn, charged}.
+    SESSION_TIMEOUT = "session_timeout"
+    #: A purchase became completed, refunded or expired: the PurchaseRecord's fields.
+    PURCHASE = "purchase"
+    #: A subscription period was claimed (its grants staged): {subscription_id, account,
+    #: pack_id, period, credits, bonus_credits}.
+    SUBSCRIPTION_PERIOD = "subscription_period"
+
+
+#: Purchase statuses a notice is written for.
+NOTICE_PURCHASE_STATUSES = ("completed", "refunded", "expired")
+
+
+def purchase_notice(p: PurchaseRecord, now_ms: int) -> Notice:
+    data = asdict(p)
+    data["lot_ids"] = list(p.lot_ids)
+    return Notice(
+        f"purchase:{p.purchase_id}:{p.status}", p.tenant, NoticeKind.PURCHASE, now_ms,
+        json.dumps(data, separators=(",", ":")),
+    )  # fmt: skip
+
+
+def period_notice(sub: SubscriptionRecord, period: int, now_ms: int) -> Notice:
+    data = {
+        "subscription_id": sub.subscription_id, "account": sub.account,
+        "pack_id": sub.pack_id, "period": period, "credits": sub.credits,
+        "bonus_credits": sub.bonus_credits,
+    }  # fmt: skip
+    return Notice(
+        f"period:{sub.subscription_id}:{period}", sub.tenant, NoticeKind.SUBSCRIPTION_PERIOD,
+        now_ms, json.dumps(data, separators=(",", ":")),
+    )  # fmt: skip
+
+
+def notice_row(n: Notice) -> tuple[Any, ...]:
+    return (n.notice_id, n.tenant, n.kind, n.created_ms, n.data)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook event's delivery to one endpoint, and how its attempts went."""
+
+    delivery_id: str
+    tenant: str
+    endpoint_id: str
+    event_id: str
+    event_type: str
+    #: The JSON body, exactly as sent (and signed).
+    body: str
+    #: pending, delivered or failed.
+    status: str
+    attempts: int
+    create_ms: int
+    #: When the next attempt is due (pending).
+    next_attempt_ms: int
+    #: A worker holding it until then is attempting it; another may take it after.
+    lease_until_ms: int = 0
+    last_attempt_ms: int | None = None
+    last_status_code: int = 0
+    last_error: str = ""
+
+
+DELIVERY_COLUMNS = (
+    "delivery_id, tenant, endpoint_id, event_id, event_type, body, status, attempts,"
+    " create_ms, next_attempt_ms, lease_until_ms, last_attempt_ms, last_status_code,"
+    " last_error"
+)
+DELIVERY_COLUMN_COUNT = 14
+
+
+def delivery_row(d: Delivery) -> tuple[Any, ...]:
+    return astuple(d)
+
+
+def delivery_from_row(r: Sequence[Any]) -> Delivery:
+    return Delivery(*r)
+
+
 class Period(StrEnum):
     DAY = "day"
     MONTH = "month"
@@ -407,9 +506,14 @@ class Ledger(ABC):
         """Raise if the ledger cannot take writes."""
 
     @abstractmethod
-    async def append(self, events: Sequence[Event], requests: Sequence[RequestRecord]) -> int:
-        """Insert events and request records in one transaction, skipping ids already
-        present; returns how many events were new. Committed when it returns."""
+    async def append(
+        self,
+        events: Sequence[Event],
+        requests: Sequence[RequestRecord],
+        notices: Sequence[Notice] = (),
+    ) -> int:
+        """Insert events, request records and webhook notices in one transaction, skipping
+        ids already present; returns how many events were new. Committed when it returns."""
 
     @abstractmethod
     async def stage_grant(self, grant: StagedGrant) -> StagedGrant:
@@ -551,3 +655,69 @@ class Ledger(ABC):
     ) -> list[PurchaseRecord]:
         """Purchases newest first, by (create_ms, purchase_id) descending, strictly before
         `before` if given."""
+
+    # --- webhooks ---------------------------------------------------------------------
+    @abstractmethod
+    async def pending_notices(self, limit: int) -> list[Notice]:
+        """Notices not fanned out yet, oldest first."""
+
+    @abstractmethod
+    async def fan_out(self, notice_ids: Sequence[str], deliveries: Sequence[Delivery]) -> None:
+        """In one transaction: insert the deliveries (skipping ids present: two workers
+        fanning out one notice make each delivery once) and remove the notices."""
+
+    @abstractmethod
+    async def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int) -> list[Delivery]:
+        """Pending deliveries due by `now_ms` that no worker holds, now held by the caller
+        until `now_ms + lease_ms` (each claimed by one caller of racing ones), earliest due
+        first."""
+
+    @abstractmethod
+    async def record_attempt(self, delivery: Delivery) -> None:
+        """Store a delivery's state after an attempt (status, attempts, next attempt, last
+        answer), letting go of its lease."""
+
+    @abstractmethod
+    async def add_delivery(self, delivery: Delivery) -> Delivery:
+        """Insert a delivery unless its id is present; returns the stored one."""
+
+    @abstractmethod
+    async def get_delivery(self, tenant: str, delivery_id: str) -> Delivery | None: ...
+
+    @abstractmethod
+    async def list_deliveries(
+        self,
+        tenant: str,
+        endpoint_id: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[int, str] | None,
+    ) -> list[Delivery]:
+        """Deliveries newest first, by (create_ms, delivery_id) descending, strictly before
+        `before` if given."""
+
+    @abstractmethod
+    async def expire_purchases(self, now_ms: int, limit: int) -> int:
+        """Mark pending purchases past their expiry expired (with their notices); returns
+        how many."""
+
+
+def delivery_filters(
+    endpoint_id: str | None,
+    status: str | None,
+    before: tuple[int, str] | None,
+    placeholder: Callable[[], str],
+) -> tuple[str, list[Any]]:
+    """SQL conditions (after tenant) and parameters for listing deliveries."""
+    sql: list[str] = []
+    params: list[Any] = []
+    if endpoint_id is not None:
+        sql.append(f"endpoint_id = {placeholder()}")
+        params.append(endpoint_id)
+    if status is not None:
+        sql.append(f"status = {placeholder()}")
+        params.append(status)
+    if before is not None:
+        sql.append(f"(create_ms, delivery_id) < ({placeholder()}, {placeholder()})")
+        params.extend(before)
+    return "".join(f" AND {c}" for c in sql), params

@@ -28,7 +28,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -50,11 +50,12 @@ from creditmeter.constants import (
 )
 from creditmeter.storage import layout
 from creditmeter.storage.deployment import restore_buckets
+from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.entries import ledger_records
 from creditmeter.storage.functions import call_each
 from creditmeter.storage.layout import flushed_key, outbox_key, trimmed_key
 from creditmeter.storage.leases import BucketLeases
-from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord
+from creditmeter.storage.ledger.base import Event, Ledger, Notice, RequestRecord
 from creditmeter.storage.ledger.connection import Backoff, failure_text, stopped_within
 from creditmeter.storage.polling import IdleBackoff
 from creditmeter.storage.redis_client import Client
@@ -65,6 +66,9 @@ log = logging.getLogger(__name__)
 Entry = tuple[str, dict[str, str]]
 #: A bucket and entries read from its outbox.
 Read = tuple[int, list[Entry]]
+#: The webhook notices of one entry's events (creditmeter.domain.webhooks.notices_of),
+#: written with the batch: a change is reported once it is in the ledger, and always.
+NoticeSource = Callable[[Sequence[Mapping[str, str]]], list[Notice]]
 
 
 def consumer_name() -> str:
@@ -97,11 +101,14 @@ class Flusher:
         lease_ms: int = FLUSH_LEASE_MS,
         leases: bool = True,
         replica_acks: int = 0,
+        notices: NoticeSource | None = None,
     ) -> None:
         """`leases=False` reads every bucket, sharing each with any other flusher through
         the consumer group alone (what tests that drive two flushers by hand want).
-        `replica_acks`: the replicas an entry must be on before it is flushed."""
+        `replica_acks`: the replicas an entry must be on before it is flushed.
+        `notices`: what of each entry webhooks report (None: nothing)."""
         self.client = client
+        self.notices = notices
         self.replica_acks = replica_acks
         self._acks = ReplicaAcks(client, replica_acks)
         self.ledger = ledger
@@ -222,6 +229,7 @@ class Flusher:
         batch = await self._replicated(batch)
         events: list[Event] = []
         requests: list[RequestRecord] = []
+        notices: list[Notice] = []
         for _bucket, entries in batch:
             for _entry_id, fields in entries:
                 if fields is None:
@@ -230,10 +238,12 @@ class Flusher:
                 events.extend(found)
                 if request is not None:
                     requests.append(request)
+                if self.notices is not None:
+                    notices.extend(self.notices(entry_events(fields)))
         if not batch:
             return 0
-        if events or requests:  # a batch of holds alone is only acknowledged
-            await self.ledger.append(events, requests)
+        if events or requests or notices:  # a batch of holds alone is only acknowledged
+            await self.ledger.append(events, requests, notices)
         oldest = min(_ms_of(entries[0][0]) for _b, entries in batch)
         now_ms = int(time.time() * 1000)
         self.stats.events += len(events)

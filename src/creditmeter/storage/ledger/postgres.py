@@ -7,6 +7,7 @@ as in SQLite, whatever the database's default collation is."""
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -14,12 +15,17 @@ import asyncpg
 
 from creditmeter.errors import Rejected
 from creditmeter.storage.ledger.base import (
+    DELIVERY_COLUMN_COUNT,
+    DELIVERY_COLUMNS,
     EVENT_COLUMNS,
+    NOTICE_PURCHASE_STATUSES,
     PURCHASE_COLUMN_COUNT,
     PURCHASE_COLUMNS,
     SUBSCRIPTION_COLUMNS,
+    Delivery,
     Event,
     Ledger,
+    Notice,
     Period,
     PurchaseRecord,
     RequestRecord,
@@ -28,13 +34,19 @@ from creditmeter.storage.ledger.base import (
     Transaction,
     TxnQuery,
     UsageRow,
+    delivery_filters,
+    delivery_from_row,
+    delivery_row,
     event_from_row,
     grant_row,
     group_transactions,
     join_lot_ids,
     ledger_unavailable,
+    notice_row,
+    period_notice,
     purchase_filters,
     purchase_from_row,
+    purchase_notice,
     purchase_row,
     subscription_from_row,
     subscription_row,
@@ -149,6 +161,34 @@ CREATE UNIQUE INDEX IF NOT EXISTS purchases_trial ON purchases (tenant, pack_id,
 CREATE INDEX IF NOT EXISTS purchases_tenant_time ON purchases (tenant, create_ms, purchase_id);
 CREATE INDEX IF NOT EXISTS purchases_account_time
   ON purchases (tenant, account, create_ms, purchase_id);
+CREATE INDEX IF NOT EXISTS purchases_pending_expiry ON purchases (status, expire_ms);
+CREATE TABLE IF NOT EXISTS webhook_notices (
+  seq        BIGSERIAL PRIMARY KEY,
+  notice_id  TEXT COLLATE "C" NOT NULL UNIQUE,
+  tenant     TEXT COLLATE "C" NOT NULL,
+  kind       TEXT COLLATE "C" NOT NULL,
+  created_ms BIGINT NOT NULL,
+  data       TEXT COLLATE "C" NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+  delivery_id      TEXT COLLATE "C" PRIMARY KEY,
+  tenant           TEXT COLLATE "C" NOT NULL,
+  endpoint_id      TEXT COLLATE "C" NOT NULL,
+  event_id         TEXT COLLATE "C" NOT NULL,
+  event_type       TEXT COLLATE "C" NOT NULL,
+  body             TEXT COLLATE "C" NOT NULL,
+  status           TEXT COLLATE "C" NOT NULL,
+  attempts         BIGINT NOT NULL,
+  create_ms        BIGINT NOT NULL,
+  next_attempt_ms  BIGINT NOT NULL,
+  lease_until_ms   BIGINT NOT NULL,
+  last_attempt_ms  BIGINT,
+  last_status_code BIGINT NOT NULL,
+  last_error       TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant_time
+  ON webhook_deliveries (tenant, create_ms, delivery_id);
 """
 
 #: Serializes schema creation across processes: concurrent CREATE ... IF NOT EXISTS of the
@@ -222,6 +262,16 @@ _INSERT_PURCHASE = (
     " ON CONFLICT DO NOTHING RETURNING 1"
 )
 _SELECT_PURCHASE = f"SELECT {PURCHASE_COLUMNS} FROM purchases"
+_INSERT_NOTICE = (
+    "INSERT INTO webhook_notices (notice_id, tenant, kind, created_ms, data)"
+    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (notice_id) DO NOTHING"
+)
+_INSERT_DELIVERY = (
+    f"INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS})"
+    f" VALUES ({', '.join(f'${i}' for i in range(1, DELIVERY_COLUMN_COUNT + 1))})"
+    " ON CONFLICT (delivery_id) DO NOTHING"
+)
+_SELECT_DELIVERY = f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries"
 _PURCHASE_BY_ID = f"{_SELECT_PURCHASE} WHERE tenant = $1 AND purchase_id = $2"
 _SELECT_SUBSCRIPTION = f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions"
 _SUBSCRIPTION_BY_ID = f"{_SELECT_SUBSCRIPTION} WHERE tenant = $1 AND subscription_id = $2"
@@ -324,7 +374,12 @@ class PostgresLedger(Ledger):
         if row[0] or row[1] == "on":
             raise ledger_unavailable() from ConnectionError("the PostgreSQL server is read-only")
 
-    async def append(self, events: Sequence[Event], requests: Sequence[RequestRecord]) -> int:
+    async def append(
+        self,
+        events: Sequence[Event],
+        requests: Sequence[RequestRecord],
+        notices: Sequence[Notice] = (),
+    ) -> int:
         async def write(db: asyncpg.Pool) -> int:
             inserted = 0
             async with db.acquire() as conn, conn.transaction():
@@ -335,6 +390,10 @@ class PostgresLedger(Ledger):
                 if requests:
                     await conn.copy_records_to_table(_REQUESTS_STAGING, records=requests)
                     await conn.execute(_INSERT_REQUESTS)
+                if notices:
+                    await conn.executemany(
+                        _INSERT_NOTICE, sorted(notice_row(n) for n in notices)
+                    )
             return inserted
 
         return await self._run(write)
@@ -498,6 +557,8 @@ class PostgresLedger(Ledger):
                 if await conn.fetchval(_INSERT_PURCHASE, *row) is None:
                     return await _conflicting_purchase(conn, p), False
                 await _stage_grants(conn, grants)
+                if p.status in NOTICE_PURCHASE_STATUSES:  # bought in one step (PurchasePack)
+                    await conn.execute(_INSERT_NOTICE, *notice_row(purchase_notice(p, p.create_ms)))
                 return p, True
 
         return await self._run(write)
@@ -538,7 +599,10 @@ class PostgresLedger(Ledger):
                         tenant,
                         purchase_id,
                     )
-                    return purchase_from_row(row)
+                    expired = purchase_from_row(row)
+                    notice = purchase_notice(expired, now_ms)
+                    await conn.execute(_INSERT_NOTICE, *notice_row(notice))
+                    return expired
                 other = await reference_holder(conn)
                 if other is not None:
                     raise reference_used(other)
@@ -560,7 +624,9 @@ class PostgresLedger(Ledger):
                     # The racing purchase committed (the index waited for it): now visible.
                     raise reference_used(await reference_holder(conn)) from None
                 await _stage_grants(conn, grants)
-                return purchase_from_row(row)
+                done = purchase_from_row(row)
+                await conn.execute(_INSERT_NOTICE, *notice_row(purchase_notice(done, now_ms)))
+                return done
 
         return await self._run(write)
 
@@ -588,6 +654,9 @@ class PostgresLedger(Ledger):
                 )
                 if row is None:
                     row = await conn.fetchrow(_PURCHASE_BY_ID, tenant, purchase_id)
+                elif to_status in NOTICE_PURCHASE_STATUSES:
+                    notice = purchase_notice(purchase_from_row(row), _now_ms())
+                    await conn.execute(_INSERT_NOTICE, *notice_row(notice))
             return None if row is None else purchase_from_row(row)
 
         return await self._run(write)
@@ -681,6 +750,11 @@ class PostgresLedger(Ledger):
                 if claimed is None:
                     return False
                 await _stage_grants(conn, grants)
+                sub = subscription_from_row(
+                    await conn.fetchrow(_SUBSCRIPTION_BY_ID, tenant, subscription_id)
+                )
+                created = grants[0].created_ms if grants else _now_ms()
+                await conn.execute(_INSERT_NOTICE, *notice_row(period_notice(sub, period, created)))
                 return True
 
         return await self._run(write)
@@ -701,3 +775,118 @@ class PostgresLedger(Ledger):
                 return None if row is None else subscription_from_row(row)
 
         return await self._run(write)
+
+    # --- webhooks ---------------------------------------------------------------------
+    async def pending_notices(self, limit: int) -> list[Notice]:
+        rows = await self._run(
+            lambda db: db.fetch(
+                "SELECT notice_id, tenant, kind, created_ms, data FROM webhook_notices"
+                " ORDER BY seq LIMIT $1",
+                limit,
+            )
+        )
+        return [Notice(*r) for r in rows]
+
+    async def fan_out(self, notice_ids: Sequence[str], deliveries: Sequence[Delivery]) -> None:
+        rows = sorted(delivery_row(d) for d in deliveries)  # in key order: no deadlock
+
+        async def write(db: asyncpg.Pool) -> None:
+            async with db.acquire() as conn, conn.transaction():
+                if rows:
+                    await conn.executemany(_INSERT_DELIVERY, rows)
+                await conn.execute(
+                    "DELETE FROM webhook_notices WHERE notice_id = ANY($1::text[])",
+                    sorted(notice_ids),
+                )
+
+        await self._run(write)
+
+    async def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int) -> list[Delivery]:
+        # SKIP LOCKED: racing workers each take other rows rather than wait for each other.
+        rows = await self._run(
+            lambda db: db.fetch(
+                "UPDATE webhook_deliveries SET lease_until_ms = $2 WHERE delivery_id IN"
+                " (SELECT delivery_id FROM webhook_deliveries WHERE status = 'pending'"
+                " AND next_attempt_ms <= $1 AND lease_until_ms <= $1 ORDER BY next_attempt_ms"
+                f" LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING {DELIVERY_COLUMNS}",
+                now_ms,
+                now_ms + lease_ms,
+                limit,
+            )
+        )
+        return sorted((delivery_from_row(r) for r in rows), key=lambda d: d.next_attempt_ms)
+
+    async def record_attempt(self, delivery: Delivery) -> None:
+        d = delivery
+        args = (
+            d.delivery_id, d.status, d.attempts, d.next_attempt_ms, d.last_attempt_ms,
+            d.last_status_code, d.last_error,
+        )  # fmt: skip
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE webhook_deliveries SET status = $2, attempts = $3, next_attempt_ms = $4,"
+                " lease_until_ms = 0, last_attempt_ms = $5, last_status_code = $6,"
+                " last_error = $7 WHERE delivery_id = $1",
+                *args,
+            )
+        )
+
+    async def add_delivery(self, delivery: Delivery) -> Delivery:
+        async def write(db: asyncpg.Pool) -> Delivery:
+            async with db.acquire() as conn, conn.transaction():
+                await conn.execute(_INSERT_DELIVERY, *delivery_row(delivery))
+                row = await conn.fetchrow(
+                    f"{_SELECT_DELIVERY} WHERE delivery_id = $1", delivery.delivery_id
+                )
+                return delivery_from_row(row)
+
+        return await self._run(write)
+
+    async def get_delivery(self, tenant: str, delivery_id: str) -> Delivery | None:
+        row = await self._run(
+            lambda db: db.fetchrow(
+                f"{_SELECT_DELIVERY} WHERE tenant = $1 AND delivery_id = $2", tenant, delivery_id
+            )
+        )
+        return None if row is None else delivery_from_row(row)
+
+    async def list_deliveries(
+        self,
+        tenant: str,
+        endpoint_id: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[int, str] | None,
+    ) -> list[Delivery]:
+        counter = itertools.count(2)
+        where, params = delivery_filters(endpoint_id, status, before, lambda: f"${next(counter)}")
+        sql = (
+            f"{_SELECT_DELIVERY} WHERE tenant = $1{where}"
+            f" ORDER BY create_ms DESC, delivery_id DESC LIMIT ${next(counter)}"
+        )
+        rows = await self._run(lambda db: db.fetch(sql, tenant, *params, limit))
+        return [delivery_from_row(r) for r in rows]
+
+    async def expire_purchases(self, now_ms: int, limit: int) -> int:
+        async def write(db: asyncpg.Pool) -> int:
+            async with db.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    "UPDATE purchases SET status = 'expired' WHERE purchase_id IN"
+                    " (SELECT purchase_id FROM purchases WHERE status = 'pending'"
+                    " AND expire_ms <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                    f" RETURNING {PURCHASE_COLUMNS}",
+                    now_ms,
+                    limit,
+                )
+                notices = sorted(
+                    notice_row(purchase_notice(purchase_from_row(r), now_ms)) for r in rows
+                )
+                if notices:
+                    await conn.executemany(_INSERT_NOTICE, notices)
+                return len(rows)
+
+        return await self._run(write)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

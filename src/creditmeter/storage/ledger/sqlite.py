@@ -7,19 +7,26 @@ from __future__ import annotations
 import asyncio
 import operator
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from creditmeter.errors import Rejected
 from creditmeter.storage.ledger.base import (
+    DELIVERY_COLUMN_COUNT,
+    DELIVERY_COLUMNS,
     EVENT_COLUMNS,
+    NOTICE_PURCHASE_STATUSES,
     PURCHASE_COLUMN_COUNT,
     PURCHASE_COLUMNS,
     SUBSCRIPTION_COLUMNS,
+    Delivery,
     Event,
     Ledger,
+    Notice,
     Period,
     PurchaseRecord,
     RequestRecord,
@@ -28,13 +35,19 @@ from creditmeter.storage.ledger.base import (
     Transaction,
     TxnQuery,
     UsageRow,
+    delivery_filters,
+    delivery_from_row,
+    delivery_row,
     event_from_row,
     grant_row,
     group_transactions,
     join_lot_ids,
     ledger_unavailable,
+    notice_row,
+    period_notice,
     purchase_filters,
     purchase_from_row,
+    purchase_notice,
     purchase_row,
     subscription_from_row,
     subscription_row,
@@ -148,6 +161,34 @@ CREATE UNIQUE INDEX IF NOT EXISTS purchases_trial ON purchases (tenant, pack_id,
 CREATE INDEX IF NOT EXISTS purchases_tenant_time ON purchases (tenant, create_ms, purchase_id);
 CREATE INDEX IF NOT EXISTS purchases_account_time
   ON purchases (tenant, account, create_ms, purchase_id);
+CREATE INDEX IF NOT EXISTS purchases_pending_expiry ON purchases (status, expire_ms);
+CREATE TABLE IF NOT EXISTS webhook_notices (
+  seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+  notice_id  TEXT NOT NULL UNIQUE,
+  tenant     TEXT NOT NULL,
+  kind       TEXT NOT NULL,
+  created_ms INTEGER NOT NULL,
+  data       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+  delivery_id      TEXT PRIMARY KEY,
+  tenant           TEXT NOT NULL,
+  endpoint_id      TEXT NOT NULL,
+  event_id         TEXT NOT NULL,
+  event_type       TEXT NOT NULL,
+  body             TEXT NOT NULL,
+  status           TEXT NOT NULL,
+  attempts         INTEGER NOT NULL,
+  create_ms        INTEGER NOT NULL,
+  next_attempt_ms  INTEGER NOT NULL,
+  lease_until_ms   INTEGER NOT NULL,
+  last_attempt_ms  INTEGER,
+  last_status_code INTEGER NOT NULL,
+  last_error       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant_time
+  ON webhook_deliveries (tenant, create_ms, delivery_id);
 """
 
 _PERIOD_FORMAT = {Period.DAY: "%Y-%m-%d", Period.MONTH: "%Y-%m"}
@@ -165,6 +206,15 @@ _INSERT_EVENTS = (
     " ON CONFLICT (event_id) DO NOTHING"
 )
 _INSERT_REQUESTS = "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+_INSERT_NOTICES = (
+    "INSERT INTO webhook_notices (notice_id, tenant, kind, created_ms, data)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (notice_id) DO NOTHING"
+)
+_INSERT_DELIVERY = (
+    f"INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS})"
+    f" VALUES ({', '.join('?' * DELIVERY_COLUMN_COUNT)}) ON CONFLICT (delivery_id) DO NOTHING"
+)
+_SELECT_DELIVERY = f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries"
 #: Sort keys of a batch: the tables' primary keys.
 _event_key = operator.itemgetter(0)
 _request_key = operator.itemgetter(0, 1, 2)
@@ -337,7 +387,12 @@ class SqliteLedger(Ledger):
 
         await self._run(check)
 
-    async def append(self, events: Sequence[Event], requests: Sequence[RequestRecord]) -> int:
+    async def append(
+        self,
+        events: Sequence[Event],
+        requests: Sequence[RequestRecord],
+        notices: Sequence[Notice] = (),
+    ) -> int:
         # Events and records are their rows. In key order: request ids are random, and
         # inserting them sorted walks the primary key's B-tree once instead of jumping
         # around it.
@@ -350,6 +405,8 @@ class SqliteLedger(Ledger):
                 db.executemany(_INSERT_EVENTS, rows)
                 inserted = db.total_changes - before
                 db.executemany(_INSERT_REQUESTS, reqs)
+                if notices:
+                    db.executemany(_INSERT_NOTICES, [notice_row(n) for n in notices])
                 return inserted
 
             return _in_transaction(db, insert)
@@ -517,6 +574,8 @@ class SqliteLedger(Ledger):
                 if db.total_changes == before:
                     return _conflicting_purchase(db, p), False
                 db.executemany(f"{_INSERT_GRANT} ON CONFLICT DO NOTHING", grant_rows)
+                if p.status in NOTICE_PURCHASE_STATUSES:  # bought in one step (PurchasePack)
+                    db.execute(_INSERT_NOTICES, notice_row(purchase_notice(p, p.create_ms)))
                 return p, True
 
             return _in_transaction(db, insert)
@@ -547,17 +606,23 @@ class SqliteLedger(Ledger):
                         " WHERE tenant = ? AND purchase_id = ?",
                         key,
                     )
-                else:
-                    other = _reference_holder(db, tenant, purchase_id, payment_reference)
-                    if other is not None:
-                        raise Rejected("PAYMENT_REFERENCE_USED", {"purchase_id": other})
-                    db.execute(
-                        "UPDATE purchases SET status = 'completed', payment_reference = ?,"
-                        " lot_ids = ?, complete_ms = ? WHERE tenant = ? AND purchase_id = ?",
-                        (payment_reference, lots, now_ms, *key),
-                    )
-                    db.executemany(f"{_INSERT_GRANT} ON CONFLICT DO NOTHING", grant_rows)
-                return _purchase(db, tenant, purchase_id)
+                    after = _purchase(db, tenant, purchase_id)
+                    assert after is not None
+                    db.execute(_INSERT_NOTICES, notice_row(purchase_notice(after, now_ms)))
+                    return after
+                other = _reference_holder(db, tenant, purchase_id, payment_reference)
+                if other is not None:
+                    raise Rejected("PAYMENT_REFERENCE_USED", {"purchase_id": other})
+                db.execute(
+                    "UPDATE purchases SET status = 'completed', payment_reference = ?,"
+                    " lot_ids = ?, complete_ms = ? WHERE tenant = ? AND purchase_id = ?",
+                    (payment_reference, lots, now_ms, *key),
+                )
+                db.executemany(f"{_INSERT_GRANT} ON CONFLICT DO NOTHING", grant_rows)
+                done = _purchase(db, tenant, purchase_id)
+                assert done is not None
+                db.execute(_INSERT_NOTICES, notice_row(purchase_notice(done, now_ms)))
+                return done
 
             return _in_transaction(db, complete)
 
@@ -574,12 +639,15 @@ class SqliteLedger(Ledger):
     ) -> PurchaseRecord | None:
         def write(db: sqlite3.Connection) -> PurchaseRecord | None:
             def update() -> PurchaseRecord | None:
-                db.execute(
+                cur = db.execute(
                     "UPDATE purchases SET status = ?, refunded_credits = ?, spent_credits = ?"
                     " WHERE tenant = ? AND purchase_id = ? AND status = ?",
                     (to_status, refunded_credits, spent_credits, tenant, purchase_id, from_status),
                 )
-                return _purchase(db, tenant, purchase_id)
+                after = _purchase(db, tenant, purchase_id)
+                if cur.rowcount and after is not None and to_status in NOTICE_PURCHASE_STATUSES:
+                    db.execute(_INSERT_NOTICES, notice_row(purchase_notice(after, _now_ms())))
+                return after
 
             return _in_transaction(db, update)
 
@@ -675,6 +743,10 @@ class SqliteLedger(Ledger):
                 if db.total_changes == before:
                     return False
                 db.executemany(f"{_INSERT_GRANT} ON CONFLICT DO NOTHING", grant_rows)
+                sub = _subscription(db, tenant, subscription_id)
+                assert sub is not None
+                created = grants[0].created_ms if grants else _now_ms()
+                db.execute(_INSERT_NOTICES, notice_row(period_notice(sub, period, created)))
                 return True
 
             return _in_transaction(db, claim)
@@ -696,3 +768,130 @@ class SqliteLedger(Ledger):
             return _in_transaction(db, cancel)
 
         return await self._run(write)
+
+    # --- webhooks ---------------------------------------------------------------------
+    async def pending_notices(self, limit: int) -> list[Notice]:
+        def read(db: sqlite3.Connection) -> list[Notice]:
+            rows = db.execute(
+                "SELECT notice_id, tenant, kind, created_ms, data FROM webhook_notices"
+                " ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [Notice(*r) for r in rows]
+
+        return await self._read(read)
+
+    async def fan_out(self, notice_ids: Sequence[str], deliveries: Sequence[Delivery]) -> None:
+        rows = [delivery_row(d) for d in deliveries]
+        ids = [(i,) for i in notice_ids]
+
+        def write(db: sqlite3.Connection) -> None:
+            def move() -> None:
+                db.executemany(_INSERT_DELIVERY, rows)
+                db.executemany("DELETE FROM webhook_notices WHERE notice_id = ?", ids)
+
+            _in_transaction(db, move)
+
+        await self._run(write)
+
+    async def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int) -> list[Delivery]:
+        def write(db: sqlite3.Connection) -> list[Delivery]:
+            def claim() -> list[Delivery]:
+                # One writer at a time (BEGIN IMMEDIATE): racing claims see each other's.
+                rows = db.execute(
+                    f"{_SELECT_DELIVERY} WHERE status = 'pending' AND next_attempt_ms <= ?"
+                    " AND lease_until_ms <= ? ORDER BY next_attempt_ms LIMIT ?",
+                    (now_ms, now_ms, limit),
+                ).fetchall()
+                found = [delivery_from_row(r) for r in rows]
+                db.executemany(
+                    "UPDATE webhook_deliveries SET lease_until_ms = ? WHERE delivery_id = ?",
+                    [(now_ms + lease_ms, d.delivery_id) for d in found],
+                )
+                return [replace(d, lease_until_ms=now_ms + lease_ms) for d in found]
+
+            return _in_transaction(db, claim)
+
+        return await self._run(write)
+
+    async def record_attempt(self, delivery: Delivery) -> None:
+        d = delivery
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_ms = ?,"
+                " lease_until_ms = 0, last_attempt_ms = ?, last_status_code = ?, last_error = ?"
+                " WHERE delivery_id = ?",
+                (d.status, d.attempts, d.next_attempt_ms, d.last_attempt_ms, d.last_status_code,
+                 d.last_error, d.delivery_id),
+            )  # fmt: skip
+
+        await self._run(write)
+
+    async def add_delivery(self, delivery: Delivery) -> Delivery:
+        row = delivery_row(delivery)
+
+        def write(db: sqlite3.Connection) -> Delivery:
+            def insert() -> Delivery:
+                db.execute(_INSERT_DELIVERY, row)
+                found = db.execute(
+                    f"{_SELECT_DELIVERY} WHERE delivery_id = ?", (delivery.delivery_id,)
+                ).fetchone()
+                return delivery_from_row(found)
+
+            return _in_transaction(db, insert)
+
+        return await self._run(write)
+
+    async def get_delivery(self, tenant: str, delivery_id: str) -> Delivery | None:
+        def read(db: sqlite3.Connection) -> Delivery | None:
+            row = db.execute(
+                f"{_SELECT_DELIVERY} WHERE tenant = ? AND delivery_id = ?", (tenant, delivery_id)
+            ).fetchone()
+            return None if row is None else delivery_from_row(row)
+
+        return await self._read(read)
+
+    async def list_deliveries(
+        self,
+        tenant: str,
+        endpoint_id: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[int, str] | None,
+    ) -> list[Delivery]:
+        where, params = delivery_filters(endpoint_id, status, before, lambda: "?")
+        sql = (
+            f"{_SELECT_DELIVERY} WHERE tenant = ?{where}"
+            " ORDER BY create_ms DESC, delivery_id DESC LIMIT ?"
+        )
+
+        def read(db: sqlite3.Connection) -> list[Delivery]:
+            return [delivery_from_row(r) for r in db.execute(sql, [tenant, *params, limit])]
+
+        return await self._read(read)
+
+    async def expire_purchases(self, now_ms: int, limit: int) -> int:
+        def write(db: sqlite3.Connection) -> int:
+            def expire() -> int:
+                rows = db.execute(
+                    f"{_SELECT_PURCHASE} WHERE status = 'pending' AND expire_ms <= ? LIMIT ?",
+                    (now_ms, limit),
+                ).fetchall()
+                for r in rows:
+                    p = replace(purchase_from_row(r), status="expired")
+                    db.execute(
+                        "UPDATE purchases SET status = 'expired'"
+                        " WHERE tenant = ? AND purchase_id = ? AND status = 'pending'",
+                        (p.tenant, p.purchase_id),
+                    )
+                    db.execute(_INSERT_NOTICES, notice_row(purchase_notice(p, now_ms)))
+                return len(rows)
+
+            return _in_transaction(db, expire)
+
+        return await self._run(write)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,549 @@
+"""Webhooks: endpoints (CRUD, bad input, idempotency), and deliveries to a real HTTP
+receiver on loopback: every event type arrives signed (checked by an HMAC written here from
+the README's description, and by Node's crypto), a receiver answering 500 twice gets the
+event on the third try, a slow receiver does not slow metering, and kill -9 of the
+delivering server loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from creditmeter.api.credits.v1 import credits_pb2 as cpb
+from creditmeter.api.credits.v1 import packs_pb2 as ppb
+from creditmeter.api.credits.v1 import packs_pb2_grpc, webhooks_pb2_grpc
+from creditmeter.api.credits.v1 import webhooks_pb2 as pb
+from creditmeter.domain.clock import ManualClock
+from creditmeter.transport.server import App
+from creditmeter.transport.webhooks import WebhookTimings
+from tests.conftest import Caller, Tenant, rid
+from tests.helpers import fails
+
+FAST = WebhookTimings(
+    poll_s=0.05, retry_base_s=0.05, retry_max_s=0.2, timeout_s=2.0, expiry_sweep_s=0.05
+)
+ALL_TYPES = [v for v in pb.WebhookEventType.values() if v]
+TYPE_NAMES = {
+    "balance.low", "balance.depleted", "balance.topped_up", "purchase.completed",
+    "purchase.refunded", "purchase.expired", "subscription.period_granted", "session.timed_out",
+}  # fmt: skip
+
+
+# --- a receiver on loopback ----------------------------------------------------------------
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def event(self) -> dict[str, Any]:
+        return dict(json.loads(self.body))
+
+
+@dataclass
+class Receiver:
+    """An HTTP server in a thread: records every POST, answers with `statuses` in turn
+    (then 200), after `delay_s`."""
+
+    statuses: list[int] = field(default_factory=list)
+    delay_s: float = 0.0
+    received: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+    def serve(self) -> ThreadingHTTPServer:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(receiver.delay_s)
+                with receiver.lock:
+                    receiver.received.append(Received(dict(self.headers.items()), body))
+                    status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def events(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r.event for r in self.received]
+
+    def types(self) -> set[str]:
+        return {e["type"] for e in self.events()}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    server = r.serve()
+    yield r
+    server.shutdown()
+    server.server_close()
+
+
+async def until(
+    check: Callable[[], bool], timeout_s: float = 15.0, show: Callable[[], object] = str
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s: {show()}")
+        await asyncio.sleep(0.02)
+
+
+# --- verification, independent of the server's code -----------------------------------
+def verify(secret: str, header: str, body: bytes, tolerance_s: int = 300) -> bool:
+    """As the README says: t and v1 from the header, HMAC-SHA256 of "<t>.<body>" with the
+    secret, compared in constant time, t recent."""
+    parts = dict(item.split("=", 1) for item in header.split(","))
+    expected = hmac.new(secret.encode(), parts["t"].encode() + b"." + body, hashlib.sha256)
+    fresh = abs(time.time() - int(parts["t"])) <= tolerance_s
+    return fresh and hmac.compare_digest(expected.hexdigest(), parts["v1"])
+
+
+NODE_VERIFY = r"""
+const crypto = require('crypto');
+const [secret, header, bodyB64] = process.argv.slice(1);
+const body = Buffer.from(bodyB64, 'base64');
+const parts = Object.fromEntries(header.split(',').map(p => p.split('=', 2)));
+const expected = crypto.createHmac('sha256', secret)
+  .update(parts.t + '.').update(body).digest('hex');
+const ok = crypto.timingSafeEqual(Buffer.from(expected), Buffer.from(parts.v1));
+process.exit(ok ? 0 : 1);
+"""
+
+
+def node_verifies(secret: str, header: str, body: bytes) -> bool:
+    import base64
+
+    node = shutil.which("node")
+    assert node, "node is needed to check signatures independently"
+    result = subprocess.run(
+        [node, "-e", NODE_VERIFY, secret, header, base64.b64encode(body).decode()],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    return result.returncode == 0
+
+
+# --- stubs ------------------------------------------------------------------------------
+@dataclass
+class Hooks:
+    admin: Caller
+    meter: Caller
+    read: Caller
+    packs: Caller
+
+
+@pytest.fixture
+def hooks(tenant: Tenant) -> Hooks:
+    stub = webhooks_pb2_grpc.WebhooksStub(tenant.channel)
+    return Hooks(
+        Caller(stub, tenant.admin.key),  # type: ignore[arg-type]
+        Caller(stub, tenant.meter.key),  # type: ignore[arg-type]
+        Caller(stub, tenant.read.key),  # type: ignore[arg-type]
+        Caller(packs_pb2_grpc.PacksStub(tenant.channel), tenant.admin.key),  # type: ignore[arg-type]
+    )
+
+
+async def create(hooks: Hooks, url: str, types: list[int] | None = None,
+                 thresholds: tuple[int, ...] = ()) -> pb.CreateWebhookEndpointResponse:  # fmt: skip
+    endpoint = pb.WebhookEndpoint(
+        url=url, event_types=types or ALL_TYPES, thresholds=list(thresholds)
+    )
+    reply: pb.CreateWebhookEndpointResponse = await hooks.admin.CreateWebhookEndpoint(
+        pb.CreateWebhookEndpointRequest(endpoint=endpoint, request_id=rid())
+    )
+    return reply
+
+
+# --- endpoints ----------------------------------------------------------------------------
+async def test_endpoint_crud(hooks: Hooks) -> None:
+    req = pb.CreateWebhookEndpointRequest(
+        endpoint=pb.WebhookEndpoint(
+            url="https://example.com/hook", description="billing",
+            event_types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_LOW], thresholds=[500, 100, 500],
+        ),
+        request_id=rid(),
+    )  # fmt: skip
+    made = await hooks.admin.CreateWebhookEndpoint(req)
+    assert made.secret.startswith("whsec_") and len(made.secret) > 30
+    e = made.endpoint
+    assert e.endpoint_id.startswith("whe_") and e.url == "https://example.com/hook"
+    assert list(e.thresholds) == [100, 500] and not e.disabled
+    # A retry is the same endpoint and the same secret.
+    again = await hooks.admin.CreateWebhookEndpoint(req)
+    assert again == made
+
+    listed = await hooks.admin.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest())
+    assert [x.endpoint_id for x in listed.endpoints] == [e.endpoint_id]
+    assert made.secret not in str(listed)
+
+    changed = await hooks.admin.UpdateWebhookEndpoint(
+        pb.UpdateWebhookEndpointRequest(
+            endpoint=pb.WebhookEndpoint(
+                endpoint_id=e.endpoint_id, url="https://example.com/v2", description="ignored"
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["url"]),
+            request_id=rid(),
+        )
+    )
+    assert changed.endpoint.url == "https://example.com/v2"
+    assert changed.endpoint.description == "billing"
+
+    rotated = await hooks.admin.RotateWebhookSecret(
+        pb.RotateWebhookSecretRequest(endpoint_id=e.endpoint_id, request_id=rid())
+    )
+    assert rotated.secret.startswith("whsec_") and rotated.secret != made.secret
+
+    await hooks.admin.DeleteWebhookEndpoint(
+        pb.DeleteWebhookEndpointRequest(endpoint_id=e.endpoint_id, request_id=rid())
+    )
+    listed = await hooks.admin.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest())
+    assert not listed.endpoints
+    f = await fails(
+        hooks.admin.RotateWebhookSecret(
+            pb.RotateWebhookSecretRequest(endpoint_id=e.endpoint_id, request_id=rid())
+        )
+    )
+    assert (f.code, f.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_ENDPOINT_NOT_FOUND")
+    assert f.metadata == {"endpoint_id": e.endpoint_id}
+    f = await fails(
+        hooks.admin.ResendWebhookDelivery(
+            pb.ResendWebhookDeliveryRequest(delivery_id="whd_none", request_id=rid())
+        )
+    )
+    assert (f.code, f.reason) == (grpc.StatusCode.NOT_FOUND, "WEBHOOK_DELIVERY_NOT_FOUND")
+
+
+BAD_ENDPOINTS: dict[str, tuple[pb.WebhookEndpoint, set[str]]] = {
+    "ftp-url": (
+        pb.WebhookEndpoint(url="ftp://example.com", event_types=ALL_TYPES), {"endpoint.url"}
+    ),
+    "no-host": (pb.WebhookEndpoint(url="https://", event_types=ALL_TYPES), {"endpoint.url"}),
+    "credentials": (
+        pb.WebhookEndpoint(url="https://u:p@example.com", event_types=ALL_TYPES),
+        {"endpoint.url"},
+    ),
+    "no-types": (pb.WebhookEndpoint(url="https://example.com"), {"endpoint.event_types"}),
+    "unspecified-type": (
+        pb.WebhookEndpoint(url="https://example.com", event_types=[0]),
+        {"endpoint.event_types[0]", "endpoint.event_types"},
+    ),
+    "unknown-type": (
+        pb.WebhookEndpoint(url="https://example.com", event_types=[1, 99]),
+        {"endpoint.event_types[1]"},
+    ),
+    "threshold-zero": (
+        pb.WebhookEndpoint(url="https://example.com", event_types=ALL_TYPES, thresholds=[0]),
+        {"endpoint.thresholds[0]"},
+    ),
+    "long-description": (
+        pb.WebhookEndpoint(
+            url="https://example.com", event_types=ALL_TYPES, description="x" * 1001
+        ),
+        {"endpoint.description"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ENDPOINTS))
+async def test_bad_endpoint_is_invalid_and_changes_nothing(hooks: Hooks, case: str) -> None:
+    endpoint, fields = BAD_ENDPOINTS[case]
+    f = await fails(
+        hooks.admin.CreateWebhookEndpoint(
+            pb.CreateWebhookEndpointRequest(endpoint=endpoint, request_id=rid())
+        )
+    )
+    assert (f.code, f.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert fields <= set(f.violations), f.violations
+    listed = await hooks.admin.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest())
+    assert not listed.endpoints
+
+
+async def test_bad_requests_name_their_fields(hooks: Hooks) -> None:
+    made = await create(hooks, "https://example.com/a")
+    endpoint_id = made.endpoint.endpoint_id
+    no_id = pb.CreateWebhookEndpointRequest(
+        endpoint=pb.WebhookEndpoint(url="https://example.com", event_types=ALL_TYPES)
+    )
+    f = await fails(hooks.admin.CreateWebhookEndpoint(no_id))
+    assert set(f.violations) == {"request_id"}
+    f = await fails(
+        hooks.admin.UpdateWebhookEndpoint(
+            pb.UpdateWebhookEndpointRequest(
+                endpoint=pb.WebhookEndpoint(endpoint_id=endpoint_id, url="nope"),
+                update_mask=field_mask_pb2.FieldMask(paths=["url", "secret"]),
+                request_id=rid(),
+            )
+        )
+    )
+    assert set(f.violations) == {"update_mask.paths[1]"}
+    f = await fails(
+        hooks.admin.UpdateWebhookEndpoint(
+            pb.UpdateWebhookEndpointRequest(
+                endpoint=pb.WebhookEndpoint(endpoint_id=endpoint_id, url="nope"),
+                update_mask=field_mask_pb2.FieldMask(paths=["url"]),
+                request_id=rid(),
+            )
+        )
+    )
+    assert set(f.violations) == {"endpoint.url"}
+    listed = await hooks.admin.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest())
+    assert listed.endpoints[0].url == "https://example.com/a"  # unchanged
+    f = await fails(hooks.admin.ListWebhookDeliveries(
+        pb.ListWebhookDeliveriesRequest(page_token="garbage", page_size=-1)))  # fmt: skip
+    assert set(f.violations) == {"page_token", "page_size"}
+
+
+async def test_reused_request_id_is_refused(hooks: Hooks) -> None:
+    request_id = rid()
+    await hooks.admin.CreateWebhookEndpoint(pb.CreateWebhookEndpointRequest(
+        endpoint=pb.WebhookEndpoint(url="https://example.com/a", event_types=ALL_TYPES),
+        request_id=request_id))  # fmt: skip
+    f = await fails(hooks.admin.CreateWebhookEndpoint(pb.CreateWebhookEndpointRequest(
+        endpoint=pb.WebhookEndpoint(url="https://example.com/b", event_types=ALL_TYPES),
+        request_id=request_id)))  # fmt: skip
+    assert f.reason == "IDEMPOTENCY_KEY_REUSED"
+    listed = await hooks.admin.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest())
+    assert [e.url for e in listed.endpoints] == ["https://example.com/a"]
+
+
+# --- deliveries ---------------------------------------------------------------------------
+async def _grant(tenant: Tenant, account: str, amount: int) -> None:
+    await tenant.admin.Grant(cpb.GrantRequest(account_id=account, amount=amount, request_id=rid()))
+
+
+async def _consume(tenant: Tenant, account: str, amount: int) -> cpb.ConsumeResponse:
+    reply: cpb.ConsumeResponse = await tenant.meter.Consume(
+        cpb.ConsumeRequest(account_id=account, feature="text", amount=amount, request_id=rid())
+    )
+    return reply
+
+
+@pytest.mark.flusher
+@pytest.mark.settings(webhook=FAST, session_close_interval_s=0.05)
+async def test_every_event_type_arrives_signed(
+    app: App, tenant: Tenant, hooks: Hooks, receiver: Receiver, clock: ManualClock
+) -> None:
+    made = await create(hooks, receiver.url, thresholds=(50,))
+    secret = made.secret
+    # Balance: topped up (past 0 and 50), low (under 50), depleted.
+    await _grant(tenant, "a", 100)
+    await _consume(tenant, "a", 60)
+    await _consume(tenant, "a", 40)
+    # Purchases: completed then refunded, and one left pending past its expiry.
+    pack = (await hooks.packs.CreatePack(ppb.CreatePackRequest(pack=ppb.Pack(
+        name="ten", credits=10, price=ppb.Price(amount_minor=500, currency="EUR")),
+        request_id=rid()))).pack  # fmt: skip
+    bought = await hooks.packs.PurchasePack(ppb.PurchasePackRequest(
+        account_id="b", pack_id=pack.pack_id, payment_reference="pay-1",
+        request_id=rid()))  # fmt: skip
+    await hooks.packs.RefundPurchase(ppb.RefundPurchaseRequest(
+        purchase_id=bought.purchase.purchase_id, request_id=rid()))  # fmt: skip
+    pending = await hooks.packs.CreatePurchase(ppb.CreatePurchaseRequest(
+        account_id="b", pack_id=pack.pack_id, request_id=rid()))  # fmt: skip
+    # A subscription's first period.
+    monthly = (await hooks.packs.CreatePack(ppb.CreatePackRequest(pack=ppb.Pack(
+        name="monthly", credits=30, price=ppb.Price(amount_minor=900, currency="EUR"),
+        recurrence=ppb.RECURRENCE_MONTHLY), request_id=rid()))).pack  # fmt: skip
+    sub = await hooks.packs.Subscribe(ppb.SubscribeRequest(
+        account_id="c", pack_id=monthly.pack_id, request_id=rid()))  # fmt: skip
+    # A call session whose call server goes silent.
+    await _grant(tenant, "d", 1000)
+    await tenant.meter.StartSession(
+        cpb.StartSessionRequest(account_id="d", feature="voice", session_id="call-1")
+    )
+    clock.advance(3600 * 1000)  # past the pending purchase's expiry and the session's grace
+
+    await until(lambda: receiver.types() >= TYPE_NAMES, 15.0, lambda: receiver.types())
+    for r in receiver.received:
+        header = r.headers["Creditmeter-Signature"]
+        assert verify(secret, header, r.body), header
+        assert not verify("whsec_wrong", header, r.body)
+    # Node checks one of each type on its own.
+    firsts = {r.event["type"]: r for r in reversed(receiver.received)}
+    for r in firsts.values():
+        assert node_verifies(secret, r.headers["Creditmeter-Signature"], r.body)
+
+    events = receiver.events()
+    for e in events:
+        assert set(e) == {"id", "type", "created", "tenant", "data"}
+        assert e["tenant"] == tenant.name and e["id"].startswith("evt_")
+        assert e["created"].endswith("Z")
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_type.setdefault(e["type"], []).append(e["data"])
+    a_topped = sorted(int(d["threshold"]) if "threshold" in d else 0
+                      for d in by_type["balance.topped_up"] if d["accountId"] == "a")  # fmt: skip
+    assert a_topped == [0, 50]
+    low = [d for d in by_type["balance.low"] if d["accountId"] == "a"]
+    assert low == [{"accountId": "a", "threshold": "50", "previousBalance": "100",
+                    "balance": "40", "transactionId": low[0]["transactionId"],
+                    "eventTime": low[0]["eventTime"]}]  # fmt: skip
+    depleted = [d for d in by_type["balance.depleted"] if d["accountId"] == "a"]
+    assert len(depleted) == 1 and depleted[0]["previousBalance"] == "40"
+    assert "balance" not in depleted[0]  # proto JSON leaves out zeros
+    completed = by_type["purchase.completed"]
+    assert [d["purchaseId"] for d in completed] == [bought.purchase.purchase_id]
+    assert completed[0]["status"] == "PURCHASE_STATUS_COMPLETED"
+    assert [d["purchaseId"] for d in by_type["purchase.refunded"]] == [bought.purchase.purchase_id]
+    assert [d["purchaseId"] for d in by_type["purchase.expired"]] == [pending.purchase.purchase_id]
+    period = by_type["subscription.period_granted"]
+    assert period == [{"subscriptionId": sub.subscription.subscription_id, "accountId": "c",
+                       "packId": monthly.pack_id, "credits": "30"}]  # fmt: skip
+    timed_out = by_type["session.timed_out"]
+    assert len(timed_out) == 1 and timed_out[0]["sessionId"] == "call-1"
+    assert timed_out[0]["accountId"] == "d" and int(timed_out[0]["charged"]) > 0
+
+    # Every delivery is listed as delivered at the first attempt, with its body.
+    listed = await hooks.admin.ListWebhookDeliveries(pb.ListWebhookDeliveriesRequest(
+        endpoint_id=made.endpoint.endpoint_id, page_size=1000))  # fmt: skip
+    assert len(listed.deliveries) == len(events)
+    assert {d.event_id for d in listed.deliveries} == {e["id"] for e in events}
+    for d in listed.deliveries:
+        assert (d.status, d.attempts, d.last_status_code) == (
+            pb.WEBHOOK_DELIVERY_STATUS_DELIVERED, 1, 200
+        )
+        assert json.loads(d.body)["id"] == d.event_id
+
+
+@pytest.mark.flusher
+@pytest.mark.settings(webhook=FAST)
+async def test_only_wanted_types_and_thresholds(
+    app: App, tenant: Tenant, hooks: Hooks, receiver: Receiver
+) -> None:
+    await create(hooks, receiver.url, types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_LOW], thresholds=(30,))
+    other = await create(hooks, receiver.url + "?other", types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_LOW],
+                         thresholds=(70,))  # fmt: skip
+    await _grant(tenant, "a", 100)
+    await _consume(tenant, "a", 50)  # 100 -> 50: past 70 only
+    await _consume(tenant, "a", 30)  # 50 -> 20: past 30 only
+    await until(lambda: len(receiver.received) >= 2)
+    await asyncio.sleep(0.3)
+    assert sorted(int(e["data"]["threshold"]) for e in receiver.events()) == [30, 70]
+    listed = await hooks.admin.ListWebhookDeliveries(
+        pb.ListWebhookDeliveriesRequest(endpoint_id=other.endpoint.endpoint_id)
+    )
+    assert [json.loads(d.body)["data"]["threshold"] for d in listed.deliveries] == ["70"]
+
+
+@pytest.mark.flusher
+@pytest.mark.settings(webhook=FAST)
+async def test_500_twice_then_200_arrives_on_the_third_try(
+    app: App, tenant: Tenant, hooks: Hooks, receiver: Receiver
+) -> None:
+    receiver.statuses = [500, 500]
+    made = await create(hooks, receiver.url, types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_TOPPED_UP])
+    await _grant(tenant, "a", 10)
+    await until(lambda: len(receiver.received) >= 3)
+    await asyncio.sleep(0.3)
+    events = receiver.events()
+    assert len(events) == 3 and len({e["id"] for e in events}) == 1  # one event, three tries
+    assert len({r.body for r in receiver.received}) == 1
+    for r in receiver.received:
+        assert verify(made.secret, r.headers["Creditmeter-Signature"], r.body)
+    listed = await hooks.admin.ListWebhookDeliveries(pb.ListWebhookDeliveriesRequest())
+    (d,) = listed.deliveries
+    assert (d.status, d.attempts, d.last_status_code, d.last_error) == (
+        pb.WEBHOOK_DELIVERY_STATUS_DELIVERED, 3, 200, ""
+    )
+
+    # Resent: a new delivery of the same event (a retry of the resend makes no second).
+    request_id = rid()
+    resent = await hooks.admin.ResendWebhookDelivery(
+        pb.ResendWebhookDeliveryRequest(delivery_id=d.delivery_id, request_id=request_id)
+    )
+    again = await hooks.admin.ResendWebhookDelivery(
+        pb.ResendWebhookDeliveryRequest(delivery_id=d.delivery_id, request_id=request_id)
+    )
+    assert resent.delivery.delivery_id == again.delivery.delivery_id != d.delivery_id
+    assert resent.delivery.event_id == d.event_id
+    await until(lambda: len(receiver.received) >= 4)
+    await asyncio.sleep(0.3)
+    assert len(receiver.received) == 4 and receiver.events()[3]["id"] == d.event_id
+    page = await hooks.admin.ListWebhookDeliveries(pb.ListWebhookDeliveriesRequest(page_size=1))
+    assert len(page.deliveries) == 1 and page.next_page_token
+    rest = await hooks.admin.ListWebhookDeliveries(
+        pb.ListWebhookDeliveriesRequest(page_size=1, page_token=page.next_page_token)
+    )
+    assert {page.deliveries[0].delivery_id, rest.deliveries[0].delivery_id} == {
+        d.delivery_id, resent.delivery.delivery_id
+    }
+
+
+@pytest.mark.flusher
+@pytest.mark.settings(
+    webhook=WebhookTimings(poll_s=0.05, retry_base_s=0.05, retry_max_s=0.1, timeout_s=0.3,
+                           retry_window_s=3600, disable_after_s=0.5)
+)  # fmt: skip
+async def test_timeouts_are_retried_and_an_endpoint_failing_too_long_is_disabled(
+    app: App, tenant: Tenant, hooks: Hooks, receiver: Receiver
+) -> None:
+    receiver.delay_s = 0.6  # past the timeout: every attempt times out
+    made = await create(hooks, receiver.url, types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_TOPPED_UP])
+
+    async def disabled() -> bool:
+        listed = await hooks.admin.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest())
+        return bool(listed.endpoints[0].disabled)
+
+    await _grant(tenant, "a", 10)
+    deadline = time.monotonic() + 15
+    while not await disabled():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    listed = await hooks.admin.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest())
+    assert listed.endpoints[0].disabled_reason.startswith("every delivery failed")
+    deliveries = await hooks.admin.ListWebhookDeliveries(pb.ListWebhookDeliveriesRequest())
+    (d,) = deliveries.deliveries
+    assert d.attempts >= 2 and d.last_error in ("timeout", "endpoint disabled")
+    # Enabled again by the tenant: deliveries resume.
+    receiver.delay_s = 0
+    await hooks.admin.UpdateWebhookEndpoint(pb.UpdateWebhookEndpointRequest(
+        endpoint=pb.WebhookEndpoint(endpoint_id=made.endpoint.endpoint_id, disabled=False),
+        update_mask=field_mask_pb2.FieldMask(paths=["disabled"]), request_id=rid()))  # fmt: skip
+    assert not await disabled()
+    seen = len(receiver.received)
+    await _grant(tenant, "b", 10)
+    await until(lambda: any(e["data"]["accountId"] == "b" for e in receiver.events()[seen:]))
+
+
+@pytest.mark.flusher
+@pytest.mark.settings(webhook=WebhookTimings(poll_s=0.05, timeout_s=30.0))
+async def test_a_slow_receiver_does_not_slow_metering(
+    app: App, tenant: Tenant, hooks: Hooks, receiver: Receiver
+) -> None:
+    receiver.delay_s = 5.0
+    await create(hooks, receiver.url)
+    await _grant(tenant, "a", 10_000)
+    await asyncio.sleep(0.3)  # the topped-up deliveries are in flight, held by the receiver
+    start = time.monotonic()
+    for i in range(100):
+        reply = await _consume(tenant, "a", 10 if i % 2 else 90)  # crosses no threshold
+        assert reply.balance >= 0
+    elapsed = time.monotonic() - start
+    assert elapsed < 3.0, elapsed  # 100 calls, each far under the receiver's 5 s
+    assert len(receiver.received) == 0  # nothing answered yet: the receiver is still sleeping
