@@ -34,6 +34,7 @@ from creditmeter.storage.config_store import (
     PackRow,
     RateRow,
     Request,
+    WebhookRow,
     open_config_store,
 )
 from creditmeter.storage.config_store.postgres import PostgresConfigStore
@@ -561,3 +562,55 @@ async def test_an_upgraded_server_on_postgres_answers_0_1_0_keys_and_retries(
         await app.stop()
         assert app.live is not None
         app.live.store.close()
+
+
+# --- webhook endpoints ----------------------------------------------------------------------
+def endpoint(tenant: str, endpoint_id: str, create_ms: int = T0, **kw: Any) -> WebhookRow:
+    fields: dict[str, Any] = {
+        "tenant": tenant, "endpoint_id": endpoint_id, "url": "https://example.com/h",
+        "event_types": "balance.low,purchase.completed", "thresholds": "10,100",
+        "description": "", "secret": "whsec_x", "disabled": False, "disabled_reason": "",
+        "failing_since_ms": None, "create_ms": create_ms, "update_ms": create_ms,
+    }  # fmt: skip
+    fields.update(kw)
+    return WebhookRow(**fields)
+
+
+def test_webhook_endpoints_are_put_listed_health_marked_and_deleted(store: ConfigStore) -> None:
+    t = fresh()
+    first = endpoint(t, "whe_1")
+    stored, replayed = store.put_webhook_endpoint("whe_1", req(t, "r1"), lambda _: first)
+    assert (stored, replayed) == (first, False)
+    # A replay returns the first call's row without building.
+    again, replayed = store.put_webhook_endpoint("whe_1", req(t, "r1"), lambda _: 1 / 0)  # type: ignore[arg-type, return-value]
+    assert (again, replayed) == (first, True)
+    second = endpoint(t, "whe_2", T0 + 1)
+    store.put_webhook_endpoint("whe_2", req(t, "r2"), lambda _: second)
+    seen: list[WebhookRow | None] = []
+
+    def rotate(current: WebhookRow | None) -> WebhookRow:
+        seen.append(current)
+        assert current is not None
+        return replace(current, secret="whsec_y", update_ms=T0 + 5)
+
+    rotated, _ = store.put_webhook_endpoint("whe_1", req(t, "r3", "f2"), rotate)
+    assert seen == [first] and rotated.secret == "whsec_y"
+    assert store.webhook_endpoints(t) == [rotated, second]
+    assert rotated in store.webhook_endpoints()
+
+    version = store.version()
+    store.set_webhook_health(t, "whe_2", T0 + 7, "")
+    store.set_webhook_health(t, "whe_1", T0 + 8, "failing for days")
+    one, two = store.webhook_endpoints(t)
+    assert (one.failing_since_ms, one.disabled, one.disabled_reason) == (
+        T0 + 8, True, "failing for days"
+    )
+    assert (two.failing_since_ms, two.disabled, two.disabled_reason) == (T0 + 7, False, "")
+    assert store.version() > version
+
+    assert store.delete_webhook_endpoint("whe_1", req(t, "r4", "f3")) == (True, False)
+    assert store.delete_webhook_endpoint("whe_1", req(t, "r4", "f3")) == (True, True)
+    assert store.delete_webhook_endpoint("whe_1", req(t, "r5", "f4")) == (False, False)
+    with pytest.raises(Rejected):
+        store.delete_webhook_endpoint("whe_2", req(t, "r4", "other"))
+    assert [e.endpoint_id for e in store.webhook_endpoints(t)] == ["whe_2"]

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
+from json import loads as json_loads
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,11 @@ import pytest
 from creditmeter.errors import Rejected
 from creditmeter.storage.ledger import open_ledger
 from creditmeter.storage.ledger.base import (
+    Delivery,
     Event,
     Ledger,
+    Notice,
+    NoticeKind,
     Period,
     PurchaseRecord,
     RequestRecord,
@@ -470,3 +474,121 @@ async def test_list_purchases_pages_with_filters(ledger: Ledger) -> None:
     assert newest_first[-2:] == [made[0], made[1]]
     assert await ledger.list_purchases(t, None, None, 10, (T0, made[1].purchase_id)) == []
     assert await ledger.list_purchases(t, None, None, 10, (T0, made[0].purchase_id)) == [made[1]]
+
+
+# --- webhooks: notices and deliveries ------------------------------------------------------
+def notice(tenant: str, n: int) -> Notice:
+    return Notice(f"balance:{tenant}-{n}", tenant, NoticeKind.BALANCE, T0 + n, f'{{"n":{n}}}')
+
+
+def delivery(tenant: str, n: int, **kw: object) -> Delivery:
+    fields: dict[str, object] = {
+        "delivery_id": f"whd_{tenant}_{n}", "tenant": tenant, "endpoint_id": "whe_1",
+        "event_id": f"evt_{n}", "event_type": "balance.low", "body": "{}",
+        "status": "pending", "attempts": 0, "create_ms": T0 + n, "next_attempt_ms": 0,
+    }  # fmt: skip
+    fields.update(kw)
+    return Delivery(**fields)  # type: ignore[arg-type]
+
+
+async def _mine(ledger: Ledger, tenant: str) -> list[Notice]:
+    return [n for n in await ledger.pending_notices(10_000) if n.tenant == tenant]
+
+
+async def test_notices_are_written_with_their_batch_once_and_fanned_out_once(
+    ledger: Ledger,
+) -> None:
+    t = fresh()
+    batch = [ev(t, "a", 1, "grant", lot="L1", amount=100, balance=100, priority=50)]
+    await ledger.append(batch, [], [notice(t, 1), notice(t, 2)])
+    await ledger.append(batch, [], [notice(t, 1)])  # a replayed batch: no second notice
+    assert await _mine(ledger, t) == [notice(t, 1), notice(t, 2)]  # in order
+    # Two workers fanning out the same notices make each delivery once.
+    made = [delivery(t, 1), delivery(t, 2)]
+    await asyncio.gather(
+        ledger.fan_out([notice(t, 1).notice_id, notice(t, 2).notice_id], made),
+        ledger.fan_out([notice(t, 1).notice_id, notice(t, 2).notice_id], made),
+    )
+    assert await _mine(ledger, t) == []
+    listed = await ledger.list_deliveries(t, None, None, 100, None)
+    assert sorted(d.delivery_id for d in listed) == [made[0].delivery_id, made[1].delivery_id]
+    assert listed == sorted(made, key=lambda d: (d.create_ms, d.delivery_id), reverse=True)
+
+
+async def test_racing_claims_take_each_delivery_once(ledger: Ledger) -> None:
+    t = fresh()
+    await ledger.fan_out([], [delivery(t, n, next_attempt_ms=T0) for n in range(40)])
+    await ledger.fan_out([], [delivery(t, 99, next_attempt_ms=T0 + 10**9)])  # not due yet
+    claims = await asyncio.gather(
+        *(ledger.claim_deliveries(T0 + 1000, 60_000, 7) for _ in range(8))
+    )
+    mine = [d for claim in claims for d in claim if d.tenant == t]
+    assert len(mine) == 40 and len({d.delivery_id for d in mine}) == 40
+    # Held: none is due again until its lease lapses.
+    assert [d for d in await ledger.claim_deliveries(T0 + 2000, 60_000, 100) if d.tenant == t] == []
+    lapsed = await ledger.claim_deliveries(T0 + 1000 + 60_000, 60_000, 1000)
+    assert len([d for d in lapsed if d.tenant == t]) == 40
+    # An attempt recorded lets go of the lease and sets the next one.
+    first = mine[0]
+    after = dataclasses.replace(
+        first, attempts=1, next_attempt_ms=T0 + 500_000, last_attempt_ms=T0 + 1000,
+        last_status_code=500, last_error="HTTP 500",
+    )  # fmt: skip
+    await ledger.record_attempt(after)
+    stored = await ledger.get_delivery(t, first.delivery_id)
+    assert stored == dataclasses.replace(after, lease_until_ms=0)
+    assert await ledger.get_delivery("other", first.delivery_id) is None
+    await ledger.record_attempt(dataclasses.replace(after, status="delivered"))
+    due = await ledger.claim_deliveries(T0 + 10**10, 60_000, 1000)
+    assert first.delivery_id not in {d.delivery_id for d in due}
+
+
+async def test_deliveries_list_newest_first_with_filters(ledger: Ledger) -> None:
+    t = fresh()
+    await ledger.fan_out([], [
+        delivery(t, n, endpoint_id=f"whe_{n % 2}", status="failed" if n % 3 == 0 else "pending")
+        for n in range(12)
+    ])  # fmt: skip
+    pages: list[str] = []
+    before = None
+    while True:
+        page = await ledger.list_deliveries(t, "whe_0", None, 4, before)
+        pages += [d.delivery_id for d in page]
+        if len(page) < 4:
+            break
+        before = (page[-1].create_ms, page[-1].delivery_id)
+    assert pages == [f"whd_{t}_{n}" for n in (10, 8, 6, 4, 2, 0)]
+    failed = await ledger.list_deliveries(t, None, "failed", 100, None)
+    assert [d.delivery_id for d in failed] == [f"whd_{t}_{n}" for n in (9, 6, 3, 0)]
+    again = await ledger.add_delivery(delivery(t, 0, body="another"))
+    assert again.body == "{}"  # present: the stored one
+
+
+async def test_purchase_changes_write_their_notices(ledger: Ledger) -> None:
+    t = fresh()
+    pending = PurchaseRecord(
+        purchase_id=f"pur-{t}", tenant=t, account="a", pack_id="p", status="pending",
+        payment_reference="", pack_name="P", price_minor=100, currency="EUR", credits=10,
+        bonus_credits=0, lot_ids=(), request_id="r1", fingerprint="f", trial=False,
+        create_ms=T0, expire_ms=T0 + 1000,
+    )  # fmt: skip
+    await ledger.create_purchase(pending, [])
+    assert await _mine(ledger, t) == []  # pending: nothing to report
+    done = await ledger.complete_purchase(t, pending.purchase_id, "pay", ("L1",), T0 + 10, [])
+    assert done is not None and done.status == "completed"
+    await ledger.update_purchase_status(t, pending.purchase_id, "completed", "refunded", 10, 0)
+    await ledger.update_purchase_status(t, pending.purchase_id, "completed", "refunded", 10, 0)
+    late = dataclasses.replace(pending, purchase_id=f"late-{t}", request_id="r2")
+    await ledger.create_purchase(late, [])
+    await ledger.expire_purchases(T0 + 999, 10_000)  # not yet past its expiry
+    assert [n.notice_id for n in await _mine(ledger, t)] == [
+        f"purchase:{pending.purchase_id}:completed", f"purchase:{pending.purchase_id}:refunded",
+    ]  # fmt: skip
+    assert await ledger.expire_purchases(T0 + 1000, 10_000) >= 1
+    assert await ledger.expire_purchases(T0 + 1000, 10_000) == 0  # each once
+    notices = await _mine(ledger, t)
+    assert notices[-1].notice_id == f"purchase:{late.purchase_id}:expired"
+    assert notices[-1].kind == NoticeKind.PURCHASE
+    stored = await ledger.get_purchase(t, late.purchase_id)
+    assert stored is not None and stored.status == "expired"
+    assert json_loads(notices[0].data)["status"] == "completed"
