@@ -12,13 +12,15 @@ from typing import Any, cast
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
+from creditmeter.api.credits.v1 import webhooks_pb2, webhooks_pb2_grpc
 from creditmeter.domain.clock import ManualClock
+from creditmeter.storage.ledger.base import Delivery
 from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, rid
 from tests.helpers import Failure, fails
@@ -487,3 +489,92 @@ async def test_reflection_needs_no_key(tenant: Tenant, authorization: str | None
     files = responses[1].file_descriptor_response.file_descriptor_proto
     assert files, responses[1]
     assert any(b"credits/v1/credits.proto" in blob for blob in files)
+
+
+# --- the Webhooks service: admin only ---------------------------------------------------------
+WEBHOOKS = webhooks_pb2.DESCRIPTOR.services_by_name["Webhooks"]
+WEBHOOK_METHODS: list[str] = [m.name for m in WEBHOOKS.methods]
+
+
+async def webhook_requests(app: App, tenant: Tenant) -> dict[str, Message]:
+    """One valid request per Webhooks RPC, on an endpoint and a delivery made here."""
+    stub = webhooks_pb2_grpc.WebhooksStub(tenant.channel)
+    url = "https://example.com/hook"
+    endpoint = webhooks_pb2.WebhookEndpoint(url=url, event_types=[1])
+    made = await stub.CreateWebhookEndpoint(
+        webhooks_pb2.CreateWebhookEndpointRequest(endpoint=endpoint, request_id=rid()),
+        metadata=tenant.admin.metadata,
+    )
+    endpoint_id = made.endpoint.endpoint_id
+    assert app.ledger is not None
+    delivery = await app.ledger.add_delivery(Delivery(
+        delivery_id=f"whd_{rid()}", tenant=tenant.name, endpoint_id=endpoint_id,
+        event_id="evt_1", event_type="balance.low", body="{}", status="delivered",
+        attempts=1, create_ms=0, next_attempt_ms=0,
+    ))  # fmt: skip
+    w = webhooks_pb2
+    return {
+        "CreateWebhookEndpoint": w.CreateWebhookEndpointRequest(
+            endpoint=endpoint, request_id=rid()
+        ),
+        "ListWebhookEndpoints": w.ListWebhookEndpointsRequest(),
+        "UpdateWebhookEndpoint": w.UpdateWebhookEndpointRequest(
+            endpoint=w.WebhookEndpoint(endpoint_id=endpoint_id, description="x"),
+            update_mask=field_mask_pb2.FieldMask(paths=["description"]), request_id=rid(),
+        ),
+        "RotateWebhookSecret": w.RotateWebhookSecretRequest(
+            endpoint_id=endpoint_id, request_id=rid()
+        ),
+        "ListWebhookDeliveries": w.ListWebhookDeliveriesRequest(),
+        "ResendWebhookDelivery": w.ResendWebhookDeliveryRequest(
+            delivery_id=delivery.delivery_id, request_id=rid()
+        ),
+        "DeleteWebhookEndpoint": w.DeleteWebhookEndpointRequest(
+            endpoint_id=endpoint_id, request_id=rid()
+        ),
+    }  # fmt: skip
+
+
+async def test_webhook_rpcs_are_admin_only(app: App, tenant: Tenant) -> None:
+    requests = await webhook_requests(app, tenant)
+    assert set(requests) == set(WEBHOOK_METHODS)
+    stub = webhooks_pb2_grpc.WebhooksStub(tenant.channel)
+    before = await stub.ListWebhookEndpoints(
+        webhooks_pb2.ListWebhookEndpointsRequest(), metadata=tenant.admin.metadata
+    )
+    for method, request in requests.items():
+        rpc = getattr(stub, method)
+        for role in ("read", "meter"):
+            f = await fails(rpc(request, metadata=caller(tenant, role).metadata))
+            assert (f.code, f.reason) == (grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
+            assert f.metadata == {"role": role, "method": method}
+        f = await fails(rpc(request))
+        assert_unauthenticated(f)
+    # Nothing changed by the refusals.
+    assert before == await stub.ListWebhookEndpoints(
+        webhooks_pb2.ListWebhookEndpointsRequest(), metadata=tenant.admin.metadata
+    )
+    for method, request in requests.items():  # the admin's calls succeed, in table order
+        response = await getattr(stub, method)(request, metadata=tenant.admin.metadata)
+        assert response.DESCRIPTOR is WEBHOOKS.methods_by_name[method].output_type
+
+
+async def test_webhook_endpoints_are_per_tenant(
+    app: App, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    requests = await webhook_requests(app, tenant)
+    stub = webhooks_pb2_grpc.WebhooksStub(other_tenant.channel)
+    md = other_tenant.admin.metadata
+    listed = await stub.ListWebhookEndpoints(
+        webhooks_pb2.ListWebhookEndpointsRequest(), metadata=md
+    )
+    assert not listed.endpoints
+    for method in ("UpdateWebhookEndpoint", "RotateWebhookSecret", "DeleteWebhookEndpoint"):
+        f = await fails(getattr(stub, method)(requests[method], metadata=md))
+        assert f.reason == "WEBHOOK_ENDPOINT_NOT_FOUND", method
+    f = await fails(stub.ResendWebhookDelivery(requests["ResendWebhookDelivery"], metadata=md))
+    assert f.reason == "WEBHOOK_DELIVERY_NOT_FOUND"
+    deliveries = await stub.ListWebhookDeliveries(
+        webhooks_pb2.ListWebhookDeliveriesRequest(), metadata=md
+    )
+    assert not deliveries.deliveries
