@@ -10,13 +10,16 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,14 +27,22 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from creditmeter.api.credits.v1 import credits_pb2 as cpb
+from creditmeter.api.credits.v1 import credits_pb2_grpc, packs_pb2_grpc, webhooks_pb2_grpc
 from creditmeter.api.credits.v1 import packs_pb2 as ppb
-from creditmeter.api.credits.v1 import packs_pb2_grpc, webhooks_pb2_grpc
 from creditmeter.api.credits.v1 import webhooks_pb2 as pb
 from creditmeter.domain.clock import ManualClock
 from creditmeter.transport.server import App
 from creditmeter.transport.webhooks import WebhookTimings
 from tests.conftest import Caller, Tenant, rid
 from tests.helpers import fails
+from tests.test_server_process import (  # noqa: F401 (launch is a fixture)
+    Launch,
+    auth,
+    create_key,
+    eventually,
+    launch,
+    processes_using,
+)
 
 FAST = WebhookTimings(
     poll_s=0.05, retry_base_s=0.05, retry_max_s=0.2, timeout_s=2.0, expiry_sweep_s=0.05
@@ -547,3 +558,74 @@ async def test_a_slow_receiver_does_not_slow_metering(
     elapsed = time.monotonic() - start
     assert elapsed < 3.0, elapsed  # 100 calls, each far under the receiver's 5 s
     assert len(receiver.received) == 0  # nothing answered yet: the receiver is still sleeping
+
+
+# --- kill -9 of the delivering server -------------------------------------------------------
+def test_kill_9_of_the_delivering_server_loses_no_event(
+    launch: Launch,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+    receiver: Receiver,
+) -> None:
+    """Grants (each a balance.topped_up event of its own account) go on while the server
+    delivers them to a slowish receiver; the whole process group (server, flusher child,
+    Redis) is killed mid-run and started again: every acknowledged grant's event arrives,
+    at least once, and a repeat is the same event, byte for byte."""
+    receiver.delay_s = 0.02
+    data = tmp_path / "data"
+    key, _ = create_key(data, "hooks", "admin")
+    md = auth(key)
+    args = ["--webhook-timeout", "2"]
+    server = launch(data, args=args)
+    with grpc.insecure_channel(server.address) as channel:
+        webhooks_pb2_grpc.WebhooksStub(channel).CreateWebhookEndpoint(
+            pb.CreateWebhookEndpointRequest(
+                endpoint=pb.WebhookEndpoint(
+                    url=receiver.url, event_types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_TOPPED_UP]
+                ),
+                request_id=rid(),
+            ),
+            metadata=md, timeout=10,
+        )  # fmt: skip
+    acknowledged: list[str] = []
+
+    def grant_until_refused(address: str, first: int, count: int) -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = credits_pb2_grpc.CreditsStub(channel)
+            for i in range(first, first + count):
+                try:
+                    grant = cpb.GrantRequest(account_id=f"acct-{i}", amount=5, request_id=rid())
+                    stub.Grant(grant, metadata=md, timeout=5)
+                except grpc.RpcError:
+                    return
+                acknowledged.append(f"acct-{i}")
+
+    granting = threading.Thread(target=grant_until_refused, args=(server.address, 0, 400))
+    granting.start()
+    try:
+        eventually(lambda: len(receiver.received) >= 30, 60, 0.01)
+        os.killpg(server.pgid, signal.SIGKILL)
+        assert server.proc.wait(10) == -signal.SIGKILL
+    finally:
+        granting.join(30)
+    eventually(lambda: processes_using(data) == [], 10)
+    killed_with = len(acknowledged)
+    assert 0 < killed_with < 400, killed_with  # killed mid-run
+    delivered_before = {e["data"]["accountId"] for e in receiver.events()}
+    assert len(delivered_before) < killed_with  # some were still to deliver
+
+    server = launch(data, args=args)
+    grant_until_refused(server.address, 1000, 20)  # the restarted server takes new ones too
+
+    def all_arrived() -> bool:
+        return {e["data"]["accountId"] for e in receiver.events()} >= set(acknowledged)
+
+    eventually(all_arrived, 90, 0.1)
+    bodies: dict[str, set[bytes]] = {}
+    for r in receiver.received:
+        bodies.setdefault(r.event["id"], set()).add(r.body)
+    assert all(len(b) == 1 for b in bodies.values())  # a repeat is the same event
+    per_account = {}
+    for e in receiver.events():
+        per_account.setdefault(e["data"]["accountId"], set()).add(e["id"])
+    assert all(len(ids) == 1 for ids in per_account.values())  # one event per grant
+    assert server.terminate() == 0

@@ -42,6 +42,8 @@ from creditmeter.constants import (
     DEFAULT_LISTEN,
     ENV_PREFIX,
     LOG_FORMATS,
+    WEBHOOK_RETRY_BASE_S,
+    WEBHOOK_TIMEOUT_S,
 )
 from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import SystemClock
@@ -90,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from creditmeter.storage.embedded_redis import die_with_parent
     from creditmeter.transport import workers
     from creditmeter.transport.server import Settings, serve
+    from creditmeter.transport.webhooks import WebhookTimings
 
     if args.workers < 1:
         err_console.print("creditmeter: --workers must be at least 1")
@@ -119,8 +122,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session_grace_s=float(args.session_grace),
         # A worker's metrics are served by its supervisor (multiprocess mode).
         metrics_listen=None if worker else args.metrics_listen or None,
-        # The sweeper, closer, renewals and reconciler: in worker 0 only.
+        # The sweeper, closer, renewals, reconciler and webhooks: in worker 0 only.
         background_jobs=args.worker_index in (None, 0),
+        webhook=WebhookTimings(
+            timeout_s=args.webhook_timeout, retry_base_s=args.webhook_retry_base
+        ),
     )
     # What is imported by now (grpc, protobuf, redis, the server's modules) lives as long
     # as the process: frozen, the collector's full passes no longer walk it (a py-spy
@@ -649,6 +655,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=_duration_s,
         default=_duration_s(_env("SESSION_GRACE") or "30s"),
         help="how long past its validity a silent call session is closed by the server",
+    )
+    p.add_argument(
+        "--webhook-timeout",
+        type=float,
+        default=float(_env("WEBHOOK_TIMEOUT") or WEBHOOK_TIMEOUT_S),
+        metavar="SECONDS",
+        help="how long a webhook endpoint has to answer one delivery attempt"
+        f" (env CREDITMETER_WEBHOOK_TIMEOUT; default {WEBHOOK_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--webhook-retry-base",
+        type=float,
+        default=float(_env("WEBHOOK_RETRY_BASE") or WEBHOOK_RETRY_BASE_S),
+        metavar="SECONDS",
+        help="delay after a failed webhook attempt, doubling with each attempt (jittered,"
+        f" capped at an hour) for up to 3 days (env CREDITMETER_WEBHOOK_RETRY_BASE;"
+        f" default {WEBHOOK_RETRY_BASE_S:g})",
     )
     p.add_argument(
         "--no-flusher",

@@ -95,9 +95,10 @@ class WebhookTimings:
 
     @property
     def lease_ms(self) -> int:
-        """How long a claimed delivery is this worker's: its attempt's timeout plus room for
-        waiting its turn at the endpoint (a lapsed lease only risks a duplicate)."""
-        return int(max(60.0, self.timeout_s * 4) * 1000)
+        """How long a claimed delivery is this worker's: room for its turn at the endpoint
+        and its attempt (one that would outlast the lease is left for the next claim). A
+        server killed mid-attempt leaves its deliveries to others after this."""
+        return int((self.timeout_s * 3 + 5) * 1000)
 
 
 # --- protobuf <-> domain --------------------------------------------------------------
@@ -405,6 +406,8 @@ class WebhookWorker:
             return
         gate = self._gates.setdefault(key, asyncio.Semaphore(self.timings.concurrency))
         async with gate:
+            if self.now_ms() + self.timings.timeout_s * 1000 > d.lease_until_ms:
+                return  # waited its turn too long: the lease may lapse mid-attempt
             outcome, code, error = await self._post(endpoint, d.body)
         now = self.now_ms()
         attempts = d.attempts + 1
