@@ -38,6 +38,7 @@ from tests.helpers import fails
 from tests.test_server_process import (  # noqa: F401 (launch is a fixture)
     Launch,
     auth,
+    cli,
     create_key,
     eventually,
     launch,
@@ -629,3 +630,37 @@ def test_kill_9_of_the_delivering_server_loses_no_event(
         per_account.setdefault(e["data"]["accountId"], set()).add(e["id"])
     assert all(len(ids) == 1 for ids in per_account.values())  # one event per grant
     assert server.terminate() == 0
+
+
+# --- the CLI --------------------------------------------------------------------------------
+async def test_cli_webhooks_commands(app: App, tenant: Tenant) -> None:
+    base = ["--server", f"127.0.0.1:{app.port}", "--api-key", tenant.admin.key]
+
+    async def run(*args: str) -> subprocess.CompletedProcess[str]:
+        result = await asyncio.to_thread(cli, "webhooks", *args, *base)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    made = await run("create", "https://example.com/cli", "--event", "balance.low",
+                     "--event", "purchase.completed", "--threshold", "25")  # fmt: skip
+    secret = made.stdout.strip()
+    assert secret.startswith("whsec_")
+    listed = await run("list")
+    assert "https://example.com/cli" in listed.stdout and secret not in listed.stdout
+    stub = webhooks_pb2_grpc.WebhooksStub(tenant.channel)
+    (endpoint,) = (await stub.ListWebhookEndpoints(
+        pb.ListWebhookEndpointsRequest(), metadata=tenant.admin.metadata)).endpoints  # fmt: skip
+    assert list(endpoint.event_types) == [
+        pb.WEBHOOK_EVENT_TYPE_BALANCE_LOW, pb.WEBHOOK_EVENT_TYPE_PURCHASE_COMPLETED
+    ]
+    assert list(endpoint.thresholds) == [25]
+    await run("update", endpoint.endpoint_id, "--disable", "--description", "paused")
+    rotated = await run("rotate", endpoint.endpoint_id)
+    assert rotated.stdout.strip().startswith("whsec_") and rotated.stdout.strip() != secret
+    await run("deliveries", "--status", "pending")
+    (after,) = (await stub.ListWebhookEndpoints(
+        pb.ListWebhookEndpointsRequest(), metadata=tenant.admin.metadata)).endpoints  # fmt: skip
+    assert after.disabled and after.description == "paused"
+    await run("delete", endpoint.endpoint_id)
+    missing = await asyncio.to_thread(cli, "webhooks", "resend", "whd_nope", *base)
+    assert missing.returncode != 0 and "WEBHOOK_DELIVERY_NOT_FOUND" in missing.stderr

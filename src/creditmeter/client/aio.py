@@ -19,12 +19,12 @@ from google.protobuf.message import Message
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc
+from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc, webhooks_pb2_grpc
 from creditmeter.client import requests as rq
 from creditmeter.client.errors import from_rpc_error
 from creditmeter.client.retry import RetryPolicy
 from creditmeter.client.sessions import AsyncCallSession, AsyncFinalUnitCallback
-from creditmeter.client.sync import PACKS_METHODS, auth_metadata
+from creditmeter.client.sync import PACKS_METHODS, WEBHOOKS_METHODS, auth_metadata
 from creditmeter.constants import CLIENT_DEFAULT_TIMEOUT_S
 
 R = TypeVar("R", bound=Message)
@@ -57,6 +57,7 @@ class AsyncClient:
         )
         self._credits = pb_grpc.CreditsStub(self._channel)
         self._packs = packs_pb2_grpc.PacksStub(self._channel)
+        self._webhooks = webhooks_pb2_grpc.WebhooksStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -75,9 +76,15 @@ class AsyncClient:
     async def call(
         self, method: str, request: Message, response_type: type[R], timeout: float | None = None
     ) -> R:
-        """Call any unary RPC by name (Credits or Packs) with auth, deadline and retries."""
+        """Call any unary RPC by name (Credits, Packs, Webhooks) with auth, deadline, retries."""
         idempotent = rq.with_request_id(request)
-        stub = self._packs if method in PACKS_METHODS else self._credits
+        stub = (
+            self._packs
+            if method in PACKS_METHODS
+            else self._webhooks
+            if method in WEBHOOKS_METHODS
+            else self._credits
+        )
         rpc = getattr(stub, method)
         attempt = 0
         while True:

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc
+from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
 from creditmeter.client import requests as rq
 from creditmeter.client.errors import from_rpc_error
 from creditmeter.client.retry import RetryPolicy
@@ -28,6 +28,9 @@ log = logging.getLogger("creditmeter.client")
 
 #: RPC names served by the Packs service; every other name belongs to Credits.
 PACKS_METHODS = frozenset(packs_pb2.DESCRIPTOR.services_by_name["Packs"].methods_by_name)
+WEBHOOKS_METHODS = frozenset(
+    webhooks_pb2.DESCRIPTOR.services_by_name["Webhooks"].methods_by_name
+)
 
 
 def auth_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
@@ -60,6 +63,7 @@ class Client:
         )
         self._credits = pb_grpc.CreditsStub(self._channel)
         self._packs = packs_pb2_grpc.PacksStub(self._channel)
+        self._webhooks = webhooks_pb2_grpc.WebhooksStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -78,9 +82,15 @@ class Client:
     def call(
         self, method: str, request: Message, response_type: type[R], timeout: float | None = None
     ) -> R:
-        """Call any unary RPC by name (Credits or Packs) with auth, deadline and retries."""
+        """Call any unary RPC by name (Credits, Packs, Webhooks) with auth, deadline, retries."""
         idempotent = rq.with_request_id(request)
-        stub = self._packs if method in PACKS_METHODS else self._credits
+        stub = (
+            self._packs
+            if method in PACKS_METHODS
+            else self._webhooks
+            if method in WEBHOOKS_METHODS
+            else self._credits
+        )
         rpc = getattr(stub, method)
         attempt = 0
         while True:

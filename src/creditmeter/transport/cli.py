@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from google.protobuf import field_mask_pb2
 from rich.console import Console
 from rich.table import Table
 
 from creditmeter import client as sdk
 from creditmeter.api.credits.v1 import credits_pb2 as pb
-from creditmeter.api.credits.v1 import packs_pb2
+from creditmeter.api.credits.v1 import packs_pb2, webhooks_pb2
 from creditmeter.constants import (
     BENCH_ACCOUNTS,
     BENCH_BATCH_SIZE,
@@ -48,6 +49,7 @@ from creditmeter.constants import (
 from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import SystemClock
 from creditmeter.domain.validation import valid_tenant_id
+from creditmeter.domain.webhooks import EventType
 from creditmeter.errors import BackendUnavailable
 from creditmeter.storage.config_store import ConfigStore, KeyRow, open_config_store
 from creditmeter.storage.embedded_redis import RedisNotInstalled, RedisStartFailed
@@ -548,6 +550,144 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- webhooks ---------------------------------------------------------------------------
+def _endpoint_table(endpoints: Sequence[Any]) -> Table:
+    table = Table("endpoint", "url", "events", "thresholds", "state", "description")
+    for e in endpoints:
+        events = ", ".join(
+            webhooks_pb2.WebhookEventType.Name(t).removeprefix("WEBHOOK_EVENT_TYPE_").lower()
+            for t in e.event_types
+        )
+        state = f"disabled: {e.disabled_reason}" if e.disabled_reason else (
+            "disabled" if e.disabled else "enabled")  # fmt: skip
+        table.add_row(e.endpoint_id, e.url, events, ", ".join(map(str, e.thresholds)), state,
+                      e.description)  # fmt: skip
+    return table
+
+
+def _event_type_values(names: Sequence[str]) -> list[webhooks_pb2.WebhookEventType.ValueType]:
+    from creditmeter.transport.webhooks import event_type_pb
+
+    return [event_type_pb(EventType(name)) for name in names]
+
+
+def _print_secret(secret: str) -> None:
+    err_console.print("the signing secret (shown once; keep it):")
+    print(secret)  # stdout alone, for scripts
+
+
+def cmd_webhooks_create(args: argparse.Namespace) -> int:
+    endpoint = webhooks_pb2.WebhookEndpoint(
+        url=args.url, event_types=_event_type_values(args.event), thresholds=args.threshold,
+        description=args.description,
+    )  # fmt: skip
+    resp = _client(args).call(
+        "CreateWebhookEndpoint",
+        webhooks_pb2.CreateWebhookEndpointRequest(endpoint=endpoint, request_id=args.request_id),
+        webhooks_pb2.CreateWebhookEndpointResponse,
+    )
+    err_console.print(_endpoint_table([resp.endpoint]))
+    _print_secret(resp.secret)
+    return 0
+
+
+def cmd_webhooks_list(args: argparse.Namespace) -> int:
+    resp = _client(args).call(
+        "ListWebhookEndpoints",
+        webhooks_pb2.ListWebhookEndpointsRequest(),
+        webhooks_pb2.ListWebhookEndpointsResponse,
+    )
+    console.print(_endpoint_table(resp.endpoints))
+    return 0
+
+
+def cmd_webhooks_update(args: argparse.Namespace) -> int:
+    endpoint = webhooks_pb2.WebhookEndpoint(endpoint_id=args.endpoint_id)
+    paths = []
+    if args.url is not None:
+        endpoint.url = args.url
+        paths.append("url")
+    if args.event:
+        endpoint.event_types.extend(_event_type_values(args.event))
+        paths.append("event_types")
+    if args.threshold is not None:
+        endpoint.thresholds.extend(args.threshold)
+        paths.append("thresholds")
+    if args.description is not None:
+        endpoint.description = args.description
+        paths.append("description")
+    if args.disabled is not None:
+        endpoint.disabled = args.disabled
+        paths.append("disabled")
+    req = webhooks_pb2.UpdateWebhookEndpointRequest(
+        endpoint=endpoint, update_mask=field_mask_pb2.FieldMask(paths=paths),
+        request_id=args.request_id,
+    )  # fmt: skip
+    resp = _client(args).call(
+        "UpdateWebhookEndpoint", req, webhooks_pb2.UpdateWebhookEndpointResponse
+    )
+    console.print(_endpoint_table([resp.endpoint]))
+    return 0
+
+
+def cmd_webhooks_delete(args: argparse.Namespace) -> int:
+    req = webhooks_pb2.DeleteWebhookEndpointRequest(
+        endpoint_id=args.endpoint_id, request_id=args.request_id
+    )
+    _client(args).call("DeleteWebhookEndpoint", req, webhooks_pb2.DeleteWebhookEndpointResponse)
+    err_console.print(f"deleted {args.endpoint_id}")
+    return 0
+
+
+def cmd_webhooks_rotate(args: argparse.Namespace) -> int:
+    req = webhooks_pb2.RotateWebhookSecretRequest(
+        endpoint_id=args.endpoint_id, request_id=args.request_id
+    )
+    resp = _client(args).call("RotateWebhookSecret", req, webhooks_pb2.RotateWebhookSecretResponse)
+    _print_secret(resp.secret)
+    return 0
+
+
+def _delivery_table(deliveries: Sequence[Any]) -> Table:
+    table = Table("delivery", "endpoint", "event", "type", "status", "attempts", "last", "created")
+    for d in deliveries:
+        status = webhooks_pb2.WebhookDeliveryStatus.Name(d.status)
+        last = d.last_error or (str(d.last_status_code) if d.last_status_code else "")
+        table.add_row(
+            d.delivery_id, d.endpoint_id, d.event_id, d.event_type,
+            status.removeprefix("WEBHOOK_DELIVERY_STATUS_").lower(), str(d.attempts), last,
+            _time(d.create_time),
+        )  # fmt: skip
+    return table
+
+
+def cmd_webhooks_deliveries(args: argparse.Namespace) -> int:
+    status = webhooks_pb2.WebhookDeliveryStatus.Value(
+        f"WEBHOOK_DELIVERY_STATUS_{(args.status or 'unspecified').upper()}"
+    )
+    req = webhooks_pb2.ListWebhookDeliveriesRequest(
+        endpoint_id=args.endpoint, status=status, page_size=args.limit, page_token=args.page_token
+    )
+    resp = _client(args).call(
+        "ListWebhookDeliveries", req, webhooks_pb2.ListWebhookDeliveriesResponse
+    )
+    console.print(_delivery_table(resp.deliveries))
+    if resp.next_page_token:
+        err_console.print(f"more: --page-token {resp.next_page_token}")
+    return 0
+
+
+def cmd_webhooks_resend(args: argparse.Namespace) -> int:
+    req = webhooks_pb2.ResendWebhookDeliveryRequest(
+        delivery_id=args.delivery_id, request_id=args.request_id
+    )
+    resp = _client(args).call(
+        "ResendWebhookDelivery", req, webhooks_pb2.ResendWebhookDeliveryResponse
+    )
+    console.print(_delivery_table([resp.delivery]))
+    return 0
+
+
 def _report_error(error: sdk.CreditmeterError) -> int:
     err_console.print(f"creditmeter: {error.code.name}: {error.message}", highlight=False)
     if error.reason:
@@ -946,6 +1086,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pack_id")
     _client_flags(p, mutating=True)
     p.set_defaults(func=cmd_subscribe)
+
+    hooks = sub.add_parser("webhooks", help="webhook endpoints and deliveries").add_subparsers(
+        dest="webhooks", required=True
+    )
+    event_names = [t.value for t in EventType]
+    p = hooks.add_parser("create", help="register an endpoint (prints its signing secret once)")
+    p.add_argument("url")
+    p.add_argument("--event", action="append", required=True, choices=event_names,
+                   help="repeatable: an event type to send")  # fmt: skip
+    p.add_argument("--threshold", action="append", type=int, default=[],
+                   help="repeatable: a balance threshold for balance.low/topped_up")  # fmt: skip
+    p.add_argument("--description", default="")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_webhooks_create)
+    p = hooks.add_parser("list", help="the tenant's endpoints")
+    _client_flags(p)
+    p.set_defaults(func=cmd_webhooks_list)
+    p = hooks.add_parser("update", help="change an endpoint (only the options given)")
+    p.add_argument("endpoint_id")
+    p.add_argument("--url")
+    p.add_argument("--event", action="append", choices=event_names, help="replaces the types")
+    p.add_argument("--threshold", action="append", type=int, help="replaces the thresholds")
+    p.add_argument("--description")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--disable", dest="disabled", action="store_true", default=None)
+    group.add_argument("--enable", dest="disabled", action="store_false")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_webhooks_update)
+    p = hooks.add_parser("delete", help="remove an endpoint")
+    p.add_argument("endpoint_id")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_webhooks_delete)
+    p = hooks.add_parser("rotate", help="a new signing secret for an endpoint (printed once)")
+    p.add_argument("endpoint_id")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_webhooks_rotate)
+    p = hooks.add_parser("deliveries", help="deliveries, newest first, with their attempts")
+    p.add_argument("--endpoint", default="", help="only this endpoint's")
+    p.add_argument("--status", choices=["pending", "delivered", "failed"])
+    p.add_argument("--limit", type=int, default=50, help="page size")
+    p.add_argument("--page-token", default="")
+    _client_flags(p)
+    p.set_defaults(func=cmd_webhooks_deliveries)
+    p = hooks.add_parser("resend", help="deliver a delivery's event again")
+    p.add_argument("delivery_id")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_webhooks_resend)
 
     p = sub.add_parser("ledger-status", help="outbox backlog and flush lag")
     _client_flags(p)
