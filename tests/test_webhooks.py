@@ -149,6 +149,40 @@ process.exit(ok ? 0 : 1);
 """
 
 
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_snippet(language: str) -> str:
+    """The README's webhook signature check in `language` (its first block after the
+    Signatures paragraph)."""
+    text = README.read_text()
+    start = text.index("**Signatures**")
+    block = text.index(f"```{language}\n", start) + len(language) + 4
+    return text[block : text.index("```", block)]
+
+
+def readme_verifies(language: str, secret: str, header: str, body: bytes) -> bool:
+    """Run the README's own verify() in Node or PHP on one delivery."""
+    import base64
+
+    encoded = base64.b64encode(body).decode()
+    if language == "js":
+        program = readme_snippet("js") + (
+            "process.exit(verify(process.argv[1], process.argv[2],"
+            " Buffer.from(process.argv[3], 'base64')) ? 0 : 1);"
+        )
+        command = [shutil.which("node") or "node", "-e", program, secret, header, encoded]
+    else:
+        program = "<?php\n" + readme_snippet("php") + (
+            "exit(verify($argv[1], $argv[2], base64_decode($argv[3])) ? 0 : 1);"
+        )
+        command = [shutil.which("php") or "php", "-r", program.removeprefix("<?php\n"),
+                   "--", secret, header, encoded]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, timeout=30, check=False)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode == 0
+
+
 def node_verifies(secret: str, header: str, body: bytes) -> bool:
     import base64
 
@@ -396,10 +430,21 @@ async def test_every_event_type_arrives_signed(
         header = r.headers["Creditmeter-Signature"]
         assert verify(secret, header, r.body), header
         assert not verify("whsec_wrong", header, r.body)
-    # Node checks one of each type on its own.
+    # Node checks one of each type on its own; the README's Python, Node and PHP code too.
     firsts = {r.event["type"]: r for r in reversed(receiver.received)}
     for r in firsts.values():
         assert node_verifies(secret, r.headers["Creditmeter-Signature"], r.body)
+    sample = receiver.received[0]
+    header = sample.headers["Creditmeter-Signature"]
+    readme_python: dict[str, Any] = {}
+    exec(readme_snippet("python"), readme_python)
+    assert readme_python["verify"](secret, header, sample.body)
+    assert not readme_python["verify"](secret, header, sample.body + b" ")
+    for language in ("js", "php"):
+        if language == "php" and shutil.which("php") is None:
+            continue
+        assert readme_verifies(language, secret, header, sample.body), language
+        assert not readme_verifies(language, "whsec_wrong", header, sample.body), language
 
     events = receiver.events()
     for e in events:
