@@ -30,6 +30,7 @@ from creditmeter.api.credits.v1 import credits_pb2 as cpb
 from creditmeter.api.credits.v1 import credits_pb2_grpc, packs_pb2_grpc, webhooks_pb2_grpc
 from creditmeter.api.credits.v1 import packs_pb2 as ppb
 from creditmeter.api.credits.v1 import webhooks_pb2 as pb
+from creditmeter.constants import CONFIG_RELOAD_INTERVAL_S
 from creditmeter.domain.clock import ManualClock
 from creditmeter.transport.server import App
 from creditmeter.transport.webhooks import WebhookTimings
@@ -632,6 +633,9 @@ def test_kill_9_of_the_delivering_server_loses_no_event(
             ),
             metadata=md, timeout=10,
         )  # fmt: skip
+    # The flusher child reads which tenants want balance events when the config changes,
+    # polling every CONFIG_RELOAD_INTERVAL_S.
+    time.sleep(CONFIG_RELOAD_INTERVAL_S * 3)
     acknowledged: list[str] = []
 
     def grant_until_refused(address: str, first: int, count: int) -> None:
@@ -709,3 +713,30 @@ async def test_cli_webhooks_commands(app: App, tenant: Tenant) -> None:
     await run("delete", endpoint.endpoint_id)
     missing = await asyncio.to_thread(cli, "webhooks", "resend", "whd_nope", *base)
     assert missing.returncode != 0 and "WEBHOOK_DELIVERY_NOT_FOUND" in missing.stderr
+
+
+async def test_balance_notices_only_for_tenants_with_a_balance_endpoint(
+    app: App, tenant: Tenant, other_tenant: Tenant, hooks: Hooks
+) -> None:
+    """The flusher writes a notice per balance move only for tenants that want them: a
+    deployment without webhooks pays nothing per charge."""
+    source = app.flush_notices
+    assert source is not None
+
+    def entry(tenant_name: str) -> list[dict[str, str]]:
+        return [{"tenant": tenant_name, "account": "a", "txn": "tx1", "kind": "consume",
+                 "amount": "5", "balance": "10", "ts": "1", "request_id": "r1"}]  # fmt: skip
+
+    await source.refresh()
+    assert source(entry(tenant.name)) == []
+    await create(hooks, "https://example.com/p", types=[pb.WEBHOOK_EVENT_TYPE_PURCHASE_COMPLETED])
+    assert source(entry(tenant.name)) == []  # no balance type wanted
+    made = await create(hooks, "https://example.com/b", types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_LOW])
+    (notice,) = source(entry(tenant.name))  # refreshed by the create itself
+    assert notice.notice_id == "balance:tx1" and notice.tenant == tenant.name
+    assert json.loads(notice.data) == {"account": "a", "txn": "tx1", "before": 15, "after": 10}
+    assert source(entry(other_tenant.name)) == []
+    await hooks.admin.UpdateWebhookEndpoint(pb.UpdateWebhookEndpointRequest(
+        endpoint=pb.WebhookEndpoint(endpoint_id=made.endpoint.endpoint_id, disabled=True),
+        update_mask=field_mask_pb2.FieldMask(paths=["disabled"]), request_id=rid()))  # fmt: skip
+    assert source(entry(tenant.name)) == []

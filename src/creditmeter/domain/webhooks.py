@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import random
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from urllib.parse import urlsplit
@@ -51,6 +53,8 @@ from creditmeter.errors import (
 )
 from creditmeter.storage.config_store import ConfigStore, WebhookRow
 from creditmeter.storage.ledger.base import Delivery, Ledger, Notice, NoticeKind
+
+log = logging.getLogger(__name__)
 
 #: The signature header, and its scheme's version tag.
 SIGNATURE_HEADER = "Creditmeter-Signature"
@@ -176,9 +180,14 @@ def delivery_id_of(endpoint_id: str, event_id: str) -> str:
 
 
 # --- where events come from ------------------------------------------------------------
-def notices_of(events: Sequence[Mapping[str, str]]) -> list[Notice]:
-    """The notices of one outbox entry's events (the flusher's NoticeSource): one per
-    transaction that moved the spendable balance, and one for a session the server closed."""
+BALANCE_TYPES = frozenset(
+    {EventType.BALANCE_LOW, EventType.BALANCE_DEPLETED, EventType.BALANCE_TOPPED_UP}
+)
+
+
+def notices_of(events: Sequence[Mapping[str, str]], balance: bool = True) -> list[Notice]:
+    """The notices of one outbox entry's events: one per transaction that moved the
+    spendable balance (unless not `balance`), and one for a session the server closed."""
     if not events:
         return []
     runs: list[tuple[str, list[Mapping[str, str]]]] = []
@@ -191,7 +200,7 @@ def notices_of(events: Sequence[Mapping[str, str]]) -> list[Notice]:
     found: list[Notice] = []
     first = events[0]
     tenant, account = first.get("tenant", ""), first.get("account", "")
-    for txn, run in runs:
+    for txn, run in runs if balance else ():
         change = balance_change(run)
         if change is None or change[0] == change[1]:
             continue
@@ -211,6 +220,47 @@ def notices_of(events: Sequence[Mapping[str, str]]) -> list[Notice]:
                    _json(data))
         )  # fmt: skip
     return found
+
+
+class FlushNotices:
+    """The flusher's NoticeSource: `notices_of`, leaving out the balance moves of tenants
+    that have no enabled endpoint for balance events (a notice per charge would otherwise
+    cost every deployment ledger writes, webhooks or not).
+
+    Which tenants is read from the config store whenever its version has changed, by
+    `refresh` (every CONFIG_RELOAD_INTERVAL_S in `watch`, and at once after a change made
+    through this process): balance events reach an endpoint from within about a second of
+    its creation. Until the first read, and while the store does not answer at first,
+    every tenant's are kept."""
+
+    def __init__(self, config: ConfigStore) -> None:
+        self.config = config
+        self._tenants: frozenset[str] | None = None
+        self._version: int | None = None
+
+    def __call__(self, events: Sequence[Mapping[str, str]]) -> list[Notice]:
+        tenant = events[0].get("tenant", "") if events else ""
+        return notices_of(events, self._tenants is None or tenant in self._tenants)
+
+    async def refresh(self) -> None:
+        version = await asyncio.to_thread(self.config.version)
+        if version == self._version:
+            return
+        rows = await asyncio.to_thread(self.config.webhook_endpoints)
+        self._tenants = frozenset(
+            r.tenant for r in rows if not r.disabled and BALANCE_TYPES & set(types_of(r))
+        )
+        self._version = version
+
+    async def watch(self, stopping: asyncio.Event, interval_s: float) -> None:
+        """Refresh until `stopping`; a failed read keeps what was read before."""
+        while not stopping.is_set():
+            try:
+                await self.refresh()
+            except Exception as error:  # the config store away (PostgreSQL): try again
+                log.warning("webhook tenants not refreshed: %s", error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval_s)
 
 
 def _json(data: Mapping[str, object]) -> str:
@@ -274,12 +324,20 @@ class Webhooks:
     """Create, list, change and remove endpoints; list and resend deliveries."""
 
     def __init__(
-        self, config: ConfigStore, ledger: Ledger, clock: Clock, ttl_s: int = IDEMPOTENCY_TTL_S
+        self,
+        config: ConfigStore,
+        ledger: Ledger,
+        clock: Clock,
+        ttl_s: int = IDEMPOTENCY_TTL_S,
+        changed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`changed` runs after an endpoint was created or changed (the in-process
+        FlushNotices' refresh)."""
         self.config = config
         self.ledger = ledger
         self.clock = clock
         self.ttl_ms = ttl_s * 1000
+        self._changed = changed
 
     def _request(self, tenant: str, request_id: str, operation: str,
                  params: Mapping[str, object]) -> ConfigStore.Request:  # fmt: skip
@@ -300,6 +358,8 @@ class Webhooks:
             )
         except Rejected as rejected:
             raise from_rejection(rejected) from None
+        if self._changed is not None:
+            await self._changed()
         return stored
 
     @staticmethod

@@ -16,11 +16,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.console import Console
 from rich.table import Table
 
-from creditmeter.constants import SHUTDOWN_GRACE_S
+from creditmeter.constants import CONFIG_RELOAD_INTERVAL_S, SHUTDOWN_GRACE_S
 from creditmeter.domain.clock import SystemClock
 from creditmeter.domain.limits import LimitBook, from_rows
 from creditmeter.domain.recovery import Recovery
-from creditmeter.domain.webhooks import notices_of
+from creditmeter.domain.webhooks import FlushNotices
 from creditmeter.storage.config_store import open_config_store
 from creditmeter.storage.deployment import resolve_buckets
 from creditmeter.storage.embedded_redis import EmbeddedRedis, endpoint_file
@@ -102,8 +102,17 @@ async def run_flusher(
         try:
             if not await link.start() and not await link.keep_opening(stop):
                 return 0  # stopped before the ledger ever answered: nothing was read
-            flusher = Flusher(client, ledger, replica_acks=replica_acks, notices=notices_of)
-            await flusher.run(stop)
+            # The config store says which tenants' balance moves webhooks report.
+            config = open_config_store(ledger_url, Path(data_dir))
+            notices = FlushNotices(config)
+            watching = asyncio.create_task(notices.watch(stop, CONFIG_RELOAD_INTERVAL_S))
+            flusher = Flusher(client, ledger, replica_acks=replica_acks, notices=notices)
+            try:
+                await flusher.run(stop)
+            finally:
+                stop.set()
+                await watching
+                await asyncio.to_thread(config.close)
             # What was written up to the stop still goes in (a stopping server's last calls).
             with contextlib.suppress(Exception):
                 await drain(flusher, SHUTDOWN_GRACE_S)

@@ -56,7 +56,7 @@ from creditmeter.domain.packs import Catalog
 from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
 from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.subscriptions import Subscriptions
-from creditmeter.domain.webhooks import Webhooks, notices_of
+from creditmeter.domain.webhooks import FlushNotices, Webhooks
 from creditmeter.errors import BackendUnavailable
 from creditmeter.storage.config_store import open_config_store
 from creditmeter.storage.deployment import resolve_buckets
@@ -149,6 +149,7 @@ class App:
         self.sessions: Sessions | None = None
         #: The webhook delivery worker (None without background jobs).
         self.webhook_worker: WebhookWorker | None = None
+        self.flush_notices: FlushNotices | None = None
         #: The in-process flusher (None when a child process flushes, or none does).
         self.flusher: Flusher | None = None
         self.flusher_child: subprocess.Popen[bytes] | None = None
@@ -198,10 +199,12 @@ class App:
         # Before any call: keys an older release named differently get their new names.
         await metering.store.upgrade_layout()
         await metering.store.load_library()
+        #: What of the flushed changes webhooks report (used by an in-process flusher).
+        self.flush_notices = notices = FlushNotices(config)
         if s.flusher:
             flusher = Flusher(
                 self.redis, ledger, retention_ms=s.watch_retention_s * 1000,
-                replica_acks=s.replica_acks, notices=notices_of,
+                replica_acks=s.replica_acks, notices=notices,
             )  # fmt: skip
             await flusher.ensure_groups()
             if not s.flusher_process:
@@ -234,7 +237,10 @@ class App:
             PacksServicer(catalog, purchases, self.subscriptions), self.server
         )
         webhooks_pb2_grpc.add_WebhooksServicer_to_server(
-            WebhooksServicer(Webhooks(config, ledger, s.clock, s.idempotency_ttl_s)), self.server
+            WebhooksServicer(
+                Webhooks(config, ledger, s.clock, s.idempotency_ttl_s, notices.refresh)
+            ),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -296,6 +302,12 @@ class App:
             )
         if self.flusher is not None:
             self.tasks.append(asyncio.create_task(self._flush_inline(self.flusher), name="flusher"))
+            self.tasks.append(
+                asyncio.create_task(
+                    notices.watch(self._stopping, CONFIG_RELOAD_INTERVAL_S),
+                    name="webhook-tenants",
+                )
+            )
         elif s.flusher:
             self.tasks.append(
                 asyncio.create_task(self._supervise_flusher(url), name="flusher-process")
