@@ -367,7 +367,10 @@ def test_import_carries_every_row_of_a_filled_sqlite_store(fresh_pg: str, tmp_pa
     old.set_rate(RateRow(u, "voice", 4, "time", 30, T0), req(u, "rate-1"))
     old.put_pack("p1", req(t, "pack-1"), lambda _: pack(t, "p1", trial=True, active=False))
     old.put_pack("p2", req(t, "pack-2"), lambda _: pack(t, "p2", T0 + 1, archived=True))
+    hook = endpoint(t, "whe_1", failing_since_ms=T0 + 3)
+    old.put_webhook_endpoint("whe_1", req(t, "hook-1"), lambda _: hook)
     with PostgresConfigStore(fresh_pg, data) as new:
+        assert new.webhook_endpoints(t) == [hook]
         assert new.api_keys() == old.api_keys()
         assert new.rates() == old.rates()
         assert new.packs(t, True, 10, None) == old.packs(t, True, 10, None)

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from prometheus_client import REGISTRY
 
 from creditmeter.api.credits.v1 import credits_pb2 as cpb
 from creditmeter.api.credits.v1 import credits_pb2_grpc, packs_pb2_grpc, webhooks_pb2_grpc
@@ -563,6 +564,10 @@ async def test_timeouts_are_retried_and_an_endpoint_failing_too_long_is_disabled
 ) -> None:
     receiver.delay_s = 0.6  # past the timeout: every attempt times out
     made = await create(hooks, receiver.url, types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_TOPPED_UP])
+    disabled_before = REGISTRY.get_sample_value("creditmeter_webhook_endpoints_disabled_total")
+    timeouts_before = REGISTRY.get_sample_value(
+        "creditmeter_webhook_attempts_total", {"outcome": "timeout"}
+    )
 
     async def disabled() -> bool:
         listed = await hooks.admin.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest())
@@ -575,6 +580,12 @@ async def test_timeouts_are_retried_and_an_endpoint_failing_too_long_is_disabled
         await asyncio.sleep(0.05)
     listed = await hooks.admin.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest())
     assert listed.endpoints[0].disabled_reason.startswith("every delivery failed")
+    disabled_after = REGISTRY.get_sample_value("creditmeter_webhook_endpoints_disabled_total")
+    assert (disabled_after or 0) == (disabled_before or 0) + 1
+    timeouts_after = REGISTRY.get_sample_value(
+        "creditmeter_webhook_attempts_total", {"outcome": "timeout"}
+    )
+    assert (timeouts_after or 0) >= (timeouts_before or 0) + 2
     deliveries = await hooks.admin.ListWebhookDeliveries(pb.ListWebhookDeliveriesRequest())
     (d,) = deliveries.deliveries
     assert d.attempts >= 2 and d.last_error in ("timeout", "endpoint disabled")

@@ -49,6 +49,11 @@ _METERING = frozenset(
 )
 
 
+# Admin only (listed in neither set): every change of configuration, and all of the
+# Webhooks service (its endpoints hold signing secrets; even ListWebhookEndpoints and
+# ListWebhookDeliveries show where a tenant's data goes and the bodies sent).
+
+
 def role_allows(role: Role, operation: str) -> bool:
     """Whether a role may call an RPC (by method name). Anything not listed is admin-only."""
     if role is Role.ADMIN:

@@ -128,15 +128,20 @@ class ConfigDump:
     packs: list[PackRow]
     requests: list[tuple[str, str, str, str, int]]
     limits: list[LimitRow] = field(default_factory=list)
+    webhooks: list[WebhookRow] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         """No configuration at all (request records alone do not count)."""
-        return not (self.tenants or self.api_keys or self.rates or self.packs or self.limits)
+        return not (
+            self.tenants or self.api_keys or self.rates or self.packs or self.limits
+            or self.webhooks
+        )  # fmt: skip
 
     def counts(self) -> str:
         return (
             f"{len(self.tenants)} tenants, {len(self.api_keys)} API keys, {len(self.rates)}"
             f" rates,{f' {len(self.limits)} usage limits,' if self.limits else ''}"
+            f"{f' {len(self.webhooks)} webhook endpoints,' if self.webhooks else ''}"
             f" {len(self.packs)} packs, {len(self.requests)} request records"
         )
 

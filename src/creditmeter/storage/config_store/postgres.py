@@ -706,6 +706,7 @@ async def _insert_dump(conn: Any, dump: ConfigDump) -> None:
     await conn.executemany(_INSERT_RATE, [astuple(r) for r in dump.rates])
     await conn.executemany(_INSERT_PACK, [astuple(p) for p in dump.packs])
     await conn.executemany(_UPSERT_LIMIT, [astuple(r) for r in dump.limits])
+    await conn.executemany(_UPSERT_WEBHOOK, [astuple(w) for w in dump.webhooks])
     await conn.executemany(_INSERT_REQUEST, dump.requests)
 
 

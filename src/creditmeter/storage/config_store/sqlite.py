@@ -402,6 +402,12 @@ def read_dump(path: Path) -> ConfigDump:
             packs=[PackRow(*r) for r in db.execute("SELECT * FROM packs ORDER BY tenant, pack_id")],
             # A store of 0.1.0 (or 0.2.0) has no usage limits yet.
             limits=_limits(db) if _has_table(db, "usage_limits") else [],
+            webhooks=[
+                WebhookRow(*r)
+                for r in db.execute("SELECT * FROM webhook_endpoints ORDER BY tenant, endpoint_id")
+            ]
+            if _has_table(db, "webhook_endpoints")
+            else [],
             requests=[
                 (str(t), str(r), str(f), str(s), int(c))
                 for t, r, f, s, c in db.execute(
