@@ -25,6 +25,8 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from creditmeter.api.credits.v1 import credits_pb2 as cpb
@@ -751,3 +753,19 @@ async def test_balance_notices_only_for_tenants_with_a_balance_endpoint(
         endpoint=pb.WebhookEndpoint(endpoint_id=made.endpoint.endpoint_id, disabled=True),
         update_mask=field_mask_pb2.FieldMask(paths=["disabled"]), request_id=rid()))  # fmt: skip
     assert source(entry(tenant.name)) == []
+
+
+async def test_reflection_and_health_list_the_webhooks_service(tenant: Tenant) -> None:
+    service = pb.DESCRIPTOR.services_by_name["Webhooks"].full_name
+    stub = reflection_pb2_grpc.ServerReflectionStub(tenant.channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=service),
+    ]
+    responses = [r async for r in stub.ServerReflectionInfo(iter(requests))]
+    assert service in {s.name for s in responses[0].list_services_response.service}
+    files = responses[1].file_descriptor_response.file_descriptor_proto
+    assert any(b"credits/v1/webhooks.proto" in blob for blob in files)
+    health = health_pb2_grpc.HealthStub(tenant.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
