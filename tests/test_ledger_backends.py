@@ -562,6 +562,11 @@ async def test_deliveries_list_newest_first_with_filters(ledger: Ledger) -> None
     assert [d.delivery_id for d in failed] == [f"whd_{t}_{n}" for n in (9, 6, 3, 0)]
     again = await ledger.add_delivery(delivery(t, 0, body="another"))
     assert again.body == "{}"  # present: the stored one
+    # Pruning removes what is done and old, never a pending one.
+    while await ledger.prune_deliveries(T0 + 7, 2):
+        pass
+    left = await ledger.list_deliveries(t, None, None, 100, None)
+    assert sorted(int(d.delivery_id.rsplit("_", 1)[1]) for d in left) == [1, 2, 4, 5, *range(7, 12)]
 
 
 async def test_purchase_changes_write_their_notices(ledger: Ledger) -> None:

@@ -378,6 +378,9 @@ WEBHOOK_ENDPOINT_CONCURRENCY = 4
 WEBHOOK_DISABLE_AFTER_S = 3 * 86_400
 #: How often pending purchases past their expiry are marked expired (purchase.expired).
 WEBHOOK_EXPIRY_SWEEP_S = 10.0
+#: Deliveries done (delivered or given up) are kept this long for ListWebhookDeliveries
+#: and ResendWebhookDelivery, then removed.
+WEBHOOK_DELIVERY_RETENTION_S = 30 * 86_400
 #: Webhook endpoints per tenant.
 MAX_WEBHOOK_ENDPOINTS = 20
 #: Longest endpoint URL.

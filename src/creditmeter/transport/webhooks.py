@@ -6,7 +6,8 @@ The worker, in every server that runs background jobs, each round:
    event; ids fixed by endpoint and event, so two servers fanning one notice out make each
    delivery once) and removes the notices, in one ledger transaction;
 2. marks pending purchases past their expiry expired (every WEBHOOK_EXPIRY_SWEEP_S), which
-   writes their purchase.expired notices;
+   writes their purchase.expired notices, and removes deliveries done for longer than
+   `retention_s` (30 days);
 3. claims the deliveries due with a lease (a server that dies mid-attempt leaves the
    delivery to be claimed again once the lease lapses: at least once) and POSTs each, at
    most `concurrency` at a time per endpoint, each attempt given `timeout_s`. A 2xx is
@@ -40,6 +41,7 @@ from creditmeter.api.credits.v1 import webhooks_pb2 as pb
 from creditmeter.api.credits.v1 import webhooks_pb2_grpc as pb_grpc
 from creditmeter.constants import (
     WEBHOOK_BATCH,
+    WEBHOOK_DELIVERY_RETENTION_S,
     WEBHOOK_DISABLE_AFTER_S,
     WEBHOOK_ENDPOINT_CONCURRENCY,
     WEBHOOK_EXPIRY_SWEEP_S,
@@ -92,6 +94,7 @@ class WebhookTimings:
     concurrency: int = WEBHOOK_ENDPOINT_CONCURRENCY
     disable_after_s: float = WEBHOOK_DISABLE_AFTER_S
     expiry_sweep_s: float = WEBHOOK_EXPIRY_SWEEP_S
+    retention_s: float = WEBHOOK_DELIVERY_RETENTION_S
 
     @property
     def lease_ms(self) -> int:
@@ -337,6 +340,8 @@ class WebhookWorker:
         if time.monotonic() - self._swept_at >= self.timings.expiry_sweep_s:
             self._swept_at = time.monotonic()
             await self.ledger.expire_purchases(self.clock.now_ms(), WEBHOOK_BATCH)
+            retained_from = self.now_ms() - int(self.timings.retention_s * 1000)
+            await self.ledger.prune_deliveries(retained_from, WEBHOOK_BATCH)
         await self.deliver_due()
 
     async def _refresh_endpoints(self) -> None:

@@ -697,6 +697,11 @@ class Ledger(ABC):
         `before` if given."""
 
     @abstractmethod
+    async def prune_deliveries(self, before_ms: int, limit: int) -> int:
+        """Remove up to `limit` deliveries made before `before_ms` that are done (delivered
+        or failed); returns how many."""
+
+    @abstractmethod
     async def expire_purchases(self, now_ms: int, limit: int) -> int:
         """Mark pending purchases past their expiry expired (with their notices); returns
         how many."""

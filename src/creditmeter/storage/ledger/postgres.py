@@ -189,6 +189,7 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant_time
   ON webhook_deliveries (tenant, create_ms, delivery_id);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_time ON webhook_deliveries (create_ms);
 """
 
 #: Serializes schema creation across processes: concurrent CREATE ... IF NOT EXISTS of the
@@ -866,6 +867,18 @@ class PostgresLedger(Ledger):
         )
         rows = await self._run(lambda db: db.fetch(sql, tenant, *params, limit))
         return [delivery_from_row(r) for r in rows]
+
+    async def prune_deliveries(self, before_ms: int, limit: int) -> int:
+        status = await self._run(
+            lambda db: db.execute(
+                "DELETE FROM webhook_deliveries WHERE delivery_id IN (SELECT delivery_id"
+                " FROM webhook_deliveries WHERE create_ms < $1 AND status <> 'pending'"
+                " LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                before_ms,
+                limit,
+            )
+        )
+        return _rows_inserted(status)
 
     async def expire_purchases(self, now_ms: int, limit: int) -> int:
         async def write(db: asyncpg.Pool) -> int:

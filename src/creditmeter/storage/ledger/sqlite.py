@@ -189,6 +189,7 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant_time
   ON webhook_deliveries (tenant, create_ms, delivery_id);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_time ON webhook_deliveries (create_ms);
 """
 
 _PERIOD_FORMAT = {Period.DAY: "%Y-%m-%d", Period.MONTH: "%Y-%m"}
@@ -870,6 +871,17 @@ class SqliteLedger(Ledger):
             return [delivery_from_row(r) for r in db.execute(sql, [tenant, *params, limit])]
 
         return await self._read(read)
+
+    async def prune_deliveries(self, before_ms: int, limit: int) -> int:
+        def write(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "DELETE FROM webhook_deliveries WHERE delivery_id IN (SELECT delivery_id"
+                " FROM webhook_deliveries WHERE create_ms < ? AND status <> 'pending' LIMIT ?)",
+                (before_ms, limit),
+            )
+            return cur.rowcount
+
+        return await self._run(write)
 
     async def expire_purchases(self, now_ms: int, limit: int) -> int:
         def write(db: sqlite3.Connection) -> int:
