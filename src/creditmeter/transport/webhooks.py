@@ -355,11 +355,14 @@ class WebhookWorker:
             notices = await self.ledger.pending_notices(WEBHOOK_BATCH)
             if not notices:
                 return made
+            by_tenant: dict[str, list[WebhookRow]] = {}
+            for endpoint in self._endpoints.values():
+                if not endpoint.disabled:
+                    by_tenant.setdefault(endpoint.tenant, []).append(endpoint)
             deliveries = [
                 self._delivery(endpoint, event)
                 for notice in notices
-                for endpoint in self._endpoints.values()
-                if endpoint.tenant == notice.tenant and not endpoint.disabled
+                for endpoint in by_tenant.get(notice.tenant, ())
                 for event in events_for(notice, endpoint)
             ]
             await self.ledger.fan_out([n.notice_id for n in notices], deliveries)
