@@ -35,9 +35,9 @@ from creditmeter.api.credits.v1 import packs_pb2 as ppb
 from creditmeter.api.credits.v1 import webhooks_pb2 as pb
 from creditmeter.constants import CONFIG_RELOAD_INTERVAL_S
 from creditmeter.domain.clock import ManualClock
-from creditmeter.transport.server import App
+from creditmeter.transport.server import App, Settings
 from creditmeter.transport.webhooks import WebhookTimings
-from tests.conftest import Caller, Tenant, rid
+from tests.conftest import Caller, Tenant, empty_redis, rid, tenant_keys, tenant_of
 from tests.helpers import fails
 from tests.test_server_process import (  # noqa: F401 (launch is a fixture)
     Launch,
@@ -769,3 +769,46 @@ async def test_reflection_and_health_list_the_webhooks_service(tenant: Tenant) -
     health = health_pb2_grpc.HealthStub(tenant.channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# --- two servers on one PostgreSQL ledger -------------------------------------------------------
+async def test_two_servers_deliver_each_event_once(
+    fresh_postgres_url: str, redis_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    """Both servers' workers fan out and claim from the one ledger: each event is attempted
+    by one of them, so a receiver that always answers sees it exactly once."""
+    empty_redis(redis_url)  # the flusher drains only this test's outboxes
+    apps = [
+        App(Settings(
+            listen="127.0.0.1:0", data_dir=tmp_path / f"server-{n}", redis_url=redis_url,
+            ledger_url=fresh_postgres_url, flusher=n == 0, shutdown_grace_s=1.0, webhook=FAST,
+        ))
+        for n in range(2)
+    ]  # fmt: skip
+    started: list[App] = []
+    try:
+        for app in apps:
+            await app.start()
+            started.append(app)
+        assert apps[0].live is not None
+        name, keys = tenant_keys(apps[0].live.store)
+        tenant = await tenant_of(apps[0], name, keys)
+        try:
+            stub = webhooks_pb2_grpc.WebhooksStub(tenant.channel)
+            await stub.CreateWebhookEndpoint(pb.CreateWebhookEndpointRequest(
+                endpoint=pb.WebhookEndpoint(
+                    url=receiver.url, event_types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_TOPPED_UP]),
+                request_id=rid()), metadata=tenant.admin.metadata)  # fmt: skip
+            await asyncio.gather(*(_grant(tenant, f"acct-{i}", 5) for i in range(60)))
+            await until(lambda: len(receiver.received) >= 60, 30)
+            await asyncio.sleep(0.5)  # time for a second delivery, if there were one
+        finally:
+            await tenant.channel.close()
+    finally:
+        for app in started:
+            await app.stop()
+            assert app.live is not None
+            app.live.store.close()
+    ids = [e["id"] for e in receiver.events()]
+    assert len(ids) == 60 and len(set(ids)) == 60
+    assert {e["data"]["accountId"] for e in receiver.events()} == {f"acct-{i}" for i in range(60)}
