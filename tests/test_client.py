@@ -533,6 +533,27 @@ async def test_usage_limits_through_the_sync_client(app: App, tenant: Tenant) ->
     assert (status.limit.limit, status.used, status.remaining) == (3, 3, 0)
 
 
+async def test_recharge_policies_through_both_clients(app: App, tenant: Tenant) -> None:
+    async with sdk.AsyncClient(address(app), tenant.admin.key, timeout=5) as admin:
+        default = await admin.set_recharge_policy(100)
+        assert (default.policy.threshold, default.account_override) == (100, False)
+        own = await admin.set_recharge_policy(20, account_id="rc")
+        assert (own.policy.threshold, own.account_override) == (20, True)
+        off = await admin.set_recharge_policy(None, account_id="rc", disable=True)
+        assert off.disabled
+        with pytest.raises(sdk.InvalidRequest) as bad:
+            await admin.set_recharge_policy(0)
+        assert set(bad.value.field_violations) == {"policy.threshold"}
+
+    def run() -> pb.GetRechargePolicyResponse:
+        with sdk.Client(address(app), tenant.admin.key) as client:
+            client.set_recharge_policy(None, account_id="rc")  # the tenant's applies again
+            return client.get_recharge_policy("rc")
+
+    got = await asyncio.to_thread(run)
+    assert (got.policy.threshold, got.account_override, got.disabled) == (100, False, False)
+
+
 def test_sync_and_async_clients_offer_the_same_methods() -> None:
     def public(cls: type) -> set[str]:
         return {n for n in vars(cls) if not n.startswith("_")}

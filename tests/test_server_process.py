@@ -737,6 +737,18 @@ def test_cli_usage_limit_commands(launch: Launch, tmp_path: Path) -> None:
     bad = cli("account-options", "lim", "--time-zone", "Mars/Olympus", *flags)
     assert bad.returncode == 1 and "time_zone" in bad.stderr, bad.stderr
 
+    recharge = cli("recharge", "set", "50", *flags)
+    assert recharge.returncode == 0, recharge.stderr
+    assert "tenant default: recharge below 50" in recharge.stdout
+    own = cli("recharge", "set", "20", "--account", "lim", *flags)
+    assert "lim: recharge below 20 (its own)" in own.stdout, own.stdout
+    assert "lim: recharges off" in cli("recharge", "off", "lim", *flags).stdout
+    shown = cli("recharge", "remove", "--account", "lim", *flags)
+    assert "lim: recharge below 50" in shown.stdout, shown.stdout
+    bad = cli("recharge", "set", "0", *flags)
+    assert bad.returncode == 1 and "policy.threshold" in bad.stderr, bad.stderr
+    assert "no recharge policy" in cli("recharge", "remove", *flags).stdout
+
     removed = cli("limits", "remove", "text", "day", *flags)
     assert removed.returncode == 0, removed.stderr
     assert "no usage limits" in cli("limits", "list", *flags).stdout

@@ -255,6 +255,32 @@ class Client:
         req = pb.ListUsageLimitsRequest(account_id=account_id)
         return self.call("ListUsageLimits", req, pb.ListUsageLimitsResponse, timeout)
 
+    def set_recharge_policy(
+        self,
+        threshold: int | None,
+        pack_id: str = "",
+        *,
+        account_id: str = "",
+        disable: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.SetRechargePolicyResponse:
+        """Recharge when the spendable balance falls below `threshold`, with a pending
+        purchase of `pack_id` ('' = only the recharge_due event): the tenant's default,
+        or with `account_id` that account's own. None removes the policy; `disable`
+        turns recharges off for the account."""
+        req = rq.set_recharge_policy(
+            threshold, pack_id, account_id=account_id, disable=disable, request_id=request_id
+        )
+        return self.call("SetRechargePolicy", req, pb.SetRechargePolicyResponse, timeout)
+
+    def get_recharge_policy(
+        self, account_id: str = "", *, timeout: float | None = None
+    ) -> pb.GetRechargePolicyResponse:
+        """The tenant's default recharge policy, or the one that applies to `account_id`."""
+        req = pb.GetRechargePolicyRequest(account_id=account_id)
+        return self.call("GetRechargePolicy", req, pb.GetRechargePolicyResponse, timeout)
+
     def list_transactions(
         self,
         account_id: str,

@@ -395,6 +395,48 @@ def cmd_limits_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recharge_line(who: str, resp: Any) -> str:
+    if resp.disabled:
+        return f"{who}: recharges off"
+    if not resp.HasField("policy"):
+        return f"{who}: no recharge policy"
+    p = resp.policy
+    pack = f", pending purchase of {p.pack_id}" if p.pack_id else ""
+    own = " (its own)" if resp.account_override else ""
+    return f"{who}: recharge below {p.threshold}{pack}{own}"
+
+
+def cmd_recharge_show(args: argparse.Namespace) -> int:
+    resp = _client(args).get_recharge_policy(args.account or "")
+    console.print(_recharge_line(args.account or "tenant default", resp))
+    return 0
+
+
+def cmd_recharge_set(args: argparse.Namespace) -> int:
+    resp = _client(args).set_recharge_policy(
+        args.threshold, args.pack or "", account_id=args.account or "",
+        request_id=args.request_id,
+    )  # fmt: skip
+    console.print(_recharge_line(args.account or "tenant default", resp))
+    return 0
+
+
+def cmd_recharge_off(args: argparse.Namespace) -> int:
+    resp = _client(args).set_recharge_policy(
+        None, account_id=args.account, disable=True, request_id=args.request_id
+    )
+    console.print(_recharge_line(args.account, resp))
+    return 0
+
+
+def cmd_recharge_remove(args: argparse.Namespace) -> int:
+    resp = _client(args).set_recharge_policy(
+        None, account_id=args.account or "", request_id=args.request_id
+    )
+    console.print(_recharge_line(args.account or "tenant default", resp))
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     resp = _client(args).list_transactions(
         args.account, page_size=args.limit, page_token=args.page_token, kinds=args.kind,
@@ -1034,6 +1076,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--account", help="the account whose own limit it is")
         _client_flags(p, mutating=True)
         p.set_defaults(func=func)
+
+    recharge = sub.add_parser(
+        "recharge", help="automatic recharge below a balance threshold"
+    ).add_subparsers(dest="recharge", required=True)
+    p = recharge.add_parser("show", help="the tenant's default, or what applies to --account")
+    p.add_argument("--account")
+    _client_flags(p)
+    p.set_defaults(func=cmd_recharge_show)
+    p = recharge.add_parser("set", help="recharge below THRESHOLD (the tenant's, or --account's)")
+    p.add_argument("threshold", type=int)
+    p.add_argument("--pack", help="a one-time pack: each crossing creates a pending purchase")
+    p.add_argument("--account")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_recharge_set)
+    p = recharge.add_parser("off", help="no recharges for an account, even the tenant's")
+    p.add_argument("account")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_recharge_off)
+    p = recharge.add_parser("remove", help="remove the tenant's default, or --account's own")
+    p.add_argument("--account")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_recharge_remove)
     return parser
 
 
