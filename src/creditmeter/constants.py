@@ -359,6 +359,19 @@ REDIS_HASH_MAX_LISTPACK_VALUE = 1024
 #: the calls).
 SCRIPT_LOAD_ATTEMPTS = 3
 
+# --- automatic recharge (creditmeter.domain.recharge) ------------------------------------
+#: How often a server looks for crossings with no pending purchase yet (seconds), and
+#: how far back each pass looks (ms): the flush lag is well under this.
+RECHARGE_POLL_S = 1.0
+RECHARGE_RECENT_MS = 10 * 60 * 1000
+#: Every RECHARGE_SWEEP_S (and at start) a pass looks back RECHARGE_LOOKBACK_MS instead,
+#: for crossings a ledger outage held back: a crossing older than that when it reaches
+#: the ledger gets no purchase (its event is in the history all the same).
+RECHARGE_SWEEP_S = 600.0
+RECHARGE_LOOKBACK_MS = 3 * 24 * 3600 * 1000
+#: Crossings read per query.
+RECHARGE_BATCH = 100
+
 # --- webhooks (creditmeter.domain.webhooks, transport/webhooks.py) ---------------------
 #: How often the delivery worker looks for notices to fan out and deliveries due.
 WEBHOOK_POLL_S = 0.5

@@ -15,6 +15,7 @@ from creditmeter.storage.config_store.base import (
     LimitRow,
     PackRow,
     RateRow,
+    RechargeRow,
     Request,
     WebhookRow,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "LimitRow",
     "PackRow",
     "RateRow",
+    "RechargeRow",
     "Request",
     "WebhookRow",
     "open_config_store",
