@@ -119,6 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session_grace_s=float(args.session_grace),
         # A worker's metrics are served by its supervisor (multiprocess mode).
         metrics_listen=None if worker else args.metrics_listen or None,
+        http_listen=args.http_listen or None,
         # The sweeper, closer, renewals and reconciler: in worker 0 only.
         background_jobs=args.worker_index in (None, 0),
     )
@@ -673,6 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics"
         " (env CREDITMETER_METRICS_LISTEN; default off)",
+    )
+    p.add_argument(
+        "--http-listen",
+        default=_env("HTTP_LISTEN"),
+        metavar="HOST:PORT",
+        help="also serve the Credits and Packs services as HTTP/JSON (the Connect protocol)"
+        " on HOST:PORT (env CREDITMETER_HTTP_LISTEN; default off)",
     )
     p.add_argument(
         "--log-format",
