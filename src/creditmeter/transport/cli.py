@@ -422,6 +422,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peer_clients=args.peer_clients,
         drain_backlog=args.drain_backlog,
         cluster=args.cluster,
+        http_server=args.http_server,
     )
     return run(options)
 
@@ -437,6 +438,13 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return uvloop.run(
         run_flusher(args.data_dir, args.redis_url, args.ledger_url, args.replica_acks)
     )
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    from creditmeter.transport.connect_gateway import routes_table
+
+    sys.stdout.write(routes_table())  # plain Markdown: not through rich
+    return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -778,6 +786,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_flush)
 
+    p = sub.add_parser(
+        "routes", help="the HTTP/JSON routes of serve --http-listen, as a Markdown table"
+    )
+    p.set_defaults(func=cmd_routes)
+
     p = sub.add_parser("audit", help="check every balance in Redis against the ledger")
     _store_flags(p)
     p.add_argument("--tenant")
@@ -863,6 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "commandstats), the reference script and the redis-benchmark "
                    "ceiling")  # fmt: skip
     p.add_argument("--tenant", default=None, help="with --server: the tenant of --api-key")
+    p.add_argument("--http-server", default=None, metavar="URL",
+                   help="with --server: its --http-listen as http://HOST:PORT (the http "
+                   "scenario; without --server the bench's own server has one)")
     p.add_argument("--redis-clients", type=int, default=BENCH_REDIS_CLIENTS,
                    help="redis-benchmark connections")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=BENCH_DRAIN_TIMEOUT_S,

@@ -58,7 +58,7 @@ from protobuf.wkt import Any as PyAny
 from creditmeter import errors
 from creditmeter.api.credits.v1 import credits_connect, credits_pb2, packs_connect, packs_pb2
 from creditmeter.api.google.rpc import error_details_pb
-from creditmeter.domain.keys import KeyRing
+from creditmeter.domain.keys import KeyRing, Role, role_allows
 from creditmeter.transport.interceptors import to_status
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,17 @@ def routes() -> list[Route]:
         for service, _ in SERVICES
         for method in service.methods
     ]
+
+
+def routes_table() -> str:
+    """The Markdown table of every route, its kind and the least role that may call it
+    (`creditmeter routes`; README.md carries it, tests/test_http.py checks that)."""
+    lines = ["| Route (POST, JSON body) | Kind | Least role |", "| --- | --- | --- |"]
+    for route in routes():
+        name = route.method.name
+        least = next(r for r in (Role.READ, Role.METER, Role.ADMIN) if role_allows(r, name))
+        lines.append(f"| `{route.path}` | {route.kind} | {least} |")
+    return "\n".join(lines) + "\n"
 
 
 def connect_error(error: grpc.aio.AioRpcError) -> ConnectError:
