@@ -155,13 +155,20 @@ def domain_error(error: errors.CreditError) -> ConnectError:
 
 class JsonCodec(Codec[message.Message, Any]):
     """Proto3 JSON with the google.protobuf runtime, refusing unknown fields, and a body
-    that is no valid message answered as INVALID_ARGUMENT / INVALID_REQUEST."""
+    that is no valid message answered as INVALID_ARGUMENT / INVALID_REQUEST.
+
+    Answers carry fields at their zero value too (`"balance": "0"`, `"lots": []`), which
+    the proto3 JSON mapping allows and every parser of it reads: a PHP or shell caller
+    then needs no default for each absent field. Fields with presence (optional, oneof,
+    messages) are still left out when unset, as they mean something by their absence."""
 
     def name(self) -> str:
         return "json"
 
     def encode(self, msg: message.Message) -> bytes:
-        return json_format.MessageToJson(msg, indent=None).encode()
+        return json_format.MessageToJson(
+            msg, indent=None, always_print_fields_with_no_presence=True
+        ).encode()
 
     def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
         msg = message_class()
