@@ -13,6 +13,8 @@ import base64
 import json
 import re
 import struct
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -324,6 +326,21 @@ async def test_http_calls_are_the_grpc_calls_with_their_metrics(app: App, tenant
     before = rpcs("Consume", "FAILED_PRECONDITION")
     await call(app, "Consume", consume("nothing-here", 1), tenant.meter.key)
     assert rpcs("Consume", "FAILED_PRECONDITION") == before + 1
+    # Refused by the gateway before any gRPC call: counted all the same, once.
+    unauthenticated, invalid = rpcs("Grant", "UNAUTHENTICATED"), rpcs("Grant", "INVALID_ARGUMENT")
+    await call(app, "Grant", grant("nothing-here", 1), None)
+    await call(app, "Grant", b"{not json", tenant.admin.key)
+    await call(app, "Grant", {"amount": "-1"}, tenant.admin.key)  # refused by gRPC's validation
+    assert rpcs("Grant", "UNAUTHENTICATED") == unauthenticated + 1
+    assert rpcs("Grant", "INVALID_ARGUMENT") == invalid + 2
+
+
+def test_routes_command_prints_the_table() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "creditmeter", "routes"], capture_output=True, text=True,
+        check=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout == connect_gateway.routes_table()
 
 
 async def test_watch_balance_streams_over_http(app: App, tenant: Tenant) -> None:

@@ -38,6 +38,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -55,7 +56,7 @@ from google.rpc import status_pb2
 from protobuf import Message as PyMessage
 from protobuf.wkt import Any as PyAny
 
-from creditmeter import errors
+from creditmeter import errors, metrics
 from creditmeter.api.credits.v1 import credits_connect, credits_pb2, packs_connect, packs_pb2
 from creditmeter.api.google.rpc import error_details_pb
 from creditmeter.domain.keys import KeyRing, Role, role_allows
@@ -75,6 +76,9 @@ _CODES: dict[grpc.StatusCode, Code] = {
     for status in grpc.StatusCode
     if status is not grpc.StatusCode.OK
 }
+
+#: Connect code -> the gRPC code name the metrics use.
+_GRPC_NAMES: dict[Code, str] = {code: status.name for status, code in _CODES.items()}
 
 #: The detail types the server sends, as protobuf-py messages: connectrpc writes a
 #: detail's JSON `debug` form only for those (google.rpc has no protobuf-py package).
@@ -144,11 +148,11 @@ def _detail(packed: Any) -> ErrorDetail:
     return ErrorDetail(PyAny(type_url=packed.type_url, value=packed.value))
 
 
-def domain_error(error: errors.CreditError) -> ConnectError:
+def domain_error(error: errors.CreditError) -> RefusedHere:
     """The Connect error of a domain error, as the gRPC side would report it."""
     status = to_status(error)
     parsed = status_pb2.Status.FromString(dict(status.trailing_metadata)[_STATUS_DETAILS])
-    return ConnectError(
+    return RefusedHere(
         _CODES.get(status.code, Code.UNKNOWN), status.details, [_detail(d) for d in parsed.details]
     )
 
@@ -180,23 +184,44 @@ class JsonCodec(Codec[message.Message, Any]):
         return msg
 
 
+class RefusedHere(ConnectError):
+    """A call the gateway answered itself, never forwarded (no key, or a body that is no
+    valid message): counted in the RPC metrics here, as the gRPC side counts the rest."""
+
+
 class KeyCheck:
     """A Connect metadata interceptor: refuses a call without a valid API key before its
-    body is read, with the gRPC side's KeyRing and error."""
+    body is read, with the gRPC side's KeyRing and error; and counts the calls refused
+    before they reached gRPC (creditmeter_rpcs_total, by the gRPC code name)."""
 
     def __init__(self, keyring: Callable[[], KeyRing]) -> None:
         self._keyring = keyring
+        self._recorders: dict[str, Callable[[str, float], None]] = {}
 
-    async def on_start(self, ctx: RequestContext[Any, Any]) -> None:
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> float:
+        started = time.perf_counter()
         try:
             self._keyring().authenticate(ctx.request_headers.get("authorization"))
         except errors.CreditError as error:
-            raise domain_error(error) from None
+            refused = domain_error(error)
+            self._record(ctx, refused, started)  # on_end is not called after this
+            raise refused from None
+        return started
 
     async def on_end(
-        self, token: None, ctx: RequestContext[Any, Any], error: Exception | None
+        self, started: float, ctx: RequestContext[Any, Any], error: Exception | None
     ) -> None:
-        return None
+        if isinstance(error, RefusedHere):
+            self._record(ctx, error, started)
+
+    def _record(self, ctx: RequestContext[Any, Any], error: ConnectError, started: float) -> None:
+        method = ctx.method
+        record = self._recorders.get(method.name)
+        if record is None:
+            record = self._recorders[method.name] = metrics.rpc_recorder(
+                method.service_name, method.name
+            )
+        record(_GRPC_NAMES.get(error.code, "UNKNOWN"), time.perf_counter() - started)
 
 
 def _metadata(ctx: RequestContext[Any, Any]) -> tuple[tuple[str, str], ...]:
