@@ -306,6 +306,26 @@ async def test_every_route_reaches_its_rpc(app: App, tenant: Tenant) -> None:
         assert answer.status != 404 and answer.code != "unimplemented", (route.path, answer)
 
 
+async def test_roles_over_http_match_the_route_table(app: App, tenant: Tenant) -> None:
+    """A read and a meter key on every unary route: refused exactly where the table's
+    least role is above theirs (the gRPC side's role check, reached through the gateway)."""
+    for route in connect_gateway.routes():
+        if route.kind != "unary":
+            continue
+        service = route.path.split("/")[1].rpartition(".")[2]
+        name = route.path.rsplit("/", 1)[1]
+        least = connect_gateway.least_role(name)
+        for role, key in (("read", tenant.read.key), ("meter", tenant.meter.key)):
+            answer = await call(app, name, {}, key, service)
+            may = {"read": ["read"], "meter": ["read", "meter"]}[role]
+            if least.value in may:
+                assert answer.code != "permission_denied", (route.path, role, answer)
+            else:
+                assert (answer.status, answer.reason) == (403, "ROLE_NOT_ALLOWED"), (
+                    route.path, role, answer
+                )
+
+
 # --- streams ----------------------------------------------------------------------------
 def rpcs(method: str, code: str) -> float:
     """creditmeter_rpcs_total of a Credits method and code: the gRPC interceptor's count."""

@@ -126,10 +126,13 @@ def routes_table() -> str:
     (`creditmeter routes`; README.md carries it, tests/test_http.py checks that)."""
     lines = ["| Route (POST, JSON body) | Kind | Least role |", "| --- | --- | --- |"]
     for route in routes():
-        name = route.method.name
-        least = next(r for r in (Role.READ, Role.METER, Role.ADMIN) if role_allows(r, name))
-        lines.append(f"| `{route.path}` | {route.kind} | {least} |")
+        lines.append(f"| `{route.path}` | {route.kind} | {least_role(route.method.name)} |")
     return "\n".join(lines) + "\n"
+
+
+def least_role(method: str) -> Role:
+    """The least role whose keys may call the RPC (admin may call every one)."""
+    return next(r for r in (Role.READ, Role.METER, Role.ADMIN) if role_allows(r, method))
 
 
 def connect_error(error: grpc.aio.AioRpcError) -> ConnectError:
