@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import re
 import secrets
@@ -61,8 +60,6 @@ from creditmeter.api.credits.v1 import credits_connect, credits_pb2, packs_conne
 from creditmeter.api.google.rpc import error_details_pb
 from creditmeter.domain.keys import KeyRing, Role, role_allows
 from creditmeter.transport.interceptors import to_status
-
-log = logging.getLogger(__name__)
 
 #: The services served over HTTP, with the ASGI application connectrpc generated for each.
 SERVICES: tuple[tuple[descriptor.ServiceDescriptor, Callable[..., Any]], ...] = (
@@ -182,8 +179,8 @@ class JsonCodec(Codec[message.Message, Any]):
         try:
             json_format.Parse(bytes(data), msg, ignore_unknown_fields=False)
         except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
-            text = str(exc)
-            raise domain_error(errors.InvalidRequest([], f"invalid JSON request: {text}")) from None
+            refused = errors.InvalidRequest([], f"invalid JSON request: {exc}")
+            raise domain_error(refused) from None
         return msg
 
 
@@ -350,7 +347,9 @@ def bind(listen: str) -> socket.socket:
 
 
 def loopback_address() -> str:
-    """A private gRPC address for the gateway's channel to its own process."""
+    """A private gRPC address for the gateway's channel to its own process. Private in
+    the sense of unshared (each process its own, unguessable name), not of protected: a
+    local process that found it would meet the same interceptor as on the gRPC port."""
     return f"unix-abstract:creditmeter-connect-{os.getpid()}-{secrets.token_hex(4)}"
 
 
@@ -389,7 +388,7 @@ class Gateway:
     async def start(self) -> int:
         """Bind, start serving and return the bound port."""
         self._channel = grpc.aio.insecure_channel(self.target)
-        sock = bind(self.listen)
+        sock = await asyncio.to_thread(bind, self.listen)  # resolves the host: off the loop
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.application(self._channel),
