@@ -239,8 +239,10 @@ async def test_validation_errors_name_the_fields(app: App, tenant: Tenant) -> No
     assert (bad.status, bad.code, bad.reason) == (400, "invalid_argument", "INVALID_REQUEST")
     assert set(bad.violations) == {"account_id", "amount"}
     assert bad.violations["amount"] == "must be positive"
-    assert (await call(app, "GetBalance", {"accountId": "bad account!"}, tenant.read.key)).code \
-        == "invalid_argument"  # fmt: skip
+    read = await call(app, "GetBalance", {"accountId": "bad account!"}, tenant.read.key)
+    assert (read.code, read.reason, list(read.violations)) == (
+        "invalid_argument", "INVALID_REQUEST", ["account_id"]
+    )
 
 
 @pytest.mark.parametrize(
