@@ -15,6 +15,8 @@ import re
 import struct
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -29,8 +31,8 @@ from prometheus_client import REGISTRY
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.transport import connect_gateway
-from creditmeter.transport.server import App
-from tests.conftest import Tenant, rid
+from creditmeter.transport.server import App, Settings
+from tests.conftest import Tenant, make_tenant, rid
 from tests.helpers import failure
 
 pytestmark = pytest.mark.settings(http_listen="127.0.0.1:0")
@@ -110,7 +112,9 @@ def read_envelopes(stream: Any) -> Iterator[tuple[int, dict[str, Any]]]:
         yield flags, json.loads(stream.read(length))
 
 
-def _stream(url: str, body: bytes, key: str, first: int | None) -> list[tuple[int, Any]]:
+def _stream(
+    url: str, body: bytes, key: str, first: int | None, arrived: threading.Event | None = None
+) -> list[tuple[int, Any]]:
     headers = {"Content-Type": "application/connect+json", **auth(key)}
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     got: list[tuple[int, Any]] = []
@@ -118,6 +122,8 @@ def _stream(url: str, body: bytes, key: str, first: int | None) -> list[tuple[in
         assert response.status == 200
         for item in read_envelopes(response):
             got.append(item)
+            if arrived is not None:
+                arrived.set()
             if first is not None and len(got) == first:
                 break  # and hang up: the server's watch must end with the connection
     return got
@@ -420,3 +426,38 @@ def test_readme_lists_every_route() -> None:
     assert paths == [r.path for r in connect_gateway.routes()]
     expected = {f"/{s.full_name}/{m.name}" for s, _ in connect_gateway.SERVICES for m in s.methods}
     assert set(paths) == expected
+
+
+# --- stopping -------------------------------------------------------------------------------
+async def test_stop_ends_open_watches_within_the_grace(tmp_path: Path, redis_url: str) -> None:
+    """A server stopping with an HTTP watch open ends the watch (its end-of-stream comes)
+    and stops within its grace, rather than waiting on the open connection."""
+    grace_s = 2.0
+    server = App(Settings(listen="127.0.0.1:0", data_dir=tmp_path / "data", redis_url=redis_url,
+                          flusher=False, shutdown_grace_s=grace_s, http_listen="127.0.0.1:0"))
+    await server.start()
+    t = await make_tenant(server)
+    try:
+        # A replayed alert as the first message: then the HTTP watch is known to be open.
+        await call(server, "Grant", grant("s1", 10), t.admin.key)
+        watch = t.read.WatchBalance(pb.WatchBalanceRequest(account_id="s1", thresholds=[5]))
+        await watch.initial_metadata()
+        await call(server, "Consume", consume("s1", 6), t.meter.key)
+        low = await asyncio.wait_for(watch.read(), 5)
+        watch.cancel()
+        await call(server, "Consume", consume("s1", 4), t.meter.key)
+        first = threading.Event()
+        url = f"http://127.0.0.1:{server.http_port}/credits.v1.Credits/WatchBalance"
+        body = envelope({"accountId": "s1", "thresholds": ["5"], "resumeToken": low.resume_token})
+        watching = asyncio.create_task(
+            asyncio.to_thread(_stream, url, body, t.read.key, None, first)
+        )
+        assert await asyncio.to_thread(first.wait, 10)
+    finally:
+        started = time.monotonic()
+        await server.stop()
+        await t.channel.close()
+    assert time.monotonic() - started < grace_s * 2
+    got = await asyncio.wait_for(watching, 5)
+    assert [flags for flags, _ in got] == [0, END_STREAM]
+    assert got[1][1] == {}  # ended cleanly, not with an error
