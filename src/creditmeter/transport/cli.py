@@ -123,6 +123,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The sweeper, closer, renewals and reconciler: in worker 0 only.
         background_jobs=args.worker_index in (None, 0),
     )
+    if settings.http_listen is not None and args.workers == 1:
+        # App imports it only for --http-listen: now, so that it is frozen below too.
+        from creditmeter.transport import connect_gateway  # noqa: F401
     # What is imported by now (grpc, protobuf, redis, the server's modules) lives as long
     # as the process: frozen, the collector's full passes no longer walk it (a py-spy
     # profile under Consume load had about a tenth of the loop's time in gc).

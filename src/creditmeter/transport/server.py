@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,10 +61,12 @@ from creditmeter.storage.ledger.flusher import BacklogMeter, Flusher, drain, flu
 from creditmeter.storage.outbox import OutboxReader
 from creditmeter.storage.redis_client import Client, connect
 from creditmeter.storage.redis_store import RedisStore
-from creditmeter.transport.connect_gateway import Gateway, loopback_address
 from creditmeter.transport.credits_servicer import CreditsServicer, LedgerStatus
 from creditmeter.transport.interceptors import Gatekeeper
 from creditmeter.transport.packs_servicer import PacksServicer
+
+if TYPE_CHECKING:
+    from creditmeter.transport.connect_gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +237,17 @@ class App:
             raise OSError(f"cannot listen on {s.listen}")
         loopback = None
         if s.http_listen is not None:
+            # Imported only here: uvicorn and connectrpc are a third of the server's
+            # imports, which a server without --http-listen need not pay for.
+            from creditmeter.transport import connect_gateway
+
             # The gateway's own way in: the same server, interceptors and servicers.
-            loopback = loopback_address()
+            loopback = connect_gateway.loopback_address()
             if self.server.add_insecure_port(loopback) == 0:
                 raise OSError(f"cannot listen on {loopback}")
         await self.server.start()
         if s.http_listen is not None and loopback is not None:
-            self.gateway = Gateway(s.http_listen, loopback, lambda: live.keys)
+            self.gateway = connect_gateway.Gateway(s.http_listen, loopback, lambda: live.keys)
             self.http_port = await self.gateway.start()
             log.info(
                 "HTTP/JSON (Connect) on http://%s:%d", s.http_listen.rsplit(":", 1)[0],
