@@ -39,6 +39,7 @@ from creditmeter.storage import layout
 from creditmeter.storage.layout import bucket_of
 from creditmeter.storage.ledger.base import HOLD_KINDS
 from creditmeter.storage.outbox import STREAM_ID, OutboxReader, OutboxTxn
+from creditmeter.storage.recharge import DUE_KIND
 
 #: Event kinds that take credit out of the lots (the event's balance is after the removal),
 #: that add it, and that take or let go of a hold. Anything else (options, request) moves
@@ -54,6 +55,8 @@ class AlertKind(StrEnum):
     LOW = "low"
     DEPLETED = "depleted"
     TOPPED_UP = "topped_up"
+    #: A recharge fell due (creditmeter.domain.recharge): sent whatever the thresholds.
+    RECHARGE_DUE = "recharge_due"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class Alert:
     transaction_id: str
     time_ms: int
     resume_token: str
+    #: RECHARGE_DUE: the policy's pack ('' = none).
+    pack_id: str = ""
 
 
 def _figures_before(kind: str, credit: int, reserved: int, amount: int) -> tuple[int, int]:
@@ -97,6 +102,18 @@ def balance_change(events: Sequence[Mapping[str, str]]) -> tuple[int, int] | Non
         int(last["balance"]), int(last.get("reserved", "0")), unlimited=False
     )
     return before, after
+
+
+def recharge_due(
+    events: Sequence[Mapping[str, str]],
+) -> tuple[int, tuple[int, int], str] | None:
+    """A transaction that is a recharge falling due (recharge_watch of _lib.lua): its
+    threshold, the spendable balance before and after the call, and its pack."""
+    if len(events) != 1 or events[0].get("kind") != DUE_KIND:
+        return None
+    e = events[0]
+    after = balances.spendable(int(e["balance"]), int(e.get("reserved", "0")), unlimited=False)
+    return int(e["amount"]), (int(e["before"]), after), e.get("reference", "")
 
 
 def crossings(before: int, after: int, thresholds: Sequence[int]) -> list[tuple[AlertKind, int]]:
@@ -194,18 +211,23 @@ class _Watch:
             skip, self.skip = self.skip[1], None  # only the first call read there
         if not self.relevant(txn):
             return []
-        found: list[tuple[AlertKind, int, tuple[int, int], str, int]] = []
+        found: list[tuple[AlertKind, int, tuple[int, int], str, int, str]] = []
         for txn_id, events in _transactions(txn.events):
+            time_ms = int(next((e["ts"] for e in reversed(events) if "ts" in e), "0"))
+            due = recharge_due(events)
+            if due is not None:
+                threshold, moved, pack = due
+                found.append((AlertKind.RECHARGE_DUE, threshold, moved, txn_id, time_ms, pack))
+                continue
             change = balance_change(events)
             if change is None:
                 continue
-            time_ms = int(next((e["ts"] for e in reversed(events) if "ts" in e), "0"))
             found.extend(
-                (kind, threshold, change, txn_id, time_ms)
+                (kind, threshold, change, txn_id, time_ms, "")
                 for kind, threshold in crossings(*change, self.thresholds)
             )
         alerts = []
-        for i, (kind, threshold, change, txn_id, time_ms) in enumerate(found):
+        for i, (kind, threshold, change, txn_id, time_ms, pack) in enumerate(found):
             if i < skip:
                 continue
             point = (
@@ -223,6 +245,7 @@ class _Watch:
                     transaction_id=txn_id,
                     time_ms=time_ms,
                     resume_token=point.encode(),
+                    pack_id=pack,
                 )
             )
         return alerts

@@ -22,7 +22,8 @@ from creditmeter.errors import BackendUnavailable
 
 #: Event kinds that change a balance or options (`request` events go to the requests table).
 EVENT_KINDS = (
-    "grant", "consume", "session", "expire", "reset", "refund", "options", "usage_limit"
+    "grant", "consume", "session", "expire", "reset", "refund", "options", "usage_limit",
+    "recharge_policy", "recharge_due",
 )  # fmt: skip
 #: Kinds that charge for usage: Consume, and the steps of call sessions.
 CHARGE_KINDS = ("consume", "session")
@@ -226,6 +227,8 @@ class Transaction:
     amount: int
     balance: int | None
     lines: list[tuple[str, int]] = field(default_factory=list)
+    #: The first event's reference (a recharge's pack: "set:<pack>" for a policy).
+    reference: str = ""
 
 
 class Period(StrEnum):
@@ -263,6 +266,7 @@ def group_transactions(events: Sequence[Event]) -> list[Transaction]:
                 amount=sum(r.amount for r in rows),
                 balance=rows[-1].balance,
                 lines=[(r.lot, r.amount) for r in rows if r.lot],
+                reference=first.reference,
             )
         )
     return result
@@ -454,6 +458,12 @@ class Ledger(ABC):
 
     @abstractmethod
     async def event_count(self) -> int: ...
+
+    @abstractmethod
+    async def unbought_recharges(self, since_ms: int, limit: int) -> list[Event]:
+        """`recharge_due` events at or after `since_ms` that name a pack and have no
+        purchase yet with request id "recharge:<their txn>" (creditmeter.domain.recharge),
+        oldest first, at most `limit`."""
 
     # --- purchases --------------------------------------------------------------------
     @abstractmethod

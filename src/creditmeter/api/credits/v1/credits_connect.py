@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .credits_pb2 import CheckBatchRequest, CheckBatchResponse, CheckRequest, CheckResponse, ConsumeBatchRequest, ConsumeBatchResponse, ConsumeRequest, ConsumeResponse, EndSessionRequest, EndSessionResponse, GetBalanceRequest, GetBalanceResponse, GetLedgerStatusRequest, GetLedgerStatusResponse, GetSessionRequest, GetSessionResponse, GetUsageReportRequest, GetUsageReportResponse, GetUsageRequest, GetUsageResponse, GrantRequest, GrantResponse, ListRatesRequest, ListRatesResponse, ListTransactionsRequest, ListTransactionsResponse, ListUsageLimitsRequest, ListUsageLimitsResponse, MeterRequest, MeterResponse, SetAccountOptionsRequest, SetAccountOptionsResponse, SetBalanceRequest, SetBalanceResponse, SetRateRequest, SetRateResponse, SetUsageLimitRequest, SetUsageLimitResponse, StartSessionRequest, StartSessionResponse, UpdateSessionRequest, UpdateSessionResponse, VoidGrantRequest, VoidGrantResponse, WatchBalanceRequest, WatchBalanceResponse
+from .credits_pb2 import CheckBatchRequest, CheckBatchResponse, CheckRequest, CheckResponse, ConsumeBatchRequest, ConsumeBatchResponse, ConsumeRequest, ConsumeResponse, EndSessionRequest, EndSessionResponse, GetBalanceRequest, GetBalanceResponse, GetLedgerStatusRequest, GetLedgerStatusResponse, GetRechargePolicyRequest, GetRechargePolicyResponse, GetSessionRequest, GetSessionResponse, GetUsageReportRequest, GetUsageReportResponse, GetUsageRequest, GetUsageResponse, GrantRequest, GrantResponse, ListRatesRequest, ListRatesResponse, ListTransactionsRequest, ListTransactionsResponse, ListUsageLimitsRequest, ListUsageLimitsResponse, MeterRequest, MeterResponse, SetAccountOptionsRequest, SetAccountOptionsResponse, SetBalanceRequest, SetBalanceResponse, SetRateRequest, SetRateResponse, SetRechargePolicyRequest, SetRechargePolicyResponse, SetUsageLimitRequest, SetUsageLimitResponse, StartSessionRequest, StartSessionResponse, UpdateSessionRequest, UpdateSessionResponse, VoidGrantRequest, VoidGrantResponse, WatchBalanceRequest, WatchBalanceResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -147,6 +147,28 @@ class Credits(Protocol):
         """
         ListUsageLimits returns the tenant's limits, or with account_id those that apply to
         the account now with its usage in the current period. Requires any key of the tenant.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def set_recharge_policy(self, request: SetRechargePolicyRequest, ctx: RequestContext[SetRechargePolicyRequest, SetRechargePolicyResponse], /) -> SetRechargePolicyResponse:
+        """
+        SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+        every account (no account_id), or an account's own, which wins over the tenant's (or,
+        with `disable`, turns recharges off for the account). When a change takes an
+        account's spendable balance from at or above the threshold to below it, the same
+        script records one `recharge_due` event (a crossing): history shows it
+        (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+        alert, and, when the policy names a pack, the server creates one pending purchase of
+        it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+        provider. A new crossing needs the balance back at or above the threshold first.
+        Requires an admin key.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_recharge_policy(self, request: GetRechargePolicyRequest, ctx: RequestContext[GetRechargePolicyRequest, GetRechargePolicyResponse], /) -> GetRechargePolicyResponse:
+        """
+        GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+        the one that applies to the account. Requires any key of the tenant.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -396,6 +418,28 @@ class CreditsASGIApplication(ConnectASGIApplication[Credits]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_usage_limits,
+                ),
+                "/credits.v1.Credits/SetRechargePolicy": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SetRechargePolicy",
+                        service_name="credits.v1.Credits",
+                        input=SetRechargePolicyRequest,
+                        output=SetRechargePolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.set_recharge_policy,
+                ),
+                "/credits.v1.Credits/GetRechargePolicy": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetRechargePolicy",
+                        service_name="credits.v1.Credits",
+                        input=GetRechargePolicyRequest,
+                        output=GetRechargePolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_recharge_policy,
                 ),
                 "/credits.v1.Credits/ListTransactions": Endpoint.unary(
                     method=MethodInfo(
@@ -878,6 +922,62 @@ class CreditsClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def set_recharge_policy(
+        self,
+        request: SetRechargePolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetRechargePolicyResponse:
+        """
+        SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+        every account (no account_id), or an account's own, which wins over the tenant's (or,
+        with `disable`, turns recharges off for the account). When a change takes an
+        account's spendable balance from at or above the threshold to below it, the same
+        script records one `recharge_due` event (a crossing): history shows it
+        (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+        alert, and, when the policy names a pack, the server creates one pending purchase of
+        it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+        provider. A new crossing needs the balance back at or above the threshold first.
+        Requires an admin key.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetRechargePolicy",
+                service_name="credits.v1.Credits",
+                input=SetRechargePolicyRequest,
+                output=SetRechargePolicyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def get_recharge_policy(
+        self,
+        request: GetRechargePolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetRechargePolicyResponse:
+        """
+        GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+        the one that applies to the account. Requires any key of the tenant.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetRechargePolicy",
+                service_name="credits.v1.Credits",
+                input=GetRechargePolicyRequest,
+                output=GetRechargePolicyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     async def list_transactions(
         self,
         request: ListTransactionsRequest,
@@ -1252,6 +1352,28 @@ class CreditsSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def set_recharge_policy(self, request: SetRechargePolicyRequest, ctx: RequestContext[SetRechargePolicyRequest, SetRechargePolicyResponse], /) -> SetRechargePolicyResponse:
+        """
+        SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+        every account (no account_id), or an account's own, which wins over the tenant's (or,
+        with `disable`, turns recharges off for the account). When a change takes an
+        account's spendable balance from at or above the threshold to below it, the same
+        script records one `recharge_due` event (a crossing): history shows it
+        (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+        alert, and, when the policy names a pack, the server creates one pending purchase of
+        it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+        provider. A new crossing needs the balance back at or above the threshold first.
+        Requires an admin key.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_recharge_policy(self, request: GetRechargePolicyRequest, ctx: RequestContext[GetRechargePolicyRequest, GetRechargePolicyResponse], /) -> GetRechargePolicyResponse:
+        """
+        GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+        the one that applies to the account. Requires any key of the tenant.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def list_transactions(self, request: ListTransactionsRequest, ctx: RequestContext[ListTransactionsRequest, ListTransactionsResponse], /) -> ListTransactionsResponse:
         """
         ListTransactions returns an account's history from the durable ledger, newest first,
@@ -1496,6 +1618,28 @@ class CreditsWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_usage_limits,
+                ),
+                "/credits.v1.Credits/SetRechargePolicy": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SetRechargePolicy",
+                        service_name="credits.v1.Credits",
+                        input=SetRechargePolicyRequest,
+                        output=SetRechargePolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.set_recharge_policy,
+                ),
+                "/credits.v1.Credits/GetRechargePolicy": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetRechargePolicy",
+                        service_name="credits.v1.Credits",
+                        input=GetRechargePolicyRequest,
+                        output=GetRechargePolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_recharge_policy,
                 ),
                 "/credits.v1.Credits/ListTransactions": EndpointSync.unary(
                     method=MethodInfo(
@@ -1972,6 +2116,62 @@ class CreditsClientSync(ConnectClientSync):
                 service_name="credits.v1.Credits",
                 input=ListUsageLimitsRequest,
                 output=ListUsageLimitsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def set_recharge_policy(
+        self,
+        request: SetRechargePolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetRechargePolicyResponse:
+        """
+        SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+        every account (no account_id), or an account's own, which wins over the tenant's (or,
+        with `disable`, turns recharges off for the account). When a change takes an
+        account's spendable balance from at or above the threshold to below it, the same
+        script records one `recharge_due` event (a crossing): history shows it
+        (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+        alert, and, when the policy names a pack, the server creates one pending purchase of
+        it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+        provider. A new crossing needs the balance back at or above the threshold first.
+        Requires an admin key.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetRechargePolicy",
+                service_name="credits.v1.Credits",
+                input=SetRechargePolicyRequest,
+                output=SetRechargePolicyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_recharge_policy(
+        self,
+        request: GetRechargePolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetRechargePolicyResponse:
+        """
+        GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+        the one that applies to the account. Requires any key of the tenant.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetRechargePolicy",
+                service_name="credits.v1.Credits",
+                input=GetRechargePolicyRequest,
+                output=GetRechargePolicyResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),
