@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -812,3 +813,28 @@ async def test_two_servers_deliver_each_event_once(
     ids = [e["id"] for e in receiver.events()]
     assert len(ids) == 60 and len(set(ids)) == 60
     assert {e["data"]["accountId"] for e in receiver.events()} == {f"acct-{i}" for i in range(60)}
+
+
+@pytest.mark.settings(http_listen="127.0.0.1:0")
+async def test_endpoints_over_http_json(app: App, tenant: Tenant) -> None:
+    """A platform without gRPC (PHP) manages its endpoints over the HTTP/JSON gateway."""
+    base = f"http://127.0.0.1:{app.http_port}/credits.v1.Webhooks"
+    headers = {"Authorization": f"Bearer {tenant.admin.key}"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        made = await http.post(f"{base}/CreateWebhookEndpoint", headers=headers, json={
+            "endpoint": {"url": "https://example.com/php", "thresholds": ["100"],
+                         "eventTypes": ["WEBHOOK_EVENT_TYPE_BALANCE_LOW"]},
+            "requestId": rid(),
+        })  # fmt: skip
+        assert made.status_code == 200, made.text
+        body = made.json()
+        assert body["secret"].startswith("whsec_")
+        assert body["endpoint"]["thresholds"] == ["100"]
+        listed = await http.post(f"{base}/ListWebhookEndpoints", headers=headers, json={})
+        assert [e["url"] for e in listed.json()["endpoints"]] == ["https://example.com/php"]
+        bad = await http.post(f"{base}/CreateWebhookEndpoint", headers=headers, json={
+            "endpoint": {"url": "ftp://x"}, "requestId": rid()})  # fmt: skip
+        assert bad.status_code == 400 and bad.json()["code"] == "invalid_argument"
+        meter = {"Authorization": f"Bearer {tenant.meter.key}"}
+        denied = await http.post(f"{base}/ListWebhookEndpoints", headers=meter, json={})
+        assert denied.status_code == 403, denied.text
