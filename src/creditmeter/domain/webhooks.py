@@ -39,7 +39,7 @@ from creditmeter.constants import (
     MAX_WEBHOOK_ENDPOINTS,
     MAX_WEBHOOK_URL,
 )
-from creditmeter.domain.alerts import AlertKind, balance_change, crossings
+from creditmeter.domain.alerts import AlertKind, balance_change, crossings, recharge_due
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.validation import Violations
@@ -70,7 +70,7 @@ _TIMEOUT_STEP = "#timeout"
 
 
 class EventType(StrEnum):
-    """The `type` of a webhook body. (Recharge due, issue 13 section 2, is not emitted yet.)"""
+    """The `type` of a webhook body."""
 
     BALANCE_LOW = "balance.low"
     BALANCE_DEPLETED = "balance.depleted"
@@ -80,6 +80,7 @@ class EventType(StrEnum):
     PURCHASE_EXPIRED = "purchase.expired"
     SUBSCRIPTION_PERIOD_GRANTED = "subscription.period_granted"
     SESSION_TIMED_OUT = "session.timed_out"
+    RECHARGE_DUE = "recharge.due"
 
 
 _ALERT_TYPE = {
@@ -187,7 +188,8 @@ BALANCE_TYPES = frozenset(
 
 def notices_of(events: Sequence[Mapping[str, str]], balance: bool = True) -> list[Notice]:
     """The notices of one outbox entry's events: one per transaction that moved the
-    spendable balance (unless not `balance`), and one for a session the server closed."""
+    spendable balance (unless not `balance`), one per recharge falling due, and one for a
+    session the server closed."""
     if not events:
         return []
     runs: list[tuple[str, list[Mapping[str, str]]]] = []
@@ -200,11 +202,22 @@ def notices_of(events: Sequence[Mapping[str, str]], balance: bool = True) -> lis
     found: list[Notice] = []
     first = events[0]
     tenant, account = first.get("tenant", ""), first.get("account", "")
-    for txn, run in runs if balance else ():
-        change = balance_change(run)
+    for txn, run in runs:
+        ts = int(next((e["ts"] for e in reversed(run) if "ts" in e), "0"))
+        due = recharge_due(run)
+        if due is not None:  # one per crossing: always reported
+            threshold, (before, after), pack = due
+            data: dict[str, object] = {
+                "account": account, "txn": txn, "threshold": threshold, "before": before,
+                "after": after, "pack_id": pack,
+            }  # fmt: skip
+            found.append(
+                Notice(f"recharge:{txn}", tenant, NoticeKind.RECHARGE_DUE, ts, _json(data))
+            )
+            continue
+        change = balance_change(run) if balance else None
         if change is None or change[0] == change[1]:
             continue
-        ts = int(next((e["ts"] for e in reversed(run) if "ts" in e), "0"))
         data = {"account": account, "txn": txn, "before": change[0], "after": change[1]}
         found.append(Notice(f"balance:{txn}", tenant, NoticeKind.BALANCE, ts, _json(data)))
     request_id = first.get("request_id", "")
@@ -297,6 +310,8 @@ def events_for(notice: Notice, endpoint: WebhookRow) -> list[WebhookEvent]:
         types.append((EventType.SUBSCRIPTION_PERIOD_GRANTED, data, ()))
     elif kind == NoticeKind.SESSION_TIMEOUT:
         types.append((EventType.SESSION_TIMED_OUT, data, ()))
+    elif kind == NoticeKind.RECHARGE_DUE:
+        types.append((EventType.RECHARGE_DUE, data, ()))
     return [
         WebhookEvent(
             # The same event for every endpoint that gets it (a balance alert's threshold

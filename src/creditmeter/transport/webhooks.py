@@ -179,6 +179,12 @@ def _data_pb(event: WebhookEvent) -> Message:
         )  # fmt: skip
     if kind == NoticeKind.PURCHASE:
         return purchase_pb(PurchaseRecord(**{**d, "lot_ids": tuple(d["lot_ids"])}))
+    if kind == NoticeKind.RECHARGE_DUE:
+        return pb.RechargeDueData(
+            account_id=d["account"], threshold=d["threshold"], previous_balance=d["before"],
+            balance=d["after"], pack_id=d["pack_id"], transaction_id=d["txn"],
+            event_time=convert.timestamp(event.created_ms),
+        )  # fmt: skip
     if kind == NoticeKind.SUBSCRIPTION_PERIOD:
         return pb.SubscriptionPeriodData(
             subscription_id=d["subscription_id"], account_id=d["account"], pack_id=d["pack_id"],

@@ -259,6 +259,9 @@ class NoticeKind(StrEnum):
     #: A subscription period was claimed (its grants staged): {subscription_id, account,
     #: pack_id, period, credits, bonus_credits}.
     SUBSCRIPTION_PERIOD = "subscription_period"
+    #: A recharge fell due (its `recharge_due` event): {account, txn, threshold, before,
+    #: after, pack_id}.
+    RECHARGE_DUE = "recharge_due"
 
 
 #: Purchase statuses a notice is written for.

@@ -63,6 +63,12 @@ class _WebhookEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Webh
     """"session.timed_out": the server closed a call session whose call server went silent.
     Data: SessionClosedData.
     """
+    WEBHOOK_EVENT_TYPE_RECHARGE_DUE: _WebhookEventType.ValueType  # 9
+    """"recharge.due": the spendable balance fell below the account's recharge threshold
+    (Credits.SetRechargePolicy), once per crossing; when the policy names a pack, the
+    server creates a pending purchase of it (request id "recharge:<transaction_id>") for
+    the platform to complete. Data: RechargeDueData.
+    """
 
 class WebhookEventType(_WebhookEventType, metaclass=_WebhookEventTypeEnumTypeWrapper):
     """What an endpoint is told about."""
@@ -92,6 +98,12 @@ granted. Data: SubscriptionPeriodData.
 WEBHOOK_EVENT_TYPE_SESSION_TIMED_OUT: WebhookEventType.ValueType  # 8
 """"session.timed_out": the server closed a call session whose call server went silent.
 Data: SessionClosedData.
+"""
+WEBHOOK_EVENT_TYPE_RECHARGE_DUE: WebhookEventType.ValueType  # 9
+""""recharge.due": the spendable balance fell below the account's recharge threshold
+(Credits.SetRechargePolicy), once per crossing; when the policy names a pack, the
+server creates a pending purchase of it (request id "recharge:<transaction_id>") for
+the platform to complete. Data: RechargeDueData.
 """
 Global___WebhookEventType: _TypeAlias = WebhookEventType  # noqa: Y015
 
@@ -750,3 +762,53 @@ class SessionClosedData(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionClosedData: _TypeAlias = SessionClosedData  # noqa: Y015
+
+@_typing.final
+class RechargeDueData(_message.Message):
+    """Data of recharge.due."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PREVIOUS_BALANCE_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    PACK_ID_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account."""
+    threshold: _builtins.int
+    """The recharge threshold crossed."""
+    previous_balance: _builtins.int
+    """The spendable balance before the change that crossed it."""
+    balance: _builtins.int
+    """The spendable balance after it."""
+    pack_id: _builtins.str
+    """The pack of the recharge policy ("" when it names none)."""
+    transaction_id: _builtins.str
+    """The transaction of the crossing (the pending purchase's request id is
+    "recharge:<transaction_id>").
+    """
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it fell due."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        threshold: _builtins.int = ...,
+        previous_balance: _builtins.int = ...,
+        balance: _builtins.int = ...,
+        pack_id: _builtins.str = ...,
+        transaction_id: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "event_time", b"event_time", "pack_id", b"pack_id", "previous_balance", b"previous_balance", "threshold", b"threshold", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RechargeDueData: _TypeAlias = RechargeDueData  # noqa: Y015
