@@ -296,6 +296,15 @@ BAD_ENDPOINTS: dict[str, tuple[pb.WebhookEndpoint, set[str]]] = {
         pb.WebhookEndpoint(url="ftp://example.com", event_types=ALL_TYPES), {"endpoint.url"}
     ),
     "no-host": (pb.WebhookEndpoint(url="https://", event_types=ALL_TYPES), {"endpoint.url"}),
+    "bad-ipv6": (pb.WebhookEndpoint(url="http://[::1/x", event_types=ALL_TYPES), {"endpoint.url"}),
+    "bad-port": (
+        pb.WebhookEndpoint(url="http://example.com:99999/", event_types=ALL_TYPES),
+        {"endpoint.url"},
+    ),
+    "too-long": (
+        pb.WebhookEndpoint(url="https://example.com/" + "x" * 2048, event_types=ALL_TYPES),
+        {"endpoint.url"},
+    ),
     "credentials": (
         pb.WebhookEndpoint(url="https://u:p@example.com", event_types=ALL_TYPES),
         {"endpoint.url"},

@@ -128,7 +128,12 @@ def spec_of(row: WebhookRow) -> EndpointSpec:
 
 def check(spec: EndpointSpec, v: Violations, prefix: str = "endpoint.") -> None:
     """Add a violation for every invalid field of an endpoint."""
-    parts = urlsplit(spec.url) if len(spec.url) <= MAX_WEBHOOK_URL else None
+    try:
+        parts = urlsplit(spec.url) if len(spec.url) <= MAX_WEBHOOK_URL else None
+        if parts is not None:
+            parts.port  # noqa: B018 (raises on a port that is not a number 0-65535)
+    except ValueError:  # an unbalanced [ of an IPv6 host, a bad port
+        parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         v.add(f"{prefix}url", f"an http:// or https:// URL of at most {MAX_WEBHOOK_URL} characters")
     elif parts.username or parts.password or parts.fragment:
