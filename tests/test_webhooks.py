@@ -82,6 +82,9 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
+    #: Requests being answered at once: now, and the most seen.
+    at_once: int = 0
+    most_at_once: int = 0
 
     def serve(self) -> ThreadingHTTPServer:
         receiver = self
@@ -89,8 +92,12 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.lock:
+                    receiver.at_once += 1
+                    receiver.most_at_once = max(receiver.most_at_once, receiver.at_once)
                 time.sleep(receiver.delay_s)
                 with receiver.lock:
+                    receiver.at_once -= 1
                     receiver.received.append(Received(dict(self.headers.items()), body))
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
@@ -858,3 +865,89 @@ async def test_endpoints_over_http_json(app: App, tenant: Tenant) -> None:
         meter = {"Authorization": f"Bearer {tenant.meter.key}"}
         denied = await http.post(f"{base}/ListWebhookEndpoints", headers=meter, json={})
         assert denied.status_code == 403, denied.text
+
+
+@pytest.mark.flusher
+@pytest.mark.settings(webhook=WebhookTimings(poll_s=0.05, timeout_s=10.0, concurrency=2))
+async def test_at_most_concurrency_attempts_at_once_per_endpoint(
+    app: App, tenant: Tenant, hooks: Hooks, receiver: Receiver
+) -> None:
+    receiver.delay_s = 0.3
+    await create(hooks, receiver.url, types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_TOPPED_UP])
+
+    await asyncio.gather(*(_grant(tenant, f"acct-{i}", 5) for i in range(8)))
+    start = time.monotonic()
+    await until(lambda: len(receiver.received) >= 8, 20)
+    took = time.monotonic() - start
+    # 8 requests of 0.3 s, two at a time: at least 4 rounds (1.2 s), never all at once.
+    assert took >= 1.0, took
+    assert receiver.most_at_once == 2
+
+
+@pytest.mark.flusher
+@pytest.mark.settings(
+    webhook=WebhookTimings(poll_s=0.05, retry_base_s=0.05, retry_max_s=0.05, retry_window_s=0.4)
+)
+async def test_a_delivery_failing_for_the_whole_window_is_given_up(
+    app: App, tenant: Tenant, hooks: Hooks, receiver: Receiver
+) -> None:
+    receiver.statuses = [503] * 1000
+    failed_before = REGISTRY.get_sample_value("creditmeter_webhook_deliveries_failed_total") or 0
+    await create(hooks, receiver.url, types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_TOPPED_UP])
+    await _grant(tenant, "a", 5)
+
+    async def status() -> pb.WebhookDelivery | None:
+        listed = await hooks.admin.ListWebhookDeliveries(pb.ListWebhookDeliveriesRequest())
+        return listed.deliveries[0] if listed.deliveries else None
+
+    deadline = time.monotonic() + 15
+    while (d := await status()) is None or d.status != pb.WEBHOOK_DELIVERY_STATUS_FAILED:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert d.attempts >= 2 and d.last_status_code == 503 and d.last_error == "HTTP 503"
+    assert not d.HasField("next_attempt_time")
+    attempts = len(receiver.received)
+    await asyncio.sleep(0.3)
+    assert len(receiver.received) == attempts  # no attempt after giving up
+    after = REGISTRY.get_sample_value("creditmeter_webhook_deliveries_failed_total") or 0
+    assert after == failed_before + 1
+
+
+@pytest.mark.flusher
+@pytest.mark.settings(webhook=FAST)
+async def test_rotation_signs_with_the_new_secret_and_deletion_stops_deliveries(
+    app: App, tenant: Tenant, hooks: Hooks, receiver: Receiver
+) -> None:
+    made = await create(hooks, receiver.url, types=[pb.WEBHOOK_EVENT_TYPE_BALANCE_TOPPED_UP])
+    endpoint_id = made.endpoint.endpoint_id
+    rotated = await hooks.admin.RotateWebhookSecret(
+        pb.RotateWebhookSecretRequest(endpoint_id=endpoint_id, request_id=rid())
+    )
+    await _grant(tenant, "a", 5)
+    await until(lambda: len(receiver.received) >= 1)
+    r = receiver.received[0]
+    assert verify(rotated.secret, r.headers["Creditmeter-Signature"], r.body)
+    assert not verify(made.secret, r.headers["Creditmeter-Signature"], r.body)
+
+    receiver.delay_s = 0.0
+    receiver.statuses = [500] * 1000  # the next event stays pending, retried
+    await _grant(tenant, "b", 5)
+    await until(lambda: len(receiver.received) >= 2)
+    await hooks.admin.DeleteWebhookEndpoint(
+        pb.DeleteWebhookEndpointRequest(endpoint_id=endpoint_id, request_id=rid())
+    )
+
+    async def given_up() -> bool:
+        listed = await hooks.admin.ListWebhookDeliveries(
+            pb.ListWebhookDeliveriesRequest(status=pb.WEBHOOK_DELIVERY_STATUS_FAILED)
+        )
+        return [d.last_error for d in listed.deliveries] == ["endpoint deleted"]
+
+    deadline = time.monotonic() + 10
+    while not await given_up():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    seen = len(receiver.received)
+    await _grant(tenant, "c", 5)  # no endpoint: nothing made, nothing sent
+    await asyncio.sleep(0.5)
+    assert len(receiver.received) == seen
