@@ -52,6 +52,7 @@ from creditmeter.errors import (
     from_rejection,
 )
 from creditmeter.storage.config_store import ConfigStore, WebhookRow
+from creditmeter.storage.layout import session_request_id
 from creditmeter.storage.ledger.base import Delivery, Ledger, Notice, NoticeKind
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 #: Fields UpdateWebhookEndpoint may change.
 UPDATABLE = frozenset({"url", "event_types", "thresholds", "description", "disabled"})
-#: The request id suffix of a session step the server took (storage.layout.session_request_id).
-_TIMEOUT_STEP = "#timeout"
+#: The request id suffix of the server's close of a session ("<session id>#timeout").
+_TIMEOUT_STEP = session_request_id("", "timeout")
 
 
 class EventType(StrEnum):
