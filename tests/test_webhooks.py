@@ -951,3 +951,50 @@ async def test_rotation_signs_with_the_new_secret_and_deletion_stops_deliveries(
     await _grant(tenant, "c", 5)  # no endpoint: nothing made, nothing sent
     await asyncio.sleep(0.5)
     assert len(receiver.received) == seen
+
+
+# --- the SDK --------------------------------------------------------------------------------
+@pytest.mark.flusher
+@pytest.mark.settings(webhook=FAST)
+async def test_sdk_manages_endpoints_and_verifies_deliveries(
+    app: App, tenant: Tenant, receiver: Receiver
+) -> None:
+    from creditmeter.client import AsyncClient, Client, WebhookEndpointNotFound
+    from creditmeter.client.webhooks import verify_signature
+
+    async with AsyncClient(f"127.0.0.1:{app.port}", tenant.admin.key) as client:
+        made = await client.create_webhook_endpoint(
+            receiver.url, ["balance.topped_up", "recharge.due"], thresholds=[10]
+        )
+        endpoint_id = made.endpoint.endpoint_id
+        assert list(made.endpoint.event_types) == [
+            pb.WEBHOOK_EVENT_TYPE_BALANCE_TOPPED_UP, pb.WEBHOOK_EVENT_TYPE_RECHARGE_DUE
+        ]
+        changed = await client.update_webhook_endpoint(endpoint_id, description="sdk")
+        assert changed.endpoint.description == "sdk" and list(changed.endpoint.thresholds) == [10]
+        await _grant(tenant, "a", 5)
+        await until(lambda: len(receiver.received) >= 1)
+        r = receiver.received[0]
+        header = r.headers["Creditmeter-Signature"]
+        assert verify_signature(made.secret, header, r.body)
+        assert not verify_signature(made.secret, header, r.body + b"x")
+        assert not verify_signature("whsec_other", header, r.body)
+        assert not verify_signature(made.secret, header, r.body, now_s=time.time() + 3600)
+        assert not verify_signature(made.secret, "garbage", r.body)
+        page = await client.list_webhook_deliveries(endpoint_id=endpoint_id, status="delivered")
+        assert [d.event_id for d in page.deliveries] == [r.event["id"]]
+
+    def sync_calls() -> None:
+        with Client(f"127.0.0.1:{app.port}", tenant.admin.key) as sync:
+            assert [e.endpoint_id for e in sync.list_webhook_endpoints().endpoints] == [endpoint_id]
+            rotated = sync.rotate_webhook_secret(endpoint_id)
+            assert rotated.secret != made.secret
+            delivery_id = sync.list_webhook_deliveries().deliveries[0].delivery_id
+            assert sync.resend_webhook_delivery(delivery_id).delivery.status == (
+                pb.WEBHOOK_DELIVERY_STATUS_PENDING
+            )
+            sync.delete_webhook_endpoint(endpoint_id)
+            with pytest.raises(WebhookEndpointNotFound):
+                sync.delete_webhook_endpoint(endpoint_id)
+
+    await asyncio.to_thread(sync_calls)

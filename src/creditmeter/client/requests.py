@@ -8,10 +8,11 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Literal
 
+from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
-from creditmeter.api.credits.v1 import packs_pb2
+from creditmeter.api.credits.v1 import packs_pb2, webhooks_pb2
 
 LotSourceName = Literal["purchase", "bonus", "promotion", "trial", "manual", "refund", "rollover"]
 RateUnitName = Literal["count", "time"]
@@ -283,3 +284,87 @@ def list_purchases(
     if status is not None:
         req.status = packs_pb2.PurchaseStatus.Value(f"PURCHASE_STATUS_{status.upper()}")
     return req
+
+
+# --- webhooks ---------------------------------------------------------------------------
+WebhookEventName = Literal[
+    "balance.low", "balance.depleted", "balance.topped_up", "purchase.completed",
+    "purchase.refunded", "purchase.expired", "subscription.period_granted",
+    "session.timed_out", "recharge.due",
+]  # fmt: skip
+WebhookDeliveryStatusName = Literal["pending", "delivered", "failed"]
+
+
+def webhook_event_type(name: WebhookEventName) -> webhooks_pb2.WebhookEventType.ValueType:
+    """The enum value of an event type named as in the webhook body ("balance.low")."""
+    return webhooks_pb2.WebhookEventType.Value(
+        "WEBHOOK_EVENT_TYPE_" + name.replace(".", "_").upper()
+    )
+
+
+def create_webhook_endpoint(
+    url: str,
+    event_types: Iterable[WebhookEventName],
+    *,
+    thresholds: Iterable[int],
+    description: str,
+    request_id: str | None,
+) -> webhooks_pb2.CreateWebhookEndpointRequest:
+    endpoint = webhooks_pb2.WebhookEndpoint(
+        url=url, event_types=[webhook_event_type(t) for t in event_types],
+        thresholds=list(thresholds), description=description,
+    )  # fmt: skip
+    return webhooks_pb2.CreateWebhookEndpointRequest(
+        endpoint=endpoint, request_id=request_id or ""
+    )
+
+
+def update_webhook_endpoint(
+    endpoint_id: str,
+    *,
+    url: str | None,
+    event_types: Iterable[WebhookEventName] | None,
+    thresholds: Iterable[int] | None,
+    description: str | None,
+    disabled: bool | None,
+    request_id: str | None,
+) -> webhooks_pb2.UpdateWebhookEndpointRequest:
+    """Change the fields given (not None), and only those."""
+    endpoint = webhooks_pb2.WebhookEndpoint(endpoint_id=endpoint_id)
+    paths = []
+    if url is not None:
+        endpoint.url = url
+        paths.append("url")
+    if event_types is not None:
+        endpoint.event_types.extend(webhook_event_type(t) for t in event_types)
+        paths.append("event_types")
+    if thresholds is not None:
+        endpoint.thresholds.extend(thresholds)
+        paths.append("thresholds")
+    if description is not None:
+        endpoint.description = description
+        paths.append("description")
+    if disabled is not None:
+        endpoint.disabled = disabled
+        paths.append("disabled")
+    return webhooks_pb2.UpdateWebhookEndpointRequest(
+        endpoint=endpoint, update_mask=field_mask_pb2.FieldMask(paths=paths),
+        request_id=request_id or "",
+    )  # fmt: skip
+
+
+def list_webhook_deliveries(
+    *,
+    endpoint_id: str,
+    status: WebhookDeliveryStatusName | None,
+    page_size: int,
+    page_token: str,
+) -> webhooks_pb2.ListWebhookDeliveriesRequest:
+    return webhooks_pb2.ListWebhookDeliveriesRequest(
+        endpoint_id=endpoint_id,
+        status=webhooks_pb2.WebhookDeliveryStatus.Value(
+            f"WEBHOOK_DELIVERY_STATUS_{(status or 'unspecified').upper()}"
+        ),
+        page_size=page_size,
+        page_token=page_token,
+    )

@@ -455,6 +455,105 @@ class Client:
         req = pb.GetSessionRequest(account_id=account_id, session_id=session_id)
         return self.call("GetSession", req, pb.GetSessionResponse, timeout)
 
+    # --- Webhooks ---------------------------------------------------------------------
+    def create_webhook_endpoint(
+        self,
+        url: str,
+        event_types: Iterable[rq.WebhookEventName],
+        *,
+        thresholds: Iterable[int] = (),
+        description: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> webhooks_pb2.CreateWebhookEndpointResponse:
+        """Register an endpoint for the event types (as named in the body, "balance.low");
+        the response's `secret` is shown this once."""
+        req = rq.create_webhook_endpoint(
+            url, event_types, thresholds=thresholds, description=description,
+            request_id=request_id,
+        )  # fmt: skip
+        return self.call(
+            "CreateWebhookEndpoint", req, webhooks_pb2.CreateWebhookEndpointResponse, timeout
+        )
+
+    def list_webhook_endpoints(
+        self, *, timeout: float | None = None
+    ) -> webhooks_pb2.ListWebhookEndpointsResponse:
+        req = webhooks_pb2.ListWebhookEndpointsRequest()
+        return self.call(
+            "ListWebhookEndpoints", req, webhooks_pb2.ListWebhookEndpointsResponse, timeout
+        )
+
+    def update_webhook_endpoint(
+        self,
+        endpoint_id: str,
+        *,
+        url: str | None = None,
+        event_types: Iterable[rq.WebhookEventName] | None = None,
+        thresholds: Iterable[int] | None = None,
+        description: str | None = None,
+        disabled: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> webhooks_pb2.UpdateWebhookEndpointResponse:
+        """Change the fields given (not None), and only those."""
+        req = rq.update_webhook_endpoint(
+            endpoint_id, url=url, event_types=event_types, thresholds=thresholds,
+            description=description, disabled=disabled, request_id=request_id,
+        )  # fmt: skip
+        return self.call(
+            "UpdateWebhookEndpoint", req, webhooks_pb2.UpdateWebhookEndpointResponse, timeout
+        )
+
+    def delete_webhook_endpoint(
+        self, endpoint_id: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> webhooks_pb2.DeleteWebhookEndpointResponse:
+        req = webhooks_pb2.DeleteWebhookEndpointRequest(
+            endpoint_id=endpoint_id, request_id=request_id or ""
+        )
+        return self.call(
+            "DeleteWebhookEndpoint", req, webhooks_pb2.DeleteWebhookEndpointResponse, timeout
+        )
+
+    def rotate_webhook_secret(
+        self, endpoint_id: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> webhooks_pb2.RotateWebhookSecretResponse:
+        """A new signing secret (the response's `secret`, shown this once)."""
+        req = webhooks_pb2.RotateWebhookSecretRequest(
+            endpoint_id=endpoint_id, request_id=request_id or ""
+        )
+        return self.call(
+            "RotateWebhookSecret", req, webhooks_pb2.RotateWebhookSecretResponse, timeout
+        )
+
+    def list_webhook_deliveries(
+        self,
+        *,
+        endpoint_id: str = "",
+        status: rq.WebhookDeliveryStatusName | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> webhooks_pb2.ListWebhookDeliveriesResponse:
+        """One page of deliveries, newest first."""
+        req = rq.list_webhook_deliveries(
+            endpoint_id=endpoint_id, status=status, page_size=page_size, page_token=page_token
+        )
+        return self.call(
+            "ListWebhookDeliveries", req, webhooks_pb2.ListWebhookDeliveriesResponse, timeout
+        )
+
+    def resend_webhook_delivery(
+        self, delivery_id: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> webhooks_pb2.ResendWebhookDeliveryResponse:
+        """Deliver a delivery's event again, as a new delivery."""
+        req = webhooks_pb2.ResendWebhookDeliveryRequest(
+            delivery_id=delivery_id, request_id=request_id or ""
+        )
+        return self.call(
+            "ResendWebhookDelivery", req, webhooks_pb2.ResendWebhookDeliveryResponse, timeout
+        )
+
     # --- Packs ------------------------------------------------------------------------
     def create_pack(
         self,
