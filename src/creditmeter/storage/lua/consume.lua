@@ -5,13 +5,17 @@
 -- Credit reserved by open call sessions is not spendable.
 -- returns, JSON-encoded: ['OK2', txn, amount, units, feature, credit in lots after,
 --          reserved, unlimited ('1'/'0'), time (ms), lot1, amount1, ...]
+--      or, on an account with a credit line or a debt (see _lib.lua):
+--         ['OK3', the same up to time, debt incurred, debt after, overdraft limit,
+--          lot1, amount1, ...]
 --      or {'ERR', 'INSUFFICIENT_CREDITS', 'balance', spendable, 'required', a}
 --      or {'ERR', 'USAGE_LIMIT_EXCEEDED', 'feature', f, 'period', p, 'limit', n, ...}
 --      or {'ERR', 'TIME_ZONE', 'time_zone', tz} (the limit args assumed another zone)
 --      or {'ERR', 'IDEMPOTENCY_KEY_REUSED' | 'BALANCE_LIMIT_EXCEEDED', ...}
 -- Refusals are not stored under the request id: nothing changed, so a retry is judged afresh.
--- Its events (one `consume` per lot touched, or one with no lot on an unlimited account)
--- are not written one by one: the outbox entry carries this reply (`c`, see
+-- Its events (one `consume` per lot touched, then one with no lot and source 'debt' for
+-- the part that became debt; or one with no lot on an unlimited account) are not
+-- written one by one: the outbox entry carries this reply (`c`, see
 -- creditmeter.storage.entries), which says all of them.
 local replay = idem_lookup()
 if replay then
@@ -41,14 +45,26 @@ if unlimited then
   reply[8] = '1'
 else
   reply[8] = '0'
-  local charges = take(amount)
+  local from_lots, owed = split_charge(amount)
+  local charges = from_lots > 0 and take(from_lots) or {}
   if charges == nil then
     return redis.error_reply(LOTS_DISAGREE)
   end
-  for i = 1, #charges do
-    reply[9 + i] = charges[i]
+  local at = 9
+  if has_credit_line() then
+    reply[1] = 'OK3'
+    if owed > 0 then
+      acct_incr('debt', owed)
+    end
+    reply[10] = fmt(owed)
+    reply[11] = fmt(acct_int('debt'))
+    reply[12] = fmt(acct_int('od'))
+    at = 12
   end
-  events = #charges / 2
+  for i = 1, #charges do
+    reply[at + i] = charges[i]
+  end
+  events = #charges / 2 + (owed > 0 and 1 or 0)
 end
 count_usage(amount, ARGV[9], units)
 if limits then
