@@ -16,7 +16,8 @@ from creditmeter.api.credits.v1 import packs_pb2
 LotSourceName = Literal["purchase", "bonus", "promotion", "trial", "manual", "refund", "rollover"]
 RateUnitName = Literal["count", "time"]
 TransactionKindName = Literal[
-    "grant", "consume", "expire", "reset", "refund", "session", "options", "usage_limit"
+    "grant", "consume", "expire", "reset", "refund", "session", "options", "usage_limit",
+    "repay", "debt",
 ]
 LimitPeriodName = Literal["day", "week", "month"]
 LimitUnitName = Literal["units", "credits"]
@@ -138,7 +139,10 @@ def set_account_options(
     request_id: str | None,
     time_zone: str | None = None,
     ignore_usage_limits: bool | None = None,
+    overdraft_limit: int | None = None,
 ) -> pb.SetAccountOptionsRequest:
+    """The options given (None leaves one as it is); `overdraft_limit` in credits, 0
+    removes the credit line."""
     req = pb.SetAccountOptionsRequest(account_id=account_id, request_id=request_id or "")
     if unlimited is not None:
         req.unlimited = unlimited
@@ -146,6 +150,8 @@ def set_account_options(
         req.time_zone = time_zone
     if ignore_usage_limits is not None:
         req.ignore_usage_limits = ignore_usage_limits
+    if overdraft_limit is not None:
+        req.overdraft_limit = overdraft_limit
     return req
 
 

@@ -217,9 +217,17 @@ class Client:
         unlimited: bool | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        time_zone: str | None = None,
+        ignore_usage_limits: bool | None = None,
+        overdraft_limit: int | None = None,
     ) -> pb.SetAccountOptionsResponse:
-        """Change per-account options (the unlimited flag)."""
-        req = rq.set_account_options(account_id, unlimited=unlimited, request_id=request_id)
+        """Change per-account options (None leaves one as it is): the unlimited flag, the
+        usage limits' time zone and exemption, the overdraft limit (credits; 0 removes
+        the credit line)."""
+        req = rq.set_account_options(
+            account_id, unlimited=unlimited, request_id=request_id, time_zone=time_zone,
+            ignore_usage_limits=ignore_usage_limits, overdraft_limit=overdraft_limit,
+        )  # fmt: skip
         return self.call("SetAccountOptions", req, pb.SetAccountOptionsResponse, timeout)
 
     def list_transactions(

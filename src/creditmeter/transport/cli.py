@@ -278,7 +278,10 @@ def cmd_balance(args: argparse.Namespace) -> int:
     resp = _client(args).get_balance(args.account)
     label = "unlimited" if resp.unlimited else str(resp.balance)
     held = f" ({resp.reserved} reserved by call sessions)" if resp.reserved else ""
-    console.print(f"{args.account}: balance {label}{held}")
+    line = ""
+    if resp.overdraft_limit or resp.debt:
+        line = f", debt {resp.debt} of an overdraft limit of {resp.overdraft_limit}"
+    console.print(f"{args.account}: balance {label}{held}{line}")
     if resp.lots:
         console.print(_lots_table(resp.lots))
     return 0
@@ -330,9 +333,13 @@ def cmd_rates_set(args: argparse.Namespace) -> int:
 
 def cmd_account_options(args: argparse.Namespace) -> int:
     resp = _client(args).set_account_options(
-        args.account, unlimited=args.unlimited, request_id=args.request_id
+        args.account, unlimited=args.unlimited, request_id=args.request_id,
+        overdraft_limit=args.overdraft_limit,
+    )  # fmt: skip
+    console.print(
+        f"{args.account}: unlimited={resp.options.unlimited}"
+        f" overdraft_limit={resp.options.overdraft_limit}"
     )
-    console.print(f"{args.account}: unlimited={resp.options.unlimited}")
     return 0
 
 
@@ -947,6 +954,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--unlimited", dest="unlimited", action="store_true", default=None)
     group.add_argument("--limited", dest="unlimited", action="store_false")
+    p.add_argument(
+        "--overdraft-limit", type=int, default=None, metavar="CREDITS",
+        help="credit line: how far past its lots the account may be charged (0 removes it)",
+    )  # fmt: skip
     _client_flags(p, mutating=True)
     p.set_defaults(func=cmd_account_options)
     return parser
