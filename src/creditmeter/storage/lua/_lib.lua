@@ -539,6 +539,19 @@ local function spendable_now(expired)
   return math.max(a, 0)
 end
 
+-- The refusal of a charge of `required` credits (a string) the account cannot take: its
+-- spendable balance (`expired` credit not swept yet left out), and on an account with a
+-- credit line its debt and overdraft limit.
+local function insufficient(expired, required)
+  if has_credit_line() then
+    return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(spendable_now(expired)),
+            'required', required, 'debt', fmt(acct_int('debt')),
+            'overdraft_limit', fmt(acct_int('od'))}
+  end
+  return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(spendable_now(expired)),
+          'required', required}
+end
+
 -- Split a charge of `amount` credits into what the lots pay and what becomes debt.
 local function split_charge(amount)
   local balance = acct_int('balance')
@@ -574,14 +587,7 @@ end
 local function charge_refusal(amount, amount_s, expired)
   local spendable = available() - expired
   if not acct_unlimited() and spendable < amount then
-    if has_credit_line() then
-      -- The balance without the credit line, and what of the line is taken and left.
-      return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(spendable_now(expired)),
-              'required', amount_s, 'debt', fmt(acct_int('debt')),
-              'overdraft_limit', fmt(acct_int('od'))}
-    end
-    return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(spendable, 0)),
-            'required', amount_s}
+    return insufficient(expired, amount_s)
   end
   if acct_int('used') + amount > MAX_CREDITS then
     return {'ERR', 'BALANCE_LIMIT_EXCEEDED', 'balance', fmt(spendable), 'amount', amount_s}

@@ -138,7 +138,7 @@ if step == 'start' then
     units = math.min(units, room)
   end
   if units == 0 then
-    return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(spendable_now(0)), 'required', fmt(rate)}
+    return insufficient(0, fmt(rate))
   end
   local hold = unlimited and 0 or units * rate
   reserve(hold)
