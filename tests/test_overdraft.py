@@ -20,7 +20,7 @@ from creditmeter.domain.recovery import Recovery
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, rid
-from tests.helpers import failure, fails
+from tests.helpers import fails, failure
 
 #: Every test here runs on a single Redis and on a Redis Cluster (tests/conftest.py).
 ON_CLUSTER = True
@@ -85,9 +85,11 @@ async def buy(packs: dict[str, Caller], account: str, credits: int) -> ppb.Purch
         ppb.PurchasePackResponse,
         await admin.PurchasePack(
             ppb.PurchasePackRequest(
-                account_id=account, pack_id=made.pack_id, payment_reference=rid(),
+                account_id=account,
+                pack_id=made.pack_id,
+                payment_reference=rid(),
                 request_id=rid(),
-            )  # fmt: skip
+            )
         ),
     )
 
@@ -96,7 +98,9 @@ async def refund(packs: dict[str, Caller], purchase_id: str) -> ppb.RefundPurcha
     return cast(
         ppb.RefundPurchaseResponse,
         await packs["admin"].RefundPurchase(
-            ppb.RefundPurchaseRequest(purchase_id=purchase_id, reason="chargeback", request_id=rid())
+            ppb.RefundPurchaseRequest(
+                purchase_id=purchase_id, reason="chargeback", request_id=rid()
+            )
         ),
     )
 
@@ -258,9 +262,11 @@ async def test_a_session_quota_is_capped_by_balance_and_overdraft(tenant: Tenant
     await options(tenant, "caller", overdraft_limit=3)
     started = await tenant.meter.StartSession(
         pb.StartSessionRequest(
-            account_id="caller", feature="voice", session_id="s1",
+            account_id="caller",
+            feature="voice",
+            session_id="s1",
             requested_seconds=10 * MINUTE,
-        )  # fmt: skip
+        )
     )
     # 1 credit a minute: 2 of the balance and 3 of the credit line.
     assert (started.session.granted_seconds, started.session.final_unit) == (5 * MINUTE, True)
