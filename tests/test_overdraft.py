@@ -11,6 +11,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from creditmeter import client as sdk
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import packs_pb2 as ppb
 from creditmeter.api.credits.v1 import packs_pb2_grpc as ppb_grpc
@@ -18,6 +19,7 @@ from creditmeter.constants import MAX_CREDITS
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import Recovery
 from creditmeter.storage.layout import AccountKeys
+from creditmeter.transport import cli
 from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, rid
 from tests.helpers import fails, failure
@@ -456,3 +458,38 @@ async def test_a_rebuilt_account_still_brings_repaid_debt_back_on_refund(
     await drained(app)
     _, drifts = await recovery.audit(tenant.name, 5.0, clock.now_ms())
     assert drifts == []
+
+
+# --- SDK and CLI -----------------------------------------------------------------------------
+async def test_the_sdk_sets_the_limit_and_its_refusal_carries_the_debt(
+    app: App, tenant: Tenant
+) -> None:
+    address = f"127.0.0.1:{app.port}"
+    async with sdk.AsyncClient(address, tenant.admin.key, timeout=5) as client:
+        reply = await client.set_account_options("sdk", overdraft_limit=4)
+        assert reply.options.overdraft_limit == 4
+        await client.consume("sdk", "text", quantity=3)
+        with pytest.raises(sdk.InsufficientCredits) as caught:
+            await client.consume("sdk", "text", quantity=2)
+    error = caught.value
+    assert (error.balance, error.required, error.debt, error.overdraft_limit) == (0, 2, 3, 4)
+
+    def sync_call() -> pb.SetAccountOptionsResponse:
+        with sdk.Client(address, tenant.admin.key, timeout=5) as client:
+            return client.set_account_options("sdk", overdraft_limit=6)
+
+    assert (await asyncio.to_thread(sync_call)).options.overdraft_limit == 6
+    assert await line(tenant, "sdk") == (0, 3, 6)
+
+
+async def test_the_cli_sets_the_limit_and_shows_the_debt(
+    app: App, tenant: Tenant, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--server", f"127.0.0.1:{app.port}", "--api-key", tenant.admin.key]
+    code = await asyncio.to_thread(
+        cli.main, ["account-options", "cli", "--overdraft-limit", "9", *flags]
+    )
+    assert code == 0 and "overdraft_limit=9" in capsys.readouterr().out
+    await consume(tenant, "cli", 5)
+    assert await asyncio.to_thread(cli.main, ["balance", "cli", *flags]) == 0
+    assert "debt 5 of an overdraft limit of 9" in capsys.readouterr().out
