@@ -644,7 +644,10 @@ local LOTS_DISAGREE = 'creditmeter: lots do not cover the recorded balance'
 local function burn(amount, kind, feature, units, reference)
   local balance = acct_int('balance')
   local from_lots, owed = split_charge(amount)
-  local charges = from_lots > 0 and take(from_lots) or {}
+  local charges = {}
+  if from_lots > 0 then
+    charges = take(from_lots)
+  end
   if charges == nil then
     return redis.error_reply(LOTS_DISAGREE)
   end

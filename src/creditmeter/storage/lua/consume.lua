@@ -5,7 +5,7 @@
 -- Credit reserved by open call sessions is not spendable.
 -- returns, JSON-encoded: ['OK2', txn, amount, units, feature, credit in lots after,
 --          reserved, unlimited ('1'/'0'), time (ms), lot1, amount1, ...]
---      or, on an account with a credit line or a debt (see _lib.lua):
+--      or, when the account is in debt afterwards (see the credit line in _lib.lua):
 --         ['OK3', the same up to time, debt incurred, debt after, overdraft limit,
 --          lot1, amount1, ...]
 --      or {'ERR', 'INSUFFICIENT_CREDITS', 'balance', spendable, 'required', a}
@@ -46,16 +46,20 @@ if unlimited then
 else
   reply[8] = '0'
   local from_lots, owed = split_charge(amount)
-  local charges = from_lots > 0 and take(from_lots) or {}
+  local charges = {}
+  if from_lots > 0 then
+    charges = take(from_lots)
+  end
   if charges == nil then
     return redis.error_reply(LOTS_DISAGREE)
   end
   local at = 9
-  if has_credit_line() then
+  if owed > 0 then
+    acct_incr('debt', owed)
+  end
+  if acct_get('debt') ~= nil then
+    -- In debt: the reply (and so its events) says how much, for the balance and watchers.
     reply[1] = 'OK3'
-    if owed > 0 then
-      acct_incr('debt', owed)
-    end
     reply[10] = fmt(owed)
     reply[11] = fmt(acct_int('debt'))
     reply[12] = fmt(acct_int('od'))
