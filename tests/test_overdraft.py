@@ -18,6 +18,7 @@ from creditmeter.api.credits.v1 import packs_pb2_grpc as ppb_grpc
 from creditmeter.constants import MAX_CREDITS
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import Recovery
+from creditmeter.domain.subscriptions import WEEK_MS
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.transport import cli
 from creditmeter.transport.server import App
@@ -493,3 +494,23 @@ async def test_the_cli_sets_the_limit_and_shows_the_debt(
     await consume(tenant, "cli", 5)
     assert await asyncio.to_thread(cli.main, ["balance", "cli", *flags]) == 0
     assert "debt 5 of an overdraft limit of 9" in capsys.readouterr().out
+
+
+async def test_a_subscription_renewal_repays_the_debt(
+    app: App, tenant: Tenant, packs: dict[str, Caller], clock: ManualClock
+) -> None:
+    pack = ppb.Pack(
+        name="Weekly", credits=100, price=ppb.Price(amount_minor=999, currency="EUR"),
+        recurrence=ppb.RECURRENCE_WEEKLY,
+    )  # fmt: skip
+    made = (await packs["admin"].CreatePack(ppb.CreatePackRequest(pack=pack, request_id=rid())))
+    await packs["admin"].Subscribe(
+        ppb.SubscribeRequest(account_id="sub", pack_id=made.pack.pack_id, request_id=rid())
+    )
+    await options(tenant, "sub", overdraft_limit=50)
+    await consume(tenant, "sub", 130)  # the period's 100, then 30 of debt
+    assert await line(tenant, "sub") == (0, 30, 50)
+    assert app.subscriptions is not None
+    clock.advance(WEEK_MS)
+    assert await app.subscriptions.renew_due() == 1
+    assert await line(tenant, "sub") == (70, 0, 50)
