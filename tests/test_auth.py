@@ -64,6 +64,10 @@ VALID_REQUESTS: dict[str, Callable[[], Message]] = {
         request_id=rid(),
     ),
     "ListUsageLimits": lambda: pb.ListUsageLimitsRequest(account_id=ACCOUNT),
+    "SetRechargePolicy": lambda: pb.SetRechargePolicyRequest(
+        account_id=ACCOUNT, policy=pb.RechargePolicy(threshold=10), request_id=rid()
+    ),
+    "GetRechargePolicy": lambda: pb.GetRechargePolicyRequest(account_id=ACCOUNT),
     "ListTransactions": lambda: pb.ListTransactionsRequest(account_id=ACCOUNT),
     "GetUsageReport": lambda: pb.GetUsageReportRequest(
         account_id=ACCOUNT,
@@ -106,6 +110,7 @@ READ_RPCS = frozenset(
         "Check",
         "CheckBatch",
         "ListUsageLimits",
+        "GetRechargePolicy",
     }
 )
 METER_RPCS = frozenset(

@@ -485,6 +485,75 @@ async def test_check_and_check_batch_through_the_sync_client(app: App, tenant: T
     assert dict(only.response.denial.metadata) == {"balance": "3", "required": "4"}
 
 
+async def test_usage_limits_through_the_async_client(app: App, tenant: Tenant) -> None:
+    async with sdk.AsyncClient(address(app), tenant.admin.key, timeout=5) as admin:
+        await admin.grant("capped", 50)
+        tenant_limit = await admin.set_usage_limit("text", "day", 2)
+        assert tenant_limit.limit.limit == 2
+        await admin.set_usage_limit("voice", "week", 4, unit="credits", account_id="capped")
+        options = await admin.set_account_options("capped", time_zone="Europe/Paris")
+        assert options.options.time_zone == "Europe/Paris"
+        await admin.consume("capped", "text", quantity=2)
+        with pytest.raises(sdk.UsageLimitExceeded) as caught:
+            await admin.consume("capped", "text")
+        refusal = caught.value
+        assert (refusal.feature, refusal.period, refusal.limit) == ("text", "day", 2)
+        assert refusal.used == 2
+        assert isinstance(refusal, sdk.FailedPrecondition)
+        async with sdk.AsyncClient(address(app), tenant.read.key, timeout=5) as reader:
+            defaults = await reader.list_usage_limits()
+            mine = await reader.list_usage_limits("capped")
+        assert [(s.limit.feature, s.limit.limit) for s in defaults.limits] == [("text", 2)]
+        assert sorted((s.limit.feature, s.used, s.account_override) for s in mine.limits) == [
+            ("text", 2, False), ("voice", 0, True)]  # fmt: skip
+        await admin.set_usage_limit("text", "day", None)
+        await admin.set_account_options("capped", ignore_usage_limits=True)
+        assert (await admin.list_usage_limits("capped")).limits == []
+        await admin.consume("capped", "text", quantity=5)
+        with pytest.raises(sdk.InvalidRequest) as bad:
+            await admin.set_account_options("capped", time_zone="Nowhere/Land")
+        assert set(bad.value.field_violations) == {"time_zone"}
+
+
+async def test_usage_limits_through_the_sync_client(app: App, tenant: Tenant) -> None:
+    def run() -> tuple[pb.ListUsageLimitsResponse, str]:
+        with sdk.Client(address(app), tenant.admin.key) as client:
+            client.grant("sync-capped", 9)
+            client.set_usage_limit("text", "month", 3, account_id="sync-capped")
+            client.consume("sync-capped", "text", quantity=3)
+            try:
+                client.consume("sync-capped", "text")
+            except sdk.UsageLimitExceeded as error:
+                reason = error.reason
+            return client.list_usage_limits("sync-capped"), reason
+
+    listed, reason = await asyncio.to_thread(run)
+    assert reason == "USAGE_LIMIT_EXCEEDED"
+    [status] = listed.limits
+    assert (status.limit.limit, status.used, status.remaining) == (3, 3, 0)
+
+
+async def test_recharge_policies_through_both_clients(app: App, tenant: Tenant) -> None:
+    async with sdk.AsyncClient(address(app), tenant.admin.key, timeout=5) as admin:
+        default = await admin.set_recharge_policy(100)
+        assert (default.policy.threshold, default.account_override) == (100, False)
+        own = await admin.set_recharge_policy(20, account_id="rc")
+        assert (own.policy.threshold, own.account_override) == (20, True)
+        off = await admin.set_recharge_policy(None, account_id="rc", disable=True)
+        assert off.disabled
+        with pytest.raises(sdk.InvalidRequest) as bad:
+            await admin.set_recharge_policy(0)
+        assert set(bad.value.field_violations) == {"policy.threshold"}
+
+    def run() -> pb.GetRechargePolicyResponse:
+        with sdk.Client(address(app), tenant.admin.key) as client:
+            client.set_recharge_policy(None, account_id="rc")  # the tenant's applies again
+            return client.get_recharge_policy("rc")
+
+    got = await asyncio.to_thread(run)
+    assert (got.policy.threshold, got.account_override, got.disabled) == (100, False, False)
+
+
 def test_sync_and_async_clients_offer_the_same_methods() -> None:
     def public(cls: type) -> set[str]:
         return {n for n in vars(cls) if not n.startswith("_")}

@@ -692,6 +692,69 @@ def test_cli_client_commands_against_the_running_server(launch: Launch, tmp_path
     assert server.terminate() == 0
 
 
+def test_cli_usage_limit_commands(launch: Launch, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    key, _ = create_key(data, "clil", "admin")
+    server = launch(data)
+    flags = ("--api-key", key, "--server", server.address)
+    assert cli("grant", "lim", "100", *flags).returncode == 0
+
+    tenant_limit = cli("limits", "set", "text", "day", "3", *flags)
+    assert tenant_limit.returncode == 0, tenant_limit.stderr
+    assert "tenant default: text limited to 3 units a day" in tenant_limit.stdout
+    own = cli("limits", "set", "voice", "month", "10", "--unit", "credits",
+              "--account", "lim", *flags)  # fmt: skip
+    assert own.returncode == 0, own.stderr
+    assert "lim: voice limited to 10 credits a month" in own.stdout
+
+    listed = cli("limits", "list", *flags)
+    assert listed.returncode == 0, listed.stderr
+    rows = [re.findall(r"\w+", line) for line in listed.stdout.splitlines()]
+    assert ["text", "day", "3", "units"] in rows, listed.stdout
+    assert not any("voice" in row for row in rows), listed.stdout  # the account's own
+
+    assert cli("consume", "lim", "text", "--quantity", "2", *flags).returncode == 0
+    over = cli("consume", "lim", "text", "--quantity", "2", *flags)
+    assert over.returncode == 1 and "USAGE_LIMIT_EXCEEDED" in over.stderr, over.stderr
+    refused = cli("check", "lim", "text", "--quantity", "2", *flags)
+    assert refused.returncode == 1 and "USAGE_LIMIT_EXCEEDED" in refused.stdout
+
+    mine = cli("limits", "list", "--account", "lim", *flags)
+    assert mine.returncode == 0, mine.stderr
+    rows = [re.findall(r"\w+", line) for line in mine.stdout.splitlines()]
+    # feature, period, limit, unit, used, reserved, remaining, then the reset time
+    text_row = next(r[:7] for r in rows if r[:1] == ["text"])
+    assert text_row == ["text", "day", "3", "units", "2", "0", "1"], mine.stdout
+    assert any(r[:4] == ["voice", "month", "10", "credits"] and r[-1] == "yes" for r in rows)
+    usage = cli("usage", "lim", *flags)
+    assert usage.returncode == 0 and "period" in usage.stdout, usage.stdout
+
+    tz = cli("account-options", "lim", "--time-zone", "Asia/Tokyo", "--ignore-usage-limits",
+             *flags)  # fmt: skip
+    assert tz.returncode == 0, tz.stderr
+    assert "time_zone=Asia/Tokyo ignore_usage_limits=True" in tz.stdout
+    assert cli("consume", "lim", "text", "--quantity", "2", *flags).returncode == 0
+    bad = cli("account-options", "lim", "--time-zone", "Mars/Olympus", *flags)
+    assert bad.returncode == 1 and "time_zone" in bad.stderr, bad.stderr
+
+    recharge = cli("recharge", "set", "50", *flags)
+    assert recharge.returncode == 0, recharge.stderr
+    assert "tenant default: recharge below 50" in recharge.stdout
+    own = cli("recharge", "set", "20", "--account", "lim", *flags)
+    assert "lim: recharge below 20 (its own)" in own.stdout, own.stdout
+    assert "lim: recharges off" in cli("recharge", "off", "lim", *flags).stdout
+    shown = cli("recharge", "remove", "--account", "lim", *flags)
+    assert "lim: recharge below 50" in shown.stdout, shown.stdout
+    bad = cli("recharge", "set", "0", *flags)
+    assert bad.returncode == 1 and "policy.threshold" in bad.stderr, bad.stderr
+    assert "no recharge policy" in cli("recharge", "remove", *flags).stdout
+
+    removed = cli("limits", "remove", "text", "day", *flags)
+    assert removed.returncode == 0, removed.stderr
+    assert "no usage limits" in cli("limits", "list", *flags).stdout
+    assert server.terminate() == 0
+
+
 def test_serve_exports_metrics_and_logs_json_without_keys(launch: Launch, tmp_path: Path) -> None:
     from urllib.request import urlopen
 

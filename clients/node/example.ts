@@ -1,6 +1,7 @@
 // creditmeter from TypeScript: grant credits, consume a text message, read the account's
-// history, and meter a voice call (StartSession -> UpdateSession -> EndSession); on the way,
-// decode the google.rpc error details of a refused overdraft and of an invalid request.
+// history, meter a voice call (StartSession -> UpdateSession -> EndSession), check before
+// use and cap a feature with a daily usage limit; on the way, decode the google.rpc error
+// details of a refused overdraft, of an invalid request and of a passed usage limit.
 //
 //   CREDITMETER_SERVER=127.0.0.1:50051 CREDITMETER_API_KEY=cm_... npx tsx example.ts
 //
@@ -15,6 +16,8 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
   Credits,
   TransactionKind,
+  UsageLimitPeriod,
+  UsageLimitUnit,
   type Transaction,
 } from "./gen/credits/v1/credits_pb.js";
 // Generated from ../../proto/google/rpc, the googleapis files shipped with the API.
@@ -123,6 +126,51 @@ async function meterVoiceCall(): Promise<void> {
   }
 }
 
+// Check answers what Consume would decide, changing nothing; a usage limit caps a feature
+// per calendar period (here the account's own: 2 text messages a day), and a charge that
+// would pass it fails with FAILED_PRECONDITION and reason USAGE_LIMIT_EXCEEDED, whose
+// metadata says the limit, the usage and when the period ends.
+async function checkAndLimit(): Promise<void> {
+  const price = await credits.check({ accountId: account, feature: "voice", quantity: 90n });
+  console.log(
+    `check: 90 s of voice ${price.allowed ? "allowed" : "refused"}, would cost ` +
+      `${price.amount} credits (${price.units} increments), balance ${price.balance}`,
+  );
+  const capped = `${account}-capped`;
+  await credits.grant({ accountId: capped, amount: 100n, requestId: randomUUID() });
+  await credits.setUsageLimit({
+    accountId: capped,
+    limit: {
+      feature: "text",
+      period: UsageLimitPeriod.DAY,
+      limit: 2n,
+      unit: UsageLimitUnit.UNITS,
+    },
+    requestId: randomUUID(),
+  });
+  await credits.consume({ accountId: capped, feature: "text", quantity: 2n, requestId: randomUUID() });
+  const denied = await credits.check({ accountId: capped, feature: "text" });
+  if (denied.allowed || denied.denial?.reason !== "USAGE_LIMIT_EXCEEDED") {
+    throw new Error(`check past the limit answered ${JSON.stringify(denied.denial)}`);
+  }
+  try {
+    await credits.consume({ accountId: capped, feature: "text", requestId: randomUUID() });
+    throw new Error("a charge past the daily limit was accepted");
+  } catch (err) {
+    const e = ConnectError.from(err);
+    if (e.code !== Code.FailedPrecondition || reason(e) !== "USAGE_LIMIT_EXCEEDED") throw err;
+    const meta = e.findDetails(ErrorInfoSchema)[0]?.metadata ?? {};
+    console.log(
+      `usage limit refused the 3rd text: ${meta.used}/${meta.limit} ${meta.unit} this ` +
+        `${meta.period}, resets ${meta.period_end}`,
+    );
+  }
+  const [status] = (await credits.listUsageLimits({ accountId: capped })).limits;
+  if (status?.used !== 2n || status.remaining !== 0n) {
+    throw new Error(`ListUsageLimits answered ${status?.used}/${status?.remaining}`);
+  }
+}
+
 async function main(): Promise<void> {
   const granted = await credits.grant({
     accountId: account,
@@ -194,6 +242,7 @@ async function main(): Promise<void> {
   }
 
   await meterVoiceCall();
+  await checkAndLimit();
 
   const balance = await credits.getBalance({ accountId: account });
   console.log(`final balance of ${account}: ${balance.balance}`);

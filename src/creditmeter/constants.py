@@ -358,3 +358,16 @@ REDIS_HASH_MAX_LISTPACK_VALUE = 1024
 #: Sends of one pipeline whose functions were missing (a FUNCTION FLUSH between the load and
 #: the calls).
 SCRIPT_LOAD_ATTEMPTS = 3
+
+# --- automatic recharge (creditmeter.domain.recharge) ------------------------------------
+#: How often a server looks for crossings with no pending purchase yet (seconds), and
+#: how far back each pass looks (ms): the flush lag is well under this.
+RECHARGE_POLL_S = 1.0
+RECHARGE_RECENT_MS = 10 * 60 * 1000
+#: Every RECHARGE_SWEEP_S (and at start) a pass looks back RECHARGE_LOOKBACK_MS instead,
+#: for crossings a ledger outage held back: a crossing older than that when it reaches
+#: the ledger gets no purchase (its event is in the history all the same).
+RECHARGE_SWEEP_S = 600.0
+RECHARGE_LOOKBACK_MS = 3 * 24 * 3600 * 1000
+#: Crossings read per query.
+RECHARGE_BATCH = 100

@@ -1,7 +1,8 @@
 // Command example uses creditmeter from Go: grant credits, consume a text message, read
-// the account's history, and meter a voice call (StartSession -> UpdateSession ->
-// EndSession); on the way, decode the google.rpc error details of a refused overdraft and
-// of an invalid request.
+// the account's history, meter a voice call (StartSession -> UpdateSession -> EndSession),
+// check before use and cap a feature with a daily usage limit; on the way, decode the
+// google.rpc error details of a refused overdraft, of an invalid request and of a passed
+// usage limit.
 //
 //	CREDITMETER_SERVER=127.0.0.1:50051 CREDITMETER_API_KEY=cm_... ./example
 //
@@ -168,6 +169,9 @@ func run(server, apiKey string) error {
 	if err := meterVoiceCall(ctx, credits, account); err != nil {
 		return err
 	}
+	if err := checkAndLimit(ctx, credits, account); err != nil {
+		return err
+	}
 
 	balance, err := credits.GetBalance(ctx, &creditsv1.GetBalanceRequest{AccountId: account})
 	if err != nil {
@@ -207,6 +211,59 @@ func meterVoiceCall(ctx context.Context, credits creditsv1.CreditsClient, accoun
 	}()
 	if err != nil {
 		return fmt.Errorf("voice session: %w", err)
+	}
+	return nil
+}
+
+// checkAndLimit asks Check what Consume would decide (changing nothing), then caps text
+// messages at 2 a day for an account of its own: the third fails with FAILED_PRECONDITION
+// and reason USAGE_LIMIT_EXCEEDED, whose metadata says the limit, the usage and when the
+// period ends.
+func checkAndLimit(ctx context.Context, credits creditsv1.CreditsClient, account string) error {
+	price, err := credits.Check(ctx, &creditsv1.CheckRequest{AccountId: account, Feature: "voice", Quantity: proto.Int64(90)})
+	if err != nil {
+		return fmt.Errorf("check: %w", err)
+	}
+	fmt.Printf("check: 90 s of voice allowed=%t, would cost %d credits (%d increments), balance %d\n",
+		price.GetAllowed(), price.GetAmount(), price.GetUnits(), price.GetBalance())
+	capped := account + "-capped"
+	if _, err := credits.Grant(ctx, &creditsv1.GrantRequest{AccountId: capped, Amount: 100, RequestId: newID("req-")}); err != nil {
+		return fmt.Errorf("grant: %w", err)
+	}
+	_, err = credits.SetUsageLimit(ctx, &creditsv1.SetUsageLimitRequest{
+		AccountId: capped,
+		Limit: &creditsv1.UsageLimit{
+			Feature: "text", Period: creditsv1.UsageLimitPeriod_USAGE_LIMIT_PERIOD_DAY,
+			Limit: 2, Unit: creditsv1.UsageLimitUnit_USAGE_LIMIT_UNIT_UNITS,
+		},
+		RequestId: newID("req-"),
+	})
+	if err != nil {
+		return fmt.Errorf("set usage limit: %w", err)
+	}
+	if _, err := credits.Consume(ctx, &creditsv1.ConsumeRequest{
+		AccountId: capped, Feature: "text", Quantity: proto.Int64(2), RequestId: newID("req-"),
+	}); err != nil {
+		return fmt.Errorf("consume within the limit: %w", err)
+	}
+	denied, err := credits.Check(ctx, &creditsv1.CheckRequest{AccountId: capped, Feature: "text"})
+	if err != nil || denied.GetAllowed() || denied.GetDenial().GetReason() != "USAGE_LIMIT_EXCEEDED" {
+		return fmt.Errorf("check past the limit: got %v, %v", denied, err)
+	}
+	_, err = credits.Consume(ctx, &creditsv1.ConsumeRequest{AccountId: capped, Feature: "text", RequestId: newID("req-")})
+	info, _ := details(err)
+	if status.Code(err) != codes.FailedPrecondition || info.GetReason() != "USAGE_LIMIT_EXCEEDED" {
+		return fmt.Errorf("past the limit: want FAILED_PRECONDITION / USAGE_LIMIT_EXCEEDED, got %v", err)
+	}
+	m := info.GetMetadata()
+	fmt.Printf("usage limit refused the 3rd text: %s/%s %s this %s, resets %s\n",
+		m["used"], m["limit"], m["unit"], m["period"], m["period_end"])
+	listed, err := credits.ListUsageLimits(ctx, &creditsv1.ListUsageLimitsRequest{AccountId: capped})
+	if err != nil {
+		return fmt.Errorf("list usage limits: %w", err)
+	}
+	if l := listed.GetLimits(); len(l) != 1 || l[0].GetUsed() != 2 || l[0].GetRemaining() != 0 {
+		return fmt.Errorf("ListUsageLimits answered %v", l)
 	}
 	return nil
 }

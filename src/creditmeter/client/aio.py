@@ -216,20 +216,74 @@ class AsyncClient:
         account_id: str,
         *,
         unlimited: bool | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
         time_zone: str | None = None,
         ignore_usage_limits: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
         overdraft_limit: int | None = None,
     ) -> pb.SetAccountOptionsResponse:
-        """Change per-account options (None leaves one as it is): the unlimited flag, the
-        usage limits' time zone and exemption, the overdraft limit (credits; 0 removes
-        the credit line)."""
+        """Change per-account options; None leaves one as it is: the unlimited flag, the
+        IANA time zone its usage limits' periods count in ('' for UTC), whether usage
+        limits apply to it at all, and the overdraft limit of its credit line (credits; 0
+        removes it)."""
         req = rq.set_account_options(
-            account_id, unlimited=unlimited, request_id=request_id, time_zone=time_zone,
-            ignore_usage_limits=ignore_usage_limits, overdraft_limit=overdraft_limit,
+            account_id, unlimited=unlimited, time_zone=time_zone,
+            ignore_usage_limits=ignore_usage_limits, request_id=request_id,
+            overdraft_limit=overdraft_limit,
         )  # fmt: skip
         return await self.call("SetAccountOptions", req, pb.SetAccountOptionsResponse, timeout)
+
+    async def set_usage_limit(
+        self,
+        feature: str,
+        period: rq.LimitPeriodName,
+        limit: int | None,
+        *,
+        unit: rq.LimitUnitName = "units",
+        account_id: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.SetUsageLimitResponse:
+        """Limit `feature` to `limit` units (or credits) per calendar `period`; None removes
+        the limit. The tenant's default, or with `account_id` that account's own."""
+        req = rq.set_usage_limit(
+            feature, period, limit, unit=unit, account_id=account_id, request_id=request_id
+        )
+        return await self.call("SetUsageLimit", req, pb.SetUsageLimitResponse, timeout)
+
+    async def list_usage_limits(
+        self, account_id: str = "", *, timeout: float | None = None
+    ) -> pb.ListUsageLimitsResponse:
+        """The tenant's default usage limits, or with `account_id` the limits that apply to
+        that account now with its usage in the current period of each."""
+        req = pb.ListUsageLimitsRequest(account_id=account_id)
+        return await self.call("ListUsageLimits", req, pb.ListUsageLimitsResponse, timeout)
+
+    async def set_recharge_policy(
+        self,
+        threshold: int | None,
+        pack_id: str = "",
+        *,
+        account_id: str = "",
+        disable: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.SetRechargePolicyResponse:
+        """Recharge when the spendable balance falls below `threshold`, with a pending
+        purchase of `pack_id` ('' = only the recharge_due event): the tenant's default,
+        or with `account_id` that account's own. None removes the policy; `disable`
+        turns recharges off for the account."""
+        req = rq.set_recharge_policy(
+            threshold, pack_id, account_id=account_id, disable=disable, request_id=request_id
+        )
+        return await self.call("SetRechargePolicy", req, pb.SetRechargePolicyResponse, timeout)
+
+    async def get_recharge_policy(
+        self, account_id: str = "", *, timeout: float | None = None
+    ) -> pb.GetRechargePolicyResponse:
+        """The tenant's default recharge policy, or the one that applies to `account_id`."""
+        req = pb.GetRechargePolicyRequest(account_id=account_id)
+        return await self.call("GetRechargePolicy", req, pb.GetRechargePolicyResponse, timeout)
 
     async def list_transactions(
         self,

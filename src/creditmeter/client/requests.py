@@ -18,6 +18,7 @@ RateUnitName = Literal["count", "time"]
 TransactionKindName = Literal[
     "grant", "consume", "expire", "reset", "refund", "session", "options", "usage_limit",
     "repay", "debt",
+    "recharge_due", "recharge_policy",
 ]
 LimitPeriodName = Literal["day", "week", "month"]
 LimitUnitName = Literal["units", "credits"]
@@ -175,6 +176,26 @@ def set_usage_limit(
             unit=pb.UsageLimitUnit.Value(f"USAGE_LIMIT_UNIT_{unit.upper()}"),
         ),
         remove=limit is None,
+        request_id=request_id or "",
+    )
+
+
+def set_recharge_policy(
+    threshold: int | None,
+    pack_id: str,
+    *,
+    account_id: str,
+    disable: bool,
+    request_id: str | None,
+) -> pb.SetRechargePolicyRequest:
+    """Recharge below `threshold` with `pack_id` ('' = none): the tenant's default, or
+    with an account id the account's own; `threshold` None removes it; `disable` turns
+    recharges off for the account."""
+    return pb.SetRechargePolicyRequest(
+        account_id=account_id,
+        policy=pb.RechargePolicy(threshold=threshold or 0, pack_id=pack_id),
+        remove=threshold is None and not disable,
+        disable=disable,
         request_id=request_id or "",
     )
 

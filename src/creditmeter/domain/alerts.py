@@ -44,6 +44,7 @@ from creditmeter.storage import layout
 from creditmeter.storage.layout import bucket_of
 from creditmeter.storage.ledger.base import DEBT_SOURCE, HOLD_KINDS
 from creditmeter.storage.outbox import STREAM_ID, OutboxReader, OutboxTxn
+from creditmeter.storage.recharge import DUE_KIND
 
 #: Event kinds that take credit out of the lots (the event's balance is after the removal),
 #: that add it, and that take or let go of a hold. Anything else (options, request) moves
@@ -64,6 +65,8 @@ class AlertKind(StrEnum):
     DEPLETED = "depleted"
     TOPPED_UP = "topped_up"
     OVERDRAFT_LIMIT_REACHED = "overdraft_limit_reached"
+    #: A recharge fell due (creditmeter.domain.recharge): sent whatever the thresholds.
+    RECHARGE_DUE = "recharge_due"
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class Alert:
     transaction_id: str
     time_ms: int
     resume_token: str
+    #: RECHARGE_DUE: the policy's pack ('' = none).
+    pack_id: str = ""
 
 
 def _figures_before(e: Mapping[str, str]) -> tuple[int, int, int]:
@@ -137,6 +142,19 @@ def balance_change(events: Sequence[Mapping[str, str]]) -> tuple[int, int] | Non
     `account_change`)."""
     change = account_change(events)
     return None if change is None else (change.before, change.after)
+
+
+def recharge_due(
+    events: Sequence[Mapping[str, str]],
+) -> tuple[int, tuple[int, int], str] | None:
+    """A transaction that is a recharge falling due (recharge_watch of _lib.lua): its
+    threshold, the spendable balance before and after the call, and its pack."""
+    if len(events) != 1 or events[0].get("kind") != DUE_KIND:
+        return None
+    e = events[0]
+    credit = int(e["balance"]) - int(e.get("debt", "0"))  # the credit line's debt, if any
+    after = balances.spendable(credit, int(e.get("reserved", "0")), unlimited=False)
+    return int(e["amount"]), (int(e["before"]), after), e.get("reference", "")
 
 
 def crossings(before: int, after: int, thresholds: Sequence[int]) -> list[tuple[AlertKind, int]]:
@@ -242,19 +260,26 @@ class _Watch:
             skip, self.skip = self.skip[1], None  # only the first call read there
         if not self.relevant(txn):
             return []
-        found: list[tuple[AlertKind, int, tuple[int, int], str, int]] = []
+        found: list[tuple[AlertKind, int, tuple[int, int], str, int, str]] = []
         for txn_id, events in _transactions(txn.events):
-            moved = account_change(events)
-            if moved is None:
-                continue
-            change = (moved.before, moved.after)
             time_ms = int(next((e["ts"] for e in reversed(events) if "ts" in e), "0"))
+            due = recharge_due(events)
+            if due is not None:
+                threshold, moved, pack = due
+                found.append((AlertKind.RECHARGE_DUE, threshold, moved, txn_id, time_ms, pack))
+                continue
+            effect = account_change(events)
+            if effect is None:
+                continue
+            balance = (effect.before, effect.after)
             found.extend(
-                (kind, threshold, change, txn_id, time_ms)
-                for kind, threshold in [*crossings(*change, self.thresholds), *line_crossing(moved)]
+                (kind, threshold, balance, txn_id, time_ms, "")
+                for kind, threshold in [
+                    *crossings(*balance, self.thresholds), *line_crossing(effect)
+                ]
             )
         alerts = []
-        for i, (kind, threshold, change, txn_id, time_ms) in enumerate(found):
+        for i, (kind, threshold, change, txn_id, time_ms, pack) in enumerate(found):
             if i < skip:
                 continue
             point = (
@@ -272,6 +297,7 @@ class _Watch:
                     transaction_id=txn_id,
                     time_ms=time_ms,
                     resume_token=point.encode(),
+                    pack_id=pack,
                 )
             )
         return alerts

@@ -52,6 +52,7 @@ class LiveConfig:
         self.keys = KeyRing(keys)
         self.rates.replace(cards)
         self.limits.book.replace(from_rows(snapshot.limits))
+        self.limits.recharges.replace(snapshot.recharges)
 
     async def refresh(self) -> bool:
         """Reload if the store changed since the last load; True if it did. A store that

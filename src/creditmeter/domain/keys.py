@@ -42,6 +42,7 @@ _READS = frozenset(
         "Check",  # changes nothing: a price enquiry and balance check
         "CheckBatch",
         "ListUsageLimits",
+        "GetRechargePolicy",
     }
 )
 _METERING = frozenset(

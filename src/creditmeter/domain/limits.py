@@ -32,6 +32,7 @@ from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from creditmeter.constants import LIMIT_ZONE_CACHE_SIZE, MAX_CREDITS, MAX_TIME_ZONE_LENGTH
+from creditmeter.domain.recharge import RechargeBook
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import Rejected
 from creditmeter.storage.config_store import LimitRow
@@ -236,10 +237,13 @@ def from_rows(rows: Iterable[LimitRow]) -> list[tuple[str, UsageLimit]]:
 # --- per call --------------------------------------------------------------------------
 class Limits:
     """What metering and sessions need of the limits for each script call: its limit
-    args, and the retry in the account's own time zone."""
+    args (with the tenant's default recharge policy), and the retry in the account's own
+    time zone."""
 
     def __init__(self, book: LimitBook | None = None) -> None:
         self.book = book or LimitBook()
+        #: The tenants' default recharge policies, which ride with the limit args.
+        self.recharges = RechargeBook()
         self._windows = _Windows()
         #: (tenant, account) -> time zone, for accounts not in UTC, learned from the
         #: scripts (least recently used forgotten first).
@@ -250,7 +254,10 @@ class Limits:
 
     def args(self, tenant: str, account: str, feature: str | None, now_ms: int) -> LimitArgs:
         zone = self.zone(tenant, account)
-        return LimitArgs(self.book.rules(tenant, feature), zone, self._windows.get(zone, now_ms))
+        return LimitArgs(
+            self.book.rules(tenant, feature), zone, self._windows.get(zone, now_ms),
+            self.recharges.arg(tenant),
+        )  # fmt: skip
 
     def learn(self, tenant: str, account: str, zone: str) -> None:
         key = (tenant, account)

@@ -328,6 +328,10 @@ class Metering:
         self.rates = rates
         self.clock = clock
 
+    def make_call(self, prefix: str, request_id: str, operation: str, **params: object) -> Call:
+        """A script call: now, a new transaction id, the request id and its fingerprint."""
+        return self._call(prefix, request_id, operation, **params)
+
     def _call(self, prefix: str, request_id: str, operation: str, **params: object) -> Call:
         now = self.clock.now_ms()
         return Call(

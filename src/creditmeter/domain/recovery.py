@@ -35,6 +35,13 @@ from creditmeter.storage.limits import (
     options_event,
     options_overdraft,
 )
+from creditmeter.storage.recharge import (
+    POLICY_KIND,
+    OwnPolicy,
+    own_policy,
+    own_policy_field,
+    policy_event,
+)
 from creditmeter.storage.redis_store import AccountSnapshot, Call, RedisStore, lot_meta
 
 #: A lot whose reference is a bare subscription id is a period's credits (they roll over).
@@ -86,6 +93,8 @@ class AccountState:
     repaid: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: Credits of lots that went to repay debt.
     lot_repaid: int = 0
+    #: The account's own recharge policy (None: the tenant's applies).
+    recharge: OwnPolicy | None = None
 
     def apply(self, e: Event) -> None:
         self.seq = max(self.seq, e.seq)
@@ -137,6 +146,8 @@ class AccountState:
                 self.own_limits.pop((feature, period), None)
             else:
                 self.own_limits[feature, period] = own
+        elif e.kind == POLICY_KIND:
+            self.recharge = policy_event(e.amount, e.reference)
 
     def applying_limits(self, tenant_limits: Iterable[UsageLimit]) -> set[tuple[str, str]]:
         """The (feature, period) of every limit that applies to the account."""
@@ -181,6 +192,8 @@ class AccountState:
             fields[limit_fields.OWN_LIMITS_COUNT] = str(len(self.own_limits))
             fields.update(limit_fields.own_limit_field(own) for own in self.own_limits.values())
         fields.update(credit_line.line_fields(self.overdraft, self.debt, self.repaid))
+        if self.recharge is not None:
+            fields.update([own_policy_field(self.recharge)])
         return fields
 
     def limit_fields(self, now_ms: int, tenant_limits: Iterable[UsageLimit]) -> dict[str, str]:
@@ -259,6 +272,9 @@ def _limit_drift(
     own = {(o.feature, o.period): o for o in limit_fields.own_limits(snap.fields)}
     if own != state.own_limits:
         problems.append(f"own limits: ledger {state.own_limits} != redis {own}")
+    recharge = own_policy(snap.fields)
+    if recharge != state.recharge:
+        problems.append(f"own recharge policy: ledger {state.recharge} != redis {recharge}")
     if now_ms is None:
         return problems
     held = limit_fields.counters(snap.fields)

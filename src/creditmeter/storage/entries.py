@@ -13,7 +13,8 @@ the fields
                 with `fp`, `c` is the request record's reply too (no `reply` field)
 
 Each event belongs to transaction `x` followed by its suffix ('' for the call's own
-transaction; 'x' for the expiries swept first, 'r' for the lots a reset removed), and its
+transaction; 'x' for the expiries swept first, 'r' for the lots a reset removed, 'd' for
+a recharge falling due after the call's changes), and its
 id is "<txn>:<n>", n counting the events of its transaction from 1; the request record is
 the call transaction's last event, "<x>:<n + 1>". Releases before 0.2 wrote one entry per
 event with those fields spelled out (`event_id`, `txn`, `kind`, ...): `events` reads both,
@@ -27,6 +28,8 @@ from collections.abc import Mapping
 
 from creditmeter.storage.ledger.base import HOLD_KINDS, Event, RequestRecord
 
+#: The transaction suffix of a recharge falling due (recharge_watch in _lib.lua).
+RECHARGE_SUFFIX = "d"
 #: A field only the entries of 0.1.0 have (one event per entry, spelled out).
 _V1_FIELD = "event_id"
 
@@ -46,18 +49,22 @@ def events(fields: Mapping[str, str]) -> list[dict[str, str]]:
     counts: dict[str, int] = {}
     out: list[dict[str, str]] = []
     seq = "0"
-    for item in _event_items(fields["e"]):
+    items = _event_items(fields["e"])
+    consumed = fields.get("c")
+    due: list[dict[str, str]] = []
+    for item in items:
         event_txn = txn + item[0]
         n = counts[event_txn] = counts.get(event_txn, 0) + 1
         seq = item[2]
         event = {"event_id": f"{event_txn}:{n}", "txn": event_txn, "kind": item[1], "seq": seq}
         event.update(header)
         event.update(zip(item[3::2], item[4::2], strict=True))
-        out.append(event)
-    consumed = fields.get("c")
+        # A consume's recharge_due follows its charges (it has the later seq).
+        (due if consumed is not None and item[0] == RECHARGE_SUFFIX else out).append(event)
     if consumed is not None:
         charged = _consume_events(json.loads(consumed), int(fields["s"]), header)
         out.extend(charged)
+        out.extend(due)
         counts[txn] = counts.get(txn, 0) + len(charged)
         seq = fields["s"]
     if "fp" in fields:
@@ -122,8 +129,8 @@ def header(fields: Mapping[str, str]) -> tuple[str, str, str]:
 
 #: The places in consume.lua's reply: txn, amount, units, feature, credit in lots after,
 #: reserved, unlimited, time, then lot, amount of each lot touched; in a reply "OK3" (an
-#: account with a credit line) debt incurred, debt after and the overdraft limit come
-#: before the lots.
+#: account in debt after the charge) debt incurred, debt after and the overdraft limit
+#: come before the lots.
 CONSUME_CHARGES_AT = 9
 CONSUME_WITH_DEBT = "OK3"
 #: The source of a charge event for the part of a charge that became debt (no lot).

@@ -33,7 +33,9 @@ WRONG_TIME_ZONE = "TIME_ZONE"
 
 @dataclass(frozen=True, slots=True)
 class LimitArgs:
-    """The three limit arguments of consume, check and session steps."""
+    """The four limit arguments of consume, check and session steps: the tenant's rules
+    for the call (its usage limits in `rules`, `zone` and `windows`, and its default
+    recharge policy; see creditmeter.storage.recharge)."""
 
     #: "<feature>:<period>:<max>:<measure>,...": the tenant's limits ('' = none).
     rules: str
@@ -41,9 +43,11 @@ class LimitArgs:
     zone: str
     #: "<day start>,<day end>,<week start>,<week end>,<month start>,<month end>" (ms).
     windows: str
+    #: "<threshold>:<pack id>": the tenant's default recharge policy ('' = none).
+    recharge: str = ""
 
     def argv(self) -> list[str]:
-        return [self.rules, self.zone, self.windows]
+        return [self.rules, self.zone, self.windows, self.recharge]
 
 
 def encode_rules(rules: Iterable[tuple[str, str, int, str]]) -> str:

@@ -25,7 +25,7 @@ from creditmeter.constants import (
     SESSION_CLOSE_BATCH,
 )
 from creditmeter.errors import BackendUnavailable, Rejected
-from creditmeter.storage import scripts
+from creditmeter.storage import recharge, scripts
 from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.functions import function_missing, load_library
 from creditmeter.storage.layout import (
@@ -54,6 +54,7 @@ from creditmeter.storage.layout import (
     sessions_key,
 )
 from creditmeter.storage.limits import LimitArgs, own_limit_args
+from creditmeter.storage.recharge import OwnPolicy
 from creditmeter.storage.redis_client import UNREACHABLE, Client, reachable, unavailable
 from creditmeter.storage.replicas import ReplicaAcks, Targets
 
@@ -671,6 +672,11 @@ class RedisStore:
         """Set (or with `limit` None remove) the account's own limit on `feature` for
         `period` (a name of limits.PERIOD_CODES), counted in `measure` (units, credits)."""
         await self._run("set_limit", keys, call, [feature, *own_limit_args(period, limit, measure)])
+
+    async def set_recharge(self, keys: AccountKeys, call: Call, own: OwnPolicy | None) -> None:
+        """Set the account's own recharge policy, turn recharges off for it (a policy
+        of None in `own`), or with `own` None remove its own (the tenant's applies)."""
+        await self._run("set_recharge", keys, call, recharge.script_args(own))
 
     async def sweep(self, keys: AccountKeys, call: Call) -> int:
         """Record the expiry of the account's lots whose time has come; returns how many."""

@@ -27,6 +27,7 @@ SCRIPT_NAMES = (
     "renew",
     "session",
     "set_limit",
+    "set_recharge",
 )
 
 
@@ -53,14 +54,16 @@ def _code() -> str:
     parts = [_read(_PRELUDE)]
     for name in SCRIPT_NAMES:
         # Each script's text is the body of a function: `return` ends the call wherever
-        # it appears, and the wrapper (`run`) still keeps the expiry index (update_due) and
-        # writes the account (flush_account) and the events (flush_events) back once.
+        # it appears, and the wrapper (`run`) still records a recharge that fell due
+        # (recharge_watch), keeps the expiry index (update_due) and writes the account
+        # (flush_account) and the events (flush_events) back once.
         parts.append(f"-- ---- {name}.lua ----\nlocal function body_{name}()\n"
                      f"{_read(f'{name}.lua')}\nend\n")  # fmt: skip
     parts.append(
         "local function run(body, keys, args)\n"
         "  begin(keys, args)\n"
         "  local reply = body()\n"
+        "  recharge_watch()\n"
         "  update_due()\n"
         "  flush_account()\n"
         "  flush_events()\n"

@@ -308,6 +308,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
         per_feature.add_row(f.feature, str(f.credits), str(f.units))
     if resp.features:
         console.print(per_feature)
+    if resp.limits:
+        console.print(_limits_table(resp.limits, account=True))
     return 0
 
 
@@ -333,13 +335,109 @@ def cmd_rates_set(args: argparse.Namespace) -> int:
 
 def cmd_account_options(args: argparse.Namespace) -> int:
     resp = _client(args).set_account_options(
-        args.account, unlimited=args.unlimited, request_id=args.request_id,
+        args.account, unlimited=args.unlimited, time_zone=args.time_zone,
+        ignore_usage_limits=args.ignore_usage_limits, request_id=args.request_id,
         overdraft_limit=args.overdraft_limit,
     )  # fmt: skip
+    o = resp.options
     console.print(
-        f"{args.account}: unlimited={resp.options.unlimited}"
-        f" overdraft_limit={resp.options.overdraft_limit}"
+        f"{args.account}: unlimited={o.unlimited} time_zone={o.time_zone or 'UTC'} "
+        f"ignore_usage_limits={o.ignore_usage_limits} overdraft_limit={o.overdraft_limit}"
     )
+    return 0
+
+
+def _limits_table(limits: Sequence[Any], *, account: bool) -> Table:
+    """Usage limits as ListUsageLimits and GetUsage answer them; for an account, with its
+    usage in the current period and when that period ends."""
+    columns = ["feature", "period", "limit", "unit"]
+    if account:
+        columns += ["used", "reserved", "remaining", "resets", "own"]
+    table = Table(*columns)
+    for status in limits:
+        limit = status.limit
+        row = [
+            limit.feature,
+            pb.UsageLimitPeriod.Name(limit.period).removeprefix("USAGE_LIMIT_PERIOD_").lower(),
+            str(limit.limit),
+            pb.UsageLimitUnit.Name(limit.unit).removeprefix("USAGE_LIMIT_UNIT_").lower(),
+        ]
+        if account:
+            row += [str(status.used), str(status.reserved), str(status.remaining),
+                    _time(status.period_end), "yes" if status.account_override else ""]  # fmt: skip
+        table.add_row(*row)
+    return table
+
+
+def cmd_limits_list(args: argparse.Namespace) -> int:
+    resp = _client(args).list_usage_limits(args.account or "")
+    if not resp.limits:
+        console.print("no usage limits apply" if args.account else "no usage limits")
+        return 0
+    console.print(_limits_table(resp.limits, account=bool(args.account)))
+    return 0
+
+
+def cmd_limits_set(args: argparse.Namespace) -> int:
+    resp = _client(args).set_usage_limit(
+        args.feature, args.period, args.limit, unit=args.unit, account_id=args.account or "",
+        request_id=args.request_id,
+    )  # fmt: skip
+    whose = args.account or "tenant default"
+    console.print(f"{whose}: {args.feature} limited to {resp.limit.limit} {args.unit} a "
+                  f"{args.period}")  # fmt: skip
+    return 0
+
+
+def cmd_limits_remove(args: argparse.Namespace) -> int:
+    _client(args).set_usage_limit(
+        args.feature, args.period, None, account_id=args.account or "",
+        request_id=args.request_id,
+    )  # fmt: skip
+    whose = args.account or "tenant default"
+    console.print(f"{whose}: no {args.period} limit on {args.feature}")
+    return 0
+
+
+def _recharge_line(who: str, resp: Any) -> str:
+    if resp.disabled:
+        return f"{who}: recharges off"
+    if not resp.HasField("policy"):
+        return f"{who}: no recharge policy"
+    p = resp.policy
+    pack = f", pending purchase of {p.pack_id}" if p.pack_id else ""
+    own = " (its own)" if resp.account_override else ""
+    return f"{who}: recharge below {p.threshold}{pack}{own}"
+
+
+def cmd_recharge_show(args: argparse.Namespace) -> int:
+    resp = _client(args).get_recharge_policy(args.account or "")
+    console.print(_recharge_line(args.account or "tenant default", resp))
+    return 0
+
+
+def cmd_recharge_set(args: argparse.Namespace) -> int:
+    resp = _client(args).set_recharge_policy(
+        args.threshold, args.pack or "", account_id=args.account or "",
+        request_id=args.request_id,
+    )  # fmt: skip
+    console.print(_recharge_line(args.account or "tenant default", resp))
+    return 0
+
+
+def cmd_recharge_off(args: argparse.Namespace) -> int:
+    resp = _client(args).set_recharge_policy(
+        None, account_id=args.account, disable=True, request_id=args.request_id
+    )
+    console.print(_recharge_line(args.account, resp))
+    return 0
+
+
+def cmd_recharge_remove(args: argparse.Namespace) -> int:
+    resp = _client(args).set_recharge_policy(
+        None, account_id=args.account or "", request_id=args.request_id
+    )
+    console.print(_recharge_line(args.account or "tenant default", resp))
     return 0
 
 
@@ -958,8 +1056,56 @@ def build_parser() -> argparse.ArgumentParser:
         "--overdraft-limit", type=int, default=None, metavar="CREDITS",
         help="credit line: how far past its lots the account may be charged (0 removes it)",
     )  # fmt: skip
+    p.add_argument("--time-zone", help="IANA zone of its usage limits' periods ('' for UTC)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ignore-usage-limits", dest="ignore_usage_limits",
+                       action="store_true", default=None)  # fmt: skip
+    group.add_argument("--respect-usage-limits", dest="ignore_usage_limits",
+                       action="store_false")  # fmt: skip
     _client_flags(p, mutating=True)
     p.set_defaults(func=cmd_account_options)
+
+    limits = sub.add_parser("limits", help="usage limits per feature and period").add_subparsers(
+        dest="limits", required=True
+    )
+    p = limits.add_parser("list", help="the tenant's limits, or those of --account with usage")
+    p.add_argument("--account", help="an account: the limits that apply to it now")
+    _client_flags(p)
+    p.set_defaults(func=cmd_limits_list)
+    for name, func in (("set", cmd_limits_set), ("remove", cmd_limits_remove)):
+        p = limits.add_parser(
+            name, help=f"{name} a limit: the tenant's default, or --account's own"
+        )
+        p.add_argument("feature")
+        p.add_argument("period", choices=["day", "week", "month"])
+        if name == "set":
+            p.add_argument("limit", type=int, help="the most a period may use (0 blocks)")
+            p.add_argument("--unit", choices=["units", "credits"], default="units")
+        p.add_argument("--account", help="the account whose own limit it is")
+        _client_flags(p, mutating=True)
+        p.set_defaults(func=func)
+
+    recharge = sub.add_parser(
+        "recharge", help="automatic recharge below a balance threshold"
+    ).add_subparsers(dest="recharge", required=True)
+    p = recharge.add_parser("show", help="the tenant's default, or what applies to --account")
+    p.add_argument("--account")
+    _client_flags(p)
+    p.set_defaults(func=cmd_recharge_show)
+    p = recharge.add_parser("set", help="recharge below THRESHOLD (the tenant's, or --account's)")
+    p.add_argument("threshold", type=int)
+    p.add_argument("--pack", help="a one-time pack: each crossing creates a pending purchase")
+    p.add_argument("--account")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_recharge_set)
+    p = recharge.add_parser("off", help="no recharges for an account, even the tenant's")
+    p.add_argument("account")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_recharge_off)
+    p = recharge.add_parser("remove", help="remove the tenant's default, or --account's own")
+    p.add_argument("--account")
+    _client_flags(p, mutating=True)
+    p.set_defaults(func=cmd_recharge_remove)
     return parser
 
 

@@ -11,6 +11,7 @@ from creditmeter.domain.limits import LimitPeriod, LimitStatus, LimitUnit, Usage
 from creditmeter.domain.lots import Lot, LotSource
 from creditmeter.domain.metering import CheckItem, CheckResult, ConsumeItem, ConsumeResult
 from creditmeter.domain.rates import Rate, RateUnit
+from creditmeter.domain.recharge import Applying, recharge_pack
 from creditmeter.domain.sessions import SessionView, TimeoutPolicy
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import CreditError
@@ -93,6 +94,19 @@ def usage_limit_pb(limit: UsageLimit) -> pb.UsageLimit:
     return msg
 
 
+def recharge_applying_pb(
+    a: Applying, into: pb.SetRechargePolicyResponse | pb.GetRechargePolicyResponse
+) -> None:
+    """What applies of a recharge policy, into either response (the same fields)."""
+    if a.policy is not None:
+        into.policy.threshold = a.policy.threshold
+        into.policy.pack_id = a.policy.pack_id
+        if a.policy.updated_ms is not None:
+            into.policy.update_time.CopyFrom(timestamp(a.policy.updated_ms))
+    into.account_override = a.account_override
+    into.disabled = a.disabled
+
+
 def limit_status_pb(s: LimitStatus) -> pb.UsageLimitStatus:
     return pb.UsageLimitStatus(
         limit=usage_limit_pb(s.limit),
@@ -155,6 +169,7 @@ def transaction_pb(t: Transaction) -> pb.Transaction:
         lots=[pb.LotCharge(lot_id=lot, amount=amount) for lot, amount in t.lines],
         debt_incurred=t.debt_incurred,
         debt_repaid=t.debt_repaid,
+        pack_id=recharge_pack(t.kind, t.reference),
     )
 
 
@@ -195,6 +210,7 @@ _ALERT_KINDS = {
     AlertKind.DEPLETED: pb.BALANCE_ALERT_KIND_DEPLETED,
     AlertKind.TOPPED_UP: pb.BALANCE_ALERT_KIND_TOPPED_UP,
     AlertKind.OVERDRAFT_LIMIT_REACHED: pb.BALANCE_ALERT_KIND_OVERDRAFT_LIMIT_REACHED,
+    AlertKind.RECHARGE_DUE: pb.BALANCE_ALERT_KIND_RECHARGE_DUE,
 }
 
 
@@ -208,6 +224,7 @@ def alert_pb(alert: Alert) -> pb.WatchBalanceResponse:
         transaction_id=alert.transaction_id,
         event_time=timestamp(alert.time_ms),
         resume_token=alert.resume_token,
+        pack_id=alert.pack_id,
     )
 
 

@@ -16,6 +16,7 @@ from creditmeter.domain.alerts import BalanceAlerts
 from creditmeter.domain.history import History
 from creditmeter.domain.metering import ConsumeResult, Metering
 from creditmeter.domain.purchases import Purchases
+from creditmeter.domain.recharge import Recharges
 from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import CreditError, InvalidRequest
@@ -55,8 +56,10 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         ledger_status: Callable[[], Awaitable[LedgerStatus]],
         sessions: Sessions,
         alerts: BalanceAlerts,
+        recharges: Recharges,
     ) -> None:
         self.metering = metering
+        self.recharges = recharges
         self.sessions = sessions
         self.alerts = alerts
         self.history = history
@@ -418,6 +421,30 @@ class CreditsServicer(pb_grpc.CreditsServicer):
     ) -> pb.ListUsageLimitsResponse:
         statuses = await self.metering.usage_limits(principal().tenant, request.account_id)
         return pb.ListUsageLimitsResponse(limits=[convert.limit_status_pb(s) for s in statuses])
+
+    async def SetRechargePolicy(
+        self, request: pb.SetRechargePolicyRequest, context: Context
+    ) -> pb.SetRechargePolicyResponse:
+        applying = await self.recharges.set_policy(
+            principal().tenant,
+            request.account_id,
+            threshold=request.policy.threshold,
+            pack_id=request.policy.pack_id,
+            remove=request.remove,
+            disable=request.disable,
+            request_id=request.request_id,
+        )
+        response = pb.SetRechargePolicyResponse()
+        convert.recharge_applying_pb(applying, response)
+        return response
+
+    async def GetRechargePolicy(
+        self, request: pb.GetRechargePolicyRequest, context: Context
+    ) -> pb.GetRechargePolicyResponse:
+        applying = await self.recharges.get_policy(principal().tenant, request.account_id)
+        response = pb.GetRechargePolicyResponse()
+        convert.recharge_applying_pb(applying, response)
+        return response
 
     async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: Context

@@ -32,6 +32,7 @@ from creditmeter.constants import (
     FLUSHER_RESTART_DELAY_S,
     IDEMPOTENCY_TTL_S,
     LEDGER_HEALTH_SERVICE,
+    RECHARGE_POLL_S,
     RECONCILE_INTERVAL_S,
     RENEW_INTERVAL_S,
     SESSION_CLOSE_INTERVAL_S,
@@ -47,6 +48,7 @@ from creditmeter.domain.history import History
 from creditmeter.domain.metering import Metering
 from creditmeter.domain.packs import Catalog
 from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
+from creditmeter.domain.recharge import RechargePurchases, Recharges
 from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.subscriptions import Subscriptions
 from creditmeter.errors import BackendUnavailable
@@ -133,6 +135,7 @@ class App:
         self.ledger_link: LedgerLink | None = None
         self.subscriptions: Subscriptions | None = None
         self.sessions: Sessions | None = None
+        self.purchases: Purchases | None = None
         #: The in-process flusher (None when a child process flushes, or none does).
         self.flusher: Flusher | None = None
         self.flusher_child: subprocess.Popen[bytes] | None = None
@@ -198,7 +201,7 @@ class App:
             options=[("grpc.so_reuseport", 1)],
         )
         catalog = Catalog(config, s.clock, s.idempotency_ttl_s)
-        purchases = Purchases(
+        self.purchases = purchases = Purchases(
             catalog, ledger, metering.store, s.clock, self.gate, s.pending_purchase_ttl_ms
         )
         self.sessions = sessions = Sessions(
@@ -208,9 +211,12 @@ class App:
         alerts = BalanceAlerts(
             functools.partial(OutboxReader.connect, url), self._closing, s.watch_retention_s
         )
+        recharges = Recharges(
+            metering.store, config, catalog, live.limits.recharges, s.clock, metering.make_call
+        )
         servicer = CreditsServicer(
             metering, History(ledger, metering.store), purchases, self.ledger_status, sessions,
-            alerts,
+            alerts, recharges,
         )
         credits_pb2_grpc.add_CreditsServicer_to_server(servicer, self.server)
         self.subscriptions = Subscriptions(catalog, ledger, metering.store, s.clock, self.gate)
@@ -267,6 +273,14 @@ class App:
                 asyncio.create_task(
                     self._every(s.session_close_interval_s, sessions.close_due),
                     name="session-closer",
+                ),
+                asyncio.create_task(
+                    self._every(
+                        RECHARGE_POLL_S,
+                        RechargePurchases(ledger, purchases.create, s.clock).run_once,
+                        needs_ledger=True,
+                    ),
+                    name="recharge-purchases",
                 ),
             ]
         if self.flusher is not None:

@@ -61,6 +61,19 @@ type CreditsClient interface {
 	// SetAccountOptions changes per-account options such as the unlimited flag, creating
 	// the account if it does not exist yet. Requires an admin key.
 	SetAccountOptions(ctx context.Context, in *SetAccountOptionsRequest, opts ...grpc.CallOption) (*SetAccountOptionsResponse, error)
+	// SetUsageLimit sets, changes or removes a usage limit: a cap on one feature's usage
+	// per calendar day, week or month (in the account's time zone, UTC by default), in
+	// units or credits. Without account_id it is the tenant's default for every account;
+	// with one, the account's own limit for that feature and period, which wins over the
+	// tenant's. Consume, ConsumeBatch, Meter and call sessions enforce limits atomically
+	// with the balance: a charge that would pass one fails with FAILED_PRECONDITION and
+	// reason USAGE_LIMIT_EXCEEDED and changes nothing; a session's quota is cut to what
+	// the limits leave (final_unit set). A limit counts usage from when it applies to the
+	// account. Requires an admin key.
+	SetUsageLimit(ctx context.Context, in *SetUsageLimitRequest, opts ...grpc.CallOption) (*SetUsageLimitResponse, error)
+	// ListUsageLimits returns the tenant's limits, or with account_id those that apply to
+	// the account now with its usage in the current period. Requires any key of the tenant.
+	ListUsageLimits(ctx context.Context, in *ListUsageLimitsRequest, opts ...grpc.CallOption) (*ListUsageLimitsResponse, error)
 	// ListTransactions returns an account's history from the durable ledger, newest first,
 	// paged (AIP-158). A charge that spanned several lots is one transaction with its lot
 	// breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
@@ -214,6 +227,24 @@ func (c *creditsClient) ListRates(ctx context.Context, in *ListRatesRequest, opt
 func (c *creditsClient) SetAccountOptions(ctx context.Context, in *SetAccountOptionsRequest, opts ...grpc.CallOption) (*SetAccountOptionsResponse, error) {
 	out := new(SetAccountOptionsResponse)
 	err := c.cc.Invoke(ctx, "/credits.v1.Credits/SetAccountOptions", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *creditsClient) SetUsageLimit(ctx context.Context, in *SetUsageLimitRequest, opts ...grpc.CallOption) (*SetUsageLimitResponse, error) {
+	out := new(SetUsageLimitResponse)
+	err := c.cc.Invoke(ctx, "/credits.v1.Credits/SetUsageLimit", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *creditsClient) ListUsageLimits(ctx context.Context, in *ListUsageLimitsRequest, opts ...grpc.CallOption) (*ListUsageLimitsResponse, error) {
+	out := new(ListUsageLimitsResponse)
+	err := c.cc.Invoke(ctx, "/credits.v1.Credits/ListUsageLimits", in, out, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -403,6 +434,19 @@ type CreditsServer interface {
 	// SetAccountOptions changes per-account options such as the unlimited flag, creating
 	// the account if it does not exist yet. Requires an admin key.
 	SetAccountOptions(context.Context, *SetAccountOptionsRequest) (*SetAccountOptionsResponse, error)
+	// SetUsageLimit sets, changes or removes a usage limit: a cap on one feature's usage
+	// per calendar day, week or month (in the account's time zone, UTC by default), in
+	// units or credits. Without account_id it is the tenant's default for every account;
+	// with one, the account's own limit for that feature and period, which wins over the
+	// tenant's. Consume, ConsumeBatch, Meter and call sessions enforce limits atomically
+	// with the balance: a charge that would pass one fails with FAILED_PRECONDITION and
+	// reason USAGE_LIMIT_EXCEEDED and changes nothing; a session's quota is cut to what
+	// the limits leave (final_unit set). A limit counts usage from when it applies to the
+	// account. Requires an admin key.
+	SetUsageLimit(context.Context, *SetUsageLimitRequest) (*SetUsageLimitResponse, error)
+	// ListUsageLimits returns the tenant's limits, or with account_id those that apply to
+	// the account now with its usage in the current period. Requires any key of the tenant.
+	ListUsageLimits(context.Context, *ListUsageLimitsRequest) (*ListUsageLimitsResponse, error)
 	// ListTransactions returns an account's history from the durable ledger, newest first,
 	// paged (AIP-158). A charge that spanned several lots is one transaction with its lot
 	// breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
@@ -492,6 +536,12 @@ func (UnimplementedCreditsServer) ListRates(context.Context, *ListRatesRequest) 
 }
 func (UnimplementedCreditsServer) SetAccountOptions(context.Context, *SetAccountOptionsRequest) (*SetAccountOptionsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method SetAccountOptions not implemented")
+}
+func (UnimplementedCreditsServer) SetUsageLimit(context.Context, *SetUsageLimitRequest) (*SetUsageLimitResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetUsageLimit not implemented")
+}
+func (UnimplementedCreditsServer) ListUsageLimits(context.Context, *ListUsageLimitsRequest) (*ListUsageLimitsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListUsageLimits not implemented")
 }
 func (UnimplementedCreditsServer) ListTransactions(context.Context, *ListTransactionsRequest) (*ListTransactionsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListTransactions not implemented")
@@ -734,6 +784,42 @@ func _Credits_SetAccountOptions_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Credits_SetUsageLimit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetUsageLimitRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CreditsServer).SetUsageLimit(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/credits.v1.Credits/SetUsageLimit",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CreditsServer).SetUsageLimit(ctx, req.(*SetUsageLimitRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Credits_ListUsageLimits_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListUsageLimitsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CreditsServer).ListUsageLimits(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/credits.v1.Credits/ListUsageLimits",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CreditsServer).ListUsageLimits(ctx, req.(*ListUsageLimitsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Credits_ListTransactions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListTransactionsRequest)
 	if err := dec(in); err != nil {
@@ -972,6 +1058,14 @@ var _Credits_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SetAccountOptions",
 			Handler:    _Credits_SetAccountOptions_Handler,
+		},
+		{
+			MethodName: "SetUsageLimit",
+			Handler:    _Credits_SetUsageLimit_Handler,
+		},
+		{
+			MethodName: "ListUsageLimits",
+			Handler:    _Credits_ListUsageLimits_Handler,
 		},
 		{
 			MethodName: "ListTransactions",

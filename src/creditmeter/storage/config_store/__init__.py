@@ -15,6 +15,7 @@ from creditmeter.storage.config_store.base import (
     LimitRow,
     PackRow,
     RateRow,
+    RechargeRow,
     Request,
 )
 from creditmeter.storage.ledger import is_postgres
@@ -27,6 +28,7 @@ __all__ = [
     "LimitRow",
     "PackRow",
     "RateRow",
+    "RechargeRow",
     "Request",
     "open_config_store",
 ]

@@ -82,14 +82,26 @@ class LimitRow:
 
 
 @dataclass(frozen=True)
+class RechargeRow:
+    """A tenant's default recharge policy (creditmeter.domain.recharge): below `threshold`
+    spendable credits an account is due a recharge of pack `pack_id` ('' = none)."""
+
+    tenant: str
+    threshold: int
+    pack_id: str
+    updated_ms: int
+
+
+@dataclass(frozen=True)
 class ConfigSnapshot:
-    """What a running server holds of the configuration: the keys, rates and usage limits
-    of one version, read in one transaction."""
+    """What a running server holds of the configuration: the keys, rates, usage limits
+    and default recharge policies of one version, read in one transaction."""
 
     version: int
     api_keys: list[KeyRow]
     rates: list[RateRow]
     limits: list[LimitRow] = field(default_factory=list)
+    recharges: list[RechargeRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -104,15 +116,20 @@ class ConfigDump:
     packs: list[PackRow]
     requests: list[tuple[str, str, str, str, int]]
     limits: list[LimitRow] = field(default_factory=list)
+    recharges: list[RechargeRow] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         """No configuration at all (request records alone do not count)."""
-        return not (self.tenants or self.api_keys or self.rates or self.packs or self.limits)
+        return not (
+            self.tenants or self.api_keys or self.rates or self.packs or self.limits
+            or self.recharges
+        )  # fmt: skip
 
     def counts(self) -> str:
         return (
             f"{len(self.tenants)} tenants, {len(self.api_keys)} API keys, {len(self.rates)}"
             f" rates,{f' {len(self.limits)} usage limits,' if self.limits else ''}"
+            f"{f' {len(self.recharges)} recharge policies,' if self.recharges else ''}"
             f" {len(self.packs)} packs, {len(self.requests)} request records"
         )
 
@@ -183,6 +200,15 @@ class ConfigStore(ABC):
         """Store the tenant's limit on (feature, period), or with `row` None remove it,
         once per request id, idempotent as `set_rate`. The response is the limit's update
         time ('' for a removal)."""
+
+    # --- recharge policies -----------------------------------------------------------
+    @abstractmethod
+    def set_recharge_policy(
+        self, tenant: str, row: RechargeRow | None, req: Request
+    ) -> tuple[str, bool]:
+        """Store the tenant's default recharge policy, or with `row` None remove it, once
+        per request id, idempotent as `set_rate`. The response is its update time ('' for
+        a removal)."""
 
     # --- packs ---------------------------------------------------------------------
     @abstractmethod

@@ -47,6 +47,7 @@ from creditmeter.storage.config_store.base import (
     LimitRow,
     PackRow,
     RateRow,
+    RechargeRow,
     Request,
 )
 from creditmeter.storage.config_store.sqlite import read_dump
@@ -137,6 +138,14 @@ _MIGRATIONS = (
       PRIMARY KEY (tenant, feature, period)
     );
     """,
+    """
+    CREATE TABLE config_recharge_policies (
+      tenant     TEXT COLLATE "C" PRIMARY KEY,
+      threshold  BIGINT NOT NULL,
+      pack_id    TEXT COLLATE "C" NOT NULL,
+      updated_ms BIGINT NOT NULL
+    );
+    """,
 )
 
 #: Serializes opening (migrations, the import) across processes; not the ledger's key, so
@@ -170,6 +179,14 @@ _UPSERT_LIMIT = (
     " unit = excluded.unit, updated_ms = excluded.updated_ms"
 )
 _DELETE_LIMIT = "DELETE FROM config_usage_limits WHERE tenant = $1 AND feature = $2 AND period = $3"
+_RECHARGE_COLUMNS = "tenant, threshold, pack_id, updated_ms"
+_RECHARGES = f"SELECT {_RECHARGE_COLUMNS} FROM config_recharge_policies ORDER BY tenant"
+_UPSERT_RECHARGE = (
+    f"INSERT INTO config_recharge_policies ({_RECHARGE_COLUMNS}) VALUES ($1, $2, $3, $4)"
+    " ON CONFLICT (tenant) DO UPDATE SET threshold = excluded.threshold,"
+    " pack_id = excluded.pack_id, updated_ms = excluded.updated_ms"
+)
+_DELETE_RECHARGE = "DELETE FROM config_recharge_policies WHERE tenant = $1"
 _KEYS = f"SELECT {_KEY_COLUMNS} FROM config_api_keys"
 _RATES = f"SELECT {_RATE_COLUMNS} FROM config_rates ORDER BY tenant, feature"
 _PACK = f"SELECT {_PACK_COLUMNS} FROM config_packs WHERE tenant = $1 AND pack_id = $2"
@@ -385,11 +402,13 @@ class PostgresConfigStore(ConfigStore):
                 keys = await conn.fetch(f"{_KEYS} ORDER BY created_ms, key_id")
                 rates = await conn.fetch(_RATES)
                 limits = await conn.fetch(_LIMITS)
+                recharges = await conn.fetch(_RECHARGES)
             return ConfigSnapshot(
                 version,
                 [KeyRow(*r) for r in keys],
                 [RateRow(*r) for r in rates],
                 [LimitRow(*r) for r in limits],
+                [RechargeRow(*r) for r in recharges],
             )
 
         snapshot = self._call(read)
@@ -524,6 +543,18 @@ class PostgresConfigStore(ConfigStore):
 
         return self._idempotent(req, change)
 
+    def set_recharge_policy(
+        self, tenant: str, row: RechargeRow | None, req: Request
+    ) -> tuple[str, bool]:
+        async def change(conn: Any) -> str:
+            if row is None:
+                await conn.execute(_DELETE_RECHARGE, tenant)
+                return ""
+            await conn.execute(_UPSERT_RECHARGE, *astuple(row))
+            return str(row.updated_ms)
+
+        return self._idempotent(req, change)
+
     def put_pack(
         self, pack_id: str, req: Request, build: Callable[[PackRow | None], PackRow]
     ) -> tuple[PackRow, bool]:
@@ -560,6 +591,7 @@ class PostgresConfigStore(ConfigStore):
                 "api_keys": [astuple(k) for k in snapshot.api_keys],
                 "rates": [astuple(r) for r in snapshot.rates],
                 "limits": [astuple(r) for r in snapshot.limits],
+                "recharges": [astuple(r) for r in snapshot.recharges],
             }
             # mkstemp makes it 0600: it holds the keys' digests, as config.db does.
             fd, tmp = tempfile.mkstemp(dir=self.cache_path.parent, prefix=".config-cache-")
@@ -585,7 +617,7 @@ class PostgresConfigStore(ConfigStore):
             # the SQLite store's, which the first open will import.
             dump = read_dump(self.sqlite_path)
             log.info("configuration from %s (not imported yet)", self.sqlite_path)
-            return ConfigSnapshot(-1, dump.api_keys, dump.rates, dump.limits)
+            return ConfigSnapshot(-1, dump.api_keys, dump.rates, dump.limits, dump.recharges)
         return None
 
 
@@ -620,6 +652,7 @@ async def _insert_dump(conn: Any, dump: ConfigDump) -> None:
     await conn.executemany(_INSERT_RATE, [astuple(r) for r in dump.rates])
     await conn.executemany(_INSERT_PACK, [astuple(p) for p in dump.packs])
     await conn.executemany(_UPSERT_LIMIT, [astuple(r) for r in dump.limits])
+    await conn.executemany(_UPSERT_RECHARGE, [astuple(r) for r in dump.recharges])
     await conn.executemany(_INSERT_REQUEST, dump.requests)
 
 
@@ -632,7 +665,9 @@ def _read_cache(path: Path) -> tuple[int | None, ConfigSnapshot] | None:
         keys = [KeyRow(*k) for k in body["api_keys"]]
         rates = [RateRow(*r) for r in body["rates"]]
         limits = [LimitRow(*r) for r in body.get("limits", ())]
-        return body.get("store_id"), ConfigSnapshot(int(body["version"]), keys, rates, limits)
+        recharges = [RechargeRow(*r) for r in body.get("recharges", ())]
+        snapshot = ConfigSnapshot(int(body["version"]), keys, rates, limits, recharges)
+        return body.get("store_id"), snapshot
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as error:

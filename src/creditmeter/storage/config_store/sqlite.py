@@ -20,6 +20,7 @@ from creditmeter.storage.config_store.base import (
     LimitRow,
     PackRow,
     RateRow,
+    RechargeRow,
     Request,
 )
 
@@ -54,6 +55,12 @@ CREATE TABLE IF NOT EXISTS usage_limits (
   unit       TEXT NOT NULL,
   updated_ms INTEGER NOT NULL,
   PRIMARY KEY (tenant, feature, period)
+);
+CREATE TABLE IF NOT EXISTS recharge_policies (
+  tenant     TEXT PRIMARY KEY,
+  threshold  INTEGER NOT NULL,
+  pack_id    TEXT NOT NULL,
+  updated_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS requests (
   tenant      TEXT NOT NULL,
@@ -134,7 +141,9 @@ class SqliteConfigStore(ConfigStore):
         with self._connect() as db:
             db.execute("BEGIN")  # one read transaction: the rows of that version
             try:
-                return ConfigSnapshot(_version(db), _keys(db), _rates(db), _limits(db))
+                return ConfigSnapshot(
+                    _version(db), _keys(db), _rates(db), _limits(db), _recharges(db)
+                )
             finally:
                 db.execute("COMMIT")
 
@@ -243,6 +252,21 @@ class SqliteConfigStore(ConfigStore):
 
         return self._idempotent(req, change)
 
+    # --- recharge policies -----------------------------------------------------------
+    def set_recharge_policy(
+        self, tenant: str, row: RechargeRow | None, req: Request
+    ) -> tuple[str, bool]:
+        """Store or remove a tenant's default recharge policy. See `_idempotent`."""
+
+        def change(db: sqlite3.Connection) -> str:
+            if row is None:
+                db.execute("DELETE FROM recharge_policies WHERE tenant = ?", (tenant,))
+                return ""
+            db.execute("INSERT OR REPLACE INTO recharge_policies VALUES (?, ?, ?, ?)", astuple(row))
+            return str(row.updated_ms)
+
+        return self._idempotent(req, change)
+
     # --- packs ---------------------------------------------------------------------
     def put_pack(
         self, pack_id: str, req: Request, build: Callable[[PackRow | None], PackRow]
@@ -315,6 +339,10 @@ def _limits(db: sqlite3.Connection) -> list[LimitRow]:
     ]
 
 
+def _recharges(db: sqlite3.Connection) -> list[RechargeRow]:
+    return [RechargeRow(*r) for r in db.execute("SELECT * FROM recharge_policies ORDER BY tenant")]
+
+
 def read_dump(path: Path) -> ConfigDump:
     """Every row of the config store in `path` (made by this release or 0.1.0, which share
     the schema), read-only: the file is left exactly as it is."""
@@ -330,6 +358,7 @@ def read_dump(path: Path) -> ConfigDump:
             packs=[PackRow(*r) for r in db.execute("SELECT * FROM packs ORDER BY tenant, pack_id")],
             # A store of 0.1.0 (or 0.2.0) has no usage limits yet.
             limits=_limits(db) if _has_table(db, "usage_limits") else [],
+            recharges=_recharges(db) if _has_table(db, "recharge_policies") else [],
             requests=[
                 (str(t), str(r), str(f), str(s), int(c))
                 for t, r, f, s, c in db.execute(

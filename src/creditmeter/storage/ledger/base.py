@@ -27,6 +27,7 @@ from creditmeter.errors import BackendUnavailable
 EVENT_KINDS = (
     "grant", "consume", "session", "expire", "reset", "refund", "options", "usage_limit",
     "repay", "debt",
+    "recharge_policy", "recharge_due",
 )  # fmt: skip
 #: The source of the charge event that records the part of a charge past the lots.
 DEBT_SOURCE = "debt"
@@ -240,6 +241,8 @@ class Transaction:
     debt_incurred: int = 0
     #: Credits of a grant that repaid debt first (not spendable: `amount` includes them).
     debt_repaid: int = 0
+    #: The first event's reference (a recharge's pack: "set:<pack>" for a policy).
+    reference: str = ""
 
 
 class Period(StrEnum):
@@ -285,6 +288,7 @@ def group_transactions(events: Sequence[Event]) -> list[Transaction]:
                 lines=[(r.lot, r.amount) for r in moved if r.lot],
                 debt_incurred=charged + restored,
                 debt_repaid=repaid,
+                reference=first.reference,
             )
         )
     return result
@@ -479,6 +483,12 @@ class Ledger(ABC):
 
     @abstractmethod
     async def event_count(self) -> int: ...
+
+    @abstractmethod
+    async def unbought_recharges(self, since_ms: int, limit: int) -> list[Event]:
+        """`recharge_due` events at or after `since_ms` that name a pack and have no
+        purchase yet with request id "recharge:<their txn>" (creditmeter.domain.recharge),
+        oldest first, at most `limit`."""
 
     # --- purchases --------------------------------------------------------------------
     @abstractmethod

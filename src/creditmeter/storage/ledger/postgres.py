@@ -67,6 +67,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_account_seq ON events (tenant, account, seq);
 CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant, kind, ts_ms);
+CREATE INDEX IF NOT EXISTS events_recharge_due ON events (ts_ms)
+  WHERE kind = 'recharge_due';
 CREATE TABLE IF NOT EXISTS requests (
   tenant      TEXT COLLATE "C" NOT NULL,
   account     TEXT COLLATE "C" NOT NULL,
@@ -474,6 +476,18 @@ class PostgresLedger(Ledger):
                 return
             last = rows[-1]
             cursor = (last["tenant"], last["account"], last["seq"], last["event_id"])
+
+    async def unbought_recharges(self, since_ms: int, limit: int) -> list[Event]:
+        rows = await self._run(
+            lambda db: db.fetch(
+                f"SELECT {EVENT_COLUMNS} FROM events AS e"
+                " WHERE kind = 'recharge_due' AND reference <> '' AND ts_ms >= $1"
+                " AND NOT EXISTS (SELECT 1 FROM purchases AS p WHERE p.tenant = e.tenant"
+                " AND p.request_id = 'recharge:' || e.txn) ORDER BY ts_ms LIMIT $2",
+                since_ms, limit,
+            )
+        )  # fmt: skip
+        return [event_from_row(r) for r in rows]
 
     async def requests_since(self, ts_ms: int) -> list[RequestRecord]:
         rows = await self._run(

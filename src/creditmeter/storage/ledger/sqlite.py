@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_account_seq ON events (tenant, account, seq);
 CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant, kind, ts_ms);
+CREATE INDEX IF NOT EXISTS events_recharge_due ON events (ts_ms)
+  WHERE kind = 'recharge_due';
 CREATE TABLE IF NOT EXISTS requests (
   tenant      TEXT NOT NULL,
   account     TEXT NOT NULL,
@@ -484,6 +486,18 @@ class SqliteLedger(Ledger):
                 return
             last = rows[-1]
             cursor = (last[1], last[2], last[5], last[0])
+
+    async def unbought_recharges(self, since_ms: int, limit: int) -> list[Event]:
+        def read(db: sqlite3.Connection) -> list[Any]:
+            return db.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events AS e"
+                " WHERE kind = 'recharge_due' AND reference <> '' AND ts_ms >= ?"
+                " AND NOT EXISTS (SELECT 1 FROM purchases AS p WHERE p.tenant = e.tenant"
+                " AND p.request_id = 'recharge:' || e.txn) ORDER BY ts_ms LIMIT ?",
+                (since_ms, limit),
+            ).fetchall()
+
+        return [event_from_row(r) for r in await self._read(read)]
 
     async def requests_since(self, ts_ms: int) -> list[RequestRecord]:
         def read(db: sqlite3.Connection) -> list[RequestRecord]:

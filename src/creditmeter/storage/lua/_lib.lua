@@ -67,8 +67,13 @@ local account, changed, deleted
 local numbers
 -- The events of the call, written as one outbox entry when it ends (flush_events).
 local events, request_fp, request_reply
--- The encoded reply of a consume: its outbox entry carries it instead of its events.
-local consumed
+-- The encoded reply of a consume: its outbox entry carries it instead of its events,
+-- and the account's seq after them (before a recharge_due event the call may add).
+local consumed, consumed_seq
+-- The account's balance and reserved fields when the call loaded it (strings or nil),
+-- and the tenant's default recharge policy for the call ('' or nil: none; see
+-- recharge_watch).
+local start_balance, start_reserved, start_debt, RECHARGE
 
 local function begin(keys, args)
   KEYS, ARGV = keys, args
@@ -77,7 +82,8 @@ local function begin(keys, args)
   due_changed = false
   expiry_stale = false
   account, changed, deleted, numbers = nil, {}, {}, {}
-  events, request_fp, request_reply, consumed = {}, nil, nil, nil
+  events, request_fp, request_reply, consumed, consumed_seq = {}, nil, nil, nil, nil
+  RECHARGE = nil
 end
 
 local function fmt(n)
@@ -91,6 +97,7 @@ local function acct()
     for i = 1, #flat, 2 do
       account[flat[i]] = flat[i + 1]
     end
+    start_balance, start_reserved, start_debt = account.balance, account.reserved, account.debt
   end
   return account
 end
@@ -240,15 +247,17 @@ end
 -- the encoded reply, already made for the idempotency record) folded in.
 local function flush_events()
   if consumed ~= nil then
-    -- A consume: its reply says its events; the events array holds the expiries only.
+    -- A consume: its reply says its events; the events array holds the expiries (and a
+    -- recharge_due) only.
     -- With a fingerprint, `c` is also the request record's reply.
     local swept = #events == 0 and '[]' or cjson.encode(events)
+    local seq = consumed_seq or account.seq
     if request_fp == nil then
       redis.call('XADD', KEYS[3], '*', 't', TENANT, 'a', ACCOUNT, 'x', TXN, 'r', REQUEST_ID,
-                 'ts', ARGV[1], 'e', swept, 'c', consumed, 's', account.seq)
+                 'ts', ARGV[1], 'e', swept, 'c', consumed, 's', seq)
     else
       redis.call('XADD', KEYS[3], '*', 't', TENANT, 'a', ACCOUNT, 'x', TXN, 'r', REQUEST_ID,
-                 'ts', ARGV[1], 'e', swept, 'c', consumed, 's', account.seq, 'fp', request_fp)
+                 'ts', ARGV[1], 'e', swept, 'c', consumed, 's', seq, 'fp', request_fp)
     end
     return
   end
@@ -810,4 +819,43 @@ local function limit_room(limits, rate)
     end
   end
   return room
+end
+
+-- ---- recharges (creditmeter.domain.recharge) --------------------------------------
+-- A recharge policy "<threshold>:<pack id>" (pack '' = none) says an account is due a
+-- recharge when its spendable balance falls below the threshold. The account's own is
+-- its `R` field ('off': none, even with the tenant's); without one, the tenant's default
+-- applies, which the scripts that charge (consume, session) are given with each call
+-- (the fourth limit arg, kept in RECHARGE). Run by the library's wrapper after every
+-- script body: a call whose changes took the spendable balance from at or above the
+-- threshold to below it records one `recharge_due` event, in a transaction of its own
+-- ("<txn>d"), amount the threshold, reference the pack. One per crossing, whatever
+-- races: each call is atomic and sees the balance before and after it; a new crossing
+-- needs the balance back at or above the threshold first.
+local function recharge_watch()
+  if consumed ~= nil then
+    consumed_seq = account.seq
+  end
+  if account == nil or not (changed.balance or changed.reserved or changed.debt
+                            or deleted.debt) then
+    return
+  end
+  local policy = account.R or RECHARGE
+  if policy == nil or policy == '' or policy == 'off' or acct_unlimited() then
+    return
+  end
+  local threshold, pack = string.match(policy, '^(%d+):(.*)$')
+  threshold = tonumber(threshold)
+  -- Spendable: the credit line does not count (the debt does, see _lib's credit line).
+  local before = tonumber(start_balance or '0') - tonumber(start_reserved or '0')
+  local after = acct_int('balance') - acct_int('reserved')
+  if start_debt ~= nil or account.debt ~= nil then
+    before = before - tonumber(start_debt or '0')
+    after = after - acct_int('debt')
+  end
+  if before >= threshold and after < threshold then
+    emit(TXN .. 'd', 'recharge_due', {'amount', fmt(threshold), 'reference', pack,
+                                      'before', fmt(before)},
+         balance_fields(acct_int('balance')))
+  end
 end

@@ -3,8 +3,9 @@
 -- account field, outbox entry, idempotency record or seq. Expired lots not swept yet are
 -- left out of the balance, as consume's sweep would remove them first.
 -- KEYS[i] account hash of charge i (as KEYS[1] of _lib.lua; all of one bucket)
--- ARGV[7i - 6 .. 7i]: charge i's now (ms since epoch), amount (credits, > 0), feature,
---   units, and limit args (rules, zone, windows: see usage limits in _lib.lua)
+-- ARGV[8i - 7 .. 8i]: charge i's now (ms since epoch), amount (credits, > 0), feature,
+--   units, and limit args (rules, zone, windows: see usage limits in _lib.lua; then the
+--   recharge policy, which a check does not use)
 -- returns one reply per charge: {'OK2', credit in live lots less the debt, reserved,
 -- unlimited ('1'/'0')},
 -- followed, when consume would refuse the charge, by its refusal: reason, key, value, ...
@@ -14,7 +15,7 @@
 local function check(keys, args)
   local replies = {}
   for i = 1, #keys do
-    local o = 7 * (i - 1)
+    local o = 8 * (i - 1)
     begin({keys[i]}, {args[o + 1]})
     local amount_s = args[o + 2]
     local expired = expired_unswept()

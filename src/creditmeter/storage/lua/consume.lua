@@ -1,7 +1,8 @@
 -- Consume: charge an account, all or nothing, burning lots in burn-down order.
 -- KEYS and ARGV[1..7]: see _lib.lua.
 -- ARGV[8] amount (credits, > 0)   ARGV[9] feature   ARGV[10] units charged
--- ARGV[11..13] the limit args (rules, zone, windows: see usage limits in _lib.lua)
+-- ARGV[11..14] the limit args (rules, zone, windows: see usage limits in _lib.lua; and
+--              the tenant's recharge policy: see recharges)
 -- Credit reserved by open call sessions is not spendable.
 -- returns, JSON-encoded: ['OK2', txn, amount, units, feature, credit in lots after,
 --          reserved, unlimited ('1'/'0'), time (ms), lot1, amount1, ...]
@@ -21,6 +22,7 @@ local replay = idem_lookup()
 if replay then
   return replay
 end
+RECHARGE = ARGV[14]
 local units = tonumber(ARGV[10])
 local limits, wrong_zone = limit_state(ARGV[9], ARGV[11], ARGV[12], ARGV[13])
 if wrong_zone then

@@ -5,17 +5,18 @@
 -- KEYS[6] index   ZSET  the bucket's open sessions, "<tenant>:<account>|<session id>"
 --                        scored by the time (ms) past which the server closes them
 -- ARGV[8] step: start | update | end | close       ARGV[9] session id
--- ARGV[10..12] the limit args (rules, zone, windows: see usage limits in _lib.lua); the
---                rules of every feature of the tenant (a step past the start knows its
---                feature from the session, the server does not)
--- start:         ARGV[13] feature   ARGV[14] credits per increment   ARGV[15] increment (s)
---                ARGV[16] seconds of quota requested ('0' = the default)
---                ARGV[17] the default quota, in increments
---                ARGV[18] timeout policy (charge_quota | release)
---                ARGV[19] grace (ms) before a silent session is closed
--- update, end:   ARGV[13] sequence   ARGV[14] seconds used since the last report
---                ARGV[15] seconds of quota requested next (update; '0' = the default)
---                ARGV[16] the default quota, in increments (update)
+-- ARGV[10..13] the limit args (rules, zone, windows: see usage limits in _lib.lua; and
+--                the tenant's recharge policy: see recharges); the rules of every
+--                feature of the tenant (a step past the start knows its feature from the
+--                session, the server does not)
+-- start:         ARGV[14] feature   ARGV[15] credits per increment   ARGV[16] increment (s)
+--                ARGV[17] seconds of quota requested ('0' = the default)
+--                ARGV[18] the default quota, in increments
+--                ARGV[19] timeout policy (charge_quota | release)
+--                ARGV[20] grace (ms) before a silent session is closed
+-- update, end:   ARGV[14] sequence   ARGV[15] seconds used since the last report
+--                ARGV[16] seconds of quota requested next (update; '0' = the default)
+--                ARGV[17] the default quota, in increments (update)
 -- close:         closes the session if it is open and past valid_until + grace; charges
 --                the granted quota (charge_quota) or nothing more (release).
 --
@@ -49,6 +50,7 @@
 -- counts it), and a charge past the lots becomes debt, as Consume's does.
 local step = ARGV[8]
 local sid = ARGV[9]
+RECHARGE = ARGV[13]
 local member = TENANT .. ':' .. ACCOUNT .. '|' .. sid
 
 local replay = idem_lookup()
@@ -120,20 +122,20 @@ if step == 'start' then
   if redis.call('EXISTS', KEYS[5]) == 1 then
     return {'ERR', 'SESSION_EXISTS', 'session_id', sid}
   end
-  local limits, wrong_zone = limit_state(ARGV[13], ARGV[10], ARGV[11], ARGV[12])
+  local limits, wrong_zone = limit_state(ARGV[14], ARGV[10], ARGV[11], ARGV[12])
   if wrong_zone then
     return wrong_zone
   end
   sweep()
-  local rate = tonumber(ARGV[14])
-  local inc = tonumber(ARGV[15])
-  local want = quota(ARGV[16], ARGV[17], inc)
-  local grace = tonumber(ARGV[19])
+  local rate = tonumber(ARGV[15])
+  local inc = tonumber(ARGV[16])
+  local want = quota(ARGV[17], ARGV[18], inc)
+  local grace = tonumber(ARGV[20])
   local units = holdable(want, rate, available())
   if limits then
     local room = limit_room(limits, rate)
     if room == 0 then
-      return limit_refusal(limits, ARGV[13], 1, rate)
+      return limit_refusal(limits, ARGV[14], 1, rate)
     end
     units = math.min(units, room)
   end
@@ -148,7 +150,7 @@ if step == 'start' then
   local valid_until = NOW + units * inc * 1000
   redis.call('ZADD', KEYS[6], valid_until + grace, member)
   return finish({
-    feature = ARGV[13], rate = ARGV[14], inc = ARGV[15], policy = ARGV[18], grace = ARGV[19],
+    feature = ARGV[14], rate = ARGV[15], inc = ARGV[16], policy = ARGV[19], grace = ARGV[20],
     state = 'open', seq = '0', used = '0', units = '0', charged = '0', reserved = fmt(hold),
     runits = fmt(units), final = (units < want) and '1' or '0', granted = fmt(units * inc),
     started = ARGV[1], valid_until = fmt(valid_until), ended = '0', uncollected = '0',
@@ -171,9 +173,9 @@ if step == 'close' then
   if NOW < num(s, 'valid_until') + num(s, 'grace') then
     return {'OK', 'not_due'}
   end
-elseif tonumber(ARGV[13]) ~= seq + 1 then
+elseif tonumber(ARGV[14]) ~= seq + 1 then
   return {'ERR', 'SESSION_OUT_OF_SEQUENCE', 'session_id', sid, 'expected', fmt(seq + 1),
-          'sequence', ARGV[13]}
+          'sequence', ARGV[14]}
 end
 local limits, wrong_zone = limit_state(s.feature, ARGV[10], ARGV[11], ARGV[12])
 if wrong_zone then
@@ -193,7 +195,7 @@ if step == 'close' then
     used = num(s, 'used')
   end
 else
-  used = num(s, 'used') + tonumber(ARGV[14])
+  used = num(s, 'used') + tonumber(ARGV[15])
 end
 local due_units = math.ceil(used / inc)
 local new_units = due_units - num(s, 'units')
@@ -229,11 +231,11 @@ s.units = fmt(due_units)
 s.charged = fmt(num(s, 'charged') + collect)
 s.uncollected = fmt(num(s, 'uncollected') + cost - collect)
 if step ~= 'close' then
-  s.seq = ARGV[13]
+  s.seq = ARGV[14]
 end
 
 if step == 'update' then
-  local want = quota(ARGV[15], ARGV[16], inc)
+  local want = quota(ARGV[16], ARGV[17], inc)
   local units = holdable(want, rate, available() + held)
   if limits then
     units = math.min(units, limit_room(limits, rate))

@@ -410,9 +410,14 @@ class _BalanceAlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Bala
     BALANCE_ALERT_KIND_TOPPED_UP: _BalanceAlertKind.ValueType  # 3
     """The balance rose above a watched threshold (or above zero) again."""
     BALANCE_ALERT_KIND_OVERDRAFT_LIMIT_REACHED: _BalanceAlertKind.ValueType  # 4
-    """The credit line is used up: the debt reached the overdraft limit (threshold), so
-    nothing more can be charged until a grant or purchase repays some of it. `balance` and
-    `previous_balance` are then 0: the alert is about the debt.
+    """The credit line is used up: nothing more can be charged until a grant or purchase
+    repays some of the debt (the debt, with what call sessions hold past the lots, reached
+    the overdraft limit, which is `threshold`). `balance` is 0 then.
+    """
+    BALANCE_ALERT_KIND_RECHARGE_DUE: _BalanceAlertKind.ValueType  # 5
+    """The balance fell below the account's recharge threshold (SetRechargePolicy), sent to
+    every watcher of the account whatever its thresholds; `threshold` is the policy's and
+    `pack_id` its pack.
     """
 
 class BalanceAlertKind(_BalanceAlertKind, metaclass=_BalanceAlertKindEnumTypeWrapper):
@@ -427,9 +432,14 @@ BALANCE_ALERT_KIND_DEPLETED: BalanceAlertKind.ValueType  # 2
 BALANCE_ALERT_KIND_TOPPED_UP: BalanceAlertKind.ValueType  # 3
 """The balance rose above a watched threshold (or above zero) again."""
 BALANCE_ALERT_KIND_OVERDRAFT_LIMIT_REACHED: BalanceAlertKind.ValueType  # 4
-"""The credit line is used up: the debt reached the overdraft limit (threshold), so
-nothing more can be charged until a grant or purchase repays some of it. `balance` and
-`previous_balance` are then 0: the alert is about the debt.
+"""The credit line is used up: nothing more can be charged until a grant or purchase
+repays some of the debt (the debt, with what call sessions hold past the lots, reached
+the overdraft limit, which is `threshold`). `balance` is 0 then.
+"""
+BALANCE_ALERT_KIND_RECHARGE_DUE: BalanceAlertKind.ValueType  # 5
+"""The balance fell below the account's recharge threshold (SetRechargePolicy), sent to
+every watcher of the account whatever its thresholds; `threshold` is the policy's and
+`pack_id` its pack.
 """
 Global___BalanceAlertKind: _TypeAlias = BalanceAlertKind  # noqa: Y015
 
@@ -466,6 +476,14 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """The account's own usage limit set or removed (SetUsageLimit with account_id; no
     credits move): `feature` is the limit's feature.
     """
+    TRANSACTION_KIND_RECHARGE_DUE: _TransactionKind.ValueType  # 11
+    """The spendable balance fell below the recharge threshold (no credits move): `amount`
+    is the threshold, `pack_id` the policy's pack, `balance` the credit after the change.
+    """
+    TRANSACTION_KIND_RECHARGE_POLICY: _TransactionKind.ValueType  # 12
+    """The account's own recharge policy set, disabled or removed (SetRechargePolicy with
+    account_id; no credits move): `amount` is the threshold (0 when disabled or removed).
+    """
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """What a transaction did."""
@@ -496,6 +514,14 @@ REFUND, with debt_incurred). A filter on REFUND lists these too.
 TRANSACTION_KIND_USAGE_LIMIT: TransactionKind.ValueType  # 10
 """The account's own usage limit set or removed (SetUsageLimit with account_id; no
 credits move): `feature` is the limit's feature.
+"""
+TRANSACTION_KIND_RECHARGE_DUE: TransactionKind.ValueType  # 11
+"""The spendable balance fell below the recharge threshold (no credits move): `amount`
+is the threshold, `pack_id` the policy's pack, `balance` the credit after the change.
+"""
+TRANSACTION_KIND_RECHARGE_POLICY: TransactionKind.ValueType  # 12
+"""The account's own recharge policy set, disabled or removed (SetRechargePolicy with
+account_id; no credits move): `amount` is the threshold (0 when disabled or removed).
 """
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
@@ -1436,6 +1462,7 @@ class Transaction(_message.Message):
     LOTS_FIELD_NUMBER: _builtins.int
     DEBT_INCURRED_FIELD_NUMBER: _builtins.int
     DEBT_REPAID_FIELD_NUMBER: _builtins.int
+    PACK_ID_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The transaction id (as returned by Consume, or the grant's transaction)."""
     kind: Global___TransactionKind.ValueType
@@ -1464,6 +1491,8 @@ class Transaction(_message.Message):
     """Credits of a grant (included in `amount`) that repaid debt first: only the rest became
     spendable credit in its lot.
     """
+    pack_id: _builtins.str
+    """The recharge's pack (recharge_due and recharge_policy transactions)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -1487,10 +1516,11 @@ class Transaction(_message.Message):
         lots: _abc.Iterable[Global___LotCharge] | None = ...,
         debt_incurred: _builtins.int = ...,
         debt_repaid: _builtins.int = ...,
+        pack_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "balance", b"balance", "create_time", b"create_time", "debt_incurred", b"debt_incurred", "debt_repaid", b"debt_repaid", "feature", b"feature", "kind", b"kind", "lots", b"lots", "request_id", b"request_id", "transaction_id", b"transaction_id", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "balance", b"balance", "create_time", b"create_time", "debt_incurred", b"debt_incurred", "debt_repaid", b"debt_repaid", "feature", b"feature", "kind", b"kind", "lots", b"lots", "pack_id", b"pack_id", "request_id", b"request_id", "transaction_id", b"transaction_id", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2680,6 +2710,7 @@ class WatchBalanceResponse(_message.Message):
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    PACK_ID_FIELD_NUMBER: _builtins.int
     kind: Global___BalanceAlertKind.ValueType
     """What happened."""
     account_id: _builtins.str
@@ -2694,6 +2725,8 @@ class WatchBalanceResponse(_message.Message):
     """The transaction that changed it."""
     resume_token: _builtins.str
     """Pass this to WatchBalance to resume after this alert."""
+    pack_id: _builtins.str
+    """RECHARGE_DUE: the pack of the recharge policy (empty when it names none)."""
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When it changed."""
@@ -2709,10 +2742,11 @@ class WatchBalanceResponse(_message.Message):
         transaction_id: _builtins.str = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         resume_token: _builtins.str = ...,
+        pack_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "event_time", b"event_time", "kind", b"kind", "previous_balance", b"previous_balance", "resume_token", b"resume_token", "threshold", b"threshold", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "event_time", b"event_time", "kind", b"kind", "pack_id", b"pack_id", "previous_balance", b"previous_balance", "resume_token", b"resume_token", "threshold", b"threshold", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2919,3 +2953,169 @@ class ListUsageLimitsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListUsageLimitsResponse: _TypeAlias = ListUsageLimitsResponse  # noqa: Y015
+
+@_typing.final
+class RechargePolicy(_message.Message):
+    """When an account is due a recharge: its spendable balance falls below `threshold`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PACK_ID_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    threshold: _builtins.int
+    """The balance below which a recharge is due, 1 to 2^53-1."""
+    pack_id: _builtins.str
+    """A one-time pack for sale: each crossing creates one pending purchase of it. Empty:
+    the crossing is only recorded and announced (history, WatchBalance).
+    """
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the tenant's default was last set; unset for an account's own (its history
+        has it: a TRANSACTION_KIND_RECHARGE_POLICY transaction). Ignored in SetRechargePolicy.
+        """
+
+    def __init__(
+        self,
+        *,
+        threshold: _builtins.int = ...,
+        pack_id: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack_id", b"pack_id", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RechargePolicy: _TypeAlias = RechargePolicy  # noqa: Y015
+
+@_typing.final
+class SetRechargePolicyRequest(_message.Message):
+    """Request for Credits.SetRechargePolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    DISABLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose own policy to set; empty for the tenant's default."""
+    remove: _builtins.bool
+    """Remove the policy instead: an account's own (the tenant's applies again), or the
+    tenant's default.
+    """
+    disable: _builtins.bool
+    """Accounts only: no recharges for the account, even with a tenant default."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), as in GrantRequest."""
+    @_builtins.property
+    def policy(self) -> Global___RechargePolicy:
+        """The policy (ignored with remove or disable)."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        policy: Global___RechargePolicy | None = ...,
+        remove: _builtins.bool = ...,
+        disable: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "disable", b"disable", "policy", b"policy", "remove", b"remove", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRechargePolicyRequest: _TypeAlias = SetRechargePolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetRechargePolicyResponse(_message.Message):
+    """Response for Credits.SetRechargePolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    ACCOUNT_OVERRIDE_FIELD_NUMBER: _builtins.int
+    DISABLED_FIELD_NUMBER: _builtins.int
+    account_override: _builtins.bool
+    """True when it is the account's own."""
+    disabled: _builtins.bool
+    """True when the account has recharges disabled."""
+    @_builtins.property
+    def policy(self) -> Global___RechargePolicy:
+        """The policy that applies afterwards (to the account, or the tenant's default); unset
+        when none does.
+        """
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RechargePolicy | None = ...,
+        account_override: _builtins.bool = ...,
+        disabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_override", b"account_override", "disabled", b"disabled", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRechargePolicyResponse: _TypeAlias = SetRechargePolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetRechargePolicyRequest(_message.Message):
+    """Request for Credits.GetRechargePolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account; empty for the tenant's default."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRechargePolicyRequest: _TypeAlias = GetRechargePolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetRechargePolicyResponse(_message.Message):
+    """Response for Credits.GetRechargePolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    ACCOUNT_OVERRIDE_FIELD_NUMBER: _builtins.int
+    DISABLED_FIELD_NUMBER: _builtins.int
+    account_override: _builtins.bool
+    """True when it is the account's own."""
+    disabled: _builtins.bool
+    """True when the account has recharges disabled."""
+    @_builtins.property
+    def policy(self) -> Global___RechargePolicy:
+        """The policy that applies (to the account, or the tenant's default); unset when none."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RechargePolicy | None = ...,
+        account_override: _builtins.bool = ...,
+        disabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_override", b"account_override", "disabled", b"disabled", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRechargePolicyResponse: _TypeAlias = GetRechargePolicyResponse  # noqa: Y015

@@ -100,6 +100,16 @@ class CreditsStub:
                 request_serializer=credits_dot_v1_dot_credits__pb2.ListUsageLimitsRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credits__pb2.ListUsageLimitsResponse.FromString,
                 _registered_method=True)
+        self.SetRechargePolicy = channel.unary_unary(
+                '/credits.v1.Credits/SetRechargePolicy',
+                request_serializer=credits_dot_v1_dot_credits__pb2.SetRechargePolicyRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.SetRechargePolicyResponse.FromString,
+                _registered_method=True)
+        self.GetRechargePolicy = channel.unary_unary(
+                '/credits.v1.Credits/GetRechargePolicy',
+                request_serializer=credits_dot_v1_dot_credits__pb2.GetRechargePolicyRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.GetRechargePolicyResponse.FromString,
+                _registered_method=True)
         self.ListTransactions = channel.unary_unary(
                 '/credits.v1.Credits/ListTransactions',
                 request_serializer=credits_dot_v1_dot_credits__pb2.ListTransactionsRequest.SerializeToString,
@@ -278,6 +288,30 @@ class CreditsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRechargePolicy(self, request, context):
+        """SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+        every account (no account_id), or an account's own, which wins over the tenant's (or,
+        with `disable`, turns recharges off for the account). When a change takes an
+        account's spendable balance from at or above the threshold to below it, the same
+        script records one `recharge_due` event (a crossing): history shows it
+        (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+        alert, and, when the policy names a pack, the server creates one pending purchase of
+        it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+        provider. A new crossing needs the balance back at or above the threshold first.
+        Requires an admin key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRechargePolicy(self, request, context):
+        """GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+        the one that applies to the account. Requires any key of the tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTransactions(self, request, context):
         """ListTransactions returns an account's history from the durable ledger, newest first,
         paged (AIP-158). A charge that spanned several lots is one transaction with its lot
@@ -445,6 +479,16 @@ def add_CreditsServicer_to_server(servicer, server):
                     servicer.ListUsageLimits,
                     request_deserializer=credits_dot_v1_dot_credits__pb2.ListUsageLimitsRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credits__pb2.ListUsageLimitsResponse.SerializeToString,
+            ),
+            'SetRechargePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRechargePolicy,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.SetRechargePolicyRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.SetRechargePolicyResponse.SerializeToString,
+            ),
+            'GetRechargePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRechargePolicy,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.GetRechargePolicyRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.GetRechargePolicyResponse.SerializeToString,
             ),
             'ListTransactions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTransactions,
@@ -849,6 +893,60 @@ class Credits:
             '/credits.v1.Credits/ListUsageLimits',
             credits_dot_v1_dot_credits__pb2.ListUsageLimitsRequest.SerializeToString,
             credits_dot_v1_dot_credits__pb2.ListUsageLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRechargePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/SetRechargePolicy',
+            credits_dot_v1_dot_credits__pb2.SetRechargePolicyRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.SetRechargePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRechargePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.Credits/GetRechargePolicy',
+            credits_dot_v1_dot_credits__pb2.GetRechargePolicyRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.GetRechargePolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

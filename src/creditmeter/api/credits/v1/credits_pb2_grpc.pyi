@@ -112,6 +112,22 @@ class CreditsStub:
     """ListUsageLimits returns the tenant's limits, or with account_id those that apply to
     the account now with its usage in the current period. Requires any key of the tenant.
     """
+    SetRechargePolicy: _grpc.UnaryUnaryMultiCallable[_credits_pb2.SetRechargePolicyRequest, _credits_pb2.SetRechargePolicyResponse]
+    """SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+    every account (no account_id), or an account's own, which wins over the tenant's (or,
+    with `disable`, turns recharges off for the account). When a change takes an
+    account's spendable balance from at or above the threshold to below it, the same
+    script records one `recharge_due` event (a crossing): history shows it
+    (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+    alert, and, when the policy names a pack, the server creates one pending purchase of
+    it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+    provider. A new crossing needs the balance back at or above the threshold first.
+    Requires an admin key.
+    """
+    GetRechargePolicy: _grpc.UnaryUnaryMultiCallable[_credits_pb2.GetRechargePolicyRequest, _credits_pb2.GetRechargePolicyResponse]
+    """GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+    the one that applies to the account. Requires any key of the tenant.
+    """
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ListTransactionsRequest, _credits_pb2.ListTransactionsResponse]
     """ListTransactions returns an account's history from the durable ledger, newest first,
     paged (AIP-158). A charge that spanned several lots is one transaction with its lot
@@ -247,6 +263,22 @@ class CreditsAsyncStub(CreditsStub):
     ListUsageLimits: _aio.UnaryUnaryMultiCallable[_credits_pb2.ListUsageLimitsRequest, _credits_pb2.ListUsageLimitsResponse]  # type: ignore[assignment]
     """ListUsageLimits returns the tenant's limits, or with account_id those that apply to
     the account now with its usage in the current period. Requires any key of the tenant.
+    """
+    SetRechargePolicy: _aio.UnaryUnaryMultiCallable[_credits_pb2.SetRechargePolicyRequest, _credits_pb2.SetRechargePolicyResponse]  # type: ignore[assignment]
+    """SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+    every account (no account_id), or an account's own, which wins over the tenant's (or,
+    with `disable`, turns recharges off for the account). When a change takes an
+    account's spendable balance from at or above the threshold to below it, the same
+    script records one `recharge_due` event (a crossing): history shows it
+    (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+    alert, and, when the policy names a pack, the server creates one pending purchase of
+    it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+    provider. A new crossing needs the balance back at or above the threshold first.
+    Requires an admin key.
+    """
+    GetRechargePolicy: _aio.UnaryUnaryMultiCallable[_credits_pb2.GetRechargePolicyRequest, _credits_pb2.GetRechargePolicyResponse]  # type: ignore[assignment]
+    """GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+    the one that applies to the account. Requires any key of the tenant.
     """
     ListTransactions: _aio.UnaryUnaryMultiCallable[_credits_pb2.ListTransactionsRequest, _credits_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """ListTransactions returns an account's history from the durable ledger, newest first,
@@ -458,6 +490,34 @@ class CreditsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_credits_pb2.ListUsageLimitsResponse, _abc.Awaitable[_credits_pb2.ListUsageLimitsResponse]]:
         """ListUsageLimits returns the tenant's limits, or with account_id those that apply to
         the account now with its usage in the current period. Requires any key of the tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRechargePolicy(
+        self,
+        request: _credits_pb2.SetRechargePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.SetRechargePolicyResponse, _abc.Awaitable[_credits_pb2.SetRechargePolicyResponse]]:
+        """SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+        every account (no account_id), or an account's own, which wins over the tenant's (or,
+        with `disable`, turns recharges off for the account). When a change takes an
+        account's spendable balance from at or above the threshold to below it, the same
+        script records one `recharge_due` event (a crossing): history shows it
+        (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+        alert, and, when the policy names a pack, the server creates one pending purchase of
+        it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+        provider. A new crossing needs the balance back at or above the threshold first.
+        Requires an admin key.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRechargePolicy(
+        self,
+        request: _credits_pb2.GetRechargePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.GetRechargePolicyResponse, _abc.Awaitable[_credits_pb2.GetRechargePolicyResponse]]:
+        """GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+        the one that applies to the account. Requires any key of the tenant.
         """
 
     @_abc_1.abstractmethod
