@@ -514,3 +514,31 @@ async def test_a_subscription_renewal_repays_the_debt(
     clock.advance(WEEK_MS)
     assert await app.subscriptions.renew_due() == 1
     assert await line(tenant, "sub") == (70, 0, 50)
+
+
+async def test_a_recharge_falls_due_on_the_balance_less_the_debt(tenant: Tenant) -> None:
+    await tenant.admin.SetRechargePolicy(
+        pb.SetRechargePolicyRequest(
+            account_id="rc", policy=pb.RechargePolicy(threshold=50), request_id=rid()
+        )
+    )
+    await grant(tenant, "rc", 100)
+    await options(tenant, "rc", overdraft_limit=100)
+    call = tenant.read.WatchBalance(pb.WatchBalanceRequest(account_id="rc"))
+    await call.initial_metadata()
+    charged = await consume(tenant, "rc", 120)  # 100 -> 0 and 20 of debt: below 50
+    await grant(tenant, "rc", 40)  # repays 20, 20 spendable: still below, no second one
+    await consume(tenant, "rc", 10)  # 10: no threshold watched passed, still below 50
+    seen = []
+    for _ in range(3):
+        a = await asyncio.wait_for(call.read(), 2.0)
+        assert a is not grpc.aio.EOF
+        seen.append((a.kind, a.threshold, a.previous_balance, a.balance, a.transaction_id))
+    with pytest.raises(TimeoutError):  # no second recharge_due
+        await asyncio.wait_for(call.read(), 0.5)
+    call.cancel()
+    assert seen[:2] == [
+        (pb.BALANCE_ALERT_KIND_DEPLETED, 0, 100, 0, charged.transaction_id),
+        (pb.BALANCE_ALERT_KIND_RECHARGE_DUE, 50, 100, 0, charged.transaction_id + "d"),
+    ]
+    assert seen[2][:4] == (pb.BALANCE_ALERT_KIND_TOPPED_UP, 0, 0, 20)
