@@ -533,7 +533,7 @@ end
 -- report the raw figures (add_holdings), not this.
 local function available()
   local a = acct_int('balance') - acct_int('reserved')
-  if has_credit_line() then
+  if account.od ~= nil or account.debt ~= nil then -- has_credit_line(), inlined: hot
     a = a - acct_int('debt') + acct_int('od')
   end
   return a
@@ -560,6 +560,9 @@ local function insufficient(expired, required)
   return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(spendable_now(expired)),
           'required', required}
 end
+
+-- What a charge the lots do not touch took from them (shared, never written).
+local NO_CHARGES = {}
 
 -- Split a charge of `amount` credits into what the lots pay and what becomes debt.
 local function split_charge(amount)
@@ -653,7 +656,7 @@ local LOTS_DISAGREE = 'creditmeter: lots do not cover the recorded balance'
 local function burn(amount, kind, feature, units, reference)
   local balance = acct_int('balance')
   local from_lots, owed = split_charge(amount)
-  local charges = {}
+  local charges = NO_CHARGES
   if from_lots > 0 then
     charges = take(from_lots)
   end

@@ -48,7 +48,7 @@ if unlimited then
 else
   reply[8] = '0'
   local from_lots, owed = split_charge(amount)
-  local charges = {}
+  local charges = NO_CHARGES
   if from_lots > 0 then
     charges = take(from_lots)
   end
