@@ -26,9 +26,9 @@
 --   ARGV[5] tenant   ARGV[6] account   ARGV[7] request id
 -- Replies are arrays of strings, {'OK', ...} or {'ERR', reason, key, value, ...}, or such an
 -- array JSON-encoded (a replayed reply, as stored; every reply of consume). A reply
--- that reports a balance carries the account's raw figures, `holdings` (credit in lots,
--- reserved, unlimited): what of it is spendable is said in one place, the domain
--- (creditmeter.domain.balances), not here.
+-- that reports a balance carries the account's raw figures, `holdings` (credit in lots
+-- less the credit line's debt, reserved, unlimited): what of it is spendable is said in
+-- one place, the domain (creditmeter.domain.balances), not here.
 --
 -- Events: a call writes one outbox entry (flush_events; the format is in
 -- creditmeter.storage.entries). Each event has an id "<txn>:<n>" (n counts within its

@@ -47,10 +47,15 @@ if unlimited then
   reply[8] = '1'
 else
   reply[8] = '0'
-  local from_lots, owed = split_charge(amount)
+  -- split_charge(), inlined (the hot path): the lots first, the rest debt.
+  local owed = 0
+  local balance = acct_int('balance')
+  if amount > balance and has_credit_line() then
+    owed = amount - balance
+  end
   local charges = NO_CHARGES
-  if from_lots > 0 then
-    charges = take(from_lots)
+  if owed < amount then
+    charges = take(amount - owed)
   end
   if charges == nil then
     return redis.error_reply(LOTS_DISAGREE)
@@ -59,7 +64,7 @@ else
   if owed > 0 then
     acct_incr('debt', owed)
   end
-  if acct_get('debt') ~= nil then
+  if account.debt ~= nil then
     -- In debt: the reply (and so its events) says how much, for the balance and watchers.
     reply[1] = 'OK3'
     reply[10] = fmt(owed)
