@@ -483,6 +483,7 @@ async def test_the_sdk_sets_the_limit_and_its_refusal_carries_the_debt(
     assert await line(tenant, "sdk") == (0, 3, 6)
 
 
+@pytest.mark.flusher
 async def test_the_cli_sets_the_limit_and_shows_the_debt(
     app: App, tenant: Tenant, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -494,6 +495,10 @@ async def test_the_cli_sets_the_limit_and_shows_the_debt(
     await consume(tenant, "cli", 5)
     assert await asyncio.to_thread(cli.main, ["balance", "cli", *flags]) == 0
     assert "debt 5 of an overdraft limit of 9" in capsys.readouterr().out
+    await drained(app)
+    assert await asyncio.to_thread(cli.main, ["history", "cli", *flags]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if "consume" in r]
+    assert len(rows) == 1 and "+5" in rows[0]
 
 
 async def test_a_subscription_renewal_repays_the_debt(

@@ -446,16 +446,24 @@ def cmd_history(args: argparse.Namespace) -> int:
         args.account, page_size=args.limit, page_token=args.page_token, kinds=args.kind,
         features=args.feature,
     )  # fmt: skip
-    table = Table("time", "kind", "amount", "balance", "feature", "units", "lots", "transaction")
+    table = Table(
+        "time", "kind", "amount", "balance", "debt", "feature", "units", "lots", "transaction"
+    )
     for t in resp.transactions:
         kind = pb.TransactionKind.Name(t.kind).removeprefix("TRANSACTION_KIND_").lower()
         sign = "+" if t.kind == pb.TRANSACTION_KIND_GRANT else "-"
         lots = ", ".join(f"{c.lot_id}:{c.amount}" for c in t.lots)
+        # The credit line: debt the transaction added (+) or a grant repaid (-).
+        debt = " ".join(
+            [f"+{t.debt_incurred}"] * bool(t.debt_incurred)
+            + [f"-{t.debt_repaid}"] * bool(t.debt_repaid)
+        )
         table.add_row(
             _time(t.create_time),
             kind,
             f"{sign}{t.amount}",
             str(t.balance),
+            debt,
             t.feature,
             str(t.units) if t.units else "",
             lots,
