@@ -547,3 +547,28 @@ async def test_a_recharge_falls_due_on_the_balance_less_the_debt(tenant: Tenant)
         (pb.BALANCE_ALERT_KIND_RECHARGE_DUE, 50, 100, 0, charged.transaction_id + "d"),
     ]
     assert seen[2][:4] == (pb.BALANCE_ALERT_KIND_TOPPED_UP, 0, 0, 20)
+
+
+@pytest.mark.flusher
+async def test_charges_racing_repayments_keep_the_books_exact(
+    app: App, tenant: Tenant, clock: ManualClock
+) -> None:
+    await grant(tenant, "books", 50)
+    await options(tenant, "books", overdraft_limit=100)
+    charges = [consume(tenant, "books", 1 + i % 7) for i in range(64)]
+    grants = [grant(tenant, "books", 10) for _ in range(8)]
+    results = await asyncio.gather(*charges, *grants, return_exceptions=True)
+    charged_replies = results[:64]
+    assert all(not isinstance(r, BaseException) for r in results[64:])
+    refused = [failure(r) for r in charged_replies if isinstance(r, grpc.aio.AioRpcError)]
+    assert {f.reason for f in refused} <= {"INSUFFICIENT_CREDITS"}
+    charged = sum(r.amount for r in charged_replies if not isinstance(r, BaseException))
+    b, debt, limit = await line(tenant, "books")
+    assert b - debt == 50 + 80 - charged and 0 <= debt <= limit == 100
+    assert charged <= 50 + 80 + 100
+    await drained(app)
+    assert app.ledger is not None and app.metering is not None
+    checked, drifts = await Recovery(app.ledger, app.metering.store).audit(
+        tenant.name, 5.0, clock.now_ms()
+    )
+    assert checked == 1 and drifts == []
