@@ -132,6 +132,28 @@ def test_workers_scenario_compares_one_and_two_workers(tmp_path: Path) -> None:
     assert not list(Path("/tmp").glob("cm-bench-workers-*"))  # each server's dir removed
 
 
+def test_http_scenario_measures_consume_over_http_beside_grpc(tmp_path: Path) -> None:
+    figures, stdout = _bench(
+        tmp_path, "--scenario", "http", "--duration", "1.5", "--processes", "1",
+        "--concurrency", "8", "--accounts", "10",
+    )  # fmt: skip
+    r = figures["scenarios"]["http"]
+    assert r["status"] == "ok", r
+    assert [v["transport"] for v in r["variants"]] == ["grpc", "http"]
+    for v in r["variants"]:
+        assert v["status"] == "ok" and v["errors"] == {}, v
+        assert v["calls"] > 10 and v["deductions"] == v["calls"]
+        assert v["ledger"]["drained"] is True
+        # Every deduction is Redis's own work, whichever way it came in.
+        assert v["redis"]["status"] == "ok" and v["redis"]["deductions"] == v["calls"]
+    # The gRPC figure is the consume scenario's, measured in the same run.
+    grpc_side, http_side = r["variants"]
+    assert figures["scenarios"]["consume"]["calls"] == grpc_side["calls"]
+    ratio = http_side["calls_per_s"] / grpc_side["calls_per_s"]
+    assert r["ratio"] == figures["ratios"]["consume_http_vs_grpc"] == ratio
+    assert "Consume over HTTP/JSON" in stdout and "ratio consume http vs grpc" in stdout
+
+
 @pytest.mark.timeout(CLUSTER_BENCH_TIMEOUT_S + 30)
 def test_cluster_run_beside_standalone(tmp_path: Path) -> None:
     accounts = 60

@@ -94,6 +94,13 @@ class Bad:
     setup: Callable[[Tenant], Awaitable[None]] | None = None
 
 
+def set_recharge(threshold: int = 10, pack_id: str = "", **fields: Any) -> Message:
+    return pb.SetRechargePolicyRequest(
+        **{"account_id": ACCOUNT, "request_id": "r-recharge", **fields},
+        policy=pb.RechargePolicy(threshold=threshold, pack_id=pack_id),
+    )
+
+
 def case(id: str, method: str, build: Callable[[int], Message], field: str,
          setup: Callable[[Tenant], Awaitable[None]] | None = None) -> Any:
     return pytest.param(Bad(method, build, field, setup), id=id)
@@ -162,6 +169,18 @@ CASES = [
          lambda now: set_limit(request_id=""), "request_id"),
     case("list-usage-limits-account-space", "ListUsageLimits",
          lambda now: pb.ListUsageLimitsRequest(account_id="a b"), "account_id"),
+    case("set-recharge-threshold-0", "SetRechargePolicy",
+         lambda now: set_recharge(threshold=0), "policy.threshold"),
+    case("set-recharge-threshold-2^53", "SetRechargePolicy",
+         lambda now: set_recharge(threshold=2**53), "policy.threshold"),
+    case("set-recharge-pack-unknown", "SetRechargePolicy",
+         lambda now: set_recharge(pack_id="pack_nope"), "policy.pack_id"),
+    case("set-recharge-account-brace", "SetRechargePolicy",
+         lambda now: set_recharge(account_id="{x}"), "account_id"),
+    case("set-recharge-request-id-empty", "SetRechargePolicy",
+         lambda now: set_recharge(request_id=""), "request_id"),
+    case("get-recharge-account-space", "GetRechargePolicy",
+         lambda now: pb.GetRechargePolicyRequest(account_id="a b"), "account_id"),
     # request_id
     case("grant-request-id-empty", "Grant", lambda now: grant(request_id=""), "request_id"),
     case("grant-request-id-129", "Grant", lambda now: grant(request_id="r" * 129), "request_id"),

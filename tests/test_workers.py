@@ -3,7 +3,8 @@ port, one embedded Redis, one flusher. Calls spread over both workers (seen in t
 access log lines, which name the worker), 64 clients racing one balance never overdraw
 it and the ledger audits clean, /metrics counts every worker's calls, the expiry sweeper
 runs (in worker 0), a `kill -9`ed worker is started again on the same port, and SIGTERM
-or a `kill -9` of the supervisor leaves no process behind."""
+or a `kill -9` of the supervisor leaves no process behind. The HTTP/JSON port
+(`--http-listen`) is shared the same way: HTTP calls spread over both workers too."""
 
 from __future__ import annotations
 
@@ -54,11 +55,13 @@ OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 RESET_RETRIES = 5
 _LISTENING = re.compile(r"listening on (\S+):(\d+) \(redis .*, (\d+) workers\)")
 _METRICS = re.compile(r"metrics on http://\S+:(\d+)/metrics")
+_HTTP = re.compile(r"HTTP/JSON \(Connect\) on (http://\S+) \(every worker\)")
 
 
 class Supervisor:
-    """`creditmeter serve --workers 2 --listen 127.0.0.1:0` in its own session, logging
-    JSON at DEBUG (so every call leaves an access line naming its worker)."""
+    """`creditmeter serve --workers 2 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0` in
+    its own session, logging JSON at DEBUG (so every call leaves an access line naming its
+    worker)."""
 
     def __init__(self, data_dir: Path, log_dir: Path) -> None:
         self.data_dir = data_dir
@@ -68,12 +71,14 @@ class Supervisor:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "creditmeter", "serve", "--workers", str(WORKERS),
              "--listen", "127.0.0.1:0", "--data-dir", str(data_dir),
-             "--metrics-listen", "127.0.0.1:0", "--log-format", "json"],
+             "--metrics-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+             "--log-format", "json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err,
             env={**ENV, "CREDITMETER_LOG_LEVEL": "DEBUG"}, start_new_session=True,
         )  # fmt: skip
         self.address = ""
         self.metrics_port = 0
+        self.http_address = ""
 
     @property
     def pid(self) -> int:
@@ -99,6 +104,8 @@ class Supervisor:
                     continue  # a worker's own line, not the supervisor's
                 if metrics := _METRICS.search(message):
                     self.metrics_port = int(metrics[1])
+                if http := _HTTP.search(message):
+                    self.http_address = http[1]
                 if listening := _LISTENING.search(message):
                     assert int(listening[3]) == WORKERS
                     self.address = f"{listening[1]}:{listening[2]}"
@@ -255,6 +262,39 @@ async def test_racing_clients_spread_over_both_workers_never_overdraw(
         assert history.transactions[0].balance == 0
     audit = cli("audit", "--data-dir", str(server.data_dir), "--tenant", "workers")
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def http_consume(http_address: str, key: str, account: str) -> dict[str, Any]:
+    """One Consume over HTTP/JSON, on a connection of its own (urllib opens one per call,
+    so the kernel hashes each over the workers' HTTP sockets)."""
+    body = json.dumps({"accountId": account, "feature": "text", "requestId": rid()}).encode()
+    request = urllib.request.Request(
+        f"{http_address}/credits.v1.Credits/Consume", data=body, method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return dict(json.loads(reply.read()))
+
+
+HTTP_CALLS = 40
+
+
+def test_http_calls_spread_over_both_workers(supervisor: tuple[Supervisor, str]) -> None:
+    server, key = supervisor
+    assert server.http_address.startswith("http://127.0.0.1:")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.CreditsStub(channel)
+        stub.Grant(pb.GrantRequest(account_id="web", amount=100, request_id=rid()),
+                   metadata=md(key), timeout=10)  # fmt: skip
+        balances = [int(http_consume(server.http_address, key, "web")["balance"])
+                    for _ in range(HTTP_CALLS)]  # fmt: skip
+        assert balances == list(range(99, 99 - HTTP_CALLS, -1))
+        reply = stub.GetBalance(pb.GetBalanceRequest(account_id="web"), metadata=md(key),
+                                timeout=10)  # fmt: skip
+        assert reply.balance == 100 - HTTP_CALLS
+    # Each worker's gateway forwards to its own gRPC server, whose access line names it.
+    eventually(lambda: sum(server.served_by("Consume").values()) == HTTP_CALLS, 10)
+    assert set(server.served_by("Consume")) == {0, 1}
 
 
 def test_a_killed_worker_is_started_again_on_the_same_port(

@@ -251,7 +251,7 @@ BENCH_OUT_DIR = "./bench-results"
 #: with Redis figures does: their ratios need it.
 BENCH_SCENARIOS = (
     "empty", "consume", "check", "batch", "meter", "sessions", "mixed", "latency", "workers",
-    "reference", "memory", "peer", "drain", "lua-cost", "redis",
+    "http", "reference", "memory", "peer", "drain", "lua-cost", "redis",
 )  # fmt: skip
 #: The `workers` scenario: unary Consume against `serve --workers N` for each N here, each
 #: on a server of its own, in one run (the figure is the ratio of the last to the first).

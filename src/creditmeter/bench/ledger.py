@@ -99,8 +99,9 @@ class Server:
     `backlog_cap` None keeps the server's default; the ledger bench raises it so that a
     slow ledger shows as lag rather than as refused calls. `workers`: `--workers`, one
     process unless asked (the figures of earlier runs are of one process); `replica_acks`:
-    `--replica-acks`. Its log goes to `log` (default `<data>/serve.log`). A server that
-    does not come up is stopped before the error is raised.
+    `--replica-acks`; `http`: `--http-listen` on a free port too (`http_address`). Its log
+    goes to `log` (default `<data>/serve.log`). A server that does not come up is stopped
+    before the error is raised.
     """
 
     def __init__(
@@ -114,9 +115,12 @@ class Server:
         redis_url: str | None = None,
         replica_acks: int = 0,
         log: Path | None = None,
+        http: bool = False,
     ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.http_port = free_port() if http else 0
+        self.http_address = f"http://127.0.0.1:{self.http_port}" if http else None
         self.log = data / "serve.log" if log is None else log
         cmd = [sys.executable, "-m", "creditmeter", "serve", "--listen", self.address,
                "--data-dir", str(data), "--workers", str(workers)]  # fmt: skip
@@ -130,6 +134,8 @@ class Server:
             cmd += ["--replica-acks", str(replica_acks)]
         if not flusher:
             cmd.append("--no-flusher")
+        if http:
+            cmd += ["--http-listen", f"127.0.0.1:{self.http_port}"]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 cmd,
@@ -162,6 +168,11 @@ class Server:
                     raise RuntimeError(f"creditmeter serve did not start:\n{self.log_tail()}")
         finally:
             channel.close()
+        # The HTTP/JSON port opens just after the gRPC one.
+        while self.http_port and not _accepts(self.http_port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"creditmeter serve: no HTTP port:\n{self.log_tail()}")
+            time.sleep(SERVER_POLL_S)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -174,6 +185,13 @@ class Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(60)
+
+
+def _accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on the loopback port."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
 
 
 def _ready(future: grpc.Future, timeout_s: float) -> bool:

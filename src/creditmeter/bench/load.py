@@ -21,8 +21,12 @@ from typing import Any
 
 import grpc
 import uvloop
+from connectrpc.code import Code
+from connectrpc.compat import google_protobuf_json_codec
+from connectrpc.errors import ConnectError
 from hdrh.histogram import HdrHistogram
 
+from creditmeter.api.credits.v1 import credits_connect
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.constants import (
@@ -37,8 +41,9 @@ from creditmeter.constants import (
 EMPTY_SERVICE = "creditmeter.bench.Empty"
 EMPTY_METHOD = f"/{EMPTY_SERVICE}/Call"
 
-#: Scenarios the load processes know (`empty` drives the empty-call ceiling server).
-LOAD_SCENARIOS = ("empty", "consume", "check", "batch", "meter", "sessions", "mixed")
+#: Scenarios the load processes know (`empty` drives the empty-call ceiling server;
+#: `http` is Consume over HTTP/JSON, the Connect protocol, to `http_address`).
+LOAD_SCENARIOS = ("empty", "consume", "check", "batch", "meter", "sessions", "mixed", "http")
 
 
 #: What _Load._timed returns for a call that failed (an empty call's reply is b"").
@@ -92,6 +97,8 @@ class LoadSpec:
     account_prefix: str
     accounts: int
     batch_size: int
+    #: http://HOST:PORT of the server's `--http-listen` (the `http` scenario).
+    http_address: str = ""
 
 
 @dataclass
@@ -132,6 +139,14 @@ class _Stats:
         if code == grpc.StatusCode.UNIMPLEMENTED:
             self.stop = True
 
+    def connect_failed(self, error: ConnectError) -> None:
+        """A failed HTTP/JSON call, counted under its gRPC code name like the others."""
+        name = "CANCELLED" if error.code is Code.CANCELED else error.code.name
+        self.errors[name] += 1
+        self.details.setdefault(name, error.message[:300])
+        if error.code is Code.UNIMPLEMENTED:
+            self.stop = True
+
     def item_failed(self, result: pb.ConsumeResult) -> None:
         self.errors[f"item {result.error.reason or result.error.code}"] += 1
 
@@ -153,6 +168,17 @@ class _Load:
         ]
         self.stubs = [pb_grpc.CreditsStub(c) for c in self.channels]
         self.empties = [c.unary_unary(EMPTY_METHOD) for c in self.channels]
+        # The `http` scenario's clients: connectrpc's generated client with plain JSON
+        # (no compression), as a curl or PHP caller sends it; one per channel, each with
+        # its own pool of keep-alive connections.
+        self.http_headers = {"authorization": f"Bearer {spec.api_key}"}
+        self.http_clients = [
+            credits_connect.CreditsClient(
+                spec.http_address, codec=google_protobuf_json_codec(), send_compression=None,
+                accept_compression=(), timeout_ms=int(BENCH_CALL_TIMEOUT_S * 1000),
+            )
+            for _ in range(spec.channels if spec.scenario == "http" else 0)
+        ]  # fmt: skip
         self._next = 0
 
     async def ready(self) -> None:
@@ -160,6 +186,7 @@ class _Load:
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))
+        await asyncio.gather(*(c.close() for c in self.http_clients))
 
     def _stub(self) -> pb_grpc.CreditsStub:
         self._next = (self._next + 1) % len(self.stubs)
@@ -203,6 +230,18 @@ class _Load:
         )
         if reply is not FAILED:
             self.stats.ok(t0, 1)
+
+    async def http_consume(self, started: float | None = None) -> None:
+        """Consume of one text message over HTTP/JSON: the `consume` operation otherwise."""
+        self._next = (self._next + 1) % len(self.http_clients)
+        client, req = self.http_clients[self._next], self._consume_request()
+        t0 = time.perf_counter() if started is None else started
+        try:
+            await client.consume(req, headers=self.http_headers)
+        except ConnectError as error:
+            self.stats.connect_failed(error)
+            return
+        self.stats.ok(t0, 1)
 
     async def check(self, started: float | None = None) -> None:
         """Check of one text message: Consume's price and decision, nothing deducted."""
@@ -354,6 +393,7 @@ def _operation(load: _Load, scenario: str) -> Callable[[float | None], Awaitable
         "batch": load.batch,
         "sessions": load.session,
         "mixed": load.mixed,
+        "http": load.http_consume,
     }
     return ops[scenario]
 

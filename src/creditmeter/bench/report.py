@@ -109,6 +109,11 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
                 )
         if redis and redis.get("usec_per_call"):
             ratios["consume_script_us_vs_reference"] = redis["usec_per_call"] / reference
+    http = _ok(results, "http")
+    if http:
+        over_grpc, over_http = http["variants"]
+        # consume_http_vs_grpc (calls/s), consume_http_p50_vs_grpc, consume_http_p99_vs_grpc.
+        ratios.update(_compared("consume_http", "grpc", over_http, over_grpc))
     workers = _ok(results, "workers")
     if workers and workers.get("ratio"):
         first, last = workers["variants"][0], workers["variants"][-1]
@@ -474,6 +479,22 @@ def _main_table(figures: dict[str, Any]) -> Table:
                 table.add_row("Consume, --workers N", r["status"], *["-"] * 5,
                               r.get("reason", ""), *["-"] * 4)  # fmt: skip
             continue
+        if name == "http":
+            for v in r.get("variants", []):
+                if v["transport"] == "grpc":
+                    continue  # the Consume row above
+                latency = v.get("latency_ms", {})
+                lag = v.get("ledger", {}).get("flush_lag_ms_p99")
+                errors = ", ".join(f"{k} {n:,}" for k, n in sorted(v.get("errors", {}).items()))
+                table.add_row("Consume over HTTP/JSON", v["status"],
+                              f"{v['calls_per_s']:,.0f}", f"{v['deductions_per_s']:,.0f}",
+                              _ms(latency, "p50"), _ms(latency, "p95"), _ms(latency, "p99"),
+                              errors, "-" if lag is None else f"{lag:,} ms",
+                              str(v.get("ledger", {}).get("drained", "-")), "-", "-")  # fmt: skip
+            if r["status"] != "ok" and not r.get("variants"):
+                table.add_row("Consume over HTTP/JSON", r["status"], *["-"] * 5,
+                              r.get("reason", ""), *["-"] * 4)  # fmt: skip
+            continue
         if name in ("memory", "drain", "cluster"):
             continue  # their own tables
         latency = r.get("latency_ms", {})
@@ -772,6 +793,11 @@ def _plot(figures: dict[str, Any], path: Path) -> None:
         elif name == "reference":
             names.append(f"reference -P{r['pipeline']}")
             rates.append(r["rps"])
+        elif name == "http":
+            over_http = r["variants"][1]  # gRPC's is the consume scenario's, plotted already
+            names.append("consume over HTTP/JSON")
+            rates.append(over_http["deductions_per_s"])
+            curve("consume over HTTP/JSON", over_http["latency_ms"])
         elif name == "workers":
             for v in r["variants"]:
                 names.append(f"consume --workers {v['workers']}")

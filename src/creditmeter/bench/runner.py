@@ -102,6 +102,8 @@ class Options:
     #: `--cluster`: the scenarios on a Redis Cluster beside the standalone server
     #: (bench/shards.py) instead of the usual run.
     cluster: bool = False
+    #: With --server: its `--http-listen` as http://HOST:PORT (the `http` scenario).
+    http_server: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class Target:
     #: The key's tenant and the server's Redis, needed by the Redis ceiling and figures.
     tenant: str | None
     redis_url: str | None
+    #: Its HTTP/JSON gateway (http://HOST:PORT), when it has one.
+    http_address: str | None = None
 
 
 @contextlib.contextmanager
@@ -121,17 +125,19 @@ def _target(opts: Options, console: Console) -> Iterator[Target]:
     if opts.server:
         if not opts.api_key:
             raise SystemExit("creditmeter bench: --server needs --api-key (an admin key)")
-        yield Target(opts.server, opts.api_key, False, opts.tenant, opts.redis_url)
+        yield Target(
+            opts.server, opts.api_key, False, opts.tenant, opts.redis_url, opts.http_server
+        )
         return
     with tempfile.TemporaryDirectory(prefix="cm-bench-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
         key = create_admin_key(data)
         console.print(f"starting creditmeter serve (embedded Redis, SQLite ledger) in {data}")
-        server = Server(data, None, flusher=True, backlog_cap=None)
+        server = Server(data, None, flusher=True, backlog_cap=None, http="http" in opts.scenarios)
         try:
             url = endpoint_file(data).read_text().strip()
-            yield Target(server.address, key, True, "bench", url)
+            yield Target(server.address, key, True, "bench", url, server.http_address)
         finally:
             server.stop()
 
@@ -421,6 +427,37 @@ def _workers(spec: LoadSpec, opts: Options, console: Console) -> dict[str, Any]:
     }
 
 
+def _http(
+    results: dict[str, Any],
+    spec: LoadSpec,
+    console: Console,
+    ledger: _Ledger,
+    opts: Options,
+    target: Target,
+) -> dict[str, Any]:
+    """Unary Consume over gRPC and over HTTP/JSON (the Connect protocol, through the
+    server's `--http-listen` gateway), with the same load against the same server, one
+    after the other: both figures and the ratio of HTTP's calls/s to gRPC's. The gRPC
+    figure is the `consume` scenario's when this run has it."""
+    if not target.http_address:
+        return {"status": "skipped", "reason": "with --server: needs --http-server"}
+    if "consume" not in results:
+        results["consume"] = _scenario(spec, "consume", console, ledger, opts, target)
+    over_http = _scenario(
+        replace(spec, http_address=target.http_address), "http", console, ledger, opts, target,
+        "Consume over HTTP/JSON",
+    )  # fmt: skip
+    variants = [{"transport": "grpc", **results["consume"]}, {"transport": "http", **over_http}]
+    ok = all(v["status"] == "ok" for v in variants)
+    grpc_rate = results["consume"]["calls_per_s"]
+    return {
+        "status": "ok" if ok else "failed",
+        "http_address": target.http_address,
+        "variants": variants,
+        "ratio": over_http["calls_per_s"] / grpc_rate if ok and grpc_rate else None,
+    }
+
+
 def _lua_cost(console: Console) -> dict[str, Any]:
     """Instructions per script call under callgrind (deterministic), beside the reference."""
     if not luacost.available():
@@ -479,7 +516,7 @@ def _run_scenarios(
     results: dict[str, Any] = {}
     with _target(opts, console) as target:
         spec = _spec(opts, target, prefix)
-        if any(s in (*REFERENCED_SCENARIOS, "check") for s in selected):
+        if any(s in (*REFERENCED_SCENARIOS, "check", "http") for s in selected):
             with console.status(f"granting {opts.accounts + 1} bench accounts ..."):
                 # The last one is the Redis ceiling's.
                 grant_accounts(target.address, target.api_key, prefix, opts.accounts + 1)
@@ -508,6 +545,8 @@ def _run_scenarios(
                     results[name] = _lua_cost(console)
                 elif name == "workers":
                     results[name] = _workers(spec, opts, console)
+                elif name == "http":
+                    results[name] = _http(results, spec, console, ledger, opts, target)
                 elif name == "latency":
                     if "consume" not in results:
                         results["consume"] = _scenario(

@@ -119,9 +119,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session_grace_s=float(args.session_grace),
         # A worker's metrics are served by its supervisor (multiprocess mode).
         metrics_listen=None if worker else args.metrics_listen or None,
+        http_listen=args.http_listen or None,
         # The sweeper, closer, renewals and reconciler: in worker 0 only.
         background_jobs=args.worker_index in (None, 0),
     )
+    if settings.http_listen is not None and args.workers == 1:
+        # App imports it only for --http-listen: now, so that it is frozen below too.
+        from creditmeter.transport import connect_gateway  # noqa: F401
     # What is imported by now (grpc, protobuf, redis, the server's modules) lives as long
     # as the process: frozen, the collector's full passes no longer walk it (a py-spy
     # profile under Consume load had about a tenth of the loop's time in gc).
@@ -534,6 +538,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peer_clients=args.peer_clients,
         drain_backlog=args.drain_backlog,
         cluster=args.cluster,
+        http_server=args.http_server,
     )
     return run(options)
 
@@ -549,6 +554,13 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return uvloop.run(
         run_flusher(args.data_dir, args.redis_url, args.ledger_url, args.replica_acks)
     )
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    from creditmeter.transport.connect_gateway import routes_table
+
+    sys.stdout.write(routes_table())  # plain Markdown: not through rich
+    return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -788,6 +800,13 @@ def build_parser() -> argparse.ArgumentParser:
         " (env CREDITMETER_METRICS_LISTEN; default off)",
     )
     p.add_argument(
+        "--http-listen",
+        default=_env("HTTP_LISTEN"),
+        metavar="HOST:PORT",
+        help="also serve the Credits and Packs services as HTTP/JSON (the Connect protocol)"
+        " on HOST:PORT (env CREDITMETER_HTTP_LISTEN; default off)",
+    )
+    p.add_argument(
         "--log-format",
         default=_env("LOG_FORMAT", "text"),
         choices=LOG_FORMATS,
@@ -883,6 +902,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_flush)
 
+    p = sub.add_parser(
+        "routes", help="the HTTP/JSON routes of serve --http-listen, as a Markdown table"
+    )
+    p.set_defaults(func=cmd_routes)
+
     p = sub.add_parser("audit", help="check every balance in Redis against the ledger")
     _store_flags(p)
     p.add_argument("--tenant")
@@ -968,6 +992,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "commandstats), the reference script and the redis-benchmark "
                    "ceiling")  # fmt: skip
     p.add_argument("--tenant", default=None, help="with --server: the tenant of --api-key")
+    p.add_argument("--http-server", default=None, metavar="URL",
+                   help="with --server: its --http-listen as http://HOST:PORT (the http "
+                   "scenario; without --server the bench's own server has one)")
     p.add_argument("--redis-clients", type=int, default=BENCH_REDIS_CLIENTS,
                    help="redis-benchmark connections")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=BENCH_DRAIN_TIMEOUT_S,

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -66,6 +67,9 @@ from creditmeter.transport.credits_servicer import CreditsServicer, LedgerStatus
 from creditmeter.transport.interceptors import Gatekeeper
 from creditmeter.transport.packs_servicer import PacksServicer
 
+if TYPE_CHECKING:
+    from creditmeter.transport.connect_gateway import Gateway
+
 log = logging.getLogger(__name__)
 
 CREDITS_SERVICE = credits_pb2.DESCRIPTOR.services_by_name["Credits"].full_name
@@ -109,6 +113,9 @@ class Settings:
     watch_retention_s: int = WATCH_RETENTION_S
     #: HOST:PORT of the Prometheus /metrics endpoint (port 0: any free port); None: off.
     metrics_listen: str | None = None
+    #: HOST:PORT of the HTTP/JSON (Connect) gateway (port 0: any free port); None: off.
+    #: It forwards every call to this process's gRPC server (transport/connect_gateway.py).
+    http_listen: str | None = None
     #: Run the loops that act on shared state: the expiry sweeper, the session closer, the
     #: subscription renewals and the grant reconciler. Each is safe in several processes at
     #: once; `serve --workers N` runs them in one worker only (see transport/workers.py).
@@ -143,6 +150,9 @@ class App:
         self.metrics: metrics.MetricsEndpoint | None = None
         #: The bound port of the metrics endpoint (0 while it is off).
         self.metrics_port = 0
+        self.gateway: Gateway | None = None
+        #: The bound port of the HTTP/JSON gateway (0 while it is off).
+        self.http_port = 0
         #: Set once on stop: every background loop watches it rather than relying on task
         #: cancellation alone (a cancellation can be swallowed inside a client library).
         self._stopping = asyncio.Event()
@@ -231,7 +241,24 @@ class App:
         self.port = self.server.add_insecure_port(s.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {s.listen}")
+        loopback = None
+        if s.http_listen is not None:
+            # Imported only here: uvicorn and connectrpc are a third of the server's
+            # imports, which a server without --http-listen need not pay for.
+            from creditmeter.transport import connect_gateway
+
+            # The gateway's own way in: the same server, interceptors and servicers.
+            loopback = connect_gateway.loopback_address()
+            if self.server.add_insecure_port(loopback) == 0:
+                raise OSError(f"cannot listen on {loopback}")
         await self.server.start()
+        if s.http_listen is not None and loopback is not None:
+            self.gateway = connect_gateway.Gateway(s.http_listen, loopback, lambda: live.keys)
+            self.http_port = await self.gateway.start()
+            log.info(
+                "HTTP/JSON (Connect) on http://%s:%d", s.http_listen.rsplit(":", 1)[0],
+                self.http_port,
+            )  # fmt: skip
         if s.metrics_listen is not None:
             self.metrics = metrics.MetricsEndpoint(s.metrics_listen)
             # Binding resolves the host name: off the event loop.
@@ -419,8 +446,16 @@ class App:
         they wrote, then close."""
         await self.health.enter_graceful_shutdown()
         self._closing.set()
-        if self.server is not None:
-            await self.server.stop(self.settings.shutdown_grace_s)
+        grace = self.settings.shutdown_grace_s
+        if self.gateway is not None:
+            # Both at once: neither takes new calls, and the HTTP calls in flight are gRPC
+            # calls in flight, which the gRPC server's grace lets finish.
+            await asyncio.gather(
+                self.gateway.stop(grace),
+                *([self.server.stop(grace)] if self.server is not None else []),
+            )
+        elif self.server is not None:
+            await self.server.stop(grace)
         self._stopping.set()
         if self.flusher is not None and self.ledger_link and self.ledger_link.reachable:
             with contextlib.suppress(Exception):

@@ -10,7 +10,9 @@ the server's; it owns what the workers share and starts them:
   else holds it; and the port stays reserved while a worker restarts. A bound socket that
   never listens takes no connections: the kernel spreads them (per TCP connection, by a
   hash of its addresses) over the workers' listening sockets only. Every worker binds the
-  same HOST:PORT with `grpc.so_reuseport` (App sets it explicitly).
+  same HOST:PORT with `grpc.so_reuseport` (App sets it explicitly). `--http-listen`'s
+  port is reserved the same way, and each worker's HTTP/JSON gateway binds it with
+  SO_REUSEPORT too (forwarding to its own worker's gRPC server).
 - **Redis.** The embedded redis-server is started once, under the data dir, by the
   supervisor (its death signal is the supervisor's); every worker is given its URL as
   `--redis-url`. With `--redis-url` the workers share that Redis instead.
@@ -133,10 +135,15 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
 
 
 def worker_command(
-    settings: Settings, index: int, listen: str, redis_url: str, ready_fd: int
+    settings: Settings,
+    index: int,
+    listen: str,
+    redis_url: str,
+    ready_fd: int,
+    http_listen: str | None = None,
 ) -> list[str]:
     """The command line of worker `index`: `serve --workers 1` with the supervisor's
-    settings, the shared Redis and the chosen port."""
+    settings, the shared Redis and the chosen port (and HTTP port)."""
     s = settings
     if index == 0 and s.flusher and not s.flusher_process:
         flusher = ["--inline-flusher"]
@@ -145,6 +152,7 @@ def worker_command(
     return [
         sys.executable, "-m", "creditmeter", "serve", "--workers", "1",
         "--listen", listen, "--data-dir", str(s.data_dir), "--redis-url", redis_url,
+        *(["--http-listen", http_listen] if http_listen else []),
         *(["--ledger-url", s.ledger_url] if s.ledger_url else []),
         *flusher,
         *(["--buckets", str(s.buckets)] if s.buckets else []),
@@ -241,6 +249,8 @@ class Supervisor:
         self.flusher: subprocess.Popen[bytes] | None = None
         self.metrics: metrics.MetricsEndpoint | None = None
         self._reservation: socket.socket | None = None
+        self.http_listen: str | None = None
+        self._http_reservation: socket.socket | None = None
         self._metrics_dir: Path | None = None
         self._env = dict(os.environ)
         self._stopping = asyncio.Event()
@@ -263,7 +273,8 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         try:
             command = worker_command(
-                self.settings, worker.index, self.listen, self.redis_url, write_fd
+                self.settings, worker.index, self.listen, self.redis_url, write_fd,
+                self.http_listen,
             )
             worker.process = self._spawn(command, pass_fds=(write_fd,))
         finally:
@@ -334,6 +345,8 @@ class Supervisor:
         try:
             self._reservation, self.listen = reserve_port(s.listen)
             self.port = int(self.listen.rsplit(":", 1)[1])
+            if s.http_listen is not None:
+                self._http_reservation, self.http_listen = reserve_port(s.http_listen)
             if s.redis_url is None:
                 self.embedded = EmbeddedRedis(s.data_dir, s.appendfsync)
                 self.redis_url = await self.embedded.start()
@@ -390,6 +403,8 @@ class Supervisor:
                 s.metrics_listen.rsplit(":", 1)[0],
                 metrics_port,
             )
+        if self.http_listen is not None:
+            log.info("HTTP/JSON (Connect) on http://%s (every worker)", self.http_listen)
         log.info(
             "creditmeter listening on %s (redis %s, %d workers)",
             self.listen, self.redis_url, len(self.workers),
@@ -416,6 +431,8 @@ class Supervisor:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         if self._reservation is not None:
             self._reservation.close()
+        if self._http_reservation is not None:
+            self._http_reservation.close()
 
 
 async def _terminate(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
