@@ -233,7 +233,7 @@ async def test_a_purchase_repays_the_debt_and_its_refund_brings_it_back(
     await options(tenant, "buyer", overdraft_limit=100)
     await consume(tenant, "buyer", 30)
     bought = await buy(packs, "buyer", 100)
-    assert bought.balance == 70
+    assert (bought.balance, bought.debt_repaid) == (70, 30)
     assert await line(tenant, "buyer") == (70, 0, 100)
     await consume(tenant, "buyer", 20)
     back = await refund(packs, bought.purchase.purchase_id)
@@ -252,11 +252,32 @@ async def test_refund_of_a_purchase_that_all_went_to_the_debt(
     await options(tenant, "deep", overdraft_limit=150)
     await consume(tenant, "deep", 150)
     bought = await buy(packs, "deep", 100)
-    assert bought.balance == 0
+    assert (bought.balance, bought.debt_repaid) == (0, 100)
     assert await line(tenant, "deep") == (0, 50, 150)
     back = await refund(packs, bought.purchase.purchase_id)
     assert (back.refunded_credits, back.spent_credits) == (100, 0)
     assert await line(tenant, "deep") == (0, 150, 150)
+
+
+async def test_a_two_step_purchase_says_what_it_repaid(
+    tenant: Tenant, packs: dict[str, Caller]
+) -> None:
+    await options(tenant, "two", overdraft_limit=10)
+    await consume(tenant, "two", 8)
+    admin = packs["admin"]
+    pack = ppb.Pack(name="P", credits=20, price=ppb.Price(amount_minor=100, currency="EUR"))
+    made = (await admin.CreatePack(ppb.CreatePackRequest(pack=pack, request_id=rid()))).pack
+    pending = await admin.CreatePurchase(
+        ppb.CreatePurchaseRequest(account_id="two", pack_id=made.pack_id, request_id=rid())
+    )
+    request = ppb.CompletePurchaseRequest(
+        purchase_id=pending.purchase.purchase_id, payment_reference=rid(), request_id=rid()
+    )
+    done = await admin.CompletePurchase(request)
+    assert (done.balance, done.debt_repaid) == (12, 8)
+    again = await admin.CompletePurchase(request)  # a retry: the same answer, nothing twice
+    assert (again.balance, again.debt_repaid) == (12, 8)
+    assert await line(tenant, "two") == (12, 0, 10)
 
 
 # --- call sessions ------------------------------------------------------------------------

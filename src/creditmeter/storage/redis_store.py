@@ -119,6 +119,13 @@ def _holdings(values: Sequence[str]) -> Holdings:
 class GrantRecord:
     lot: LotRecord
     holdings: Holdings
+    #: Credits of the grant that repaid debt first (the credit line); 0 in replies of
+    #: releases before it.
+    repaid: int = 0
+
+
+def _repaid(values: Sequence[str], at: int) -> int:
+    return int(values[at]) if len(values) > at else 0
 
 
 @dataclass(frozen=True)
@@ -524,7 +531,10 @@ class RedisStore:
 
     async def grant(self, keys: AccountKeys, call: Call, lot: NewLot) -> GrantRecord:
         values = await self._run("grant", keys, call, _lot_args(lot))
-        return GrantRecord(lot=_lot_from_reply(values), holdings=_holdings(values[7:10]))
+        return GrantRecord(
+            lot=_lot_from_reply(values), holdings=_holdings(values[7:10]),
+            repaid=_repaid(values, 10),
+        )  # fmt: skip
 
     async def consume(
         self,
@@ -691,7 +701,10 @@ class RedisStore:
         values = await self._run(
             "renew", keys, call, [*_lot_args(lot), str(cap), rollover.lot_id, rollover.burn_key]
         )
-        return GrantRecord(lot=_lot_from_reply(values), holdings=_holdings(values[7:10]))
+        return GrantRecord(
+            lot=_lot_from_reply(values), holdings=_holdings(values[7:10]),
+            repaid=_repaid(values, 11),  # after the carried credits
+        )  # fmt: skip
 
     async def refund(
         self, keys: AccountKeys, call: Call, reason: str, lot_ids: Sequence[str]

@@ -74,6 +74,8 @@ local consumed, consumed_seq
 -- and the tenant's default recharge policy for the call ('' or nil: none; see
 -- recharge_watch).
 local start_balance, start_reserved, start_debt, RECHARGE
+-- Debt the call's money-in repaid (repay), for the replies of grants.
+local repaid_now
 
 local function begin(keys, args)
   KEYS, ARGV = keys, args
@@ -84,6 +86,7 @@ local function begin(keys, args)
   account, changed, deleted, numbers = nil, {}, {}, {}
   events, request_fp, request_reply, consumed, consumed_seq = {}, nil, nil, nil, nil
   RECHARGE = nil
+  repaid_now = 0
 end
 
 local function fmt(n)
@@ -473,6 +476,7 @@ local function repay(lot_id, burn_key, amount)
     acct_incr('q:' .. burn_key, -r)
   end
   balance = acct_incr('balance', -r)
+  repaid_now = repaid_now + r
   acct_set('rp:' .. lot_id, fmt(r) .. ' ' .. fmt(amount))
   emit(TXN, 'repay', {'lot', lot_id, 'amount', fmt(r)}, balance_fields(balance))
   return balance
