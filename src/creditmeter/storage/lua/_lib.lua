@@ -187,7 +187,7 @@ local NO_SEQ_KINDS = {hold = true, release = true}
 -- A charge takes the lots first (every lot, held credit too: an open session's hold is
 -- then collected into debt) and only the rest becomes debt. Every money-in (add_lot)
 -- repays the debt first, out of its new lot. Accounts without a credit line have none of
--- these fields and pay one table lookup per check for it.
+-- these fields and pay two table lookups per charge for it.
 
 -- Whether the account has a credit line or a debt (its fields need reading).
 local function has_credit_line()
