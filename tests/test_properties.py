@@ -151,3 +151,70 @@ def test_balance_matches_model(
     redis_url: str, config_path: Path, ops: list[tuple[Any, ...]]
 ) -> None:
     asyncio.run(run(redis_url, config_path, ops))
+
+
+# --- the credit line ---------------------------------------------------------------------
+line_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("grant"), st.integers(1, 300)),
+        st.tuples(st.just("consume"), st.integers(1, 200)),
+        st.tuples(st.just("consume"), st.integers(1, 200)),
+        st.tuples(st.just("limit"), st.integers(0, 400)),
+    ),
+    max_size=30,
+)
+
+
+async def run_line(redis_url: str, config_path: Path, ops: list[tuple[str, int]]) -> None:
+    """Credit in lots C, debt D, overdraft limit L: a charge of a is taken iff
+    a <= C - D + L, from the lots first (the rest is debt); a grant repays debt first."""
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    metering = Metering(
+        RedisStore(client), SqliteConfigStore(config_path), RateBook(), ManualClock()
+    )
+    tenant, account = "prop", uuid.uuid4().hex
+    credit = debt = limit = 0
+    try:
+        await metering.set_account_options(
+            tenant, account, request_id=uuid.uuid4().hex, unlimited=None, overdraft_limit=0
+        )
+        for op, n in ops:
+            if op == "grant":
+                g = await metering.grant(tenant, account, n, request_id=uuid.uuid4().hex)
+                repaid = min(debt, n)
+                debt, credit = debt - repaid, credit + n - repaid
+                assert g.balance == max(0, credit - debt)
+            elif op == "limit":
+                await metering.set_account_options(
+                    tenant, account, request_id=uuid.uuid4().hex, unlimited=None,
+                    overdraft_limit=n,
+                )  # fmt: skip
+                limit = n
+            elif n > credit - debt + limit:
+                with pytest.raises(InsufficientCredits):
+                    await metering.consume(
+                        tenant, account, "text", request_id=uuid.uuid4().hex, amount=n
+                    )
+            else:
+                c = await metering.consume(
+                    tenant, account, "text", request_id=uuid.uuid4().hex, amount=n
+                )
+                taken = min(n, credit)
+                credit, debt = credit - taken, debt + n - taken
+                assert sum(amount for _, amount in c.charges) == taken
+                assert c.balance == max(0, credit - debt)
+            view = await metering.get_balance(tenant, account)
+            assert (view.balance, view.debt, view.overdraft_limit) == (
+                max(0, credit - debt), debt, limit
+            )
+            assert sum(lot.remaining for lot in view.lots) == credit
+    finally:
+        await client.aclose()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=line_ops)
+def test_credit_line_matches_model(
+    redis_url: str, config_path: Path, ops: list[tuple[str, int]]
+) -> None:
+    asyncio.run(run_line(redis_url, config_path, ops))

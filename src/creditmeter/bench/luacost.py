@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -80,6 +81,9 @@ class _Variant:
     function: str = ""
     #: Charges per call of the consume_batch function (0: one charge per call).
     batch: int = 0
+    #: The accounts' credit line (_lib.lua): "" none, "line" an overdraft limit (charges
+    #: still within the lots), "debt" no lots and a limit (every charge becomes debt).
+    credit_line: str = ""
 
 
 def _variants() -> dict[str, _Variant]:
@@ -95,17 +99,27 @@ def _variants() -> dict[str, _Variant]:
             None, True, library, scripts.function_name(scripts.CONSUME_BATCH),
             BENCH_LUA_COST_BATCH,
         ),
+        "consume, request id, credit line": _Variant(
+            None, True, library, consume, credit_line="line"
+        ),
+        "consume, request id, into debt": _Variant(
+            None, True, library, consume, credit_line="debt"
+        ),
     }
 
 
-def _seed(client: redis.Redis, accounts: list[AccountKeys]) -> None:
-    """One-lot accounts in the current layout (credit for every call)."""
+def _seed(client: redis.Redis, accounts: list[AccountKeys], credit_line: str = "") -> None:
+    """One-lot accounts in the current layout (credit for every call); with a credit line
+    (see _Variant), an overdraft limit as well, and for "debt" no lot at all."""
     meta = lot_meta(10**12, "manual", "", 1)
     for keys in accounts:
-        client.hset(keys.account_key, mapping={
-            "balance": 10**12, "granted": 10**12, "seq": 1, f"m:{_LOT}": meta,
-            f"q:{_BURN_KEY}": 10**12,
-        })  # fmt: skip
+        fields: dict[Any, Any] = {"seq": 1}
+        if credit_line != "debt":
+            fields.update({"balance": 10**12, "granted": 10**12, f"m:{_LOT}": meta,
+                           f"q:{_BURN_KEY}": 10**12})  # fmt: skip
+        if credit_line:
+            fields["od"] = 10**12
+        client.hset(keys.account_key, mapping=fields)
 
 
 def _count(variant: _Variant, calls: int, workdir: Path) -> float:
@@ -129,7 +143,7 @@ def _count(variant: _Variant, calls: int, workdir: Path) -> float:
                     raise
                 time.sleep(0.1)
         accounts = [AccountKeys("bench", f"a{i}") for i in range(BENCH_LUA_COST_ACCOUNTS)]
-        _seed(client, accounts)
+        _seed(client, accounts, variant.credit_line)
         if variant.script is not None:
             sha = client.script_load(variant.script)
         else:

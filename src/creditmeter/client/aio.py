@@ -227,13 +227,16 @@ class AsyncClient:
         ignore_usage_limits: bool | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        overdraft_limit: int | None = None,
     ) -> pb.SetAccountOptionsResponse:
         """Change per-account options; None leaves one as it is: the unlimited flag, the
-        IANA time zone its usage limits' periods count in ('' for UTC), and whether usage
-        limits apply to it at all."""
+        IANA time zone its usage limits' periods count in ('' for UTC), whether usage
+        limits apply to it at all, and the overdraft limit of its credit line (credits; 0
+        removes it)."""
         req = rq.set_account_options(
             account_id, unlimited=unlimited, time_zone=time_zone,
             ignore_usage_limits=ignore_usage_limits, request_id=request_id,
+            overdraft_limit=overdraft_limit,
         )  # fmt: skip
         return await self.call("SetAccountOptions", req, pb.SetAccountOptionsResponse, timeout)
 

@@ -103,6 +103,17 @@ class InsufficientCredits(FailedPrecondition):
         """The credits the charge needed."""
         return int(self.metadata.get("required", "0"))
 
+    @property
+    def debt(self) -> int:
+        """On an account with a credit line: its debt then (0 otherwise)."""
+        return int(self.metadata.get("debt", "0"))
+
+    @property
+    def overdraft_limit(self) -> int:
+        """On an account with a credit line: its overdraft limit (0 otherwise). The charge
+        would have taken the debt past it."""
+        return int(self.metadata.get("overdraft_limit", "0"))
+
 
 class UsageLimitExceeded(FailedPrecondition):
     """The charge would pass a usage limit of the feature for the period; nothing was

@@ -18,6 +18,7 @@ LotSourceName = Literal["purchase", "bonus", "promotion", "trial", "manual", "re
 RateUnitName = Literal["count", "time"]
 TransactionKindName = Literal[
     "grant", "consume", "expire", "reset", "refund", "session", "options", "usage_limit",
+    "repay", "debt",
     "recharge_due", "recharge_policy",
 ]
 LimitPeriodName = Literal["day", "week", "month"]
@@ -140,7 +141,10 @@ def set_account_options(
     request_id: str | None,
     time_zone: str | None = None,
     ignore_usage_limits: bool | None = None,
+    overdraft_limit: int | None = None,
 ) -> pb.SetAccountOptionsRequest:
+    """The options given (None leaves one as it is); `overdraft_limit` in credits, 0
+    removes the credit line."""
     req = pb.SetAccountOptionsRequest(account_id=account_id, request_id=request_id or "")
     if unlimited is not None:
         req.unlimited = unlimited
@@ -148,6 +152,8 @@ def set_account_options(
         req.time_zone = time_zone
     if ignore_usage_limits is not None:
         req.ignore_usage_limits = ignore_usage_limits
+    if overdraft_limit is not None:
+        req.overdraft_limit = overdraft_limit
     return req
 
 

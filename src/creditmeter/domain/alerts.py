@@ -9,6 +9,11 @@ was before and after (no state per account to keep). A watcher
 reads the outboxes from positions of its own; its resume token is those positions, so a
 reconnecting client resumes exactly after the last alert it received.
 
+On an account with a credit line the events also carry the debt and the overdraft limit
+after them: the spendable balance is the credit less the debt (never below 0), and
+OVERDRAFT_LIMIT_REACHED fires when a transaction uses up what was left of the credit line
+(nothing more can be charged: credit - reserved - debt + limit reaches 0).
+
 Alerts are per transaction, not per event: a charge spanning two lots appends two events
 with an intermediate balance no reader could ever observe (the script is atomic); the alert
 reports the balance before and after the whole transaction, as the RPC's response does.
@@ -37,7 +42,7 @@ from creditmeter.domain.validation import Violations
 from creditmeter.errors import InvalidRequest, ResumeTokenExpired
 from creditmeter.storage import layout
 from creditmeter.storage.layout import bucket_of
-from creditmeter.storage.ledger.base import HOLD_KINDS
+from creditmeter.storage.ledger.base import DEBT_SOURCE, HOLD_KINDS
 from creditmeter.storage.outbox import STREAM_ID, OutboxReader, OutboxTxn
 from creditmeter.storage.recharge import DUE_KIND
 
@@ -47,7 +52,11 @@ from creditmeter.storage.recharge import DUE_KIND
 _DECREASING = frozenset({"consume", "session", "expire", "reset", "refund"})
 _INCREASING = frozenset({"grant"})
 _HOLD, _RELEASE = HOLD_KINDS
-_MOVING = _DECREASING | _INCREASING | {_HOLD, _RELEASE}
+#: The credit line's: a grant's lot repaying debt (credit and debt fall), a refund
+#: bringing debt back (debt rises). A charge's part past the lots is a charge event with
+#: no lot and source DEBT_SOURCE (debt rises, credit stays).
+_REPAY, _DEBT = "repay", "debt"
+_MOVING = _DECREASING | _INCREASING | {_HOLD, _RELEASE, _REPAY, _DEBT}
 _TOKEN_VERSION = 1
 
 
@@ -55,6 +64,7 @@ class AlertKind(StrEnum):
     LOW = "low"
     DEPLETED = "depleted"
     TOPPED_UP = "topped_up"
+    OVERDRAFT_LIMIT_REACHED = "overdraft_limit_reached"
     #: A recharge fell due (creditmeter.domain.recharge): sent whatever the thresholds.
     RECHARGE_DUE = "recharge_due"
 
@@ -73,35 +83,65 @@ class Alert:
     pack_id: str = ""
 
 
-def _figures_before(kind: str, credit: int, reserved: int, amount: int) -> tuple[int, int]:
-    """Credit in lots and reserved credit before an event, from those after it."""
+def _figures_before(e: Mapping[str, str]) -> tuple[int, int, int]:
+    """Credit in lots, reserved credit and debt before an event, from those after it."""
+    kind, amount = e["kind"], int(e["amount"])
+    credit = int(e["balance"])
+    reserved = int(e.get("reserved", "0"))  # entries of an earlier release carry none
+    debt = int(e.get("debt", "0"))
+    past_lots = kind in _DECREASING and not e.get("lot") and e.get("source") == DEBT_SOURCE
+    if kind == _DEBT or past_lots:
+        return credit, reserved, debt - amount
+    if kind == _REPAY:
+        return credit + amount, reserved, debt + amount
     if kind in _DECREASING:
-        return credit + amount, reserved
+        return credit + amount, reserved, debt
     if kind in _INCREASING:
-        return credit - amount, reserved
+        return credit - amount, reserved, debt
     if kind == _HOLD:
-        return credit, reserved - amount
-    return credit, reserved + amount
+        return credit, reserved - amount, debt
+    return credit, reserved + amount, debt
 
 
-def balance_change(events: Sequence[Mapping[str, str]]) -> tuple[int, int] | None:
-    """The spendable balance before and after a transaction's events, or None if they move
-    nothing or the account is unlimited (its events carry balance -1: it never alerts)."""
+def _figures_after(e: Mapping[str, str]) -> tuple[int, int, int]:
+    return int(e["balance"]), int(e.get("reserved", "0")), int(e.get("debt", "0"))
+
+
+@dataclass(frozen=True)
+class Change:
+    """A transaction's spendable balance before and after it, and on an account with a
+    credit line its limit and what was left of it (credit - reserved - debt + limit)
+    before and after."""
+
+    before: int
+    after: int
+    overdraft_limit: int = 0
+    line_before: int = 0
+    line_after: int = 0
+
+
+def account_change(events: Sequence[Mapping[str, str]]) -> Change | None:
+    """What a transaction's events did to the balance, or None if they move nothing or the
+    account is unlimited (its events carry balance -1: it never alerts)."""
     moving = [e for e in events if e.get("kind", "") in _MOVING]
     if not moving or any(int(e["balance"]) < 0 for e in moving):
         return None
-    first, last = moving[0], moving[-1]
-    credit, reserved = _figures_before(
-        first["kind"],
-        int(first["balance"]),
-        int(first.get("reserved", "0")),  # entries of an earlier release carry none
-        int(first["amount"]),
-    )
-    before = balances.spendable(credit, reserved, unlimited=False)
-    after = balances.spendable(
-        int(last["balance"]), int(last.get("reserved", "0")), unlimited=False
-    )
-    return before, after
+    credit, reserved, debt = _figures_before(moving[0])
+    credit_after, reserved_after, debt_after = _figures_after(moving[-1])
+    before = balances.spendable(credit - debt, reserved, unlimited=False)
+    after = balances.spendable(credit_after - debt_after, reserved_after, unlimited=False)
+    limit = int(moving[-1].get("od", "0"))
+    return Change(
+        before, after, limit,
+        credit - reserved - debt + limit, credit_after - reserved_after - debt_after + limit,
+    )  # fmt: skip
+
+
+def balance_change(events: Sequence[Mapping[str, str]]) -> tuple[int, int] | None:
+    """The spendable balance before and after a transaction's events (see
+    `account_change`)."""
+    change = account_change(events)
+    return None if change is None else (change.before, change.after)
 
 
 def recharge_due(
@@ -112,7 +152,8 @@ def recharge_due(
     if len(events) != 1 or events[0].get("kind") != DUE_KIND:
         return None
     e = events[0]
-    after = balances.spendable(int(e["balance"]), int(e.get("reserved", "0")), unlimited=False)
+    credit = int(e["balance"]) - int(e.get("debt", "0"))  # the credit line's debt, if any
+    after = balances.spendable(credit, int(e.get("reserved", "0")), unlimited=False)
     return int(e["amount"]), (int(e["before"]), after), e.get("reference", "")
 
 
@@ -127,6 +168,14 @@ def crossings(before: int, after: int, thresholds: Sequence[int]) -> list[tuple[
             found.append((AlertKind.DEPLETED, 0))
         return found
     return [(AlertKind.TOPPED_UP, t) for t in levels if before <= t < after]
+
+
+def line_crossing(change: Change) -> list[tuple[AlertKind, int]]:
+    """OVERDRAFT_LIMIT_REACHED (threshold: the limit) when the change used up what was left
+    of the credit line."""
+    if change.overdraft_limit > 0 and change.line_after <= 0 < change.line_before:
+        return [(AlertKind.OVERDRAFT_LIMIT_REACHED, change.overdraft_limit)]
+    return []
 
 
 # --- resume tokens ------------------------------------------------------------------------
@@ -219,12 +268,15 @@ class _Watch:
                 threshold, moved, pack = due
                 found.append((AlertKind.RECHARGE_DUE, threshold, moved, txn_id, time_ms, pack))
                 continue
-            change = balance_change(events)
-            if change is None:
+            effect = account_change(events)
+            if effect is None:
                 continue
+            balance = (effect.before, effect.after)
             found.extend(
-                (kind, threshold, change, txn_id, time_ms, "")
-                for kind, threshold in crossings(*change, self.thresholds)
+                (kind, threshold, balance, txn_id, time_ms, "")
+                for kind, threshold in [
+                    *crossings(*balance, self.thresholds), *line_crossing(effect)
+                ]
             )
         alerts = []
         for i, (kind, threshold, change, txn_id, time_ms, pack) in enumerate(found):

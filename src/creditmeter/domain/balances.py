@@ -8,6 +8,12 @@ Consume, SetBalance, VoidGrant, the session steps and purchases, GetBalance,
 GetUsage.remaining) and the balances that WatchBalance alerts follow are the spendable
 credit defined here.
 
+An account with a credit line (an overdraft limit) may be charged past its lots, down to
+-limit: the part past the lots is its debt, and every grant or purchase repays the debt
+before any of it becomes spendable. The balance reported stays the spendable credit
+(never below 0, -1 meaning unlimited) and the debt is reported beside it: what is left
+of the credit line is limit - debt (less what sessions hold past the lots).
+
 The scripts apply the same rule when they charge or hold credit (`available()` in
 _lib.lua), since that check has to be atomic with the change; what they report are the
 raw figures (`Holdings`), turned into the reported balance here and nowhere else.
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 
 from creditmeter.domain.lots import Lot
 from creditmeter.errors import AccountNotFound
+from creditmeter.storage import credit_line
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.redis_store import Holdings, RedisStore
 
@@ -27,8 +34,8 @@ UNLIMITED = -1
 
 
 def spendable(credit: int, reserved: int, unlimited: bool) -> int:
-    """Credit the account can spend: its credit in live lots less what open call
-    sessions hold, never below 0; -1 for an unlimited account.
+    """Credit the account can spend: its credit in live lots (less its debt) less what
+    open call sessions hold, never below 0; -1 for an unlimited account.
 
     Held credit can exceed what is left when a held lot expires or is voided during the
     call (the session then reports what it could not collect): the balance is 0 then.
@@ -60,9 +67,19 @@ class AccountRead:
         return int(self.fields.get("reserved", "0"))
 
     @property
+    def debt(self) -> int:
+        """Credits charged past the lots on the credit line, not yet repaid."""
+        return credit_line.debt(self.fields)
+
+    @property
+    def overdraft_limit(self) -> int:
+        """How far past its lots the account may be charged (0: no credit line)."""
+        return credit_line.overdraft_limit(self.fields)
+
+    @property
     def balance(self) -> int:
         """The spendable balance now."""
-        credit = sum(lot.remaining for lot in self.lots)
+        credit = sum(lot.remaining for lot in self.lots) - self.debt
         return spendable(credit, self.reserved, self.unlimited)
 
 

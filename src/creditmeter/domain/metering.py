@@ -166,6 +166,10 @@ class BalanceView:
     unlimited: bool
     #: Credit held by open call sessions.
     reserved: int = 0
+    #: Credits charged past the lots on the credit line, not yet repaid.
+    debt: int = 0
+    #: How far past its lots the account may be charged (0: no credit line).
+    overdraft_limit: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,9 @@ class UsageView:
     features: list[FeatureUsage]
     #: The usage limits that apply to the account, with what it used of each.
     limits: list[LimitStatus] = field(default_factory=list)
+    #: The credit line: its debt and overdraft limit, as in BalanceView.
+    debt: int = 0
+    overdraft_limit: int = 0
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,10 @@ class AccountOptions:
     #: The time zone of its usage limits' periods ('' = UTC).
     time_zone: str
     ignore_usage_limits: bool
+    #: How far past its lots the account may be charged (0: no credit line).
+    overdraft_limit: int = 0
+    #: Its debt on the credit line now.
+    debt: int = 0
 
 
 def _limit_statuses(
@@ -708,27 +719,39 @@ class Metering:
         unlimited: bool | None,
         time_zone: str | None = None,
         ignore_usage_limits: bool | None = None,
+        overdraft_limit: int | None = None,
     ) -> AccountOptions:
         """Change account options (None leaves one as it is); returns them afterwards.
-        `time_zone` (an IANA name, '' for UTC) places the periods of its usage limits."""
+        `time_zone` (an IANA name, '' for UTC) places the periods of its usage limits;
+        `overdraft_limit` (credits, 0 for none) is how far past its lots Consume and call
+        sessions may charge the account (see creditmeter.domain.balances)."""
         v = Violations()
         v.account_id(account_id)
         v.request_id(request_id)
         if time_zone is not None:
             time_zone = check_time_zone(time_zone, v)
+        if overdraft_limit is not None:
+            v.credits(overdraft_limit, "overdraft_limit", allow_zero=True)
         v.raise_if_any()
         self.gate.check()
         params: dict[str, object] = {"account_id": account_id, "unlimited": unlimited}
         if time_zone is not None or ignore_usage_limits is not None:
             # Only then: the fingerprint of a call without them stays that of 0.2.0.
             params.update(time_zone=time_zone, ignore_usage_limits=ignore_usage_limits)
+        if overdraft_limit is not None:
+            # Likewise: a call without it keeps the fingerprint of the release before.
+            params.update(overdraft_limit=overdraft_limit)
         call = self._call("txn", request_id, "SetAccountOptions", **params)
         keys = AccountKeys(tenant, account_id)
         record = await _applied(
-            self.store.set_options(keys, call, unlimited, time_zone, ignore_usage_limits)
+            self.store.set_options(
+                keys, call, unlimited, time_zone, ignore_usage_limits, overdraft_limit
+            )
         )
         self.limits.learn(tenant, account_id, record.time_zone)
-        return AccountOptions(record.unlimited, record.time_zone, record.exempt)
+        return AccountOptions(
+            record.unlimited, record.time_zone, record.exempt, record.overdraft_limit, record.debt
+        )
 
     # --- usage limits ------------------------------------------------------------------
     async def set_usage_limit(
@@ -811,6 +834,8 @@ class Metering:
             lots=account.lots,
             unlimited=account.unlimited,
             reserved=account.reserved,
+            debt=account.debt,
+            overdraft_limit=account.overdraft_limit,
         )
 
     async def get_usage(self, tenant: str, account_id: str) -> UsageView:
@@ -836,6 +861,8 @@ class Metering:
             refunded=int(fields.get("refunded", "0")),
             unlimited=unlimited,
             features=features,
+            debt=account.debt,
+            overdraft_limit=account.overdraft_limit,
         )
 
     # --- rates -------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from creditmeter.errors import (
 from creditmeter.storage.config_store import PackRow
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import Ledger, PurchaseRecord, StagedGrant
-from creditmeter.storage.redis_store import Call, RedisStore
+from creditmeter.storage.redis_store import Call, GrantRecord, RedisStore
 
 DAY_MS = 86_400_000
 DEFAULT_PENDING_TTL_MS = 30 * 60 * 1000
@@ -51,6 +51,8 @@ STATUSES = ("pending", "completed", "cancelled", "expired", "refunded")
 class PurchaseResult:
     purchase: PurchaseRecord
     balance: int
+    #: Credits of the purchase that repaid the account's debt first (the credit line).
+    debt_repaid: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,10 @@ class Purchases:
     def _lot_ids(self, pack: PackRow | PurchaseRecord, now_ms: int) -> tuple[str, ...]:
         return tuple(new_id("lot", now_ms) for _ in range(2 if pack.bonus_credits else 1))
 
-    async def _apply(self, p: PurchaseRecord, pack: PackRow, now_ms: int) -> int:
-        """Apply a completed purchase's grants to Redis (idempotently); the balance after."""
-        balance = 0
+    async def _apply(self, p: PurchaseRecord, pack: PackRow, now_ms: int) -> tuple[int, int]:
+        """Apply a completed purchase's grants to Redis (idempotently); the balance after
+        and the debt they repaid first."""
+        balance = repaid = 0
         for grant in self._grants(p, pack, now_ms):
             try:
                 staged = await self.ledger.stage_grant(grant)
@@ -156,7 +159,9 @@ class Purchases:
                 raise from_rejection(rejected) from None
             record = await apply_staged(self.store, self.ledger, staged, now_ms)
             balance = balances.after(record.holdings)
-        return balance
+            if isinstance(record, GrantRecord):
+                repaid += record.repaid
+        return balance, repaid
 
     async def _pack_for_sale(self, tenant: str, pack_id: str, v: Violations) -> PackRow:
         pack = await self.catalog.get(tenant, pack_id)
@@ -241,8 +246,8 @@ class Purchases:
             if stored.pack_id == pack.pack_id
             else await self.catalog.get(tenant, stored.pack_id)
         )
-        balance = await self._apply(stored, stored_pack, stored.complete_ms or now)
-        return PurchaseResult(stored, balance)
+        balance, repaid = await self._apply(stored, stored_pack, stored.complete_ms or now)
+        return PurchaseResult(stored, balance, repaid)
 
     # --- two-step purchases ---------------------------------------------------------
     async def create(
@@ -296,8 +301,8 @@ class Purchases:
                 f"purchase {purchase_id} is {after.status}",
                 {"purchase_id": purchase_id, "status": after.status},
             )
-        balance = await self._apply(after, pack, after.complete_ms or now)
-        return PurchaseResult(after, balance)
+        balance, repaid = await self._apply(after, pack, after.complete_ms or now)
+        return PurchaseResult(after, balance, repaid)
 
     async def cancel(self, tenant: str, purchase_id: str, request_id: str) -> PurchaseRecord:
         v = Violations()

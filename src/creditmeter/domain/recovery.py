@@ -24,10 +24,17 @@ from creditmeter.domain.limits import (
 from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.domain.metering import apply_staged
 from creditmeter.errors import CreditError, Rejected
+from creditmeter.storage import credit_line
 from creditmeter.storage import limits as limit_fields
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import CHARGE_KINDS, Event, Ledger
-from creditmeter.storage.limits import Counter, OwnLimit, limit_event, options_event
+from creditmeter.storage.ledger.base import CHARGE_KINDS, DEBT_SOURCE, Event, Ledger
+from creditmeter.storage.limits import (
+    Counter,
+    OwnLimit,
+    limit_event,
+    options_event,
+    options_overdraft,
+)
 from creditmeter.storage.recharge import (
     POLICY_KIND,
     OwnPolicy,
@@ -79,6 +86,13 @@ class AccountState:
     own_limits: dict[tuple[str, str], OwnLimit] = field(default_factory=dict)
     recent_since_ms: int | None = None
     charges: list[tuple[int, str, int, int]] = field(default_factory=list)
+    #: The credit line: the overdraft limit, the debt, and per lot the debt its grant
+    #: repaid and its amount (rp:<lot>, until a refund brings the debt back).
+    overdraft: int = 0
+    debt: int = 0
+    repaid: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Credits of lots that went to repay debt.
+    lot_repaid: int = 0
     #: The account's own recharge policy (None: the tenant's applies).
     recharge: OwnPolicy | None = None
 
@@ -103,6 +117,8 @@ class AccountState:
             if e.lot:
                 self.lots[e.lot].remaining -= e.amount
                 self.lot_used += e.amount
+            elif e.source == DEBT_SOURCE:
+                self.debt += e.amount
             if self.recent_since_ms is not None and e.ts_ms >= self.recent_since_ms:
                 self.charges.append((e.ts_ms, e.feature, e.units, e.amount))
         elif e.kind in _REMOVALS:
@@ -111,9 +127,19 @@ class AccountState:
             self.totals[_REMOVALS[e.kind]] += e.amount
             if e.kind == "expire" and _SUBSCRIPTION.fullmatch(lot.reference):
                 self.carry[lot.reference] = self.carry.get(lot.reference, 0) + e.amount
+        elif e.kind == "repay":
+            lot = self.lots[e.lot]
+            lot.remaining -= e.amount
+            self.lot_repaid += e.amount
+            self.debt -= e.amount
+            self.repaid[e.lot] = (e.amount, lot.amount)
+        elif e.kind == "debt":
+            self.debt += e.amount
+            self.repaid.pop(e.lot, None)
         elif e.kind == "options":
             self.unlimited = e.unlimited
             self.time_zone, self.exempt = options_event(e.reference)
+            self.overdraft = options_overdraft(e.reference)
         elif e.kind == "usage_limit":
             feature, period, own = limit_event(e.feature, e.amount, e.reference)
             if own is None:
@@ -165,6 +191,7 @@ class AccountState:
         if self.own_limits:
             fields[limit_fields.OWN_LIMITS_COUNT] = str(len(self.own_limits))
             fields.update(limit_fields.own_limit_field(own) for own in self.own_limits.values())
+        fields.update(credit_line.line_fields(self.overdraft, self.debt, self.repaid))
         if self.recharge is not None:
             fields.update([own_policy_field(self.recharge)])
         return fields
@@ -212,12 +239,16 @@ def compare(
     if ledger_lots != redis_lots:
         problems.append(f"lots: ledger {ledger_lots} != redis {redis_lots}")
     identity = state.totals["granted"] - state.lot_used - state.totals["expired"]
-    identity -= state.totals["removed"] + state.totals["refunded"]
+    identity -= state.totals["removed"] + state.totals["refunded"] + state.lot_repaid
     if identity != snap.int_field("balance"):
         problems.append(
-            f"balance: grants - consumption - expiry - resets - refunds = {identity}"
-            f" != redis {snap.int_field('balance')}"
+            f"balance: grants - consumption - expiry - resets - refunds - repayments"
+            f" = {identity} != redis {snap.int_field('balance')}"
         )
+    ledger_line = credit_line.line_fields(state.overdraft, state.debt, state.repaid)
+    redis_line = credit_line.of(snap.fields)
+    if ledger_line != redis_line:
+        problems.append(f"credit line: ledger {ledger_line} != redis {redis_line}")
     for name in TOTALS:
         if state.totals[name] != snap.int_field(name):
             problems.append(f"{name}: ledger {state.totals[name]} != redis {snap.int_field(name)}")

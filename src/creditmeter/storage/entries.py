@@ -8,7 +8,8 @@ the fields
     fp, reply   the request record (present when the call was idempotent): the request's
                 fingerprint and the encoded reply, the durable copy of the idempotency record
     c, s        a consume's encoded reply, which stands for its `consume` events (one per
-                lot it took from, see `_consume_events`), and the account's seq after them;
+                lot it took from, and one with no lot and source `debt` for the part that
+                became debt, see `_consume_events`), and the account's seq after them;
                 with `fp`, `c` is the request record's reply too (no `reply` field)
 
 Each event belongs to transaction `x` followed by its suffix ('' for the call's own
@@ -107,8 +108,9 @@ def ledger_records(fields: Mapping[str, str]) -> tuple[list[Event], RequestRecor
     unit_count = int(units)
     found = [
         Event(f"{txn}:{i + 1}", tenant, account, "consume", txn, seq + i, request_id, ts,
-              lot, int(taken), credit, feature, unit_count if i == 0 else 0)
-        for i, (lot, taken, credit) in enumerate(charges)
+              lot, int(taken), credit, feature, unit_count if i == 0 else 0, None, None,
+              source)
+        for i, (lot, taken, credit, source) in enumerate(charges)
     ]  # fmt: skip
     request = (
         RequestRecord(tenant, account, request_id, fields["fp"], consumed, txn, ts)
@@ -126,21 +128,32 @@ def header(fields: Mapping[str, str]) -> tuple[str, str, str]:
 
 
 #: The places in consume.lua's reply: txn, amount, units, feature, credit in lots after,
-#: reserved, unlimited, time, then lot, amount of each lot touched.
+#: reserved, unlimited, time, then lot, amount of each lot touched; in a reply "OK3" (an
+#: account in debt after the charge) debt incurred, debt after and the overdraft limit
+#: come before the lots.
 CONSUME_CHARGES_AT = 9
+CONSUME_WITH_DEBT = "OK3"
+#: The source of a charge event for the part of a charge that became debt (no lot).
+DEBT_SOURCE = "debt"
 
 
-def _charges(reply: list[str]) -> list[tuple[str, str, int]]:
-    """What a consume's reply says it took: (lot, credits, credit in lots after it) per
-    lot touched, in burn order; one ("", amount, -1) on an unlimited account."""
+def _charges(reply: list[str]) -> list[tuple[str, str, int, str]]:
+    """What a consume's reply says it took: (lot, credits, credit in lots after it, "")
+    per lot touched, in burn order, then ("", credits, credit in lots, "debt") for what
+    became debt; one ("", amount, -1, "") on an unlimited account."""
     amount, balance, unlimited = reply[2], reply[5], reply[7]
     if unlimited == "1":
-        return [("", amount, -1)]
-    charges = reply[CONSUME_CHARGES_AT:]
+        return [("", amount, -1, "")]
+    at, owed = CONSUME_CHARGES_AT, "0"
+    if reply[0] == CONSUME_WITH_DEBT:
+        owed, at = reply[at], at + 3
+    charges = reply[at:]
     left = int(balance)
-    taken_after: list[tuple[str, str, int]] = []
+    taken_after: list[tuple[str, str, int, str]] = []
+    if owed != "0":
+        taken_after.append(("", owed, left, DEBT_SOURCE))
     for lot, taken in reversed(list(zip(charges[::2], charges[1::2], strict=True))):
-        taken_after.append((lot, taken, left))
+        taken_after.append((lot, taken, left, ""))
         left += int(taken)
     taken_after.reverse()
     return taken_after
@@ -155,7 +168,8 @@ def _consume_events(
     charges = _charges(reply)
     first_seq = last_seq - len(charges) + 1
     out = []
-    for i, (lot, taken, credit) in enumerate(charges):
+    debt = reply[CONSUME_CHARGES_AT + 1] if reply[0] == CONSUME_WITH_DEBT else None
+    for i, (lot, taken, credit, source) in enumerate(charges):
         event = {
             "event_id": f"{txn}:{i + 1}", "txn": txn, "kind": "consume",
             "seq": str(first_seq + i),
@@ -165,5 +179,11 @@ def _consume_events(
             lot=lot, amount=taken, feature=feature, units=units if i == 0 else "0",
             balance=str(credit), reserved=reserved,
         )  # fmt: skip
+        if source:
+            event["source"] = source
+        if debt is not None:
+            # The debt after the event (balance watchers): the last event's is the reply's.
+            event["debt"] = debt if i == len(charges) - 1 else str(int(debt) - int(reply[9]))
+            event["od"] = reply[CONSUME_CHARGES_AT + 2]
         out.append(event)
     return out

@@ -173,3 +173,11 @@ def options_event(reference: str) -> tuple[str, bool]:
         return "", False
     found = json.loads(reference)
     return str(found.get("tz", "")), found.get("nolimits") == "1"
+
+
+def options_overdraft(reference: str) -> int:
+    """An `options` event's overdraft limit (absent before the credit line, and on an
+    account without one: 0)."""
+    if not reference:
+        return 0
+    return int(json.loads(reference).get("overdraft", "0"))

@@ -101,7 +101,8 @@ class Holdings:
     storage's: these are only the facts it is computed from.
     """
 
-    #: Credit in the account's lots, reservations included (acct.balance).
+    #: Credit in the account's lots, reservations included (acct.balance), less its
+    #: debt (the credit line's, acct.debt): negative while the debt is larger.
     balance: int
     #: Credit held by open call sessions (acct.reserved).
     reserved: int
@@ -118,6 +119,13 @@ def _holdings(values: Sequence[str]) -> Holdings:
 class GrantRecord:
     lot: LotRecord
     holdings: Holdings
+    #: Credits of the grant that repaid debt first (the credit line); 0 in replies of
+    #: releases before it.
+    repaid: int = 0
+
+
+def _repaid(values: Sequence[str], at: int) -> int:
+    return int(values[at]) if len(values) > at else 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,8 @@ class ConsumeRecord:
     holdings: Holdings
     time_ms: int
     charges: list[tuple[str, int]]
+    #: Credits of the charge that became debt (past the lots, on the credit line).
+    debt_incurred: int = 0
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,10 @@ class OptionsRecord:
     time_zone: str
     #: Exempt from usage limits.
     exempt: bool
+    #: The credit line: how far past its lots the account may be charged (0: none).
+    overdraft_limit: int = 0
+    #: Its debt now.
+    debt: int = 0
 
 
 @dataclass(frozen=True)
@@ -255,18 +269,34 @@ def _lot_from_reply(values: Sequence[str]) -> LotRecord:
     )
 
 
-def _consume_record(values: Sequence[str]) -> ConsumeRecord:
+#: The status of consume's replies on an account with a credit line (debt incurred, debt
+#: after it and the overdraft limit follow the time).
+CONSUME_WITH_DEBT = "OK3"
+
+
+def _consume_record(reply: list[str] | str) -> ConsumeRecord:
+    """consume.lua's reply (raises Rejected for a refusal)."""
+    if isinstance(reply, str):
+        reply = cast(list[str], json.loads(reply))
+    with_debt = reply[0] == CONSUME_WITH_DEBT
+    values = _checked(reply, "consume")
     txn, charged, units_s, feature_s = values[:4]
     time_ms, *parts = values[7:]
+    incurred, debt = 0, 0
+    if with_debt:
+        incurred, debt = int(parts[0]), int(parts[1])
+        parts = parts[3:]  # and the overdraft limit, for balance watchers
     charges = [(lot, int(amt)) for lot, amt in zip(parts[::2], parts[1::2], strict=True)]
+    balance, reserved, unlimited = values[4:7]
     return ConsumeRecord(
         txn=txn,
         amount=int(charged),
         units=int(units_s),
         feature=feature_s,
-        holdings=_holdings(values[4:7]),
+        holdings=Holdings(int(balance) - debt, int(reserved), unlimited == "1"),
         time_ms=int(time_ms),
         charges=charges,
+        debt_incurred=incurred,
     )
 
 
@@ -501,7 +531,10 @@ class RedisStore:
 
     async def grant(self, keys: AccountKeys, call: Call, lot: NewLot) -> GrantRecord:
         values = await self._run("grant", keys, call, _lot_args(lot))
-        return GrantRecord(lot=_lot_from_reply(values), holdings=_holdings(values[7:10]))
+        return GrantRecord(
+            lot=_lot_from_reply(values), holdings=_holdings(values[7:10]),
+            repaid=_repaid(values, 10),
+        )  # fmt: skip
 
     async def consume(
         self,
@@ -561,7 +594,7 @@ class RedisStore:
                     outcomes[i] = item
                     continue
                 try:
-                    outcomes[i] = _consume_record(_checked(item, "consume"))
+                    outcomes[i] = _consume_record(item)
                 except Rejected as rejected:
                     outcomes[i] = rejected
         return outcomes
@@ -616,17 +649,26 @@ class RedisStore:
         unlimited: bool | None,
         time_zone: str | None = None,
         exempt: bool | None = None,
+        overdraft_limit: int | None = None,
     ) -> OptionsRecord:
-        """Change the options given (None leaves one as it is; time zone '' is UTC)."""
+        """Change the options given (None leaves one as it is; time zone '' is UTC,
+        overdraft limit 0 none)."""
 
         def flag(value: bool | None) -> str:
             return "" if value is None else ("1" if value else "0")
 
         zone = "-" if time_zone is None else time_zone
-        values = await self._run("set_options", keys, call, [flag(unlimited), zone, flag(exempt)])
+        overdraft = "" if overdraft_limit is None else str(overdraft_limit)
+        values = await self._run(
+            "set_options", keys, call, [flag(unlimited), zone, flag(exempt), overdraft]
+        )
         if len(values) < 3:  # a record of 0.2.0 replayed: only the unlimited flag
             return OptionsRecord(values[0] == "1", "", False)
-        return OptionsRecord(values[0] == "1", values[1], values[2] == "1")
+        if len(values) < 5:  # a record from before the credit line
+            return OptionsRecord(values[0] == "1", values[1], values[2] == "1")
+        return OptionsRecord(
+            values[0] == "1", values[1], values[2] == "1", int(values[3]), int(values[4])
+        )
 
     async def set_limit(
         self,
@@ -659,7 +701,10 @@ class RedisStore:
         values = await self._run(
             "renew", keys, call, [*_lot_args(lot), str(cap), rollover.lot_id, rollover.burn_key]
         )
-        return GrantRecord(lot=_lot_from_reply(values), holdings=_holdings(values[7:10]))
+        return GrantRecord(
+            lot=_lot_from_reply(values), holdings=_holdings(values[7:10]),
+            repaid=_repaid(values, 11),  # after the carried credits
+        )  # fmt: skip
 
     async def refund(
         self, keys: AccountKeys, call: Call, reason: str, lot_ids: Sequence[str]

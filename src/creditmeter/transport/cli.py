@@ -290,7 +290,10 @@ def cmd_balance(args: argparse.Namespace) -> int:
     resp = _client(args).get_balance(args.account)
     label = "unlimited" if resp.unlimited else str(resp.balance)
     held = f" ({resp.reserved} reserved by call sessions)" if resp.reserved else ""
-    console.print(f"{args.account}: balance {label}{held}")
+    line = ""
+    if resp.overdraft_limit or resp.debt:
+        line = f", debt {resp.debt} of an overdraft limit of {resp.overdraft_limit}"
+    console.print(f"{args.account}: balance {label}{held}{line}")
     if resp.lots:
         console.print(_lots_table(resp.lots))
     return 0
@@ -346,11 +349,12 @@ def cmd_account_options(args: argparse.Namespace) -> int:
     resp = _client(args).set_account_options(
         args.account, unlimited=args.unlimited, time_zone=args.time_zone,
         ignore_usage_limits=args.ignore_usage_limits, request_id=args.request_id,
+        overdraft_limit=args.overdraft_limit,
     )  # fmt: skip
     o = resp.options
     console.print(
         f"{args.account}: unlimited={o.unlimited} time_zone={o.time_zone or 'UTC'} "
-        f"ignore_usage_limits={o.ignore_usage_limits}"
+        f"ignore_usage_limits={o.ignore_usage_limits} overdraft_limit={o.overdraft_limit}"
     )
     return 0
 
@@ -454,16 +458,24 @@ def cmd_history(args: argparse.Namespace) -> int:
         args.account, page_size=args.limit, page_token=args.page_token, kinds=args.kind,
         features=args.feature,
     )  # fmt: skip
-    table = Table("time", "kind", "amount", "balance", "feature", "units", "lots", "transaction")
+    table = Table(
+        "time", "kind", "amount", "balance", "debt", "feature", "units", "lots", "transaction"
+    )
     for t in resp.transactions:
         kind = pb.TransactionKind.Name(t.kind).removeprefix("TRANSACTION_KIND_").lower()
         sign = "+" if t.kind == pb.TRANSACTION_KIND_GRANT else "-"
         lots = ", ".join(f"{c.lot_id}:{c.amount}" for c in t.lots)
+        # The credit line: debt the transaction added (+) or a grant repaid (-).
+        debt = " ".join(
+            [f"+{t.debt_incurred}"] * bool(t.debt_incurred)
+            + [f"-{t.debt_repaid}"] * bool(t.debt_repaid)
+        )
         table.add_row(
             _time(t.create_time),
             kind,
             f"{sign}{t.amount}",
             str(t.balance),
+            debt,
             t.feature,
             str(t.units) if t.units else "",
             lots,
@@ -1285,6 +1297,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--unlimited", dest="unlimited", action="store_true", default=None)
     group.add_argument("--limited", dest="unlimited", action="store_false")
+    p.add_argument(
+        "--overdraft-limit", type=int, default=None, metavar="CREDITS",
+        help="credit line: how far past its lots the account may be charged (0 removes it)",
+    )  # fmt: skip
     p.add_argument("--time-zone", help="IANA zone of its usage limits' periods ('' for UTC)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--ignore-usage-limits", dest="ignore_usage_limits",

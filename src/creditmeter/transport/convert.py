@@ -167,6 +167,8 @@ def transaction_pb(t: Transaction) -> pb.Transaction:
         amount=t.amount,
         balance=-1 if t.balance is None else t.balance,
         lots=[pb.LotCharge(lot_id=lot, amount=amount) for lot, amount in t.lines],
+        debt_incurred=t.debt_incurred,
+        debt_repaid=t.debt_repaid,
         pack_id=recharge_pack(t.kind, t.reference),
     )
 
@@ -207,6 +209,7 @@ _ALERT_KINDS = {
     AlertKind.LOW: pb.BALANCE_ALERT_KIND_LOW,
     AlertKind.DEPLETED: pb.BALANCE_ALERT_KIND_DEPLETED,
     AlertKind.TOPPED_UP: pb.BALANCE_ALERT_KIND_TOPPED_UP,
+    AlertKind.OVERDRAFT_LIMIT_REACHED: pb.BALANCE_ALERT_KIND_OVERDRAFT_LIMIT_REACHED,
     AlertKind.RECHARGE_DUE: pb.BALANCE_ALERT_KIND_RECHARGE_DUE,
 }
 

@@ -301,6 +301,8 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             lots=[convert.lot_pb(lot) for lot in view.lots],
             unlimited=view.unlimited,
             reserved=view.reserved,
+            debt=view.debt,
+            overdraft_limit=view.overdraft_limit,
         )
 
     async def SetBalance(
@@ -334,6 +336,8 @@ class CreditsServicer(pb_grpc.CreditsServicer):
                 for f in view.features
             ],
             limits=[convert.limit_status_pb(s) for s in view.limits],
+            debt=view.debt,
+            overdraft_limit=view.overdraft_limit,
         )
 
     async def SetRate(self, request: pb.SetRateRequest, context: Context) -> pb.SetRateResponse:
@@ -377,12 +381,16 @@ class CreditsServicer(pb_grpc.CreditsServicer):
             ignore_usage_limits=(
                 request.ignore_usage_limits if request.HasField("ignore_usage_limits") else None
             ),
+            overdraft_limit=(
+                request.overdraft_limit if request.HasField("overdraft_limit") else None
+            ),
         )
         return pb.SetAccountOptionsResponse(
             options=pb.AccountOptions(
                 unlimited=options.unlimited,
                 time_zone=options.time_zone,
                 ignore_usage_limits=options.ignore_usage_limits,
+                overdraft_limit=options.overdraft_limit,
             )
         )
 

@@ -181,8 +181,9 @@ class PacksServicer(pb_grpc.PacksServicer):
             request.request_id,
         )  # fmt: skip
         return pb.PurchasePackResponse(
-            purchase=purchase_pb(result.purchase), balance=result.balance
-        )
+            purchase=purchase_pb(result.purchase), balance=result.balance,
+            debt_repaid=result.debt_repaid,
+        )  # fmt: skip
 
     async def CreatePurchase(
         self, request: pb.CreatePurchaseRequest, context: Context
@@ -199,8 +200,9 @@ class PacksServicer(pb_grpc.PacksServicer):
             principal().tenant, request.purchase_id, request.payment_reference, request.request_id
         )
         return pb.CompletePurchaseResponse(
-            purchase=purchase_pb(result.purchase), balance=result.balance
-        )
+            purchase=purchase_pb(result.purchase), balance=result.balance,
+            debt_repaid=result.debt_repaid,
+        )  # fmt: skip
 
     async def CancelPurchase(
         self, request: pb.CancelPurchaseRequest, context: Context

@@ -26,10 +26,19 @@ from typing import Any, NamedTuple
 from creditmeter.errors import BackendUnavailable
 
 #: Event kinds that change a balance or options (`request` events go to the requests table).
+#: The credit line adds `repay` (debt a grant repaid out of its lot, in the grant's
+#: transaction) and `debt` (debt a refund brought back, in the refund's); the part of a
+#: charge that became debt is a charge event with no lot and source DEBT_SOURCE.
 EVENT_KINDS = (
     "grant", "consume", "session", "expire", "reset", "refund", "options", "usage_limit",
+    "repay", "debt",
     "recharge_policy", "recharge_due",
 )  # fmt: skip
+#: The source of the charge event that records the part of a charge past the lots.
+DEBT_SOURCE = "debt"
+#: Kinds that only ever follow another kind's event in a transaction, and that a history
+#: filter on that kind includes (the transaction's own events, not others').
+COMPANION_KINDS = {"grant": ("repay",), "refund": ("debt",)}
 #: Kinds that charge for usage: Consume, and the steps of call sessions.
 CHARGE_KINDS = ("consume", "session")
 #: Outbox entries that are not ledger events: a call session's hold on credit taken or let
@@ -232,6 +241,11 @@ class Transaction:
     amount: int
     balance: int | None
     lines: list[tuple[str, int]] = field(default_factory=list)
+    #: Credits of it that became debt (a charge past the lots, or a refund bringing back
+    #: debt a purchase had repaid).
+    debt_incurred: int = 0
+    #: Credits of a grant that repaid debt first (not spendable: `amount` includes them).
+    debt_repaid: int = 0
     #: The first event's reference (a recharge's pack: "set:<pack>" for a policy).
     reference: str = ""
 
@@ -354,6 +368,12 @@ def group_transactions(events: Sequence[Event]) -> list[Transaction]:
     result = []
     for txn, rows in by_txn.items():
         first = rows[0]
+        # The credit line's events: not credits moved in or out of the lots by the
+        # transaction's own kind, but what of it went to or came from the debt.
+        repaid = sum(r.amount for r in rows if r.kind == "repay")
+        restored = sum(r.amount for r in rows if r.kind == "debt")
+        charged = sum(r.amount for r in rows if r.source == DEBT_SOURCE and not r.lot)
+        moved = [r for r in rows if r.kind not in ("repay", "debt")] or rows
         result.append(
             Transaction(
                 txn=txn,
@@ -365,9 +385,11 @@ def group_transactions(events: Sequence[Event]) -> list[Transaction]:
                 request_id=first.request_id,
                 feature=first.feature,
                 units=sum(r.units for r in rows),
-                amount=sum(r.amount for r in rows),
+                amount=sum(r.amount for r in moved),
                 balance=rows[-1].balance,
-                lines=[(r.lot, r.amount) for r in rows if r.lot],
+                lines=[(r.lot, r.amount) for r in moved if r.lot],
+                debt_incurred=charged + restored,
+                debt_repaid=repaid,
                 reference=first.reference,
             )
         )
@@ -479,8 +501,11 @@ def txn_filters(query: TxnQuery, placeholder: Callable[[], str]) -> tuple[str, l
     sql: list[str] = []
     params: list[Any] = []
     if query.kinds:
-        sql.append(f"kind IN ({', '.join(placeholder() for _ in query.kinds)})")
-        params.extend(query.kinds)
+        kinds = list(dict.fromkeys(
+            k for kind in query.kinds for k in (kind, *COMPANION_KINDS.get(kind, ()))
+        ))  # fmt: skip
+        sql.append(f"kind IN ({', '.join(placeholder() for _ in kinds)})")
+        params.extend(kinds)
     if query.features:
         sql.append(f"feature IN ({', '.join(placeholder() for _ in query.features)})")
         params.extend(query.features)

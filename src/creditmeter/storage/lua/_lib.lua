@@ -15,6 +15,8 @@
 --                    .burn_key, the lot id its last field) sorts lots in burn-down order,
 --     next_expiry    the soonest expiry of any lot (ms), absent when none expires: a
 --                    script sweeps only when it has come.
+--     od, debt, rp:<lot>  the credit line (see "credit line" below); absent on an
+--                    account without one.
 --   KEYS[2] idem    STRING  "<fingerprint>\n<cjson reply>" for this request id, with a TTL
 --   KEYS[3] outbox  STREAM  the bucket's event outbox drained into the ledger
 --   KEYS[4] due     ZSET  the bucket's expiry index: "<tenant>:<account>" scored by next expiry
@@ -24,9 +26,9 @@
 --   ARGV[5] tenant   ARGV[6] account   ARGV[7] request id
 -- Replies are arrays of strings, {'OK', ...} or {'ERR', reason, key, value, ...}, or such an
 -- array JSON-encoded (a replayed reply, as stored; every reply of consume). A reply
--- that reports a balance carries the account's raw figures, `holdings` (credit in lots,
--- reserved, unlimited): what of it is spendable is said in one place, the domain
--- (creditmeter.domain.balances), not here.
+-- that reports a balance carries the account's raw figures, `holdings` (credit in lots
+-- less the credit line's debt, reserved, unlimited): what of it is spendable is said in
+-- one place, the domain (creditmeter.domain.balances), not here.
 --
 -- Events: a call writes one outbox entry (flush_events; the format is in
 -- creditmeter.storage.entries). Each event has an id "<txn>:<n>" (n counts within its
@@ -71,7 +73,9 @@ local consumed, consumed_seq
 -- The account's balance and reserved fields when the call loaded it (strings or nil),
 -- and the tenant's default recharge policy for the call ('' or nil: none; see
 -- recharge_watch).
-local start_balance, start_reserved, RECHARGE
+local start_balance, start_reserved, start_debt, RECHARGE
+-- Debt the call's money-in repaid (repay), for the replies of grants.
+local repaid_now
 
 local function begin(keys, args)
   KEYS, ARGV = keys, args
@@ -82,6 +86,7 @@ local function begin(keys, args)
   account, changed, deleted, numbers = nil, {}, {}, {}
   events, request_fp, request_reply, consumed, consumed_seq = {}, nil, nil, nil, nil
   RECHARGE = nil
+  repaid_now = 0
 end
 
 local function fmt(n)
@@ -95,7 +100,7 @@ local function acct()
     for i = 1, #flat, 2 do
       account[flat[i]] = flat[i + 1]
     end
-    start_balance, start_reserved = account.balance, account.reserved
+    start_balance, start_reserved, start_debt = account.balance, account.reserved, account.debt
   end
   return account
 end
@@ -173,21 +178,43 @@ end
 -- they take no seq of their own.
 local NO_SEQ_KINDS = {hold = true, release = true}
 
--- The figures every credit-moving event carries, for `balance` credits in lots after it.
+-- ---- credit line (overdraft; creditmeter.domain.balances) ---------------------------
+-- An account with an overdraft limit may be charged past its lots, down to -limit:
+--   od          the overdraft limit (credits; absent: none), set by set_options.lua
+--   debt        credits charged beyond the lots, not yet repaid (absent: none)
+--   rp:<lot>    "<repaid> <granted>": debt the lot's grant repaid first, and the lot's
+--               amount (a refund of the lot brings that debt back, see refund.lua)
+-- A charge takes the lots first (every lot, held credit too: an open session's hold is
+-- then collected into debt) and only the rest becomes debt. Every money-in (add_lot)
+-- repays the debt first, out of its new lot. Accounts without a credit line have none of
+-- these fields and pay two table lookups per charge for it.
+
+-- Whether the account has a credit line or a debt (its fields need reading).
+local function has_credit_line()
+  local a = acct()
+  return a.od ~= nil or a.debt ~= nil
+end
+
+-- The figures every credit-moving event carries, for `balance` credits in lots after it
+-- (and the debt and overdraft limit, on an account with a credit line).
 local function balance_fields(balance)
-  return {
+  local f = {
     'balance', acct_unlimited() and '-1' or fmt(balance),
     'reserved', fmt(acct_int('reserved')),
   }
+  if has_credit_line() then
+    f[5], f[6], f[7], f[8] = 'debt', fmt(acct_int('debt')), 'od', fmt(acct_int('od'))
+  end
+  return f
 end
 
--- Append the account's raw figures to a reply: credit in lots (reservations included),
--- credit held by open sessions, unlimited ('1' or '0').
+-- Append the account's raw figures to a reply: credit in lots (reservations included)
+-- less the debt, credit held by open sessions, unlimited ('1' or '0').
 local function add_holdings(reply)
   -- 'OK2': replies of this format. Records of 0.1.0 (status 'OK', one balance where these
   -- three figures are) are replayed for a day after an upgrade; storage reads both.
   reply[1] = 'OK2'
-  reply[#reply + 1] = fmt(acct_int('balance'))
+  reply[#reply + 1] = fmt(acct_int('balance') - acct_int('debt'))
   reply[#reply + 1] = fmt(acct_int('reserved'))
   reply[#reply + 1] = acct_unlimited() and '1' or '0'
   return reply
@@ -429,6 +456,32 @@ local function update_due()
   end
 end
 
+-- Debt money-in repays first: take it out of the lot just added (id, burn key, amount),
+-- recording a `repay` event and the lot's repayment (rp:<lot>). Returns the balance.
+local function repay(lot_id, burn_key, amount)
+  local owed = acct_int('debt')
+  local balance = acct_int('balance')
+  if owed <= 0 then
+    return balance
+  end
+  local r = math.min(owed, amount)
+  if r == owed then
+    acct_del('debt')
+  else
+    acct_incr('debt', -r)
+  end
+  if r == amount then
+    drop_lot(lot_id, burn_key)
+  else
+    acct_incr('q:' .. burn_key, -r)
+  end
+  balance = acct_incr('balance', -r)
+  repaid_now = repaid_now + r
+  acct_set('rp:' .. lot_id, fmt(r) .. ' ' .. fmt(amount))
+  emit(TXN, 'repay', {'lot', lot_id, 'amount', fmt(r)}, balance_fields(balance))
+  return balance
+end
+
 -- Add a lot. `lot` holds strings: id, amount, priority, expires_at ('0' = never),
 -- source, reference, burn_key. Returns the balance afterwards.
 local function add_lot(lot)
@@ -450,6 +503,9 @@ local function add_lot(lot)
     'lot', lot.id, 'amount', lot.amount, 'priority', lot.priority,
     'expires_at', lot.expires_at, 'source', lot.source, 'reference', lot.reference,
   }, balance_fields(balance))
+  if acct_get('debt') ~= nil then
+    balance = repay(lot.id, lot.burn_key, amount)
+  end
   return balance
 end
 
@@ -475,11 +531,50 @@ local function lot_from_argv(first)
   }
 end
 
--- Credit a charge or a new hold may take: the balance less what open call sessions hold.
--- The rule of creditmeter.domain.balances.spendable, enforced here because the check must
--- be atomic with the change; replies report the raw figures (add_holdings), not this.
+-- Credit a charge or a new hold may take: the balance less what open call sessions hold,
+-- less the debt, plus the overdraft limit. The rule of creditmeter.domain.balances
+-- .spendable, enforced here because the check must be atomic with the change; replies
+-- report the raw figures (add_holdings), not this.
 local function available()
-  return acct_int('balance') - acct_int('reserved')
+  local a = acct_int('balance') - acct_int('reserved')
+  if account.od ~= nil or account.debt ~= nil then -- has_credit_line(), inlined: hot
+    a = a - acct_int('debt') + acct_int('od')
+  end
+  return a
+end
+
+-- What a refusal reports as the balance: spendable credit without the credit line.
+local function spendable_now(expired)
+  local a = acct_int('balance') - acct_int('reserved') - expired
+  if has_credit_line() then
+    a = a - acct_int('debt')
+  end
+  return math.max(a, 0)
+end
+
+-- The refusal of a charge of `required` credits (a string) the account cannot take: its
+-- spendable balance (`expired` credit not swept yet left out), and on an account with a
+-- credit line its debt and overdraft limit.
+local function insufficient(expired, required)
+  if has_credit_line() then
+    return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(spendable_now(expired)),
+            'required', required, 'debt', fmt(acct_int('debt')),
+            'overdraft_limit', fmt(acct_int('od'))}
+  end
+  return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(spendable_now(expired)),
+          'required', required}
+end
+
+-- What a charge the lots do not touch took from them (shared, never written).
+local NO_CHARGES = {}
+
+-- Split a charge of `amount` credits into what the lots pay and what becomes debt.
+local function split_charge(amount)
+  local balance = acct_int('balance')
+  if amount <= balance or not has_credit_line() then
+    return amount, 0
+  end
+  return balance, amount - balance
 end
 
 -- Credit in lots whose expiry has come (at or before now) that no sweep has removed yet:
@@ -508,8 +603,7 @@ end
 local function charge_refusal(amount, amount_s, expired)
   local spendable = available() - expired
   if not acct_unlimited() and spendable < amount then
-    return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(spendable, 0)),
-            'required', amount_s}
+    return insufficient(expired, amount_s)
   end
   if acct_int('used') + amount > MAX_CREDITS then
     return {'ERR', 'BALANCE_LIMIT_EXCEEDED', 'balance', fmt(spendable), 'amount', amount_s}
@@ -565,7 +659,11 @@ local LOTS_DISAGREE = 'creditmeter: lots do not cover the recorded balance'
 -- transaction once. Returns the flat list lot1, amount1, ... (or an error reply).
 local function burn(amount, kind, feature, units, reference)
   local balance = acct_int('balance')
-  local charges = take(amount)
+  local from_lots, owed = split_charge(amount)
+  local charges = NO_CHARGES
+  if from_lots > 0 then
+    charges = take(from_lots)
+  end
   if charges == nil then
     return redis.error_reply(LOTS_DISAGREE)
   end
@@ -575,6 +673,19 @@ local function burn(amount, kind, feature, units, reference)
     local fields = {
       'lot', charges[i], 'amount', charges[i + 1], 'feature', feature,
       'units', i == 1 and units or '0',
+    }
+    if reference ~= '' then
+      fields[#fields + 1] = 'reference'
+      fields[#fields + 1] = reference
+    end
+    emit(TXN, kind, fields, balance_fields(balance))
+  end
+  if owed > 0 then
+    -- The part past the lots: debt, one event with no lot (source 'debt').
+    acct_incr('debt', owed)
+    local fields = {
+      'lot', '', 'amount', fmt(owed), 'feature', feature,
+      'units', #charges == 0 and units or '0', 'source', 'debt',
     }
     if reference ~= '' then
       fields[#fields + 1] = 'reference'
@@ -732,7 +843,8 @@ local function recharge_watch()
   if consumed ~= nil then
     consumed_seq = account.seq
   end
-  if account == nil or not (changed.balance or changed.reserved) then
+  if account == nil or not (changed.balance or changed.reserved or changed.debt
+                            or deleted.debt) then
     return
   end
   local policy = account.R or RECHARGE
@@ -741,8 +853,14 @@ local function recharge_watch()
   end
   local threshold, pack = string.match(policy, '^(%d+):(.*)$')
   threshold = tonumber(threshold)
+  -- Spendable: the credit line does not count (the debt does, see _lib's credit line).
   local before = tonumber(start_balance or '0') - tonumber(start_reserved or '0')
-  if before >= threshold and available() < threshold then
+  local after = acct_int('balance') - acct_int('reserved')
+  if start_debt ~= nil or account.debt ~= nil then
+    before = before - tonumber(start_debt or '0')
+    after = after - acct_int('debt')
+  end
+  if before >= threshold and after < threshold then
     emit(TXN .. 'd', 'recharge_due', {'amount', fmt(threshold), 'reference', pack,
                                       'before', fmt(before)},
          balance_fields(acct_int('balance')))

@@ -6,7 +6,8 @@
 -- ARGV[8i - 7 .. 8i]: charge i's now (ms since epoch), amount (credits, > 0), feature,
 --   units, and limit args (rules, zone, windows: see usage limits in _lib.lua; then the
 --   recharge policy, which a check does not use)
--- returns one reply per charge: {'OK2', credit in live lots, reserved, unlimited ('1'/'0')},
+-- returns one reply per charge: {'OK2', credit in live lots less the debt, reserved,
+-- unlimited ('1'/'0')},
 -- followed, when consume would refuse the charge, by its refusal: reason, key, value, ...
 -- (USAGE_LIMIT_EXCEEDED, INSUFFICIENT_CREDITS or BALANCE_LIMIT_EXCEEDED, with consume's
 -- metadata; or TIME_ZONE when the limit args assumed another zone).
@@ -19,7 +20,7 @@ local function check(keys, args)
     local amount_s = args[o + 2]
     local expired = expired_unswept()
     local reply = {
-      'OK2', fmt(acct_int('balance') - expired), fmt(acct_int('reserved')),
+      'OK2', fmt(acct_int('balance') - expired - acct_int('debt')), fmt(acct_int('reserved')),
       acct_unlimited() and '1' or '0',
     }
     local limits, refusal = limit_state(args[o + 3], args[o + 5], args[o + 6], args[o + 7])

@@ -1,6 +1,9 @@
 -- Refund: remove whatever is left of the given lots (a refunded purchase, a voided grant),
 -- one `refund` event per lot with credit left. Lots no longer on the account (spent out,
 -- expired, refunded before) are reported with -1 and change nothing.
+-- A lot whose grant repaid debt (rp:<lot>, see the credit line in _lib.lua) brings that
+-- debt back: one `debt` event (amount = the debt restored, whatever the limit), and the
+-- lot's removed credits count that debt too (the refund took back both).
 -- KEYS and ARGV[1..7]: see _lib.lua.
 -- ARGV[8] reason (kept on the events)   ARGV[9..] lot ids
 -- returns {'OK', credit in lots after, reserved, unlimited ('1'/'0'), credits removed,
@@ -22,6 +25,20 @@ for i = 9, #ARGV do
     granted = tonumber(meta.amount)
     removed = remove_lot(lot, TXN, 'refund', 'refunded', ARGV[8])
     total = total + removed
+  end
+  local repaid = acct_get('rp:' .. lot)
+  if repaid then
+    local r, amount = string.match(repaid, '^(%d+) (%d+)$')
+    acct_del('rp:' .. lot)
+    acct_incr('debt', tonumber(r))
+    emit(TXN, 'debt', {'lot', lot, 'amount', r, 'reference', ARGV[8]},
+         balance_fields(acct_int('balance')))
+    if not meta then
+      removed, granted = 0, tonumber(amount)
+    end
+    -- Taken back from the account as much as the credit removed.
+    removed = removed + tonumber(r)
+    total = total + tonumber(r)
   end
   parts[#parts + 1] = lot
   parts[#parts + 1] = fmt(removed)

@@ -5,7 +5,7 @@
 -- ARGV[8..14] the period's lot as in grant.lua ARGV[8..14]
 -- ARGV[15] rollover cap (credits)   ARGV[16] rollover lot id   ARGV[17] its burn key
 -- returns {'OK', lot id, amount, priority, expires_at, source, reference, created,
---          credit in lots, reserved, unlimited ('1'/'0'), carried}
+--          credit in lots, reserved, unlimited ('1'/'0'), carried, debt repaid first}
 --      or {'ERR', 'IDEMPOTENCY_KEY_REUSED' | 'BALANCE_LIMIT_EXCEEDED', ...}
 local replay = idem_lookup()
 if replay then
@@ -33,5 +33,6 @@ for _, v in ipairs(lot_reply(lot)) do
 end
 add_holdings(reply)
 reply[#reply + 1] = fmt(carried)
+reply[#reply + 1] = fmt(repaid_now)
 idem_store(reply)
 return reply

@@ -45,6 +45,9 @@
 -- go, so concurrent sessions and charges never pass a limit together; final is set when
 -- a limit (or the balance) cut the quota short. What a call used past its quota is
 -- still charged and counted (it happened).
+--
+-- Credit line (_lib.lua): a quota may hold down to the overdraft limit (available()
+-- counts it), and a charge past the lots becomes debt, as Consume's does.
 local step = ARGV[8]
 local sid = ARGV[9]
 RECHARGE = ARGV[13]
@@ -137,7 +140,7 @@ if step == 'start' then
     units = math.min(units, room)
   end
   if units == 0 then
-    return {'ERR', 'INSUFFICIENT_CREDITS', 'balance', fmt(math.max(available(), 0)), 'required', fmt(rate)}
+    return insufficient(0, fmt(rate))
   end
   local hold = unlimited and 0 or units * rate
   reserve(hold)

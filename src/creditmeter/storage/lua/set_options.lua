@@ -4,7 +4,9 @@
 -- ARGV[9] time zone of the usage limits' periods (an IANA name, '' for UTC), or '-' to
 --         leave it unchanged
 -- ARGV[10] exempt from usage limits: '1', '0', or '' to leave it unchanged
--- returns {'OK', unlimited ('1' or '0'), time zone ('' = UTC), exempt ('1' or '0')}
+-- ARGV[11] overdraft limit (credits, '0' for none), or '' to leave it unchanged
+-- returns {'OK', unlimited ('1' or '0'), time zone ('' = UTC), exempt ('1' or '0'),
+--          overdraft limit, debt}
 --      or {'ERR', 'IDEMPOTENCY_KEY_REUSED', ...}
 local replay = idem_lookup()
 if replay then
@@ -25,12 +27,22 @@ if ARGV[10] == '1' then
 elseif ARGV[10] == '0' then
   acct_del('nolimits')
 end
+if ARGV[11] == '0' then
+  acct_del('od')
+elseif ARGV[11] ~= nil and ARGV[11] ~= '' then
+  acct_set('od', ARGV[11])
+end
 local unlimited = acct_get('unlimited')
 local tz = acct_get('tz') or ''
 local exempt = acct_get('nolimits') or '0'
--- The limits' options ride in the event's reference, as JSON (ledger.base.limit_options).
-emit(TXN, 'options', {'unlimited', unlimited,
-                      'reference', cjson.encode({tz = tz, nolimits = exempt})})
-local reply = {'OK', unlimited, tz, exempt}
+local od = acct_get('od')
+-- The other options ride in the event's reference, as JSON (storage.limits
+-- .options_event); the overdraft limit only when the account has one.
+local options = {tz = tz, nolimits = exempt}
+if od ~= nil then
+  options.overdraft = od
+end
+emit(TXN, 'options', {'unlimited', unlimited, 'reference', cjson.encode(options)})
+local reply = {'OK', unlimited, tz, exempt, od or '0', acct_get('debt') or '0'}
 idem_store(reply)
 return reply

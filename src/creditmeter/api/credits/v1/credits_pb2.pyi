@@ -116,6 +116,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_INSUFFICIENT_CREDITS: _ErrorReason.ValueType  # 1
     """The balance cannot cover the charge; nothing was deducted.
     ErrorInfo metadata: {"balance": "7", "required": "10"}. Status: FAILED_PRECONDITION.
+    On an account with a credit line (or a debt) also "debt" and "overdraft_limit": the
+    charge would take the debt past the limit.
     """
     ERROR_REASON_IDEMPOTENCY_KEY_REUSED: _ErrorReason.ValueType  # 2
     """The request_id was used before with different parameters; nothing was changed.
@@ -238,6 +240,8 @@ ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 ERROR_REASON_INSUFFICIENT_CREDITS: ErrorReason.ValueType  # 1
 """The balance cannot cover the charge; nothing was deducted.
 ErrorInfo metadata: {"balance": "7", "required": "10"}. Status: FAILED_PRECONDITION.
+On an account with a credit line (or a debt) also "debt" and "overdraft_limit": the
+charge would take the debt past the limit.
 """
 ERROR_REASON_IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 2
 """The request_id was used before with different parameters; nothing was changed.
@@ -421,6 +425,11 @@ class _BalanceAlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Bala
     """The balance reached zero."""
     BALANCE_ALERT_KIND_TOPPED_UP: _BalanceAlertKind.ValueType  # 3
     """The balance rose above a watched threshold (or above zero) again."""
+    BALANCE_ALERT_KIND_OVERDRAFT_LIMIT_REACHED: _BalanceAlertKind.ValueType  # 4
+    """The credit line is used up: nothing more can be charged until a grant or purchase
+    repays some of the debt (the debt, with what call sessions hold past the lots, reached
+    the overdraft limit, which is `threshold`). `balance` is 0 then.
+    """
     BALANCE_ALERT_KIND_RECHARGE_DUE: _BalanceAlertKind.ValueType  # 5
     """The balance fell below the account's recharge threshold (SetRechargePolicy), sent to
     every watcher of the account whatever its thresholds; `threshold` is the policy's and
@@ -438,6 +447,11 @@ BALANCE_ALERT_KIND_DEPLETED: BalanceAlertKind.ValueType  # 2
 """The balance reached zero."""
 BALANCE_ALERT_KIND_TOPPED_UP: BalanceAlertKind.ValueType  # 3
 """The balance rose above a watched threshold (or above zero) again."""
+BALANCE_ALERT_KIND_OVERDRAFT_LIMIT_REACHED: BalanceAlertKind.ValueType  # 4
+"""The credit line is used up: nothing more can be charged until a grant or purchase
+repays some of the debt (the debt, with what call sessions hold past the lots, reached
+the overdraft limit, which is `threshold`). `balance` is 0 then.
+"""
 BALANCE_ALERT_KIND_RECHARGE_DUE: BalanceAlertKind.ValueType  # 5
 """The balance fell below the account's recharge threshold (SetRechargePolicy), sent to
 every watcher of the account whatever its thresholds; `threshold` is the policy's and
@@ -467,6 +481,13 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """Credits charged by a call session."""
     TRANSACTION_KIND_OPTIONS: _TransactionKind.ValueType  # 7
     """Account options changed (no credits move)."""
+    TRANSACTION_KIND_REPAY: _TransactionKind.ValueType  # 8
+    """Only in a filter: the grants (kind GRANT) that repaid debt (their debt_repaid)."""
+    TRANSACTION_KIND_DEBT: _TransactionKind.ValueType  # 9
+    """Debt brought back by a refund of a purchase (or a voided grant) that had repaid it:
+    the kind of such a refund when no credit of its lots was left to remove (else it is
+    REFUND, with debt_incurred). A filter on REFUND lists these too.
+    """
     TRANSACTION_KIND_USAGE_LIMIT: _TransactionKind.ValueType  # 10
     """The account's own usage limit set or removed (SetUsageLimit with account_id; no
     credits move): `feature` is the limit's feature.
@@ -499,6 +520,13 @@ TRANSACTION_KIND_SESSION: TransactionKind.ValueType  # 6
 """Credits charged by a call session."""
 TRANSACTION_KIND_OPTIONS: TransactionKind.ValueType  # 7
 """Account options changed (no credits move)."""
+TRANSACTION_KIND_REPAY: TransactionKind.ValueType  # 8
+"""Only in a filter: the grants (kind GRANT) that repaid debt (their debt_repaid)."""
+TRANSACTION_KIND_DEBT: TransactionKind.ValueType  # 9
+"""Debt brought back by a refund of a purchase (or a voided grant) that had repaid it:
+the kind of such a refund when no credit of its lots was left to remove (else it is
+REFUND, with debt_incurred). A filter on REFUND lists these too.
+"""
 TRANSACTION_KIND_USAGE_LIMIT: TransactionKind.ValueType  # 10
 """The account's own usage limit set or removed (SetUsageLimit with account_id; no
 credits move): `feature` is the limit's feature.
@@ -925,6 +953,8 @@ class GetBalanceResponse(_message.Message):
     LOTS_FIELD_NUMBER: _builtins.int
     UNLIMITED_FIELD_NUMBER: _builtins.int
     RESERVED_FIELD_NUMBER: _builtins.int
+    DEBT_FIELD_NUMBER: _builtins.int
+    OVERDRAFT_LIMIT_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
     """Spendable credits: the remaining credit of lots that have not expired, less
     `reserved` (never below 0), or -1 for unlimited accounts. Every balance this API
@@ -935,6 +965,15 @@ class GetBalanceResponse(_message.Message):
     reserved: _builtins.int
     """Credits held by open call sessions: in the lots, but not spendable by anything else.
     `balance` excludes them.
+    """
+    debt: _builtins.int
+    """Credits charged past the lots on the credit line and not yet repaid (`balance` is 0
+    while there is any, unless a refund brought debt back beside live lots: then `balance`
+    is their credit less the debt). The next grants repay it first.
+    """
+    overdraft_limit: _builtins.int
+    """The account's overdraft limit (AccountOptions.overdraft_limit; 0: no credit line).
+    Charges may still take overdraft_limit - debt past the balance.
     """
     @_builtins.property
     def lots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lot]:
@@ -947,10 +986,12 @@ class GetBalanceResponse(_message.Message):
         lots: _abc.Iterable[Global___Lot] | None = ...,
         unlimited: _builtins.bool = ...,
         reserved: _builtins.int = ...,
+        debt: _builtins.int = ...,
+        overdraft_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lots", b"lots", "reserved", b"reserved", "unlimited", b"unlimited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "debt", b"debt", "lots", b"lots", "overdraft_limit", b"overdraft_limit", "reserved", b"reserved", "unlimited", b"unlimited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1096,6 +1137,8 @@ class GetUsageResponse(_message.Message):
     UNLIMITED_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     REFUNDED_FIELD_NUMBER: _builtins.int
+    DEBT_FIELD_NUMBER: _builtins.int
+    OVERDRAFT_LIMIT_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     """Credits ever granted to the account (-1 for unlimited accounts)."""
@@ -1111,6 +1154,10 @@ class GetUsageResponse(_message.Message):
     """Whether the account is unlimited."""
     refunded: _builtins.int
     """Credits removed by refunds and voided grants."""
+    debt: _builtins.int
+    """Credits charged past the lots and not yet repaid, as GetBalance.debt."""
+    overdraft_limit: _builtins.int
+    """The account's overdraft limit, as GetBalance.overdraft_limit."""
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureUsage]:
         """Usage per feature, by feature name."""
@@ -1132,11 +1179,13 @@ class GetUsageResponse(_message.Message):
         unlimited: _builtins.bool = ...,
         features: _abc.Iterable[Global___FeatureUsage] | None = ...,
         refunded: _builtins.int = ...,
+        debt: _builtins.int = ...,
+        overdraft_limit: _builtins.int = ...,
         limits: _abc.Iterable[Global___UsageLimitStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired", "features", b"features", "limits", b"limits", "refunded", b"refunded", "remaining", b"remaining", "removed", b"removed", "total", b"total", "unlimited", b"unlimited", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debt", b"debt", "expired", b"expired", "features", b"features", "limits", b"limits", "overdraft_limit", b"overdraft_limit", "refunded", b"refunded", "remaining", b"remaining", "removed", b"removed", "total", b"total", "unlimited", b"unlimited", "used", b"used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1290,11 +1339,18 @@ class AccountOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     UNLIMITED_FIELD_NUMBER: _builtins.int
+    OVERDRAFT_LIMIT_FIELD_NUMBER: _builtins.int
     IGNORE_USAGE_LIMITS_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     unlimited: _builtins.bool
     """Consumption is always accepted and counted; balances and totals read as -1.
     Usage limits still apply unless ignore_usage_limits is set.
+    """
+    overdraft_limit: _builtins.int
+    """The credit line: Consume, ConsumeBatch, Meter and call sessions may charge the
+    account past its lots, down to -overdraft_limit credits (never below); the part past
+    the lots is debt (GetBalance.debt), which the next grant or purchase repays before any
+    of it becomes spendable. 0: no credit line. Irrelevant for unlimited accounts.
     """
     ignore_usage_limits: _builtins.bool
     """Usage limits do not apply to the account (neither the tenant's nor its own)."""
@@ -1306,12 +1362,13 @@ class AccountOptions(_message.Message):
         self,
         *,
         unlimited: _builtins.bool = ...,
+        overdraft_limit: _builtins.int = ...,
         ignore_usage_limits: _builtins.bool = ...,
         time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_usage_limits", b"ignore_usage_limits", "time_zone", b"time_zone", "unlimited", b"unlimited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_usage_limits", b"ignore_usage_limits", "overdraft_limit", b"overdraft_limit", "time_zone", b"time_zone", "unlimited", b"unlimited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1326,6 +1383,7 @@ class SetAccountOptionsRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     UNLIMITED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OVERDRAFT_LIMIT_FIELD_NUMBER: _builtins.int
     IGNORE_USAGE_LIMITS_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
@@ -1334,6 +1392,11 @@ class SetAccountOptionsRequest(_message.Message):
     """New value of the unlimited flag; unset leaves it as it is."""
     request_id: _builtins.str
     """Idempotency key (AIP-155), as in GrantRequest."""
+    overdraft_limit: _builtins.int
+    """New overdraft limit (credits, 0 to 2^53-1; 0 removes the credit line); unset leaves it
+    as it is. A limit below the current debt keeps the debt: nothing more can be charged
+    until grants repay it below the limit. Negative is INVALID_ARGUMENT.
+    """
     ignore_usage_limits: _builtins.bool
     """New value of ignore_usage_limits; unset leaves it as it is."""
     time_zone: _builtins.str
@@ -1346,21 +1409,26 @@ class SetAccountOptionsRequest(_message.Message):
         account_id: _builtins.str = ...,
         unlimited: _builtins.bool | None = ...,
         request_id: _builtins.str = ...,
+        overdraft_limit: _builtins.int | None = ...,
         ignore_usage_limits: _builtins.bool | None = ...,
         time_zone: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_ignore_usage_limits", b"_ignore_usage_limits", "_time_zone", b"_time_zone", "_unlimited", b"_unlimited", "ignore_usage_limits", b"ignore_usage_limits", "time_zone", b"time_zone", "unlimited", b"unlimited"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ignore_usage_limits", b"_ignore_usage_limits", "_overdraft_limit", b"_overdraft_limit", "_time_zone", b"_time_zone", "_unlimited", b"_unlimited", "ignore_usage_limits", b"ignore_usage_limits", "overdraft_limit", b"overdraft_limit", "time_zone", b"time_zone", "unlimited", b"unlimited"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ignore_usage_limits", b"_ignore_usage_limits", "_time_zone", b"_time_zone", "_unlimited", b"_unlimited", "account_id", b"account_id", "ignore_usage_limits", b"ignore_usage_limits", "request_id", b"request_id", "time_zone", b"time_zone", "unlimited", b"unlimited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ignore_usage_limits", b"_ignore_usage_limits", "_overdraft_limit", b"_overdraft_limit", "_time_zone", b"_time_zone", "_unlimited", b"_unlimited", "account_id", b"account_id", "ignore_usage_limits", b"ignore_usage_limits", "overdraft_limit", b"overdraft_limit", "request_id", b"request_id", "time_zone", b"time_zone", "unlimited", b"unlimited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ignore_usage_limits: _TypeAlias = _typing.Literal["ignore_usage_limits"]  # noqa: Y015
     _WhichOneofArgType__ignore_usage_limits: _TypeAlias = _typing.Literal["_ignore_usage_limits", b"_ignore_usage_limits"]  # noqa: Y015
+    _WhichOneofReturnType__overdraft_limit: _TypeAlias = _typing.Literal["overdraft_limit"]  # noqa: Y015
+    _WhichOneofArgType__overdraft_limit: _TypeAlias = _typing.Literal["_overdraft_limit", b"_overdraft_limit"]  # noqa: Y015
     _WhichOneofReturnType__time_zone: _TypeAlias = _typing.Literal["time_zone"]  # noqa: Y015
     _WhichOneofArgType__time_zone: _TypeAlias = _typing.Literal["_time_zone", b"_time_zone"]  # noqa: Y015
     _WhichOneofReturnType__unlimited: _TypeAlias = _typing.Literal["unlimited"]  # noqa: Y015
     _WhichOneofArgType__unlimited: _TypeAlias = _typing.Literal["_unlimited", b"_unlimited"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ignore_usage_limits) -> _WhichOneofReturnType__ignore_usage_limits | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__overdraft_limit) -> _WhichOneofReturnType__overdraft_limit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__time_zone) -> _WhichOneofReturnType__time_zone | None: ...
     @_typing.overload
@@ -1408,6 +1476,8 @@ class Transaction(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     LOTS_FIELD_NUMBER: _builtins.int
+    DEBT_INCURRED_FIELD_NUMBER: _builtins.int
+    DEBT_REPAID_FIELD_NUMBER: _builtins.int
     PACK_ID_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The transaction id (as returned by Consume, or the grant's transaction)."""
@@ -1427,6 +1497,15 @@ class Transaction(_message.Message):
     """The account's credit in lots after the transaction (-1 for unlimited accounts). Unlike
     every other balance of this API it includes credit held by open call sessions: holds
     are hot state, not recorded in the ledger.
+    """
+    debt_incurred: _builtins.int
+    """Credits of it that became debt on the credit line: the part of a charge past the lots
+    (included in `amount`), or the debt a refund brought back (the debt its purchase had
+    repaid).
+    """
+    debt_repaid: _builtins.int
+    """Credits of a grant (included in `amount`) that repaid debt first: only the rest became
+    spendable credit in its lot.
     """
     pack_id: _builtins.str
     """The recharge's pack (recharge_due and recharge_policy transactions)."""
@@ -1451,11 +1530,13 @@ class Transaction(_message.Message):
         amount: _builtins.int = ...,
         balance: _builtins.int = ...,
         lots: _abc.Iterable[Global___LotCharge] | None = ...,
+        debt_incurred: _builtins.int = ...,
+        debt_repaid: _builtins.int = ...,
         pack_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "balance", b"balance", "create_time", b"create_time", "feature", b"feature", "kind", b"kind", "lots", b"lots", "pack_id", b"pack_id", "request_id", b"request_id", "transaction_id", b"transaction_id", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "balance", b"balance", "create_time", b"create_time", "debt_incurred", b"debt_incurred", "debt_repaid", b"debt_repaid", "feature", b"feature", "kind", b"kind", "lots", b"lots", "pack_id", b"pack_id", "request_id", b"request_id", "transaction_id", b"transaction_id", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -861,9 +861,14 @@ class PurchasePackResponse(_message.Message):
 
     PURCHASE_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    DEBT_REPAID_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
     """The account's spendable balance after the grant, as Credits.GetBalance reports it
     (-1 for unlimited accounts).
+    """
+    debt_repaid: _builtins.int
+    """Credits of the purchase that repaid the account's debt first (its credit line, see
+    Credits.SetAccountOptions overdraft_limit): only the rest became spendable.
     """
     @_builtins.property
     def purchase(self) -> Global___Purchase:
@@ -874,10 +879,11 @@ class PurchasePackResponse(_message.Message):
         *,
         purchase: Global___Purchase | None = ...,
         balance: _builtins.int = ...,
+        debt_repaid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "purchase", b"purchase"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "debt_repaid", b"debt_repaid", "purchase", b"purchase"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -975,9 +981,14 @@ class CompletePurchaseResponse(_message.Message):
 
     PURCHASE_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    DEBT_REPAID_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
     """The account's spendable balance after the grant, as Credits.GetBalance reports it
     (-1 for unlimited accounts).
+    """
+    debt_repaid: _builtins.int
+    """Credits of the purchase that repaid the account's debt first, as in
+    PurchasePackResponse.
     """
     @_builtins.property
     def purchase(self) -> Global___Purchase:
@@ -988,10 +999,11 @@ class CompletePurchaseResponse(_message.Message):
         *,
         purchase: Global___Purchase | None = ...,
         balance: _builtins.int = ...,
+        debt_repaid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "purchase", b"purchase"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "debt_repaid", b"debt_repaid", "purchase", b"purchase"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

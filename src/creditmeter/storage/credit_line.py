@@ -1,0 +1,55 @@
+"""The credit line (overdraft) as Redis holds it: the account hash's fields (the format is
+in _lib.lua, "credit line").
+
+The rule (charges past the lots down to the limit, money-in repaying first) is enforced by
+the scripts; this module only names and reads back what they wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+#: Account hash fields: the overdraft limit, the debt, and per lot whose grant repaid
+#: debt `rp:<lot>` = "<repaid> <lot amount>" (a refund of the lot brings the debt back).
+OVERDRAFT = "od"
+DEBT = "debt"
+REPAID = "rp:"
+
+
+def overdraft_limit(fields: Mapping[str, str]) -> int:
+    """The account's overdraft limit (0: none)."""
+    return int(fields.get(OVERDRAFT, "0"))
+
+
+def debt(fields: Mapping[str, str]) -> int:
+    """The account's debt (0: none)."""
+    return int(fields.get(DEBT, "0"))
+
+
+def repaid(fields: Mapping[str, str]) -> dict[str, tuple[int, int]]:
+    """Per lot whose grant repaid debt: (debt repaid, the lot's amount)."""
+    out = {}
+    for name, value in fields.items():
+        if name.startswith(REPAID):
+            r, amount = value.split(" ")
+            out[name[len(REPAID) :]] = (int(r), int(amount))
+    return out
+
+
+def line_fields(overdraft: int, owed: int, repaid: Mapping[str, tuple[int, int]]) -> dict[str, str]:
+    """The credit line's account fields as the scripts keep them (each absent when 0)."""
+    fields = {f"{REPAID}{lot}": f"{r} {amount}" for lot, (r, amount) in repaid.items()}
+    if overdraft:
+        fields[OVERDRAFT] = str(overdraft)
+    if owed:
+        fields[DEBT] = str(owed)
+    return fields
+
+
+def of(fields: Mapping[str, str]) -> dict[str, str]:
+    """The credit line's fields among an account's."""
+    return {
+        name: value
+        for name, value in fields.items()
+        if name in (OVERDRAFT, DEBT) or name.startswith(REPAID)
+    }
