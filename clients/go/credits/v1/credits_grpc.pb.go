@@ -74,6 +74,20 @@ type CreditsClient interface {
 	// ListUsageLimits returns the tenant's limits, or with account_id those that apply to
 	// the account now with its usage in the current period. Requires any key of the tenant.
 	ListUsageLimits(ctx context.Context, in *ListUsageLimitsRequest, opts ...grpc.CallOption) (*ListUsageLimitsResponse, error)
+	// SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+	// every account (no account_id), or an account's own, which wins over the tenant's (or,
+	// with `disable`, turns recharges off for the account). When a change takes an
+	// account's spendable balance from at or above the threshold to below it, the same
+	// script records one `recharge_due` event (a crossing): history shows it
+	// (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+	// alert, and, when the policy names a pack, the server creates one pending purchase of
+	// it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+	// provider. A new crossing needs the balance back at or above the threshold first.
+	// Requires an admin key.
+	SetRechargePolicy(ctx context.Context, in *SetRechargePolicyRequest, opts ...grpc.CallOption) (*SetRechargePolicyResponse, error)
+	// GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+	// the one that applies to the account. Requires any key of the tenant.
+	GetRechargePolicy(ctx context.Context, in *GetRechargePolicyRequest, opts ...grpc.CallOption) (*GetRechargePolicyResponse, error)
 	// ListTransactions returns an account's history from the durable ledger, newest first,
 	// paged (AIP-158). A charge that spanned several lots is one transaction with its lot
 	// breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
@@ -245,6 +259,24 @@ func (c *creditsClient) SetUsageLimit(ctx context.Context, in *SetUsageLimitRequ
 func (c *creditsClient) ListUsageLimits(ctx context.Context, in *ListUsageLimitsRequest, opts ...grpc.CallOption) (*ListUsageLimitsResponse, error) {
 	out := new(ListUsageLimitsResponse)
 	err := c.cc.Invoke(ctx, "/credits.v1.Credits/ListUsageLimits", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *creditsClient) SetRechargePolicy(ctx context.Context, in *SetRechargePolicyRequest, opts ...grpc.CallOption) (*SetRechargePolicyResponse, error) {
+	out := new(SetRechargePolicyResponse)
+	err := c.cc.Invoke(ctx, "/credits.v1.Credits/SetRechargePolicy", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *creditsClient) GetRechargePolicy(ctx context.Context, in *GetRechargePolicyRequest, opts ...grpc.CallOption) (*GetRechargePolicyResponse, error) {
+	out := new(GetRechargePolicyResponse)
+	err := c.cc.Invoke(ctx, "/credits.v1.Credits/GetRechargePolicy", in, out, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -447,6 +479,20 @@ type CreditsServer interface {
 	// ListUsageLimits returns the tenant's limits, or with account_id those that apply to
 	// the account now with its usage in the current period. Requires any key of the tenant.
 	ListUsageLimits(context.Context, *ListUsageLimitsRequest) (*ListUsageLimitsResponse, error)
+	// SetRechargePolicy sets when an account is due a recharge: the tenant's default for
+	// every account (no account_id), or an account's own, which wins over the tenant's (or,
+	// with `disable`, turns recharges off for the account). When a change takes an
+	// account's spendable balance from at or above the threshold to below it, the same
+	// script records one `recharge_due` event (a crossing): history shows it
+	// (TRANSACTION_KIND_RECHARGE_DUE), WatchBalance sends a BALANCE_ALERT_KIND_RECHARGE_DUE
+	// alert, and, when the policy names a pack, the server creates one pending purchase of
+	// it (Packs.CreatePurchase's first step) for the platform to complete with its payment
+	// provider. A new crossing needs the balance back at or above the threshold first.
+	// Requires an admin key.
+	SetRechargePolicy(context.Context, *SetRechargePolicyRequest) (*SetRechargePolicyResponse, error)
+	// GetRechargePolicy returns the tenant's default recharge policy, or with account_id
+	// the one that applies to the account. Requires any key of the tenant.
+	GetRechargePolicy(context.Context, *GetRechargePolicyRequest) (*GetRechargePolicyResponse, error)
 	// ListTransactions returns an account's history from the durable ledger, newest first,
 	// paged (AIP-158). A charge that spanned several lots is one transaction with its lot
 	// breakdown. History trails the balance by at most the flush lag (see GetLedgerStatus):
@@ -542,6 +588,12 @@ func (UnimplementedCreditsServer) SetUsageLimit(context.Context, *SetUsageLimitR
 }
 func (UnimplementedCreditsServer) ListUsageLimits(context.Context, *ListUsageLimitsRequest) (*ListUsageLimitsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListUsageLimits not implemented")
+}
+func (UnimplementedCreditsServer) SetRechargePolicy(context.Context, *SetRechargePolicyRequest) (*SetRechargePolicyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetRechargePolicy not implemented")
+}
+func (UnimplementedCreditsServer) GetRechargePolicy(context.Context, *GetRechargePolicyRequest) (*GetRechargePolicyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetRechargePolicy not implemented")
 }
 func (UnimplementedCreditsServer) ListTransactions(context.Context, *ListTransactionsRequest) (*ListTransactionsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListTransactions not implemented")
@@ -820,6 +872,42 @@ func _Credits_ListUsageLimits_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Credits_SetRechargePolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetRechargePolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CreditsServer).SetRechargePolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/credits.v1.Credits/SetRechargePolicy",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CreditsServer).SetRechargePolicy(ctx, req.(*SetRechargePolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Credits_GetRechargePolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetRechargePolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CreditsServer).GetRechargePolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/credits.v1.Credits/GetRechargePolicy",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CreditsServer).GetRechargePolicy(ctx, req.(*GetRechargePolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Credits_ListTransactions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListTransactionsRequest)
 	if err := dec(in); err != nil {
@@ -1066,6 +1154,14 @@ var _Credits_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListUsageLimits",
 			Handler:    _Credits_ListUsageLimits_Handler,
+		},
+		{
+			MethodName: "SetRechargePolicy",
+			Handler:    _Credits_SetRechargePolicy_Handler,
+		},
+		{
+			MethodName: "GetRechargePolicy",
+			Handler:    _Credits_GetRechargePolicy_Handler,
 		},
 		{
 			MethodName: "ListTransactions",
