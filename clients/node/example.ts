@@ -1,7 +1,8 @@
 // creditmeter from TypeScript: grant credits, consume a text message, read the account's
 // history, meter a voice call (StartSession -> UpdateSession -> EndSession), check before
-// use and cap a feature with a daily usage limit; on the way, decode the google.rpc error
-// details of a refused overdraft, of an invalid request and of a passed usage limit.
+// use, cap a feature with a daily usage limit, open a credit line and set a recharge
+// threshold; on the way, decode the google.rpc error details of a refused overdraft, of an
+// invalid request and of a passed usage limit.
 //
 //   CREDITMETER_SERVER=127.0.0.1:50051 CREDITMETER_API_KEY=cm_... npx tsx example.ts
 //
@@ -171,6 +172,34 @@ async function checkAndLimit(): Promise<void> {
   }
 }
 
+// A credit line lets charges take the balance down to -overdraft_limit: the part past the
+// lots is debt, which the next grant repays first. A recharge policy records one
+// recharge_due (and, with a pack, creates a pending purchase) each time the balance falls
+// below its threshold.
+async function creditLineAndRecharge(): Promise<void> {
+  const owing = `${account}-owing`;
+  await credits.grant({ accountId: owing, amount: 10n, requestId: randomUUID() });
+  await credits.setAccountOptions({ accountId: owing, overdraftLimit: 50n, requestId: randomUUID() });
+  await credits.setRechargePolicy({
+    accountId: owing,
+    policy: { threshold: 5n, packId: "" },
+    requestId: randomUUID(),
+  });
+  await credits.consume({ accountId: owing, feature: "text", amount: 30n, requestId: randomUUID() });
+  const owed = await credits.getBalance({ accountId: owing });
+  if (owed.balance !== 0n || owed.debt !== 20n) {
+    throw new Error(`after charging 30 of 10: balance ${owed.balance}, debt ${owed.debt}`);
+  }
+  await credits.grant({ accountId: owing, amount: 25n, requestId: randomUUID() });
+  const repaid = await credits.getBalance({ accountId: owing });
+  console.log(
+    `credit line: charged 30 of a balance of 10 (debt 20); a grant of 25 repaid it: ` +
+      `balance ${repaid.balance}, debt ${repaid.debt}`,
+  );
+  const recharge = await credits.getRechargePolicy({ accountId: owing });
+  console.log(`recharge policy of ${owing}: below ${recharge.policy?.threshold} credits`);
+}
+
 async function main(): Promise<void> {
   const granted = await credits.grant({
     accountId: account,
@@ -243,6 +272,7 @@ async function main(): Promise<void> {
 
   await meterVoiceCall();
   await checkAndLimit();
+  await creditLineAndRecharge();
 
   const balance = await credits.getBalance({ accountId: account });
   console.log(`final balance of ${account}: ${balance.balance}`);

@@ -1,8 +1,8 @@
 // Command example uses creditmeter from Go: grant credits, consume a text message, read
 // the account's history, meter a voice call (StartSession -> UpdateSession -> EndSession),
-// check before use and cap a feature with a daily usage limit; on the way, decode the
-// google.rpc error details of a refused overdraft, of an invalid request and of a passed
-// usage limit.
+// check before use, cap a feature with a daily usage limit, open a credit line and set a
+// recharge threshold; on the way, decode the google.rpc error details of a refused
+// overdraft, of an invalid request and of a passed usage limit.
 //
 //	CREDITMETER_SERVER=127.0.0.1:50051 CREDITMETER_API_KEY=cm_... ./example
 //
@@ -172,6 +172,9 @@ func run(server, apiKey string) error {
 	if err := checkAndLimit(ctx, credits, account); err != nil {
 		return err
 	}
+	if err := creditLineAndRecharge(ctx, credits, account); err != nil {
+		return err
+	}
 
 	balance, err := credits.GetBalance(ctx, &creditsv1.GetBalanceRequest{AccountId: account})
 	if err != nil {
@@ -265,5 +268,50 @@ func checkAndLimit(ctx context.Context, credits creditsv1.CreditsClient, account
 	if l := listed.GetLimits(); len(l) != 1 || l[0].GetUsed() != 2 || l[0].GetRemaining() != 0 {
 		return fmt.Errorf("ListUsageLimits answered %v", l)
 	}
+	return nil
+}
+
+// creditLineAndRecharge opens a credit line (charges may take the balance down to
+// -overdraft_limit; the part past the lots is debt, which the next grant repays first) and
+// sets a recharge threshold (each fall below it records one recharge_due and, with a pack,
+// creates a pending purchase).
+func creditLineAndRecharge(ctx context.Context, credits creditsv1.CreditsClient, account string) error {
+	owing := account + "-owing"
+	if _, err := credits.Grant(ctx, &creditsv1.GrantRequest{AccountId: owing, Amount: 10, RequestId: newID("req-")}); err != nil {
+		return fmt.Errorf("grant: %w", err)
+	}
+	if _, err := credits.SetAccountOptions(ctx, &creditsv1.SetAccountOptionsRequest{
+		AccountId: owing, OverdraftLimit: proto.Int64(50), RequestId: newID("req-"),
+	}); err != nil {
+		return fmt.Errorf("set account options: %w", err)
+	}
+	if _, err := credits.SetRechargePolicy(ctx, &creditsv1.SetRechargePolicyRequest{
+		AccountId: owing, Policy: &creditsv1.RechargePolicy{Threshold: 5}, RequestId: newID("req-"),
+	}); err != nil {
+		return fmt.Errorf("set recharge policy: %w", err)
+	}
+	if _, err := credits.Consume(ctx, &creditsv1.ConsumeRequest{
+		AccountId: owing, Feature: "text", Amount: proto.Int64(30), RequestId: newID("req-"),
+	}); err != nil {
+		return fmt.Errorf("consume into debt: %w", err)
+	}
+	owed, err := credits.GetBalance(ctx, &creditsv1.GetBalanceRequest{AccountId: owing})
+	if err != nil || owed.GetBalance() != 0 || owed.GetDebt() != 20 {
+		return fmt.Errorf("after charging 30 of 10: %v, %v", owed, err)
+	}
+	if _, err := credits.Grant(ctx, &creditsv1.GrantRequest{AccountId: owing, Amount: 25, RequestId: newID("req-")}); err != nil {
+		return fmt.Errorf("grant: %w", err)
+	}
+	repaid, err := credits.GetBalance(ctx, &creditsv1.GetBalanceRequest{AccountId: owing})
+	if err != nil {
+		return fmt.Errorf("get balance: %w", err)
+	}
+	fmt.Printf("credit line: charged 30 of a balance of 10 (debt 20); a grant of 25 repaid it: balance %d, debt %d\n",
+		repaid.GetBalance(), repaid.GetDebt())
+	recharge, err := credits.GetRechargePolicy(ctx, &creditsv1.GetRechargePolicyRequest{AccountId: owing})
+	if err != nil {
+		return fmt.Errorf("get recharge policy: %w", err)
+	}
+	fmt.Printf("recharge policy of %s: below %d credits\n", owing, recharge.GetPolicy().GetThreshold())
 	return nil
 }
