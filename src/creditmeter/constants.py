@@ -20,7 +20,7 @@ TENANT_ID_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 #: Account ids: no braces, '|' or whitespace. ':' and '%' are fine in ids: the key
 #: layout (storage/layout.py) encodes them.
 ACCOUNT_ID_PATTERN = r"[A-Za-z0-9._:@+=-]{1,128}"
-FEATURE_PATTERN = r"[a-z][a-z0-9_]{0,31}"
+FEATURE_PATTERN = rf"[a-z][a-z0-9_]{{0,{MAX_FEATURE_LENGTH - 1}}}"
 
 # --- errors --------------------------------------------------------------------
 #: Field violations listed in one error's BadRequest (then one "and N more"): the whole
@@ -141,6 +141,8 @@ LEDGER_HEALTH_SERVICE = "creditmeter.ledger"
 #: A staged (ledger-first) grant not confirmed by its event after this long is re-applied.
 STAGED_GRANT_RETRY_AFTER_MS = 10_000
 RECONCILE_INTERVAL_S = 2.0
+#: Staged grants the reconciler reads per pass.
+RECONCILE_BATCH = 100
 #: How often the scheduler renews subscriptions whose next period has started.
 RENEW_INTERVAL_S = 1.0
 

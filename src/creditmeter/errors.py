@@ -3,8 +3,9 @@ ERROR_REASON_ prefix) and metadata; the transport maps each class to a gRPC stat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from creditmeter.constants import (
     MAX_REPORTED_VIOLATIONS,
@@ -244,3 +245,15 @@ def from_rejection(rejected: Rejected) -> CreditError:
         )
     cls = _REJECTIONS[rejected.reason]
     return cls(_MESSAGES[rejected.reason], rejected.metadata)
+
+
+T = TypeVar("T")
+
+
+async def applied(call: Awaitable[T]) -> T:
+    """Await a storage call, turning its refusal (Rejected) into the domain error: the one
+    place the domain writes `except Rejected: raise from_rejection(...)`."""
+    try:
+        return await call
+    except Rejected as rejected:
+        raise from_rejection(rejected) from None

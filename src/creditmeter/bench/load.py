@@ -41,11 +41,6 @@ from creditmeter.constants import (
 EMPTY_SERVICE = "creditmeter.bench.Empty"
 EMPTY_METHOD = f"/{EMPTY_SERVICE}/Call"
 
-#: Scenarios the load processes know (`empty` drives the empty-call ceiling server;
-#: `http` is Consume over HTTP/JSON, the Connect protocol, to `http_address`).
-LOAD_SCENARIOS = ("empty", "consume", "check", "batch", "meter", "sessions", "mixed", "http")
-
-
 #: What _Load._timed returns for a call that failed (an empty call's reply is b"").
 FAILED = object()
 

@@ -7,7 +7,7 @@ fingerprint of its parameters for idempotency, and makes exactly one script call
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -45,6 +45,7 @@ from creditmeter.errors import (
     InsufficientCredits,
     InvalidRequest,
     Rejected,
+    applied,
     from_rejection,
 )
 from creditmeter.storage import limits as limit_fields
@@ -296,14 +297,6 @@ async def apply_staged(
         raise from_rejection(rejected) from None
 
 
-async def _applied(call: Awaitable[T]) -> T:
-    """Await a store call, turning a script's refusal into the domain error."""
-    try:
-        return await call
-    except Rejected as rejected:
-        raise from_rejection(rejected) from None
-
-
 class Metering:
     """The Credits service's rules, independent of gRPC."""
 
@@ -423,12 +416,12 @@ class Metering:
         )
         keys = AccountKeys(tenant, account_id)
         if self.ledger is None:
-            record = await _applied(self.store.grant(keys, call, lot))
+            record = await applied(self.store.grant(keys, call, lot))
         else:
-            staged = await _applied(self.ledger.stage_grant(_staged(keys, call, lot, "grant")))
-            applied = await apply_staged(self.store, self.ledger, staged, call.now_ms)
-            assert isinstance(applied, GrantRecord)
-            record = applied
+            staged = await applied(self.ledger.stage_grant(_staged(keys, call, lot, "grant")))
+            made = await apply_staged(self.store, self.ledger, staged, call.now_ms)
+            assert isinstance(made, GrantRecord)
+            record = made
         return GrantResult(lot=Lot.from_record(record.lot), balance=balances.after(record.holdings))
 
     async def apply_staged(self, staged: StagedGrant, now_ms: int) -> None:
@@ -698,10 +691,10 @@ class Metering:
         keys = AccountKeys(tenant, account_id)
         if self.ledger is not None and amount > 0:  # money in: ledger first
             operation = "reset" if reset else "add"
-            staged = await _applied(self.ledger.stage_grant(_staged(keys, call, lot, operation)))
+            staged = await applied(self.ledger.stage_grant(_staged(keys, call, lot, operation)))
             record = await apply_staged(self.store, self.ledger, staged, call.now_ms)
         else:
-            record = await _applied(self.store.set_balance(keys, call, reset, lot))
+            record = await applied(self.store.set_balance(keys, call, reset, lot))
         assert isinstance(record, SetBalanceRecord)
         return SetBalanceResult(
             balance=balances.after(record.holdings),
@@ -743,7 +736,7 @@ class Metering:
             params.update(overdraft_limit=overdraft_limit)
         call = self._call("txn", request_id, "SetAccountOptions", **params)
         keys = AccountKeys(tenant, account_id)
-        record = await _applied(
+        record = await applied(
             self.store.set_options(
                 keys, call, unlimited, time_zone, ignore_usage_limits, overdraft_limit
             )
@@ -785,7 +778,7 @@ class Metering:
             self.gate.check()
             call = self._call("txn", request_id, "SetUsageLimit", **params)
             keys = AccountKeys(tenant, account_id)
-            await _applied(self.store.set_limit(keys, call, feature, str(period), limit, str(unit)))
+            await applied(self.store.set_limit(keys, call, feature, str(period), limit, str(unit)))
             return None if limit is None else UsageLimit(feature, period, limit, unit)
         now = self.clock.now_ms()
         row = None
@@ -793,7 +786,7 @@ class Metering:
             row = LimitRow(tenant, feature, str(period), limit, str(unit), now)
         fp = fingerprint("SetUsageLimit", params)
         req = ConfigStore.Request(tenant, request_id, fp, now, self.idempotency_ttl_s * 1000)
-        stored, replayed = await _applied(
+        stored, replayed = await applied(
             asyncio.to_thread(self.config.set_usage_limit, tenant, feature, str(period), row, req)
         )
         if limit is None:
@@ -915,7 +908,7 @@ class Metering:
         )
         row = RateRow(tenant, feature, credits_per_unit, str(unit), increment, now)
         req = ConfigStore.Request(tenant, request_id, fp, now, self.idempotency_ttl_s * 1000)
-        stored, replayed = await _applied(asyncio.to_thread(self.config.set_rate, row, req))
+        stored, replayed = await applied(asyncio.to_thread(self.config.set_rate, row, req))
         rate = Rate(feature, credits_per_unit, unit, increment, rate.builtin, int(stored))
         if not replayed:
             self.rates.put(tenant, rate)

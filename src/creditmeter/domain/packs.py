@@ -23,7 +23,7 @@ from creditmeter.constants import (
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.validation import Violations
-from creditmeter.errors import PackNotFound, Rejected, from_rejection
+from creditmeter.errors import PackNotFound, applied
 from creditmeter.storage.config_store import ConfigStore, PackRow
 
 MAX_NAME = 100
@@ -167,10 +167,7 @@ class Catalog:
         req = ConfigStore.Request(
             tenant, request_id, fingerprint(operation, params), now, self.ttl_ms
         )
-        try:
-            stored, _ = await asyncio.to_thread(self.config.put_pack, pack_id, req, build)
-        except Rejected as rejected:
-            raise from_rejection(rejected) from None
+        stored, _ = await applied(asyncio.to_thread(self.config.put_pack, pack_id, req, build))
         return stored
 
     @staticmethod

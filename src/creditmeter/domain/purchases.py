@@ -31,9 +31,8 @@ from creditmeter.errors import (
     PurchaseNotCompleted,
     PurchaseNotFound,
     PurchaseNotPending,
-    Rejected,
     TrialAlreadyUsed,
-    from_rejection,
+    applied,
 )
 from creditmeter.storage.config_store import PackRow
 from creditmeter.storage.layout import AccountKeys
@@ -153,10 +152,7 @@ class Purchases:
         and the debt they repaid first."""
         balance = repaid = 0
         for grant in self._grants(p, pack, now_ms):
-            try:
-                staged = await self.ledger.stage_grant(grant)
-            except Rejected as rejected:
-                raise from_rejection(rejected) from None
+            staged = await applied(self.ledger.stage_grant(grant))
             record = await apply_staged(self.store, self.ledger, staged, now_ms)
             balance = balances.after(record.holdings)
             if isinstance(record, GrantRecord):
@@ -288,13 +284,10 @@ class Purchases:
         now = self.clock.now_ms()
         lot_ids = current.lot_ids or self._lot_ids(current, now)
         completing = replace(current, lot_ids=lot_ids, complete_ms=now)
-        try:
-            after = await self.ledger.complete_purchase(
-                tenant, purchase_id, payment_reference, lot_ids, now,
-                self._grants(completing, pack, now),
-            )  # fmt: skip
-        except Rejected as rejected:
-            raise from_rejection(rejected) from None
+        after = await applied(self.ledger.complete_purchase(
+            tenant, purchase_id, payment_reference, lot_ids, now,
+            self._grants(completing, pack, now),
+        ))  # fmt: skip
         assert after is not None
         if after.status != "completed" or after.payment_reference != payment_reference:
             raise PurchaseNotPending(
@@ -400,12 +393,9 @@ class Purchases:
         # The refund's request id derives from the purchase: a retry, by anyone, replays it.
         call = Call(now, new_id("txn", now), f"{purchase_id}:refund",
                     fingerprint("Refund", {"purchase": purchase_id}))  # fmt: skip
-        try:
-            record = await self.store.refund(
-                AccountKeys(tenant, current.account), call, reason, current.lot_ids
-            )
-        except Rejected as rejected:
-            raise from_rejection(rejected) from None
+        record = await applied(
+            self.store.refund(AccountKeys(tenant, current.account), call, reason, current.lot_ids)
+        )
         refunded = record.removed
         spent = current.credits + current.bonus_credits - refunded
         after = await self.ledger.update_purchase_status(
@@ -432,10 +422,7 @@ class Purchases:
         now = self.clock.now_ms()
         call = Call(now, new_id("txn", now), request_id,
                     fingerprint("VoidGrant", {"account": account, "lot": lot_id}))  # fmt: skip
-        try:
-            record = await self.store.refund(keys, call, reason, [lot_id])
-        except Rejected as rejected:
-            raise from_rejection(rejected) from None
+        record = await applied(self.store.refund(keys, call, reason, [lot_id]))
         _, removed, granted = record.lots[0]
         if removed < 0:
             raise LotNotFound(f"lot {lot_id!r} is not on account {account!r}", {"lot_id": lot_id})

@@ -43,7 +43,7 @@ from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint
 from creditmeter.domain.packs import Catalog, Recurrence
 from creditmeter.domain.validation import Violations
-from creditmeter.errors import CreditError, PackNotFound, Rejected, from_rejection
+from creditmeter.errors import CreditError, PackNotFound, applied
 from creditmeter.storage.config_store import ConfigStore, RechargeRow
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import Event, Ledger
@@ -193,10 +193,7 @@ class Recharges:
         if account_id:
             own = None if remove else OwnPolicy(Policy(threshold, pack_id) if setting else None)
             call = self._call("txn", request_id, "SetRechargePolicy", **params)
-            try:
-                await self.store.set_recharge(AccountKeys(tenant, account_id), call, own)
-            except Rejected as rejected:
-                raise from_rejection(rejected) from None
+            await applied(self.store.set_recharge(AccountKeys(tenant, account_id), call, own))
             return applying(self.book.of(tenant), own)
         now = self.clock.now_ms()
         row = RechargeRow(tenant, threshold, pack_id, now) if setting else None
@@ -204,12 +201,9 @@ class Recharges:
             tenant, request_id, fingerprint("SetRechargePolicy", params), now,
             self.store.idempotency_ttl_s * 1000,
         )  # fmt: skip
-        try:
-            stored, replayed = await asyncio.to_thread(
-                self.config.set_recharge_policy, tenant, row, req
-            )
-        except Rejected as rejected:
-            raise from_rejection(rejected) from None
+        stored, replayed = await applied(
+            asyncio.to_thread(self.config.set_recharge_policy, tenant, row, req)
+        )
         policy = None if row is None else RechargePolicy(threshold, pack_id, int(stored))
         if not replayed:
             self.book.put(tenant, policy)

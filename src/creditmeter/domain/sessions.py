@@ -34,7 +34,7 @@ from creditmeter.errors import (
     Rejected,
     SessionExists,
     SessionNotFound,
-    from_rejection,
+    applied,
 )
 from creditmeter.storage.layout import AccountKeys, session_request_id
 from creditmeter.storage.limits import LimitArgs
@@ -176,10 +176,7 @@ class Sessions:
         extra: list[str],
         feature: str | None = None,
     ) -> SessionStep:
-        try:
-            record = await self._run(keys, call, step, session_id, extra, feature)
-        except Rejected as rejected:
-            raise from_rejection(rejected) from None
+        record = await applied(self._run(keys, call, step, session_id, extra, feature))
         assert record is not None  # only a close can find a session not due
         return self._result(keys, session_id, record)
 

@@ -27,9 +27,8 @@ from creditmeter.errors import (
     CreditError,
     IdempotencyKeyReused,
     PackNotActive,
-    Rejected,
     SubscriptionNotFound,
-    from_rejection,
+    applied,
 )
 from creditmeter.storage.ledger.base import Ledger, StagedGrant, SubscriptionRecord
 from creditmeter.storage.redis_store import RedisStore
@@ -201,11 +200,8 @@ class Subscriptions:
             # Claimed here or by another process: apply (idempotently) either way, so a
             # process that died between claim and apply is made good.
             for grant in grants:
-                try:
-                    staged = await self.ledger.stage_grant(grant)
-                    await apply_staged(self.store, self.ledger, staged, now_ms)
-                except Rejected as rejected:
-                    raise from_rejection(rejected) from None
+                staged = await applied(self.ledger.stage_grant(grant))
+                await apply_staged(self.store, self.ledger, staged, now_ms)
             k += 1
         return granted
 

@@ -8,6 +8,7 @@ from creditmeter.constants import (
     ACCOUNT_ID_PATTERN,
     FEATURE_PATTERN,
     MAX_CREDITS,
+    MAX_FEATURE_LENGTH,
     MAX_ID_LENGTH,
     MAX_REFERENCE_LENGTH,
     SESSION_ID_PATTERN,
@@ -87,7 +88,11 @@ class Violations:
         if not value:
             self.add(field, "required")
         elif not _FEATURE.fullmatch(value):
-            self.add(field, "lowercase letters, digits and _, starting with a letter, at most 32")
+            self.add(
+                field,
+                "lowercase letters, digits and _, starting with a letter, at most"
+                f" {MAX_FEATURE_LENGTH}",
+            )
 
     def credits(self, value: int, field: str, allow_zero: bool = False) -> None:
         low = 0 if allow_zero else 1

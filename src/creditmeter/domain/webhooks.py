@@ -46,10 +46,9 @@ from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     IdempotencyKeyReused,
     InvalidRequest,
-    Rejected,
     WebhookDeliveryNotFound,
     WebhookEndpointNotFound,
-    from_rejection,
+    applied,
 )
 from creditmeter.storage.config_store import ConfigStore, WebhookRow
 from creditmeter.storage.layout import session_request_id
@@ -373,12 +372,9 @@ class Webhooks:
         req: ConfigStore.Request,
         build: Callable[[WebhookRow | None], WebhookRow],
     ) -> WebhookRow:
-        try:
-            stored, _ = await asyncio.to_thread(
-                self.config.put_webhook_endpoint, endpoint_id, req, build
-            )
-        except Rejected as rejected:
-            raise from_rejection(rejected) from None
+        stored, _ = await applied(
+            asyncio.to_thread(self.config.put_webhook_endpoint, endpoint_id, req, build)
+        )
         if self._changed is not None:
             await self._changed()
         return stored
@@ -495,12 +491,9 @@ class Webhooks:
         req = self._request(
             tenant, request_id, "DeleteWebhookEndpoint", {"endpoint_id": endpoint_id}
         )
-        try:
-            found, _ = await asyncio.to_thread(
-                self.config.delete_webhook_endpoint, endpoint_id, req
-            )
-        except Rejected as rejected:
-            raise from_rejection(rejected) from None
+        found, _ = await applied(
+            asyncio.to_thread(self.config.delete_webhook_endpoint, endpoint_id, req)
+        )
         if not found:
             self._existing(None, endpoint_id)
 

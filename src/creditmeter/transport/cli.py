@@ -117,8 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         replica_acks=args.replica_acks,
         appendfsync=args.appendfsync,
         ledger_url=args.ledger_url or None,
-        flusher=not args.no_flusher,
-        flusher_process=not args.inline_flusher,
+        flusher=args.flusher != "none",
+        flusher_process=args.flusher == "process",
         backlog_cap=args.backlog_cap,
         pending_purchase_ttl_ms=args.pending_purchase_ttl * 1000,
         session_grace_s=float(args.session_grace),
@@ -218,6 +218,10 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         return 1
     err_console.print(f"revoked {args.key_id}")
     return 0
+
+
+#: serve --flusher: a child process, the server's loop, or none (run `creditmeter flush`).
+FLUSHER_MODES = ("process", "inline", "none")
 
 
 # --- client commands -------------------------------------------------------------------
@@ -939,15 +943,18 @@ def build_parser() -> argparse.ArgumentParser:
         f" default {WEBHOOK_RETRY_BASE_S:g})",
     )
     p.add_argument(
-        "--no-flusher",
-        action="store_true",
-        help="do not flush the outbox in this process (run `creditmeter flush` apart)",
+        "--flusher",
+        choices=FLUSHER_MODES,
+        default="process",
+        help="where the outbox is flushed into the ledger: a child process (default), the"
+        " server's own event loop (inline), or not here (none: run `creditmeter flush`"
+        " apart)",
     )
-    p.add_argument(
-        "--inline-flusher",
-        action="store_true",
-        help="flush on the server's own event loop instead of in a child process",
-    )
+    # The two flags of 0.2, kept for scripts that pass them.
+    p.add_argument("--no-flusher", dest="flusher", action="store_const", const="none",
+                   help=argparse.SUPPRESS)  # fmt: skip
+    p.add_argument("--inline-flusher", dest="flusher", action="store_const", const="inline",
+                   help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument(
         "--backlog-cap",
         type=int,

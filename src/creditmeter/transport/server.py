@@ -41,6 +41,7 @@ from creditmeter.constants import (
     IDEMPOTENCY_TTL_S,
     LEDGER_HEALTH_SERVICE,
     RECHARGE_POLL_S,
+    RECONCILE_BATCH,
     RECONCILE_INTERVAL_S,
     RENEW_INTERVAL_S,
     SESSION_CLOSE_INTERVAL_S,
@@ -423,7 +424,9 @@ class App:
         """Re-apply money-in staged in the ledger that never reached Redis."""
         assert self.ledger is not None and self.metering is not None
         now = self.settings.clock.now_ms()
-        for staged in await self.ledger.unapplied_grants(now - STAGED_GRANT_RETRY_AFTER_MS, 100):
+        for staged in await self.ledger.unapplied_grants(
+            now - STAGED_GRANT_RETRY_AFTER_MS, RECONCILE_BATCH
+        ):
             log.warning("re-applying staged grant %s", staged.lot_id)
             await self.metering.apply_staged(staged, now)
 

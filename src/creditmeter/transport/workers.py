@@ -18,7 +18,7 @@ the server's; it owns what the workers share and starts them:
   `--redis-url`. With `--redis-url` the workers share that Redis instead.
 - **The flusher.** One `creditmeter flush` child of the supervisor, exactly as `serve`
   runs it for one process (dying with it, restarted if it exits); the workers run
-  none. `--inline-flusher` makes worker 0 flush on its loop instead; `--no-flusher`
+  none. `--flusher inline` makes worker 0 flush on its loop instead; `--flusher none`
   runs none.
 - **The workers.** `creditmeter serve --workers 1` children with the supervisor's
   settings plus `--redis-url`, no flusher and a hidden `--worker-index I`. Worker 0 is
@@ -146,9 +146,9 @@ def worker_command(
     settings, the shared Redis and the chosen port (and HTTP port)."""
     s = settings
     if index == 0 and s.flusher and not s.flusher_process:
-        flusher = ["--inline-flusher"]
+        flusher = ["--flusher", "inline"]
     else:
-        flusher = ["--no-flusher"]
+        flusher = ["--flusher", "none"]
     return [
         sys.executable, "-m", "creditmeter", "serve", "--workers", "1",
         "--listen", listen, "--data-dir", str(s.data_dir), "--redis-url", redis_url,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeGuard
 
+from creditmeter.constants import LEDGER_DB_NAME
 from creditmeter.storage.ledger.base import Ledger
 
 
@@ -22,5 +23,5 @@ def open_ledger(url: str | None, data_dir: Path) -> Ledger:
         return PostgresLedger(url)
     from creditmeter.storage.ledger.sqlite import SqliteLedger
 
-    path = Path(url.removeprefix("sqlite:///")) if url else data_dir / "ledger.db"
+    path = Path(url.removeprefix("sqlite:///")) if url else data_dir / LEDGER_DB_NAME
     return SqliteLedger(path)
