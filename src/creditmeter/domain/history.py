@@ -8,13 +8,13 @@ has nothing to show, so a page with rows costs no more than the query.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from creditmeter.constants import MAX_FILTER_FEATURES, MAX_FILTER_KINDS
+from creditmeter.domain import pages
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import AccountNotFound
 from creditmeter.storage.layout import AccountKeys
@@ -48,18 +48,17 @@ def _query_digest(tenant: str, account_id: str, query: TxnQuery) -> str:
 
 
 def _encode_token(before_seq: int, digest: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"s": before_seq, "q": digest}).encode()).decode()
+    return pages.encode({"s": before_seq, "q": digest})
+
+
+def _seq(data: dict[str, Any]) -> int:
+    if not isinstance(data["s"], int):
+        raise TypeError("s")
+    return data["s"]
 
 
 def _decode_token(token: str, digest: str, v: Violations) -> int | None:
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if data["q"] == digest and isinstance(data["s"], int):
-            return int(data["s"])
-        v.add("page_token", "belongs to another account or filter")
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        v.add("page_token", "not a token this server issued")
-    return None
+    return pages.decode(token, {"q": digest}, _seq, v, "belongs to another account or filter")
 
 
 class History:

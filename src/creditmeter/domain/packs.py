@@ -5,9 +5,6 @@ a snapshot)."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -20,6 +17,7 @@ from creditmeter.constants import (
     MAX_PRIORITY,
     MAX_UPDATE_PATHS,
 )
+from creditmeter.domain import pages
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.validation import Violations
@@ -277,16 +275,9 @@ class Catalog:
 
 
 def _encode(last: PackRow, show_archived: bool) -> str:
-    raw = json.dumps({"c": last.create_ms, "i": last.pack_id, "a": show_archived})
-    return base64.urlsafe_b64encode(raw.encode()).decode()
+    return pages.encode({"c": last.create_ms, "i": last.pack_id, "a": show_archived})
 
 
 def _decode(token: str, show_archived: bool, v: Violations) -> tuple[int, str] | None:
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if data["a"] == show_archived:
-            return int(data["c"]), str(data["i"])
-        v.add("page_token", "belongs to a listing with another show_archived")
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        v.add("page_token", "not a token this server issued")
-    return None
+    return pages.decode(token, {"a": show_archived}, pages.by_creation, v,
+                        "belongs to a listing with another show_archived")  # fmt: skip

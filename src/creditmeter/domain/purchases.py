@@ -9,13 +9,11 @@ both decided by unique indexes in the ledger.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from dataclasses import dataclass, replace
 
 from creditmeter.constants import MAX_REFERENCE_LENGTH
-from creditmeter.domain import balances
+from creditmeter.domain import balances, pages
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
@@ -430,19 +428,12 @@ class Purchases:
 
 
 def _encode(last: PurchaseRecord, key: str) -> str:
-    raw = json.dumps({"c": last.create_ms, "i": last.purchase_id, "k": key})
-    return base64.urlsafe_b64encode(raw.encode()).decode()
+    return pages.encode({"c": last.create_ms, "i": last.purchase_id, "k": key})
 
 
 def _decode(token: str, key: str, v: Violations) -> tuple[int, str] | None:
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if data["k"] == key:
-            return int(data["c"]), str(data["i"])
-        v.add("page_token", "belongs to a listing with another account or status")
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        v.add("page_token", "not a token this server issued")
-    return None
+    return pages.decode(token, {"k": key}, pages.by_creation, v,
+                        "belongs to a listing with another account or status")  # fmt: skip
 
 
 def status_or_error(value: str | None) -> str | None:

@@ -18,8 +18,6 @@ and rejects an old `t` (replays).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import hmac
@@ -39,6 +37,7 @@ from creditmeter.constants import (
     MAX_WEBHOOK_ENDPOINTS,
     MAX_WEBHOOK_URL,
 )
+from creditmeter.domain import pages
 from creditmeter.domain.alerts import AlertKind, balance_change, crossings, recharge_due
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
@@ -551,19 +550,12 @@ class Webhooks:
 
 
 def _encode(last: Delivery, endpoint_id: str, status: DeliveryStatus | None) -> str:
-    raw = json.dumps({"c": last.create_ms, "i": last.delivery_id, "e": endpoint_id,
-                      "s": str(status or "")})  # fmt: skip
-    return base64.urlsafe_b64encode(raw.encode()).decode()
+    return pages.encode({"c": last.create_ms, "i": last.delivery_id, "e": endpoint_id,
+                         "s": str(status or "")})  # fmt: skip
 
 
 def _decode(
     token: str, endpoint_id: str, status: DeliveryStatus | None, v: Violations
 ) -> tuple[int, str] | None:
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if data["e"] == endpoint_id and data["s"] == str(status or ""):
-            return int(data["c"]), str(data["i"])
-        v.add("page_token", "belongs to a listing with other filters")
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        v.add("page_token", "not a token this server issued")
-    return None
+    return pages.decode(token, {"e": endpoint_id, "s": str(status or "")}, pages.by_creation, v,
+                        "belongs to a listing with other filters")  # fmt: skip
