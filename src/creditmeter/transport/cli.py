@@ -55,6 +55,7 @@ from creditmeter.storage.config_store import ConfigStore, KeyRow, open_config_st
 from creditmeter.storage.embedded_redis import RedisNotInstalled, RedisStartFailed
 from creditmeter.storage.ledger.connection import failure_text
 from creditmeter.transport import logs
+from creditmeter.transport.enums import enum_pb, enum_text
 
 # Piped output gets wide lines rather than ids folded at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -83,7 +84,7 @@ def _time(ts: Any) -> str:
 
 
 def _source(value: pb.LotSource.ValueType) -> str:
-    return pb.LotSource.Name(value).removeprefix("LOT_SOURCE_").lower()
+    return enum_text(pb.LotSource, value)
 
 
 # --- server and key administration ---------------------------------------------------
@@ -333,7 +334,7 @@ def cmd_rates_list(args: argparse.Namespace) -> int:
     resp = _client(args).list_rates()
     table = Table("feature", "credits/unit", "unit", "increment", "built-in")
     for r in resp.rates:
-        unit = pb.RateUnit.Name(r.unit).removeprefix("RATE_UNIT_").lower()
+        unit = enum_text(pb.RateUnit, r.unit)
         inc = f"{r.billing_increment.seconds}s" if r.HasField("billing_increment") else ""
         table.add_row(r.feature, str(r.credits_per_unit), unit, inc, "yes" if r.builtin else "")
     console.print(table)
@@ -374,9 +375,9 @@ def _limits_table(limits: Sequence[Any], *, account: bool) -> Table:
         limit = status.limit
         row = [
             limit.feature,
-            pb.UsageLimitPeriod.Name(limit.period).removeprefix("USAGE_LIMIT_PERIOD_").lower(),
+            enum_text(pb.UsageLimitPeriod, limit.period),
             str(limit.limit),
-            pb.UsageLimitUnit.Name(limit.unit).removeprefix("USAGE_LIMIT_UNIT_").lower(),
+            enum_text(pb.UsageLimitUnit, limit.unit),
         ]
         if account:
             row += [str(status.used), str(status.reserved), str(status.remaining),
@@ -466,7 +467,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         "time", "kind", "amount", "balance", "debt", "feature", "units", "lots", "transaction"
     )
     for t in resp.transactions:
-        kind = pb.TransactionKind.Name(t.kind).removeprefix("TRANSACTION_KIND_").lower()
+        kind = enum_text(pb.TransactionKind, t.kind)
         sign = "+" if t.kind == pb.TRANSACTION_KIND_GRANT else "-"
         lots = ", ".join(f"{c.lot_id}:{c.amount}" for c in t.lots)
         # The credit line: debt the transaction added (+) or a grant repaid (-).
@@ -594,7 +595,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 def _pack_table(packs: Sequence[Any]) -> Table:
     table = Table("pack", "name", "credits", "bonus", "price", "valid", "recurrence", "state")
     for p in packs:
-        recurrence = packs_pb2.Recurrence.Name(p.recurrence).removeprefix("RECURRENCE_").lower()
+        recurrence = enum_text(packs_pb2.Recurrence, p.recurrence)
         state = "archived" if p.archived else ("active" if p.active else "paused")
         state += ", trial" if p.trial else ""
         table.add_row(
@@ -608,7 +609,7 @@ def _pack_table(packs: Sequence[Any]) -> Table:
 def _purchase_table(purchases: Sequence[Any]) -> Table:
     table = Table("purchase", "account", "pack", "status", "credits", "payment", "created", "lots")
     for p in purchases:
-        status = packs_pb2.PurchaseStatus.Name(p.status).removeprefix("PURCHASE_STATUS_").lower()
+        status = enum_text(packs_pb2.PurchaseStatus, p.status)
         table.add_row(
             p.purchase_id, p.account_id, p.pack_name, status,
             f"{p.credits}+{p.bonus_credits}", p.payment_reference, _time(p.create_time),
@@ -622,7 +623,7 @@ def cmd_packs_create(args: argparse.Namespace) -> int:
         name=args.name, description=args.description, credits=args.credits,
         bonus_credits=args.bonus, validity_days=args.valid_days, trial=args.trial,
         price=packs_pb2.Price(amount_minor=args.price, currency=args.currency),
-        recurrence=packs_pb2.Recurrence.Value(f"RECURRENCE_{args.recurrence.upper()}"),
+        recurrence=enum_pb(packs_pb2.Recurrence, args.recurrence),
         rollover_cap=args.rollover_cap,
     )  # fmt: skip
     resp = _client(args).create_pack(pack, request_id=args.request_id)
@@ -684,7 +685,7 @@ def _endpoint_table(endpoints: Sequence[Any]) -> Table:
     table = Table("endpoint", "url", "events", "thresholds", "state", "description")
     for e in endpoints:
         events = ", ".join(
-            webhooks_pb2.WebhookEventType.Name(t).removeprefix("WEBHOOK_EVENT_TYPE_").lower()
+            enum_text(webhooks_pb2.WebhookEventType, t)
             for t in e.event_types
         )
         state = f"disabled: {e.disabled_reason}" if e.disabled_reason else (
@@ -780,11 +781,11 @@ def cmd_webhooks_rotate(args: argparse.Namespace) -> int:
 def _delivery_table(deliveries: Sequence[Any]) -> Table:
     table = Table("delivery", "endpoint", "event", "type", "status", "attempts", "last", "created")
     for d in deliveries:
-        status = webhooks_pb2.WebhookDeliveryStatus.Name(d.status)
+        status = enum_text(webhooks_pb2.WebhookDeliveryStatus, d.status)
         last = d.last_error or (str(d.last_status_code) if d.last_status_code else "")
         table.add_row(
             d.delivery_id, d.endpoint_id, d.event_id, d.event_type,
-            status.removeprefix("WEBHOOK_DELIVERY_STATUS_").lower(), str(d.attempts), last,
+            status, str(d.attempts), last,
             _time(d.create_time),
         )  # fmt: skip
     return table

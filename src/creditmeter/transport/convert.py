@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from google.protobuf import duration_pb2, timestamp_pb2
-from google.protobuf.descriptor import EnumDescriptor
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.alerts import Alert, AlertKind
@@ -16,6 +15,7 @@ from creditmeter.domain.sessions import SessionView, TimeoutPolicy
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import CreditError
 from creditmeter.storage.ledger.base import Transaction
+from creditmeter.transport.enums import enum_name, enum_pb
 from creditmeter.transport.interceptors import describe
 
 _MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the Timestamp spec's limit
@@ -43,51 +43,36 @@ def duration_ms(d: duration_pb2.Duration, field: str, v: Violations) -> int | No
     return d.seconds * 1000 + int(d.nanos / 1_000_000)
 
 
-def enum_name(
-    enum: EnumDescriptor, value: int, prefix: str, field: str, v: Violations
-) -> str | None:
-    """The lowercase name (without `prefix`) of a proto enum value; None for the zero
-    value, and None with a violation for a number the enum does not have (a newer client's
-    value, or garbage): every such field is reported, not only the first."""
-    if value == 0:
-        return None
-    known = enum.values_by_number.get(value)
-    if known is None:
-        v.add(field, f"unknown value {value}")
-        return None
-    return known.name.removeprefix(prefix).lower()
-
-
 def lot_source(value: int, v: Violations, field: str = "source") -> LotSource:
-    name = enum_name(pb.LotSource.DESCRIPTOR, value, "LOT_SOURCE_", field, v)
+    name = enum_name(pb.LotSource, value, field, v)
     return LotSource.MANUAL if name is None else LotSource(name)
 
 
 def lot_source_pb(source: LotSource) -> pb.LotSource.ValueType:
-    return pb.LotSource.Value(f"LOT_SOURCE_{source.upper()}")
+    return enum_pb(pb.LotSource, source)
 
 
 def rate_unit(value: int, v: Violations, field: str = "rate.unit") -> RateUnit | None:
-    name = enum_name(pb.RateUnit.DESCRIPTOR, value, "RATE_UNIT_", field, v)
+    name = enum_name(pb.RateUnit, value, field, v)
     return None if name is None else RateUnit(name)
 
 
 def limit_period(value: int, v: Violations, field: str = "limit.period") -> LimitPeriod | None:
-    name = enum_name(pb.UsageLimitPeriod.DESCRIPTOR, value, "USAGE_LIMIT_PERIOD_", field, v)
+    name = enum_name(pb.UsageLimitPeriod, value, field, v)
     return None if name is None else LimitPeriod(name)
 
 
 def limit_unit(value: int, v: Violations, field: str = "limit.unit") -> LimitUnit | None:
-    name = enum_name(pb.UsageLimitUnit.DESCRIPTOR, value, "USAGE_LIMIT_UNIT_", field, v)
+    name = enum_name(pb.UsageLimitUnit, value, field, v)
     return None if name is None else LimitUnit(name)
 
 
 def usage_limit_pb(limit: UsageLimit) -> pb.UsageLimit:
     msg = pb.UsageLimit(
         feature=limit.feature,
-        period=pb.UsageLimitPeriod.Value(f"USAGE_LIMIT_PERIOD_{limit.period.upper()}"),
+        period=enum_pb(pb.UsageLimitPeriod, limit.period),
         limit=limit.limit,
-        unit=pb.UsageLimitUnit.Value(f"USAGE_LIMIT_UNIT_{limit.unit.upper()}"),
+        unit=enum_pb(pb.UsageLimitUnit, limit.unit),
     )
     if limit.updated_ms is not None:
         msg.update_time.CopyFrom(timestamp(limit.updated_ms))
@@ -138,7 +123,7 @@ def rate_pb(rate: Rate) -> pb.Rate:
     msg = pb.Rate(
         feature=rate.feature,
         credits_per_unit=rate.credits_per_unit,
-        unit=pb.RateUnit.Value(f"RATE_UNIT_{rate.unit.upper()}"),
+        unit=enum_pb(pb.RateUnit, rate.unit),
         builtin=rate.builtin,
     )
     if rate.unit is RateUnit.TIME:
@@ -152,13 +137,13 @@ def transaction_kind(value: int, field: str, v: Violations) -> str | None:
     if value == pb.TRANSACTION_KIND_UNSPECIFIED:
         v.add(field, "must name a kind")
         return None
-    return enum_name(pb.TransactionKind.DESCRIPTOR, value, "TRANSACTION_KIND_", field, v)
+    return enum_name(pb.TransactionKind, value, field, v)
 
 
 def transaction_pb(t: Transaction) -> pb.Transaction:
     return pb.Transaction(
         transaction_id=t.txn,
-        kind=pb.TransactionKind.Value(f"TRANSACTION_KIND_{t.kind.upper()}"),
+        kind=enum_pb(pb.TransactionKind, t.kind),
         account_id=t.account,
         create_time=timestamp(t.ts_ms),
         request_id=t.request_id,
@@ -174,7 +159,7 @@ def transaction_pb(t: Transaction) -> pb.Transaction:
 
 
 def timeout_policy(value: int, v: Violations, field: str = "timeout_policy") -> TimeoutPolicy:
-    name = enum_name(pb.SessionTimeoutPolicy.DESCRIPTOR, value, "SESSION_TIMEOUT_POLICY_", field, v)
+    name = enum_name(pb.SessionTimeoutPolicy, value, field, v)
     return TimeoutPolicy.CHARGE_QUOTA if name is None else TimeoutPolicy(name)
 
 
@@ -183,7 +168,7 @@ def session_pb(s: SessionView) -> pb.Session:
         session_id=s.session_id,
         account_id=s.account_id,
         feature=s.feature,
-        state=pb.SessionState.Value(f"SESSION_STATE_{s.state.upper()}"),
+        state=enum_pb(pb.SessionState, s.state),
         sequence=s.sequence,
         used_seconds=s.used_seconds,
         charged_units=s.charged_units,

@@ -18,15 +18,14 @@ from creditmeter.errors import InvalidRequest
 from creditmeter.storage.config_store import PackRow
 from creditmeter.storage.ledger.base import PurchaseRecord
 from creditmeter.transport import convert
+from creditmeter.transport.enums import enum_name, enum_pb
 from creditmeter.transport.interceptors import principal
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 def _recurrence(value: int, v: Violations) -> Recurrence:
-    name = convert.enum_name(
-        pb.Recurrence.DESCRIPTOR, value, "RECURRENCE_", "pack.recurrence", v
-    )
+    name = enum_name(pb.Recurrence, value, "pack.recurrence", v)
     return Recurrence.ONE_TIME if name is None else Recurrence(name)
 
 
@@ -57,7 +56,7 @@ def pack_pb(row: PackRow) -> pb.Pack:
         bonus_credits=row.bonus_credits,
         price=pb.Price(amount_minor=row.price_minor, currency=row.currency),
         validity_days=row.validity_days,
-        recurrence=pb.Recurrence.Value(f"RECURRENCE_{row.recurrence.upper()}"),
+        recurrence=enum_pb(pb.Recurrence, row.recurrence),
         rollover_cap=row.rollover_cap,
         priority=row.priority,
         active=row.active,
@@ -73,7 +72,7 @@ def purchase_pb(p: PurchaseRecord) -> pb.Purchase:
         purchase_id=p.purchase_id,
         account_id=p.account,
         pack_id=p.pack_id,
-        status=pb.PurchaseStatus.Value(f"PURCHASE_STATUS_{p.status.upper()}"),
+        status=enum_pb(pb.PurchaseStatus, p.status),
         payment_reference=p.payment_reference,
         pack_name=p.pack_name,
         price=pb.Price(amount_minor=p.price_minor, currency=p.currency),
@@ -92,7 +91,7 @@ def purchase_pb(p: PurchaseRecord) -> pb.Purchase:
 
 
 def _status(value: int, v: Violations) -> str | None:
-    name = convert.enum_name(pb.PurchaseStatus.DESCRIPTOR, value, "PURCHASE_STATUS_", "status", v)
+    name = enum_name(pb.PurchaseStatus, value, "status", v)
     return None if name is None else status_or_error(name)
 
 
@@ -102,8 +101,8 @@ def subscription_pb(v: SubscriptionView) -> pb.Subscription:
         subscription_id=sub.subscription_id,
         account_id=sub.account,
         pack_id=sub.pack_id,
-        status=pb.SubscriptionStatus.Value(f"SUBSCRIPTION_STATUS_{sub.status.upper()}"),
-        recurrence=pb.Recurrence.Value(f"RECURRENCE_{sub.recurrence.upper()}"),
+        status=enum_pb(pb.SubscriptionStatus, sub.status),
+        recurrence=enum_pb(pb.Recurrence, sub.recurrence),
         credits=sub.credits,
         bonus_credits=sub.bonus_credits,
         rollover_cap=sub.rollover_cap,

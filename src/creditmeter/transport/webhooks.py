@@ -72,14 +72,13 @@ from creditmeter.storage.config_store import ConfigStore, WebhookRow
 from creditmeter.storage.ledger.base import Delivery, Ledger, NoticeKind, PurchaseRecord
 from creditmeter.storage.ledger.connection import failure_text
 from creditmeter.transport import convert
+from creditmeter.transport.enums import enum_name, enum_pb
 from creditmeter.transport.interceptors import principal
 from creditmeter.transport.packs_servicer import purchase_pb
 
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-_TYPE_PREFIX = "WEBHOOK_EVENT_TYPE_"
-_STATUS_PREFIX = "WEBHOOK_DELIVERY_STATUS_"
 
 
 @dataclass(frozen=True)
@@ -106,16 +105,14 @@ class WebhookTimings:
 
 # --- protobuf <-> domain --------------------------------------------------------------
 def event_type_pb(t: EventType) -> pb.WebhookEventType.ValueType:
-    return pb.WebhookEventType.Value(_TYPE_PREFIX + t.value.replace(".", "_").upper())
+    return enum_pb(pb.WebhookEventType, t.value.replace(".", "_"))
 
 
 def _event_types(values: Any, v: Violations, field: str) -> tuple[EventType, ...]:
     by_name = {t.value.replace(".", "_"): t for t in EventType}
     found = []
     for i, value in enumerate(values):
-        name = convert.enum_name(
-            pb.WebhookEventType.DESCRIPTOR, value, _TYPE_PREFIX, f"{field}[{i}]", v
-        )
+        name = enum_name(pb.WebhookEventType, value, f"{field}[{i}]", v)
         if name is None:
             if value == 0:
                 v.add(f"{field}[{i}]", "unspecified is not an event type")
@@ -154,7 +151,7 @@ def delivery_pb(d: Delivery) -> pb.WebhookDelivery:
         endpoint_id=d.endpoint_id,
         event_id=d.event_id,
         event_type=d.event_type,
-        status=pb.WebhookDeliveryStatus.Value(_STATUS_PREFIX + d.status.upper()),
+        status=enum_pb(pb.WebhookDeliveryStatus, d.status),
         attempts=d.attempts,
         last_status_code=d.last_status_code,
         last_error=d.last_error,
@@ -265,9 +262,7 @@ class WebhooksServicer(pb_grpc.WebhooksServicer):
         self, request: pb.ListWebhookDeliveriesRequest, context: Context
     ) -> pb.ListWebhookDeliveriesResponse:
         v = Violations()
-        name = convert.enum_name(
-            pb.WebhookDeliveryStatus.DESCRIPTOR, request.status, _STATUS_PREFIX, "status", v
-        )
+        name = enum_name(pb.WebhookDeliveryStatus, request.status, "status", v)
         v.raise_if_any()
         page = await self.webhooks.deliveries(
             principal().tenant,
