@@ -40,13 +40,19 @@ class Coalescer(Generic[I, R]):
 
     async def submit(self, item: I) -> R:
         """Send `item` with whatever else is waiting; its own result or exception."""
+        return await self.enqueue(item)
+
+    def enqueue(self, item: I) -> asyncio.Future[R]:
+        """Queue `item` and return the future of its result (for a caller that keeps
+        many in flight in order, as a Meter stream does). Cancelling the future before
+        its batch leaves drops the item."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._drainer is None:
             # Idle: start draining now. The task runs on the loop's next step, with no
             # delay; calls made in this same step join the first batch.
             self._drainer = asyncio.create_task(self._drain(), name="coalescer")
-        return await future
+        return future
 
     async def _drain(self) -> None:
         try:

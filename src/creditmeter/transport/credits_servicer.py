@@ -20,6 +20,7 @@ from creditmeter.domain.recharge import Recharges
 from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import CreditError, InvalidRequest
+from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.ledger.base import Period, TxnQuery
 from creditmeter.transport import convert
 from creditmeter.transport.interceptors import Undecodable, principal
@@ -161,7 +162,9 @@ class CreditsServicer(pb_grpc.CreditsServicer):
     async def Meter(
         self, request_iterator: AsyncIterator[pb.MeterRequest | Undecodable], context: Context
     ) -> AsyncIterator[pb.MeterResponse]:
-        """Three stages: read, charge (pipelined batches of what has arrived), write.
+        """Read, charge, write: each request read is queued on the stream's Coalescer,
+        which sends what has arrived meanwhile as one batch per round trip (one in
+        flight at a time), and the answers are written in order.
 
         A request holds a slot of the window from before it is read until its response
         has been written; writing awaits HTTP/2 flow control, so a client that stops
@@ -170,8 +173,10 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         """
         tenant = principal().tenant
         window = asyncio.Semaphore(METER_WINDOW)
-        received: asyncio.Queue[pb.ConsumeRequest | Undecodable | None] = asyncio.Queue()
-        answered: asyncio.Queue[list[pb.ConsumeResult] | None] = asyncio.Queue()
+        charges: Coalescer[pb.ConsumeRequest | Undecodable, pb.ConsumeResult] = Coalescer(
+            lambda batch: self._meter_batch(tenant, batch), METER_MAX_BATCH
+        )
+        queued: asyncio.Queue[asyncio.Future[pb.ConsumeResult] | None] = asyncio.Queue()
 
         async def read() -> None:
             requests = aiter(request_iterator)
@@ -182,44 +187,26 @@ class CreditsServicer(pb_grpc.CreditsServicer):
                         request = await anext(requests)
                     except StopAsyncIteration:
                         return
-                    received.put_nowait(
-                        request if isinstance(request, Undecodable) else request.consume
-                    )
+                    item = request if isinstance(request, Undecodable) else request.consume
+                    queued.put_nowait(charges.enqueue(item))
             finally:
-                received.put_nowait(None)
-
-        async def charge() -> None:
-            try:
-                more = True
-                while more:
-                    first = await received.get()
-                    if first is None:
-                        return
-                    batch = [first]
-                    # Whatever else has already arrived goes in the same round trip.
-                    while len(batch) < METER_MAX_BATCH and not received.empty():
-                        request = received.get_nowait()
-                        if request is None:
-                            more = False
-                            break
-                        batch.append(request)
-                    answered.put_nowait(await self._meter_batch(tenant, batch))
-            finally:
-                answered.put_nowait(None)
+                queued.put_nowait(None)
 
         reader = asyncio.create_task(read(), name="meter-reader")
-        charger = asyncio.create_task(charge(), name="meter-charger")
+        pending: asyncio.Future[pb.ConsumeResult] | None = None
         try:
-            while (results := await answered.get()) is not None:
-                for result in results:
-                    yield pb.MeterResponse(result=result)
-                    window.release()
-            # The charger ends on the reader's end (or its own failure): raise either's error.
-            await charger
-            await reader
+            while (pending := await queued.get()) is not None:
+                yield pb.MeterResponse(result=await pending)
+                window.release()
+            await reader  # raise the reader's error, if it failed
         finally:
-            for task in (reader, charger):
-                task.cancel()
+            reader.cancel()
+            if pending is not None:
+                pending.cancel()
+            while not queued.empty():
+                left = queued.get_nowait()
+                if left is not None:
+                    left.cancel()
 
     # --- call sessions ---------------------------------------------------------------
     async def StartSession(
