@@ -2,6 +2,10 @@
 
 Every mutating operation validates first (nothing reaches Redis on bad input), derives a
 fingerprint of its parameters for idempotency, and makes exactly one script call.
+
+The ledger half of each change is not here: the script appends it to its bucket's outbox,
+and the flusher (storage/ledger/flusher.py) writes it to the ledger afterwards; the map of
+both paths is in the package docstring (creditmeter/__init__.py).
 """
 
 from __future__ import annotations

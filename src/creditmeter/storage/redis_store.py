@@ -1,6 +1,9 @@
 """The hot state of every account in Redis, changed only through the Lua scripts.
 
-The key layout (which keys, and how ids become key names) is in `layout`.
+The key layout (which keys, and how ids become key names) is in `layout`. Each script call
+also appends one entry to its bucket's outbox (format: `entries`), which the flusher
+(`ledger.flusher`) writes to the ledger; nothing here waits for that (see the map of the
+request and ledger paths in creditmeter/__init__.py).
 """
 
 from __future__ import annotations
