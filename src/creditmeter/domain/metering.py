@@ -43,6 +43,12 @@ from creditmeter.domain.limits import (
 )
 from creditmeter.domain.lots import Lot, LotSource, burn_key
 from creditmeter.domain.rates import Rate, RateBook, RateUnit, is_builtin
+from creditmeter.domain.staging import (
+    Operation,
+    OperationKind,
+    apply_staged,
+    staged_grant,
+)
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     CreditError,
@@ -55,7 +61,7 @@ from creditmeter.errors import (
 from creditmeter.storage import limits as limit_fields
 from creditmeter.storage.config_store import ConfigStore, LimitRow, RateRow
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import Ledger, StagedGrant
+from creditmeter.storage.ledger.base import Ledger
 from creditmeter.storage.redis_store import (
     Call,
     CheckCall,
@@ -230,77 +236,6 @@ def _limit_statuses(
     ]
 
 
-def _staged(keys: AccountKeys, call: Call, lot: NewLot, operation: str) -> StagedGrant:
-    return StagedGrant(
-        tenant=keys.tenant,
-        account=keys.account,
-        request_id=call.request_id,
-        fingerprint=call.fingerprint,
-        txn=call.txn,
-        lot_id=lot.lot_id,
-        amount=lot.amount,
-        priority=lot.priority,
-        expires_at_ms=lot.expires_at_ms,
-        source=lot.source,
-        reference=lot.reference,
-        created_ms=call.now_ms,
-        operation=operation,
-    )
-
-
-async def apply_staged(
-    store: RedisStore, ledger: Ledger, staged: StagedGrant, now_ms: int
-) -> GrantRecord | SetBalanceRecord:
-    """Apply money-in staged in the ledger to Redis, with the call that staged it.
-
-    Idempotent: it runs under the staged request id, transaction and lot id, so a retry
-    (the client's, the reconciler's, or a rebuild's) replays the first reply. A grant Redis
-    refuses is withdrawn from the ledger, so it never counts as credit.
-    """
-    call = Call(now_ms, staged.txn, staged.request_id, staged.fingerprint)
-    lot = NewLot(
-        lot_id=staged.lot_id,
-        amount=staged.amount,
-        priority=staged.priority,
-        expires_at_ms=staged.expires_at_ms,
-        source=staged.source,
-        reference=staged.reference,
-        burn_key=burn_key(
-            staged.priority,
-            staged.expires_at_ms,
-            LotSource(staged.source),
-            staged.created_ms,
-            staged.lot_id,
-        ),
-    )
-    keys = AccountKeys(staged.tenant, staged.account)
-    try:
-        if staged.operation == "grant":
-            return await store.grant(keys, call, lot)
-        if staged.operation.startswith("renew:"):
-            # A subscription period: "renew:<rollover cap>"; the rollover lot's id derives
-            # from the period lot's, so a retry names the same lot.
-            cap = int(staged.operation.removeprefix("renew:"))
-            rollover_id = f"{staged.lot_id}r"
-            rollover = replace(
-                lot,
-                lot_id=rollover_id,
-                source=str(LotSource.ROLLOVER),
-                burn_key=burn_key(
-                    staged.priority,
-                    staged.expires_at_ms,
-                    LotSource.ROLLOVER,
-                    staged.created_ms,
-                    rollover_id,
-                ),
-            )
-            return await store.renew(keys, call, lot, cap, rollover)
-        return await store.set_balance(keys, call, staged.operation == "reset", lot)
-    except Rejected as rejected:
-        await ledger.withdraw_grant(staged)
-        raise from_rejection(rejected) from None
-
-
 class Metering:
     """The Credits service's rules, independent of gRPC."""
 
@@ -422,16 +357,12 @@ class Metering:
         if self.ledger is None:
             record = await applied(self.store.grant(keys, call, lot))
         else:
-            staged = await applied(self.ledger.stage_grant(_staged(keys, call, lot, "grant")))
+            grant = staged_grant(keys, call, lot, Operation.grant())
+            staged = await applied(self.ledger.stage_grant(grant))
             made = await apply_staged(self.store, self.ledger, staged, call.now_ms)
             assert isinstance(made, GrantRecord)
             record = made
         return GrantResult(lot=Lot.from_record(record.lot), balance=balances.after(record.holdings))
-
-    async def apply_staged(self, staged: StagedGrant, now_ms: int) -> None:
-        """Apply a staged grant to Redis (the reconciler's retry); see `apply_staged`."""
-        assert self.ledger is not None
-        await apply_staged(self.store, self.ledger, staged, now_ms)
 
     # --- Consume ---------------------------------------------------------------------
     def price(
@@ -694,8 +625,10 @@ class Metering:
         )
         keys = AccountKeys(tenant, account_id)
         if self.ledger is not None and amount > 0:  # money in: ledger first
-            operation = "reset" if reset else "add"
-            staged = await applied(self.ledger.stage_grant(_staged(keys, call, lot, operation)))
+            operation = Operation(OperationKind.RESET if reset else OperationKind.ADD)
+            staged = await applied(
+                self.ledger.stage_grant(staged_grant(keys, call, lot, operation))
+            )
             record = await apply_staged(self.store, self.ledger, staged, call.now_ms)
         else:
             record = await applied(self.store.set_balance(keys, call, reset, lot))

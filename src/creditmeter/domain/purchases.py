@@ -18,8 +18,8 @@ from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
-from creditmeter.domain.metering import apply_staged
 from creditmeter.domain.packs import Catalog, Recurrence
+from creditmeter.domain.staging import apply_staged
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     IdempotencyKeyReused,

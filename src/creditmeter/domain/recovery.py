@@ -22,7 +22,7 @@ from creditmeter.domain.limits import (
     period_bounds,
 )
 from creditmeter.domain.lots import LotSource, burn_key
-from creditmeter.domain.metering import apply_staged
+from creditmeter.domain.staging import apply_staged
 from creditmeter.errors import CreditError, Rejected
 from creditmeter.storage import credit_line
 from creditmeter.storage import limits as limit_fields

@@ -20,8 +20,8 @@ from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
-from creditmeter.domain.metering import apply_staged
 from creditmeter.domain.packs import Catalog, Recurrence
+from creditmeter.domain.staging import Operation, apply_staged
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     CreditError,
@@ -76,11 +76,11 @@ def period_grants(sub: SubscriptionRecord, k: int) -> list[StagedGrant]:
     start = period_start(sub.anchor_ms, sub.recurrence, k)
     end = period_start(sub.anchor_ms, sub.recurrence, k + 1)
     parts = [("credits", sub.credits, LotSource.PURCHASE, sub.subscription_id,
-              f"renew:{sub.rollover_cap}")]  # fmt: skip
+              Operation.renew(sub.rollover_cap))]  # fmt: skip
     if sub.bonus_credits:
         # The bonus lot's reference is not the bare subscription id: it does not roll over.
         parts.append(("bonus", sub.bonus_credits, LotSource.BONUS,
-                      f"{sub.subscription_id}:bonus", "grant"))  # fmt: skip
+                      f"{sub.subscription_id}:bonus", Operation.grant()))  # fmt: skip
     return [
         StagedGrant(
             tenant=sub.tenant,
@@ -95,7 +95,7 @@ def period_grants(sub: SubscriptionRecord, k: int) -> list[StagedGrant]:
             source=str(source),
             reference=reference,
             created_ms=start,
-            operation=operation,
+            operation=operation.encode(),
         )
         for part, amount, source, reference, operation in parts
     ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
@@ -13,6 +12,7 @@ from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.constants import MAX_FILTER_KINDS, METER_MAX_BATCH, METER_WINDOW
 from creditmeter.domain.alerts import BalanceAlerts
+from creditmeter.domain.backpressure import LedgerStatus
 from creditmeter.domain.history import History
 from creditmeter.domain.metering import ConsumeResult, Metering
 from creditmeter.domain.purchases import Purchases
@@ -33,19 +33,6 @@ _PERIODS = {
     pb.USAGE_PERIOD_DAY: Period.DAY,
     pb.USAGE_PERIOD_MONTH: Period.MONTH,
 }
-
-
-@dataclass(frozen=True)
-class LedgerStatus:
-    backlog: int
-    backlog_cap: int
-    flush_lag_ms: int
-    events_flushed: int
-    accepting_changes: bool
-    #: Whether this server reaches the ledger (its last open or ping answered).
-    ledger_reachable: bool
-    #: While it does not: since when (ms).
-    unreachable_since_ms: int | None
 
 
 class CreditsServicer(pb_grpc.CreditsServicer):

@@ -41,16 +41,14 @@ from creditmeter.constants import (
     IDEMPOTENCY_TTL_S,
     LEDGER_HEALTH_SERVICE,
     RECHARGE_POLL_S,
-    RECONCILE_BATCH,
     RECONCILE_INTERVAL_S,
     RENEW_INTERVAL_S,
     SESSION_CLOSE_INTERVAL_S,
     SHUTDOWN_GRACE_S,
-    STAGED_GRANT_RETRY_AFTER_MS,
     WATCH_RETENTION_S,
 )
 from creditmeter.domain.alerts import BalanceAlerts
-from creditmeter.domain.backpressure import Backpressure
+from creditmeter.domain.backpressure import Backpressure, LedgerStatus, ledger_status
 from creditmeter.domain.clock import Clock, SystemClock
 from creditmeter.domain.configuration import LiveConfig
 from creditmeter.domain.history import History
@@ -59,6 +57,7 @@ from creditmeter.domain.packs import Catalog
 from creditmeter.domain.purchases import DEFAULT_PENDING_TTL_MS, Purchases
 from creditmeter.domain.recharge import RechargePurchases, Recharges
 from creditmeter.domain.sessions import Sessions
+from creditmeter.domain.staging import reconcile
 from creditmeter.domain.subscriptions import Subscriptions
 from creditmeter.domain.webhooks import FlushNotices, Webhooks
 from creditmeter.errors import BackendUnavailable
@@ -72,7 +71,7 @@ from creditmeter.storage.ledger.flusher import BacklogMeter, Flusher, drain, flu
 from creditmeter.storage.outbox import OutboxReader
 from creditmeter.storage.redis_client import Client, connect
 from creditmeter.storage.redis_store import RedisStore
-from creditmeter.transport.credits_servicer import CreditsServicer, LedgerStatus
+from creditmeter.transport.credits_servicer import CreditsServicer
 from creditmeter.transport.interceptors import Gatekeeper
 from creditmeter.transport.packs_servicer import PacksServicer
 from creditmeter.transport.webhooks import WebhooksServicer, WebhookTimings, WebhookWorker
@@ -423,12 +422,7 @@ class App:
     async def _reconcile(self) -> None:
         """Re-apply money-in staged in the ledger that never reached Redis."""
         assert self.ledger is not None and self.metering is not None
-        now = self.settings.clock.now_ms()
-        for staged in await self.ledger.unapplied_grants(
-            now - STAGED_GRANT_RETRY_AFTER_MS, RECONCILE_BATCH
-        ):
-            log.warning("re-applying staged grant %s", staged.lot_id)
-            await self.metering.apply_staged(staged, now)
+        await reconcile(self.metering.store, self.ledger, self.settings.clock.now_ms())
 
     async def _supervise_flusher(self, redis_url: str) -> None:
         """Run `creditmeter flush` as a child until the server stops, starting it again if
@@ -470,16 +464,7 @@ class App:
 
     async def ledger_status(self) -> LedgerStatus:
         assert self.redis is not None and self.ledger_link is not None
-        figures = await flusher_stats(self.redis)
-        return LedgerStatus(
-            backlog=self.gate.backlog,
-            backlog_cap=self.gate.cap,
-            flush_lag_ms=figures.last_lag_ms,
-            events_flushed=figures.events,
-            accepting_changes=not self.gate.refusing,
-            ledger_reachable=self.ledger_link.reachable,
-            unreachable_since_ms=self.ledger_link.down_since_ms,
-        )
+        return await ledger_status(self.gate, self.redis, self.ledger_link)
 
     async def stop(self) -> None:
         """Stop taking calls, let in-flight calls finish (up to the grace), flush what
