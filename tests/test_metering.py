@@ -12,8 +12,10 @@ from google.protobuf import duration_pb2
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
+from creditmeter.domain.lots import LotSource, burn_key
+from creditmeter.storage import scripts
 from creditmeter.storage.entries import events as entry_events
-from creditmeter.storage.layout import bucket_of, outbox_key
+from creditmeter.storage.layout import BURN_KEY_EXPIRY, BURN_KEY_LOT_OFFSET, bucket_of, outbox_key
 from creditmeter.transport.convert import timestamp
 from creditmeter.transport.server import App
 from tests.conftest import Tenant, another_server, rid
@@ -309,3 +311,20 @@ async def test_set_rate_retry_does_not_restore_an_older_price(app: App, tenant: 
         pb.ConsumeRequest(account_id="u", feature="sms", request_id=rid())
     )
     assert c.amount == 3
+
+
+def test_the_burn_key_is_read_by_lua_where_python_writes_it(redis_client: redis.Redis) -> None:
+    """One layout of the burn key (storage.layout.BurnKey): _lib.lua's offsets are the
+    ones Python writes, checked by running Lua's string.sub on a real key in Redis."""
+    lib = scripts.library()
+    assert f"local BURN_KEY_LOT_OFFSET = {BURN_KEY_LOT_OFFSET}\n" in lib
+    start, stop = BURN_KEY_EXPIRY.start + 1, BURN_KEY_EXPIRY.stop  # 1-based, inclusive
+    assert f"string.sub(burn_key, {start}, {stop})" in lib
+    key = burn_key(7, 1_700_000_000_123, LotSource.BONUS, 1_600_000_000_456, "lot_abc:1")
+    lot, expiry = redis_client.eval(
+        "return {string.sub(ARGV[1], tonumber(ARGV[2])), string.sub(ARGV[1], tonumber(ARGV[3]),"
+        " tonumber(ARGV[4]))}",
+        0, key, BURN_KEY_LOT_OFFSET, start, stop,
+    )  # fmt: skip
+    assert (lot, expiry) == ("lot_abc:1", "1700000000123")
+    assert key[BURN_KEY_EXPIRY] == "1700000000123"

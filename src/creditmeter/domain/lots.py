@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from creditmeter.constants import NEVER_EXPIRES_MS
+from creditmeter.storage.layout import BurnKey
 from creditmeter.storage.redis_store import LotRecord
 
 
@@ -32,10 +33,11 @@ PROMOTIONAL = frozenset({LotSource.BONUS, LotSource.PROMOTION, LotSource.TRIAL})
 def burn_key(
     priority: int, expires_at_ms: int | None, source: LotSource, created_ms: int, lot_id: str
 ) -> str:
-    """The lot's place in the burn-down order: `pppp|eeeeeeeeeeeee|r|ccccccccccccc|<lot id>`."""
+    """The lot's place in the burn-down order (storage.layout.BurnKey spells it): by
+    priority, then the soonest expiry, then promotional lots first, then the oldest."""
     expiry = NEVER_EXPIRES_MS if expires_at_ms is None else expires_at_ms
     rank = 0 if source in PROMOTIONAL else 1
-    return f"{priority:04d}|{expiry:013d}|{rank}|{created_ms:013d}|{lot_id}"
+    return BurnKey(priority, expiry, rank, created_ms, lot_id).encode()
 
 
 @dataclass(frozen=True)

@@ -298,3 +298,33 @@ def legacy(key: str) -> list[ParsedKey]:
         if reading.kind == IDEMPOTENCY_KIND and hashed and session and "#" not in session:
             readings.append(ParsedKey(keys, IDEMPOTENCY_KIND, reading.id, True))
     return readings
+
+
+# --- a lot's burn key (the field q:<burn key> of the account hash) -------------------
+#: `pppp|eeeeeeeeeeeee|r|ccccccccccccc|<lot id>`: priority, expiry (ms, NEVER_EXPIRES_MS
+#: for none), rank (0 promotional, 1 other), creation (ms), lot id. Fixed widths, so the
+#: keys sort in burn-down order as strings; _lib.lua reads the expiry at characters 6-18
+#: (burn_key_expiry) and the lot id from BURN_KEY_LOT_OFFSET (1-based), which
+#: tests/test_metering.py pins to these.
+BURN_KEY_EXPIRY = slice(5, 18)
+BURN_KEY_LOT_OFFSET = 36
+
+
+@dataclass(frozen=True)
+class BurnKey:
+    priority: int
+    expires_at_ms: int
+    rank: int
+    created_ms: int
+    lot_id: str
+
+    def encode(self) -> str:
+        return (
+            f"{self.priority:04d}|{self.expires_at_ms:013d}|{self.rank}|"
+            f"{self.created_ms:013d}|{self.lot_id}"
+        )
+
+    @classmethod
+    def parse(cls, key: str) -> BurnKey:
+        priority, expiry, rank, created, lot_id = key.split("|", 4)
+        return cls(int(priority), int(expiry), int(rank), int(created), lot_id)

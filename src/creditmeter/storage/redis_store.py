@@ -45,6 +45,7 @@ from creditmeter.storage.layout import (
     SESSION_KIND,
     V2_ACCOUNT_SCAN_PATTERN,
     AccountKeys,
+    BurnKey,
     ParsedKey,
     buckets,
     due_key,
@@ -322,7 +323,8 @@ def lot_meta(amount: int, source: str, reference: str, created_ms: int) -> str:
 def _lot_record(burn_key: str, remaining: int, metas: dict[str, str]) -> LotRecord:
     """A lot from its burn key, remaining credits and metadata (either form: see
     lot_meta in _lib.lua)."""
-    priority, expiry, _rank, _created, lot_id = burn_key.split("|", 4)
+    key = BurnKey.parse(burn_key)
+    lot_id = key.lot_id
     meta = json.loads(metas[lot_id])
     if "burn_key" in meta:  # the long form of 0.1.0, converted as it was
         amount, source, reference, created = (
@@ -330,12 +332,12 @@ def _lot_record(burn_key: str, remaining: int, metas: dict[str, str]) -> LotReco
         )  # fmt: skip
     else:
         amount, source, reference, created = meta["a"], meta["s"], meta["r"], meta["c"]
-    expires = int(expiry)
+    expires = key.expires_at_ms
     return LotRecord(
         lot_id=lot_id,
         amount=int(amount),
         remaining=remaining,
-        priority=int(priority),
+        priority=key.priority,
         expires_at_ms=None if expires == NEVER_EXPIRES_MS else expires,
         source=source,
         reference=reference,

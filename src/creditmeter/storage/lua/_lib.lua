@@ -55,7 +55,9 @@
 local KEYS, ARGV
 local NOW, FINGERPRINT, TXN, TENANT, ACCOUNT, REQUEST_ID
 local MAX_CREDITS = 9007199254740991
-local BURN_KEY_LOT_OFFSET = 36 -- burn key: 4+1+13+1+1+1+13+1 characters, then the lot id
+-- burn key: 4+1+13+1+1+1+13+1 characters, then the lot id (storage.layout.BurnKey; the
+-- offset and the expiry's place are pinned by tests/test_metering.py)
+local BURN_KEY_LOT_OFFSET = 36
 
 local due_changed
 -- A lot with an expiry was dropped: next_expiry is recomputed once, at the end.
