@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from creditmeter.constants import MAX_REFERENCE_LENGTH
 from creditmeter.domain import balances, pages
@@ -41,7 +42,18 @@ DAY_MS = 86_400_000
 DEFAULT_PENDING_TTL_MS = 30 * 60 * 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-STATUSES = ("pending", "completed", "cancelled", "expired", "refunded")
+class PurchaseStatus(StrEnum):
+    """Where a purchase stands. EXPIRED is never stored: a pending purchase past its
+    expiry reads as expired (`shown`)."""
+
+    PENDING = "pending"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    REFUNDED = "refunded"
+
+
+STATUSES = tuple(PurchaseStatus)
 
 
 @dataclass(frozen=True)
@@ -76,8 +88,8 @@ class PurchasePage:
 
 def shown(p: PurchaseRecord, now_ms: int) -> PurchaseRecord:
     """A pending purchase past its expiry reads as expired, swept or not."""
-    if p.status == "pending" and p.expire_ms is not None and p.expire_ms <= now_ms:
-        return replace(p, status="expired")
+    if p.status == PurchaseStatus.PENDING and p.expire_ms is not None and p.expire_ms <= now_ms:
+        return replace(p, status=PurchaseStatus.EXPIRED)
     return p
 
 
@@ -169,7 +181,7 @@ class Purchases:
         self, tenant: str, account: str, pack: PackRow, request_id: str, fp: str, now: int,
         status: str, payment_reference: str, lot_ids: tuple[str, ...],
     ) -> PurchaseRecord:  # fmt: skip
-        pending = status == "pending"
+        pending = status == PurchaseStatus.PENDING
         return PurchaseRecord(
             purchase_id=new_id("pur", now),
             tenant=tenant,
@@ -209,7 +221,7 @@ class Purchases:
         now = self.clock.now_ms()
         fp = fingerprint("PurchasePack", {"account": account, "pack": pack_id,
                                           "payment_reference": payment_reference})  # fmt: skip
-        record = self._record(tenant, account, pack, request_id, fp, now, "completed",
+        record = self._record(tenant, account, pack, request_id, fp, now, PurchaseStatus.COMPLETED,
                               payment_reference, self._lot_ids(pack, now))  # fmt: skip
         stored, inserted = await self.ledger.create_purchase(
             record, self._grants(record, pack, now)
@@ -230,7 +242,7 @@ class Purchases:
                     f"account {account!r} has already had trial {pack_id!r}",
                     {"pack_id": pack_id, "purchase_id": stored.purchase_id},
                 )
-        if stored.status not in ("completed", "refunded"):
+        if stored.status not in (PurchaseStatus.COMPLETED, PurchaseStatus.REFUNDED):
             raise PurchaseNotPending(  # a reference reused on a pending purchase: cannot be
                 f"purchase {stored.purchase_id} is {stored.status}",
                 {"purchase_id": stored.purchase_id, "status": stored.status},
@@ -259,7 +271,9 @@ class Purchases:
         v.raise_if_any()
         now = self.clock.now_ms()
         fp = fingerprint("CreatePurchase", {"account": account, "pack": pack_id})
-        record = self._record(tenant, account, pack, request_id, fp, now, "pending", "", ())
+        record = self._record(
+            tenant, account, pack, request_id, fp, now, PurchaseStatus.PENDING, "", ()
+        )
         stored, inserted = await self.ledger.create_purchase(record, [])
         if not inserted and stored.fingerprint != fp:
             raise IdempotencyKeyReused(
@@ -287,7 +301,7 @@ class Purchases:
             self._grants(completing, pack, now),
         ))  # fmt: skip
         assert after is not None
-        if after.status != "completed" or after.payment_reference != payment_reference:
+        if after.status != PurchaseStatus.COMPLETED or after.payment_reference != payment_reference:
             raise PurchaseNotPending(
                 f"purchase {purchase_id} is {after.status}",
                 {"purchase_id": purchase_id, "status": after.status},
@@ -301,18 +315,18 @@ class Purchases:
         v.request_id(request_id)
         v.raise_if_any()
         current = await self.get(tenant, purchase_id)
-        if current.status == "cancelled":
+        if current.status == PurchaseStatus.CANCELLED:
             return current  # cancelling twice changes nothing
-        if current.status != "pending":
+        if current.status != PurchaseStatus.PENDING:
             raise PurchaseNotPending(
                 f"purchase {purchase_id} is {current.status}",
                 {"purchase_id": purchase_id, "status": current.status},
             )
         after = await self.ledger.update_purchase_status(
-            tenant, purchase_id, "pending", "cancelled"
+            tenant, purchase_id, PurchaseStatus.PENDING, PurchaseStatus.CANCELLED
         )
         assert after is not None
-        if after.status != "cancelled":
+        if after.status != PurchaseStatus.CANCELLED:
             raise PurchaseNotPending(
                 f"purchase {purchase_id} is {after.status}",
                 {"purchase_id": purchase_id, "status": after.status},
@@ -349,7 +363,8 @@ class Purchases:
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         # An expired purchase may still be stored as pending (nothing has touched it since
         # it expired): for either status read both, and tell them apart by expiry here.
-        stored_status = None if status in ("pending", "expired") else status
+        either = (PurchaseStatus.PENDING, PurchaseStatus.EXPIRED)
+        stored_status = None if status in either else status
         now = self.clock.now_ms()
         out: list[PurchaseRecord] = []
         cursor = before
@@ -376,12 +391,12 @@ class Purchases:
         v.reference(reason, "reason")
         v.raise_if_any()
         current = await self.get(tenant, purchase_id)
-        if current.status == "refunded":
+        if current.status == PurchaseStatus.REFUNDED:
             account = await balances.read(
                 self.store, AccountKeys(tenant, current.account), self.clock.now_ms()
             )
             return RefundResult(current, 0, current.spent_credits, [], account.balance)
-        if current.status != "completed":
+        if current.status != PurchaseStatus.COMPLETED:
             raise PurchaseNotCompleted(
                 f"purchase {purchase_id} is {current.status}",
                 {"purchase_id": purchase_id, "status": current.status},
@@ -397,7 +412,7 @@ class Purchases:
         refunded = record.removed
         spent = current.credits + current.bonus_credits - refunded
         after = await self.ledger.update_purchase_status(
-            tenant, purchase_id, "completed", "refunded", refunded, spent
+            tenant, purchase_id, PurchaseStatus.COMPLETED, PurchaseStatus.REFUNDED, refunded, spent
         )
         assert after is not None
         lots = [(lot, max(n, 0)) for lot, n, _ in record.lots]

@@ -15,6 +15,7 @@ import calendar
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
@@ -59,6 +60,11 @@ class SubscriptionView:
     sub: SubscriptionRecord
     current_start_ms: int
     current_end_ms: int
+
+
+class SubscriptionStatus(StrEnum):
+    ACTIVE = "active"
+    CANCELLED = "cancelled"
 
 
 def view(sub: SubscriptionRecord) -> SubscriptionView:
@@ -135,7 +141,7 @@ class Subscriptions:
             tenant=tenant,
             account=account,
             pack_id=pack_id,
-            status="active",
+            status=SubscriptionStatus.ACTIVE,
             recurrence=pack.recurrence,
             pack_name=pack.name,
             credits=pack.credits,
@@ -185,7 +191,10 @@ class Subscriptions:
         (catching up after downtime). Returns periods this call granted."""
         granted = 0
         k = sub.periods_granted
-        while sub.status == "active" and period_start(sub.anchor_ms, sub.recurrence, k) <= now_ms:
+        while (
+            sub.status == SubscriptionStatus.ACTIVE
+            and period_start(sub.anchor_ms, sub.recurrence, k) <= now_ms
+        ):
             grants = period_grants(sub, k)
             following = period_start(sub.anchor_ms, sub.recurrence, k + 1)
             if await self.ledger.claim_period(
