@@ -73,6 +73,7 @@ from creditmeter.storage.redis_store import (
     RedisStore,
     SetBalanceRecord,
 )
+from creditmeter.storage.totals import totals
 
 T = TypeVar("T")
 #: A consume or a check: what `_again` gives new limit args.
@@ -772,25 +773,17 @@ class Metering:
         """Totals granted, used and remaining (spendable, as GetBalance's balance), overall
         and per feature."""
         account = await self._read(tenant, account_id)
-        fields, unlimited = account.fields, account.unlimited
-        features = sorted(
-            (
-                FeatureUsage(name[5:], int(value), int(fields.get(f"units:{name[5:]}", "0")))
-                for name, value in fields.items()
-                if name.startswith("used:")
-            ),
-            key=lambda usage: usage.feature,
-        )
+        t, unlimited = totals(account.fields), account.unlimited
         return UsageView(
             limits=_limit_statuses(self.limits, tenant, account, self.clock.now_ms()),
-            total=balances.UNLIMITED if unlimited else int(fields.get("granted", "0")),
-            used=int(fields.get("used", "0")),
+            total=balances.UNLIMITED if unlimited else t.granted,
+            used=t.used,
             remaining=account.balance,
-            expired=int(fields.get("expired", "0")),
-            removed=int(fields.get("removed", "0")),
-            refunded=int(fields.get("refunded", "0")),
+            expired=t.expired,
+            removed=t.removed,
+            refunded=t.refunded,
             unlimited=unlimited,
-            features=features,
+            features=[FeatureUsage(f, used, units) for f, (used, units) in t.features.items()],
             debt=account.debt,
             overdraft_limit=account.overdraft_limit,
         )

@@ -1,0 +1,40 @@
+"""An account's running totals as its hash holds them (see the fields in _lib.lua):
+granted, used, expired, removed, refunded, and per feature `used:<feature>` (credits) and
+`units:<feature>`. The domain reads them through `totals`, never by field name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: The prefixes of the per-feature fields.
+USED = "used:"
+UNITS = "units:"
+
+
+@dataclass(frozen=True)
+class Totals:
+    granted: int
+    used: int
+    expired: int
+    removed: int
+    refunded: int
+    #: feature -> (credits, units) charged, by feature name.
+    features: dict[str, tuple[int, int]]
+
+
+def totals(fields: Mapping[str, str]) -> Totals:
+    def n(name: str) -> int:
+        return int(fields.get(name, "0"))
+
+    features = {
+        name[len(USED) :]: (int(value), n(UNITS + name[len(USED) :]))
+        for name, value in sorted(fields.items())
+        if name.startswith(USED)
+    }
+    return Totals(n("granted"), n("used"), n("expired"), n("removed"), n("refunded"), features)
+
+
+def feature_fields(feature: str) -> tuple[str, str]:
+    """The names of a feature's credits and units fields."""
+    return USED + feature, UNITS + feature
