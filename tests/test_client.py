@@ -9,7 +9,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import pathlib
 import random
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -559,6 +562,16 @@ def test_sync_and_async_clients_offer_the_same_methods() -> None:
         return {n for n in vars(cls) if not n.startswith("_")}
 
     assert public(sdk.Client) == public(sdk.AsyncClient)
+
+
+def test_the_sync_client_is_generated_from_the_async_one() -> None:
+    """client/sync.py is what scripts/gen-sync-client (unasync) makes of client/aio.py now."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    check = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen-sync-client"), "--check"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
 
 
 # --- live: call sessions (need StartSession/UpdateSession/EndSession on the server) ----

@@ -1,5 +1,12 @@
-"""The asyncio client: the same methods as `creditmeter.client.sync.Client`, awaited,
-over a `grpc.aio` channel. Create it inside the event loop that uses it."""
+"""The asyncio client, and the one source of the blocking client: client/sync.py (`Client`)
+is generated from this file by scripts/gen-sync-client with unasync (await and async
+removed, AsyncClient -> Client, asyncio.sleep -> time.sleep, ...). Edit this file and run
+the script (scripts/gen-proto runs it too); scripts/test fails while sync.py is stale.
+
+Every method sends the API key and a deadline, fills in a request id for mutating calls when
+none is given (the same id on every retry), retries as `creditmeter.client.retry` describes,
+and raises `creditmeter.client.errors` exceptions. Create an `AsyncClient` inside the event
+loop that uses it."""
 
 # `timeout` is the gRPC deadline: it travels to the server (grpc-timeout), which stops
 # working on a call nobody waits for. asyncio.timeout would only give up locally.
@@ -21,10 +28,15 @@ from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
 from creditmeter.client import requests as rq
+from creditmeter.client.channels import (
+    PACKS_METHODS,
+    WEBHOOKS_METHODS,
+    auth_metadata,
+    open_async_channel,
+)
 from creditmeter.client.errors import from_rpc_error
 from creditmeter.client.retry import RetryPolicy
 from creditmeter.client.sessions import AsyncCallSession, AsyncFinalUnitCallback
-from creditmeter.client.sync import PACKS_METHODS, WEBHOOKS_METHODS, auth_metadata
 from creditmeter.constants import CLIENT_DEFAULT_TIMEOUT_S
 
 R = TypeVar("R", bound=Message)
@@ -32,7 +44,8 @@ log = logging.getLogger("creditmeter.client")
 
 
 class AsyncClient:
-    """A creditmeter client over one `grpc.aio` channel.
+    """A creditmeter client over one gRPC channel (AsyncClient: a `grpc.aio` channel; Client:
+    a blocking one, thread-safe as the channel is).
 
     `timeout` is the deadline of each attempt in seconds; `retry` bounds the attempts."""
 
@@ -50,11 +63,7 @@ class AsyncClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._metadata = auth_metadata(api_key)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options=options)
-        )
+        self._channel = open_async_channel(target, credentials, options)
         self._credits = pb_grpc.CreditsStub(self._channel)
         self._packs = packs_pb2_grpc.PacksStub(self._channel)
         self._webhooks = webhooks_pb2_grpc.WebhooksStub(self._channel)
@@ -95,7 +104,7 @@ class AsyncClient:
                 )
                 assert isinstance(response, response_type)
                 return response
-            except grpc.aio.AioRpcError as error:
+            except grpc.RpcError as error:  # grpc.aio.AioRpcError is one
                 code = error.code()
                 if not self.retry.should_retry(code, attempt, idempotent):
                     raise from_rpc_error(error, attempt) from error
@@ -385,8 +394,9 @@ class AsyncClient:
         timeout_policy: rq.TimeoutPolicyName | None = None,
         on_final_unit: AsyncFinalUnitCallback | None = None,
     ) -> AsyncCallSession:
-        """A call session to run with `async with`: started on entry, kept supplied with
-        quota, ended with the seconds used on exit (see `AsyncCallSession`)."""
+        """A call session to run with `async with` (AsyncClient) or `with` (Client): started
+        on entry, kept supplied with quota, ended with the seconds used on exit (see
+        `AsyncCallSession` and `CallSession`)."""
         return AsyncCallSession(
             self, account_id, feature, session_id=session_id,
             requested_seconds=requested_seconds, timeout_policy=timeout_policy,

@@ -1,5 +1,10 @@
-"""The blocking client. Every method sends the API key and a deadline, fills in a request id
-for mutating calls when none is given (the same id on every retry), retries as
+# Generated from client/aio.py by scripts/gen-sync-client (unasync); do not edit.
+# Change aio.py and run scripts/gen-sync-client (scripts/gen-proto runs it too).
+# UP028: `for x in page: yield x` is what an async generator must write.
+# ruff: noqa: UP028
+"""The blocking client: `AsyncClient`'s methods without await, over a blocking gRPC channel
+(thread-safe, as the channel is). Every method sends the API key and a deadline, fills in a
+request id for mutating calls when none is given (the same id on every retry), retries as
 `creditmeter.client.retry` describes, and raises `creditmeter.client.errors` exceptions."""
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
 from creditmeter.client import requests as rq
+from creditmeter.client.channels import (
+    PACKS_METHODS,
+    WEBHOOKS_METHODS,
+    auth_metadata,
+    open_channel,
+)
 from creditmeter.client.errors import from_rpc_error
 from creditmeter.client.retry import RetryPolicy
 from creditmeter.client.sessions import CallSession, FinalUnitCallback
@@ -26,19 +37,10 @@ from creditmeter.constants import CLIENT_DEFAULT_TIMEOUT_S
 R = TypeVar("R", bound=Message)
 log = logging.getLogger("creditmeter.client")
 
-#: RPC names served by the Packs service; every other name belongs to Credits.
-PACKS_METHODS = frozenset(packs_pb2.DESCRIPTOR.services_by_name["Packs"].methods_by_name)
-WEBHOOKS_METHODS = frozenset(
-    webhooks_pb2.DESCRIPTOR.services_by_name["Webhooks"].methods_by_name
-)
-
-
-def auth_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {api_key}"),)
-
 
 class Client:
-    """A creditmeter client over one gRPC channel (thread-safe, as the channel is).
+    """A creditmeter client over one gRPC channel (AsyncClient: a `grpc.aio` channel; Client:
+    a blocking one, thread-safe as the channel is).
 
     `timeout` is the deadline of each attempt in seconds; `retry` bounds the attempts."""
 
@@ -56,11 +58,7 @@ class Client:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._metadata = auth_metadata(api_key)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else grpc.insecure_channel(target, options=options)
-        )
+        self._channel = open_channel(target, credentials, options)
         self._credits = pb_grpc.CreditsStub(self._channel)
         self._packs = packs_pb2_grpc.PacksStub(self._channel)
         self._webhooks = webhooks_pb2_grpc.WebhooksStub(self._channel)
@@ -96,10 +94,12 @@ class Client:
         while True:
             attempt += 1
             try:
-                response = rpc(request, metadata=self._metadata, timeout=timeout or self.timeout)
+                response = rpc(
+                    request, metadata=self._metadata, timeout=timeout or self.timeout
+                )
                 assert isinstance(response, response_type)
                 return response
-            except grpc.RpcError as error:
+            except grpc.RpcError as error:  # grpc.aio.AioRpcError is one
                 code = error.code()
                 if not self.retry.should_retry(code, attempt, idempotent):
                     raise from_rpc_error(error, attempt) from error
@@ -194,7 +194,9 @@ class Client:
         )
         return self.call("SetBalance", req, pb.SetBalanceResponse, timeout)
 
-    def get_usage(self, account_id: str, *, timeout: float | None = None) -> pb.GetUsageResponse:
+    def get_usage(
+        self, account_id: str, *, timeout: float | None = None
+    ) -> pb.GetUsageResponse:
         """Totals granted, used and remaining, overall and per feature."""
         req = pb.GetUsageRequest(account_id=account_id)
         return self.call("GetUsage", req, pb.GetUsageResponse, timeout)
@@ -332,7 +334,8 @@ class Client:
                 account_id, page_size=page_size, page_token=token, kinds=kinds,
                 features=features, start_time=start_time, end_time=end_time, timeout=timeout,
             )  # fmt: skip
-            yield from page.transactions
+            for transaction in page.transactions:
+                yield transaction
             token = page.next_page_token
             if not token:
                 return
@@ -368,7 +371,9 @@ class Client:
         )
         return self.call("VoidGrant", req, pb.VoidGrantResponse, timeout)
 
-    def get_ledger_status(self, *, timeout: float | None = None) -> pb.GetLedgerStatusResponse:
+    def get_ledger_status(
+        self, *, timeout: float | None = None
+    ) -> pb.GetLedgerStatusResponse:
         """The outbox backlog and flush lag."""
         req = pb.GetLedgerStatusRequest()
         return self.call("GetLedgerStatus", req, pb.GetLedgerStatusResponse, timeout)
@@ -384,8 +389,9 @@ class Client:
         timeout_policy: rq.TimeoutPolicyName | None = None,
         on_final_unit: FinalUnitCallback | None = None,
     ) -> CallSession:
-        """A call session to run with `with`: started on entry, kept supplied with quota,
-        ended with the seconds used on exit (see `CallSession`)."""
+        """A call session to run with `async with` (AsyncClient) or `with` (Client): started
+        on entry, kept supplied with quota, ended with the seconds used on exit (see
+        `AsyncCallSession` and `CallSession`)."""
         return CallSession(
             self, account_id, feature, session_id=session_id,
             requested_seconds=requested_seconds, timeout_policy=timeout_policy,
@@ -569,7 +575,9 @@ class Client:
         req = packs_pb2.CreatePackRequest(pack=pack, request_id=request_id or "")
         return self.call("CreatePack", req, packs_pb2.CreatePackResponse, timeout)
 
-    def get_pack(self, pack_id: str, *, timeout: float | None = None) -> packs_pb2.GetPackResponse:
+    def get_pack(
+        self, pack_id: str, *, timeout: float | None = None
+    ) -> packs_pb2.GetPackResponse:
         req = packs_pb2.GetPackRequest(pack_id=pack_id)
         return self.call("GetPack", req, packs_pb2.GetPackResponse, timeout)
 
@@ -706,4 +714,6 @@ class Client:
         req = packs_pb2.CancelSubscriptionRequest(
             subscription_id=subscription_id, request_id=request_id or ""
         )
-        return self.call("CancelSubscription", req, packs_pb2.CancelSubscriptionResponse, timeout)
+        return self.call(
+            "CancelSubscription", req, packs_pb2.CancelSubscriptionResponse, timeout
+        )
