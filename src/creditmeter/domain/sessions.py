@@ -38,7 +38,7 @@ from creditmeter.errors import (
 )
 from creditmeter.storage.layout import AccountKeys, session_request_id
 from creditmeter.storage.limits import LimitArgs
-from creditmeter.storage.redis_store import Call, RedisStore, SessionRecord
+from creditmeter.storage.redis_store import Call, RedisStore, SessionFields, SessionRecord
 
 
 class TimeoutPolicy(StrEnum):
@@ -76,26 +76,26 @@ class SessionView:
     uncollected_amount: int
 
     @classmethod
-    def from_fields(cls, account_id: str, session_id: str, f: dict[str, str]) -> SessionView:
+    def of(cls, account_id: str, session_id: str, s: SessionFields) -> SessionView:
         return cls(
             session_id=session_id,
             account_id=account_id,
-            feature=f["feature"],
-            state=SessionState(f["state"]),
-            sequence=int(f["seq"]),
-            used_seconds=int(f["used"]),
-            charged_units=int(f["units"]),
-            charged_amount=int(f["charged"]),
-            reserved_amount=int(f["reserved"]),
-            granted_seconds=int(f["granted"]),
-            final_unit=f["final"] == "1",
-            billing_increment_s=int(f["inc"]),
-            credits_per_unit=int(f["rate"]),
-            timeout_policy=TimeoutPolicy(f["policy"]),
-            start_ms=int(f["started"]),
-            valid_until_ms=int(f["valid_until"]),
-            end_ms=int(f["ended"]) or None,
-            uncollected_amount=int(f["uncollected"]),
+            feature=s.feature,
+            state=SessionState(s.state),
+            sequence=s.sequence,
+            used_seconds=s.used_s,
+            charged_units=s.units,
+            charged_amount=s.charged,
+            reserved_amount=s.reserved,
+            granted_seconds=s.granted_s,
+            final_unit=s.final_unit,
+            billing_increment_s=s.increment_s,
+            credits_per_unit=s.rate,
+            timeout_policy=TimeoutPolicy(s.policy),
+            start_ms=s.started_ms,
+            valid_until_ms=s.valid_until_ms,
+            end_ms=s.ended_ms or None,
+            uncollected_amount=s.uncollected,
         )
 
 
@@ -183,7 +183,7 @@ class Sessions:
     @staticmethod
     def _result(keys: AccountKeys, session_id: str, record: SessionRecord) -> SessionStep:
         return SessionStep(
-            session=SessionView.from_fields(keys.account, session_id, record.fields),
+            session=SessionView.of(keys.account, session_id, record.session),
             charged=record.charged,
             released=record.released,
             balance=balances.after(record.holdings),
@@ -311,10 +311,10 @@ class Sessions:
         v.account_id(account_id)
         v.session_id(session_id)
         v.raise_if_any()
-        fields = await self.store.session(AccountKeys(tenant, account_id), session_id)
-        if not fields:
+        found = await self.store.session(AccountKeys(tenant, account_id), session_id)
+        if found is None:
             raise SessionNotFound("no such session on this account", {"session_id": session_id})
-        return SessionView.from_fields(account_id, session_id, fields)
+        return SessionView.of(account_id, session_id, found)
 
     async def close_due(self) -> int:
         """Close every session whose call server went silent past its validity and grace;

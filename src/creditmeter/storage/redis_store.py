@@ -221,14 +221,50 @@ class RefundRecord:
 
 
 @dataclass(frozen=True)
+class SessionFields:
+    """A call session's hash, as session.lua writes it, typed: its feature, state (open,
+    ended, timed_out), last sequence, seconds used over the call, increments and credits
+    charged, credits held, seconds granted from the last report, whether that was the
+    final unit, billing increment (s), credits per increment, timeout policy, grace (ms),
+    start, validity and end times (ms; end 0 while open), and credits used but not
+    collectable."""
+
+    feature: str
+    state: str
+    sequence: int
+    used_s: int
+    units: int
+    charged: int
+    reserved: int
+    granted_s: int
+    final_unit: bool
+    increment_s: int
+    rate: int
+    policy: str
+    started_ms: int
+    valid_until_ms: int
+    ended_ms: int
+    uncollected: int
+
+    @classmethod
+    def parse(cls, f: dict[str, str]) -> SessionFields:
+        return cls(
+            f["feature"], f["state"], int(f["seq"]), int(f["used"]), int(f["units"]),
+            int(f["charged"]), int(f["reserved"]), int(f["granted"]), f["final"] == "1",
+            int(f["inc"]), int(f["rate"]), f["policy"], int(f["started"]),
+            int(f["valid_until"]), int(f["ended"]), int(f["uncollected"]),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class SessionRecord:
     """A session step's outcome: credits charged and released by it, the account's
-    figures afterwards, and the session's fields (see session.lua)."""
+    figures afterwards, and the session afterwards."""
 
     charged: int
     released: int
     holdings: Holdings
-    fields: dict[str, str]
+    session: SessionFields
 
 
 @dataclass(frozen=True)
@@ -750,7 +786,7 @@ class RedisStore:
             charged=int(charged),
             released=int(released),
             holdings=_holdings(values[2:5]),
-            fields=dict(zip(flat[::2], flat[1::2], strict=True)),
+            session=SessionFields.parse(dict(zip(flat[::2], flat[1::2], strict=True))),
         )
 
     async def account_exists(self, keys: AccountKeys) -> bool:
@@ -758,11 +794,13 @@ class RedisStore:
         async with reachable():
             return bool(await self.client.exists(keys.account_key))
 
-    async def session(self, keys: AccountKeys, session_id: str) -> dict[str, str]:
-        """A session's fields; empty when there is no such session."""
+    async def session(self, keys: AccountKeys, session_id: str) -> SessionFields | None:
+        """A session, or None when there is no such session."""
         async with reachable():
             fields = await self.client.hgetall(keys.session_key(session_id))
-        return {str(k): str(v) for k, v in fields.items()}
+        if not fields:
+            return None
+        return SessionFields.parse({str(k): str(v) for k, v in fields.items()})
 
     async def due_sessions(
         self, now_ms: int, limit: int = SESSION_CLOSE_BATCH
