@@ -38,7 +38,16 @@ from creditmeter.errors import (
 )
 from creditmeter.storage.layout import AccountKeys, session_request_id
 from creditmeter.storage.limits import LimitArgs
-from creditmeter.storage.redis_store import Call, RedisStore, SessionFields, SessionRecord
+from creditmeter.storage.redis_store import (
+    Call,
+    CloseStep,
+    RedisStore,
+    ReportStep,
+    SessionFields,
+    SessionRecord,
+    SessionStepArgs,
+    StartStep,
+)
 
 
 class TimeoutPolicy(StrEnum):
@@ -154,16 +163,15 @@ class Sessions:
         self,
         keys: AccountKeys,
         call: Call,
-        step: str,
+        step: SessionStepArgs,
         session_id: str,
-        extra: list[str],
         feature: str | None = None,
     ) -> SessionRecord | None:
         """One session.lua call, with the limit args of `feature` (None: of every feature
         of the tenant, for a step whose feature only the session knows)."""
 
         def run(limits: LimitArgs) -> Awaitable[SessionRecord | None]:
-            return self.store.session_step(keys, call, step, session_id, limits, extra)
+            return self.store.session_step(keys, call, step, session_id, limits)
 
         return await self.limits.run(keys.tenant, keys.account, feature, call.now_ms, run)
 
@@ -171,12 +179,11 @@ class Sessions:
         self,
         keys: AccountKeys,
         call: Call,
-        step: str,
+        step: SessionStepArgs,
         session_id: str,
-        extra: list[str],
         feature: str | None = None,
     ) -> SessionStep:
-        record = await applied(self._run(keys, call, step, session_id, extra, feature))
+        record = await applied(self._run(keys, call, step, session_id, feature))
         assert record is not None  # only a close can find a session not due
         return self._result(keys, session_id, record)
 
@@ -227,17 +234,11 @@ class Sessions:
             return await self._step(
                 AccountKeys(tenant, account_id),
                 call,
-                "start",
+                StartStep(
+                    feature, rate.credits_per_unit, rate.billing_increment_s, requested_s or 0,
+                    DEFAULT_SESSION_QUOTA_UNITS, str(policy), self.grace_ms,
+                ),
                 session_id,
-                [
-                    feature,
-                    str(rate.credits_per_unit),
-                    str(rate.billing_increment_s),
-                    str(requested_s or 0),
-                    str(DEFAULT_SESSION_QUOTA_UNITS),
-                    str(policy),
-                    str(self.grace_ms),
-                ],
                 feature,
             )
         except IdempotencyKeyReused:
@@ -274,9 +275,8 @@ class Sessions:
         return await self._step(
             AccountKeys(tenant, account_id),
             call,
-            "update",
+            ReportStep(False, sequence, used_s, requested_s or 0, DEFAULT_SESSION_QUOTA_UNITS),
             session_id,
-            [str(sequence), str(used_s), str(requested_s or 0), str(DEFAULT_SESSION_QUOTA_UNITS)],
         )
 
     async def end(
@@ -289,7 +289,7 @@ class Sessions:
         # new charges, so a call never holds credit longer because of it.
         call = self._call(session_id, sequence, "EndSession", sequence=sequence, used_s=used_s)
         return await self._step(
-            AccountKeys(tenant, account_id), call, "end", session_id, [str(sequence), str(used_s)]
+            AccountKeys(tenant, account_id), call, ReportStep(True, sequence, used_s), session_id
         )
 
     @staticmethod
@@ -328,7 +328,7 @@ class Sessions:
                 request_id=session_request_id(session_id, "timeout"),
             )
             try:
-                record = await self._run(keys, call, "close", session_id, [])
+                record = await self._run(keys, call, CloseStep(), session_id)
             except Rejected:
                 continue  # closed or ended meanwhile (by another process): nothing to do
             closed += record is not None

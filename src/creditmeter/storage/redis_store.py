@@ -257,6 +257,56 @@ class SessionFields:
 
 
 @dataclass(frozen=True)
+class StartStep:
+    """session.lua's start: open the session on a time feature at its rate and billing
+    increment, with a first quota of `requested_s` seconds (0: `default_units`
+    increments), the timeout policy and the grace before a silent session is closed."""
+
+    feature: str
+    rate: int
+    increment_s: int
+    requested_s: int
+    default_units: int
+    policy: str
+    grace_ms: int
+
+    def argv(self) -> list[str]:
+        return [
+            "start", self.feature, str(self.rate), str(self.increment_s), str(self.requested_s),
+            str(self.default_units), self.policy, str(self.grace_ms),
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ReportStep:
+    """session.lua's update (charge and reserve the next quota: `requested_s` seconds,
+    0 for `default_units` increments) or end (charge and release)."""
+
+    end: bool
+    sequence: int
+    used_s: int
+    requested_s: int = 0
+    default_units: int = 0
+
+    def argv(self) -> list[str]:
+        if self.end:
+            return ["end", str(self.sequence), str(self.used_s)]
+        return ["update", str(self.sequence), str(self.used_s), str(self.requested_s),
+                str(self.default_units)]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CloseStep:
+    """session.lua's close: the server closes a session past its validity and grace."""
+
+    def argv(self) -> list[str]:
+        return ["close"]
+
+
+SessionStepArgs = StartStep | ReportStep | CloseStep
+
+
+@dataclass(frozen=True)
 class SessionRecord:
     """A session step's outcome: credits charged and released by it, the account's
     figures afterwards, and the session afterwards."""
@@ -763,19 +813,19 @@ class RedisStore:
         self,
         keys: AccountKeys,
         call: Call,
-        step: str,
+        step: SessionStepArgs,
         session_id: str,
         limits: LimitArgs,
-        extra: Sequence[str],
     ) -> SessionRecord | None:
         """Run one step of a call session (start, update, end, close); None when a close
         finds the session not yet due. `limits` carries the tenant's rules for every
         feature (a step after the start takes its feature from the session)."""
+        name, *args = step.argv()
         values = await self._run(
             "session",
             keys,
             call,
-            [step, session_id, *limits.argv(), *extra],
+            [name, session_id, *limits.argv(), *args],
             keys.session_keys(session_id, _session_step(session_id, call.request_id)),
         )
         if values == ["not_due"]:
