@@ -7,6 +7,7 @@ version refuses to open."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from pathlib import Path
@@ -255,6 +256,21 @@ async def test_a_postgres_ledger_of_a_newer_release_refuses_to_open(
     )
     with pytest.raises(SchemaTooNew, match="PostgreSQL ledger has schema version 5"):
         await open_pg_ledger(fresh_postgres_url)
+
+
+async def test_servers_opening_a_new_ledger_at_once_migrate_it_once(
+    fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    # Under the lock (advisory on PostgreSQL, BEGIN IMMEDIATE on SQLite) one migrates and
+    # the others find it at the latest version; without it they would race on CREATE.
+    ledgers = await asyncio.gather(*(open_pg_ledger(fresh_postgres_url) for _ in range(4)))
+    for ledger in ledgers:
+        await ledger.close()
+    assert (await pg_state(fresh_postgres_url, LEDGER_PG))[0] == LEDGER_PG.latest
+    path = tmp_path / "ledger.db"
+    await asyncio.gather(*(open_sqlite_ledger(path) for _ in range(4)))
+    with sqlite_db(path) as db:
+        assert sqlite_version(db, LEDGER_SQLITE) == LEDGER_SQLITE.latest
 
 
 # -- Config stores ----------------------------------------------------------------------------
