@@ -23,7 +23,7 @@ at a version newer than the code refuses to open (`SchemaTooNew`).
 Why not yoyo-migrations or alembic: both drive the database through their own DB-API
 driver (psycopg / SQLAlchemy engines), beside the asyncpg pool the PostgreSQL stores use,
 and neither adopts a store that was created without them by looking at its tables; the
-whole of what the stores need is the ~150 lines below, with no new dependency."""
+whole of what the stores need is this module, with no new dependency."""
 
 from __future__ import annotations
 

@@ -186,10 +186,19 @@ class _Worker:
                 db.execute("PRAGMA query_only=ON")
             else:
                 db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
-                migrate_sqlite(db, SQLITE_SCHEMA)
+                try:
+                    migrate_sqlite(db, SQLITE_SCHEMA)
+                except BaseException:
+                    db.close()  # a newer schema, say: the ledger stays closed
+                    raise
             self._db = db
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._executor is None:
