@@ -276,11 +276,13 @@ async def test_servers_opening_a_new_ledger_at_once_migrate_it_once(
 # -- Config stores ----------------------------------------------------------------------------
 
 
-def test_a_sqlite_config_store_of_0_1_0_upgrades(tmp_path: Path) -> None:
+@pytest.mark.parametrize("at", [1, 2, 3])
+def test_a_sqlite_config_store_made_before_migrations_upgrades(tmp_path: Path, at: int) -> None:
+    # 1 is 0.1.0's schema (test_migration_1_is_the_schema_of_0_1_0), 2 and 3 later builds'.
     schema = config_schema.SQLITE_SCHEMA
     path = tmp_path / "config.db"
     with sqlite_db(path) as db:
-        db.executescript((SCHEMAS / "config_0_1_0.sqlite.sql").read_text())
+        db.executescript(up_to(schema, at))
         db.execute("UPDATE meta SET value = 7 WHERE name = 'config_version'")
     store = SqliteConfigStore(path)
     assert store.version() == 7  # the configuration's version is kept
