@@ -1,18 +1,23 @@
 """Upgrades lose nothing: the data directory of release 0.1.0 (tests/fixtures/release_0_1_0,
 made by its generate.py with the 0.1.0 code: SQLite ledger, config store, and the embedded
-Redis's AOF in the old key layout) opens with this release, which renames and converts
-its keys; balances, sessions and every request's retry answer as before; the audit is
-clean; a second start changes nothing."""
+Redis's AOF in the old key layout) opens with this release, which migrates the ledger's and
+the config store's schemas and renames and converts its keys; balances, sessions and every
+request's retry answer as before; the audit is clean; a second start changes nothing (no
+schema change, no key converted). Likewise a PostgreSQL ledger of 0.1.0 (ledger.pg.sql, a
+pg_dump made by make_pg.py, with its data directory data_pg) loaded into a new database."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
+import pytest
 from google.protobuf import json_format
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
@@ -20,17 +25,74 @@ from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
 from creditmeter.api.credits.v1 import packs_pb2, packs_pb2_grpc
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.recovery import Recovery
+from creditmeter.storage.config_store import schema as config_schema
 from creditmeter.storage.layout import LAYOUT_KEY, LAYOUT_VERSION
+from creditmeter.storage.ledger import schema as ledger_schema
 from creditmeter.storage.ledger.flusher import drain
+from creditmeter.storage.migrations import postgres_catalog, postgres_version
 from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.server import App, Settings
+from tests.pg import PostgresServer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "release_0_1_0"
 MESSAGES = {n: getattr(m, n) for m in (pb, packs_pb2) for n in dir(m)}
 
 
-def expected() -> dict[str, Any]:
-    return dict(json.loads((FIXTURE / "expected.json").read_text()))
+class Release:
+    """The 0.1.0 data to upgrade: a data directory, and the PostgreSQL ledger's URL if the
+    ledger is there rather than in the directory."""
+
+    def __init__(self, tmp_path: Path, ledger_url: str | None) -> None:
+        self.ledger_url = ledger_url
+        self.data = tmp_path / "data"
+        shutil.copytree(FIXTURE / ("data" if ledger_url is None else "data_pg"), self.data)
+        name = "expected.json" if ledger_url is None else "expected.pg.json"
+        self.expected: dict[str, Any] = json.loads((FIXTURE / name).read_text())
+
+    async def schema(self) -> Any:
+        """What a start that changed nothing leaves as it was: SQLite's schema cookies
+        (changed by any DDL), or PostgreSQL's versions and catalog (its tables, their
+        columns and its indexes; not pg_class's oids, which every new pooled connection's
+        temporary staging tables take)."""
+        if self.ledger_url is None:
+            cookies = []
+            for name in ("ledger.db", "config.db"):
+                with sqlite3.connect(self.data / name) as db:
+                    cookies.append(db.execute("PRAGMA schema_version").fetchone()[0])
+            return cookies
+        conn = await asyncpg.connect(self.ledger_url)
+        try:
+            return (
+                await postgres_version(conn, ledger_schema.POSTGRES_SCHEMA),
+                await postgres_version(conn, config_schema.POSTGRES_SCHEMA),
+                await postgres_catalog(conn),
+            )
+        finally:
+            await conn.close()
+
+    async def versions(self) -> tuple[int | None, int | None]:
+        """The ledger's and the config store's schema versions."""
+        if self.ledger_url is None:
+            found = []
+            for name, meta in (("ledger.db", "ledger_meta"), ("config.db", "meta")):
+                with sqlite3.connect(self.data / name) as db:
+                    row = db.execute(
+                        f"SELECT value FROM {meta} WHERE name = 'schema_version'"
+                    ).fetchone()
+                    found.append(row[0])
+            return found[0], found[1]
+        version = await self.schema()
+        return version[0], version[1]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def release(request: pytest.FixtureRequest, tmp_path: Path) -> Release:
+    if request.param == "sqlite":
+        return Release(tmp_path, None)
+    url: str = request.getfixturevalue("fresh_postgres_url")
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    server.psql((FIXTURE / "ledger.pg.sql").read_text(), database=url.rsplit("/", 1)[1])
+    return Release(tmp_path, url)
 
 
 def when_made(calls: list[dict[str, Any]]) -> int:
@@ -44,9 +106,9 @@ def when_made(calls: list[dict[str, Any]]) -> int:
     return int(datetime.fromisoformat(last.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-async def start(data_dir: Path, clock: ManualClock) -> App:
-    app = App(Settings(listen="127.0.0.1:0", data_dir=data_dir, clock=clock, flusher=True,
-                       shutdown_grace_s=1.0))  # fmt: skip
+async def start(release: Release, clock: ManualClock) -> App:
+    app = App(Settings(listen="127.0.0.1:0", data_dir=release.data, clock=clock, flusher=True,
+                       shutdown_grace_s=1.0, ledger_url=release.ledger_url))  # fmt: skip
     await app.start()
     return app
 
@@ -56,12 +118,12 @@ def request_of(call: dict[str, Any]) -> Any:
     return json_format.ParseDict(call["request"], MESSAGES[name]())
 
 
-async def test_a_data_directory_of_0_1_0_opens_migrates_and_audits_clean(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(FIXTURE / "data", data)
-    fixture = expected()
+async def test_a_data_directory_of_0_1_0_opens_migrates_and_audits_clean(
+    release: Release,
+) -> None:
+    fixture = release.expected
     clock = ManualClock(when_made(fixture["calls"]) + 1_000)
-    app = await start(data, clock)
+    app = await start(release, clock)
     try:
         md = (("authorization", f"Bearer {fixture['key']}"),)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
@@ -108,10 +170,14 @@ async def test_a_data_directory_of_0_1_0_opens_migrates_and_audits_clean(tmp_pat
         assert (checked, drifts) == (4, [])
     finally:
         await app.stop()
-    # A second start is a no-op.
-    again = await start(data, clock)
+    latest = (ledger_schema.SQLITE_SCHEMA.latest, config_schema.SQLITE_SCHEMA.latest)
+    assert await release.versions() == latest
+    # A second start is a no-op: no migration, no key converted.
+    schema = await release.schema()
+    again = await start(release, clock)
     try:
         assert again.metering is not None
         assert await again.metering.store.upgrade_layout() == 0
+        assert await release.schema() == schema
     finally:
         await again.stop()

@@ -51,120 +51,14 @@ from creditmeter.storage.config_store.base import (
     Request,
     WebhookRow,
 )
+from creditmeter.storage.config_store.schema import POSTGRES_SCHEMA
 from creditmeter.storage.config_store.sqlite import read_dump
 from creditmeter.storage.ledger.base import ledger_unavailable
+from creditmeter.storage.migrations import migrate_postgres
 from creditmeter.storage.pg import CLOSE_TIMEOUT_S, DOWN, close_pool, on_pool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-#: The bookkeeping of the numbered migrations below, and the config version.
-_META = """
-CREATE TABLE IF NOT EXISTS config_meta (
-  name  TEXT COLLATE "C" PRIMARY KEY,
-  value BIGINT NOT NULL
-);
-"""
-#: Migration n (from 1) brings the schema from version n - 1 to n; each runs once, in the
-#: transaction that records it. Append, never edit. Text columns are COLLATE "C" as in the
-#: ledger: orders and keyset comparisons follow byte order, as in SQLite.
-_MIGRATIONS = (
-    """
-    CREATE TABLE config_tenants (
-      tenant      TEXT COLLATE "C" PRIMARY KEY,
-      created_ms  BIGINT NOT NULL
-    );
-    CREATE TABLE config_api_keys (
-      key_id      TEXT COLLATE "C" PRIMARY KEY,
-      tenant      TEXT COLLATE "C" NOT NULL REFERENCES config_tenants (tenant),
-      role        TEXT COLLATE "C" NOT NULL,
-      secret_hash TEXT COLLATE "C" NOT NULL,
-      label       TEXT COLLATE "C" NOT NULL DEFAULT '',
-      created_ms  BIGINT NOT NULL,
-      revoked_ms  BIGINT
-    );
-    CREATE TABLE config_rates (
-      tenant           TEXT COLLATE "C" NOT NULL,
-      feature          TEXT COLLATE "C" NOT NULL,
-      credits_per_unit BIGINT NOT NULL,
-      unit             TEXT COLLATE "C" NOT NULL,
-      increment_s      BIGINT NOT NULL,
-      updated_ms       BIGINT NOT NULL,
-      PRIMARY KEY (tenant, feature)
-    );
-    CREATE TABLE config_requests (
-      tenant      TEXT COLLATE "C" NOT NULL,
-      request_id  TEXT COLLATE "C" NOT NULL,
-      fingerprint TEXT COLLATE "C" NOT NULL,
-      response    TEXT COLLATE "C" NOT NULL,
-      created_ms  BIGINT NOT NULL,
-      PRIMARY KEY (tenant, request_id)
-    );
-    CREATE INDEX config_requests_created ON config_requests (created_ms);
-    CREATE TABLE config_packs (
-      tenant        TEXT COLLATE "C" NOT NULL,
-      pack_id       TEXT COLLATE "C" NOT NULL,
-      name          TEXT COLLATE "C" NOT NULL,
-      description   TEXT COLLATE "C" NOT NULL,
-      credits       BIGINT NOT NULL,
-      bonus_credits BIGINT NOT NULL,
-      price_minor   BIGINT NOT NULL,
-      currency      TEXT COLLATE "C" NOT NULL,
-      validity_days BIGINT NOT NULL,
-      recurrence    TEXT COLLATE "C" NOT NULL,
-      rollover_cap  BIGINT NOT NULL,
-      priority      BIGINT NOT NULL,
-      active        BOOLEAN NOT NULL,
-      trial         BOOLEAN NOT NULL,
-      archived      BOOLEAN NOT NULL,
-      create_ms     BIGINT NOT NULL,
-      update_ms     BIGINT NOT NULL,
-      PRIMARY KEY (tenant, pack_id)
-    );
-    CREATE INDEX config_packs_by_creation ON config_packs (tenant, create_ms, pack_id);
-    INSERT INTO config_meta (name, value) VALUES ('config_version', 0);
-    -- Names this database's versions in config-cache.json (versions of another database,
-    -- or of this one made afresh, say nothing about these).
-    INSERT INTO config_meta (name, value)
-      VALUES ('store_id', floor(random() * 9007199254740991)::bigint);
-    """,
-    """
-    CREATE TABLE config_usage_limits (
-      tenant     TEXT COLLATE "C" NOT NULL,
-      feature    TEXT COLLATE "C" NOT NULL,
-      period     TEXT COLLATE "C" NOT NULL,
-      max_usage  BIGINT NOT NULL,
-      unit       TEXT COLLATE "C" NOT NULL,
-      updated_ms BIGINT NOT NULL,
-      PRIMARY KEY (tenant, feature, period)
-    );
-    """,
-    """
-    CREATE TABLE config_recharge_policies (
-      tenant     TEXT COLLATE "C" PRIMARY KEY,
-      threshold  BIGINT NOT NULL,
-      pack_id    TEXT COLLATE "C" NOT NULL,
-      updated_ms BIGINT NOT NULL
-    );
-    """,
-    """
-    CREATE TABLE config_webhook_endpoints (
-      tenant           TEXT COLLATE "C" NOT NULL,
-      endpoint_id      TEXT COLLATE "C" NOT NULL,
-      url              TEXT COLLATE "C" NOT NULL,
-      event_types      TEXT COLLATE "C" NOT NULL,
-      thresholds       TEXT COLLATE "C" NOT NULL,
-      description      TEXT COLLATE "C" NOT NULL,
-      secret           TEXT COLLATE "C" NOT NULL,
-      disabled         BOOLEAN NOT NULL,
-      disabled_reason  TEXT COLLATE "C" NOT NULL,
-      failing_since_ms BIGINT,
-      create_ms        BIGINT NOT NULL,
-      update_ms        BIGINT NOT NULL,
-      PRIMARY KEY (tenant, endpoint_id)
-    );
-    """,
-)
 
 #: Serializes opening (migrations, the import) across processes; not the ledger's key, so
 #: a ledger and a config store opening at once do not wait for each other.
@@ -373,7 +267,7 @@ class PostgresConfigStore(ConfigStore):
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
-                await _migrate(conn)
+                await migrate_postgres(conn, POSTGRES_SCHEMA)
                 await self._import_once(conn)
                 self._store_id = int(await conn.fetchval(_STORE_ID))
         except BaseException:
@@ -705,26 +599,6 @@ class PostgresConfigStore(ConfigStore):
             log.info("configuration from %s (not imported yet)", self.sqlite_path)
             return ConfigSnapshot(-1, dump.api_keys, dump.rates, dump.limits, dump.recharges)
         return None
-
-
-async def _migrate(conn: Any) -> None:
-    """Run the migrations this database has not had (the caller holds the schema lock)."""
-    await conn.execute(_META)
-    done = await conn.fetchval("SELECT value FROM config_meta WHERE name = 'schema_version'")
-    current = int(done or 0)
-    if current > len(_MIGRATIONS):
-        raise RuntimeError(
-            f"the PostgreSQL config store has schema version {current}, newer than this"
-            f" release's {len(_MIGRATIONS)}: upgrade creditmeter"
-        )
-    for number in range(current + 1, len(_MIGRATIONS) + 1):
-        await conn.execute(_MIGRATIONS[number - 1])
-        await conn.execute(
-            "INSERT INTO config_meta (name, value) VALUES ('schema_version', $1)"
-            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            number,
-        )
-        log.info("PostgreSQL config store: schema migration %d applied", number)
 
 
 async def _insert_dump(conn: Any, dump: ConfigDump) -> None:

@@ -24,95 +24,8 @@ from creditmeter.storage.config_store.base import (
     Request,
     WebhookRow,
 )
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
-  tenant      TEXT PRIMARY KEY,
-  created_ms  INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-  key_id      TEXT PRIMARY KEY,
-  tenant      TEXT NOT NULL REFERENCES tenants(tenant),
-  role        TEXT NOT NULL,
-  secret_hash TEXT NOT NULL,
-  label       TEXT NOT NULL DEFAULT '',
-  created_ms  INTEGER NOT NULL,
-  revoked_ms  INTEGER
-);
-CREATE TABLE IF NOT EXISTS rates (
-  tenant           TEXT NOT NULL,
-  feature          TEXT NOT NULL,
-  credits_per_unit INTEGER NOT NULL,
-  unit             TEXT NOT NULL,
-  increment_s      INTEGER NOT NULL,
-  updated_ms       INTEGER NOT NULL,
-  PRIMARY KEY (tenant, feature)
-);
-CREATE TABLE IF NOT EXISTS usage_limits (
-  tenant     TEXT NOT NULL,
-  feature    TEXT NOT NULL,
-  period     TEXT NOT NULL,
-  max_usage  INTEGER NOT NULL,
-  unit       TEXT NOT NULL,
-  updated_ms INTEGER NOT NULL,
-  PRIMARY KEY (tenant, feature, period)
-);
-CREATE TABLE IF NOT EXISTS recharge_policies (
-  tenant     TEXT PRIMARY KEY,
-  threshold  INTEGER NOT NULL,
-  pack_id    TEXT NOT NULL,
-  updated_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS requests (
-  tenant      TEXT NOT NULL,
-  request_id  TEXT NOT NULL,
-  fingerprint TEXT NOT NULL,
-  response    TEXT NOT NULL,
-  created_ms  INTEGER NOT NULL,
-  PRIMARY KEY (tenant, request_id)
-);
-CREATE TABLE IF NOT EXISTS packs (
-  tenant        TEXT NOT NULL,
-  pack_id       TEXT NOT NULL,
-  name          TEXT NOT NULL,
-  description   TEXT NOT NULL,
-  credits       INTEGER NOT NULL,
-  bonus_credits INTEGER NOT NULL,
-  price_minor   INTEGER NOT NULL,
-  currency      TEXT NOT NULL,
-  validity_days INTEGER NOT NULL,
-  recurrence    TEXT NOT NULL,
-  rollover_cap  INTEGER NOT NULL,
-  priority      INTEGER NOT NULL,
-  active        INTEGER NOT NULL,
-  trial         INTEGER NOT NULL,
-  archived      INTEGER NOT NULL,
-  create_ms     INTEGER NOT NULL,
-  update_ms     INTEGER NOT NULL,
-  PRIMARY KEY (tenant, pack_id)
-);
-CREATE INDEX IF NOT EXISTS packs_by_creation ON packs (tenant, create_ms, pack_id);
-CREATE TABLE IF NOT EXISTS webhook_endpoints (
-  tenant           TEXT NOT NULL,
-  endpoint_id      TEXT NOT NULL,
-  url              TEXT NOT NULL,
-  event_types      TEXT NOT NULL,
-  thresholds       TEXT NOT NULL,
-  description      TEXT NOT NULL,
-  secret           TEXT NOT NULL,
-  disabled         INTEGER NOT NULL,
-  disabled_reason  TEXT NOT NULL,
-  failing_since_ms INTEGER,
-  create_ms        INTEGER NOT NULL,
-  update_ms        INTEGER NOT NULL,
-  PRIMARY KEY (tenant, endpoint_id)
-);
-CREATE TABLE IF NOT EXISTS meta (
-  name  TEXT PRIMARY KEY,
-  value INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO meta (name, value) VALUES ('config_version', 0);
-"""
+from creditmeter.storage.config_store.schema import SQLITE_SCHEMA
+from creditmeter.storage.migrations import migrate_sqlite
 
 
 class SqliteConfigStore(ConfigStore):
@@ -122,7 +35,7 @@ class SqliteConfigStore(ConfigStore):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.executescript(_SCHEMA)
+            migrate_sqlite(db, SQLITE_SCHEMA)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -52,150 +52,14 @@ from creditmeter.storage.ledger.base import (
     subscription_row,
     txn_filters,
 )
+from creditmeter.storage.ledger.schema import POSTGRES_SCHEMA
+from creditmeter.storage.migrations import migrate_postgres
 from creditmeter.storage.pg import DOWN, close_pool, on_pool
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-  event_id   TEXT COLLATE "C" PRIMARY KEY,
-  tenant     TEXT COLLATE "C" NOT NULL,
-  account    TEXT COLLATE "C" NOT NULL,
-  kind       TEXT COLLATE "C" NOT NULL,
-  txn        TEXT COLLATE "C" NOT NULL,
-  seq        BIGINT NOT NULL,
-  request_id TEXT COLLATE "C" NOT NULL,
-  ts_ms      BIGINT NOT NULL,
-  lot        TEXT COLLATE "C" NOT NULL,
-  amount     BIGINT NOT NULL,
-  balance    BIGINT,
-  feature    TEXT COLLATE "C" NOT NULL,
-  units      BIGINT NOT NULL,
-  priority   BIGINT,
-  expires_at BIGINT,
-  source     TEXT COLLATE "C" NOT NULL,
-  reference  TEXT COLLATE "C" NOT NULL,
-  unlimited  BOOLEAN
-);
-CREATE INDEX IF NOT EXISTS events_account_seq ON events (tenant, account, seq);
-CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant, kind, ts_ms);
-CREATE INDEX IF NOT EXISTS events_recharge_due ON events (ts_ms)
-  WHERE kind = 'recharge_due';
-CREATE TABLE IF NOT EXISTS requests (
-  tenant      TEXT COLLATE "C" NOT NULL,
-  account     TEXT COLLATE "C" NOT NULL,
-  request_id  TEXT COLLATE "C" NOT NULL,
-  fingerprint TEXT COLLATE "C" NOT NULL,
-  reply       TEXT COLLATE "C" NOT NULL,
-  txn         TEXT COLLATE "C" NOT NULL,
-  ts_ms       BIGINT NOT NULL,
-  PRIMARY KEY (tenant, account, request_id)
-);
-CREATE INDEX IF NOT EXISTS requests_time ON requests (ts_ms);
-CREATE TABLE IF NOT EXISTS staged_grants (
-  tenant      TEXT COLLATE "C" NOT NULL,
-  account     TEXT COLLATE "C" NOT NULL,
-  request_id  TEXT COLLATE "C" NOT NULL,
-  fingerprint TEXT COLLATE "C" NOT NULL,
-  txn         TEXT COLLATE "C" NOT NULL,
-  lot_id      TEXT COLLATE "C" NOT NULL,
-  amount      BIGINT NOT NULL,
-  priority    BIGINT NOT NULL,
-  expires_at  BIGINT,
-  source      TEXT COLLATE "C" NOT NULL,
-  reference   TEXT COLLATE "C" NOT NULL,
-  created_ms  BIGINT NOT NULL,
-  operation   TEXT COLLATE "C" NOT NULL,
-  PRIMARY KEY (tenant, account, request_id)
-);
-CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
-CREATE TABLE IF NOT EXISTS subscriptions (
-  subscription_id TEXT COLLATE "C" PRIMARY KEY,
-  tenant          TEXT COLLATE "C" NOT NULL,
-  account         TEXT COLLATE "C" NOT NULL,
-  pack_id         TEXT COLLATE "C" NOT NULL,
-  status          TEXT COLLATE "C" NOT NULL,
-  recurrence      TEXT COLLATE "C" NOT NULL,
-  pack_name       TEXT COLLATE "C" NOT NULL,
-  credits         BIGINT NOT NULL,
-  bonus_credits   BIGINT NOT NULL,
-  rollover_cap    BIGINT NOT NULL,
-  priority        BIGINT NOT NULL,
-  price_minor     BIGINT NOT NULL,
-  currency        TEXT COLLATE "C" NOT NULL,
-  anchor_ms       BIGINT NOT NULL,
-  periods_granted BIGINT NOT NULL,
-  next_period_ms  BIGINT NOT NULL,
-  request_id      TEXT COLLATE "C" NOT NULL,
-  fingerprint     TEXT COLLATE "C" NOT NULL,
-  create_ms       BIGINT NOT NULL,
-  cancel_ms       BIGINT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS subscriptions_request ON subscriptions (tenant, request_id);
-CREATE INDEX IF NOT EXISTS subscriptions_due ON subscriptions (status, next_period_ms);
-CREATE TABLE IF NOT EXISTS purchases (
-  purchase_id       TEXT COLLATE "C" PRIMARY KEY,
-  tenant            TEXT COLLATE "C" NOT NULL,
-  account           TEXT COLLATE "C" NOT NULL,
-  pack_id           TEXT COLLATE "C" NOT NULL,
-  status            TEXT COLLATE "C" NOT NULL,
-  payment_reference TEXT COLLATE "C" NOT NULL,
-  pack_name         TEXT COLLATE "C" NOT NULL,
-  price_minor       BIGINT NOT NULL,
-  currency          TEXT COLLATE "C" NOT NULL,
-  credits           BIGINT NOT NULL,
-  bonus_credits     BIGINT NOT NULL,
-  lot_ids           TEXT COLLATE "C" NOT NULL,
-  request_id        TEXT COLLATE "C" NOT NULL,
-  fingerprint       TEXT COLLATE "C" NOT NULL,
-  trial             BOOLEAN NOT NULL,
-  create_ms         BIGINT NOT NULL,
-  complete_ms       BIGINT,
-  expire_ms         BIGINT,
-  refunded_credits  BIGINT NOT NULL,
-  spent_credits     BIGINT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS purchases_request ON purchases (tenant, request_id);
-CREATE UNIQUE INDEX IF NOT EXISTS purchases_payment_reference
-  ON purchases (tenant, payment_reference) WHERE payment_reference <> '';
-CREATE UNIQUE INDEX IF NOT EXISTS purchases_trial ON purchases (tenant, pack_id, account)
-  WHERE trial;
-CREATE INDEX IF NOT EXISTS purchases_tenant_time ON purchases (tenant, create_ms, purchase_id);
-CREATE INDEX IF NOT EXISTS purchases_account_time
-  ON purchases (tenant, account, create_ms, purchase_id);
-CREATE INDEX IF NOT EXISTS purchases_pending_expiry ON purchases (status, expire_ms);
-CREATE TABLE IF NOT EXISTS webhook_notices (
-  seq        BIGSERIAL PRIMARY KEY,
-  notice_id  TEXT COLLATE "C" NOT NULL UNIQUE,
-  tenant     TEXT COLLATE "C" NOT NULL,
-  kind       TEXT COLLATE "C" NOT NULL,
-  created_ms BIGINT NOT NULL,
-  data       TEXT COLLATE "C" NOT NULL
-);
-CREATE TABLE IF NOT EXISTS webhook_deliveries (
-  delivery_id      TEXT COLLATE "C" PRIMARY KEY,
-  tenant           TEXT COLLATE "C" NOT NULL,
-  endpoint_id      TEXT COLLATE "C" NOT NULL,
-  event_id         TEXT COLLATE "C" NOT NULL,
-  event_type       TEXT COLLATE "C" NOT NULL,
-  body             TEXT COLLATE "C" NOT NULL,
-  status           TEXT COLLATE "C" NOT NULL,
-  attempts         BIGINT NOT NULL,
-  create_ms        BIGINT NOT NULL,
-  next_attempt_ms  BIGINT NOT NULL,
-  lease_until_ms   BIGINT NOT NULL,
-  last_attempt_ms  BIGINT,
-  last_status_code BIGINT NOT NULL,
-  last_error       TEXT COLLATE "C" NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant_time
-  ON webhook_deliveries (tenant, create_ms, delivery_id);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_time ON webhook_deliveries (create_ms);
-"""
-
-#: Serializes schema creation across processes: concurrent CREATE ... IF NOT EXISTS of the
-#: same table can fail on the catalog's unique index. (Any fixed 64-bit number.)
+#: Serializes the schema's migrations across processes (two servers opening one new
+#: database at once); any fixed 64-bit number.
 _SCHEMA_LOCK_KEY = 0x63726564_6D657472  # "credmetr"
 _POOL_MAX_SIZE = 10
 _CONNECT_TIMEOUT_S = 10.0
@@ -353,7 +217,7 @@ class PostgresLedger(Ledger):
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
-                await conn.execute(SCHEMA)
+                await migrate_postgres(conn, POSTGRES_SCHEMA)
         except BaseException as error:
             pool.terminate()
             if isinstance(error, DOWN):  # not a configuration error: worth trying again

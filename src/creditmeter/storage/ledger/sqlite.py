@@ -53,146 +53,10 @@ from creditmeter.storage.ledger.base import (
     subscription_row,
     txn_filters,
 )
+from creditmeter.storage.ledger.schema import SQLITE_SCHEMA
+from creditmeter.storage.migrations import migrate_sqlite
 
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-  event_id   TEXT PRIMARY KEY,
-  tenant     TEXT NOT NULL,
-  account    TEXT NOT NULL,
-  kind       TEXT NOT NULL,
-  txn        TEXT NOT NULL,
-  seq        INTEGER NOT NULL,
-  request_id TEXT NOT NULL,
-  ts_ms      INTEGER NOT NULL,
-  lot        TEXT NOT NULL,
-  amount     INTEGER NOT NULL,
-  balance    INTEGER,
-  feature    TEXT NOT NULL,
-  units      INTEGER NOT NULL,
-  priority   INTEGER,
-  expires_at INTEGER,
-  source     TEXT NOT NULL,
-  reference  TEXT NOT NULL,
-  unlimited  INTEGER
-);
-CREATE INDEX IF NOT EXISTS events_account_seq ON events (tenant, account, seq);
-CREATE INDEX IF NOT EXISTS events_tenant_time ON events (tenant, kind, ts_ms);
-CREATE INDEX IF NOT EXISTS events_recharge_due ON events (ts_ms)
-  WHERE kind = 'recharge_due';
-CREATE TABLE IF NOT EXISTS requests (
-  tenant      TEXT NOT NULL,
-  account     TEXT NOT NULL,
-  request_id  TEXT NOT NULL,
-  fingerprint TEXT NOT NULL,
-  reply       TEXT NOT NULL,
-  txn         TEXT NOT NULL,
-  ts_ms       INTEGER NOT NULL,
-  PRIMARY KEY (tenant, account, request_id)
-);
-CREATE INDEX IF NOT EXISTS requests_time ON requests (ts_ms);
-CREATE TABLE IF NOT EXISTS staged_grants (
-  tenant      TEXT NOT NULL,
-  account     TEXT NOT NULL,
-  request_id  TEXT NOT NULL,
-  fingerprint TEXT NOT NULL,
-  txn         TEXT NOT NULL,
-  lot_id      TEXT NOT NULL,
-  amount      INTEGER NOT NULL,
-  priority    INTEGER NOT NULL,
-  expires_at  INTEGER,
-  source      TEXT NOT NULL,
-  reference   TEXT NOT NULL,
-  created_ms  INTEGER NOT NULL,
-  operation   TEXT NOT NULL,
-  PRIMARY KEY (tenant, account, request_id)
-);
-CREATE INDEX IF NOT EXISTS staged_grants_created ON staged_grants (created_ms);
-CREATE TABLE IF NOT EXISTS subscriptions (
-  subscription_id TEXT PRIMARY KEY,
-  tenant          TEXT NOT NULL,
-  account         TEXT NOT NULL,
-  pack_id         TEXT NOT NULL,
-  status          TEXT NOT NULL,
-  recurrence      TEXT NOT NULL,
-  pack_name       TEXT NOT NULL,
-  credits         INTEGER NOT NULL,
-  bonus_credits   INTEGER NOT NULL,
-  rollover_cap    INTEGER NOT NULL,
-  priority        INTEGER NOT NULL,
-  price_minor     INTEGER NOT NULL,
-  currency        TEXT NOT NULL,
-  anchor_ms       INTEGER NOT NULL,
-  periods_granted INTEGER NOT NULL,
-  next_period_ms  INTEGER NOT NULL,
-  request_id      TEXT NOT NULL,
-  fingerprint     TEXT NOT NULL,
-  create_ms       INTEGER NOT NULL,
-  cancel_ms       INTEGER
-);
-CREATE UNIQUE INDEX IF NOT EXISTS subscriptions_request ON subscriptions (tenant, request_id);
-CREATE INDEX IF NOT EXISTS subscriptions_due ON subscriptions (status, next_period_ms);
-CREATE TABLE IF NOT EXISTS purchases (
-  purchase_id       TEXT PRIMARY KEY,
-  tenant            TEXT NOT NULL,
-  account           TEXT NOT NULL,
-  pack_id           TEXT NOT NULL,
-  status            TEXT NOT NULL,
-  payment_reference TEXT NOT NULL,
-  pack_name         TEXT NOT NULL,
-  price_minor       INTEGER NOT NULL,
-  currency          TEXT NOT NULL,
-  credits           INTEGER NOT NULL,
-  bonus_credits     INTEGER NOT NULL,
-  lot_ids           TEXT NOT NULL,
-  request_id        TEXT NOT NULL,
-  fingerprint       TEXT NOT NULL,
-  trial             INTEGER NOT NULL,
-  create_ms         INTEGER NOT NULL,
-  complete_ms       INTEGER,
-  expire_ms         INTEGER,
-  refunded_credits  INTEGER NOT NULL,
-  spent_credits     INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS purchases_request ON purchases (tenant, request_id);
-CREATE UNIQUE INDEX IF NOT EXISTS purchases_payment_reference
-  ON purchases (tenant, payment_reference) WHERE payment_reference <> '';
-CREATE UNIQUE INDEX IF NOT EXISTS purchases_trial ON purchases (tenant, pack_id, account)
-  WHERE trial;
-CREATE INDEX IF NOT EXISTS purchases_tenant_time ON purchases (tenant, create_ms, purchase_id);
-CREATE INDEX IF NOT EXISTS purchases_account_time
-  ON purchases (tenant, account, create_ms, purchase_id);
-CREATE INDEX IF NOT EXISTS purchases_pending_expiry ON purchases (status, expire_ms);
-CREATE TABLE IF NOT EXISTS webhook_notices (
-  seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-  notice_id  TEXT NOT NULL UNIQUE,
-  tenant     TEXT NOT NULL,
-  kind       TEXT NOT NULL,
-  created_ms INTEGER NOT NULL,
-  data       TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS webhook_deliveries (
-  delivery_id      TEXT PRIMARY KEY,
-  tenant           TEXT NOT NULL,
-  endpoint_id      TEXT NOT NULL,
-  event_id         TEXT NOT NULL,
-  event_type       TEXT NOT NULL,
-  body             TEXT NOT NULL,
-  status           TEXT NOT NULL,
-  attempts         INTEGER NOT NULL,
-  create_ms        INTEGER NOT NULL,
-  next_attempt_ms  INTEGER NOT NULL,
-  lease_until_ms   INTEGER NOT NULL,
-  last_attempt_ms  INTEGER,
-  last_status_code INTEGER NOT NULL,
-  last_error       TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant_time
-  ON webhook_deliveries (tenant, create_ms, delivery_id);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_time ON webhook_deliveries (create_ms);
-"""
 
 _PERIOD_FORMAT = {Period.DAY: "%Y-%m-%d", Period.MONTH: "%Y-%m"}
 _SCAN_CHUNK = 5000
@@ -322,10 +186,19 @@ class _Worker:
                 db.execute("PRAGMA query_only=ON")
             else:
                 db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
-                db.executescript(SCHEMA)
+                try:
+                    migrate_sqlite(db, SQLITE_SCHEMA)
+                except BaseException:
+                    db.close()  # a newer schema, say: the ledger stays closed
+                    raise
             self._db = db
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._executor is None:
