@@ -20,7 +20,7 @@ from creditmeter.errors import AccountNotFound
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import (
     EVENT_KINDS,
-    Ledger,
+    EventLog,
     Period,
     Transaction,
     TxnQuery,
@@ -62,7 +62,7 @@ def _decode_token(token: str, digest: str, v: Violations) -> int | None:
 
 
 class History:
-    def __init__(self, ledger: Ledger, store: RedisStore) -> None:
+    def __init__(self, ledger: EventLog, store: RedisStore) -> None:
         self.ledger = ledger
         #: Where an account with nothing flushed yet already exists.
         self.store = store

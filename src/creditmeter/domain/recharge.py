@@ -46,7 +46,7 @@ from creditmeter.domain.validation import Violations
 from creditmeter.errors import CreditError, PackNotFound, applied
 from creditmeter.storage.config_store import ConfigStore, RechargeRow
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import Event, Ledger
+from creditmeter.storage.ledger.base import Event, EventLog
 from creditmeter.storage.recharge import (
     DUE_KIND,
     POLICY_KIND,
@@ -246,7 +246,7 @@ class RechargePurchases:
     RECHARGE_SWEEP_S (and at start) it reads back RECHARGE_LOOKBACK_MS, for events a
     ledger outage delayed."""
 
-    def __init__(self, ledger: Ledger, create: CreatePurchase, clock: Clock) -> None:
+    def __init__(self, ledger: EventLog, create: CreatePurchase, clock: Clock) -> None:
         self.ledger = ledger
         self.create = create
         self.clock = clock

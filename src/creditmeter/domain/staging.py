@@ -19,7 +19,7 @@ from creditmeter.constants import RECONCILE_BATCH, STAGED_GRANT_RETRY_AFTER_MS
 from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.errors import Rejected, from_rejection
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import Ledger, StagedGrant
+from creditmeter.storage.ledger.base import StagedGrant, Staging
 from creditmeter.storage.redis_store import (
     Call,
     GrantRecord,
@@ -88,7 +88,7 @@ def staged_grant(keys: AccountKeys, call: Call, lot: NewLot, operation: Operatio
 
 
 async def apply_staged(
-    store: RedisStore, ledger: Ledger, staged: StagedGrant, now_ms: int
+    store: RedisStore, ledger: Staging, staged: StagedGrant, now_ms: int
 ) -> GrantRecord | SetBalanceRecord:
     """Apply money-in staged in the ledger to Redis, with the call that staged it.
 
@@ -140,7 +140,7 @@ async def apply_staged(
         raise from_rejection(rejected) from None
 
 
-async def reconcile(store: RedisStore, ledger: Ledger, now_ms: int) -> int:
+async def reconcile(store: RedisStore, ledger: Staging, now_ms: int) -> int:
     """Re-apply money-in staged in the ledger that never reached Redis (staged more than
     STAGED_GRANT_RETRY_AFTER_MS ago with no event of its grant); returns how many."""
     found = await ledger.unapplied_grants(now_ms - STAGED_GRANT_RETRY_AFTER_MS, RECONCILE_BATCH)

@@ -518,24 +518,9 @@ def txn_filters(query: TxnQuery, placeholder: Callable[[], str]) -> tuple[str, l
     return "".join(f" AND {s}" for s in sql), params
 
 
-class Ledger(ABC):
-    """A durable, append-only store of events. Safe for several processes at once."""
-
-    @abstractmethod
-    async def open(self) -> None:
-        """Connect and create the schema if needed.
-
-        Raises BackendUnavailable when the ledger does not answer: the caller may call
-        `open` again later (`connection.LedgerLink` does). Anything else, such as refused
-        credentials or a missing database, is a configuration error. Until `open` has
-        succeeded, every other call raises BackendUnavailable."""
-
-    @abstractmethod
-    async def close(self) -> None: ...
-
-    @abstractmethod
-    async def ping(self) -> None:
-        """Raise if the ledger cannot take writes."""
+class EventLog(ABC):
+    """The events of every change, with the idempotency records and webhook notices written
+    beside them: appended by the flusher, read by history, reports, audit and rebuild."""
 
     @abstractmethod
     async def append(
@@ -546,20 +531,6 @@ class Ledger(ABC):
     ) -> int:
         """Insert events, request records and webhook notices in one transaction, skipping
         ids already present; returns how many events were new. Committed when it returns."""
-
-    @abstractmethod
-    async def stage_grant(self, grant: StagedGrant) -> StagedGrant:
-        """Record money-in before it reaches Redis. A retry (same tenant, account, request
-        id and fingerprint) returns the first staged grant; the same request id with another
-        fingerprint raises Rejected(IDEMPOTENCY_KEY_REUSED)."""
-
-    @abstractmethod
-    async def withdraw_grant(self, grant: StagedGrant) -> None:
-        """Remove a staged grant that Redis refused (it never became credit)."""
-
-    @abstractmethod
-    async def unapplied_grants(self, created_before_ms: int, limit: int) -> list[StagedGrant]:
-        """Staged grants older than the cutoff whose grant event is not in the ledger."""
 
     @abstractmethod
     async def transactions(
@@ -597,7 +568,30 @@ class Ledger(ABC):
         purchase yet with request id "recharge:<their txn>" (creditmeter.domain.recharge),
         oldest first, at most `limit`."""
 
-    # --- purchases --------------------------------------------------------------------
+
+class Staging(ABC):
+    """Money in, ledger first (creditmeter.domain.staging): a grant staged before it reaches
+    Redis, withdrawn if Redis refuses it, and found again if it never got there."""
+
+    @abstractmethod
+    async def stage_grant(self, grant: StagedGrant) -> StagedGrant:
+        """Record money-in before it reaches Redis. A retry (same tenant, account, request
+        id and fingerprint) returns the first staged grant; the same request id with another
+        fingerprint raises Rejected(IDEMPOTENCY_KEY_REUSED)."""
+
+    @abstractmethod
+    async def withdraw_grant(self, grant: StagedGrant) -> None:
+        """Remove a staged grant that Redis refused (it never became credit)."""
+
+    @abstractmethod
+    async def unapplied_grants(self, created_before_ms: int, limit: int) -> list[StagedGrant]:
+        """Staged grants older than the cutoff whose grant event is not in the ledger."""
+
+
+class Commerce(ABC):
+    """Purchases and subscriptions (creditmeter.domain.purchases, .subscriptions): rows the
+    ledger owns, changed in one transaction with the grants they stage."""
+
     @abstractmethod
     async def create_purchase(
         self, purchase: PurchaseRecord, grants: Sequence[StagedGrant]
@@ -647,7 +641,23 @@ class Ledger(ABC):
     @abstractmethod
     async def get_purchase(self, tenant: str, purchase_id: str) -> PurchaseRecord | None: ...
 
-    # --- subscriptions ------------------------------------------------------------------
+    @abstractmethod
+    async def list_purchases(
+        self,
+        tenant: str,
+        account: str | None,
+        status: str | None,
+        limit: int,
+        before: tuple[int, str] | None,
+    ) -> list[PurchaseRecord]:
+        """Purchases newest first, by (create_ms, purchase_id) descending, strictly before
+        `before` if given."""
+
+    @abstractmethod
+    async def expire_purchases(self, now_ms: int, limit: int) -> int:
+        """Mark pending purchases past their expiry expired (with their notices); returns
+        how many."""
+
     @abstractmethod
     async def create_subscription(self, sub: SubscriptionRecord) -> tuple[SubscriptionRecord, bool]:
         """Insert a subscription; (it, True), or (the existing one, False) when the tenant
@@ -682,19 +692,11 @@ class Ledger(ABC):
     ) -> SubscriptionRecord | None:
         """Active -> cancelled (cancel_ms = now); returns the subscription afterwards."""
 
-    @abstractmethod
-    async def list_purchases(
-        self,
-        tenant: str,
-        account: str | None,
-        status: str | None,
-        limit: int,
-        before: tuple[int, str] | None,
-    ) -> list[PurchaseRecord]:
-        """Purchases newest first, by (create_ms, purchase_id) descending, strictly before
-        `before` if given."""
 
-    # --- webhooks ---------------------------------------------------------------------
+class WebhookFeed(ABC):
+    """Webhook notices fanned out into deliveries, claimed under leases, attempted, listed
+    and pruned (creditmeter.domain.webhooks)."""
+
     @abstractmethod
     async def pending_notices(self, limit: int) -> list[Notice]:
         """Notices not fanned out yet, oldest first."""
@@ -739,10 +741,27 @@ class Ledger(ABC):
         """Remove up to `limit` deliveries made before `before_ms` that are done (delivered
         or failed); returns how many."""
 
+
+class Ledger(EventLog, Staging, Commerce, WebhookFeed):
+    """A durable, append-only store of events. Safe for several processes at once. Its
+    roles are the classes above; a part of the domain that needs only one depends on
+    that one."""
+
     @abstractmethod
-    async def expire_purchases(self, now_ms: int, limit: int) -> int:
-        """Mark pending purchases past their expiry expired (with their notices); returns
-        how many."""
+    async def open(self) -> None:
+        """Connect and create the schema if needed.
+
+        Raises BackendUnavailable when the ledger does not answer: the caller may call
+        `open` again later (`connection.LedgerLink` does). Anything else, such as refused
+        credentials or a missing database, is a configuration error. Until `open` has
+        succeeded, every other call raises BackendUnavailable."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise if the ledger cannot take writes."""
 
 
 def delivery_filters(
