@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from creditmeter.domain.lots import Lot
 from creditmeter.errors import AccountNotFound
-from creditmeter.storage import credit_line
+from creditmeter.storage import credit_line, totals
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.redis_store import Holdings, RedisStore
 
@@ -59,12 +59,12 @@ class AccountRead:
 
     @property
     def unlimited(self) -> bool:
-        return self.fields.get("unlimited") == "1"
+        return totals.unlimited(self.fields)
 
     @property
     def reserved(self) -> int:
         """Credit held by open call sessions."""
-        return int(self.fields.get("reserved", "0"))
+        return totals.reserved(self.fields)
 
     @property
     def debt(self) -> int:

@@ -1,6 +1,7 @@
-"""An account's running totals as its hash holds them (see the fields in _lib.lua):
-granted, used, expired, removed, refunded, and per feature `used:<feature>` (credits) and
-`units:<feature>`. The domain reads them through `totals`, never by field name."""
+"""An account's figures as its hash holds them (see the fields in _lib.lua): the running
+totals granted, used, expired, removed, refunded, per feature `used:<feature>` (credits)
+and `units:<feature>`; and whether it is unlimited and what sessions hold. The domain
+reads them through these functions, never by field name."""
 
 from __future__ import annotations
 
@@ -38,3 +39,12 @@ def totals(fields: Mapping[str, str]) -> Totals:
 def feature_fields(feature: str) -> tuple[str, str]:
     """The names of a feature's credits and units fields."""
     return USED + feature, UNITS + feature
+
+
+def unlimited(fields: Mapping[str, str]) -> bool:
+    return fields.get("unlimited") == "1"
+
+
+def reserved(fields: Mapping[str, str]) -> int:
+    """Credit held by open call sessions."""
+    return int(fields.get("reserved", "0"))
