@@ -186,6 +186,26 @@ async def test_a_session_hold_that_takes_the_balance_below_falls_due(tenant: Ten
         call.cancel()
 
 
+async def test_an_expiry_the_sweeper_finds_falls_due_on_the_tenants_default(
+    app: App, tenant: Tenant, clock: ManualClock
+) -> None:
+    await policy(tenant, 50)
+    await grant(tenant, "exp", 40)
+    await tenant.admin.Grant(
+        pb.GrantRequest(account_id="exp", amount=100, valid_for={"seconds": 60}, request_id=rid())
+    )
+    call = await watch(tenant.read, account_id="exp")
+    try:
+        clock.advance(61_000)
+        assert app.metering is not None
+        await app.metering.sweep_due()  # no request touches the account: the sweeper
+        alert = await next_alert(call)
+        assert alert.kind == pb.BALANCE_ALERT_KIND_RECHARGE_DUE
+        assert (alert.threshold, alert.previous_balance, alert.balance) == (50, 140, 40)
+    finally:
+        call.cancel()
+
+
 # --- the pending purchase ---------------------------------------------------------------
 @pytest.mark.flusher
 async def test_64_concurrent_consumers_create_exactly_one_pending_purchase(

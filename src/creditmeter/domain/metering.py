@@ -854,5 +854,6 @@ class Metering:
         now = self.clock.now_ms()
         expired = 0
         for keys in await self.store.due_accounts(now):
-            expired += await self.store.sweep(keys, Call(now_ms=now, txn=new_id("exp", now)))
+            call = Call(now_ms=now, txn=new_id("exp", now))
+            expired += await self.store.sweep(keys, call, self.limits.recharges.arg(keys.tenant))
         return expired

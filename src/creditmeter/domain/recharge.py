@@ -21,8 +21,9 @@ Where each part lives:
   pack per event, its request id derived from the event (so any number of servers and
   restarts create it once); the platform completes it with its payment provider.
 
-A crossing found by a script that is not given the tenant's default (the expiry
-sweeper, a reset, a refund) counts only an account's own policy.
+The scripts that charge (consume, session steps) and the expiry sweeper's are given the
+tenant's default; a crossing made by another (a reset, a refund, a voided grant) counts
+only an account's own policy.
 """
 
 from __future__ import annotations

@@ -779,9 +779,9 @@ class RedisStore:
         of None in `own`), or with `own` None remove its own (the tenant's applies)."""
         await self._run("set_recharge", keys, call, recharge.script_args(own))
 
-    async def sweep(self, keys: AccountKeys, call: Call) -> int:
+    async def sweep(self, keys: AccountKeys, call: Call, recharge: str = "") -> int:
         """Record the expiry of the account's lots whose time has come; returns how many."""
-        values = await self._run("sweep", keys, call, [])
+        values = await self._run("sweep", keys, call, [recharge])
         return int(values[0])
 
     async def renew(

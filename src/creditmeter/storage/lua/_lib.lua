@@ -834,8 +834,8 @@ end
 -- A recharge policy "<threshold>:<pack id>" (pack '' = none) says an account is due a
 -- recharge when its spendable balance falls below the threshold. The account's own is
 -- its `R` field ('off': none, even with the tenant's); without one, the tenant's default
--- applies, which the scripts that charge (consume, session) are given with each call
--- (the fourth limit arg, kept in RECHARGE). Run by the library's wrapper after every
+-- applies, which the scripts that charge (consume, session: the fourth limit arg) and
+-- the sweeper's (sweep.lua) are given with each call, kept in RECHARGE. Run by the library's wrapper after every
 -- script body: a call whose changes took the spendable balance from at or above the
 -- threshold to below it records one `recharge_due` event, in a transaction of its own
 -- ("<txn>d"), amount the threshold, reference the pack. One per crossing, whatever
