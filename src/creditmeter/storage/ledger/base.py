@@ -471,24 +471,23 @@ def subscription_from_row(r: Sequence[Any]) -> SubscriptionRecord:
     return SubscriptionRecord(*r)
 
 
-def purchase_filters(
-    account: str | None,
-    status: str | None,
+def listing_filters(
+    equal: Sequence[tuple[str, object | None]],
+    id_column: str,
     before: tuple[int, str] | None,
     placeholder: Callable[[], str],
 ) -> tuple[str, list[Any]]:
-    """SQL conditions (after tenant) and their parameters for listing purchases: the
-    account, the status, and the keyset `(create_ms, purchase_id) < before`."""
+    """SQL conditions (after tenant) and their parameters for a listing newest first: each
+    column of `equal` whose value is not None equal to it, and the keyset
+    `(create_ms, <id_column>) < before`. Purchases and webhook deliveries list this way."""
     sql: list[str] = []
     params: list[Any] = []
-    if account is not None:
-        sql.append(f"account = {placeholder()}")
-        params.append(account)
-    if status is not None:
-        sql.append(f"status = {placeholder()}")
-        params.append(status)
+    for column, value in equal:
+        if value is not None:
+            sql.append(f"{column} = {placeholder()}")
+            params.append(value)
     if before is not None:
-        sql.append(f"(create_ms, purchase_id) < ({placeholder()}, {placeholder()})")
+        sql.append(f"(create_ms, {id_column}) < ({placeholder()}, {placeholder()})")
         params.extend(before)
     return "".join(f" AND {s}" for s in sql), params
 
@@ -764,22 +763,3 @@ class Ledger(EventLog, Staging, Commerce, WebhookFeed):
         """Raise if the ledger cannot take writes."""
 
 
-def delivery_filters(
-    endpoint_id: str | None,
-    status: str | None,
-    before: tuple[int, str] | None,
-    placeholder: Callable[[], str],
-) -> tuple[str, list[Any]]:
-    """SQL conditions (after tenant) and parameters for listing deliveries."""
-    sql: list[str] = []
-    params: list[Any] = []
-    if endpoint_id is not None:
-        sql.append(f"endpoint_id = {placeholder()}")
-        params.append(endpoint_id)
-    if status is not None:
-        sql.append(f"status = {placeholder()}")
-        params.append(status)
-    if before is not None:
-        sql.append(f"(create_ms, delivery_id) < ({placeholder()}, {placeholder()})")
-        params.extend(before)
-    return "".join(f" AND {c}" for c in sql), params

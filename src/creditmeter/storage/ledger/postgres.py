@@ -34,7 +34,6 @@ from creditmeter.storage.ledger.base import (
     Transaction,
     TxnQuery,
     UsageRow,
-    delivery_filters,
     delivery_from_row,
     delivery_row,
     event_from_row,
@@ -42,9 +41,9 @@ from creditmeter.storage.ledger.base import (
     group_transactions,
     join_lot_ids,
     ledger_unavailable,
+    listing_filters,
     notice_row,
     period_notice,
-    purchase_filters,
     purchase_from_row,
     purchase_notice,
     purchase_row,
@@ -553,7 +552,10 @@ class PostgresLedger(Ledger):
         before: tuple[int, str] | None,
     ) -> list[PurchaseRecord]:
         numbers = itertools.count(2)  # $1 is the tenant
-        where, params = purchase_filters(account, status, before, lambda: f"${next(numbers)}")
+        where, params = listing_filters(
+            [("account", account), ("status", status)], "purchase_id", before,
+            lambda: f"${next(numbers)}",
+        )
         args: list[Any] = [tenant, *params, limit]
         sql = (
             f"{_SELECT_PURCHASE} WHERE tenant = $1{where}"
@@ -738,7 +740,10 @@ class PostgresLedger(Ledger):
         before: tuple[int, str] | None,
     ) -> list[Delivery]:
         counter = itertools.count(2)
-        where, params = delivery_filters(endpoint_id, status, before, lambda: f"${next(counter)}")
+        where, params = listing_filters(
+            [("endpoint_id", endpoint_id), ("status", status)], "delivery_id", before,
+            lambda: f"${next(counter)}",
+        )
         sql = (
             f"{_SELECT_DELIVERY} WHERE tenant = $1{where}"
             f" ORDER BY create_ms DESC, delivery_id DESC LIMIT ${next(counter)}"

@@ -35,7 +35,6 @@ from creditmeter.storage.ledger.base import (
     Transaction,
     TxnQuery,
     UsageRow,
-    delivery_filters,
     delivery_from_row,
     delivery_row,
     event_from_row,
@@ -43,9 +42,9 @@ from creditmeter.storage.ledger.base import (
     group_transactions,
     join_lot_ids,
     ledger_unavailable,
+    listing_filters,
     notice_row,
     period_notice,
-    purchase_filters,
     purchase_from_row,
     purchase_notice,
     purchase_row,
@@ -552,7 +551,9 @@ class SqliteLedger(Ledger):
         limit: int,
         before: tuple[int, str] | None,
     ) -> list[PurchaseRecord]:
-        where, params = purchase_filters(account, status, before, lambda: "?")
+        where, params = listing_filters(
+            [("account", account), ("status", status)], "purchase_id", before, lambda: "?"
+        )
         sql = (
             f"{_SELECT_PURCHASE} WHERE tenant = ?{where}"
             " ORDER BY create_ms DESC, purchase_id DESC LIMIT ?"
@@ -748,7 +749,10 @@ class SqliteLedger(Ledger):
         limit: int,
         before: tuple[int, str] | None,
     ) -> list[Delivery]:
-        where, params = delivery_filters(endpoint_id, status, before, lambda: "?")
+        where, params = listing_filters(
+            [("endpoint_id", endpoint_id), ("status", status)], "delivery_id", before,
+            lambda: "?",
+        )
         sql = (
             f"{_SELECT_DELIVERY} WHERE tenant = ?{where}"
             " ORDER BY create_ms DESC, delivery_id DESC LIMIT ?"
