@@ -261,7 +261,7 @@ class _Watch:
         if not self.relevant(txn):
             return []
         found: list[tuple[AlertKind, int, tuple[int, int], str, int, str]] = []
-        for txn_id, events in _transactions(txn.events):
+        for txn_id, events in transactions_of(txn.events):
             time_ms = int(next((e["ts"] for e in reversed(events) if "ts" in e), "0"))
             due = recharge_due(events)
             if due is not None:
@@ -303,10 +303,11 @@ class _Watch:
         return alerts
 
 
-def _transactions(
+def transactions_of(
     events: Sequence[Mapping[str, str]],
 ) -> list[tuple[str, list[Mapping[str, str]]]]:
-    """Events split into the runs of one transaction each, in order."""
+    """Events split into the runs of one transaction each, in order (what alerts and
+    webhook notices are made per)."""
     runs: list[tuple[str, list[Mapping[str, str]]]] = []
     for event in events:
         txn = event.get("txn", "")

@@ -38,7 +38,13 @@ from creditmeter.constants import (
     MAX_WEBHOOK_URL,
 )
 from creditmeter.domain import pages
-from creditmeter.domain.alerts import AlertKind, balance_change, crossings, recharge_due
+from creditmeter.domain.alerts import (
+    AlertKind,
+    balance_change,
+    crossings,
+    recharge_due,
+    transactions_of,
+)
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.validation import Violations
@@ -196,13 +202,7 @@ def notices_of(events: Sequence[Mapping[str, str]], balance: bool = True) -> lis
     session the server closed."""
     if not events:
         return []
-    runs: list[tuple[str, list[Mapping[str, str]]]] = []
-    for event in events:
-        txn = event.get("txn", "")
-        if runs and runs[-1][0] == txn:
-            runs[-1][1].append(event)
-        else:
-            runs.append((txn, [event]))
+    runs = transactions_of(events)
     found: list[Notice] = []
     first = events[0]
     tenant, account = first.get("tenant", ""), first.get("account", "")
