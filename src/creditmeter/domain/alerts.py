@@ -152,8 +152,8 @@ def recharge_due(
     if len(events) != 1 or events[0].get("kind") != DUE_KIND:
         return None
     e = events[0]
-    credit = int(e["balance"]) - int(e.get("debt", "0"))  # the credit line's debt, if any
-    after = balances.spendable(credit, int(e.get("reserved", "0")), unlimited=False)
+    credit, reserved, debt = _figures_after(e)
+    after = balances.spendable(credit - debt, reserved, unlimited=False)
     return int(e["amount"]), (int(e["before"]), after), e.get("reference", "")
 
 
