@@ -43,6 +43,7 @@ from creditmeter.storage.recharge import (
     policy_event,
 )
 from creditmeter.storage.redis_store import AccountSnapshot, Call, RedisStore, lot_meta
+from creditmeter.storage.totals import feature_fields
 
 #: A lot whose reference is a bare subscription id is a period's credits (they roll over).
 _SUBSCRIPTION = re.compile(r"sub_[0-9A-Za-z]+")
@@ -72,7 +73,8 @@ class AccountState:
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
     #: Credits consumed out of lots (unlimited accounts consume without lots).
     lot_used: int = 0
-    features: dict[str, int] = field(default_factory=dict)  # "used:<f>" / "units:<f>" -> n
+    #: The per-feature totals by their field names (storage.totals.feature_fields) -> n.
+    features: dict[str, int] = field(default_factory=dict)
     unlimited: bool | None = None
     seq: int = 0
     #: Per subscription, credits of its periods that expired unused since its last renewal
@@ -108,12 +110,9 @@ class AccountState:
                 self.carry.pop(e.reference, None)  # a renewal took the carry
         elif e.kind in CHARGE_KINDS:
             self.totals["used"] += e.amount
-            self.features[f"used:{e.feature}"] = (
-                self.features.get(f"used:{e.feature}", 0) + e.amount
-            )
-            self.features[f"units:{e.feature}"] = (
-                self.features.get(f"units:{e.feature}", 0) + e.units
-            )
+            used, units = feature_fields(e.feature)
+            self.features[used] = self.features.get(used, 0) + e.amount
+            self.features[units] = self.features.get(units, 0) + e.units
             if e.lot:
                 self.lots[e.lot].remaining -= e.amount
                 self.lot_used += e.amount
