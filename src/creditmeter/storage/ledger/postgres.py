@@ -93,10 +93,6 @@ async def _create_staging(conn: asyncpg.Connection) -> None:
     await conn.execute(_CREATE_STAGING)
 
 
-async def _create_staging(conn: asyncpg.Connection) -> None:
-    await conn.execute(_CREATE_STAGING)
-
-
 class PostgresDialect(Dialect):
     # complete_purchase locks the purchase it completes; racing claims of deliveries or
     # expiries, and prunes, skip the rows another transaction holds.

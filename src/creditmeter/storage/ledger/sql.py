@@ -671,6 +671,7 @@ class SqlLedger(Ledger):
             row = await c.fetchrow(
                 f"{_SELECT_DELIVERY} WHERE delivery_id = ?", delivery.delivery_id
             )
+            assert row is not None  # inserted now, or already there
             return delivery_from_row(row)
 
         return await self._transaction(add)
