@@ -20,9 +20,10 @@ from creditmeter.constants import (
 from creditmeter.domain import pages
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
+from creditmeter.domain.model import PackRow
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import PackNotFound, applied
-from creditmeter.storage.config_store import ConfigStore, PackRow
+from creditmeter.storage.config_store import ConfigStore
 
 MAX_NAME = 100
 MAX_DESCRIPTION = 1000

@@ -19,6 +19,7 @@ from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
+from creditmeter.domain.model import PackRow, PurchaseRecord
 from creditmeter.domain.packs import Catalog, Recurrence
 from creditmeter.domain.staging import apply_staged
 from creditmeter.domain.validation import Violations
@@ -33,9 +34,8 @@ from creditmeter.errors import (
     TrialAlreadyUsed,
     applied,
 )
-from creditmeter.storage.config_store import PackRow
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import Ledger, PurchaseRecord, StagedGrant
+from creditmeter.storage.ledger.base import Ledger, StagedGrant
 from creditmeter.storage.redis_store import Call, GrantRecord, RedisStore
 
 DAY_MS = 86_400_000

@@ -21,6 +21,7 @@ from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
+from creditmeter.domain.model import SubscriptionRecord
 from creditmeter.domain.packs import Catalog, Recurrence
 from creditmeter.domain.staging import Operation, apply_staged
 from creditmeter.domain.validation import Violations
@@ -31,7 +32,7 @@ from creditmeter.errors import (
     SubscriptionNotFound,
     applied,
 )
-from creditmeter.storage.ledger.base import Ledger, StagedGrant, SubscriptionRecord
+from creditmeter.storage.ledger.base import Ledger, StagedGrant
 from creditmeter.storage.redis_store import RedisStore
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,12 @@ from creditmeter.domain.alerts import Alert, AlertKind
 from creditmeter.domain.limits import LimitPeriod, LimitStatus, LimitUnit, UsageLimit
 from creditmeter.domain.lots import Lot, LotSource
 from creditmeter.domain.metering import CheckItem, CheckResult, ConsumeItem, ConsumeResult
+from creditmeter.domain.model import Transaction
 from creditmeter.domain.rates import Rate, RateUnit
 from creditmeter.domain.recharge import Applying, recharge_pack
 from creditmeter.domain.sessions import SessionView, TimeoutPolicy
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import CreditError
-from creditmeter.storage.ledger.base import Transaction
 from creditmeter.transport.enums import enum_name, enum_pb
 from creditmeter.transport.interceptors import describe
 

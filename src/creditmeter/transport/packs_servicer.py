@@ -10,13 +10,12 @@ from creditmeter.api.credits.v1 import credits_pb2
 from creditmeter.api.credits.v1 import packs_pb2 as pb
 from creditmeter.api.credits.v1 import packs_pb2_grpc as pb_grpc
 from creditmeter.constants import DEFAULT_PRIORITY
+from creditmeter.domain.model import PackRow, PurchaseRecord
 from creditmeter.domain.packs import Catalog, PackSpec, Recurrence
 from creditmeter.domain.purchases import Purchases, status_or_error
 from creditmeter.domain.subscriptions import Subscriptions, SubscriptionView
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import InvalidRequest
-from creditmeter.storage.config_store import PackRow
-from creditmeter.storage.ledger.base import PurchaseRecord
 from creditmeter.transport import convert
 from creditmeter.transport.enums import enum_name, enum_pb
 from creditmeter.transport.interceptors import principal
