@@ -20,14 +20,13 @@ from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
 from creditmeter.domain.model import PackRow, PurchaseRecord
-from creditmeter.domain.packs import Catalog, Recurrence
+from creditmeter.domain.packs import Catalog, Sale
 from creditmeter.domain.staging import apply_staged
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     LotNotFound,
-    PackNotActive,
     PurchaseNotCompleted,
     PurchaseNotFound,
     PurchaseNotPending,
@@ -169,14 +168,6 @@ class Purchases:
                 repaid += record.repaid
         return balance, repaid
 
-    async def _pack_for_sale(self, tenant: str, pack_id: str, v: Violations) -> PackRow:
-        pack = await self.catalog.get(tenant, pack_id)
-        if not pack.active or pack.archived:
-            raise PackNotActive(f"pack {pack_id!r} is not for sale", {"pack_id": pack_id})
-        if pack.recurrence != Recurrence.ONE_TIME:
-            v.add("pack_id", "a recurring pack is sold by subscription, not purchase")
-        return pack
-
     def _record(
         self, tenant: str, account: str, pack: PackRow, request_id: str, fp: str, now: int,
         status: str, payment_reference: str, lot_ids: tuple[str, ...],
@@ -214,7 +205,7 @@ class Purchases:
         _id(pack_id, "pack_id", v)
         _payment_reference(payment_reference, v, required=False)  # its length, already
         v.raise_if_any()
-        pack = await self._pack_for_sale(tenant, pack_id, v)
+        pack = await self.catalog.for_sale(tenant, pack_id, Sale.PURCHASE, v)
         _payment_reference(payment_reference, v, required=not pack.trial)
         v.raise_if_any()
         self.gate.check()
@@ -265,9 +256,7 @@ class Purchases:
         v.request_id(request_id)
         _id(pack_id, "pack_id", v)
         v.raise_if_any()
-        pack = await self._pack_for_sale(tenant, pack_id, v)
-        if pack.trial:
-            v.add("pack_id", "a trial pack is granted with PurchasePack, not a payment intent")
+        pack = await self.catalog.for_sale(tenant, pack_id, Sale.PAYMENT_INTENT, v)
         v.raise_if_any()
         now = self.clock.now_ms()
         fp = fingerprint("CreatePurchase", {"account": account, "pack": pack_id})

@@ -22,13 +22,12 @@ from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
 from creditmeter.domain.model import SubscriptionRecord
-from creditmeter.domain.packs import Catalog, Recurrence
+from creditmeter.domain.packs import Catalog, Recurrence, Sale
 from creditmeter.domain.staging import Operation, apply_staged
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     CreditError,
     IdempotencyKeyReused,
-    PackNotActive,
     SubscriptionNotFound,
     applied,
 )
@@ -128,11 +127,7 @@ class Subscriptions:
         if not pack_id:
             v.add("pack_id", "required")
         v.raise_if_any()
-        pack = await self.catalog.get(tenant, pack_id)
-        if not pack.active or pack.archived:
-            raise PackNotActive(f"pack {pack_id!r} is not for sale", {"pack_id": pack_id})
-        if pack.recurrence == Recurrence.ONE_TIME:
-            v.add("pack_id", "a one-time pack is bought with PurchasePack")
+        pack = await self.catalog.for_sale(tenant, pack_id, Sale.SUBSCRIPTION, v)
         v.raise_if_any()
         self.gate.check()
         now = self.clock.now_ms()
