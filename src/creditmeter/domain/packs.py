@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import TypedDict
 
 from creditmeter.constants import (
     DEFAULT_PRIORITY,
@@ -149,6 +150,26 @@ def spec_of(row: PackRow) -> PackSpec:
     )
 
 
+class PackSnapshot(TypedDict):
+    """What a purchase and a subscription keep of their pack as it was (the fields of
+    PurchaseRecord and SubscriptionRecord of these names): a later change to the pack
+    alters nothing bought."""
+
+    pack_id: str
+    pack_name: str
+    credits: int
+    bonus_credits: int
+    price_minor: int
+    currency: str
+
+
+def snapshot(pack: PackRow) -> PackSnapshot:
+    return PackSnapshot(
+        pack_id=pack.pack_id, pack_name=pack.name, credits=pack.credits,
+        bonus_credits=pack.bonus_credits, price_minor=pack.price_minor, currency=pack.currency,
+    )  # fmt: skip
+
+
 def _row(
     tenant: str, pack_id: str, spec: PackSpec, archived: bool, created: int, now: int
 ) -> PackRow:
@@ -274,12 +295,7 @@ class Catalog:
         v = Violations(violations)
         v.request_id(request_id)
         _pack_id(pack_id, v, "pack.pack_id")
-        if not paths:
-            v.add("update_mask", "name at least one field")
-        elif v.count("update_mask.paths", len(paths), MAX_UPDATE_PATHS, "paths"):
-            for i, path in enumerate(paths):
-                if path not in UPDATABLE:
-                    v.add(f"update_mask.paths[{i}]", f"{path[:64]!r} cannot be changed")
+        v.update_mask(paths, UPDATABLE, MAX_UPDATE_PATHS)
         v.raise_if_any()
 
         def build(current: PackRow | None) -> PackRow:

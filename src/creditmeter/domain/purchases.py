@@ -20,7 +20,7 @@ from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
 from creditmeter.domain.model import PackRow, PurchaseRecord
-from creditmeter.domain.packs import Catalog, Sale
+from creditmeter.domain.packs import Catalog, Sale, snapshot
 from creditmeter.domain.staging import apply_staged
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
@@ -177,14 +177,8 @@ class Purchases:
             purchase_id=new_id("pur", now),
             tenant=tenant,
             account=account,
-            pack_id=pack.pack_id,
             status=status,
             payment_reference=payment_reference,
-            pack_name=pack.name,
-            price_minor=pack.price_minor,
-            currency=pack.currency,
-            credits=pack.credits,
-            bonus_credits=pack.bonus_credits,
             lot_ids=lot_ids,
             request_id=request_id,
             fingerprint=fp,
@@ -192,6 +186,7 @@ class Purchases:
             create_ms=now,
             complete_ms=None if pending else now,
             expire_ms=now + self.pending_ttl_ms if pending else None,
+            **snapshot(pack),
         )
 
     # --- PurchasePack ---------------------------------------------------------------

@@ -22,7 +22,7 @@ from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
 from creditmeter.domain.model import SubscriptionRecord
-from creditmeter.domain.packs import Catalog, Recurrence, Sale
+from creditmeter.domain.packs import Catalog, Recurrence, Sale, snapshot
 from creditmeter.domain.staging import Operation, apply_staged
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
@@ -136,22 +136,17 @@ class Subscriptions:
             subscription_id=new_id("sub", now),
             tenant=tenant,
             account=account,
-            pack_id=pack_id,
             status=SubscriptionStatus.ACTIVE,
             recurrence=pack.recurrence,
-            pack_name=pack.name,
-            credits=pack.credits,
-            bonus_credits=pack.bonus_credits,
             rollover_cap=pack.rollover_cap,
             priority=pack.priority,
-            price_minor=pack.price_minor,
-            currency=pack.currency,
             anchor_ms=now,
             periods_granted=0,
             next_period_ms=now,
             request_id=request_id,
             fingerprint=fp,
             create_ms=now,
+            **snapshot(pack),
         )
         stored, inserted = await self.ledger.create_subscription(record)
         if not inserted and stored.fingerprint != fp:

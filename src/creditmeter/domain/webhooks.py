@@ -434,12 +434,7 @@ class Webhooks:
         v = Violations(violations)
         v.request_id(request_id)
         _endpoint_id(endpoint_id, v, "endpoint.endpoint_id")
-        if not paths:
-            v.add("update_mask", "name at least one field")
-        else:
-            for i, path in enumerate(paths):
-                if path not in UPDATABLE:
-                    v.add(f"update_mask.paths[{i}]", f"{path[:64]!r} cannot be changed")
+        v.update_mask(paths, UPDATABLE)
         v.raise_if_any()
 
         def build(current: WebhookRow | None) -> WebhookRow:

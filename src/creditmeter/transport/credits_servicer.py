@@ -81,14 +81,11 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         return pb.GrantResponse(lot=convert.lot_pb(result.lot), balance=result.balance)
 
     async def Consume(self, request: pb.ConsumeRequest, context: Context) -> pb.ConsumeResponse:
+        quantity, amount = convert.how_much(request)
         result = await self.metering.consume(
-            principal().tenant,
-            request.account_id,
-            request.feature,
-            request_id=request.request_id,
-            quantity=request.quantity if request.HasField("quantity") else None,
-            amount=request.amount if request.HasField("amount") else None,
-        )
+            principal().tenant, request.account_id, request.feature,
+            request_id=request.request_id, quantity=quantity, amount=amount,
+        )  # fmt: skip
         return convert.consume_response_pb(result)
 
     async def ConsumeBatch(
@@ -106,13 +103,11 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         )
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
+        quantity, amount = convert.how_much(request)
         result = await self.metering.check(
-            principal().tenant,
-            request.account_id,
-            request.feature,
-            quantity=request.quantity if request.HasField("quantity") else None,
-            amount=request.amount if request.HasField("amount") else None,
-        )
+            principal().tenant, request.account_id, request.feature, quantity=quantity,
+            amount=amount,
+        )  # fmt: skip
         return convert.check_response_pb(result)
 
     async def CheckBatch(
