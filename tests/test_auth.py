@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import webhooks_pb2, webhooks_pb2_grpc
 from creditmeter.domain.clock import ManualClock
-from creditmeter.storage.ledger.base import Delivery
+from creditmeter.domain.model import Delivery
 from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, rid
 from tests.helpers import Failure, fails

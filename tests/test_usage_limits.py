@@ -15,9 +15,9 @@ import pytest
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.limits import LimitPeriod, period_bounds
+from creditmeter.domain.model import TxnQuery
 from creditmeter.domain.recovery import Recovery
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import TxnQuery
 from creditmeter.transport.server import App
 from tests.conftest import Tenant, another_server, rid
 from tests.helpers import Failure, fails, failure

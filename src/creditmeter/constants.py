@@ -374,7 +374,7 @@ RECHARGE_LOOKBACK_MS = 3 * 24 * 3600 * 1000
 #: Crossings read per query.
 RECHARGE_BATCH = 100
 
-# --- webhooks (creditmeter.domain.webhooks, transport/webhooks.py) ---------------------
+# --- webhooks (creditmeter.domain.webhooks, transport/webhook_worker.py) ---------------
 #: How often the delivery worker looks for notices to fan out and deliveries due.
 WEBHOOK_POLL_S = 0.5
 #: Notices fanned out, and deliveries claimed, per round.

@@ -24,6 +24,7 @@ from creditmeter.constants import (
     MAX_CREDITS,
     MAX_EXPIRY_MS,
     MAX_PRIORITY,
+    METER_MAX_BATCH,
 )
 from creditmeter.domain import balances
 from creditmeter.domain.backpressure import Backpressure
@@ -59,6 +60,7 @@ from creditmeter.errors import (
     from_rejection,
 )
 from creditmeter.storage import limits as limit_fields
+from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.config_store import ConfigStore, LimitRow, RateRow
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import Ledger
@@ -857,3 +859,28 @@ class Metering:
             call = Call(now_ms=now, txn=new_id("exp", now))
             expired += await self.store.sweep(keys, call, self.limits.recharges.arg(keys.tenant))
         return expired
+
+    def meter_stream(self, tenant: str) -> MeterStream:
+        """The charges of one Meter stream of the tenant."""
+        return MeterStream(self, tenant)
+
+
+class MeterStream:
+    """The charges of one Meter stream: each item queued goes out with those queued while
+    the stream's previous batch was in flight, as one `consume_many` (one round trip in
+    flight at a time, at most METER_MAX_BATCH items: storage/coalescer.py).
+
+    Each item's future gives its result or raises its CreditError. A refusal of a whole
+    batch (ledger backlog, Redis away) is raised by each of its items' futures: the stream
+    goes on, as separate Consume calls would each have failed and later ones may succeed.
+    """
+
+    def __init__(self, metering: Metering, tenant: str) -> None:
+        self._charges: Coalescer[ConsumeItem, ConsumeResult] = Coalescer(
+            lambda items: metering.consume_many(tenant, items), METER_MAX_BATCH
+        )
+
+    def enqueue(self, item: ConsumeItem) -> asyncio.Future[ConsumeResult]:
+        """Queue a charge; the future of its outcome (cancelling it before its batch
+        leaves drops the charge)."""
+        return self._charges.enqueue(item)
