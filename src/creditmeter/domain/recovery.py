@@ -8,7 +8,6 @@ data loss, along with the idempotency records of the last day.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -45,8 +44,6 @@ from creditmeter.storage.recharge import (
 from creditmeter.storage.redis_store import AccountSnapshot, Call, RedisStore, lot_meta
 from creditmeter.storage.totals import feature_fields
 
-#: A lot whose reference is a bare subscription id is a period's credits (they roll over).
-_SUBSCRIPTION = re.compile(r"sub_[0-9A-Za-z]+")
 TOTALS = ("granted", "used", "expired", "removed", "refunded")
 #: Kinds that take a lot's remaining credit out, and the total each adds to.
 _REMOVALS = {"expire": "expired", "reset": "removed", "refund": "refunded"}
@@ -61,6 +58,9 @@ class LotState:
     source: str
     reference: str
     created_ms: int
+    #: A subscription period's lot (or its rollover's): what expires unused carries into
+    #: the next period, under carry[reference] (the subscription id).
+    rolls_over: bool = False
 
 
 @dataclass
@@ -103,10 +103,11 @@ class AccountState:
         if e.kind == "grant":
             priority = DEFAULT_PRIORITY if e.priority is None else e.priority
             self.lots[e.lot] = LotState(
-                e.amount, e.amount, priority, e.expires_at_ms, e.source, e.reference, e.ts_ms
-            )
+                e.amount, e.amount, priority, e.expires_at_ms, e.source, e.reference, e.ts_ms,
+                e.rolls_over,
+            )  # fmt: skip
             self.totals["granted"] += e.amount
-            if _SUBSCRIPTION.fullmatch(e.reference) and e.source != LotSource.ROLLOVER:
+            if e.rolls_over and e.source != LotSource.ROLLOVER:
                 self.carry.pop(e.reference, None)  # a renewal took the carry
         elif e.kind in CHARGE_KINDS:
             self.totals["used"] += e.amount
@@ -124,7 +125,7 @@ class AccountState:
             lot = self.lots[e.lot]
             lot.remaining -= e.amount
             self.totals[_REMOVALS[e.kind]] += e.amount
-            if e.kind == "expire" and _SUBSCRIPTION.fullmatch(lot.reference):
+            if e.kind == "expire" and lot.rolls_over:
                 self.carry[lot.reference] = self.carry.get(lot.reference, 0) + e.amount
         elif e.kind == "repay":
             lot = self.lots[e.lot]
@@ -305,7 +306,9 @@ def restore_lots(state: AccountState) -> list[dict[str, str]]:
                 "remaining": str(lot.remaining),
                 "expires_at": str(lot.expires_at_ms or 0),
                 "burn_key": key,
-                "meta": lot_meta(lot.amount, lot.source, lot.reference, lot.created_ms),
+                "meta": lot_meta(
+                    lot.amount, lot.source, lot.reference, lot.created_ms, lot.rolls_over
+                ),
             }
         )
     return lots

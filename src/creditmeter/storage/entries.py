@@ -18,12 +18,14 @@ a recharge falling due after the call's changes), and its
 id is "<txn>:<n>", n counting the events of its transaction from 1; the request record is
 the call transaction's last event, "<x>:<n + 1>". Releases before 0.2 wrote one entry per
 event with those fields spelled out (`event_id`, `txn`, `kind`, ...): `events` reads both,
-so an outbox written by either is drained and watched alike.
+so an outbox written by either is drained and watched alike (a grant of 0.1.0 gains the
+`rolls_over` its release did not write).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 
 from creditmeter.storage.ledger.base import HOLD_KINDS, Event, RequestRecord
@@ -32,13 +34,20 @@ from creditmeter.storage.ledger.base import HOLD_KINDS, Event, RequestRecord
 RECHARGE_SUFFIX = "d"
 #: A field only the entries of 0.1.0 have (one event per entry, spelled out).
 _V1_FIELD = "event_id"
+#: 0.1.0 wrote no `rolls_over`: its grants of lots that roll over (a subscription period's
+#: and its rollover's) were those referenced by a bare subscription id. Only for its entries
+#: (ledger migration 5 sets the flag of its grants already in the ledger the same way).
+_V1_ROLLS_OVER = re.compile(r"sub_[0-9A-Za-z]+")
 
 
 def events(fields: Mapping[str, str]) -> list[dict[str, str]]:
     """The events of one entry, each as its fields (event_id, txn, kind, seq, tenant,
     account, request_id, ts, then its own), the request record last as kind `request`."""
     if _V1_FIELD in fields:
-        return [dict(fields)]
+        event = dict(fields)
+        if event.get("kind") == "grant" and _V1_ROLLS_OVER.fullmatch(event.get("reference", "")):
+            event["rolls_over"] = "1"
+        return [event]
     txn = fields["x"]
     header = {
         "tenant": fields["t"],

@@ -397,13 +397,15 @@ _V1_BALANCE_AT = {"consume": 4, "grant": 7, "renew": 7, "set_balance": 0, "refun
                   "session": 2}  # fmt: skip
 
 
-def lot_meta(amount: int, source: str, reference: str, created_ms: int) -> str:
+def lot_meta(
+    amount: int, source: str, reference: str, created_ms: int, rolls_over: bool = False
+) -> str:
     """A lot's `m:<lot id>` field as add_lot in _lib.lua writes it: its priority and expiry
-    are in its burn key, not repeated here."""
-    return json.dumps(
-        {"a": str(amount), "s": source, "r": reference, "c": str(created_ms)},
-        separators=(",", ":"),
-    )
+    are in its burn key, not repeated here; `o` only on a lot that rolls over."""
+    meta = {"a": str(amount), "s": source, "r": reference, "c": str(created_ms)}
+    if rolls_over:
+        meta["o"] = "1"
+    return json.dumps(meta, separators=(",", ":"))
 
 
 def _lot_record(burn_key: str, remaining: int, metas: dict[str, str]) -> LotRecord:
