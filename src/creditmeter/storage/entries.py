@@ -25,19 +25,15 @@ so an outbox written by either is drained and watched alike (a grant of 0.1.0 ga
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 
+from creditmeter.storage.layout import V1_ROLLS_OVER
 from creditmeter.storage.ledger.base import HOLD_KINDS, Event, RequestRecord
 
 #: The transaction suffix of a recharge falling due (recharge_watch in _lib.lua).
 RECHARGE_SUFFIX = "d"
 #: A field only the entries of 0.1.0 have (one event per entry, spelled out).
 _V1_FIELD = "event_id"
-#: 0.1.0 wrote no `rolls_over`: its grants of lots that roll over (a subscription period's
-#: and its rollover's) were those referenced by a bare subscription id. Only for its entries
-#: (ledger migration 5 sets the flag of its grants already in the ledger the same way).
-_V1_ROLLS_OVER = re.compile(r"sub_[0-9A-Za-z]+")
 
 
 def events(fields: Mapping[str, str]) -> list[dict[str, str]]:
@@ -45,7 +41,7 @@ def events(fields: Mapping[str, str]) -> list[dict[str, str]]:
     account, request_id, ts, then its own), the request record last as kind `request`."""
     if _V1_FIELD in fields:
         event = dict(fields)
-        if event.get("kind") == "grant" and _V1_ROLLS_OVER.fullmatch(event.get("reference", "")):
+        if event.get("kind") == "grant" and V1_ROLLS_OVER.fullmatch(event.get("reference", "")):
             event["rolls_over"] = "1"
         return [event]
     txn = fields["x"]
