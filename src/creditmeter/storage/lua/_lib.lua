@@ -515,7 +515,8 @@ local function add_lot(lot)
     'expires_at', lot.expires_at, 'source', lot.source, 'reference', lot.reference,
   }
   if lot.rolls_over then
-    fields[13], fields[14] = 'rolls_over', '1'
+    fields[#fields + 1] = 'rolls_over'
+    fields[#fields + 1] = '1'
   end
   emit(TXN, 'grant', fields, balance_fields(balance))
   if acct_get('debt') ~= nil then
