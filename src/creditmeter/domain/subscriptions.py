@@ -84,9 +84,9 @@ def period_grants(sub: SubscriptionRecord, k: int) -> list[StagedGrant]:
     parts = [("credits", sub.credits, LotSource.PURCHASE, sub.subscription_id,
               Operation.renew(sub.rollover_cap))]  # fmt: skip
     if sub.bonus_credits:
-        # The bonus lot's reference is not the bare subscription id: it does not roll over.
-        parts.append(("bonus", sub.bonus_credits, LotSource.BONUS,
-                      f"{sub.subscription_id}:bonus", Operation.grant()))  # fmt: skip
+        # A plain grant: the bonus does not roll over (only renew's lots do, their flag says).
+        parts.append(("bonus", sub.bonus_credits, LotSource.BONUS, sub.subscription_id,
+                      Operation.grant()))  # fmt: skip
     return [
         StagedGrant(
             tenant=sub.tenant,

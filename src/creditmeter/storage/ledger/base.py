@@ -103,6 +103,9 @@ class Event(NamedTuple):
     reference: str = ""
     #: A bool: SQLite stores it as 0/1, PostgreSQL as BOOLEAN.
     unlimited: bool | None = None
+    #: On a grant: the lot is a subscription period's (or its rollover's), whose credit
+    #: expiring unused carries into the next period (renew.lua). Stored like `unlimited`.
+    rolls_over: bool = False
 
     @classmethod
     def from_fields(cls, f: Mapping[str, str]) -> Event:
@@ -117,7 +120,7 @@ class Event(NamedTuple):
                 int(get("units") or 0), _int_or_none(get("priority")),
                 None if expires == "0" else _int_or_none(expires),  # "0" means never
                 get("source", ""), get("reference", ""),
-                None if unlimited is None else unlimited == "1",
+                None if unlimited is None else unlimited == "1", get("rolls_over") == "1",
             )
         )  # fmt: skip
 
@@ -254,13 +257,13 @@ def group_transactions(events: Sequence[Event]) -> list[Transaction]:
 
 EVENT_COLUMNS = (
     "event_id, tenant, account, kind, txn, seq, request_id, ts_ms, lot, amount, balance,"
-    " feature, units, priority, expires_at, source, reference, unlimited"
+    " feature, units, priority, expires_at, source, reference, unlimited, rolls_over"
 )
 
 
 def event_from_row(r: Sequence[Any]) -> Event:
-    """An Event from a row of EVENT_COLUMNS (SQLite gives `unlimited` as 0/1)."""
-    return Event._make((*r[:17], None if r[17] is None else bool(r[17])))
+    """An Event from a row of EVENT_COLUMNS (SQLite gives the bools as 0/1)."""
+    return Event._make((*r[:17], None if r[17] is None else bool(r[17]), bool(r[18])))
 
 
 def grant_row(g: StagedGrant) -> tuple[Any, ...]:

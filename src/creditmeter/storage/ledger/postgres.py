@@ -75,7 +75,7 @@ GRANT_COLUMNS = (
 REQUEST_COLUMNS = "tenant, account, request_id, fingerprint, reply, txn, ts_ms"
 _EVENT_TYPES = (
     "text", "text", "text", "text", "text", "bigint", "text", "bigint", "text", "bigint",
-    "bigint", "text", "bigint", "bigint", "bigint", "text", "text", "boolean",
+    "bigint", "text", "bigint", "bigint", "bigint", "text", "text", "boolean", "boolean",
 )  # fmt: skip
 _REQUEST_TYPES = ("text", "text", "text", "text", "text", "text", "bigint")
 
