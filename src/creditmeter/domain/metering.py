@@ -63,7 +63,7 @@ from creditmeter.storage import limits as limit_fields
 from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.config_store import ConfigStore, LimitRow, RateRow
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import Ledger
+from creditmeter.storage.ledger.base import Staging
 from creditmeter.storage.redis_store import (
     Call,
     CheckCall,
@@ -248,7 +248,7 @@ class Metering:
         config: ConfigStore,
         rates: RateBook,
         clock: Clock,
-        ledger: Ledger | None = None,
+        ledger: Staging | None = None,
         gate: Backpressure | None = None,
         limits: Limits | None = None,
     ):

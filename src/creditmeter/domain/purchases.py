@@ -34,7 +34,7 @@ from creditmeter.errors import (
     applied,
 )
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import Ledger, StagedGrant
+from creditmeter.storage.ledger.base import Commerce, StagedGrant
 from creditmeter.storage.redis_store import Call, GrantRecord, RedisStore
 
 DAY_MS = 86_400_000
@@ -110,7 +110,7 @@ class Purchases:
     def __init__(
         self,
         catalog: Catalog,
-        ledger: Ledger,
+        ledger: Commerce,
         store: RedisStore,
         clock: Clock,
         gate: Backpressure,

@@ -31,7 +31,7 @@ from creditmeter.errors import (
     SubscriptionNotFound,
     applied,
 )
-from creditmeter.storage.ledger.base import Ledger, StagedGrant
+from creditmeter.storage.ledger.base import Commerce, StagedGrant
 from creditmeter.storage.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,12 @@ def period_grants(sub: SubscriptionRecord, k: int) -> list[StagedGrant]:
 
 class Subscriptions:
     def __init__(
-        self, catalog: Catalog, ledger: Ledger, store: RedisStore, clock: Clock, gate: Backpressure
+        self,
+        catalog: Catalog,
+        ledger: Commerce,
+        store: RedisStore,
+        clock: Clock,
+        gate: Backpressure,
     ) -> None:
         self.catalog = catalog
         self.ledger = ledger

@@ -58,7 +58,7 @@ from creditmeter.errors import (
 )
 from creditmeter.storage.config_store import ConfigStore
 from creditmeter.storage.layout import session_request_id
-from creditmeter.storage.ledger.base import Ledger
+from creditmeter.storage.ledger.base import WebhookFeed
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ class Webhooks:
     def __init__(
         self,
         config: ConfigStore,
-        ledger: Ledger,
+        ledger: WebhookFeed,
         clock: Clock,
         ttl_s: int = IDEMPOTENCY_TTL_S,
         changed: Callable[[], Awaitable[None]] | None = None,

@@ -442,9 +442,10 @@ class Staging(ABC):
         """Staged grants older than the cutoff whose grant event is not in the ledger."""
 
 
-class Commerce(ABC):
+class Commerce(Staging):
     """Purchases and subscriptions (creditmeter.domain.purchases, .subscriptions): rows the
-    ledger owns, changed in one transaction with the grants they stage."""
+    ledger owns, changed in one transaction with the grants they stage (hence a Staging
+    too: a sale's lots and a period's are staged like any grant)."""
 
     @abstractmethod
     async def create_purchase(
@@ -596,10 +597,11 @@ class WebhookFeed(ABC):
         or failed); returns how many."""
 
 
-class Ledger(EventLog, Staging, Commerce, WebhookFeed):
+class Ledger(EventLog, Commerce, WebhookFeed):
     """A durable, append-only store of events. Safe for several processes at once. Its
     roles are the classes above; a part of the domain that needs only one depends on
-    that one."""
+    that one (recovery alone takes it whole: it replays events, idempotency records and
+    staged grants)."""
 
     @abstractmethod
     async def open(self) -> None:
