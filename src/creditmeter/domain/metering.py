@@ -59,7 +59,6 @@ from creditmeter.errors import (
     applied,
     from_rejection,
 )
-from creditmeter.storage import limits as limit_fields
 from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.config_store import ConfigStore, LimitRow, RateRow
 from creditmeter.storage.layout import AccountKeys
@@ -75,7 +74,6 @@ from creditmeter.storage.redis_store import (
     RedisStore,
     SetBalanceRecord,
 )
-from creditmeter.storage.totals import totals
 
 T = TypeVar("T")
 #: A consume or a check: what `_again` gives new limit args.
@@ -227,12 +225,10 @@ def _limit_statuses(
 ) -> list[LimitStatus]:
     """The limits that apply to an account now (its own win over the tenant's), each with
     its usage in the current period of the account's time zone."""
-    fields = account.fields
-    found = applying(
-        limits.book.of(tenant), limit_fields.own_limits(fields), limit_fields.exempt(fields)
-    )
-    bounds = period_bounds(limit_fields.time_zone(fields), now_ms)
-    counters = limit_fields.counters(fields)
+    snap = account.snap
+    found = applying(limits.book.of(tenant), snap.own_limits, snap.exempt)
+    bounds = period_bounds(snap.time_zone, now_ms)
+    counters = snap.counters
     return [
         status(limit, own, counters.get((limit.feature, str(limit.period))), bounds)
         for limit, own in found
@@ -775,7 +771,7 @@ class Metering:
         """Totals granted, used and remaining (spendable, as GetBalance's balance), overall
         and per feature."""
         account = await self._read(tenant, account_id)
-        t, unlimited = totals(account.fields), account.unlimited
+        t, unlimited = account.snap.totals, account.unlimited
         return UsageView(
             limits=_limit_statuses(self.limits, tenant, account, self.clock.now_ms()),
             total=balances.UNLIMITED if unlimited else t.granted,

@@ -54,7 +54,6 @@ from creditmeter.storage.recharge import (
     OwnPolicy,
     Policy,
     encode,
-    own_policy,
     policy_event,
 )
 from creditmeter.storage.redis_store import Call, RedisStore
@@ -211,7 +210,7 @@ class Recharges:
         v.account_id(account_id)
         v.raise_if_any()
         snap = await self.store.snapshot(AccountKeys(tenant, account_id))
-        return applying(self.book.of(tenant), own_policy(snap.fields))
+        return applying(self.book.of(tenant), snap.own_policy)
 
 
 def recharge_pack(kind: str, reference: str) -> str:

@@ -24,7 +24,6 @@ from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.domain.staging import apply_staged
 from creditmeter.errors import CreditError, Rejected
 from creditmeter.storage import credit_line
-from creditmeter.storage import limits as limit_fields
 from creditmeter.storage.account import AccountImage
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import CHARGE_KINDS, DEBT_SOURCE, Event, Ledger
@@ -35,7 +34,7 @@ from creditmeter.storage.limits import (
     options_event,
     options_overdraft,
 )
-from creditmeter.storage.recharge import POLICY_KIND, OwnPolicy, own_policy, policy_event
+from creditmeter.storage.recharge import POLICY_KIND, OwnPolicy, policy_event
 from creditmeter.storage.redis_store import AccountSnapshot, Call, LotRecord, RedisStore
 from creditmeter.storage.totals import Totals
 
@@ -234,7 +233,7 @@ def compare(
             f" = {identity} != redis {snap.balance}"
         )
     ledger_line = credit_line.line_fields(state.overdraft, state.debt, state.repaid)
-    redis_line = credit_line.of(snap.fields)
+    redis_line = snap.credit_line
     if ledger_line != redis_line:
         problems.append(f"credit line: ledger {ledger_line} != redis {redis_line}")
     redis_totals = snap.totals.counts()
@@ -252,21 +251,21 @@ def _limit_drift(
     a counter of the current period may count less than the ledger's charges (a limit
     counts from when it applies) but never more."""
     problems = []
-    zone, exempt = limit_fields.time_zone(snap.fields), limit_fields.exempt(snap.fields)
+    zone, exempt = snap.time_zone, snap.exempt
     if (state.time_zone, state.exempt) != (zone, exempt):
         problems.append(
             f"limit options: ledger (time zone {state.time_zone!r}, exempt {state.exempt})"
             f" != redis ({zone!r}, {exempt})"
         )
-    own = {(o.feature, o.period): o for o in limit_fields.own_limits(snap.fields)}
+    own = {(o.feature, o.period): o for o in snap.own_limits}
     if own != state.own_limits:
         problems.append(f"own limits: ledger {state.own_limits} != redis {own}")
-    recharge = own_policy(snap.fields)
+    recharge = snap.own_policy
     if recharge != state.recharge:
         problems.append(f"own recharge policy: ledger {state.recharge} != redis {recharge}")
     if now_ms is None:
         return problems
-    held = limit_fields.counters(snap.fields)
+    held = snap.counters
     for counted in state.counters(now_ms, tenant_limits):
         c = held.get((counted.feature, counted.period))
         if c is None or c.start_ms != counted.start_ms:

@@ -28,7 +28,8 @@ from creditmeter.constants import (
     SESSION_CLOSE_BATCH,
 )
 from creditmeter.errors import BackendUnavailable, Rejected
-from creditmeter.storage import recharge, scripts
+from creditmeter.storage import credit_line, limits, recharge, scripts
+from creditmeter.storage import totals as totals_module
 from creditmeter.storage.account import AccountImage
 from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.functions import function_missing, load_library
@@ -59,7 +60,7 @@ from creditmeter.storage.layout import (
     session_request_id,
     sessions_key,
 )
-from creditmeter.storage.limits import LimitArgs, own_limit_args
+from creditmeter.storage.limits import Counter, LimitArgs, OwnLimit, own_limit_args
 from creditmeter.storage.recharge import OwnPolicy
 from creditmeter.storage.redis_client import UNREACHABLE, Client, reachable, unavailable
 from creditmeter.storage.replicas import ReplicaAcks, Targets
@@ -345,6 +346,55 @@ class AccountSnapshot:
     @property
     def totals(self) -> Totals:
         return read_totals(self.fields)
+
+    # What the domain reads of an account, named here (the fields' names are storage's).
+    @property
+    def unlimited(self) -> bool:
+        return totals_module.unlimited(self.fields)
+
+    @property
+    def reserved(self) -> int:
+        """Credit held by open call sessions."""
+        return totals_module.reserved(self.fields)
+
+    @property
+    def debt(self) -> int:
+        """Credits charged past the lots on the credit line, not yet repaid."""
+        return credit_line.debt(self.fields)
+
+    @property
+    def overdraft_limit(self) -> int:
+        """How far past its lots the account may be charged (0: no credit line)."""
+        return credit_line.overdraft_limit(self.fields)
+
+    @property
+    def credit_line(self) -> dict[str, str]:
+        """The credit line's fields, as `credit_line.line_fields` writes them (audit)."""
+        return credit_line.of(self.fields)
+
+    @property
+    def time_zone(self) -> str:
+        """The time zone of its usage limits' periods ('' = UTC)."""
+        return limits.time_zone(self.fields)
+
+    @property
+    def exempt(self) -> bool:
+        """Exempt from usage limits."""
+        return limits.exempt(self.fields)
+
+    @property
+    def own_limits(self) -> list[OwnLimit]:
+        return limits.own_limits(self.fields)
+
+    @property
+    def counters(self) -> dict[tuple[str, str], Counter]:
+        """The usage limits' counters: (feature, period) -> Counter."""
+        return limits.counters(self.fields)
+
+    @property
+    def own_policy(self) -> OwnPolicy | None:
+        """The account's own recharge policy, if it has one."""
+        return recharge.own_policy(self.fields)
 
 
 def _expiry_arg(expires_at_ms: int | None) -> str:
