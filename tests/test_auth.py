@@ -7,6 +7,7 @@ until it has a valid request below (and therefore gets every check in this file)
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import webhooks_pb2, webhooks_pb2_grpc
 from creditmeter.domain.clock import ManualClock
-from creditmeter.storage.ledger.base import Delivery
+from creditmeter.domain.model import Delivery
 from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, rid
 from tests.helpers import Failure, fails
@@ -512,10 +513,13 @@ async def webhook_requests(app: App, tenant: Tenant) -> dict[str, Message]:
     )
     endpoint_id = made.endpoint.endpoint_id
     assert app.ledger is not None
+    # Made now: one made at the epoch is past the retention, and the worker's sweep may
+    # prune it before the resend below.
+    now_ms = int(time.time() * 1000)
     delivery = await app.ledger.add_delivery(Delivery(
         delivery_id=f"whd_{rid()}", tenant=tenant.name, endpoint_id=endpoint_id,
         event_id="evt_1", event_type="balance.low", body="{}", status="delivered",
-        attempts=1, create_ms=0, next_attempt_ms=0,
+        attempts=1, create_ms=now_ms, next_attempt_ms=now_ms,
     ))  # fmt: skip
     w = webhooks_pb2
     return {

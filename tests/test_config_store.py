@@ -27,14 +27,13 @@ from creditmeter.constants import CONFIG_CACHE_NAME, CONFIG_DB_NAME
 from creditmeter.domain import keys as api_keys
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.configuration import LiveConfig
+from creditmeter.domain.model import PackRow, WebhookRow
 from creditmeter.errors import ApiKeyInvalid, BackendUnavailable, Rejected
 from creditmeter.storage.config_store import (
     ConfigStore,
     KeyRow,
-    PackRow,
     RateRow,
     Request,
-    WebhookRow,
     open_config_store,
 )
 from creditmeter.storage.config_store.postgres import PostgresConfigStore

@@ -124,3 +124,17 @@ async def test_the_flushers_decoding_is_the_watchers(
             assert ledger_records(anonymous) == (found, None)
             seen += 1
     assert seen == 4
+
+
+def test_a_grant_of_0_1_0_in_the_outbox_says_whether_it_rolls_over() -> None:
+    """0.1.0 wrote no rolls_over: its grants referenced by a bare subscription id (a
+    period's lots) roll over, others not."""
+    for reference, rolls_over in (("sub_01ABC", True), ("sub_01ABC:bonus", False), ("", False)):
+        entry = {
+            "event_id": "txn_1:1", "tenant": "t", "account": "a", "kind": "grant",
+            "txn": "txn_1", "seq": "1", "request_id": "", "ts": "5", "lot": "lot_1",
+            "amount": "10", "priority": "50", "expires_at": "0", "source": "purchase",
+            "reference": reference,
+        }  # fmt: skip
+        [event], request = ledger_records(entry)
+        assert request is None and event.rolls_over is rolls_over

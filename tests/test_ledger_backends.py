@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from creditmeter.domain.model import Delivery, Notice, NoticeKind, Period, PurchaseRecord, TxnQuery
 from creditmeter.errors import Rejected
 from creditmeter.storage.ledger import open_ledger
-from creditmeter.storage.ledger.base import (
-    Delivery,
-    Event,
-    Ledger,
-    Notice,
-    NoticeKind,
-    Period,
-    PurchaseRecord,
-    RequestRecord,
-    StagedGrant,
-    TxnQuery,
-)
+from creditmeter.storage.ledger.base import Event, Ledger, RequestRecord, StagedGrant
 
 DAY_MS = 86_400_000
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z

@@ -107,7 +107,7 @@ async def test_a_new_sqlite_ledger_ends_at_the_latest_version(tmp_path: Path) ->
     path = tmp_path / "ledger.db"
     await open_sqlite_ledger(path)
     with sqlite_db(path) as db:
-        assert sqlite_version(db, LEDGER_SQLITE) == LEDGER_SQLITE.latest == 4
+        assert sqlite_version(db, LEDGER_SQLITE) == LEDGER_SQLITE.latest == 5
     cookie = schema_cookie(path)
     await open_sqlite_ledger(path)  # the second open: no DDL
     assert schema_cookie(path) == cookie
@@ -167,13 +167,56 @@ async def test_a_sqlite_ledger_made_before_migrations_upgrades(
     assert schema_cookie(path) == cookie
 
 
+#: Grant events written before migration 5 (which added `rolls_over`), by reference: a bare
+#: subscription id was a period's lot or its rollover's (they roll over), anything else not.
+OLD_GRANTS = {
+    "l1": ("purchase", "sub_01ABCxyz", True),
+    "l2": ("rollover", "sub_01ABCxyz", True),
+    "l3": ("bonus", "sub_01ABCxyz:bonus", False),
+    "l4": ("manual", "sub_", False),
+    "l5": ("manual", "order 7", False),
+}
+
+
+def old_events() -> str:
+    rows = [
+        f"('e{n}', 't', 'a', 'grant', 'x{n}', {n}, '', 1, '{lot}', 5, 5, '', 0, 0, NULL,"
+        f" '{source}', '{reference}', NULL)"
+        for n, (lot, (source, reference, _)) in enumerate(OLD_GRANTS.items(), 1)
+    ]
+    rows.append("('e9', 't', 'a', 'expire', 'x9', 9, '', 2, 'l1', 5, 0, '', 0, NULL, NULL, '',"
+                " 'sub_01ABCxyz', NULL)")  # fmt: skip
+    return "INSERT INTO events VALUES " + ", ".join(rows)
+
+
+async def assert_old_grants_flagged(ledger: SqliteLedger | PostgresLedger) -> None:
+    events = [e async for e in ledger.scan("t", "a")]
+    assert {e.lot: e.rolls_over for e in events if e.kind == "grant"} == {
+        lot: rolls for lot, (_, _, rolls) in OLD_GRANTS.items()
+    }
+    assert not any(e.rolls_over for e in events if e.kind != "grant")
+
+
+async def test_migration_5_flags_the_old_grants_that_roll_over(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with sqlite_db(path) as db:
+        db.executescript(up_to(LEDGER_SQLITE, 4))
+        db.execute(old_events())
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        await assert_old_grants_flagged(ledger)
+    finally:
+        await ledger.close()
+
+
 async def test_a_sqlite_ledger_of_a_newer_release_refuses_to_open(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     await open_sqlite_ledger(path)
     with sqlite_db(path) as db:
         db.execute("UPDATE ledger_meta SET value = value + 1 WHERE name = 'schema_version'")
     cookie = schema_cookie(path)
-    with pytest.raises(SchemaTooNew, match="schema version 5, newer than this release's 4"):
+    with pytest.raises(SchemaTooNew, match="schema version 6, newer than this release's 5"):
         await open_sqlite_ledger(path)
     assert schema_cookie(path) == cookie
 
@@ -246,6 +289,17 @@ async def test_a_postgres_ledger_made_before_migrations_upgrades(
     assert named <= migrated.indexes
 
 
+async def test_migration_5_flags_the_old_grants_that_roll_over_on_postgres(
+    fresh_postgres_url: str,
+) -> None:
+    await pg_execute(fresh_postgres_url, up_to(LEDGER_PG, 4) + ";\n" + old_events())
+    ledger = await open_pg_ledger(fresh_postgres_url)
+    try:
+        await assert_old_grants_flagged(ledger)
+    finally:
+        await ledger.close()
+
+
 async def test_a_postgres_ledger_of_a_newer_release_refuses_to_open(
     fresh_postgres_url: str,
 ) -> None:
@@ -254,7 +308,7 @@ async def test_a_postgres_ledger_of_a_newer_release_refuses_to_open(
         fresh_postgres_url,
         "UPDATE ledger_meta SET value = value + 1 WHERE name = 'schema_version'",
     )
-    with pytest.raises(SchemaTooNew, match="PostgreSQL ledger has schema version 5"):
+    with pytest.raises(SchemaTooNew, match="PostgreSQL ledger has schema version 6"):
         await open_pg_ledger(fresh_postgres_url)
 
 

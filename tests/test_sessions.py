@@ -12,10 +12,10 @@ import pytest
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
+from creditmeter.domain.model import TxnQuery
 from creditmeter.domain.recovery import Recovery
 from creditmeter.storage.entries import events as entry_events
 from creditmeter.storage.layout import bucket_of, outbox_key
-from creditmeter.storage.ledger.base import TxnQuery
 from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.server import App
 from tests.conftest import Tenant, another_server, rid

@@ -4,6 +4,7 @@ unused credit expiring at period end with a capped rollover."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from creditmeter.api.credits.v1 import packs_pb2 as pb
 from creditmeter.api.credits.v1 import packs_pb2_grpc as pb_grpc
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.subscriptions import WEEK_MS, period_start
+from creditmeter.storage.layout import AccountKeys
 from creditmeter.transport.server import App
 from tests.conftest import Caller, Tenant, another_server, rid
 from tests.helpers import fails
@@ -181,3 +183,74 @@ async def test_rollover_survives_a_redis_rebuild(
     assert app.subscriptions is not None
     assert await app.subscriptions.renew_due() == 1
     assert sorted(await lots(tenant, "rb")) == [(30, 30), (100, 100)]
+
+
+@pytest.mark.flusher
+async def test_a_lot_rolls_over_by_its_flag_not_its_reference(
+    app: App, tenant: Tenant, packs: Caller, clock: ManualClock, redis_client: Any
+) -> None:
+    """A period's lot and its rollover lot roll over, its bonus lot does not, though all three
+    name the subscription: their grant events say so, audit and rebuild follow them."""
+    from creditmeter.domain.recovery import Recovery
+
+    pack = await weekly(packs, credits=100, bonus_credits=20, rollover_cap=1000)
+    sub = (
+        await packs.Subscribe(
+            pb.SubscribeRequest(account_id="fl", pack_id=pack.pack_id, request_id=rid())
+        )
+    ).subscription
+    b = await tenant.read.GetBalance(cpb.GetBalanceRequest(account_id="fl"))
+    assert {lot.reference for lot in b.lots} == {sub.subscription_id}
+    clock.advance(WEEK_MS)
+    assert app.subscriptions is not None
+    assert await app.subscriptions.renew_due() == 1
+    # Period 0's 100 carried over; its bonus expired.
+    assert sorted(await lots(tenant, "fl")) == [(20, 20), (100, 100), (100, 100)]
+    assert app.ledger is not None and app.metering is not None
+    recovery = Recovery(app.ledger, app.metering.store)
+    checked, drifts = await recovery.audit(tenant.name, 5.0)
+    assert checked == 1 and drifts == []
+    grants = sorted(
+        [(e.source, e.rolls_over) async for e in app.ledger.scan(tenant.name, "fl")
+         if e.kind == "grant"]
+    )  # fmt: skip
+    assert grants == [
+        ("bonus", False), ("bonus", False), ("purchase", True), ("purchase", True),
+        ("rollover", True),
+    ]  # fmt: skip
+    # Rebuilt from the ledger, the lots still say so: period 1's 100 and its rollover's 100
+    # carry into period 2, not its bonus.
+    redis_client.flushall()
+    await recovery.rebuild(clock.now_ms())
+    clock.advance(WEEK_MS)
+    assert await app.subscriptions.renew_due() == 1
+    assert sorted(await lots(tenant, "fl")) == [(20, 20), (100, 100), (200, 200)]
+
+
+async def test_a_period_lot_of_0_1_0_rolls_over(
+    app: App, tenant: Tenant, packs: Caller, clock: ManualClock, redis_client: Any
+) -> None:
+    """A lot whose metadata 0.1.0 wrote (its long form, with no flag) rolls over when its
+    reference is a bare subscription id, as it did then."""
+    pack = await weekly(packs, credits=100, rollover_cap=30)
+    sub = (
+        await packs.Subscribe(
+            pb.SubscribeRequest(account_id="old", pack_id=pack.pack_id, request_id=rid())
+        )
+    ).subscription
+    key = AccountKeys(tenant.name, "old").account_key
+    fields = redis_client.hgetall(key)
+    [(meta_field, meta)] = [(f, json.loads(v)) for f, v in fields.items() if f.startswith("m:")]
+    [burn] = [f[2:] for f in fields if f.startswith("q:")]
+    assert meta["r"] == sub.subscription_id and meta.pop("o") == "1"
+    redis_client.hset(key, meta_field, json.dumps({
+        "amount": meta["a"], "priority": str(pack.priority), "expires_at": fields["next_expiry"],
+        "source": meta["s"], "reference": meta["r"], "created": meta["c"], "burn_key": burn,
+    }))  # fmt: skip
+    await tenant.meter.Consume(
+        cpb.ConsumeRequest(account_id="old", feature="text", quantity=40, request_id=rid())
+    )
+    clock.advance(WEEK_MS)
+    assert app.subscriptions is not None
+    assert await app.subscriptions.renew_due() == 1
+    assert sorted(await lots(tenant, "old")) == [(30, 30), (100, 100)]

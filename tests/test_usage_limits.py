@@ -15,9 +15,9 @@ import pytest
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.domain.clock import ManualClock
 from creditmeter.domain.limits import LimitPeriod, period_bounds
+from creditmeter.domain.model import TxnQuery
 from creditmeter.domain.recovery import Recovery
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import TxnQuery
 from creditmeter.transport.server import App
 from tests.conftest import Tenant, another_server, rid
 from tests.helpers import Failure, fails, failure
@@ -343,7 +343,9 @@ async def test_a_session_closed_by_the_server_counts_against_the_limit(
     await start(tenant, "silent", "gone", requested_seconds=2 * MINUTE)
     clock.advance((2 * MINUTE + 60) * 1000)
     assert app.sessions is not None
-    assert await app.sessions.close_due() == 1
+    # At least this one: the Redis is shared by the module's tests, and sessions other
+    # tests left open are due too under the advanced clock. The counter says this one closed.
+    assert await app.sessions.close_due() >= 1
     assert (await limits_of(tenant, "silent"))["voice", MONTH] == (10, 2, 0)
 
 

@@ -37,7 +37,7 @@ from creditmeter.api.credits.v1 import webhooks_pb2 as pb
 from creditmeter.constants import CONFIG_RELOAD_INTERVAL_S
 from creditmeter.domain.clock import ManualClock
 from creditmeter.transport.server import App, Settings
-from creditmeter.transport.webhooks import WebhookTimings
+from creditmeter.transport.webhook_worker import WebhookTimings
 from tests.conftest import Caller, Tenant, empty_redis, rid, tenant_keys, tenant_of
 from tests.helpers import fails
 from tests.test_server_process import (  # noqa: F401 (launch is a fixture)

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 from creditmeter.domain.lots import Lot
 from creditmeter.errors import AccountNotFound
-from creditmeter.storage import credit_line, totals
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.redis_store import Holdings, RedisStore
+from creditmeter.storage.redis_store import AccountSnapshot, Holdings, RedisStore
 
 #: What an unlimited account reports for its balance (and GetUsage for its total).
 UNLIMITED = -1
@@ -52,29 +51,30 @@ def after(holdings: Holdings) -> int:
 
 @dataclass(frozen=True)
 class AccountRead:
-    """An account as Redis holds it: its live lots in burn-down order and its fields."""
+    """An account as Redis holds it: its live lots in burn-down order, and the rest of
+    what storage read (`snap`: its options, totals, credit line and limits, typed)."""
 
     lots: list[Lot]
-    fields: dict[str, str]
+    snap: AccountSnapshot
 
     @property
     def unlimited(self) -> bool:
-        return totals.unlimited(self.fields)
+        return self.snap.unlimited
 
     @property
     def reserved(self) -> int:
         """Credit held by open call sessions."""
-        return totals.reserved(self.fields)
+        return self.snap.reserved
 
     @property
     def debt(self) -> int:
         """Credits charged past the lots on the credit line, not yet repaid."""
-        return credit_line.debt(self.fields)
+        return self.snap.debt
 
     @property
     def overdraft_limit(self) -> int:
         """How far past its lots the account may be charged (0: no credit line)."""
-        return credit_line.overdraft_limit(self.fields)
+        return self.snap.overdraft_limit
 
     @property
     def balance(self) -> int:
@@ -92,4 +92,4 @@ async def read(store: RedisStore, keys: AccountKeys, now_ms: int) -> AccountRead
     if not snap.exists:
         raise AccountNotFound.of(keys.account)
     lots = [lot for lot in map(Lot.from_record, snap.lots) if lot.live(now_ms)]
-    return AccountRead(lots, snap.fields)
+    return AccountRead(lots, snap)

@@ -15,17 +15,11 @@ from typing import Any
 
 from creditmeter.constants import MAX_FILTER_FEATURES, MAX_FILTER_KINDS
 from creditmeter.domain import pages
+from creditmeter.domain.model import Period, Transaction, TxnQuery, UsageRow
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import AccountNotFound
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import (
-    EVENT_KINDS,
-    EventLog,
-    Period,
-    Transaction,
-    TxnQuery,
-    UsageRow,
-)
+from creditmeter.storage.ledger.base import EVENT_KINDS, EventLog
 from creditmeter.storage.redis_store import RedisStore
 
 DEFAULT_PAGE_SIZE = 50

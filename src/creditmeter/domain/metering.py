@@ -24,6 +24,7 @@ from creditmeter.constants import (
     MAX_CREDITS,
     MAX_EXPIRY_MS,
     MAX_PRIORITY,
+    METER_MAX_BATCH,
 )
 from creditmeter.domain import balances
 from creditmeter.domain.backpressure import Backpressure
@@ -58,10 +59,10 @@ from creditmeter.errors import (
     applied,
     from_rejection,
 )
-from creditmeter.storage import limits as limit_fields
+from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.config_store import ConfigStore, LimitRow, RateRow
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import Ledger
+from creditmeter.storage.ledger.base import Staging
 from creditmeter.storage.redis_store import (
     Call,
     CheckCall,
@@ -73,7 +74,6 @@ from creditmeter.storage.redis_store import (
     RedisStore,
     SetBalanceRecord,
 )
-from creditmeter.storage.totals import totals
 
 T = TypeVar("T")
 #: A consume or a check: what `_again` gives new limit args.
@@ -225,12 +225,10 @@ def _limit_statuses(
 ) -> list[LimitStatus]:
     """The limits that apply to an account now (its own win over the tenant's), each with
     its usage in the current period of the account's time zone."""
-    fields = account.fields
-    found = applying(
-        limits.book.of(tenant), limit_fields.own_limits(fields), limit_fields.exempt(fields)
-    )
-    bounds = period_bounds(limit_fields.time_zone(fields), now_ms)
-    counters = limit_fields.counters(fields)
+    snap = account.snap
+    found = applying(limits.book.of(tenant), snap.own_limits, snap.exempt)
+    bounds = period_bounds(snap.time_zone, now_ms)
+    counters = snap.counters
     return [
         status(limit, own, counters.get((limit.feature, str(limit.period))), bounds)
         for limit, own in found
@@ -246,7 +244,7 @@ class Metering:
         config: ConfigStore,
         rates: RateBook,
         clock: Clock,
-        ledger: Ledger | None = None,
+        ledger: Staging | None = None,
         gate: Backpressure | None = None,
         limits: Limits | None = None,
     ):
@@ -773,7 +771,7 @@ class Metering:
         """Totals granted, used and remaining (spendable, as GetBalance's balance), overall
         and per feature."""
         account = await self._read(tenant, account_id)
-        t, unlimited = totals(account.fields), account.unlimited
+        t, unlimited = account.snap.totals, account.unlimited
         return UsageView(
             limits=_limit_statuses(self.limits, tenant, account, self.clock.now_ms()),
             total=balances.UNLIMITED if unlimited else t.granted,
@@ -857,3 +855,28 @@ class Metering:
             call = Call(now_ms=now, txn=new_id("exp", now))
             expired += await self.store.sweep(keys, call, self.limits.recharges.arg(keys.tenant))
         return expired
+
+    def meter_stream(self, tenant: str) -> MeterStream:
+        """The charges of one Meter stream of the tenant."""
+        return MeterStream(self, tenant)
+
+
+class MeterStream:
+    """The charges of one Meter stream: each item queued goes out with those queued while
+    the stream's previous batch was in flight, as one `consume_many` (one round trip in
+    flight at a time, at most METER_MAX_BATCH items: storage/coalescer.py).
+
+    Each item's future gives its result or raises its CreditError. A refusal of a whole
+    batch (ledger backlog, Redis away) is raised by each of its items' futures: the stream
+    goes on, as separate Consume calls would each have failed and later ones may succeed.
+    """
+
+    def __init__(self, metering: Metering, tenant: str) -> None:
+        self._charges: Coalescer[ConsumeItem, ConsumeResult] = Coalescer(
+            lambda items: metering.consume_many(tenant, items), METER_MAX_BATCH
+        )
+
+    def enqueue(self, item: ConsumeItem) -> asyncio.Future[ConsumeResult]:
+        """Queue a charge; the future of its outcome (cancelling it before its batch
+        leaves drops the charge)."""
+        return self._charges.enqueue(item)

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import TypedDict
 
 from creditmeter.constants import (
     DEFAULT_PRIORITY,
@@ -20,9 +21,10 @@ from creditmeter.constants import (
 from creditmeter.domain import pages
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
+from creditmeter.domain.model import PackRow
 from creditmeter.domain.validation import Violations
-from creditmeter.errors import PackNotFound, applied
-from creditmeter.storage.config_store import ConfigStore, PackRow
+from creditmeter.errors import PackNotActive, PackNotFound, applied
+from creditmeter.storage.config_store import ConfigStore
 
 MAX_NAME = 100
 MAX_DESCRIPTION = 1000
@@ -90,6 +92,47 @@ def check(spec: PackSpec, v: Violations, prefix: str = "pack.") -> None:
             v.add(f"{prefix}recurrence", "a trial pack is one-time")
 
 
+class Sale(StrEnum):
+    """How a pack is sold, which decides the packs it may sell."""
+
+    #: PurchasePack: a one-time pack, paid for already (or a trial).
+    PURCHASE = "purchase"
+    #: CreatePurchase: a one-time pack, to be paid for (so no trial).
+    PAYMENT_INTENT = "payment_intent"
+    #: Subscribe: a recurring pack.
+    SUBSCRIPTION = "subscription"
+    #: A recharge policy's pack, bought as a payment intent when a recharge falls due.
+    RECHARGE = "recharge"
+
+
+#: Why a pack of the other kind (one-time or recurring) is refused, by sale.
+_WRONG_KIND = {
+    Sale.PURCHASE: "a recurring pack is sold by subscription, not purchase",
+    Sale.PAYMENT_INTENT: "a recurring pack is sold by subscription, not purchase",
+    Sale.SUBSCRIPTION: "a one-time pack is bought with PurchasePack",
+    Sale.RECHARGE: "a recharge buys a one-time pack, not a subscription",
+}
+#: Why a trial pack is refused, by the sales that refuse it (a trial is granted free,
+#: by PurchasePack).
+_NO_TRIAL = {
+    Sale.PAYMENT_INTENT: "a trial pack is granted with PurchasePack, not a payment intent",
+    Sale.RECHARGE: "a trial pack cannot be a recharge",
+}
+
+
+def check_for_sale(pack: PackRow, sale: Sale, v: Violations, field: str = "pack_id") -> None:
+    """The rule of which packs each sale may sell: a paused or archived pack is for no
+    sale (raises PackNotActive); a recurring pack is sold by subscription only, a one-time
+    one by the others, and a trial by PurchasePack only (else a violation at `field`)."""
+    if not pack.active or pack.archived:
+        raise PackNotActive(f"pack {pack.pack_id!r} is not for sale", {"pack_id": pack.pack_id})
+    recurring = pack.recurrence != Recurrence.ONE_TIME
+    if recurring != (sale is Sale.SUBSCRIPTION):
+        v.add(field, _WRONG_KIND[sale])
+    elif pack.trial and sale in _NO_TRIAL:
+        v.add(field, _NO_TRIAL[sale])
+
+
 def spec_of(row: PackRow) -> PackSpec:
     return PackSpec(
         name=row.name,
@@ -105,6 +148,26 @@ def spec_of(row: PackRow) -> PackSpec:
         active=row.active,
         trial=row.trial,
     )
+
+
+class PackSnapshot(TypedDict):
+    """What a purchase and a subscription keep of their pack as it was (the fields of
+    PurchaseRecord and SubscriptionRecord of these names): a later change to the pack
+    alters nothing bought."""
+
+    pack_id: str
+    pack_name: str
+    credits: int
+    bonus_credits: int
+    price_minor: int
+    currency: str
+
+
+def snapshot(pack: PackRow) -> PackSnapshot:
+    return PackSnapshot(
+        pack_id=pack.pack_id, pack_name=pack.name, credits=pack.credits,
+        bonus_credits=pack.bonus_credits, price_minor=pack.price_minor, currency=pack.currency,
+    )  # fmt: skip
 
 
 def _row(
@@ -197,6 +260,14 @@ class Catalog:
             raise PackNotFound(f"no pack {pack_id!r}", {"pack_id": pack_id})
         return row
 
+    async def for_sale(
+        self, tenant: str, pack_id: str, sale: Sale, v: Violations, field: str = "pack_id"
+    ) -> PackRow:
+        """The pack, if `sale` may sell it (`check_for_sale`); PackNotFound if none."""
+        pack = await self.get(tenant, pack_id)
+        check_for_sale(pack, sale, v, field)
+        return pack
+
     async def list_page(
         self, tenant: str, show_archived: bool, page_size: int, page_token: str
     ) -> PackPage:
@@ -224,12 +295,7 @@ class Catalog:
         v = Violations(violations)
         v.request_id(request_id)
         _pack_id(pack_id, v, "pack.pack_id")
-        if not paths:
-            v.add("update_mask", "name at least one field")
-        elif v.count("update_mask.paths", len(paths), MAX_UPDATE_PATHS, "paths"):
-            for i, path in enumerate(paths):
-                if path not in UPDATABLE:
-                    v.add(f"update_mask.paths[{i}]", f"{path[:64]!r} cannot be changed")
+        v.update_mask(paths, UPDATABLE, MAX_UPDATE_PATHS)
         v.raise_if_any()
 
         def build(current: PackRow | None) -> PackRow:

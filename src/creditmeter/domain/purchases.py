@@ -19,23 +19,22 @@ from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
-from creditmeter.domain.packs import Catalog, Recurrence
+from creditmeter.domain.model import PackRow, PurchaseRecord
+from creditmeter.domain.packs import Catalog, Sale, snapshot
 from creditmeter.domain.staging import apply_staged
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     LotNotFound,
-    PackNotActive,
     PurchaseNotCompleted,
     PurchaseNotFound,
     PurchaseNotPending,
     TrialAlreadyUsed,
     applied,
 )
-from creditmeter.storage.config_store import PackRow
 from creditmeter.storage.layout import AccountKeys
-from creditmeter.storage.ledger.base import Ledger, PurchaseRecord, StagedGrant
+from creditmeter.storage.ledger.base import Commerce, StagedGrant
 from creditmeter.storage.redis_store import Call, GrantRecord, RedisStore
 
 DAY_MS = 86_400_000
@@ -111,7 +110,7 @@ class Purchases:
     def __init__(
         self,
         catalog: Catalog,
-        ledger: Ledger,
+        ledger: Commerce,
         store: RedisStore,
         clock: Clock,
         gate: Backpressure,
@@ -169,14 +168,6 @@ class Purchases:
                 repaid += record.repaid
         return balance, repaid
 
-    async def _pack_for_sale(self, tenant: str, pack_id: str, v: Violations) -> PackRow:
-        pack = await self.catalog.get(tenant, pack_id)
-        if not pack.active or pack.archived:
-            raise PackNotActive(f"pack {pack_id!r} is not for sale", {"pack_id": pack_id})
-        if pack.recurrence != Recurrence.ONE_TIME:
-            v.add("pack_id", "a recurring pack is sold by subscription, not purchase")
-        return pack
-
     def _record(
         self, tenant: str, account: str, pack: PackRow, request_id: str, fp: str, now: int,
         status: str, payment_reference: str, lot_ids: tuple[str, ...],
@@ -186,14 +177,8 @@ class Purchases:
             purchase_id=new_id("pur", now),
             tenant=tenant,
             account=account,
-            pack_id=pack.pack_id,
             status=status,
             payment_reference=payment_reference,
-            pack_name=pack.name,
-            price_minor=pack.price_minor,
-            currency=pack.currency,
-            credits=pack.credits,
-            bonus_credits=pack.bonus_credits,
             lot_ids=lot_ids,
             request_id=request_id,
             fingerprint=fp,
@@ -201,6 +186,7 @@ class Purchases:
             create_ms=now,
             complete_ms=None if pending else now,
             expire_ms=now + self.pending_ttl_ms if pending else None,
+            **snapshot(pack),
         )
 
     # --- PurchasePack ---------------------------------------------------------------
@@ -214,7 +200,7 @@ class Purchases:
         _id(pack_id, "pack_id", v)
         _payment_reference(payment_reference, v, required=False)  # its length, already
         v.raise_if_any()
-        pack = await self._pack_for_sale(tenant, pack_id, v)
+        pack = await self.catalog.for_sale(tenant, pack_id, Sale.PURCHASE, v)
         _payment_reference(payment_reference, v, required=not pack.trial)
         v.raise_if_any()
         self.gate.check()
@@ -265,9 +251,7 @@ class Purchases:
         v.request_id(request_id)
         _id(pack_id, "pack_id", v)
         v.raise_if_any()
-        pack = await self._pack_for_sale(tenant, pack_id, v)
-        if pack.trial:
-            v.add("pack_id", "a trial pack is granted with PurchasePack, not a payment intent")
+        pack = await self.catalog.for_sale(tenant, pack_id, Sale.PAYMENT_INTENT, v)
         v.raise_if_any()
         now = self.clock.now_ms()
         fp = fingerprint("CreatePurchase", {"account": account, "pack": pack_id})

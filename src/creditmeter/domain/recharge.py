@@ -42,9 +42,9 @@ from creditmeter.constants import (
 )
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint
-from creditmeter.domain.packs import Catalog, Recurrence
+from creditmeter.domain.packs import Catalog, Sale
 from creditmeter.domain.validation import Violations
-from creditmeter.errors import CreditError, PackNotFound, applied
+from creditmeter.errors import CreditError, PackNotActive, PackNotFound, applied
 from creditmeter.storage.config_store import ConfigStore, RechargeRow
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import Event, EventLog
@@ -54,7 +54,6 @@ from creditmeter.storage.recharge import (
     OwnPolicy,
     Policy,
     encode,
-    own_policy,
     policy_event,
 )
 from creditmeter.storage.redis_store import Call, RedisStore
@@ -148,16 +147,9 @@ class Recharges:
         if not pack_id or v.items:
             return
         try:
-            pack = await self.catalog.get(tenant, pack_id)
-        except PackNotFound:
-            v.add("policy.pack_id", f"no pack {pack_id!r}")
-            return
-        if not pack.active or pack.archived:
-            v.add("policy.pack_id", f"pack {pack_id!r} is not for sale")
-        elif pack.recurrence != Recurrence.ONE_TIME:
-            v.add("policy.pack_id", "a recharge buys a one-time pack, not a subscription")
-        elif pack.trial:
-            v.add("policy.pack_id", "a trial pack cannot be a recharge")
+            await self.catalog.for_sale(tenant, pack_id, Sale.RECHARGE, v, "policy.pack_id")
+        except (PackNotFound, PackNotActive) as refused:  # here a field's fault, not a state
+            v.add("policy.pack_id", refused.message)
 
     async def set_policy(
         self,
@@ -218,7 +210,7 @@ class Recharges:
         v.account_id(account_id)
         v.raise_if_any()
         snap = await self.store.snapshot(AccountKeys(tenant, account_id))
-        return applying(self.book.of(tenant), own_policy(snap.fields))
+        return applying(self.book.of(tenant), snap.own_policy)
 
 
 def recharge_pack(kind: str, reference: str) -> str:

@@ -8,7 +8,6 @@ data loss, along with the idempotency records of the last day.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.domain.staging import apply_staged
 from creditmeter.errors import CreditError, Rejected
 from creditmeter.storage import credit_line
-from creditmeter.storage import limits as limit_fields
+from creditmeter.storage.account import AccountImage
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import CHARGE_KINDS, DEBT_SOURCE, Event, Ledger
 from creditmeter.storage.limits import (
@@ -35,18 +34,10 @@ from creditmeter.storage.limits import (
     options_event,
     options_overdraft,
 )
-from creditmeter.storage.recharge import (
-    POLICY_KIND,
-    OwnPolicy,
-    own_policy,
-    own_policy_field,
-    policy_event,
-)
-from creditmeter.storage.redis_store import AccountSnapshot, Call, RedisStore, lot_meta
-from creditmeter.storage.totals import feature_fields
+from creditmeter.storage.recharge import POLICY_KIND, OwnPolicy, policy_event
+from creditmeter.storage.redis_store import AccountSnapshot, Call, LotRecord, RedisStore
+from creditmeter.storage.totals import Totals
 
-#: A lot whose reference is a bare subscription id is a period's credits (they roll over).
-_SUBSCRIPTION = re.compile(r"sub_[0-9A-Za-z]+")
 TOTALS = ("granted", "used", "expired", "removed", "refunded")
 #: Kinds that take a lot's remaining credit out, and the total each adds to.
 _REMOVALS = {"expire": "expired", "reset": "removed", "refund": "refunded"}
@@ -61,6 +52,9 @@ class LotState:
     source: str
     reference: str
     created_ms: int
+    #: A subscription period's lot (or its rollover's): what expires unused carries into
+    #: the next period, under carry[reference] (the subscription id).
+    rolls_over: bool = False
 
 
 @dataclass
@@ -73,8 +67,8 @@ class AccountState:
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
     #: Credits consumed out of lots (unlimited accounts consume without lots).
     lot_used: int = 0
-    #: The per-feature totals by their field names (storage.totals.feature_fields) -> n.
-    features: dict[str, int] = field(default_factory=dict)
+    #: Per feature: credits and units charged.
+    features: dict[str, tuple[int, int]] = field(default_factory=dict)
     unlimited: bool | None = None
     seq: int = 0
     #: Per subscription, credits of its periods that expired unused since its last renewal
@@ -103,16 +97,16 @@ class AccountState:
         if e.kind == "grant":
             priority = DEFAULT_PRIORITY if e.priority is None else e.priority
             self.lots[e.lot] = LotState(
-                e.amount, e.amount, priority, e.expires_at_ms, e.source, e.reference, e.ts_ms
-            )
+                e.amount, e.amount, priority, e.expires_at_ms, e.source, e.reference, e.ts_ms,
+                e.rolls_over,
+            )  # fmt: skip
             self.totals["granted"] += e.amount
-            if _SUBSCRIPTION.fullmatch(e.reference) and e.source != LotSource.ROLLOVER:
+            if e.rolls_over and e.source != LotSource.ROLLOVER:
                 self.carry.pop(e.reference, None)  # a renewal took the carry
         elif e.kind in CHARGE_KINDS:
             self.totals["used"] += e.amount
-            used, units = feature_fields(e.feature)
-            self.features[used] = self.features.get(used, 0) + e.amount
-            self.features[units] = self.features.get(units, 0) + e.units
+            credits, units = self.features.get(e.feature, (0, 0))
+            self.features[e.feature] = (credits + e.amount, units + e.units)
             if e.lot:
                 self.lots[e.lot].remaining -= e.amount
                 self.lot_used += e.amount
@@ -124,7 +118,7 @@ class AccountState:
             lot = self.lots[e.lot]
             lot.remaining -= e.amount
             self.totals[_REMOVALS[e.kind]] += e.amount
-            if e.kind == "expire" and _SUBSCRIPTION.fullmatch(lot.reference):
+            if e.kind == "expire" and lot.rolls_over:
                 self.carry[lot.reference] = self.carry.get(lot.reference, 0) + e.amount
         elif e.kind == "repay":
             lot = self.lots[e.lot]
@@ -175,31 +169,25 @@ class AccountState:
     def live_lots(self) -> dict[str, int]:
         return {lot_id: lot.remaining for lot_id, lot in self.lots.items() if lot.remaining > 0}
 
-    def redis_fields(self) -> dict[str, str]:
-        fields = {name: str(value) for name, value in self.totals.items()}
-        fields.update((name, str(value)) for name, value in self.features.items())
-        fields["balance"] = str(self.balance)
-        fields["seq"] = str(self.seq)
-        if self.unlimited is not None:
-            fields["unlimited"] = "1" if self.unlimited else "0"
-        fields.update((f"carry:{sub}", str(n)) for sub, n in self.carry.items() if n)
-        if self.time_zone:
-            fields[limit_fields.TIME_ZONE] = self.time_zone
-        if self.exempt:
-            fields[limit_fields.EXEMPT] = "1"
-        if self.own_limits:
-            fields[limit_fields.OWN_LIMITS_COUNT] = str(len(self.own_limits))
-            fields.update(limit_fields.own_limit_field(own) for own in self.own_limits.values())
-        fields.update(credit_line.line_fields(self.overdraft, self.debt, self.repaid))
-        if self.recharge is not None:
-            fields.update([own_policy_field(self.recharge)])
-        return fields
-
-    def limit_fields(self, now_ms: int, tenant_limits: Iterable[UsageLimit]) -> dict[str, str]:
-        """The counters of the current periods as account fields (a rebuild's)."""
-        return dict(
-            limit_fields.counter_field(c) for c in self.counters(now_ms, tenant_limits) if c.units
-        )
+    def image(self, now_ms: int, tenant_limits: Iterable[UsageLimit]) -> AccountImage:
+        """The account as a rebuild writes it (at `now_ms`: the current periods' counters)."""
+        t = self.totals
+        return AccountImage(
+            balance=self.balance,
+            seq=self.seq,
+            totals=Totals(t["granted"], t["used"], t["expired"], t["removed"], t["refunded"],
+                          dict(self.features)),
+            unlimited=self.unlimited,
+            carry=dict(self.carry),
+            time_zone=self.time_zone,
+            exempt=self.exempt,
+            own_limits=list(self.own_limits.values()),
+            counters=self.counters(now_ms, tenant_limits),
+            overdraft=self.overdraft,
+            debt=self.debt,
+            repaid=dict(self.repaid),
+            recharge=self.recharge,
+        )  # fmt: skip
 
 
 async def replay(
@@ -239,18 +227,19 @@ def compare(
         problems.append(f"lots: ledger {ledger_lots} != redis {redis_lots}")
     identity = state.totals["granted"] - state.lot_used - state.totals["expired"]
     identity -= state.totals["removed"] + state.totals["refunded"] + state.lot_repaid
-    if identity != snap.int_field("balance"):
+    if identity != snap.balance:
         problems.append(
             f"balance: grants - consumption - expiry - resets - refunds - repayments"
-            f" = {identity} != redis {snap.int_field('balance')}"
+            f" = {identity} != redis {snap.balance}"
         )
     ledger_line = credit_line.line_fields(state.overdraft, state.debt, state.repaid)
-    redis_line = credit_line.of(snap.fields)
+    redis_line = snap.credit_line
     if ledger_line != redis_line:
         problems.append(f"credit line: ledger {ledger_line} != redis {redis_line}")
+    redis_totals = snap.totals.counts()
     for name in TOTALS:
-        if state.totals[name] != snap.int_field(name):
-            problems.append(f"{name}: ledger {state.totals[name]} != redis {snap.int_field(name)}")
+        if state.totals[name] != redis_totals[name]:
+            problems.append(f"{name}: ledger {state.totals[name]} != redis {redis_totals[name]}")
     problems.extend(_limit_drift(state, snap, now_ms, tenant_limits or []))
     return problems
 
@@ -262,21 +251,21 @@ def _limit_drift(
     a counter of the current period may count less than the ledger's charges (a limit
     counts from when it applies) but never more."""
     problems = []
-    zone, exempt = limit_fields.time_zone(snap.fields), limit_fields.exempt(snap.fields)
+    zone, exempt = snap.time_zone, snap.exempt
     if (state.time_zone, state.exempt) != (zone, exempt):
         problems.append(
             f"limit options: ledger (time zone {state.time_zone!r}, exempt {state.exempt})"
             f" != redis ({zone!r}, {exempt})"
         )
-    own = {(o.feature, o.period): o for o in limit_fields.own_limits(snap.fields)}
+    own = {(o.feature, o.period): o for o in snap.own_limits}
     if own != state.own_limits:
         problems.append(f"own limits: ledger {state.own_limits} != redis {own}")
-    recharge = own_policy(snap.fields)
+    recharge = snap.own_policy
     if recharge != state.recharge:
         problems.append(f"own recharge policy: ledger {state.recharge} != redis {recharge}")
     if now_ms is None:
         return problems
-    held = limit_fields.counters(snap.fields)
+    held = snap.counters
     for counted in state.counters(now_ms, tenant_limits):
         c = held.get((counted.feature, counted.period))
         if c is None or c.start_ms != counted.start_ms:
@@ -290,25 +279,26 @@ def _limit_drift(
     return problems
 
 
-def restore_lots(state: AccountState) -> list[dict[str, str]]:
-    """The account's live lots as restore.lua takes them."""
-    lots = []
-    for lot_id, lot in state.lots.items():
-        if lot.remaining <= 0:
-            continue
-        key = burn_key(
-            lot.priority, lot.expires_at_ms, LotSource(lot.source), lot.created_ms, lot_id
+def restore_lots(state: AccountState) -> list[LotRecord]:
+    """The account's live lots, with their burn keys (what a rebuild restores)."""
+    return [
+        LotRecord(
+            lot_id=lot_id,
+            amount=lot.amount,
+            remaining=lot.remaining,
+            priority=lot.priority,
+            expires_at_ms=lot.expires_at_ms,
+            source=lot.source,
+            reference=lot.reference,
+            created_ms=lot.created_ms,
+            burn_key=burn_key(
+                lot.priority, lot.expires_at_ms, LotSource(lot.source), lot.created_ms, lot_id
+            ),
+            rolls_over=lot.rolls_over,
         )
-        lots.append(
-            {
-                "id": lot_id,
-                "remaining": str(lot.remaining),
-                "expires_at": str(lot.expires_at_ms or 0),
-                "burn_key": key,
-                "meta": lot_meta(lot.amount, lot.source, lot.reference, lot.created_ms),
-            }
-        )
-    return lots
+        for lot_id, lot in state.lots.items()
+        if lot.remaining > 0
+    ]
 
 
 #: How far back charges are kept for the usage limits' counters: the longest period (a
@@ -374,16 +364,16 @@ class Recovery:
 
     async def _check(self, state: AccountState, wait_s: float) -> list[str]:
         snap = await self.store.snapshot(AccountKeys(state.tenant, state.account))
-        redis_seq = snap.int_field("seq")
+        redis_seq = snap.seq
         if state.seq > redis_seq:
             return [f"seq: ledger has events up to {state.seq}, redis only {redis_seq}"]
         if state.seq < redis_seq:
             state = await self._caught_up(state, redis_seq, wait_s)
             snap = await self.store.snapshot(AccountKeys(state.tenant, state.account))
-            if state.seq != snap.int_field("seq"):
-                at = snap.int_field("seq")
+            if state.seq != snap.seq:
+                at = snap.seq
                 return [f"seq: redis is at {at}, ledger at {state.seq} (flusher behind or lost)"]
-            state = await self._account_state(state.tenant, state.account, snap.int_field("seq"))
+            state = await self._account_state(state.tenant, state.account, snap.seq)
         return compare(state, snap, self._now_ms, self.limits.of(state.tenant))
 
     async def rebuild(self, now_ms: int, replace: bool = False) -> tuple[int, int, list[str]]:
@@ -393,11 +383,10 @@ class Recovery:
         async for state in replay(self.ledger.scan(), now_ms - _LIMIT_LOOKBACK_MS):
             lots = restore_lots(state)
             call = Call(now_ms=now_ms, txn=new_id("rst", now_ms))
-            fields = state.redis_fields()
-            fields.update(state.limit_fields(now_ms, self.limits.of(state.tenant)))
+            image = state.image(now_ms, self.limits.of(state.tenant))
             try:
                 keys = AccountKeys(state.tenant, state.account)
-                await self.store.restore(keys, call, fields, lots, replace)
+                await self.store.restore(keys, call, image, lots, replace)
                 accounts += 1
             except Rejected:
                 skipped.append(f"{state.tenant}/{state.account}")

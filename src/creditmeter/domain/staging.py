@@ -37,7 +37,7 @@ class OperationKind(StrEnum):
     #: SetBalance adding credits, and SetBalance with reset: set_balance.lua.
     ADD = "add"
     RESET = "reset"
-    #: A subscription period with its rollover: renew.lua.
+    #: A subscription period with its rollover: renew.lua (its lots roll over).
     RENEW = "renew"
 
 

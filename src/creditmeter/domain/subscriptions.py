@@ -21,17 +21,17 @@ from creditmeter.domain.backpressure import Backpressure
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
 from creditmeter.domain.lots import LotSource
-from creditmeter.domain.packs import Catalog, Recurrence
+from creditmeter.domain.model import SubscriptionRecord
+from creditmeter.domain.packs import Catalog, Recurrence, Sale, snapshot
 from creditmeter.domain.staging import Operation, apply_staged
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     CreditError,
     IdempotencyKeyReused,
-    PackNotActive,
     SubscriptionNotFound,
     applied,
 )
-from creditmeter.storage.ledger.base import Ledger, StagedGrant, SubscriptionRecord
+from creditmeter.storage.ledger.base import Commerce, StagedGrant
 from creditmeter.storage.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ def period_grants(sub: SubscriptionRecord, k: int) -> list[StagedGrant]:
     parts = [("credits", sub.credits, LotSource.PURCHASE, sub.subscription_id,
               Operation.renew(sub.rollover_cap))]  # fmt: skip
     if sub.bonus_credits:
-        # The bonus lot's reference is not the bare subscription id: it does not roll over.
-        parts.append(("bonus", sub.bonus_credits, LotSource.BONUS,
-                      f"{sub.subscription_id}:bonus", Operation.grant()))  # fmt: skip
+        # A plain grant: the bonus does not roll over (only renew's lots do, their flag says).
+        parts.append(("bonus", sub.bonus_credits, LotSource.BONUS, sub.subscription_id,
+                      Operation.grant()))  # fmt: skip
     return [
         StagedGrant(
             tenant=sub.tenant,
@@ -109,7 +109,12 @@ def period_grants(sub: SubscriptionRecord, k: int) -> list[StagedGrant]:
 
 class Subscriptions:
     def __init__(
-        self, catalog: Catalog, ledger: Ledger, store: RedisStore, clock: Clock, gate: Backpressure
+        self,
+        catalog: Catalog,
+        ledger: Commerce,
+        store: RedisStore,
+        clock: Clock,
+        gate: Backpressure,
     ) -> None:
         self.catalog = catalog
         self.ledger = ledger
@@ -127,11 +132,7 @@ class Subscriptions:
         if not pack_id:
             v.add("pack_id", "required")
         v.raise_if_any()
-        pack = await self.catalog.get(tenant, pack_id)
-        if not pack.active or pack.archived:
-            raise PackNotActive(f"pack {pack_id!r} is not for sale", {"pack_id": pack_id})
-        if pack.recurrence == Recurrence.ONE_TIME:
-            v.add("pack_id", "a one-time pack is bought with PurchasePack")
+        pack = await self.catalog.for_sale(tenant, pack_id, Sale.SUBSCRIPTION, v)
         v.raise_if_any()
         self.gate.check()
         now = self.clock.now_ms()
@@ -140,22 +141,17 @@ class Subscriptions:
             subscription_id=new_id("sub", now),
             tenant=tenant,
             account=account,
-            pack_id=pack_id,
             status=SubscriptionStatus.ACTIVE,
             recurrence=pack.recurrence,
-            pack_name=pack.name,
-            credits=pack.credits,
-            bonus_credits=pack.bonus_credits,
             rollover_cap=pack.rollover_cap,
             priority=pack.priority,
-            price_minor=pack.price_minor,
-            currency=pack.currency,
             anchor_ms=now,
             periods_granted=0,
             next_period_ms=now,
             request_id=request_id,
             fingerprint=fp,
             create_ms=now,
+            **snapshot(pack),
         )
         stored, inserted = await self.ledger.create_subscription(record)
         if not inserted and stored.fingerprint != fp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 
 from creditmeter.constants import (
     ACCOUNT_ID_PATTERN,
@@ -55,6 +56,18 @@ class Violations:
             self.add(field, f"at most {most} {what}")
             return False
         return True
+
+    def update_mask(
+        self, paths: Sequence[str], updatable: Collection[str], most: int | None = None
+    ) -> None:
+        """Check an update mask (AIP-134): at least one path (at most `most`, if given),
+        each naming a field that may be changed."""
+        if not paths:
+            self.add("update_mask", "name at least one field")
+        elif most is None or self.count("update_mask.paths", len(paths), most, "paths"):
+            for i, path in enumerate(paths):
+                if path not in updatable:
+                    self.add(f"update_mask.paths[{i}]", f"{path[:64]!r} cannot be changed")
 
     def raise_if_any(self) -> None:
         if self.items:

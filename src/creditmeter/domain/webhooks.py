@@ -2,10 +2,10 @@
 signed, and when a failed one is tried again.
 
 Where events come from: every change a webhook reports is written to the ledger as a
-notice in the transaction that makes it (storage/ledger/base.py `Notice`): balance moves
+notice in the transaction that makes it (domain/model.py `Notice`): balance moves
 and sessions closed by the server by the flusher with the batch that carries them (see
 `notices_of`), purchase and subscription changes by the ledger call that makes them. The
-delivery worker (transport/webhooks.py) fans each notice out into deliveries, one per
+delivery worker (transport/webhook_worker.py) fans each notice out into deliveries, one per
 endpoint that wants it (`events_for`), and attempts them until delivered or given up: a
 crash anywhere leaves the notice or the delivery in the ledger, so nothing is lost, and a
 repeat carries the same event id (ids are made of the change's own ids).
@@ -47,6 +47,7 @@ from creditmeter.domain.alerts import (
 )
 from creditmeter.domain.clock import Clock
 from creditmeter.domain.ids import fingerprint, new_id
+from creditmeter.domain.model import Delivery, Notice, NoticeKind, WebhookRow
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import (
     IdempotencyKeyReused,
@@ -55,9 +56,9 @@ from creditmeter.errors import (
     WebhookEndpointNotFound,
     applied,
 )
-from creditmeter.storage.config_store import ConfigStore, WebhookRow
+from creditmeter.storage.config_store import ConfigStore
 from creditmeter.storage.layout import session_request_id
-from creditmeter.storage.ledger.base import Delivery, Ledger, Notice, NoticeKind
+from creditmeter.storage.ledger.base import WebhookFeed
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +346,7 @@ class Webhooks:
     def __init__(
         self,
         config: ConfigStore,
-        ledger: Ledger,
+        ledger: WebhookFeed,
         clock: Clock,
         ttl_s: int = IDEMPOTENCY_TTL_S,
         changed: Callable[[], Awaitable[None]] | None = None,
@@ -433,12 +434,7 @@ class Webhooks:
         v = Violations(violations)
         v.request_id(request_id)
         _endpoint_id(endpoint_id, v, "endpoint.endpoint_id")
-        if not paths:
-            v.add("update_mask", "name at least one field")
-        else:
-            for i, path in enumerate(paths):
-                if path not in UPDATABLE:
-                    v.add(f"update_mask.paths[{i}]", f"{path[:64]!r} cannot be changed")
+        v.update_mask(paths, UPDATABLE)
         v.raise_if_any()
 
         def build(current: WebhookRow | None) -> WebhookRow:

@@ -18,7 +18,8 @@ a recharge falling due after the call's changes), and its
 id is "<txn>:<n>", n counting the events of its transaction from 1; the request record is
 the call transaction's last event, "<x>:<n + 1>". Releases before 0.2 wrote one entry per
 event with those fields spelled out (`event_id`, `txn`, `kind`, ...): `events` reads both,
-so an outbox written by either is drained and watched alike.
+so an outbox written by either is drained and watched alike (a grant of 0.1.0 gains the
+`rolls_over` its release did not write).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from creditmeter.storage.layout import V1_ROLLS_OVER
 from creditmeter.storage.ledger.base import HOLD_KINDS, Event, RequestRecord
 
 #: The transaction suffix of a recharge falling due (recharge_watch in _lib.lua).
@@ -38,7 +40,10 @@ def events(fields: Mapping[str, str]) -> list[dict[str, str]]:
     """The events of one entry, each as its fields (event_id, txn, kind, seq, tenant,
     account, request_id, ts, then its own), the request record last as kind `request`."""
     if _V1_FIELD in fields:
-        return [dict(fields)]
+        event = dict(fields)
+        if event.get("kind") == "grant" and V1_ROLLS_OVER.fullmatch(event.get("reference", "")):
+            event["rolls_over"] = "1"
+        return [event]
     txn = fields["x"]
     header = {
         "tenant": fields["t"],

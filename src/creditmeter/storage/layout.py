@@ -36,6 +36,7 @@ one script later, while still spreading over a Redis Cluster.
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -55,6 +56,12 @@ V2_ACCOUNT_KINDS = ("lots", "rem", "order", "exp", "acct")
 LOT_META = "m:"
 LOT_REMAINING = "q:"
 NEXT_EXPIRY = "next_expiry"
+#: Release 0.1.0 wrote no rolls_over flag (a lot's metadata `o`, a grant event's
+#: `rolls_over`): its lots that rolled over (a subscription period's and its rollover's)
+#: were those referenced by a bare subscription id. Only for data of 0.1.0 (its lot
+#: metadata, its outbox entries; the same rule is ledger migration 5's, and the decoding
+#: of 0.1.0's lot metadata in _lib.lua's lot_meta).
+V1_ROLLS_OVER = re.compile(r"sub_[0-9A-Za-z]+")
 IDEMPOTENCY_KIND = "idem"
 SESSION_KIND = "sess"
 

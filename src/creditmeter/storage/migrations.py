@@ -12,7 +12,7 @@ and PostgreSQL schemas are one definition.
 
 A store made before migrations existed (tables created by `CREATE TABLE IF NOT EXISTS` at
 every open, no version record) is adopted: a migration counts as present when every table
-and index it creates exists (and every column it backfills), the leading run of present
+and index it creates exists (and every column it adds or backfills), the leading run of present
 migrations is recorded as the store's version, and the rest run. Columns that a store
 older than migration 1 may lack (`Migration.backfill`) are added before migration 1 runs.
 
@@ -65,6 +65,7 @@ POSTGRES = Dialect("postgres", {
 _CREATES = re.compile(
     r"CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX)\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", re.IGNORECASE
 )
+_ADDS = re.compile(r"ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ class Migration:
         """The tables and indexes it creates."""
         return frozenset(m.lower() for m in _CREATES.findall(self.sql))
 
+    @property
+    def adds(self) -> frozenset[tuple[str, str]]:
+        """The columns (table, column) it adds to existing tables."""
+        return frozenset((t.lower(), c.lower()) for t, c in _ADDS.findall(self.sql))
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -99,8 +105,9 @@ class Catalog:
         return name in self.columns or name in self.indexes
 
     def present(self, migration: Migration) -> bool:
+        columns = [*migration.adds, *((b.table, b.column) for b in migration.backfill)]
         return all(self.has(n) for n in migration.creates) and all(
-            b.column in self.columns.get(b.table, ()) for b in migration.backfill
+            column in self.columns.get(table, ()) for table, column in columns
         )
 
 

@@ -28,7 +28,9 @@ from creditmeter.constants import (
     SESSION_CLOSE_BATCH,
 )
 from creditmeter.errors import BackendUnavailable, Rejected
-from creditmeter.storage import recharge, scripts
+from creditmeter.storage import credit_line, limits, recharge, scripts
+from creditmeter.storage import totals as totals_module
+from creditmeter.storage.account import AccountImage
 from creditmeter.storage.coalescer import Coalescer
 from creditmeter.storage.functions import function_missing, load_library
 from creditmeter.storage.layout import (
@@ -43,6 +45,7 @@ from creditmeter.storage.layout import (
     NEXT_EXPIRY,
     RENAMED_VERSION,
     SESSION_KIND,
+    V1_ROLLS_OVER,
     V2_ACCOUNT_SCAN_PATTERN,
     AccountKeys,
     BurnKey,
@@ -57,10 +60,12 @@ from creditmeter.storage.layout import (
     session_request_id,
     sessions_key,
 )
-from creditmeter.storage.limits import LimitArgs, own_limit_args
+from creditmeter.storage.limits import Counter, LimitArgs, OwnLimit, own_limit_args
 from creditmeter.storage.recharge import OwnPolicy
 from creditmeter.storage.redis_client import UNREACHABLE, Client, reachable, unavailable
 from creditmeter.storage.replicas import ReplicaAcks, Targets
+from creditmeter.storage.totals import Totals
+from creditmeter.storage.totals import totals as read_totals
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ class LotRecord:
     reference: str
     created_ms: int
     burn_key: str = ""
+    #: A subscription period's lot (or its rollover's): what of it expires unused carries
+    #: into the next period (renew.lua).
+    rolls_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -325,8 +333,68 @@ class AccountSnapshot:
     fields: dict[str, str]
     lots: list[LotRecord] = field(default_factory=list)
 
-    def int_field(self, name: str) -> int:
-        return int(self.fields.get(name, "0"))
+    @property
+    def balance(self) -> int:
+        """Credit in the account's lots."""
+        return int(self.fields.get("balance", "0"))
+
+    @property
+    def seq(self) -> int:
+        """The account's change sequence number (its last event's seq)."""
+        return int(self.fields.get("seq", "0"))
+
+    @property
+    def totals(self) -> Totals:
+        return read_totals(self.fields)
+
+    # What the domain reads of an account, named here (the fields' names are storage's).
+    @property
+    def unlimited(self) -> bool:
+        return totals_module.unlimited(self.fields)
+
+    @property
+    def reserved(self) -> int:
+        """Credit held by open call sessions."""
+        return totals_module.reserved(self.fields)
+
+    @property
+    def debt(self) -> int:
+        """Credits charged past the lots on the credit line, not yet repaid."""
+        return credit_line.debt(self.fields)
+
+    @property
+    def overdraft_limit(self) -> int:
+        """How far past its lots the account may be charged (0: no credit line)."""
+        return credit_line.overdraft_limit(self.fields)
+
+    @property
+    def credit_line(self) -> dict[str, str]:
+        """The credit line's fields, as `credit_line.line_fields` writes them (audit)."""
+        return credit_line.of(self.fields)
+
+    @property
+    def time_zone(self) -> str:
+        """The time zone of its usage limits' periods ('' = UTC)."""
+        return limits.time_zone(self.fields)
+
+    @property
+    def exempt(self) -> bool:
+        """Exempt from usage limits."""
+        return limits.exempt(self.fields)
+
+    @property
+    def own_limits(self) -> list[OwnLimit]:
+        return limits.own_limits(self.fields)
+
+    @property
+    def counters(self) -> dict[tuple[str, str], Counter]:
+        """The usage limits' counters: (feature, period) -> Counter."""
+        return limits.counters(self.fields)
+
+    @property
+    def own_policy(self) -> OwnPolicy | None:
+        """The account's own recharge policy, if it has one."""
+        return recharge.own_policy(self.fields)
 
 
 def _expiry_arg(expires_at_ms: int | None) -> str:
@@ -397,13 +465,15 @@ _V1_BALANCE_AT = {"consume": 4, "grant": 7, "renew": 7, "set_balance": 0, "refun
                   "session": 2}  # fmt: skip
 
 
-def lot_meta(amount: int, source: str, reference: str, created_ms: int) -> str:
+def lot_meta(
+    amount: int, source: str, reference: str, created_ms: int, rolls_over: bool = False
+) -> str:
     """A lot's `m:<lot id>` field as add_lot in _lib.lua writes it: its priority and expiry
-    are in its burn key, not repeated here."""
-    return json.dumps(
-        {"a": str(amount), "s": source, "r": reference, "c": str(created_ms)},
-        separators=(",", ":"),
-    )
+    are in its burn key, not repeated here; `o` only on a lot that rolls over."""
+    meta = {"a": str(amount), "s": source, "r": reference, "c": str(created_ms)}
+    if rolls_over:
+        meta["o"] = "1"
+    return json.dumps(meta, separators=(",", ":"))
 
 
 def _lot_record(burn_key: str, remaining: int, metas: dict[str, str]) -> LotRecord:
@@ -416,8 +486,10 @@ def _lot_record(burn_key: str, remaining: int, metas: dict[str, str]) -> LotReco
         amount, source, reference, created = (
             meta["amount"], meta["source"], meta["reference"], meta["created"]
         )  # fmt: skip
+        rolls_over = V1_ROLLS_OVER.fullmatch(reference) is not None
     else:
         amount, source, reference, created = meta["a"], meta["s"], meta["r"], meta["c"]
+        rolls_over = meta.get("o") == "1"
     expires = key.expires_at_ms
     return LotRecord(
         lot_id=lot_id,
@@ -429,6 +501,7 @@ def _lot_record(burn_key: str, remaining: int, metas: dict[str, str]) -> LotReco
         reference=reference,
         created_ms=int(created),
         burn_key=burn_key,
+        rolls_over=rolls_over,
     )
 
 
@@ -880,15 +953,28 @@ class RedisStore:
         self,
         keys: AccountKeys,
         call: Call,
-        fields: dict[str, str],
-        lots: list[dict[str, str]],
+        image: AccountImage,
+        lots: Sequence[LotRecord],
         replace: bool,
     ) -> int:
-        """Write an account's state derived from the ledger; returns lots restored. Refuses
-        (Rejected ACCOUNT_HAS_STATE) an account that has state, unless `replace`."""
+        """Write an account's state derived from the ledger (its lots: their remaining
+        credits and burn keys); returns lots restored. Refuses (Rejected
+        ACCOUNT_HAS_STATE) an account that has state, unless `replace`."""
+        restored = [
+            {
+                "id": lot.lot_id,
+                "remaining": str(lot.remaining),
+                "expires_at": _expiry_arg(lot.expires_at_ms),
+                "burn_key": lot.burn_key,
+                "meta": lot_meta(
+                    lot.amount, lot.source, lot.reference, lot.created_ms, lot.rolls_over
+                ),
+            }
+            for lot in lots
+        ]
         values = await self._run(
             "restore", keys, call,
-            ["1" if replace else "0", json.dumps(fields), json.dumps(lots)],
+            ["1" if replace else "0", json.dumps(image.fields()), json.dumps(restored)],
         )  # fmt: skip
         return int(values[0])
 

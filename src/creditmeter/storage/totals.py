@@ -1,7 +1,8 @@
 """An account's figures as its hash holds them (see the fields in _lib.lua): the running
 totals granted, used, expired, removed, refunded, per feature `used:<feature>` (credits)
 and `units:<feature>`; and whether it is unlimited and what sessions hold. The domain
-reads them through these functions, never by field name."""
+reads them through these functions (and a rebuild writes them through `totals_fields`),
+never by field name."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ class Totals:
     #: feature -> (credits, units) charged, by feature name.
     features: dict[str, tuple[int, int]]
 
+    def counts(self) -> dict[str, int]:
+        """The five running totals by name (granted, used, expired, removed, refunded)."""
+        return {
+            "granted": self.granted, "used": self.used, "expired": self.expired,
+            "removed": self.removed, "refunded": self.refunded,
+        }  # fmt: skip
+
 
 def totals(fields: Mapping[str, str]) -> Totals:
     def n(name: str) -> int:
@@ -36,9 +44,13 @@ def totals(fields: Mapping[str, str]) -> Totals:
     return Totals(n("granted"), n("used"), n("expired"), n("removed"), n("refunded"), features)
 
 
-def feature_fields(feature: str) -> tuple[str, str]:
-    """The names of a feature's credits and units fields."""
-    return USED + feature, UNITS + feature
+def totals_fields(t: Totals) -> dict[str, str]:
+    """The account fields of `t`, as `totals` reads them back."""
+    fields = {name: str(n) for name, n in t.counts().items()}
+    for feature, (credits, units) in t.features.items():
+        fields[USED + feature] = str(credits)
+        fields[UNITS + feature] = str(units)
+    return fields
 
 
 def unlimited(fields: Mapping[str, str]) -> bool:

@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from creditmeter.storage.embedded_redis import die_with_parent
     from creditmeter.transport import workers
     from creditmeter.transport.server import Settings, serve
-    from creditmeter.transport.webhooks import WebhookTimings
+    from creditmeter.transport.webhook_worker import WebhookTimings
 
     if args.workers < 1:
         err_console.print("creditmeter: --workers must be at least 1")

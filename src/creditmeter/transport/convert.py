@@ -9,12 +9,12 @@ from creditmeter.domain.alerts import Alert, AlertKind
 from creditmeter.domain.limits import LimitPeriod, LimitStatus, LimitUnit, UsageLimit
 from creditmeter.domain.lots import Lot, LotSource
 from creditmeter.domain.metering import CheckItem, CheckResult, ConsumeItem, ConsumeResult
+from creditmeter.domain.model import Transaction
 from creditmeter.domain.rates import Rate, RateUnit
 from creditmeter.domain.recharge import Applying, recharge_pack
 from creditmeter.domain.sessions import SessionView, TimeoutPolicy
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import CreditError
-from creditmeter.storage.ledger.base import Transaction
 from creditmeter.transport.enums import enum_name, enum_pb
 from creditmeter.transport.interceptors import describe
 
@@ -213,14 +213,20 @@ def alert_pb(alert: Alert) -> pb.WatchBalanceResponse:
     )
 
 
-def consume_item(request: pb.ConsumeRequest) -> ConsumeItem:
-    return ConsumeItem(
-        account_id=request.account_id,
-        feature=request.feature,
-        request_id=request.request_id,
-        quantity=request.quantity if request.HasField("quantity") else None,
-        amount=request.amount if request.HasField("amount") else None,
+def how_much(request: pb.ConsumeRequest | pb.CheckRequest) -> tuple[int | None, int | None]:
+    """The quantity and the amount of a charge (None for the one it does not give)."""
+    return (
+        request.quantity if request.HasField("quantity") else None,
+        request.amount if request.HasField("amount") else None,
     )
+
+
+def consume_item(request: pb.ConsumeRequest) -> ConsumeItem:
+    quantity, amount = how_much(request)
+    return ConsumeItem(
+        account_id=request.account_id, feature=request.feature, request_id=request.request_id,
+        quantity=quantity, amount=amount,
+    )  # fmt: skip
 
 
 def consume_response_pb(result: ConsumeResult) -> pb.ConsumeResponse:
@@ -264,11 +270,9 @@ def consume_result_pb(request_id: str, outcome: ConsumeResult | CreditError) -> 
 
 
 def check_item(request: pb.CheckRequest) -> CheckItem:
+    quantity, amount = how_much(request)
     return CheckItem(
-        account_id=request.account_id,
-        feature=request.feature,
-        quantity=request.quantity if request.HasField("quantity") else None,
-        amount=request.amount if request.HasField("amount") else None,
+        account_id=request.account_id, feature=request.feature, quantity=quantity, amount=amount
     )
 
 

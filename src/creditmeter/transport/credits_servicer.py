@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
 
 from creditmeter.api.credits.v1 import credits_pb2 as pb
 from creditmeter.api.credits.v1 import credits_pb2_grpc as pb_grpc
-from creditmeter.constants import MAX_FILTER_KINDS, METER_MAX_BATCH, METER_WINDOW
+from creditmeter.constants import MAX_FILTER_KINDS, METER_WINDOW
 from creditmeter.domain.alerts import BalanceAlerts
 from creditmeter.domain.backpressure import LedgerStatus
 from creditmeter.domain.history import History
 from creditmeter.domain.metering import ConsumeResult, Metering
+from creditmeter.domain.model import Period, TxnQuery
 from creditmeter.domain.purchases import Purchases
 from creditmeter.domain.recharge import Recharges
 from creditmeter.domain.sessions import Sessions
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import CreditError, InvalidRequest
-from creditmeter.storage.coalescer import Coalescer
-from creditmeter.storage.ledger.base import Period, TxnQuery
 from creditmeter.transport import convert
 from creditmeter.transport.interceptors import Undecodable, principal
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+#: A Meter item read: its request id and the future of its charge, or undecodable bytes.
+_MeterEntry: TypeAlias = tuple[str, asyncio.Future[ConsumeResult]] | Undecodable
 
 
 _PERIODS = {
@@ -80,14 +81,11 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         return pb.GrantResponse(lot=convert.lot_pb(result.lot), balance=result.balance)
 
     async def Consume(self, request: pb.ConsumeRequest, context: Context) -> pb.ConsumeResponse:
+        quantity, amount = convert.how_much(request)
         result = await self.metering.consume(
-            principal().tenant,
-            request.account_id,
-            request.feature,
-            request_id=request.request_id,
-            quantity=request.quantity if request.HasField("quantity") else None,
-            amount=request.amount if request.HasField("amount") else None,
-        )
+            principal().tenant, request.account_id, request.feature,
+            request_id=request.request_id, quantity=quantity, amount=amount,
+        )  # fmt: skip
         return convert.consume_response_pb(result)
 
     async def ConsumeBatch(
@@ -105,13 +103,11 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         )
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
+        quantity, amount = convert.how_much(request)
         result = await self.metering.check(
-            principal().tenant,
-            request.account_id,
-            request.feature,
-            quantity=request.quantity if request.HasField("quantity") else None,
-            amount=request.amount if request.HasField("amount") else None,
-        )
+            principal().tenant, request.account_id, request.feature, quantity=quantity,
+            amount=amount,
+        )  # fmt: skip
         return convert.check_response_pb(result)
 
     async def CheckBatch(
@@ -122,48 +118,36 @@ class CreditsServicer(pb_grpc.CreditsServicer):
         )
         return pb.CheckBatchResponse(results=[convert.check_result_pb(o) for o in outcomes])
 
-    async def _meter_batch(
-        self, tenant: str, requests: Sequence[pb.ConsumeRequest | Undecodable]
-    ) -> list[pb.ConsumeResult]:
-        """One Meter batch's results. A refusal of the whole batch (ledger backlog, Redis
-        away) becomes each item's error: the stream goes on, as separate Consume calls
-        would each have failed and the next ones may succeed. So does an item whose bytes
-        were not a valid message (its result has no request id: none could be read)."""
-        valid = [r for r in requests if not isinstance(r, Undecodable)]
+    @staticmethod
+    async def _meter_result(entry: _MeterEntry) -> pb.ConsumeResult:
+        """One Meter item's result: its charge's outcome, or the error of an item whose
+        bytes were not a valid message (its result has no request id: none could be read).
+        """
+        if isinstance(entry, Undecodable):
+            return convert.consume_result_pb("", entry.error)
+        request_id, charge = entry
         try:
-            charged: Sequence[ConsumeResult | CreditError] = (
-                await self.metering.consume_many(tenant, [convert.consume_item(r) for r in valid])
-                if valid
-                else []
-            )
+            outcome: ConsumeResult | CreditError = await charge
         except CreditError as error:
-            charged = [error] * len(valid)
-        outcomes = iter(charged)
-        return [
-            convert.consume_result_pb("", r.error)
-            if isinstance(r, Undecodable)
-            else convert.consume_result_pb(r.request_id, next(outcomes))
-            for r in requests
-        ]
+            outcome = error
+        return convert.consume_result_pb(request_id, outcome)
 
     async def Meter(
         self, request_iterator: AsyncIterator[pb.MeterRequest | Undecodable], context: Context
     ) -> AsyncIterator[pb.MeterResponse]:
-        """Read, charge, write: each request read is queued on the stream's Coalescer,
-        which sends what has arrived meanwhile as one batch per round trip (one in
-        flight at a time), and the answers are written in order.
+        """Read, charge, write: each request read is queued on the stream's charges
+        (domain MeterStream: what has arrived meanwhile goes as one batch per round trip,
+        one in flight at a time), and the answers are written in order; an item that
+        fails (or a batch refused as a whole) is a failed result and the stream goes on.
 
         A request holds a slot of the window from before it is read until its response
         has been written; writing awaits HTTP/2 flow control, so a client that stops
         reading holds every slot and the reader stops reading (and the client's writes
         then block in turn). Memory per stream is bounded by the window.
         """
-        tenant = principal().tenant
         window = asyncio.Semaphore(METER_WINDOW)
-        charges: Coalescer[pb.ConsumeRequest | Undecodable, pb.ConsumeResult] = Coalescer(
-            lambda batch: self._meter_batch(tenant, batch), METER_MAX_BATCH
-        )
-        queued: asyncio.Queue[asyncio.Future[pb.ConsumeResult] | None] = asyncio.Queue()
+        charges = self.metering.meter_stream(principal().tenant)
+        queued: asyncio.Queue[_MeterEntry | None] = asyncio.Queue()
 
         async def read() -> None:
             requests = aiter(request_iterator)
@@ -174,26 +158,30 @@ class CreditsServicer(pb_grpc.CreditsServicer):
                         request = await anext(requests)
                     except StopAsyncIteration:
                         return
-                    item = request if isinstance(request, Undecodable) else request.consume
-                    queued.put_nowait(charges.enqueue(item))
+                    if isinstance(request, Undecodable):
+                        queued.put_nowait(request)
+                    else:
+                        item = convert.consume_item(request.consume)
+                        queued.put_nowait((item.request_id, charges.enqueue(item)))
             finally:
                 queued.put_nowait(None)
 
+        def cancel(entry: _MeterEntry | None) -> None:
+            if entry is not None and not isinstance(entry, Undecodable):
+                entry[1].cancel()
+
         reader = asyncio.create_task(read(), name="meter-reader")
-        pending: asyncio.Future[pb.ConsumeResult] | None = None
+        pending: _MeterEntry | None = None
         try:
             while (pending := await queued.get()) is not None:
-                yield pb.MeterResponse(result=await pending)
+                yield pb.MeterResponse(result=await self._meter_result(pending))
                 window.release()
             await reader  # raise the reader's error, if it failed
         finally:
             reader.cancel()
-            if pending is not None:
-                pending.cancel()
+            cancel(pending)
             while not queued.empty():
-                left = queued.get_nowait()
-                if left is not None:
-                    left.cancel()
+                cancel(queued.get_nowait())
 
     # --- call sessions ---------------------------------------------------------------
     async def StartSession(

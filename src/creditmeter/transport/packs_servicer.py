@@ -10,13 +10,12 @@ from creditmeter.api.credits.v1 import credits_pb2
 from creditmeter.api.credits.v1 import packs_pb2 as pb
 from creditmeter.api.credits.v1 import packs_pb2_grpc as pb_grpc
 from creditmeter.constants import DEFAULT_PRIORITY
+from creditmeter.domain.model import PackRow, PurchaseRecord
 from creditmeter.domain.packs import Catalog, PackSpec, Recurrence
-from creditmeter.domain.purchases import Purchases, status_or_error
+from creditmeter.domain.purchases import PurchaseResult, Purchases, status_or_error
 from creditmeter.domain.subscriptions import Subscriptions, SubscriptionView
 from creditmeter.domain.validation import Violations
 from creditmeter.errors import InvalidRequest
-from creditmeter.storage.config_store import PackRow
-from creditmeter.storage.ledger.base import PurchaseRecord
 from creditmeter.transport import convert
 from creditmeter.transport.enums import enum_name, enum_pb
 from creditmeter.transport.interceptors import principal
@@ -88,6 +87,15 @@ def purchase_pb(p: PurchaseRecord) -> pb.Purchase:
     if p.expire_ms is not None:
         msg.expire_time.CopyFrom(convert.timestamp(p.expire_ms))
     return msg
+
+
+def _granted_pb(
+    result: PurchaseResult, into: pb.PurchasePackResponse | pb.CompletePurchaseResponse
+) -> None:
+    """A purchase that granted its pack, into either response (the same fields)."""
+    into.purchase.CopyFrom(purchase_pb(result.purchase))
+    into.balance = result.balance
+    into.debt_repaid = result.debt_repaid
 
 
 def _status(value: int, v: Violations) -> str | None:
@@ -179,10 +187,9 @@ class PacksServicer(pb_grpc.PacksServicer):
             principal().tenant, request.account_id, request.pack_id, request.payment_reference,
             request.request_id,
         )  # fmt: skip
-        return pb.PurchasePackResponse(
-            purchase=purchase_pb(result.purchase), balance=result.balance,
-            debt_repaid=result.debt_repaid,
-        )  # fmt: skip
+        response = pb.PurchasePackResponse()
+        _granted_pb(result, response)
+        return response
 
     async def CreatePurchase(
         self, request: pb.CreatePurchaseRequest, context: Context
@@ -198,10 +205,9 @@ class PacksServicer(pb_grpc.PacksServicer):
         result = await self.purchases.complete(
             principal().tenant, request.purchase_id, request.payment_reference, request.request_id
         )
-        return pb.CompletePurchaseResponse(
-            purchase=purchase_pb(result.purchase), balance=result.balance,
-            debt_repaid=result.debt_repaid,
-        )  # fmt: skip
+        response = pb.CompletePurchaseResponse()
+        _granted_pb(result, response)
+        return response
 
     async def CancelPurchase(
         self, request: pb.CancelPurchaseRequest, context: Context

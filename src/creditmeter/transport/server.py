@@ -74,7 +74,8 @@ from creditmeter.storage.redis_store import RedisStore
 from creditmeter.transport.credits_servicer import CreditsServicer
 from creditmeter.transport.interceptors import Gatekeeper
 from creditmeter.transport.packs_servicer import PacksServicer
-from creditmeter.transport.webhooks import WebhooksServicer, WebhookTimings, WebhookWorker
+from creditmeter.transport.webhook_worker import WebhookTimings, WebhookWorker
+from creditmeter.transport.webhooks import WebhooksServicer
 
 if TYPE_CHECKING:
     from creditmeter.transport.connect_gateway import Gateway

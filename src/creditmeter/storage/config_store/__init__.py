@@ -13,11 +13,9 @@ from creditmeter.storage.config_store.base import (
     ConfigStore,
     KeyRow,
     LimitRow,
-    PackRow,
     RateRow,
     RechargeRow,
     Request,
-    WebhookRow,
 )
 from creditmeter.storage.ledger import is_postgres
 
@@ -27,11 +25,9 @@ __all__ = [
     "ConfigStore",
     "KeyRow",
     "LimitRow",
-    "PackRow",
     "RateRow",
     "RechargeRow",
     "Request",
-    "WebhookRow",
     "open_config_store",
 ]
 

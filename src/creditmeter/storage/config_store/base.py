@@ -1,4 +1,5 @@
-"""The configuration store's interface and its rows.
+"""The configuration store's interface and its rows (packs and webhook endpoints are the
+domain's entities, creditmeter.domain.model).
 
 A backend stores tenants, API keys (digests of their secrets), rate cards, packs, and the
 records of config-change requests (idempotency: one change per request id, the same reply
@@ -18,6 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
+# The entities are the domain's (creditmeter.domain.model); the backends still import
+# these names from here.
+from creditmeter.domain.model import PackRow as PackRow
+from creditmeter.domain.model import WebhookRow as WebhookRow
+
 
 @dataclass(frozen=True)
 class KeyRow:
@@ -28,34 +34,6 @@ class KeyRow:
     label: str
     created_ms: int
     revoked_ms: int | None
-
-
-@dataclass(frozen=True)
-class PackRow:
-    """A pack as stored (columns of the packs table, in order)."""
-
-    tenant: str
-    pack_id: str
-    name: str
-    description: str
-    credits: int
-    bonus_credits: int
-    price_minor: int
-    currency: str
-    validity_days: int
-    recurrence: str
-    rollover_cap: int
-    priority: int
-    active: bool
-    trial: bool
-    archived: bool
-    create_ms: int
-    update_ms: int
-
-    def __post_init__(self) -> None:
-        # SQLite hands back 0/1 for the flags.
-        for flag in ("active", "trial", "archived"):
-            object.__setattr__(self, flag, bool(getattr(self, flag)))
 
 
 @dataclass(frozen=True)
@@ -90,30 +68,6 @@ class RechargeRow:
     threshold: int
     pack_id: str
     updated_ms: int
-
-
-@dataclass(frozen=True)
-class WebhookRow:
-    """A tenant's webhook endpoint (creditmeter.domain.webhooks): event types and
-    thresholds comma-joined; the signing secret in clear (the server signs with it)."""
-
-    tenant: str
-    endpoint_id: str
-    url: str
-    event_types: str
-    thresholds: str
-    description: str
-    secret: str
-    disabled: bool
-    #: Why the server disabled it ("" when enabled, or disabled by the tenant).
-    disabled_reason: str
-    #: Since when every attempt to deliver to it failed (None while it answers).
-    failing_since_ms: int | None
-    create_ms: int
-    update_ms: int
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "disabled", bool(self.disabled))  # SQLite's 0/1
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""The ledger interface and its records.
+"""The ledger interface and its own records (events, request records, staged grants).
+
+The entities it stores for the domain (purchases, subscriptions, transactions, notices,
+deliveries) are defined in creditmeter.domain.model; this module maps them onto rows.
 
 A backend stores:
 - events: one row per outbox event (grant, consume, expire, reset, options), keyed by
@@ -19,10 +22,20 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import asdict, astuple, dataclass, field
-from enum import StrEnum
+from dataclasses import asdict, astuple, dataclass
 from typing import Any, NamedTuple
 
+# The entities are the domain's (creditmeter.domain.model); the backends still import
+# these names from here.
+from creditmeter.domain.model import Delivery as Delivery
+from creditmeter.domain.model import Notice as Notice
+from creditmeter.domain.model import NoticeKind
+from creditmeter.domain.model import Period as Period
+from creditmeter.domain.model import PurchaseRecord as PurchaseRecord
+from creditmeter.domain.model import SubscriptionRecord as SubscriptionRecord
+from creditmeter.domain.model import Transaction as Transaction
+from creditmeter.domain.model import TxnQuery as TxnQuery
+from creditmeter.domain.model import UsageRow as UsageRow
 from creditmeter.errors import BackendUnavailable
 
 #: Event kinds that change a balance or options (`request` events go to the requests table).
@@ -90,6 +103,9 @@ class Event(NamedTuple):
     reference: str = ""
     #: A bool: SQLite stores it as 0/1, PostgreSQL as BOOLEAN.
     unlimited: bool | None = None
+    #: On a grant: the lot is a subscription period's (or its rollover's), whose credit
+    #: expiring unused carries into the next period (renew.lua). Stored like `unlimited`.
+    rolls_over: bool = False
 
     @classmethod
     def from_fields(cls, f: Mapping[str, str]) -> Event:
@@ -104,7 +120,7 @@ class Event(NamedTuple):
                 int(get("units") or 0), _int_or_none(get("priority")),
                 None if expires == "0" else _int_or_none(expires),  # "0" means never
                 get("source", ""), get("reference", ""),
-                None if unlimited is None else unlimited == "1",
+                None if unlimited is None else unlimited == "1", get("rolls_over") == "1",
             )
         )  # fmt: skip
 
@@ -154,130 +170,6 @@ class StagedGrant:
         return f"{self.txn}:1"
 
 
-@dataclass(frozen=True)
-class PurchaseRecord:
-    """A purchase of a pack, with a snapshot of the pack as bought."""
-
-    purchase_id: str
-    tenant: str
-    account: str
-    pack_id: str
-    #: pending, completed, cancelled, expired or refunded.
-    status: str
-    #: "" until completed (and for trials).
-    payment_reference: str
-    pack_name: str
-    price_minor: int
-    currency: str
-    credits: int
-    bonus_credits: int
-    #: The granted lots (credits lot, then bonus lot); empty until completed.
-    lot_ids: tuple[str, ...]
-    request_id: str
-    fingerprint: str
-    trial: bool
-    create_ms: int
-    complete_ms: int | None = None
-    #: Pending purchases: when they expire.
-    expire_ms: int | None = None
-    refunded_credits: int = 0
-    spent_credits: int = 0
-
-
-@dataclass(frozen=True)
-class SubscriptionRecord:
-    """A subscription to a recurring pack, with a snapshot of the pack."""
-
-    subscription_id: str
-    tenant: str
-    account: str
-    pack_id: str
-    #: active, or cancelled (no further periods; the current one runs out).
-    status: str
-    #: weekly, monthly or yearly.
-    recurrence: str
-    pack_name: str
-    credits: int
-    bonus_credits: int
-    rollover_cap: int
-    priority: int
-    price_minor: int
-    currency: str
-    #: Start of period 0; period k starts k recurrences later.
-    anchor_ms: int
-    #: Periods granted so far (the next one to grant has this index).
-    periods_granted: int
-    #: Start of the next period to grant.
-    next_period_ms: int
-    request_id: str
-    fingerprint: str
-    create_ms: int
-    cancel_ms: int | None = None
-
-
-@dataclass(frozen=True)
-class TxnQuery:
-    """Filters for transaction history (empty tuples mean any)."""
-
-    kinds: tuple[str, ...] = ()
-    features: tuple[str, ...] = ()
-    start_ms: int | None = None
-    end_ms: int | None = None
-
-
-@dataclass(frozen=True)
-class Transaction:
-    """The events of one transaction, read as one history entry."""
-
-    txn: str
-    kind: str
-    tenant: str
-    account: str
-    seq: int
-    ts_ms: int
-    request_id: str
-    feature: str
-    units: int
-    amount: int
-    balance: int | None
-    lines: list[tuple[str, int]] = field(default_factory=list)
-    #: Credits of it that became debt (a charge past the lots, or a refund bringing back
-    #: debt a purchase had repaid).
-    debt_incurred: int = 0
-    #: Credits of a grant that repaid debt first (not spendable: `amount` includes them).
-    debt_repaid: int = 0
-    #: The first event's reference (a recharge's pack: "set:<pack>" for a policy).
-    reference: str = ""
-
-
-@dataclass(frozen=True)
-class Notice:
-    """A change webhooks report, stored in the transaction that made it: `kind` says what
-    (NoticeKind), `data` its figures as JSON. Its id is made of the change's own ids, so a
-    change written twice (a replayed batch, a retried call) leaves one notice."""
-
-    notice_id: str
-    tenant: str
-    kind: str
-    created_ms: int
-    data: str
-
-
-class NoticeKind(StrEnum):
-    #: A transaction moved an account's spendable balance: {account, txn, before, after}.
-    BALANCE = "balance"
-    #: The server closed a silent call session: {account, session_id, txn, charged}.
-    SESSION_TIMEOUT = "session_timeout"
-    #: A purchase became completed, refunded or expired: the PurchaseRecord's fields.
-    PURCHASE = "purchase"
-    #: A subscription period was claimed (its grants staged): {subscription_id, account,
-    #: pack_id, period, credits, bonus_credits}.
-    SUBSCRIPTION_PERIOD = "subscription_period"
-    #: A recharge fell due (its `recharge_due` event): {account, txn, threshold, before,
-    #: after, pack_id}.
-    RECHARGE_DUE = "recharge_due"
-
-
 #: Purchase statuses a notice is written for.
 NOTICE_PURCHASE_STATUSES = ("completed", "refunded", "expired")
 
@@ -307,30 +199,6 @@ def notice_row(n: Notice) -> tuple[Any, ...]:
     return (n.notice_id, n.tenant, n.kind, n.created_ms, n.data)
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """One webhook event's delivery to one endpoint, and how its attempts went."""
-
-    delivery_id: str
-    tenant: str
-    endpoint_id: str
-    event_id: str
-    event_type: str
-    #: The JSON body, exactly as sent (and signed).
-    body: str
-    #: pending, delivered or failed.
-    status: str
-    attempts: int
-    create_ms: int
-    #: When the next attempt is due (pending).
-    next_attempt_ms: int
-    #: A worker holding it until then is attempting it; another may take it after.
-    lease_until_ms: int = 0
-    last_attempt_ms: int | None = None
-    last_status_code: int = 0
-    last_error: str = ""
-
-
 DELIVERY_COLUMNS = (
     "delivery_id, tenant, endpoint_id, event_id, event_type, body, status, attempts,"
     " create_ms, next_attempt_ms, lease_until_ms, last_attempt_ms, last_status_code,"
@@ -345,19 +213,6 @@ def delivery_row(d: Delivery) -> tuple[Any, ...]:
 
 def delivery_from_row(r: Sequence[Any]) -> Delivery:
     return Delivery(*r)
-
-
-class Period(StrEnum):
-    DAY = "day"
-    MONTH = "month"
-
-
-@dataclass(frozen=True)
-class UsageRow:
-    period: str  # "YYYY-MM-DD" or "YYYY-MM", UTC
-    feature: str
-    credits: int
-    units: int
 
 
 def group_transactions(events: Sequence[Event]) -> list[Transaction]:
@@ -402,13 +257,13 @@ def group_transactions(events: Sequence[Event]) -> list[Transaction]:
 
 EVENT_COLUMNS = (
     "event_id, tenant, account, kind, txn, seq, request_id, ts_ms, lot, amount, balance,"
-    " feature, units, priority, expires_at, source, reference, unlimited"
+    " feature, units, priority, expires_at, source, reference, unlimited, rolls_over"
 )
 
 
 def event_from_row(r: Sequence[Any]) -> Event:
-    """An Event from a row of EVENT_COLUMNS (SQLite gives `unlimited` as 0/1)."""
-    return Event._make((*r[:17], None if r[17] is None else bool(r[17])))
+    """An Event from a row of EVENT_COLUMNS (SQLite gives the bools as 0/1)."""
+    return Event._make((*r[:17], None if r[17] is None else bool(r[17]), bool(r[18])))
 
 
 def grant_row(g: StagedGrant) -> tuple[Any, ...]:
@@ -587,9 +442,10 @@ class Staging(ABC):
         """Staged grants older than the cutoff whose grant event is not in the ledger."""
 
 
-class Commerce(ABC):
+class Commerce(Staging):
     """Purchases and subscriptions (creditmeter.domain.purchases, .subscriptions): rows the
-    ledger owns, changed in one transaction with the grants they stage."""
+    ledger owns, changed in one transaction with the grants they stage (hence a Staging
+    too: a sale's lots and a period's are staged like any grant)."""
 
     @abstractmethod
     async def create_purchase(
@@ -741,10 +597,11 @@ class WebhookFeed(ABC):
         or failed); returns how many."""
 
 
-class Ledger(EventLog, Staging, Commerce, WebhookFeed):
+class Ledger(EventLog, Commerce, WebhookFeed):
     """A durable, append-only store of events. Safe for several processes at once. Its
     roles are the classes above; a part of the domain that needs only one depends on
-    that one."""
+    that one (recovery alone takes it whole: it replays events, idempotency records and
+    staged grants)."""
 
     @abstractmethod
     async def open(self) -> None:

@@ -53,7 +53,7 @@ _PERIOD_FORMAT = {Period.DAY: "YYYY-MM-DD", Period.MONTH: "YYYY-MM"}
 
 _EVENT_TYPES = (
     "text", "text", "text", "text", "text", "bigint", "text", "bigint", "text", "bigint",
-    "bigint", "text", "bigint", "bigint", "bigint", "text", "text", "boolean",
+    "bigint", "text", "bigint", "bigint", "bigint", "text", "text", "boolean", "boolean",
 )  # fmt: skip
 _REQUEST_TYPES = ("text", "text", "text", "text", "text", "text", "bigint")
 

@@ -169,6 +169,19 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant_time
 CREATE INDEX IF NOT EXISTS webhook_deliveries_time ON webhook_deliveries (create_ms);
 """
     ),
+    # 5: a grant says whether its lot rolls over (a subscription period's and its
+    # rollover's: renew.lua), which audit and rebuild replay (domain/recovery.py). The
+    # grants made before it said so by their reference alone: a bare subscription id
+    # ("sub_" and letters or digits; 0.1.0's rule, in _lib.lua then), set from it here once.
+    Migration(
+        """
+ALTER TABLE events ADD COLUMN rolls_over {bool} NOT NULL DEFAULT FALSE;
+UPDATE events SET rolls_over = TRUE
+  WHERE kind = 'grant' AND substr(reference, 1, 4) = 'sub_' AND length(reference) > 4
+    AND trim(substr(reference, 5),
+             '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz') = '';
+"""
+    ),
 )
 
 SQLITE_SCHEMA = Schema("SQLite ledger", META_TABLE, MIGRATIONS, SQLITE)

@@ -9,8 +9,9 @@
 --     used:<feature>, units:<feature>, carry:<subscription> (credits of its periods that
 --     expired unused),
 --     m:<lot id>     the lot's metadata (cjson object of strings, immutable): amount a,
---                    source s, reference r, created c (lot_meta reads it; 0.1.0's
---                    longer form too),
+--                    source s, reference r, created c, and o = '1' on a lot that rolls
+--                    over (a subscription period's, see remove_lot; absent otherwise)
+--                    (lot_meta reads it; 0.1.0's longer form too),
 --     q:<burn key>   the lot's remaining credits; the burn key (creditmeter.domain.lots
 --                    .burn_key, the lot id its last field) sorts lots in burn-down order,
 --     next_expiry    the soonest expiry of any lot (ms), absent when none expires: a
@@ -364,9 +365,10 @@ local function drop_lot(lot, burn_key)
 end
 
 -- A lot's metadata by id, or nil when the lot is not on the account: amount, source,
--- reference, created, burn_key (strings). Stored in one of two forms: the compact one this
--- release writes ({a, s, r, c}: its priority and expiry are in its burn key, found by its
--- q: field), or the long one of 0.1.0, converted as it was (with every field named).
+-- reference, created, burn_key (strings), rolls_over (boolean). Stored in one of two
+-- forms: the compact one this release writes ({a, s, r, c, o}: its priority and expiry are
+-- in its burn key, found by its q: field), or the long one of 0.1.0, converted as it was
+-- (with every field named).
 local function lot_meta(lot)
   local raw = acct_get('m:' .. lot)
   if raw == nil then
@@ -374,9 +376,13 @@ local function lot_meta(lot)
   end
   local m = cjson.decode(raw)
   if m.burn_key ~= nil then
+    -- 0.1.0 wrote no flag: its lots that rolled over were those whose reference is a bare
+    -- subscription id (a period's and its rollover's). Only for lots of 0.1.0.
+    m.rolls_over = string.match(m.reference, '^sub_[%w]+$') ~= nil
     return m
   end
-  local meta = {amount = m.a, source = m.s, reference = m.r, created = m.c}
+  local meta = {amount = m.a, source = m.s, reference = m.r, created = m.c,
+                rolls_over = m.o == '1'}
   for _, field in ipairs(lots_in_order()) do
     if string.sub(field, BURN_KEY_LOT_OFFSET + 2) == lot then
       meta.burn_key = string.sub(field, 3)
@@ -396,8 +402,9 @@ local function remove_lot(lot, txn, kind, total_field, reference)
   if rem > 0 then
     local balance = acct_incr('balance', -rem)
     acct_incr(total_field, rem)
-    if kind == 'expire' and string.match(meta.reference, '^sub_[%w]+$') then
-      -- A subscription period's credits ran out unused: remember them for its rollover.
+    if kind == 'expire' and meta.rolls_over then
+      -- A subscription period's credits ran out unused: remember them for its rollover
+      -- (the lot's reference is the subscription id).
       acct_incr('carry:' .. meta.reference, rem)
     end
     emit(txn, kind, {'lot', lot, 'amount', fmt(rem), 'reference', reference or ''},
@@ -485,11 +492,13 @@ local function repay(lot_id, burn_key, amount)
 end
 
 -- Add a lot. `lot` holds strings: id, amount, priority, expires_at ('0' = never),
--- source, reference, burn_key. Returns the balance afterwards.
+-- source, reference, burn_key; and rolls_over (true on a subscription period's lots, set
+-- by renew.lua; nil otherwise). Returns the balance afterwards.
 local function add_lot(lot)
   local amount = tonumber(lot.amount)
   acct_set('m:' .. lot.id, cjson.encode({
     a = lot.amount, s = lot.source, r = lot.reference, c = ARGV[1],
+    o = lot.rolls_over and '1' or nil,
   }))
   acct_set('q:' .. lot.burn_key, lot.amount)
   if lot.expires_at ~= '0' then
@@ -501,10 +510,15 @@ local function add_lot(lot)
   end
   acct_incr('granted', amount)
   local balance = acct_incr('balance', amount)
-  emit(TXN, 'grant', {
+  local fields = {
     'lot', lot.id, 'amount', lot.amount, 'priority', lot.priority,
     'expires_at', lot.expires_at, 'source', lot.source, 'reference', lot.reference,
-  }, balance_fields(balance))
+  }
+  if lot.rolls_over then
+    fields[#fields + 1] = 'rolls_over'
+    fields[#fields + 1] = '1'
+  end
+  emit(TXN, 'grant', fields, balance_fields(balance))
   if acct_get('debt') ~= nil then
     balance = repay(lot.id, lot.burn_key, amount)
   end

@@ -1,6 +1,8 @@
 -- Renew: grant one period of a subscription (a staged grant whose reference is the
 -- subscription id), carrying over at most `cap` credits of the previous periods that
--- expired unused as a separate rollover lot with the same expiry.
+-- expired unused as a separate rollover lot with the same expiry. Both lots roll over
+-- (their lot metadata and grant events say so: rolls_over): what of them expires unused
+-- is added to carry:<subscription> (remove_lot in _lib.lua), the next renewal's base.
 -- KEYS and ARGV[1..7]: see _lib.lua.
 -- ARGV[8..14] the period's lot as in grant.lua ARGV[8..14]
 -- ARGV[15] rollover cap (credits)   ARGV[16] rollover lot id   ARGV[17] its burn key
@@ -13,6 +15,7 @@ if replay then
 end
 sweep() -- expires the previous period, recording its unused credits in carry:<subscription>
 local lot = lot_from_argv(8)
+lot.rolls_over = true
 local carry_field = 'carry:' .. lot.reference
 local carried = math.min(acct_int(carry_field), tonumber(ARGV[15]))
 local refused = check_room(tonumber(lot.amount) + carried)
@@ -24,7 +27,7 @@ add_lot(lot)
 if carried > 0 then
   add_lot({
     id = ARGV[16], amount = fmt(carried), priority = lot.priority, expires_at = lot.expires_at,
-    source = 'rollover', reference = lot.reference, burn_key = ARGV[17],
+    source = 'rollover', reference = lot.reference, burn_key = ARGV[17], rolls_over = true,
   })
 end
 local reply = {'OK'}
