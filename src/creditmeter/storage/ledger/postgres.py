@@ -8,9 +8,6 @@ as in SQLite, whatever the database's default collation is."""
 
 from __future__ import annotations
 
-import functools
-import itertools
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -31,13 +28,13 @@ from creditmeter.storage.ledger.sql import (
     INSERT_NOTICE,
     REQUEST_COLUMNS,
     Dialect,
-    Row,
     SqlLedger,
     Statements,
     UniqueViolation,
 )
 from creditmeter.storage.migrations import migrate_postgres
-from creditmeter.storage.pg import DOWN, close_pool, on_pool
+from creditmeter.storage.pg import DOWN, OnConnection, close_pool, numbered, on_pool, rows_changed
+from creditmeter.storage.sql import Row
 
 T = TypeVar("T")
 
@@ -109,35 +106,8 @@ class PostgresDialect(Dialect):
         )
 
 
-@functools.lru_cache(maxsize=512)
-def numbered(sql: str) -> str:
-    """`sql` with its `?` markers numbered `$1`, `$2`..., as asyncpg takes them."""
-    numbers = itertools.count(1)
-    return re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
-
-
-def _rows_changed(status: str) -> int:
-    """The row count of a command tag ("INSERT 0 <rows>", "UPDATE <rows>"...)."""
-    return int(status.rsplit(" ", 1)[1])
-
-
-class _OnConnection(Statements):
-    """Statements on one connection (inside its transaction)."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self._conn = conn
-
-    async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return list(await self._conn.fetch(numbered(sql), *args))
-
-    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
-        return await self._conn.fetchrow(numbered(sql), *args)
-
-    async def execute(self, sql: str, *args: Any) -> int:
-        return _rows_changed(await self._conn.execute(numbered(sql), *args))
-
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self._conn.executemany(numbered(sql), rows)
+class _OnConnection(OnConnection, Statements):
+    """The ledger's statements on one connection inside its transaction."""
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
@@ -161,7 +131,7 @@ class _OnPool(Statements):
         return await self._ledger._run(lambda db: db.fetchrow(numbered(sql), *args))
 
     async def execute(self, sql: str, *args: Any) -> int:
-        return _rows_changed(await self._ledger._run(lambda db: db.execute(numbered(sql), *args)))
+        return rows_changed(await self._ledger._run(lambda db: db.execute(numbered(sql), *args)))
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._ledger._run(lambda db: db.executemany(numbered(sql), rows))
@@ -254,7 +224,7 @@ class PostgresLedger(SqlLedger):
                 # Events and records are their rows, in the staging tables' column order.
                 if events:
                     await conn.copy_records_to_table(_EVENTS_STAGING, records=events)
-                    inserted = _rows_changed(await conn.execute(_INSERT_EVENTS))
+                    inserted = rows_changed(await conn.execute(_INSERT_EVENTS))
                 if requests:
                     await conn.copy_records_to_table(_REQUESTS_STAGING, records=requests)
                     await conn.execute(_INSERT_REQUESTS)

@@ -29,6 +29,7 @@ from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from creditmeter.errors import Rejected
+from creditmeter.storage import sql as common
 from creditmeter.storage.ledger.base import (
     COMPANION_KINDS,
     DELIVERY_COLUMN_COUNT,
@@ -64,11 +65,9 @@ from creditmeter.storage.ledger.base import (
     subscription_from_row,
     subscription_row,
 )
+from creditmeter.storage.sql import marks
 
 T = TypeVar("T")
-
-#: A result row: a tuple (SQLite) or an asyncpg Record; rules read columns by position.
-Row = Any
 
 #: Events per statement of `scan`.
 SCAN_CHUNK = 5000
@@ -76,11 +75,6 @@ SCAN_CHUNK = 5000
 
 def _wall_ms() -> int:
     return int(time.time() * 1000)
-
-
-def marks(count: int) -> str:
-    """`count` parameter markers, comma-separated."""
-    return ", ".join("?" * count)
 
 
 GRANT_COLUMNS = (
@@ -124,19 +118,9 @@ class UniqueViolation(Exception):
     """A statement inside a `savepoint` broke a unique index."""
 
 
-class Statements(Protocol):
-    """Where statements run: a connection inside a transaction, or (outside one) each
-    statement on its own."""
-
-    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
-
-    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
-
-    async def execute(self, sql: str, *args: Any) -> int:
-        """Run a statement; the number of rows it inserted, updated or deleted."""
-        ...
-
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+class Statements(common.Statements, Protocol):
+    """Where the ledger's statements run: a connection inside a transaction, or (outside
+    one) each statement on its own."""
 
     def savepoint(self) -> AbstractAsyncContextManager[None]:
         """A nested transaction: rolled back alone if its block raises; a unique index

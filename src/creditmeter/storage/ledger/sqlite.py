@@ -28,13 +28,12 @@ from creditmeter.storage.ledger.sql import (
     INSERT_NOTICE,
     REQUEST_COLUMNS,
     Dialect,
-    Row,
     SqlLedger,
     Statements,
     UniqueViolation,
-    marks,
 )
 from creditmeter.storage.migrations import migrate_sqlite
+from creditmeter.storage.sql import Row, marks
 
 T = TypeVar("T")
 
