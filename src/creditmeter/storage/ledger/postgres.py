@@ -146,7 +146,7 @@ class PostgresLedger(SqlLedger):
     def __init__(self, url: str) -> None:
         self.url = url
         self._pool: asyncpg.Pool | None = None
-        self._statements = _OnPool(self)
+        self._reads = self._writes = _OnPool(self)
 
     async def _run(self, op: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
         """`op` on the pool; once more if a pooled connection turns out dead (the server
@@ -157,14 +157,6 @@ class PostgresLedger(SqlLedger):
         if pool is None:
             raise ledger_unavailable()  # not open yet (the ledger did not answer) or closed
         return await on_pool(pool, op)
-
-    @property
-    def _reads(self) -> Statements:
-        return self._statements
-
-    @property
-    def _writes(self) -> Statements:
-        return self._statements
 
     async def _transaction(self, body: Callable[[Statements], Awaitable[T]]) -> T:
         async def run(db: asyncpg.Pool) -> T:

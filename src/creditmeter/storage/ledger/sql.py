@@ -240,15 +240,10 @@ class SqlLedger(Ledger):
 
     dialect: Dialect
 
-    @property
-    @abstractmethod
-    def _reads(self) -> Statements:
-        """Where reads outside a transaction run."""
-
-    @property
-    @abstractmethod
-    def _writes(self) -> Statements:
-        """Where single-statement writes run, each committed on its own."""
+    #: Where reads outside a transaction run.
+    _reads: Statements
+    #: Where single-statement writes run, each committed on its own.
+    _writes: Statements
 
     @abstractmethod
     async def _transaction(self, body: Callable[[Statements], Awaitable[T]]) -> T:

@@ -186,17 +186,9 @@ class SqliteLedger(SqlLedger):
         #: Held by each use of the writer: a transaction's statements are not interleaved
         #: with other callers'.
         self._write_lock = asyncio.Lock()
-        self._reading = _OnWorker(self._reader)
-        self._writing = _OnWorker(self._writer, self._write_lock)
+        self._reads = _OnWorker(self._reader)
+        self._writes = _OnWorker(self._writer, self._write_lock)
         self._in_transaction = _OnWorker(self._writer)
-
-    @property
-    def _reads(self) -> Statements:
-        return self._reading
-
-    @property
-    def _writes(self) -> Statements:
-        return self._writing
 
     async def _transaction(self, body: Callable[[Statements], Awaitable[T]]) -> T:
         """`body` inside BEGIN IMMEDIATE (the database's write lock, taken up front)."""
