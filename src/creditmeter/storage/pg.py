@@ -18,8 +18,15 @@ from creditmeter.storage.sql import Row, Statements
 
 T = TypeVar("T")
 
-#: What a query on a pooled connection raises when the server closed it while idle.
-DEAD_CONNECTION = (asyncpg.exceptions.ConnectionDoesNotExistError, ConnectionResetError)
+#: What a query on a pooled connection raises when the server closed it while idle, or
+#: (InternalClientError, "cannot switch to state 12; another operation is in progress":
+#: MagicStack/asyncpg#1069) terminated it while a statement was being sent, leaving the
+#: connection's protocol state broken.
+DEAD_CONNECTION = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    ConnectionResetError,
+    asyncpg.exceptions.InternalClientError,
+)
 #: What a call raises while the server cannot be reached or is not accepting work.
 DOWN = (
     OSError,
@@ -28,6 +35,7 @@ DOWN = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InternalClientError,  # a connection broken mid-statement (above)
 )
 #: How long a pool is given to close its connections before they are cut.
 CLOSE_TIMEOUT_S = 10.0
