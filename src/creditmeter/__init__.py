@@ -25,7 +25,9 @@ The ledger path of the same Consume:
                               bucket: storage/leases.py), decodes each entry's events and
                               request record (storage/entries.py), writes them in one
                               transaction with their webhook notices, then acknowledges
-  storage/ledger/sqlite.py    the ledger (base.Ledger), or postgres.py
+  storage/ledger/sqlite.py    Ledger.append (base.Ledger): one executemany per table, or
+                              postgres.py's COPY; the ledger's other queries and rules
+                              are storage/ledger/sql.py's, once for both dialects
   run by                      `creditmeter flush`, the child process App starts
                               (App._supervise_flusher; `serve --flusher process`), or on
                               the server's loop (App._flush_inline; `--flusher inline`)

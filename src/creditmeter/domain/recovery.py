@@ -23,8 +23,8 @@ from creditmeter.domain.limits import (
 from creditmeter.domain.lots import LotSource, burn_key
 from creditmeter.domain.staging import apply_staged
 from creditmeter.errors import CreditError, Rejected
-from creditmeter.storage import credit_line
 from creditmeter.storage.account import AccountImage
+from creditmeter.storage.credit_line import CreditLine
 from creditmeter.storage.layout import AccountKeys
 from creditmeter.storage.ledger.base import CHARGE_KINDS, DEBT_SOURCE, Event, Ledger
 from creditmeter.storage.limits import (
@@ -232,7 +232,7 @@ def compare(
             f"balance: grants - consumption - expiry - resets - refunds - repayments"
             f" = {identity} != redis {snap.balance}"
         )
-    ledger_line = credit_line.line_fields(state.overdraft, state.debt, state.repaid)
+    ledger_line = CreditLine(state.overdraft, state.debt, dict(state.repaid))
     redis_line = snap.credit_line
     if ledger_line != redis_line:
         problems.append(f"credit line: ledger {ledger_line} != redis {redis_line}")

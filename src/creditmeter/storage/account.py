@@ -61,7 +61,7 @@ class AccountImage:
         if self.own_limits:
             fields[limits.OWN_LIMITS_COUNT] = str(len(self.own_limits))
             fields.update(limits.own_limit_field(own) for own in self.own_limits)
-        fields.update(credit_line.line_fields(self.overdraft, self.debt, self.repaid))
+        fields.update(credit_line.CreditLine(self.overdraft, self.debt, self.repaid).fields())
         if self.recharge is not None:
             fields.update([own_policy_field(self.recharge)])
         fields.update(limits.counter_field(c) for c in self.counters if c.units)

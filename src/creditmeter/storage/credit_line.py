@@ -8,6 +8,7 @@ the scripts; this module only names and reads back what they wrote.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 #: Account hash fields: the overdraft limit, the debt, and per lot whose grant repaid
 #: debt `rp:<lot>` = "<repaid> <lot amount>" (a refund of the lot brings the debt back).
@@ -46,10 +47,20 @@ def line_fields(overdraft: int, owed: int, repaid: Mapping[str, tuple[int, int]]
     return fields
 
 
-def of(fields: Mapping[str, str]) -> dict[str, str]:
-    """The credit line's fields among an account's."""
-    return {
-        name: value
-        for name, value in fields.items()
-        if name in (OVERDRAFT, DEBT) or name.startswith(REPAID)
-    }
+@dataclass(frozen=True)
+class CreditLine:
+    """An account's credit line: its overdraft limit, its debt, and per lot whose grant
+    repaid debt (debt repaid, the lot's amount). Zero and empty: no credit line."""
+
+    overdraft: int = 0
+    debt: int = 0
+    repaid: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, fields: Mapping[str, str]) -> CreditLine:
+        """The credit line an account's fields hold."""
+        return cls(overdraft_limit(fields), debt(fields), repaid(fields))
+
+    def fields(self) -> dict[str, str]:
+        """Its account fields, as the scripts keep them."""
+        return line_fields(self.overdraft, self.debt, self.repaid)

@@ -368,9 +368,9 @@ class AccountSnapshot:
         return credit_line.overdraft_limit(self.fields)
 
     @property
-    def credit_line(self) -> dict[str, str]:
-        """The credit line's fields, as `credit_line.line_fields` writes them (audit)."""
-        return credit_line.of(self.fields)
+    def credit_line(self) -> credit_line.CreditLine:
+        """The credit line: overdraft limit, debt, repayments (audit)."""
+        return credit_line.CreditLine.of(self.fields)
 
     @property
     def time_zone(self) -> str:

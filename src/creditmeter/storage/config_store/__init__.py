@@ -1,6 +1,6 @@
 """The configuration store: tenants, API keys, rate cards, usage limits, packs, webhook
-endpoints and config-change requests, behind one interface (`base.ConfigStore`) with a
-SQLite and a PostgreSQL backend."""
+endpoints and config-change requests, behind one interface (`base.ConfigStore`),
+implemented once in SQL (`sql.SqlConfigStore`) over a SQLite and a PostgreSQL backend."""
 
 from __future__ import annotations
 

@@ -8,11 +8,8 @@ method hands its coroutine to that loop and waits for the result. (A second, blo
 driver would mean a second set of connection settings, errors and bugs for the same
 database.)
 
-Every write transaction first locks the version row: config writes (keys, rates, packs:
-rare) are serialized across all servers, cannot deadlock, and the version moves in commit
-order. The request record is claimed by its primary key (`INSERT ... ON CONFLICT DO
-NOTHING`) before the change runs, so a request id changes the configuration once however
-many servers race it.
+The queries and rules are `sql.SqlConfigStore`'s; a write transaction takes the store's
+write lock by locking the version row.
 
 The first open that finds the tables empty imports `<data dir>/config.db` if that has
 rows: a deployment that ran on a PostgreSQL ledger before kept its configuration there.
@@ -31,31 +28,27 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import asdict, astuple
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 
 from creditmeter.constants import CONFIG_CACHE_NAME, CONFIG_DB_NAME
-from creditmeter.errors import Rejected
 from creditmeter.storage.config_store.base import (
-    ConfigDump,
     ConfigSnapshot,
-    ConfigStore,
     KeyRow,
     LimitRow,
-    PackRow,
     RateRow,
     RechargeRow,
-    Request,
-    WebhookRow,
 )
 from creditmeter.storage.config_store.schema import POSTGRES_SCHEMA
+from creditmeter.storage.config_store.sql import SqlConfigStore, Tables
 from creditmeter.storage.config_store.sqlite import read_dump
 from creditmeter.storage.ledger.base import ledger_unavailable
 from creditmeter.storage.migrations import migrate_postgres
-from creditmeter.storage.pg import CLOSE_TIMEOUT_S, DOWN, close_pool, on_pool
+from creditmeter.storage.pg import CLOSE_TIMEOUT_S, DOWN, OnConnection, close_pool, on_pool
+from creditmeter.storage.sql import Statements
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,80 +64,10 @@ _CONNECT_TIMEOUT_S = 10.0
 _COMMAND_TIMEOUT_S = 10.0
 _CACHE_FORMAT = 1
 
-_VERSION = "SELECT value FROM config_meta WHERE name = 'config_version'"
+TABLES = Tables("config_")
 _STORE_ID = "SELECT value FROM config_meta WHERE name = 'store_id'"
-_LOCK_VERSION = f"{_VERSION} FOR UPDATE"
-_BUMP = "UPDATE config_meta SET value = value + 1 WHERE name = 'config_version'"
-_KEY_COLUMNS = "key_id, tenant, role, secret_hash, label, created_ms, revoked_ms"
-_RATE_COLUMNS = "tenant, feature, credits_per_unit, unit, increment_s, updated_ms"
-_PACK_COLUMNS = (
-    "tenant, pack_id, name, description, credits, bonus_credits, price_minor, currency,"
-    " validity_days, recurrence, rollover_cap, priority, active, trial, archived, create_ms,"
-    " update_ms"
-)
-_REQUEST_COLUMNS = "tenant, request_id, fingerprint, response, created_ms"
-_LIMIT_COLUMNS = "tenant, feature, period, max_usage, unit, updated_ms"
-_LIMITS = f"SELECT {_LIMIT_COLUMNS} FROM config_usage_limits ORDER BY tenant, feature, period"
-_UPSERT_LIMIT = (
-    f"INSERT INTO config_usage_limits ({_LIMIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
-    " ON CONFLICT (tenant, feature, period) DO UPDATE SET max_usage = excluded.max_usage,"
-    " unit = excluded.unit, updated_ms = excluded.updated_ms"
-)
-_DELETE_LIMIT = "DELETE FROM config_usage_limits WHERE tenant = $1 AND feature = $2 AND period = $3"
-_RECHARGE_COLUMNS = "tenant, threshold, pack_id, updated_ms"
-_RECHARGES = f"SELECT {_RECHARGE_COLUMNS} FROM config_recharge_policies ORDER BY tenant"
-_UPSERT_RECHARGE = (
-    f"INSERT INTO config_recharge_policies ({_RECHARGE_COLUMNS}) VALUES ($1, $2, $3, $4)"
-    " ON CONFLICT (tenant) DO UPDATE SET threshold = excluded.threshold,"
-    " pack_id = excluded.pack_id, updated_ms = excluded.updated_ms"
-)
-_DELETE_RECHARGE = "DELETE FROM config_recharge_policies WHERE tenant = $1"
-_WEBHOOK_COLUMNS = (
-    "tenant, endpoint_id, url, event_types, thresholds, description, secret, disabled,"
-    " disabled_reason, failing_since_ms, create_ms, update_ms"
-)
-_WEBHOOKS = f"SELECT {_WEBHOOK_COLUMNS} FROM config_webhook_endpoints"
-_UPSERT_WEBHOOK = (
-    f"INSERT INTO config_webhook_endpoints ({_WEBHOOK_COLUMNS})"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-    " ON CONFLICT (tenant, endpoint_id) DO UPDATE SET url = excluded.url,"
-    " event_types = excluded.event_types, thresholds = excluded.thresholds,"
-    " description = excluded.description, secret = excluded.secret,"
-    " disabled = excluded.disabled, disabled_reason = excluded.disabled_reason,"
-    " failing_since_ms = excluded.failing_since_ms, update_ms = excluded.update_ms"
-)
-_KEYS = f"SELECT {_KEY_COLUMNS} FROM config_api_keys"
-_RATES = f"SELECT {_RATE_COLUMNS} FROM config_rates ORDER BY tenant, feature"
-_PACK = f"SELECT {_PACK_COLUMNS} FROM config_packs WHERE tenant = $1 AND pack_id = $2"
-
-
-def _marks(count: int) -> str:
-    return ", ".join(f"${i}" for i in range(1, count + 1))
-
-
-_INSERT_TENANT = (
-    "INSERT INTO config_tenants (tenant, created_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING"
-)
-_INSERT_KEY = f"INSERT INTO config_api_keys ({_KEY_COLUMNS}) VALUES ({_marks(7)})"
-_INSERT_RATE = f"INSERT INTO config_rates ({_RATE_COLUMNS}) VALUES ({_marks(6)})"
-_UPSERT_RATE = (
-    f"{_INSERT_RATE} ON CONFLICT (tenant, feature) DO UPDATE"
-    " SET credits_per_unit = excluded.credits_per_unit, unit = excluded.unit,"
-    " increment_s = excluded.increment_s, updated_ms = excluded.updated_ms"
-)
-_INSERT_PACK = f"INSERT INTO config_packs ({_PACK_COLUMNS}) VALUES ({_marks(17)})"
-_UPSERT_PACK = f"{_INSERT_PACK} ON CONFLICT (tenant, pack_id) DO UPDATE SET " + ", ".join(
-    f"{c} = excluded.{c}" for c in _PACK_COLUMNS.replace(" ", "").split(",")[2:]
-)
-_INSERT_REQUEST = f"INSERT INTO config_requests ({_REQUEST_COLUMNS}) VALUES ({_marks(5)})"
-#: Claims a request id: nothing when a record holds it (a racing claim waits here until
-#: the other transaction commits or rolls back, then does nothing or claims).
-_CLAIM_REQUEST = f"{_INSERT_REQUEST} ON CONFLICT (tenant, request_id) DO NOTHING RETURNING 1"
-
-
-def _rows_changed(status: str) -> int:
-    """The row count of a command tag: "UPDATE 1", "INSERT 0 1", "DELETE 3"."""
-    return int(status.rsplit(" ", 1)[1])
+#: The store's write lock: every write transaction takes it first.
+_LOCK_VERSION = f"{TABLES.version} FOR UPDATE"
 
 
 class _LoopThread:
@@ -209,10 +132,12 @@ class _LoopThread:
         self.thread.join(CLOSE_TIMEOUT_S)
 
 
-class PostgresConfigStore(ConfigStore):
+class PostgresConfigStore(SqlConfigStore):
     """The configuration in PostgreSQL (`--ledger-url postgresql://...`), shared by every
     server on that database. `data_dir` is this server's: the SQLite store to import from
     and the cache of the last configuration loaded."""
+
+    tables = TABLES
 
     def __init__(self, url: str, data_dir: Path) -> None:
         self.url = url
@@ -290,8 +215,8 @@ class PostgresConfigStore(ConfigStore):
             " EXISTS (SELECT 1 FROM config_tenants) AS tenants"
         )
         if not (here["keys"] or here["rates"] or here["packs"] or here["tenants"]):
-            await _insert_dump(conn, dump)
-            await conn.execute(_BUMP)
+            await TABLES.insert_dump(OnConnection(conn), dump)
+            await conn.execute(TABLES.bump)
             log.info(
                 "imported the configuration in %s into PostgreSQL: %s",
                 self.sqlite_path,
@@ -314,30 +239,27 @@ class PostgresConfigStore(ConfigStore):
                 *missing,
             )
 
-    # --- reads ------------------------------------------------------------------------
-    def version(self) -> int:
-        return int(self._call(lambda db: db.fetchval(_VERSION)))
+    # --- transactions ---------------------------------------------------------------
+    def _read(self, body: Callable[[Statements], Awaitable[T]], snapshot: bool = False) -> T:
+        async def read(db: asyncpg.Pool) -> T:
+            async with db.acquire() as conn:
+                if not snapshot:
+                    return await body(OnConnection(conn))
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    return await body(OnConnection(conn))
+
+        return self._call(read)
+
+    def _write(self, body: Callable[[Statements], Awaitable[T]]) -> T:
+        async def write(db: asyncpg.Pool) -> T:
+            async with db.acquire() as conn, conn.transaction():
+                await conn.execute(_LOCK_VERSION)
+                return await body(OnConnection(conn))
+
+        return self._call(write)
 
     def snapshot(self) -> ConfigSnapshot:
-        async def read(db: asyncpg.Pool) -> ConfigSnapshot:
-            async with (
-                db.acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                version = int(await conn.fetchval(_VERSION))
-                keys = await conn.fetch(f"{_KEYS} ORDER BY created_ms, key_id")
-                rates = await conn.fetch(_RATES)
-                limits = await conn.fetch(_LIMITS)
-                recharges = await conn.fetch(_RECHARGES)
-            return ConfigSnapshot(
-                version,
-                [KeyRow(*r) for r in keys],
-                [RateRow(*r) for r in rates],
-                [LimitRow(*r) for r in limits],
-                [RechargeRow(*r) for r in recharges],
-            )
-
-        snapshot = self._call(read)
+        snapshot = super().snapshot()
         if snapshot.version != self._cached:
             try:
                 self._remember(snapshot)
@@ -345,208 +267,6 @@ class PostgresConfigStore(ConfigStore):
                 log.warning("cannot keep the configuration in %s: %s", self.cache_path, error)
                 self._cached = snapshot.version
         return snapshot
-
-    def api_keys(self, tenant: str | None = None) -> list[KeyRow]:
-        if tenant is None:
-            rows = self._call(lambda db: db.fetch(f"{_KEYS} ORDER BY created_ms, key_id"))
-        else:
-            sql = f"{_KEYS} WHERE tenant = $1 ORDER BY created_ms, key_id"
-            rows = self._call(lambda db: db.fetch(sql, tenant))
-        return [KeyRow(*r) for r in rows]
-
-    def rates(self) -> list[RateRow]:
-        return [RateRow(*r) for r in self._call(lambda db: db.fetch(_RATES))]
-
-    def pack(self, tenant: str, pack_id: str) -> PackRow | None:
-        row = self._call(lambda db: db.fetchrow(_PACK, tenant, pack_id))
-        return None if row is None else PackRow(*row)
-
-    def packs(
-        self, tenant: str, include_inactive: bool, limit: int, after: tuple[int, str] | None
-    ) -> list[PackRow]:
-        sql = f"SELECT {_PACK_COLUMNS} FROM config_packs WHERE tenant = $1"
-        params: list[object] = [tenant]
-        if not include_inactive:
-            sql += " AND active AND NOT archived"
-        if after is not None:
-            sql += " AND (create_ms, pack_id) > ($2, $3)"
-            params.extend(after)
-        params.append(limit)
-        sql += f" ORDER BY create_ms, pack_id LIMIT ${len(params)}"
-        return [PackRow(*r) for r in self._call(lambda db: db.fetch(sql, *params))]
-
-    # --- writes -----------------------------------------------------------------------
-    def _write(self, change: Callable[[Any], Awaitable[tuple[T, bool]]]) -> T:
-        """`change(conn)` in a write transaction that holds the version row's lock from
-        its start and bumps the version if `change` says it changed anything."""
-
-        async def write(db: asyncpg.Pool) -> T:
-            async with db.acquire() as conn, conn.transaction():
-                await conn.execute(_LOCK_VERSION)
-                result, changed = await change(conn)
-                if changed:
-                    await conn.execute(_BUMP)
-                return result
-
-        return self._call(write)
-
-    def add_key(self, row: KeyRow) -> None:
-        async def change(conn: Any) -> tuple[None, bool]:
-            await conn.execute(_INSERT_TENANT, row.tenant, row.created_ms)
-            await conn.execute(_INSERT_KEY, *astuple(row)[:6], None)
-            return None, True
-
-        self._write(change)
-
-    def revoke_key(self, key_id: str, now_ms: int) -> bool:
-        async def change(conn: Any) -> tuple[bool, bool]:
-            status = await conn.execute(
-                "UPDATE config_api_keys SET revoked_ms = $1"
-                " WHERE key_id = $2 AND revoked_ms IS NULL",
-                now_ms,
-                key_id,
-            )
-            revoked = _rows_changed(status) == 1
-            return revoked, revoked
-
-        return self._write(change)
-
-    def _idempotent(
-        self, req: Request, change: Callable[[Any], Awaitable[str]]
-    ) -> tuple[str, bool]:
-        """Run `change` once per request id, atomically with the record of its response;
-        see `ConfigStore.set_rate`."""
-
-        async def claimed(conn: Any) -> tuple[tuple[str, bool], bool]:
-            await conn.execute(
-                "DELETE FROM config_requests WHERE created_ms < $1", req.now_ms - req.ttl_ms
-            )
-            # The record is claimed first, with an empty response that the same
-            # transaction fills in: it is never seen empty.
-            claim = await conn.fetchval(
-                _CLAIM_REQUEST, req.tenant, req.request_id, req.fingerprint, "", req.now_ms
-            )
-            if claim is None:
-                prior = await conn.fetchrow(
-                    "SELECT fingerprint, response FROM config_requests"
-                    " WHERE tenant = $1 AND request_id = $2",
-                    req.tenant,
-                    req.request_id,
-                )
-                if prior["fingerprint"] != req.fingerprint:
-                    raise Rejected("IDEMPOTENCY_KEY_REUSED", {"request_id": req.request_id})
-                return (str(prior["response"]), True), False
-            response = await change(conn)
-            await conn.execute(
-                "UPDATE config_requests SET response = $3 WHERE tenant = $1 AND request_id = $2",
-                req.tenant,
-                req.request_id,
-                response,
-            )
-            return (response, False), True
-
-        return self._write(claimed)
-
-    def set_rate(self, row: RateRow, req: Request) -> tuple[str, bool]:
-        async def change(conn: Any) -> str:
-            await conn.execute(_UPSERT_RATE, *astuple(row))
-            return str(row.updated_ms)
-
-        return self._idempotent(req, change)
-
-    def usage_limits(self) -> list[LimitRow]:
-        return [LimitRow(*r) for r in self._call(lambda db: db.fetch(_LIMITS))]
-
-    def set_usage_limit(
-        self, tenant: str, feature: str, period: str, row: LimitRow | None, req: Request
-    ) -> tuple[str, bool]:
-        async def change(conn: Any) -> str:
-            if row is None:
-                await conn.execute(_DELETE_LIMIT, tenant, feature, period)
-                return ""
-            await conn.execute(_UPSERT_LIMIT, *astuple(row))
-            return str(row.updated_ms)
-
-        return self._idempotent(req, change)
-
-    def set_recharge_policy(
-        self, tenant: str, row: RechargeRow | None, req: Request
-    ) -> tuple[str, bool]:
-        async def change(conn: Any) -> str:
-            if row is None:
-                await conn.execute(_DELETE_RECHARGE, tenant)
-                return ""
-            await conn.execute(_UPSERT_RECHARGE, *astuple(row))
-            return str(row.updated_ms)
-
-        return self._idempotent(req, change)
-
-    def put_pack(
-        self, pack_id: str, req: Request, build: Callable[[PackRow | None], PackRow]
-    ) -> tuple[PackRow, bool]:
-        async def change(conn: Any) -> str:
-            found = await conn.fetchrow(f"{_PACK} FOR UPDATE", req.tenant, pack_id)
-            row = build(None if found is None else PackRow(*found))
-            await conn.execute(_UPSERT_PACK, *astuple(row))
-            # The same response as SQLite's, so that records imported from it replay.
-            return json.dumps(asdict(row))
-
-        response, replayed = self._idempotent(req, change)
-        return PackRow(**json.loads(response)), replayed
-
-    def put_webhook_endpoint(
-        self, endpoint_id: str, req: Request, build: Callable[[WebhookRow | None], WebhookRow]
-    ) -> tuple[WebhookRow, bool]:
-        async def change(conn: Any) -> str:
-            found = await conn.fetchrow(
-                f"{_WEBHOOKS} WHERE tenant = $1 AND endpoint_id = $2 FOR UPDATE",
-                req.tenant,
-                endpoint_id,
-            )
-            row = build(None if found is None else WebhookRow(*found))
-            await conn.execute(_UPSERT_WEBHOOK, *astuple(row))
-            return json.dumps(asdict(row))
-
-        response, replayed = self._idempotent(req, change)
-        return WebhookRow(**json.loads(response)), replayed
-
-    def delete_webhook_endpoint(self, endpoint_id: str, req: Request) -> tuple[bool, bool]:
-        async def change(conn: Any) -> str:
-            status = await conn.execute(
-                "DELETE FROM config_webhook_endpoints WHERE tenant = $1 AND endpoint_id = $2",
-                req.tenant,
-                endpoint_id,
-            )
-            return "1" if _rows_changed(status) else ""
-
-        response, replayed = self._idempotent(req, change)
-        return bool(response), replayed
-
-    def webhook_endpoints(self, tenant: str | None = None) -> list[WebhookRow]:
-        order = " ORDER BY create_ms, endpoint_id"
-        if tenant is None:
-            rows = self._call(lambda db: db.fetch(_WEBHOOKS + order))
-        else:
-            rows = self._call(lambda db: db.fetch(f"{_WEBHOOKS} WHERE tenant = $1{order}", tenant))
-        return [WebhookRow(*r) for r in rows]
-
-    def set_webhook_health(
-        self, tenant: str, endpoint_id: str, failing_since_ms: int | None, disable_reason: str
-    ) -> None:
-        async def change(conn: Any) -> tuple[None, bool]:
-            status = await conn.execute(
-                "UPDATE config_webhook_endpoints SET failing_since_ms = $3,"
-                " disabled = disabled OR $4 <> '',"
-                " disabled_reason = CASE WHEN $4 <> '' THEN $4 ELSE disabled_reason END"
-                " WHERE tenant = $1 AND endpoint_id = $2",
-                tenant,
-                endpoint_id,
-                failing_since_ms,
-                disable_reason,
-            )
-            return None, _rows_changed(status) > 0
-
-        self._write(change)
 
     # --- the last configuration seen --------------------------------------------------
     def _remember(self, snapshot: ConfigSnapshot) -> None:
@@ -599,22 +319,6 @@ class PostgresConfigStore(ConfigStore):
             log.info("configuration from %s (not imported yet)", self.sqlite_path)
             return ConfigSnapshot(-1, dump.api_keys, dump.rates, dump.limits, dump.recharges)
         return None
-
-
-async def _insert_dump(conn: Any, dump: ConfigDump) -> None:
-    # Tenants first: keys refer to them. A key whose tenant row is missing (which SQLite
-    # without foreign keys on could have) gets one.
-    tenants = dict(dump.tenants)
-    for k in dump.api_keys:
-        tenants.setdefault(k.tenant, k.created_ms)
-    await conn.executemany(_INSERT_TENANT, sorted(tenants.items()))
-    await conn.executemany(_INSERT_KEY, [astuple(k) for k in dump.api_keys])
-    await conn.executemany(_INSERT_RATE, [astuple(r) for r in dump.rates])
-    await conn.executemany(_INSERT_PACK, [astuple(p) for p in dump.packs])
-    await conn.executemany(_UPSERT_LIMIT, [astuple(r) for r in dump.limits])
-    await conn.executemany(_UPSERT_RECHARGE, [astuple(r) for r in dump.recharges])
-    await conn.executemany(_UPSERT_WEBHOOK, [astuple(w) for w in dump.webhooks])
-    await conn.executemany(_INSERT_REQUEST, dump.requests)
 
 
 def _read_cache(path: Path) -> tuple[int | None, ConfigSnapshot] | None:

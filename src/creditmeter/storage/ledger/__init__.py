@@ -1,5 +1,6 @@
 """The durable ledger: an append-only table of every balance event, behind one interface
-(`base.Ledger`) with a SQLite and a PostgreSQL backend."""
+(`base.Ledger`, made of its roles), implemented once in SQL (`sql.SqlLedger`) over a
+SQLite and a PostgreSQL backend."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, astuple, dataclass
 from typing import Any, NamedTuple
 
@@ -324,52 +324,6 @@ def subscription_row(sub: SubscriptionRecord) -> tuple[Any, ...]:
 
 def subscription_from_row(r: Sequence[Any]) -> SubscriptionRecord:
     return SubscriptionRecord(*r)
-
-
-def listing_filters(
-    equal: Sequence[tuple[str, object | None]],
-    id_column: str,
-    before: tuple[int, str] | None,
-    placeholder: Callable[[], str],
-) -> tuple[str, list[Any]]:
-    """SQL conditions (after tenant) and their parameters for a listing newest first: each
-    column of `equal` whose value is not None equal to it, and the keyset
-    `(create_ms, <id_column>) < before`. Purchases and webhook deliveries list this way."""
-    sql: list[str] = []
-    params: list[Any] = []
-    for column, value in equal:
-        if value is not None:
-            sql.append(f"{column} = {placeholder()}")
-            params.append(value)
-    if before is not None:
-        sql.append(f"(create_ms, {id_column}) < ({placeholder()}, {placeholder()})")
-        params.extend(before)
-    return "".join(f" AND {s}" for s in sql), params
-
-
-def txn_filters(query: TxnQuery, placeholder: Callable[[], str]) -> tuple[str, list[Any]]:
-    """SQL conditions (after tenant and account) and their parameters for a history query.
-
-    `placeholder` returns the next parameter marker: "?" for SQLite, "$3", "$4"... for
-    PostgreSQL."""
-    sql: list[str] = []
-    params: list[Any] = []
-    if query.kinds:
-        kinds = list(dict.fromkeys(
-            k for kind in query.kinds for k in (kind, *COMPANION_KINDS.get(kind, ()))
-        ))  # fmt: skip
-        sql.append(f"kind IN ({', '.join(placeholder() for _ in kinds)})")
-        params.extend(kinds)
-    if query.features:
-        sql.append(f"feature IN ({', '.join(placeholder() for _ in query.features)})")
-        params.extend(query.features)
-    if query.start_ms is not None:
-        sql.append(f"ts_ms >= {placeholder()}")
-        params.append(query.start_ms)
-    if query.end_ms is not None:
-        sql.append(f"ts_ms < {placeholder()}")
-        params.append(query.end_ms)
-    return "".join(f" AND {s}" for s in sql), params
 
 
 class EventLog(ABC):
