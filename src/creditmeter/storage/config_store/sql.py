@@ -34,7 +34,7 @@ from creditmeter.storage.config_store.base import (
     Request,
     WebhookRow,
 )
-from creditmeter.storage.sql import Statements, marks, upsert
+from creditmeter.storage.sql import Row, Statements, marks, upsert
 
 T = TypeVar("T")
 
@@ -106,11 +106,7 @@ class Tables:
         return int(row[0])
 
     async def read_keys(self, c: Statements, tenant: str | None = None) -> list[KeyRow]:
-        order = " ORDER BY created_ms, key_id"
-        if tenant is None:
-            rows = await c.fetch(self.keys + order)
-        else:
-            rows = await c.fetch(f"{self.keys} WHERE tenant = ?{order}", tenant)
+        rows = await _of_tenant(c, self.keys, tenant, "created_ms, key_id")
         return [KeyRow(*r) for r in rows]
 
     async def read_rates(self, c: Statements) -> list[RateRow]:
@@ -123,11 +119,7 @@ class Tables:
         return [RechargeRow(*r) for r in await c.fetch(self.recharges)]
 
     async def read_webhooks(self, c: Statements, tenant: str | None = None) -> list[WebhookRow]:
-        order = " ORDER BY create_ms, endpoint_id"
-        if tenant is None:
-            rows = await c.fetch(self.webhooks + order)
-        else:
-            rows = await c.fetch(f"{self.webhooks} WHERE tenant = ?{order}", tenant)
+        rows = await _of_tenant(c, self.webhooks, tenant, "create_ms, endpoint_id")
         return [WebhookRow(*r) for r in rows]
 
     async def read_snapshot(self, c: Statements) -> ConfigSnapshot:
@@ -154,6 +146,13 @@ class Tables:
         await c.executemany(self.upsert_recharge, [astuple(r) for r in dump.recharges])
         await c.executemany(self.upsert_webhook, [astuple(w) for w in dump.webhooks])
         await c.executemany(self.insert_request, dump.requests)
+
+
+async def _of_tenant(c: Statements, select: str, tenant: str | None, order: str) -> list[Row]:
+    """The rows of `select` (of one tenant, if given) in `order`."""
+    if tenant is None:
+        return await c.fetch(f"{select} ORDER BY {order}")
+    return await c.fetch(f"{select} WHERE tenant = ? ORDER BY {order}", tenant)
 
 
 class SqlConfigStore(ConfigStore):
