@@ -232,7 +232,7 @@ def compare(
             f"balance: grants - consumption - expiry - resets - refunds - repayments"
             f" = {identity} != redis {snap.balance}"
         )
-    ledger_line = CreditLine(state.overdraft, state.debt, dict(state.repaid))
+    ledger_line = CreditLine(state.overdraft, state.debt, state.repaid)
     redis_line = snap.credit_line
     if ledger_line != redis_line:
         problems.append(f"credit line: ledger {ledger_line} != redis {redis_line}")

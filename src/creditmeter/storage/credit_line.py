@@ -37,16 +37,6 @@ def repaid(fields: Mapping[str, str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def line_fields(overdraft: int, owed: int, repaid: Mapping[str, tuple[int, int]]) -> dict[str, str]:
-    """The credit line's account fields as the scripts keep them (each absent when 0)."""
-    fields = {f"{REPAID}{lot}": f"{r} {amount}" for lot, (r, amount) in repaid.items()}
-    if overdraft:
-        fields[OVERDRAFT] = str(overdraft)
-    if owed:
-        fields[DEBT] = str(owed)
-    return fields
-
-
 @dataclass(frozen=True)
 class CreditLine:
     """An account's credit line: its overdraft limit, its debt, and per lot whose grant
@@ -62,5 +52,10 @@ class CreditLine:
         return cls(overdraft_limit(fields), debt(fields), repaid(fields))
 
     def fields(self) -> dict[str, str]:
-        """Its account fields, as the scripts keep them."""
-        return line_fields(self.overdraft, self.debt, self.repaid)
+        """Its account fields, as the scripts keep them (each absent when 0)."""
+        fields = {f"{REPAID}{lot}": f"{r} {amount}" for lot, (r, amount) in self.repaid.items()}
+        if self.overdraft:
+            fields[OVERDRAFT] = str(self.overdraft)
+        if self.debt:
+            fields[DEBT] = str(self.debt)
+        return fields

@@ -43,12 +43,11 @@ from creditmeter.storage.config_store.base import (
     RechargeRow,
 )
 from creditmeter.storage.config_store.schema import POSTGRES_SCHEMA
-from creditmeter.storage.config_store.sql import SqlConfigStore, Tables
+from creditmeter.storage.config_store.sql import Body, SqlConfigStore, Tables
 from creditmeter.storage.config_store.sqlite import read_dump
 from creditmeter.storage.ledger.base import ledger_unavailable
 from creditmeter.storage.migrations import migrate_postgres
 from creditmeter.storage.pg import CLOSE_TIMEOUT_S, DOWN, OnConnection, close_pool, on_pool
-from creditmeter.storage.sql import Statements
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -240,7 +239,7 @@ class PostgresConfigStore(SqlConfigStore):
             )
 
     # --- transactions ---------------------------------------------------------------
-    def _read(self, body: Callable[[Statements], Awaitable[T]], snapshot: bool = False) -> T:
+    def _read(self, body: Body[T], snapshot: bool = False) -> T:
         async def read(db: asyncpg.Pool) -> T:
             async with db.acquire() as conn:
                 if not snapshot:
@@ -250,7 +249,7 @@ class PostgresConfigStore(SqlConfigStore):
 
         return self._call(read)
 
-    def _write(self, body: Callable[[Statements], Awaitable[T]]) -> T:
+    def _write(self, body: Body[T]) -> T:
         async def write(db: asyncpg.Pool) -> T:
             async with db.acquire() as conn, conn.transaction():
                 await conn.execute(_LOCK_VERSION)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, astuple
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from creditmeter.errors import Rejected
 from creditmeter.storage.config_store.base import (
@@ -37,6 +37,8 @@ from creditmeter.storage.config_store.base import (
 from creditmeter.storage.sql import Row, Statements, marks, upsert
 
 T = TypeVar("T")
+#: What a store's transaction runs: a coroutine of statements on the connection it is given.
+Body = Callable[[Statements], Coroutine[Any, Any, T]]
 
 KEY_COLUMNS = "key_id, tenant, role, secret_hash, label, created_ms, revoked_ms"
 RATE_COLUMNS = "tenant, feature, credits_per_unit, unit, increment_s, updated_ms"
@@ -161,16 +163,16 @@ class SqlConfigStore(ConfigStore):
     tables: Tables
 
     @abstractmethod
-    def _read(self, body: Callable[[Statements], Awaitable[T]], snapshot: bool = False) -> T:
+    def _read(self, body: Body[T], snapshot: bool = False) -> T:
         """`body`'s statements on one connection; with `snapshot`, in one read-only
         transaction, so they see one version's rows."""
 
     @abstractmethod
-    def _write(self, body: Callable[[Statements], Awaitable[T]]) -> T:
+    def _write(self, body: Body[T]) -> T:
         """`body` in one write transaction that holds the store's write lock from its
         start: committed if it returns, rolled back if it raises."""
 
-    def _change(self, body: Callable[[Statements], Awaitable[tuple[T, bool]]]) -> T:
+    def _change(self, body: Body[tuple[T, bool]]) -> T:
         """`body` in a write transaction that bumps the version if `body` says (second
         value) it changed anything."""
         bump = self.tables.bump
@@ -184,7 +186,7 @@ class SqlConfigStore(ConfigStore):
         return self._write(change)
 
     def _idempotent(
-        self, req: Request, change: Callable[[Statements], Awaitable[str]]
+        self, req: Request, change: Body[str]
     ) -> tuple[str, bool]:
         """Run `change` once per request id, atomically with the record of its response;
         see `ConfigStore.set_rate`."""

@@ -10,14 +10,14 @@ caller's thread (`run_now`), and the store stays a blocking one."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from creditmeter.storage.config_store.base import ConfigDump, PackRow, WebhookRow
 from creditmeter.storage.config_store.schema import SQLITE_SCHEMA
-from creditmeter.storage.config_store.sql import SqlConfigStore, Tables
+from creditmeter.storage.config_store.sql import REQUEST_COLUMNS, Body, SqlConfigStore, Tables
 from creditmeter.storage.migrations import migrate_sqlite
 from creditmeter.storage.sql import Row, Statements
 
@@ -79,30 +79,26 @@ class SqliteConfigStore(SqlConfigStore):
         finally:
             db.close()
 
-    def _read(self, body: Callable[[Statements], Awaitable[T]], snapshot: bool = False) -> T:
+    def _read(self, body: Body[T], snapshot: bool = False) -> T:
         with self._connect() as db:
             if not snapshot:
-                return run_now(_coroutine(body(_OnSqlite(db))))
+                return run_now(body(_OnSqlite(db)))
             db.execute("BEGIN")  # one read transaction: the rows of one version
             try:
-                return run_now(_coroutine(body(_OnSqlite(db))))
+                return run_now(body(_OnSqlite(db)))
             finally:
                 db.execute("COMMIT")
 
-    def _write(self, body: Callable[[Statements], Awaitable[T]]) -> T:
+    def _write(self, body: Body[T]) -> T:
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")  # the database's one write lock, taken up front
             try:
-                result = run_now(_coroutine(body(_OnSqlite(db))))
+                result = run_now(body(_OnSqlite(db)))
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
             return result
-
-
-async def _coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable
 
 
 def read_dump(path: Path) -> ConfigDump:
@@ -136,7 +132,7 @@ async def _dump(c: Statements, present: set[str]) -> ConfigDump:
         requests=[
             (str(a), str(r), str(f), str(s), int(m))
             for a, r, f, s, m in await c.fetch(
-                "SELECT tenant, request_id, fingerprint, response, created_ms FROM requests"
+                f"SELECT {REQUEST_COLUMNS} FROM requests"
             )
         ],
     )
