@@ -327,6 +327,30 @@ async def test_servers_opening_a_new_ledger_at_once_migrate_it_once(
         assert sqlite_version(db, LEDGER_SQLITE) == LEDGER_SQLITE.latest
 
 
+#: Rounds of four opens of one new SQLite file: before connect_wal, about one round in
+#: ten failed "database is locked" (the switch to WAL does not wait the busy timeout).
+NEW_FILE_RACE_ROUNDS = 40
+
+
+async def test_sqlite_ledgers_opening_one_new_file_together_all_open(tmp_path: Path) -> None:
+    for round_ in range(NEW_FILE_RACE_ROUNDS):
+        path = tmp_path / f"ledger-{round_}.db"
+        await asyncio.gather(*(open_sqlite_ledger(path) for _ in range(4)))
+        with sqlite_db(path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_sqlite_config_stores_opening_one_new_file_together_all_open(
+    tmp_path: Path,
+) -> None:
+    for round_ in range(NEW_FILE_RACE_ROUNDS):
+        path = tmp_path / f"config-{round_}.db"
+        stores = await asyncio.gather(
+            *(asyncio.to_thread(SqliteConfigStore, path) for _ in range(4))
+        )
+        assert [store.version() for store in stores] == [0, 0, 0, 0]
+
+
 # -- Config stores ----------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from creditmeter.storage.config_store.base import ConfigDump, PackRow, WebhookRo
 from creditmeter.storage.config_store.schema import SQLITE_SCHEMA
 from creditmeter.storage.config_store.sql import REQUEST_COLUMNS, Body, SqlConfigStore, Tables
 from creditmeter.storage.migrations import migrate_sqlite
-from creditmeter.storage.sql import Row, Statements
+from creditmeter.storage.sql import Row, Statements, connect_wal
 
 T = TypeVar("T")
 
@@ -70,10 +70,8 @@ class SqliteConfigStore(SqlConfigStore):
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        db = connect_wal(self.path, BUSY_TIMEOUT_S)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             yield db
         finally:

@@ -33,7 +33,7 @@ from creditmeter.storage.ledger.sql import (
     UniqueViolation,
 )
 from creditmeter.storage.migrations import migrate_sqlite
-from creditmeter.storage.sql import Row, marks
+from creditmeter.storage.sql import Row, connect_wal, marks
 
 T = TypeVar("T")
 
@@ -81,9 +81,7 @@ class _Worker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
 
         def connect() -> None:
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            db = connect_wal(self.path, BUSY_TIMEOUT_S)
             if self.query_only:
                 db.execute("PRAGMA query_only=ON")
             else:
